@@ -21,7 +21,7 @@ impl Rope {
     pub fn new(config: &RopeConfig, head_dim: usize) -> Self {
         let half = head_dim / 2;
         let base: Vec<f64> = (0..half)
-            .map(|i| config.theta.powf(-(2 * i) as f64 / head_dim as f64))
+            .map(|i| config.theta.powf(-((2 * i) as f64) / head_dim as f64))
             .collect();
         let (inv_freq, mscale) = match config.scaling {
             RopeScaling::None => (base, 1.0),
