@@ -10,6 +10,7 @@ pub mod error;
 pub mod index;
 pub mod partition;
 pub mod rope;
+pub mod train;
 
 pub use attention::{ReadStats, Recorded, Recorder, SaapAttention};
 pub use config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
