@@ -196,7 +196,9 @@ impl SaapConfig {
             return Err(SaapError::Config("merge_every must be >= 1".into()));
         }
         if self.hidden == 0 {
-            return Err(SaapError::Config("classifier hidden width must be >= 1".into()));
+            return Err(SaapError::Config(
+                "classifier hidden width must be >= 1".into(),
+            ));
         }
         Ok(())
     }

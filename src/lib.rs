@@ -1,9 +1,20 @@
-//! saap — Self-Attention with Asymmetric Partitions for candle models.
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod attend;
+pub mod attention;
+pub mod classify;
 pub mod config;
+mod elem;
 pub mod error;
-pub mod rope;
+pub mod index;
 #[cfg(feature = "models")]
 pub mod models;
+pub mod partition;
+pub mod rope;
+pub mod train;
 
+pub use attention::{ReadStats, Recorded, Recorder, SaapAttention};
 pub use config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 pub use error::{Result, SaapError};
+pub use index::{LayerIndex, SaapIndex};

@@ -95,20 +95,30 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let positions: Vec<usize> = starts.iter().flat_map(|&s| s..s + len).collect();
+        self.tables_at(&positions, (starts.len(), len), dtype, device)
+    }
+
+    /// cos and sin tables, each `[B, T, D/2]` for `shape = (B, T)`, of `positions` listed in
+    /// row-major order.
+    pub fn tables_at(
+        &self,
+        positions: &[usize],
+        shape: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(starts.len() * len * half);
-        let mut sin = Vec::with_capacity(starts.len() * len * half);
-        for &start in starts {
-            for t in 0..len {
-                let pos = (start + t) as f64;
-                for &f in &self.inv_freq {
-                    let (s, c) = (pos * f).sin_cos();
-                    cos.push((c * self.mscale) as f32);
-                    sin.push((s * self.mscale) as f32);
-                }
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &pos in positions {
+            for &f in &self.inv_freq {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                cos.push((c * self.mscale) as f32);
+                sin.push((s * self.mscale) as f32);
             }
         }
-        let shape = (starts.len(), len, half);
+        let shape = (shape.0, shape.1, half);
         let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
         Ok((cos, sin))

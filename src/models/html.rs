@@ -17,7 +17,10 @@ pub fn to_text(html: &str) -> String {
             break;
         };
         let tag = rest[1..gt].trim_start_matches('/').to_ascii_lowercase();
-        let name: String = tag.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+        let name: String = tag
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
         rest = &rest[gt + 1..];
         if name == "script" || name == "style" {
             let close = format!("</{name}>");
@@ -26,8 +29,23 @@ pub fn to_text(html: &str) -> String {
         }
         let block = matches!(
             name.as_str(),
-            "p" | "div" | "br" | "li" | "pre" | "tr" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"
-                | "blockquote" | "section" | "table" | "ul" | "ol" | "hr"
+            "p" | "div"
+                | "br"
+                | "li"
+                | "pre"
+                | "tr"
+                | "h1"
+                | "h2"
+                | "h3"
+                | "h4"
+                | "h5"
+                | "h6"
+                | "blockquote"
+                | "section"
+                | "table"
+                | "ul"
+                | "ol"
+                | "hr"
         );
         if block && !out.ends_with('\n') {
             out.push('\n');
@@ -66,7 +84,9 @@ fn decode_entities(s: &str) -> String {
                 "apos" => Some('\''),
                 "nbsp" => Some(' '),
                 _ if ent.starts_with("#x") || ent.starts_with("#X") => {
-                    u32::from_str_radix(&ent[2..], 16).ok().and_then(char::from_u32)
+                    u32::from_str_radix(&ent[2..], 16)
+                        .ok()
+                        .and_then(char::from_u32)
                 }
                 _ if ent.starts_with('#') => ent[1..].parse().ok().and_then(char::from_u32),
                 _ => None,

@@ -11,9 +11,9 @@
 //! that permutation inside each head, so an index trained on one layout does not fit the other
 //! ([`Llama::saap_config`] records the RoPE kind, which an index checks).
 
-use super::pending::{ReadStats, SaapAttention};
 use super::{io_err, Error, Result};
 use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
+use crate::{ReadStats, SaapAttention, SaapIndex};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::RmsNorm;
@@ -209,7 +209,10 @@ impl Llama {
                 linear("mlp.down_proj", false)?,
             );
             layers.push(Layer {
-                attn_norm: RmsNorm::new(take(&format!("{p}.input_layernorm.weight"))?, config.rms_eps),
+                attn_norm: RmsNorm::new(
+                    take(&format!("{p}.input_layernorm.weight"))?,
+                    config.rms_eps,
+                ),
                 ffn_norm: RmsNorm::new(
                     take(&format!("{p}.post_attention_layernorm.weight"))?,
                     config.rms_eps,
@@ -305,14 +308,37 @@ impl Llama {
         Ok(())
     }
 
+    /// Gives every layer the op of `index` (with the index's per-layer routing and a fresh
+    /// cache), or, with `None`, dense attention. The index must have been trained for this
+    /// model: same head layout, RoPE (kind, θ, scaling) and number of layers.
+    pub fn attach_index(&mut self, index: Option<&SaapIndex>) -> Result<()> {
+        let Some(index) = index else {
+            return self.attach_dense();
+        };
+        let config = SaapConfig {
+            layout: self.config.layout,
+            rope: self.config.rope,
+            ..index.config().clone()
+        };
+        index.check_model(&config, self.config.n_layers)?;
+        self.attn = (0..self.config.n_layers)
+            .map(|layer| SaapAttention::from_index(index, layer, &self.device, self.dtype))
+            .collect::<crate::Result<_>>()?;
+        Ok(())
+    }
+
+    /// The attention op of layer `layer`, e.g. to set its ℓ, its routing or a calibration
+    /// recorder.
+    pub fn attention_mut(&mut self, layer: usize) -> Result<&mut SaapAttention> {
+        let n = self.attn.len();
+        self.attn
+            .get_mut(layer)
+            .ok_or_else(|| Error::Model(format!("layer {layer} out of range (model has {n})")))
+    }
+
     /// How layer `layer` chooses the keys it reads at decode.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
-        let n = self.attn.len();
-        let attn = self
-            .attn
-            .get_mut(layer)
-            .ok_or_else(|| Error::Model(format!("layer {layer} out of range (model has {n})")))?;
-        Ok(attn.set_routing(routing)?)
+        Ok(self.attention_mut(layer)?.set_routing(routing)?)
     }
 
     /// Number of decoder layers.
@@ -462,7 +488,10 @@ impl GgufSource {
 
     fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
         let dtype = self.dequantize.unwrap_or(DType::F32);
-        let w = self.qtensor(name)?.dequantize(&self.device)?.to_dtype(dtype)?;
+        let w = self
+            .qtensor(name)?
+            .dequantize(&self.device)?
+            .to_dtype(dtype)?;
         Ok(RmsNorm::new(w, eps))
     }
 }
@@ -487,7 +516,8 @@ fn gguf_config(
             )))
         }
     };
-    let int = |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
+    let int =
+        |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
     let hidden_size = int("embedding_length")?;
     let n_q_heads = int("attention.head_count")?;
     let n_kv_heads = int("attention.head_count_kv")?;
@@ -583,17 +613,28 @@ fn llama3_from_factors(theta: f64, head_dim: usize, factors: &[f32]) -> Result<R
     let freqs = |rope: RopeConfig| -> Result<Vec<f64>> {
         let (cos, sin) =
             crate::rope::Rope::new(&rope, head_dim).tables(&[1], 1, DType::F32, &Device::Cpu)?;
-        let (cos, sin) = (cos.flatten_all()?.to_vec1::<f32>()?, sin.flatten_all()?.to_vec1::<f32>()?);
-        Ok(cos.iter().zip(&sin).map(|(&c, &s)| (s as f64).atan2(c as f64)).collect())
+        let (cos, sin) = (
+            cos.flatten_all()?.to_vec1::<f32>()?,
+            sin.flatten_all()?.to_vec1::<f32>()?,
+        );
+        Ok(cos
+            .iter()
+            .zip(&sin)
+            .map(|(&c, &s)| (s as f64).atan2(c as f64))
+            .collect())
     };
     let plain = freqs(base)?;
     for scaling in candidates {
         let scaled = freqs(RopeConfig { scaling, ..base })?;
         let matches = factors.len() == plain.len()
-            && plain.iter().zip(&scaled).zip(factors).all(|((&p, &s), &f)| {
-                let ratio = p / s;
-                (ratio - f as f64).abs() <= 1e-3 * ratio
-            });
+            && plain
+                .iter()
+                .zip(&scaled)
+                .zip(factors)
+                .all(|((&p, &s), &f)| {
+                    let ratio = p / s;
+                    (ratio - f as f64).abs() <= 1e-3 * ratio
+                });
         if matches {
             return Ok(scaling);
         }

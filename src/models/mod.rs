@@ -8,11 +8,9 @@ pub mod llama;
 pub mod tokenizer;
 
 mod html;
-mod pending;
 mod rdata;
 
 pub use llama::{Architecture, Llama, LlamaConfig};
-pub use pending::{ReadStats, SaapAttention};
 pub use tokenizer::GgufTokenizer;
 
 use crate::error::SaapError;

@@ -160,7 +160,10 @@ impl<'a> Reader<'a> {
             }
             19 | 20 => {
                 let n = self.len()?;
-                RObj::List((0..n).map(|_| self.item()).collect::<Result<_>>()?, Vec::new())
+                RObj::List(
+                    (0..n).map(|_| self.item()).collect::<Result<_>>()?,
+                    Vec::new(),
+                )
             }
             other => return Err(bad(format!("unsupported SEXP type {other}"))),
         };

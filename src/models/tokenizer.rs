@@ -150,7 +150,10 @@ impl GgufTokenizer {
             .add_tokens(added(TOKEN_TYPE_USER_DEFINED))
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let id = |key: &str| -> Result<Option<u32>> {
-            md.get(key).map(|v| v.to_u32()).transpose().map_err(Error::from)
+            md.get(key)
+                .map(|v| v.to_u32())
+                .transpose()
+                .map_err(Error::from)
         };
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")

@@ -1,0 +1,283 @@
+//! Decode attention over id lists, one semantics for both backends.
+//!
+//! For batch item `b` and KV head `h`, the keys read are, in this order:
+//! 1. the sinks `0..min(sinks, len)`,
+//! 2. the union over the G query heads of the group of their probed partitions, ascending by
+//!    partition, each list `perm[offsets[c]..offsets[c+1]]` (positions `sinks..indexed_end`),
+//! 3. the window `indexed_end..len`.
+//!
+//! Every query head of the group attends over that whole union, so each K/V row is read once
+//! per group. Without probes (dense) the list is `0..len`. Softmax is exact over the list.
+
+use crate::elem::{contiguous_slice, Elem};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Extent of one sequence of the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqExtent {
+    /// Tokens in the cache.
+    pub len: usize,
+    /// End of the indexed positions; `min(sinks, len)..indexed_end` is indexed and
+    /// `indexed_end..len` is the recent window.
+    pub indexed_end: usize,
+}
+
+/// Decode attention of one new query per head over the cache, as a candle op on the rotated
+/// queries `[B, Hq, D]`. Returns `[B, Hq, D]`.
+#[derive(Debug, Clone)]
+pub struct DecodeOp {
+    /// `[B, Hkv, cap, D]`, post-RoPE keys.
+    pub k_cache: Tensor,
+    /// `[B, Hkv, cap, D]`.
+    pub v_cache: Tensor,
+    /// Directory `[B, Hkv, C + 1 + cap]` (offsets then perm); unused when `probes` is `None`.
+    pub dir: Option<Tensor>,
+    /// Probed partitions `[B, Hq, ℓ]` u32; `None` reads every position (dense).
+    pub probes: Option<Tensor>,
+    /// Per batch item.
+    pub seqs: Vec<SeqExtent>,
+    /// Attention sinks.
+    pub sinks: usize,
+    /// Number of partitions C.
+    pub n_partitions: usize,
+    /// Softmax scale, usually `1/sqrt(D)`.
+    pub scale: f32,
+}
+
+/// Ids of keys read for one (batch item, KV head), in kernel order.
+pub(crate) fn key_ids(
+    seq: SeqExtent,
+    sinks: usize,
+    sparse: Option<(&[u32], &[u32])>,
+    n_partitions: usize,
+) -> Vec<u32> {
+    let Some((dir, probes)) = sparse else {
+        return (0..seq.len as u32).collect();
+    };
+    let sink_end = sinks.min(seq.len);
+    let (offsets, perm) = dir.split_at(n_partitions + 1);
+    let mut probed = vec![false; n_partitions];
+    for &c in probes {
+        probed[c as usize] = true;
+    }
+    let mut ids: Vec<u32> = (0..sink_end as u32).collect();
+    for (c, _) in probed.iter().enumerate().filter(|(_, &p)| p) {
+        ids.extend_from_slice(&perm[offsets[c] as usize..offsets[c + 1] as usize]);
+    }
+    ids.extend(seq.indexed_end as u32..seq.len as u32);
+    ids
+}
+
+/// Keys scored per block before the running max and sum are updated.
+const BLOCK: usize = 32;
+
+/// Online-softmax attention of the `G` queries `q` (`[G, D]` f32) over rows `ids` of `k`, `v`
+/// (`[cap, D]`), into `out` (`[G, D]`).
+fn attend_group<T: Elem>(
+    q: &[f32],
+    k: &[T],
+    v: &[T],
+    ids: &[u32],
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let g = q.len() / dim;
+    let mut max = vec![f32::NEG_INFINITY; g];
+    let mut sum = vec![0f32; g];
+    let mut acc = vec![0f32; g * dim];
+    let mut row = vec![0f32; dim];
+    let mut scores = vec![0f32; g * BLOCK];
+    for block in ids.chunks(BLOCK) {
+        for (j, &id) in block.iter().enumerate() {
+            let id = id as usize;
+            for (r, &x) in row.iter_mut().zip(&k[id * dim..(id + 1) * dim]) {
+                *r = x.to_f32();
+            }
+            for h in 0..g {
+                let qh = &q[h * dim..(h + 1) * dim];
+                scores[h * BLOCK + j] =
+                    qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
+            }
+        }
+        for h in 0..g {
+            let s = &mut scores[h * BLOCK..h * BLOCK + block.len()];
+            let block_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let new_max = max[h].max(block_max);
+            let correction = (max[h] - new_max).exp();
+            if correction != 1.0 {
+                sum[h] *= correction;
+                acc[h * dim..(h + 1) * dim]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
+            }
+            for x in s.iter_mut() {
+                *x = (*x - new_max).exp();
+                sum[h] += *x;
+            }
+            max[h] = new_max;
+        }
+        for (j, &id) in block.iter().enumerate() {
+            let id = id as usize;
+            for (r, &x) in row.iter_mut().zip(&v[id * dim..(id + 1) * dim]) {
+                *r = x.to_f32();
+            }
+            for h in 0..g {
+                let p = scores[h * BLOCK + j];
+                for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(&row) {
+                    *a += p * x;
+                }
+            }
+        }
+    }
+    for h in 0..g {
+        let inv = if sum[h] > 0.0 { 1.0 / sum[h] } else { 0.0 };
+        for (o, &a) in out[h * dim..(h + 1) * dim]
+            .iter_mut()
+            .zip(&acc[h * dim..(h + 1) * dim])
+        {
+            *o = a * inv;
+        }
+    }
+}
+
+impl DecodeOp {
+    fn dims(&self, q: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+        let (b, hq, dim) = q.shape().dims3()?;
+        let (kb, hkv, cap, kd) = self.k_cache.dims4()?;
+        if kb != b || kd != dim || hq % hkv != 0 || self.v_cache.dims() != self.k_cache.dims() {
+            candle_core::bail!(
+                "decode: q {:?} does not match cache {:?}",
+                q.shape(),
+                self.k_cache.shape()
+            );
+        }
+        if self.seqs.len() != b
+            || self
+                .seqs
+                .iter()
+                .any(|s| s.len > cap || s.indexed_end > s.len)
+        {
+            candle_core::bail!(
+                "decode: sequence extents {:?} exceed capacity {cap}",
+                self.seqs
+            );
+        }
+        Ok((b, hq, hkv, cap, dim))
+    }
+
+    fn cpu_typed<T: Elem>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        dir: Option<&[u32]>,
+        probes: Option<&[u32]>,
+        (b, hq, hkv, cap, dim): (usize, usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let g = hq / hkv;
+        let n_probe = probes.map_or(0, |p| p.len() / (b * hq));
+        let row = self.n_partitions + 1 + cap;
+        let mut out = vec![0f32; b * hq * dim];
+        out.par_chunks_mut(g * dim)
+            .enumerate()
+            .for_each(|(i, out_group)| {
+                let (bi, h) = (i / hkv, i % hkv);
+                let sparse = dir.zip(probes).map(|(dir, probes)| {
+                    (
+                        &dir[i * row..(i + 1) * row],
+                        &probes[(bi * hq + h * g) * n_probe..(bi * hq + (h + 1) * g) * n_probe],
+                    )
+                });
+                let ids = key_ids(self.seqs[bi], self.sinks, sparse, self.n_partitions);
+                let qg: Vec<f32> = q[i * g * dim..(i + 1) * g * dim]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                let kv = i * cap * dim..(i + 1) * cap * dim;
+                attend_group(
+                    &qg,
+                    &k[kv.clone()],
+                    &v[kv],
+                    &ids,
+                    dim,
+                    self.scale,
+                    out_group,
+                );
+            });
+        out.into_iter().map(T::from_f32).collect()
+    }
+}
+
+/// Read-locks a held tensor's CPU storage and runs `f` on its contiguous u32 data.
+fn with_u32<R>(
+    tensor: Option<&Tensor>,
+    f: impl FnOnce(Option<&[u32]>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let Some(tensor) = tensor else {
+        return f(None);
+    };
+    let (storage, layout) = tensor.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::U32(data)) => f(Some(contiguous_slice(data, layout)?)),
+        _ => candle_core::bail!("decode: index tensors must be u32 on the CPU"),
+    }
+}
+
+impl CustomOp1 for DecodeOp {
+    fn name(&self) -> &'static str {
+        "saap-decode"
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = self.dims(q_l)?;
+        let shape = q_l.shape().clone();
+        let (k_st, k_l) = self.k_cache.storage_and_layout();
+        let (v_st, v_l) = self.v_cache.storage_and_layout();
+        let (Storage::Cpu(k_st), Storage::Cpu(v_st)) = (&*k_st, &*v_st) else {
+            candle_core::bail!("decode: cache is not on the CPU");
+        };
+        with_u32(self.dir.as_ref(), |dir| {
+            with_u32(self.probes.as_ref(), |probes| {
+                macro_rules! typed {
+                    ($variant:ident, $q:ident, $k:ident, $v:ident) => {
+                        CpuStorage::$variant(self.cpu_typed(
+                            contiguous_slice($q, q_l)?,
+                            contiguous_slice($k, k_l)?,
+                            contiguous_slice($v, v_l)?,
+                            dir,
+                            probes,
+                            dims,
+                        ))
+                    };
+                }
+                let out = match (q, k_st, v_st) {
+                    (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                        typed!(F32, q, k, v)
+                    }
+                    (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                        typed!(BF16, q, k, v)
+                    }
+                    (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                        typed!(F16, q, k, v)
+                    }
+                    _ => candle_core::bail!(
+                        "decode: query and cache must share one of f32, bf16, f16"
+                    ),
+                };
+                Ok((out, shape.clone()))
+            })
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = self.dims(q_l)?;
+        crate::cuda::decode(self, q, q_l, dims)
+    }
+}

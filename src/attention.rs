@@ -1,0 +1,608 @@
+//! `SaapAttention`: the op a model calls in each layer. It owns the layer's per-sequence state —
+//! the time-ordered K/V cache and the partition index — and runs prefill (dense, causal) and
+//! decode (sparse through the index, or dense).
+
+use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
+use crate::classify::{centroid_scores, top_probes, Classifier};
+use crate::config::{Routing, SaapConfig};
+use crate::error::{Result, SaapError};
+use crate::index::SaapIndex;
+use crate::partition::assign::assign;
+use crate::partition::scan::{dir_len, merge, MergeOp};
+use crate::rope::Rope;
+use candle_core::{DType, Device, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// Keys read by one decode call, summed over batch items and KV heads. Each key read is one K row
+/// and one V row of `head_dim` elements, shared by the G query heads of its group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Keys attended (sinks + probed partitions + window).
+    pub keys_read: usize,
+    /// Of those, keys in the sinks and the recent window.
+    pub window_and_sinks: usize,
+    /// Keys in the context (what dense attention reads).
+    pub keys_in_context: usize,
+    /// Partitions probed (union over a group's query heads, summed).
+    pub partitions_probed: usize,
+}
+
+impl ReadStats {
+    /// `keys_read / keys_in_context`.
+    pub fn selectivity(&self) -> f64 {
+        self.keys_read as f64 / self.keys_in_context.max(1) as f64
+    }
+
+    /// Selectivity among the indexed keys only (window and sinks left out of both counts).
+    pub fn indexed_selectivity(&self) -> f64 {
+        let indexed = self.keys_in_context - self.window_and_sinks;
+        (self.keys_read - self.window_and_sinks) as f64 / indexed.max(1) as f64
+    }
+
+    /// Adds another call's counts (e.g. to total over layers).
+    pub fn add(&mut self, other: &ReadStats) {
+        self.keys_read += other.keys_read;
+        self.window_and_sinks += other.window_and_sinks;
+        self.keys_in_context += other.keys_in_context;
+        self.partitions_probed += other.partitions_probed;
+    }
+}
+
+/// One prefill call as seen by a [`Recorder`]: pre-RoPE queries and keys on the CPU in f32.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// `[B, Hq, T, D]`.
+    pub q: Tensor,
+    /// `[B, Hkv, T, D]`.
+    pub k: Tensor,
+    /// Valid tokens per batch item.
+    pub lens: Vec<usize>,
+    /// Position of the first token of each batch item.
+    pub starts: Vec<usize>,
+}
+
+/// A hook that keeps what prefill calls see, for calibration ([`crate::train`]).
+#[derive(Debug, Clone, Default)]
+pub struct Recorder(Arc<Mutex<Vec<Recorded>>>);
+
+impl Recorder {
+    /// A new empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes everything recorded so far.
+    pub fn take(&self) -> Vec<Recorded> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, record: Recorded) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(record);
+    }
+}
+
+/// The trained routing state an op owns.
+#[derive(Debug, Clone)]
+struct Routing_ {
+    /// `[Hkv, C, D]` f32.
+    centroids: Tensor,
+    classifier: Classifier,
+}
+
+/// Per-sequence state of one layer.
+#[derive(Debug)]
+struct State {
+    /// `[B, Hkv, cap, D]`, post-RoPE keys in time order.
+    k: Tensor,
+    /// `[B, Hkv, cap, D]`.
+    v: Tensor,
+    /// `[B, Hkv, cap]` u32: partition of every key (with an index).
+    labels: Option<Tensor>,
+    /// `[B, Hkv, C + 1 + cap]` u32: offsets then perm (with an index).
+    dir: Option<Tensor>,
+    seqs: Vec<SeqExtent>,
+    lens: Vec<usize>,
+    cap: usize,
+}
+
+/// Sparse attention of one layer (see the crate docs). Create one per layer with
+/// [`SaapAttention::from_index`] (Saap) or [`SaapAttention::dense`] (exact attention, no index).
+#[derive(Debug)]
+pub struct SaapAttention {
+    config: SaapConfig,
+    rope: Rope,
+    device: Device,
+    dtype: DType,
+    index: Option<Routing_>,
+    routing: Routing,
+    state: Option<State>,
+    recorder: Option<Recorder>,
+    track_reads: bool,
+    check_finite: bool,
+    last_read: Option<ReadStats>,
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        other => Err(SaapError::UnsupportedDType(other)),
+    }
+}
+
+impl SaapAttention {
+    /// Exact attention with no index (for models run without one, and for calibration).
+    pub fn dense(config: &SaapConfig, device: &Device, dtype: DType) -> Result<Self> {
+        config.validate()?;
+        check_dtype(dtype)?;
+        Ok(Self {
+            config: config.clone(),
+            rope: Rope::new(&config.rope, config.layout.head_dim),
+            device: device.clone(),
+            dtype,
+            index: None,
+            routing: Routing::Dense,
+            state: None,
+            recorder: None,
+            track_reads: true,
+            check_finite: true,
+            last_read: None,
+        })
+    }
+
+    /// The op for layer `layer` of a trained index, with the layer's default routing.
+    pub fn from_index(
+        index: &SaapIndex,
+        layer: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let entry = index.layer(layer)?;
+        let mut op = Self::dense(index.config(), device, dtype)?;
+        let c = &entry.classifier;
+        let on_device =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
+        op.index = Some(Routing_ {
+            centroids: on_device(&entry.centroids)?,
+            classifier: Classifier {
+                w1: on_device(&c.w1)?,
+                b1: on_device(&c.b1)?,
+                w2: on_device(&c.w2)?,
+                b2: on_device(&c.b2)?,
+            },
+        });
+        op.routing = entry.routing;
+        Ok(op)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SaapConfig {
+        &self.config
+    }
+
+    /// How decode chooses keys now.
+    pub fn routing(&self) -> Routing {
+        self.routing
+    }
+
+    /// Switches routing; `Classifier` and `NearestCentroid` need an index.
+    pub fn set_routing(&mut self, routing: Routing) -> Result<()> {
+        if routing != Routing::Dense && self.index.is_none() {
+            return Err(SaapError::Config(format!(
+                "{routing:?} routing needs an index; this op was built dense"
+            )));
+        }
+        self.routing = routing;
+        Ok(())
+    }
+
+    /// Sets ℓ, the partitions probed per query head (`1..=C`).
+    pub fn set_n_probe(&mut self, n_probe: usize) -> Result<()> {
+        self.config = self.config.with_n_probe(n_probe)?;
+        Ok(())
+    }
+
+    /// Whether decode counts the keys it reads (one small device-to-host copy per step on GPU).
+    pub fn set_track_reads(&mut self, on: bool) {
+        self.track_reads = on;
+    }
+
+    /// Whether inputs are checked for NaN/inf (one scalar read back per call).
+    pub fn set_check_finite(&mut self, on: bool) {
+        self.check_finite = on;
+    }
+
+    /// Records every prefill's pre-RoPE queries and keys into `recorder` (calibration).
+    pub fn set_recorder(&mut self, recorder: Option<Recorder>) {
+        self.recorder = recorder;
+    }
+
+    /// Forgets the sequences.
+    pub fn reset(&mut self) {
+        self.state = None;
+        self.last_read = None;
+    }
+
+    /// Tokens cached per batch item.
+    pub fn seq_lens(&self) -> &[usize] {
+        self.state.as_ref().map_or(&[], |s| &s.lens)
+    }
+
+    /// Extent of each sequence: length and end of the indexed positions.
+    pub fn extents(&self) -> &[SeqExtent] {
+        self.state.as_ref().map_or(&[], |s| &s.seqs)
+    }
+
+    /// Keys read by the last decode call, when tracked.
+    pub fn last_read(&self) -> Option<ReadStats> {
+        self.last_read
+    }
+
+    /// The cache `(k, v)`, `[B, Hkv, capacity, D]`, post-RoPE keys; rows past each length unused.
+    pub fn cache(&self) -> Option<(&Tensor, &Tensor)> {
+        self.state.as_ref().map(|s| (&s.k, &s.v))
+    }
+
+    /// Per batch item and KV head, the index `(perm, offsets)` on the host: `perm` holds the
+    /// indexed positions grouped by partition, `offsets` has `C + 1` entries.
+    pub fn index_lists(&self) -> Result<Vec<Vec<(Vec<u32>, Vec<u32>)>>> {
+        let (Some(state), Some(_)) = (&self.state, &self.index) else {
+            return Ok(Vec::new());
+        };
+        let dir = state.dir.as_ref().expect("indexed state has a directory");
+        let c = self.config.n_partitions;
+        Ok(dir
+            .to_vec3::<u32>()?
+            .into_iter()
+            .map(|heads| {
+                heads
+                    .into_iter()
+                    .map(|row| {
+                        let offsets = row[..=c].to_vec();
+                        let perm = row[c + 1..c + 1 + offsets[c] as usize].to_vec();
+                        (perm, offsets)
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn check_input(&self, name: &'static str, x: &Tensor, heads: usize) -> Result<(usize, usize)> {
+        let d = self.config.layout.head_dim;
+        let dims = x.dims();
+        if dims.len() != 4 || dims[1] != heads || dims[3] != d {
+            return Err(SaapError::Shape {
+                name,
+                expected: format!("[B, {heads}, T, {d}]"),
+                got: dims.to_vec(),
+            });
+        }
+        if x.dtype() != self.dtype {
+            return Err(SaapError::DType {
+                name,
+                expected: self.dtype,
+                got: x.dtype(),
+            });
+        }
+        if !x.device().same_device(&self.device) {
+            return Err(SaapError::Device {
+                name,
+                expected: self.device.location(),
+                got: x.device().location(),
+            });
+        }
+        if self.check_finite {
+            // inf·0 and NaN·0 are NaN, so the sum is finite exactly when every value is.
+            let probe = (x.to_dtype(DType::F32)? * 0.0)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if !probe.is_finite() {
+                return Err(SaapError::NonFinite(name));
+            }
+        }
+        Ok((dims[0], dims[2]))
+    }
+
+    fn check_inputs(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize)> {
+        let l = self.config.layout;
+        let (b, t) = self.check_input("q", q, l.n_q_heads)?;
+        for (name, x) in [("k", k), ("v", v)] {
+            if self.check_input(name, x, l.n_kv_heads)? != (b, t) {
+                return Err(SaapError::Shape {
+                    name,
+                    expected: format!("[{b}, {}, {t}, {}]", l.n_kv_heads, l.head_dim),
+                    got: x.dims().to_vec(),
+                });
+            }
+        }
+        if let Some(state) = &self.state {
+            if state.lens.len() != b {
+                return Err(SaapError::Shape {
+                    name: "q",
+                    expected: format!("batch of {} (the cached sequences)", state.lens.len()),
+                    got: q.dims().to_vec(),
+                });
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Makes room for `needed` tokens per sequence, growing the state geometrically.
+    fn reserve(&mut self, batch: usize, needed: usize) -> Result<()> {
+        let l = self.config.layout;
+        let c = self.config.n_partitions;
+        if let Some(state) = &self.state {
+            if state.cap >= needed {
+                return Ok(());
+            }
+        }
+        let old_cap = self.state.as_ref().map_or(0, |s| s.cap);
+        let cap = needed.max(2 * old_cap).next_multiple_of(256);
+        let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &self.device);
+        let kv_shape = [batch, l.n_kv_heads, cap, l.head_dim];
+        let indexed = self.index.is_some();
+        let mut next = State {
+            k: zeros(&kv_shape, self.dtype)?,
+            v: zeros(&kv_shape, self.dtype)?,
+            labels: indexed
+                .then(|| zeros(&[batch, l.n_kv_heads, cap], DType::U32))
+                .transpose()?,
+            dir: indexed
+                .then(|| zeros(&[batch, l.n_kv_heads, dir_len(c, cap)], DType::U32))
+                .transpose()?,
+            seqs: vec![
+                SeqExtent {
+                    len: 0,
+                    indexed_end: 0
+                };
+                batch
+            ],
+            lens: vec![0; batch],
+            cap,
+        };
+        if let Some(old) = self.state.take() {
+            next.k.slice_set(&old.k, 2, 0)?;
+            next.v.slice_set(&old.v, 2, 0)?;
+            for (new, old) in [(&next.labels, &old.labels), (&next.dir, &old.dir)] {
+                if let (Some(new), Some(old)) = (new, old) {
+                    new.slice_set(old, 2, 0)?;
+                }
+            }
+            next.seqs = old.seqs;
+            next.lens = old.lens;
+        }
+        self.state = Some(next);
+        Ok(())
+    }
+
+    /// Rotates q and k, appends k and v (and the keys' partitions) to the cache at each sequence's
+    /// end. Returns the rotated queries.
+    fn append(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (batch, t_len) = (q.dim(0)?, q.dim(2)?);
+        let starts: Vec<usize> = self
+            .state
+            .as_ref()
+            .map_or(vec![0; batch], |s| s.lens.clone());
+        let needed = starts
+            .iter()
+            .zip(lens)
+            .map(|(s, l)| s + l)
+            .max()
+            .unwrap_or(0);
+        self.reserve(batch, needed)?;
+        let (cos, sin) = self.rope.tables(&starts, t_len, self.dtype, &self.device)?;
+        let q_rot = self.rope.apply(q, &cos, &sin)?;
+        let k_rot = self.rope.apply(k, &cos, &sin)?;
+        let state = self.state.as_mut().expect("reserved above");
+        for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
+            if len == 0 {
+                continue;
+            }
+            let rows = |x: &Tensor| x.narrow(0, b, 1)?.narrow(2, 0, len)?.contiguous();
+            state
+                .k
+                .narrow(0, b, 1)?
+                .slice_set(&rows(&k_rot)?, 2, start)?;
+            state.v.narrow(0, b, 1)?.slice_set(&rows(v)?, 2, start)?;
+            if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
+                let keys = k.get(b)?.narrow(1, 0, len)?;
+                let assigned = assign(&keys, &index.centroids)?.unsqueeze(0)?;
+                labels.narrow(0, b, 1)?.slice_set(&assigned, 2, start)?;
+            }
+            state.lens[b] = start + len;
+            let seq = &mut state.seqs[b];
+            seq.len = start + len;
+            // Sinks are never indexed: the indexed region starts after them.
+            seq.indexed_end = seq.indexed_end.max(self.config.sinks.min(seq.len));
+        }
+        Ok(q_rot)
+    }
+
+    /// Moves tokens that left the window into the index, for sequences whose window exceeds
+    /// `window + slack` tokens.
+    fn merge_window(&mut self, slack: usize) -> Result<()> {
+        let (Some(state), Some(_)) = (self.state.as_mut(), &self.index) else {
+            return Ok(());
+        };
+        let window = self.config.window;
+        let ranges: Vec<(usize, usize)> = state
+            .seqs
+            .iter()
+            .map(|s| {
+                if s.len - s.indexed_end > window + slack {
+                    (s.indexed_end, s.len - window)
+                } else {
+                    (0, 0)
+                }
+            })
+            .collect();
+        if ranges.iter().all(|(s, e)| s == e) {
+            return Ok(());
+        }
+        let op = MergeOp {
+            ranges: ranges.clone(),
+            n_partitions: self.config.n_partitions,
+            n_kv_heads: self.config.layout.n_kv_heads,
+        };
+        let (dir, labels) = (state.dir.as_ref(), state.labels.as_ref());
+        merge(dir.expect("indexed"), labels.expect("indexed"), &op)?;
+        for (seq, (s, e)) in state.seqs.iter_mut().zip(ranges) {
+            if e > s {
+                seq.indexed_end = e;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a prompt chunk and returns its causal attention output.
+    ///
+    /// `q`: `[B, Hq, T, D]`, `k` and `v`: `[B, Hkv, T, D]`; `q` and `k` pre-RoPE (the op rotates
+    /// them, positions continuing from each sequence's cached length). `lens[b] <= T` tokens of
+    /// item `b` are valid (right padding). Returns `[B, Hq, T, D]`, zero past each length. May be
+    /// called repeatedly (chunked prefill); tokens older than the window are indexed.
+    pub fn prefill(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lens: &[usize],
+    ) -> Result<Tensor> {
+        let (batch, t_len) = self.check_inputs(q, k, v)?;
+        if lens.len() != batch || lens.iter().any(|&l| l > t_len) {
+            return Err(SaapError::Shape {
+                name: "lens",
+                expected: format!("{batch} lengths, each <= {t_len}"),
+                got: lens.to_vec(),
+            });
+        }
+        if lens.iter().all(|&l| l == 0) {
+            return Err(SaapError::EmptyContext(0));
+        }
+        let starts: Vec<usize> = self
+            .state
+            .as_ref()
+            .map_or(vec![0; batch], |s| s.lens.clone());
+        if let Some(recorder) = &self.recorder {
+            recorder.push(Recorded {
+                q: q.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                k: k.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                lens: lens.to_vec(),
+                starts: starts.clone(),
+            });
+        }
+        let q_rot = self.append(q, k, v, lens)?;
+        let state = self.state.as_ref().expect("appended");
+        let scale = 1.0 / (self.config.layout.head_dim as f64).sqrt();
+        let l = self.config.layout;
+        let mut outs = Vec::with_capacity(batch);
+        for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
+            let mut out =
+                Tensor::zeros((l.n_q_heads, t_len, l.head_dim), self.dtype, &self.device)?;
+            if len > 0 {
+                let cached = |x: &Tensor| x.get(b)?.narrow(1, 0, start + len);
+                let qb = q_rot.get(b)?.narrow(1, 0, len)?;
+                let attended =
+                    prefill_attention(&qb, &cached(&state.k)?, &cached(&state.v)?, start, scale)?
+                        .to_dtype(self.dtype)?;
+                out = if len == t_len {
+                    attended
+                } else {
+                    Tensor::cat(&[attended, out.narrow(1, len, t_len - len)?], 1)?
+                };
+            }
+            outs.push(out);
+        }
+        self.merge_window(0)?;
+        Ok(Tensor::stack(&outs, 0)?)
+    }
+
+    /// One decode step: one new token per batch item (`T == 1`, shapes as in
+    /// [`SaapAttention::prefill`]). Reads sinks ∪ probed partitions ∪ window (or every key with
+    /// dense routing). Returns `[B, Hq, 1, D]`.
+    pub fn decode(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (batch, t_len) = self.check_inputs(q, k, v)?;
+        if t_len != 1 {
+            return Err(SaapError::Shape {
+                name: "q",
+                expected: "one token per sequence (T = 1)".into(),
+                got: q.dims().to_vec(),
+            });
+        }
+        let Some(state) = &self.state else {
+            return Err(SaapError::EmptyContext(0));
+        };
+        if let Some(b) = state.lens.iter().position(|&l| l == 0) {
+            return Err(SaapError::EmptyContext(b));
+        }
+        let q_rot = self.append(q, k, v, &vec![1; batch])?;
+        let probes = match (&self.index, self.routing) {
+            (Some(index), Routing::Classifier) => {
+                let scores = index.classifier.scores(&q.squeeze(2)?)?;
+                Some(top_probes(&scores, self.config.n_probe)?)
+            }
+            (Some(index), Routing::NearestCentroid) => {
+                let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
+                Some(top_probes(&scores, self.config.n_probe)?)
+            }
+            _ => None,
+        };
+        let state = self.state.as_ref().expect("appended");
+        let op = DecodeOp {
+            k_cache: state.k.clone(),
+            v_cache: state.v.clone(),
+            dir: probes.as_ref().and(state.dir.clone()),
+            probes,
+            seqs: state.seqs.clone(),
+            sinks: self.config.sinks,
+            n_partitions: self.config.n_partitions,
+            scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
+        };
+        let out = q_rot.squeeze(2)?.contiguous()?.apply_op1_no_bwd(&op)?;
+        self.last_read = if self.track_reads {
+            Some(read_stats(&op, self.config.layout.group_size())?)
+        } else {
+            None
+        };
+        self.merge_window(self.config.merge_every - 1)?;
+        Ok(out.unsqueeze(2)?)
+    }
+}
+
+/// Counts the keys a decode op reads, from its probes and the index offsets.
+fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
+    let (_, hkv, _, _) = op.k_cache.dims4()?;
+    let mut stats = ReadStats::default();
+    let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
+        for seq in &op.seqs {
+            stats.keys_read += seq.len * hkv;
+            stats.keys_in_context += seq.len * hkv;
+            stats.window_and_sinks += (op.sinks.min(seq.len) + seq.len - seq.indexed_end) * hkv;
+        }
+        return Ok(stats);
+    };
+    let c = op.n_partitions;
+    let offsets = dir.narrow(2, 0, c + 1)?.to_vec3::<u32>()?;
+    let probes = probes.to_vec3::<u32>()?;
+    for (b, seq) in op.seqs.iter().enumerate() {
+        let fixed = op.sinks.min(seq.len) + seq.len - seq.indexed_end;
+        for h in 0..hkv {
+            let mut probed = vec![false; c];
+            for head in &probes[b][h * group..(h + 1) * group] {
+                for &p in head {
+                    probed[p as usize] = true;
+                }
+            }
+            let off = &offsets[b][h];
+            for (p, _) in probed.iter().enumerate().filter(|(_, &x)| x) {
+                stats.keys_read += (off[p + 1] - off[p]) as usize;
+                stats.partitions_probed += 1;
+            }
+            stats.keys_read += fixed;
+            stats.window_and_sinks += fixed;
+            stats.keys_in_context += seq.len;
+        }
+    }
+    Ok(stats)
+}

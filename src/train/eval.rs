@@ -1,0 +1,122 @@
+//! Held-out evaluation of a routing: attention-mass recall, keys read, and the recall a perfect
+//! top-k selector gets when it reads as many keys.
+
+use crate::classify::{centroid_scores, top_probes};
+use crate::config::{Routing, SaapConfig};
+use crate::error::Result;
+use crate::index::LayerIndex;
+use crate::train::data::{query_attention, query_positions, Sequence};
+
+/// Means over held-out queries and heads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct RoutingEval {
+    /// Share of the attention mass on indexed keys that falls in the keys read.
+    pub indexed_recall: f64,
+    /// Share of all attention mass in the keys read (sinks and window included).
+    pub recall: f64,
+    /// Share of all attention mass in sinks and window alone.
+    pub window_sinks_mass: f64,
+    /// Indexed keys read / indexed keys (union over the GQA group, as decode reads them).
+    pub indexed_selectivity: f64,
+    /// Keys read / keys in context, sinks and window included.
+    pub selectivity: f64,
+    /// Indexed-mass recall of the best possible selector reading as many indexed keys.
+    pub oracle_indexed_recall: f64,
+    /// Total recall of that oracle (sinks and window included).
+    pub oracle_recall: f64,
+    /// Queries × heads averaged.
+    pub samples: usize,
+}
+
+/// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
+/// placed after `first` (see [`crate::train::data::first_query_position`]).
+pub fn evaluate_routing(
+    sequences: &[Sequence],
+    layer: &LayerIndex,
+    config: &SaapConfig,
+    routing: Routing,
+    first: usize,
+    queries_per_seq: usize,
+) -> Result<RoutingEval> {
+    let layout = config.layout;
+    let (g, c) = (layout.group_size(), config.n_partitions);
+    let mut sum = RoutingEval::default();
+    for seq in sequences {
+        let positions = query_positions(seq.len(), first, queries_per_seq);
+        if positions.is_empty() {
+            continue;
+        }
+        let qa = query_attention(seq, config, &positions, &layer.centroids)?;
+        // Probes per (query head, query): [Hq, P, ℓ] from [B = P, Hq, D] queries.
+        let q = qa.q.transpose(0, 1)?.contiguous()?;
+        let probes = match routing {
+            Routing::Classifier => Some(top_probes(&layer.classifier.scores(&q)?, config.n_probe)?),
+            Routing::NearestCentroid => Some(top_probes(
+                &centroid_scores(&q, &layer.centroids)?,
+                config.n_probe,
+            )?),
+            Routing::Dense => None,
+        }
+        .map(|t| t.to_vec3::<u32>())
+        .transpose()?;
+        let probs = qa.probs.to_vec3::<f32>()?;
+        let labels = qa.labels.to_vec2::<u32>()?;
+        for (i, &t) in positions.iter().enumerate() {
+            let n = t + 1;
+            let sink_end = config.sinks.min(n);
+            let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
+            for kvh in 0..layout.n_kv_heads {
+                let mut probed = vec![probes.is_none(); c];
+                if let Some(probes) = &probes {
+                    for head in kvh * g..(kvh + 1) * g {
+                        for &part in &probes[i][head] {
+                            probed[part as usize] = true;
+                        }
+                    }
+                }
+                let lab = &labels[kvh];
+                let read = (sink_end..index_end)
+                    .filter(|&j| probed[lab[j] as usize])
+                    .count();
+                let indexed = index_end - sink_end;
+                for head in kvh * g..(kvh + 1) * g {
+                    let w = &probs[head][i];
+                    let fixed: f64 = w[..sink_end]
+                        .iter()
+                        .chain(&w[index_end..n])
+                        .map(|&x| x as f64)
+                        .sum();
+                    let mut idx_w: Vec<f64> =
+                        w[sink_end..index_end].iter().map(|&x| x as f64).collect();
+                    let idx_mass: f64 = idx_w.iter().sum();
+                    let got: f64 = (sink_end..index_end)
+                        .filter(|&j| probed[lab[j] as usize])
+                        .map(|j| w[j] as f64)
+                        .sum();
+                    idx_w.sort_by(|a, b| b.total_cmp(a));
+                    let oracle: f64 = idx_w[..read].iter().sum();
+                    let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
+                    sum.indexed_recall += share(got);
+                    sum.oracle_indexed_recall += share(oracle);
+                    sum.recall += fixed + got;
+                    sum.oracle_recall += fixed + oracle;
+                    sum.window_sinks_mass += fixed;
+                    sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
+                    sum.selectivity += (read + n - indexed) as f64 / n as f64;
+                    sum.samples += 1;
+                }
+            }
+        }
+    }
+    let k = sum.samples.max(1) as f64;
+    Ok(RoutingEval {
+        indexed_recall: sum.indexed_recall / k,
+        recall: sum.recall / k,
+        window_sinks_mass: sum.window_sinks_mass / k,
+        indexed_selectivity: sum.indexed_selectivity / k,
+        selectivity: sum.selectivity / k,
+        oracle_indexed_recall: sum.oracle_indexed_recall / k,
+        oracle_recall: sum.oracle_recall / k,
+        samples: sum.samples,
+    })
+}

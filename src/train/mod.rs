@@ -1,0 +1,153 @@
+//! Offline training of a [`crate::SaapIndex`]: k-means of pre-RoPE keys per (layer, KV head),
+//! bucket-mass targets from the true attention of calibration queries, the per-head classifier,
+//! and held-out evaluation that decides which layers stay dense.
+//!
+//! Data comes from a model run in dense mode with a [`crate::Recorder`] on each layer's
+//! [`crate::SaapAttention`]; [`data::sequences_from_records`] turns the records into sequences.
+
+pub mod data;
+pub mod eval;
+pub mod mlp;
+
+use crate::config::{Routing, SaapConfig};
+use crate::error::{Result, SaapError};
+use crate::index::LayerIndex;
+use crate::partition::kmeans::{kmeans, KMeansInit, KMeansParams};
+use candle_core::{Device, Tensor, D};
+use data::{first_query_position, query_attention, query_positions, Sequence};
+pub use eval::{evaluate_routing, RoutingEval};
+use indicatif::ProgressBar;
+pub use mlp::{train_classifier, MlpParams};
+
+/// Settings of one layer's training.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainParams {
+    /// Lloyd iterations.
+    pub kmeans_iters: usize,
+    /// k-means subsamples to this many keys per centroid.
+    pub max_points_per_centroid: usize,
+    /// k-means initialization.
+    pub kmeans_init: KMeansInit,
+    /// Classifier optimization.
+    pub mlp: MlpParams,
+    /// Training queries taken per sequence.
+    pub queries_per_seq: usize,
+    /// A query is used only once at least this many keys lie outside sinks and window.
+    pub min_indexed: usize,
+    /// Seed of k-means.
+    pub seed: u64,
+}
+
+impl TrainParams {
+    /// Defaults for `config`: 25 Lloyd iterations, 256 keys per centroid, random init.
+    pub fn new(config: &SaapConfig) -> Self {
+        Self {
+            kmeans_iters: 25,
+            max_points_per_centroid: 256,
+            kmeans_init: KMeansInit::Random,
+            mlp: MlpParams::new(config.hidden),
+            queries_per_seq: 256,
+            min_indexed: config.n_partitions,
+            seed: 0,
+        }
+    }
+}
+
+/// k-means centroids `[Hkv, C, D]` of the keys of `sequences` (sinks left out: they are never
+/// indexed).
+pub fn train_centroids(
+    sequences: &[Sequence],
+    config: &SaapConfig,
+    params: &TrainParams,
+) -> Result<Tensor> {
+    let layout = config.layout;
+    let mut per_head = Vec::with_capacity(layout.n_kv_heads);
+    for h in 0..layout.n_kv_heads {
+        let mut points = Vec::new();
+        for seq in sequences {
+            let n = seq.len();
+            if n > config.sinks {
+                let keys = seq.k.get(h)?.narrow(0, config.sinks, n - config.sinks)?;
+                points.extend(keys.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        let km = kmeans(
+            &points,
+            layout.head_dim,
+            &KMeansParams {
+                k: config.n_partitions,
+                iters: params.kmeans_iters,
+                max_points_per_centroid: params.max_points_per_centroid,
+                init: params.kmeans_init,
+                seed: params.seed + h as u64,
+            },
+        )?;
+        per_head.push(Tensor::from_vec(
+            km.centroids,
+            (config.n_partitions, layout.head_dim),
+            &Device::Cpu,
+        )?);
+    }
+    Ok(Tensor::stack(&per_head, 0)?)
+}
+
+/// Training queries `[Hq, N, D]` and their normalized bucket-mass targets `[Hq, N, C]`.
+pub fn bucket_targets(
+    sequences: &[Sequence],
+    config: &SaapConfig,
+    centroids: &Tensor,
+    params: &TrainParams,
+) -> Result<(Tensor, Tensor)> {
+    let first = first_query_position(config, params.min_indexed);
+    let mut queries = Vec::new();
+    let mut targets = Vec::new();
+    for seq in sequences {
+        let positions = query_positions(seq.len(), first, params.queries_per_seq);
+        if positions.is_empty() {
+            continue;
+        }
+        let qa = query_attention(seq, config, &positions, centroids)?;
+        let mass = qa.bucket_mass(config)?;
+        // A tiny uniform floor keeps rows with no indexed mass well defined (≈ uniform targets).
+        let eps = 1e-9;
+        let c = config.n_partitions as f64;
+        let total = (mass.sum_keepdim(D::Minus1)? + eps)?;
+        targets.push(((mass + eps / c)?.broadcast_div(&total))?);
+        queries.push(qa.q);
+    }
+    if queries.is_empty() {
+        return Err(SaapError::Training(format!(
+            "no calibration sequence is longer than {first} tokens (sinks + window + {} keys)",
+            params.min_indexed
+        )));
+    }
+    Ok((Tensor::cat(&queries, 1)?, Tensor::cat(&targets, 1)?))
+}
+
+/// Trains one layer: centroids, then the classifier on bucket-mass targets.
+pub fn train_layer(
+    sequences: &[Sequence],
+    config: &SaapConfig,
+    params: &TrainParams,
+    progress: Option<&ProgressBar>,
+) -> Result<LayerIndex> {
+    config.validate()?;
+    let centroids = train_centroids(sequences, config, params)?;
+    let (queries, targets) = bucket_targets(sequences, config, &centroids, params)?;
+    let classifier = train_classifier(&queries, &targets, &params.mlp, progress)?;
+    Ok(LayerIndex {
+        centroids,
+        classifier,
+        routing: Routing::Classifier,
+    })
+}
+
+/// The per-layer policy: a layer whose held-out total recall at the configured ℓ is below
+/// `min_recall` is served dense (and counts fully in the keys read).
+pub fn choose_routing(eval: &RoutingEval, min_recall: f64) -> Routing {
+    if eval.recall >= min_recall {
+        Routing::Classifier
+    } else {
+        Routing::Dense
+    }
+}
