@@ -84,9 +84,12 @@ impl Recorder {
     }
 }
 
+/// One (batch item, KV head)'s index on the host: `(perm, offsets)`.
+pub type IndexList = (Vec<u32>, Vec<u32>);
+
 /// The trained routing state an op owns.
 #[derive(Debug, Clone)]
-struct Routing_ {
+struct Trained {
     /// `[Hkv, C, D]` f32.
     centroids: Tensor,
     classifier: Classifier,
@@ -116,7 +119,7 @@ pub struct SaapAttention {
     rope: Rope,
     device: Device,
     dtype: DType,
-    index: Option<Routing_>,
+    index: Option<Trained>,
     routing: Routing,
     state: Option<State>,
     recorder: Option<Recorder>,
@@ -164,7 +167,7 @@ impl SaapAttention {
         let c = &entry.classifier;
         let on_device =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
-        op.index = Some(Routing_ {
+        op.index = Some(Trained {
             centroids: on_device(&entry.centroids)?,
             classifier: Classifier {
                 w1: on_device(&c.w1)?,
@@ -247,7 +250,7 @@ impl SaapAttention {
 
     /// Per batch item and KV head, the index `(perm, offsets)` on the host: `perm` holds the
     /// indexed positions grouped by partition, `offsets` has `C + 1` entries.
-    pub fn index_lists(&self) -> Result<Vec<Vec<(Vec<u32>, Vec<u32>)>>> {
+    pub fn index_lists(&self) -> Result<Vec<Vec<IndexList>>> {
         let (Some(state), Some(_)) = (&self.state, &self.index) else {
             return Ok(Vec::new());
         };

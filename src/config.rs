@@ -105,7 +105,10 @@ impl RopeConfig {
                 high_freq_factor,
                 original_max_positions,
             } => {
-                if !(high_freq_factor > low_freq_factor) || original_max_positions == 0 {
+                if high_freq_factor.partial_cmp(&low_freq_factor)
+                    != Some(std::cmp::Ordering::Greater)
+                    || original_max_positions == 0
+                {
                     return Err(SaapError::Config(format!(
                         "Llama-3 RoPE scaling needs high_freq_factor > low_freq_factor and a training length: {:?}",
                         self.scaling
@@ -119,7 +122,9 @@ impl RopeConfig {
                 beta_fast,
                 beta_slow,
             } => {
-                if !(beta_fast > beta_slow) || original_max_positions == 0 {
+                if beta_fast.partial_cmp(&beta_slow) != Some(std::cmp::Ordering::Greater)
+                    || original_max_positions == 0
+                {
                     return Err(SaapError::Config(format!(
                         "YaRN needs beta_fast > beta_slow and a training length: {:?}",
                         self.scaling
