@@ -160,3 +160,80 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     assert!(classifier.indexed_recall > nearest_wide.indexed_recall + 0.25);
     assert!(classifier.oracle_indexed_recall >= classifier.indexed_recall - 1e-9);
 }
+
+#[test]
+fn calibration_serves_dense_the_layers_below_the_recall_target() {
+    let mut config = SaapConfig::new(
+        HeadLayout {
+            n_q_heads: 2,
+            n_kv_heads: 1,
+            head_dim: D,
+        },
+        RopeConfig {
+            kind: RopeKind::Interleaved,
+            theta: 1e300,
+            scaling: RopeScaling::None,
+        },
+        TOPICS,
+    )
+    .unwrap();
+    config.window = 16;
+    config.sinks = 4;
+    config.n_probe = 2;
+    config.hidden = 32;
+    let mut r = rng(8);
+    let problem = Problem::new(&mut r);
+    let train: Vec<Sequence> = (0..3).map(|_| problem.sequence(&mut r, 500, 2)).collect();
+    let held_out: Vec<Sequence> = (0..2).map(|_| problem.sequence(&mut r, 500, 2)).collect();
+    let mut params = TrainParams::new(&config);
+    params.min_indexed = 64;
+    params.queries_per_seq = 200;
+    params.mlp.epochs = 10;
+    let layers = vec![train.clone(), train];
+    let held = vec![held_out.clone(), held_out];
+    let mut seen = 0;
+    let (index, reports) =
+        saap::train::calibrate_index(&layers, &held, &config, &params, 0.5, "synthetic", |_| {
+            seen += 1
+        })
+        .unwrap();
+    assert_eq!(seen, 2);
+    assert_eq!(index.n_layers(), 2);
+    assert!(reports
+        .iter()
+        .all(|r| r.routing == Routing::Classifier && r.classifier.recall >= 0.5));
+    // A target no selector reaches at this ℓ: every layer falls back to dense.
+    let (index, reports) =
+        saap::train::calibrate_index(&layers, &held, &config, &params, 0.999, "synthetic", |_| ())
+            .unwrap();
+    assert!(reports.iter().all(|r| r.routing == Routing::Dense));
+    assert_eq!(index.layer(1).unwrap().routing, Routing::Dense);
+    assert!(
+        saap::train::calibrate_index(&layers[..1], &held, &config, &params, 0.5, "x", |_| ())
+            .is_err()
+    );
+}
+
+#[test]
+fn context_sized_defaults() {
+    let layout = HeadLayout {
+        n_q_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+    };
+    let rope = RopeConfig {
+        kind: RopeKind::Interleaved,
+        theta: 1e5,
+        scaling: RopeScaling::None,
+    };
+    let small = SaapConfig::for_context(layout, rope, 8192).unwrap();
+    assert_eq!(
+        (small.n_partitions, small.n_probe, small.window, small.sinks),
+        (128, 4, 256, 4)
+    );
+    let large = SaapConfig::for_context(layout, rope, 131_072).unwrap();
+    assert_eq!(
+        (large.n_partitions, large.n_probe, large.window, large.sinks),
+        (1024, 32, 2048, 16)
+    );
+}
