@@ -192,26 +192,47 @@ fn calibration_serves_dense_the_layers_below_the_recall_target() {
     let layers = vec![train.clone(), train];
     let held = vec![held_out.clone(), held_out];
     let mut seen = 0;
-    let (index, reports) =
-        saap::train::calibrate_index(&layers, &held, &config, &params, 0.5, "synthetic", |_| {
-            seen += 1
-        })
-        .unwrap();
+    let (index, reports) = saap::train::calibrate_index(
+        &layers,
+        &held,
+        &config,
+        &params,
+        0.5,
+        "synthetic",
+        None,
+        |_| seen += 1,
+    )
+    .unwrap();
     assert_eq!(seen, 2);
     assert_eq!(index.n_layers(), 2);
     assert!(reports
         .iter()
         .all(|r| r.routing == Routing::Classifier && r.classifier.recall >= 0.5));
     // A target no selector reaches at this ℓ: every layer falls back to dense.
-    let (index, reports) =
-        saap::train::calibrate_index(&layers, &held, &config, &params, 0.999, "synthetic", |_| ())
-            .unwrap();
+    let (index, reports) = saap::train::calibrate_index(
+        &layers,
+        &held,
+        &config,
+        &params,
+        0.999,
+        "synthetic",
+        None,
+        |_| (),
+    )
+    .unwrap();
     assert!(reports.iter().all(|r| r.routing == Routing::Dense));
     assert_eq!(index.layer(1).unwrap().routing, Routing::Dense);
-    assert!(
-        saap::train::calibrate_index(&layers[..1], &held, &config, &params, 0.5, "x", |_| ())
-            .is_err()
-    );
+    assert!(saap::train::calibrate_index(
+        &layers[..1],
+        &held,
+        &config,
+        &params,
+        0.5,
+        "x",
+        None,
+        |_| ()
+    )
+    .is_err());
 }
 
 #[test]

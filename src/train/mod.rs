@@ -166,8 +166,9 @@ pub struct LayerReport {
 }
 
 /// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
-/// dense the layers whose classifier recall stays below `min_recall`. Calls `on_layer` after each
-/// layer (progress reporting).
+/// dense the layers whose classifier recall stays below `min_recall`. `progress` shows each layer's
+/// classifier training; `on_layer` sees each layer's report as soon as it is measured.
+#[allow(clippy::too_many_arguments)]
 pub fn calibrate_index(
     train: &[Vec<Sequence>],
     held_out: &[Vec<Sequence>],
@@ -175,6 +176,7 @@ pub fn calibrate_index(
     params: &TrainParams,
     min_recall: f64,
     model: &str,
+    progress: Option<&ProgressBar>,
     mut on_layer: impl FnMut(&LayerReport),
 ) -> Result<(SaapIndex, Vec<LayerReport>)> {
     if train.len() != held_out.len() || train.is_empty() {
@@ -188,7 +190,11 @@ pub fn calibrate_index(
     let mut layers = Vec::with_capacity(train.len());
     let mut reports = Vec::with_capacity(train.len());
     for (i, (train_seqs, eval_seqs)) in train.iter().zip(held_out).enumerate() {
-        let mut layer = train_layer(train_seqs, config, params, None)?;
+        if let Some(bar) = progress {
+            bar.reset();
+            bar.set_message(format!("layer {i}/{}", train.len()));
+        }
+        let mut layer = train_layer(train_seqs, config, params, progress)?;
         let eval = |routing| {
             evaluate_routing(
                 eval_seqs,
