@@ -84,9 +84,12 @@ impl Recorder {
     }
 }
 
+/// One (batch item, KV head)'s index on the host: `(perm, offsets)`.
+pub type IndexList = (Vec<u32>, Vec<u32>);
+
 /// The trained routing state an op owns.
 #[derive(Debug, Clone)]
-struct Routing_ {
+struct Trained {
     /// `[Hkv, C, D]` f32.
     centroids: Tensor,
     classifier: Classifier,
@@ -116,7 +119,7 @@ pub struct SaapAttention {
     rope: Rope,
     device: Device,
     dtype: DType,
-    index: Option<Routing_>,
+    index: Option<Trained>,
     routing: Routing,
     state: Option<State>,
     recorder: Option<Recorder>,
@@ -164,7 +167,7 @@ impl SaapAttention {
         let c = &entry.classifier;
         let on_device =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
-        op.index = Some(Routing_ {
+        op.index = Some(Trained {
             centroids: on_device(&entry.centroids)?,
             classifier: Classifier {
                 w1: on_device(&c.w1)?,
@@ -247,7 +250,7 @@ impl SaapAttention {
 
     /// Per batch item and KV head, the index `(perm, offsets)` on the host: `perm` holds the
     /// indexed positions grouped by partition, `offsets` has `C + 1` entries.
-    pub fn index_lists(&self) -> Result<Vec<Vec<(Vec<u32>, Vec<u32>)>>> {
+    pub fn index_lists(&self) -> Result<Vec<Vec<IndexList>>> {
         let (Some(state), Some(_)) = (&self.state, &self.index) else {
             return Ok(Vec::new());
         };
@@ -317,16 +320,20 @@ impl SaapAttention {
                 });
             }
         }
-        if let Some(state) = &self.state {
-            if state.lens.len() != b {
-                return Err(SaapError::Shape {
-                    name: "q",
-                    expected: format!("batch of {} (the cached sequences)", state.lens.len()),
-                    got: q.dims().to_vec(),
-                });
-            }
-        }
+        self.check_batch(b)?;
         Ok((b, t))
+    }
+
+    /// Once sequences are cached, every call must carry the same batch.
+    fn check_batch(&self, batch: usize) -> Result<()> {
+        match &self.state {
+            Some(state) if state.lens.len() != batch => Err(SaapError::Shape {
+                name: "batch",
+                expected: format!("batch of {} (the cached sequences)", state.lens.len()),
+                got: vec![batch],
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Makes room for `needed` tokens per sequence, growing the state geometrically.
@@ -377,10 +384,16 @@ impl SaapAttention {
         Ok(())
     }
 
-    /// Rotates q and k, appends k and v (and the keys' partitions) to the cache at each sequence's
-    /// end. Returns the rotated queries.
-    fn append(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let (batch, t_len) = (q.dim(0)?, q.dim(2)?);
+    /// Rotates k (and q, when given), appends k and v (and the keys' partitions) to the cache at
+    /// each sequence's end. Returns the rotated queries.
+    fn append(
+        &mut self,
+        q: Option<&Tensor>,
+        k: &Tensor,
+        v: &Tensor,
+        lens: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let (batch, t_len) = (k.dim(0)?, k.dim(2)?);
         let starts: Vec<usize> = self
             .state
             .as_ref()
@@ -393,7 +406,7 @@ impl SaapAttention {
             .unwrap_or(0);
         self.reserve(batch, needed)?;
         let (cos, sin) = self.rope.tables(&starts, t_len, self.dtype, &self.device)?;
-        let q_rot = self.rope.apply(q, &cos, &sin)?;
+        let q_rot = q.map(|q| self.rope.apply(q, &cos, &sin)).transpose()?;
         let k_rot = self.rope.apply(k, &cos, &sin)?;
         let state = self.state.as_mut().expect("reserved above");
         for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
@@ -456,6 +469,39 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// Appends context without computing attention: pre-RoPE keys `k` and values `v`
+    /// (`[B, Hkv, T, D]`, `lens[b]` valid per item), rotated, cached and indexed like prefill's.
+    /// For models that run their own prefill kernel, and for loading a cache.
+    pub fn extend(&mut self, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<()> {
+        let n_kv = self.config.layout.n_kv_heads;
+        let (batch, t_len) = self.check_input("k", k, n_kv)?;
+        if self.check_input("v", v, n_kv)? != (batch, t_len) {
+            return Err(SaapError::Shape {
+                name: "v",
+                expected: format!("{:?}", k.dims()),
+                got: v.dims().to_vec(),
+            });
+        }
+        self.check_lens(batch, t_len, lens)?;
+        self.append(None, k, v, lens)?;
+        self.merge_window(0)
+    }
+
+    fn check_lens(&self, batch: usize, t_len: usize, lens: &[usize]) -> Result<()> {
+        self.check_batch(batch)?;
+        if lens.len() != batch || lens.iter().any(|&l| l > t_len) {
+            return Err(SaapError::Shape {
+                name: "lens",
+                expected: format!("{batch} lengths, each <= {t_len}"),
+                got: lens.to_vec(),
+            });
+        }
+        if lens.iter().all(|&l| l == 0) {
+            return Err(SaapError::EmptyContext(0));
+        }
+        Ok(())
+    }
+
     /// Appends a prompt chunk and returns its causal attention output.
     ///
     /// `q`: `[B, Hq, T, D]`, `k` and `v`: `[B, Hkv, T, D]`; `q` and `k` pre-RoPE (the op rotates
@@ -470,16 +516,7 @@ impl SaapAttention {
         lens: &[usize],
     ) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
-        if lens.len() != batch || lens.iter().any(|&l| l > t_len) {
-            return Err(SaapError::Shape {
-                name: "lens",
-                expected: format!("{batch} lengths, each <= {t_len}"),
-                got: lens.to_vec(),
-            });
-        }
-        if lens.iter().all(|&l| l == 0) {
-            return Err(SaapError::EmptyContext(0));
-        }
+        self.check_lens(batch, t_len, lens)?;
         let starts: Vec<usize> = self
             .state
             .as_ref()
@@ -492,7 +529,7 @@ impl SaapAttention {
                 starts: starts.clone(),
             });
         }
-        let q_rot = self.append(q, k, v, lens)?;
+        let q_rot = self.append(Some(q), k, v, lens)?.expect("queries given");
         let state = self.state.as_ref().expect("appended");
         let scale = 1.0 / (self.config.layout.head_dim as f64).sqrt();
         let l = self.config.layout;
@@ -536,7 +573,9 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
-        let q_rot = self.append(q, k, v, &vec![1; batch])?;
+        let q_rot = self
+            .append(Some(q), k, v, &vec![1; batch])?
+            .expect("queries given");
         let probes = match (&self.index, self.routing) {
             (Some(index), Routing::Classifier) => {
                 let scores = index.classifier.scores(&q.squeeze(2)?)?;

@@ -105,7 +105,10 @@ impl RopeConfig {
                 high_freq_factor,
                 original_max_positions,
             } => {
-                if !(high_freq_factor > low_freq_factor) || original_max_positions == 0 {
+                if high_freq_factor.partial_cmp(&low_freq_factor)
+                    != Some(std::cmp::Ordering::Greater)
+                    || original_max_positions == 0
+                {
                     return Err(SaapError::Config(format!(
                         "Llama-3 RoPE scaling needs high_freq_factor > low_freq_factor and a training length: {:?}",
                         self.scaling
@@ -119,7 +122,9 @@ impl RopeConfig {
                 beta_fast,
                 beta_slow,
             } => {
-                if !(beta_fast > beta_slow) || original_max_positions == 0 {
+                if beta_fast.partial_cmp(&beta_slow) != Some(std::cmp::Ordering::Greater)
+                    || original_max_positions == 0
+                {
                     return Err(SaapError::Config(format!(
                         "YaRN needs beta_fast > beta_slow and a training length: {:?}",
                         self.scaling
@@ -172,6 +177,22 @@ impl SaapConfig {
             merge_every: 256,
             hidden: 256,
         };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Defaults sized to a model's context length `context`:
+    /// - C = `context / 64` rounded to a power of two, in 16..=1024 (the paper's 1024 partitions
+    ///   at 128k+ tokens; about 64–128 keys per partition at shorter contexts, so a partition is
+    ///   still a meaningful cluster);
+    /// - ℓ = C / 32 (≈ 3% of the partitions per query head);
+    /// - window = `context / 32` in 64..=2048 and 4 sinks below 64k tokens, 16 above.
+    pub fn for_context(layout: HeadLayout, rope: RopeConfig, context: usize) -> Result<Self> {
+        let n_partitions = (context / 64).next_power_of_two().clamp(16, 1024);
+        let mut config = Self::new(layout, rope, n_partitions)?;
+        config.window = (context / 32).clamp(64, 2048);
+        config.sinks = if context < 65_536 { 4 } else { 16 };
+        config.merge_every = (config.window / 8).max(1);
         config.validate()?;
         Ok(config)
     }

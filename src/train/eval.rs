@@ -65,22 +65,20 @@ pub fn evaluate_routing(
             let n = t + 1;
             let sink_end = config.sinks.min(n);
             let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
-            for kvh in 0..layout.n_kv_heads {
+            for (kvh, lab) in labels.iter().enumerate() {
+                let heads = kvh * g..(kvh + 1) * g;
                 let mut probed = vec![probes.is_none(); c];
                 if let Some(probes) = &probes {
-                    for head in kvh * g..(kvh + 1) * g {
-                        for &part in &probes[i][head] {
-                            probed[part as usize] = true;
-                        }
+                    for &part in probes[i][heads.clone()].iter().flatten() {
+                        probed[part as usize] = true;
                     }
                 }
-                let lab = &labels[kvh];
                 let read = (sink_end..index_end)
                     .filter(|&j| probed[lab[j] as usize])
                     .count();
                 let indexed = index_end - sink_end;
-                for head in kvh * g..(kvh + 1) * g {
-                    let w = &probs[head][i];
+                for head_probs in &probs[heads] {
+                    let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
                         .iter()
                         .chain(&w[index_end..n])

@@ -1,0 +1,311 @@
+//! The op end to end on the CPU: ℓ = C equals dense equals a plain reference, over prefill and
+//! many decode steps with window merges, ragged batches, GQA and every dtype; and the index
+//! invariant after thousands of steps.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use saap::partition::assign::assign;
+use saap::{RopeKind, Routing, SaapAttention, SaapConfig};
+
+/// Plain f64 RoPE of one head vector at `pos`.
+fn rope_ref(x: &[f32], pos: usize, kind: RopeKind, theta: f64) -> Vec<f64> {
+    let d = x.len();
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for i in 0..d / 2 {
+        let angle = pos as f64 * theta.powf(-(2.0 * i as f64) / d as f64);
+        let (a, b) = match kind {
+            RopeKind::Interleaved => (2 * i, 2 * i + 1),
+            RopeKind::Neox => (i, i + d / 2),
+        };
+        let (x0, x1) = (x[a] as f64, x[b] as f64);
+        out[a] = x0 * angle.cos() - x1 * angle.sin();
+        out[b] = x0 * angle.sin() + x1 * angle.cos();
+    }
+    out
+}
+
+/// Host copy of one sequence's pre-RoPE keys and values, per KV head.
+#[derive(Default, Clone)]
+struct History {
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+}
+
+impl History {
+    /// Appends tokens `0..len` of item `b` of `k`, `v` (`[B, Hkv, T, D]`).
+    fn push(&mut self, k: &Tensor, v: &Tensor, b: usize, len: usize) {
+        let k = k
+            .to_dtype(DType::F32)
+            .unwrap()
+            .get(b)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let v = v
+            .to_dtype(DType::F32)
+            .unwrap()
+            .get(b)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        if self.k.is_empty() {
+            self.k = vec![Vec::new(); k.len()];
+            self.v = vec![Vec::new(); k.len()];
+        }
+        for h in 0..k.len() {
+            self.k[h].extend(k[h][..len].iter().cloned());
+            self.v[h].extend(v[h][..len].iter().cloned());
+        }
+    }
+
+    /// Exact attention of pre-RoPE query `q` (head `head`) at position `pos` over `0..=pos`.
+    fn attend(&self, q: &[f32], head: usize, group: usize, pos: usize, c: &SaapConfig) -> Vec<f64> {
+        let (kind, theta) = (c.rope.kind, c.rope.theta);
+        let h = head / group;
+        let q = rope_ref(q, pos, kind, theta);
+        let scale = 1.0 / (q.len() as f64).sqrt();
+        let scores: Vec<f64> = (0..=pos)
+            .map(|j| {
+                let k = rope_ref(&self.k[h][j], j, kind, theta);
+                q.iter().zip(&k).map(|(a, b)| a * b).sum::<f64>() * scale
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut out = vec![0.0; q.len()];
+        for (j, wj) in w.iter().enumerate() {
+            for (o, &x) in out.iter_mut().zip(&self.v[h][j]) {
+                *o += wj / total * x as f64;
+            }
+        }
+        out
+    }
+}
+
+fn exactness(dtype: DType, kind: RopeKind, tol: f32) {
+    let config = config(6, 2, 16, 8, kind);
+    let index = random_index(&config, 1, 7);
+    let dev = Device::Cpu;
+    let mut sparse = SaapAttention::from_index(&index, 0, &dev, dtype).unwrap();
+    sparse.set_n_probe(config.n_partitions).unwrap();
+    let mut dense = SaapAttention::from_index(&index, 0, &dev, dtype).unwrap();
+    dense.set_routing(Routing::Dense).unwrap();
+    let mut r = rng(11);
+    let (b, t) = (3, 40);
+    let lens = [40, 23, 31];
+    let q = randn(&mut r, &[b, 6, t, 16], 1.0).to_dtype(dtype).unwrap();
+    let k = randn(&mut r, &[b, 2, t, 16], 1.0).to_dtype(dtype).unwrap();
+    let v = randn(&mut r, &[b, 2, t, 16], 1.0).to_dtype(dtype).unwrap();
+    let out_s = sparse.prefill(&q, &k, &v, &lens).unwrap();
+    let out_d = dense.prefill(&q, &k, &v, &lens).unwrap();
+    assert_eq!(out_s.dims(), &[b, 6, t, 16]);
+    assert!(max_abs_diff(&out_s, &out_d) <= tol);
+    let mut history = vec![History::default(); b];
+    for (i, h) in history.iter_mut().enumerate() {
+        h.push(&k, &v, i, lens[i]);
+    }
+    // Prefill against the reference at a few positions; rows past each length are zero.
+    let q32 = q.to_dtype(DType::F32).unwrap();
+    let o32 = out_d.to_dtype(DType::F32).unwrap();
+    let row = |x: &Tensor, i: usize, head: usize, pos: usize| {
+        x.get(i)
+            .unwrap()
+            .get(head)
+            .unwrap()
+            .get(pos)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for (i, hist) in history.iter().enumerate() {
+        for pos in [0, lens[i] / 2, lens[i] - 1] {
+            let head = (pos + i) % 6;
+            let expect = hist.attend(&row(&q32, i, head, pos), head, 3, pos, &config);
+            for (a, e) in row(&o32, i, head, pos).iter().zip(&expect) {
+                assert!(
+                    (*a as f64 - e).abs() <= 4.0 * tol as f64 + 1e-4,
+                    "prefill {a} vs {e}"
+                );
+            }
+        }
+        if lens[i] < t {
+            assert!(row(&o32, i, 0, lens[i]).iter().all(|&x| x == 0.0));
+        }
+    }
+    for step in 0..120 {
+        let q = randn(&mut r, &[b, 6, 1, 16], 1.0).to_dtype(dtype).unwrap();
+        let k = randn(&mut r, &[b, 2, 1, 16], 1.0).to_dtype(dtype).unwrap();
+        let v = randn(&mut r, &[b, 2, 1, 16], 1.0).to_dtype(dtype).unwrap();
+        let o_s = sparse.decode(&q, &k, &v).unwrap();
+        let o_d = dense.decode(&q, &k, &v).unwrap();
+        let diff = max_abs_diff(&o_s, &o_d);
+        assert!(diff <= tol, "step {step}: sparse vs dense differ by {diff}");
+        let read = sparse.last_read().unwrap();
+        assert_eq!(
+            read.keys_read, read.keys_in_context,
+            "ℓ = C reads every key"
+        );
+        if step % 30 == 29 {
+            let q_host = q.to_dtype(DType::F32).unwrap();
+            let o_host = o_d.to_dtype(DType::F32).unwrap();
+            for (i, hist) in history.iter_mut().enumerate() {
+                hist.push(&k, &v, i, 1);
+                let pos = sparse.seq_lens()[i] - 1;
+                for head in 0..6 {
+                    let qv = q_host
+                        .get(i)
+                        .unwrap()
+                        .get(head)
+                        .unwrap()
+                        .get(0)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let ov = o_host
+                        .get(i)
+                        .unwrap()
+                        .get(head)
+                        .unwrap()
+                        .get(0)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let expect = hist.attend(&qv, head, 3, pos, &config);
+                    for (a, e) in ov.iter().zip(&expect) {
+                        assert!(
+                            (*a as f64 - e).abs() <= 4.0 * tol as f64 + 1e-4,
+                            "reference mismatch {a} vs {e}"
+                        );
+                    }
+                }
+            }
+        } else {
+            for (i, hist) in history.iter_mut().enumerate() {
+                hist.push(&k, &v, i, 1);
+            }
+        }
+    }
+    let ext = sparse.extents();
+    assert_eq!(sparse.seq_lens(), &[160, 143, 151]);
+    assert!(
+        ext.iter().all(|e| e.indexed_end > config.sinks),
+        "merges happened: {ext:?}"
+    );
+}
+
+#[test]
+fn all_partitions_equal_dense_f32_interleaved() {
+    exactness(DType::F32, RopeKind::Interleaved, 2e-5);
+}
+
+#[test]
+fn all_partitions_equal_dense_f32_neox() {
+    exactness(DType::F32, RopeKind::Neox, 2e-5);
+}
+
+#[test]
+fn all_partitions_equal_dense_bf16() {
+    exactness(DType::BF16, RopeKind::Neox, 2e-2);
+}
+
+#[test]
+fn all_partitions_equal_dense_f16() {
+    exactness(DType::F16, RopeKind::Interleaved, 4e-3);
+}
+
+/// After thousands of decode steps every position is in exactly one of sinks / indexed / window,
+/// each partition list is sorted and holds exactly the keys assigned to it.
+#[test]
+fn every_position_in_exactly_one_region() {
+    let mut config = config(4, 2, 8, 5, RopeKind::Neox);
+    config.n_probe = 2;
+    let index = random_index(&config, 1, 3);
+    let dev = Device::Cpu;
+    let mut op = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
+    let mut r = rng(5);
+    let (b, t) = (2, 30);
+    let lens = [3, 30];
+    let k = randn(&mut r, &[b, 2, t, 8], 1.0);
+    let v = randn(&mut r, &[b, 2, t, 8], 1.0);
+    op.prefill(&randn(&mut r, &[b, 4, t, 8], 1.0), &k, &v, &lens)
+        .unwrap();
+    let mut keys: Vec<Vec<Tensor>> = (0..b)
+        .map(|i| {
+            (0..2)
+                .map(|h| {
+                    k.get(i)
+                        .unwrap()
+                        .get(h)
+                        .unwrap()
+                        .narrow(0, 0, lens[i])
+                        .unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    let steps = 2500;
+    for step in 0..steps {
+        let k = randn(&mut r, &[b, 2, 1, 8], 1.0);
+        let v = randn(&mut r, &[b, 2, 1, 8], 1.0);
+        op.decode(&randn(&mut r, &[b, 4, 1, 8], 1.0), &k, &v)
+            .unwrap();
+        for (i, per_head) in keys.iter_mut().enumerate() {
+            for (h, kh) in per_head.iter_mut().enumerate() {
+                *kh = Tensor::cat(
+                    &[&*kh, &k.get(i).unwrap().get(h).unwrap().squeeze(1).unwrap()],
+                    0,
+                )
+                .unwrap();
+            }
+        }
+        if step % 500 != 499 {
+            continue;
+        }
+        let lists = op.index_lists().unwrap();
+        let centroids = index.layer(0).unwrap().centroids.clone();
+        for (i, ext) in op.extents().iter().enumerate() {
+            assert_eq!(ext.len, lens[i] + step + 1);
+            let window = ext.len - ext.indexed_end;
+            assert!(
+                window >= config.window && window < config.window + config.merge_every,
+                "window {window}"
+            );
+            let sink_end = config.sinks.min(ext.len);
+            for (h, (perm, offsets)) in lists[i].iter().enumerate() {
+                let mut seen = vec![0u32; ext.len];
+                seen[..sink_end].iter_mut().for_each(|s| *s += 1);
+                seen[ext.indexed_end..].iter_mut().for_each(|s| *s += 1);
+                for &id in perm {
+                    seen[id as usize] += 1;
+                }
+                assert!(
+                    seen.iter().all(|&s| s == 1),
+                    "item {i} head {h}: a position is missing or repeated"
+                );
+                let labels = assign(
+                    &keys[i][h].unsqueeze(0).unwrap(),
+                    &centroids.get(h).unwrap().unsqueeze(0).unwrap(),
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+                for c in 0..config.n_partitions {
+                    let list = &perm[offsets[c] as usize..offsets[c + 1] as usize];
+                    assert!(
+                        list.windows(2).all(|w| w[0] < w[1]),
+                        "partition {c} not in position order"
+                    );
+                    assert!(
+                        list.iter().all(|&id| labels[id as usize] == c as u32),
+                        "id in the wrong partition"
+                    );
+                }
+            }
+        }
+    }
+}
