@@ -48,13 +48,16 @@ impl ReadStats {
     }
 }
 
-/// One prefill call as seen by a [`Recorder`]: pre-RoPE queries and keys on the CPU in f32.
+/// One prefill call as seen by a [`Recorder`]: pre-RoPE queries and keys, and values, on the CPU
+/// in f32.
 #[derive(Debug, Clone)]
 pub struct Recorded {
     /// `[B, Hq, T, D]`.
     pub q: Tensor,
     /// `[B, Hkv, T, D]`.
     pub k: Tensor,
+    /// `[B, Hkv, T, D]`.
+    pub v: Tensor,
     /// Valid tokens per batch item.
     pub lens: Vec<usize>,
     /// Position of the first token of each batch item.
@@ -220,6 +223,36 @@ impl SaapAttention {
     /// Records every prefill's pre-RoPE queries and keys into `recorder` (calibration).
     pub fn set_recorder(&mut self, recorder: Option<Recorder>) {
         self.recorder = recorder;
+    }
+
+    /// A deep copy of the op and its sequences: decoding from the copy leaves this one untouched
+    /// (e.g. to compare routings after one shared prefill).
+    pub fn snapshot(&self) -> Result<Self> {
+        let state = match &self.state {
+            None => None,
+            Some(s) => Some(State {
+                k: s.k.copy()?,
+                v: s.v.copy()?,
+                labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
+                dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
+                seqs: s.seqs.clone(),
+                lens: s.lens.clone(),
+                cap: s.cap,
+            }),
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            rope: self.rope.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            index: self.index.clone(),
+            routing: self.routing,
+            state,
+            recorder: self.recorder.clone(),
+            track_reads: self.track_reads,
+            check_finite: self.check_finite,
+            last_read: self.last_read,
+        })
     }
 
     /// Forgets the sequences.
@@ -525,6 +558,7 @@ impl SaapAttention {
             recorder.push(Recorded {
                 q: q.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
                 k: k.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                v: v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
                 lens: lens.to_vec(),
                 starts: starts.clone(),
             });

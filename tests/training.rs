@@ -86,9 +86,11 @@ impl Problem {
                 3.0 * rt + 0.5 * r.random_range(-1.0f32..1.0)
             }));
         }
+        let v: Vec<f32> = (0..n * D).map(|_| r.random_range(-1.0f32..1.0)).collect();
         Sequence {
             q: Tensor::from_vec(q, (hq, n, D), &Device::Cpu).unwrap(),
             k: Tensor::from_vec(k, (1, n, D), &Device::Cpu).unwrap(),
+            v: Tensor::from_vec(v, (1, n, D), &Device::Cpu).unwrap(),
         }
     }
 }
@@ -159,6 +161,8 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     println!("nearest at ℓ = {}: {nearest_wide:?}", wider.n_probe);
     assert!(classifier.indexed_recall > nearest_wide.indexed_recall + 0.25);
     assert!(classifier.oracle_indexed_recall >= classifier.indexed_recall - 1e-9);
+    assert!(dense.output_rel_error < 1e-6, "dense reads every key");
+    assert!(classifier.output_rel_error < nearest.output_rel_error);
 }
 
 #[test]
