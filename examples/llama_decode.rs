@@ -5,9 +5,13 @@
 //! cargo run --release --example llama_decode -- [options]
 //!   --model PATH        GGUF checkpoint (llama or qwen2); default SmolLM2-135M, fetched on demand
 //!   --qwen              use Qwen2.5-Coder-0.5B-Instruct (fetched on demand, 491 MB)
-//!   --index PATH        a trained SaapIndex for this model; without it the run is dense
+//!   --index PATH        a trained SaapIndex for this model; without it, the index cached for the
+//!                       model (calibrated on first use, a few minutes on CPU) is used
+//!   --dense             read every key (no index)
+//!   --calib-context N   context the default index is calibrated for (default 4096)
 //!   --probe L           partitions read per query head (ℓ), overriding the index's
 //!   --context N         put the first N tokens of Pride and Prejudice before the prompt
+//!                       (default 3000: long enough that Saap reads a fraction of the keys)
 //!   --prompt TEXT       the user message (ChatML template applied unless --raw)
 //!   --raw               feed the prompt as is
 //!   --tokens N          tokens to generate (default 64)
@@ -16,6 +20,7 @@
 //! ```
 
 use candle_core::{Device, Tensor, D};
+use saap::models::calibrate;
 use saap::models::fetch::{self, Model, Text};
 use saap::models::{GgufTokenizer, Llama};
 use saap::{ReadStats, SaapIndex};
@@ -29,6 +34,8 @@ struct Args {
     model: Option<PathBuf>,
     qwen: bool,
     index: Option<PathBuf>,
+    dense: bool,
+    calib_context: usize,
     probe: Option<usize>,
     context: usize,
     prompt: Option<String>,
@@ -43,8 +50,10 @@ fn parse_args() -> Res<Args> {
         model: None,
         qwen: false,
         index: None,
+        dense: false,
+        calib_context: 4096,
         probe: None,
-        context: 0,
+        context: 3000,
         prompt: None,
         raw: false,
         tokens: 64,
@@ -58,6 +67,8 @@ fn parse_args() -> Res<Args> {
             "--model" => a.model = Some(value()?.into()),
             "--qwen" => a.qwen = true,
             "--index" => a.index = Some(value()?.into()),
+            "--dense" => a.dense = true,
+            "--calib-context" => a.calib_context = value()?.parse()?,
             "--probe" => a.probe = Some(value()?.parse()?),
             "--context" => a.context = value()?.parse()?,
             "--prompt" => a.prompt = Some(value()?),
@@ -88,25 +99,49 @@ fn main() -> Res<()> {
         (None, false) => fetch::model(Model::SmolLm2_135m)?,
     };
     let tok = GgufTokenizer::from_gguf(&path)?;
-    let mut model = Llama::from_gguf(&path, &device)?;
-    let mode = match &args.index {
-        Some(index_path) => {
-            let index = SaapIndex::load(index_path, &device)?;
-            model.attach_index(Some(&index))?;
+    let mut model = Llama::from_gguf_auto(&path, &device)?;
+    let index = match (&args.index, args.dense) {
+        (_, true) => None,
+        (Some(index_path), false) => {
+            Some((SaapIndex::load(index_path, &device)?, index_path.clone()))
+        }
+        (None, false) => {
+            let name = path
+                .file_stem()
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+            Some(calibrate::cached_or_trained_index(
+                &mut model,
+                &tok,
+                &name,
+                args.calib_context,
+            )?)
+        }
+    };
+    let mode = match &index {
+        Some((index, index_path)) => {
+            model.attach_index(Some(index))?;
             let c = index.config();
             let probe = args.probe.unwrap_or(c.n_probe);
             for layer in 0..model.n_layers() {
                 model.attention_mut(layer)?.set_n_probe(probe)?;
             }
+            let dense_layers = (0..index.n_layers())
+                .filter(|&l| {
+                    index
+                        .layer(l)
+                        .is_ok_and(|x| x.routing == saap::Routing::Dense)
+                })
+                .count();
             format!(
-                "Saap: index {} (C = {}, ℓ = {probe}, window {}, sinks {})",
+                "Saap: index {} (C = {}, ℓ = {probe}, window {}, sinks {}, {dense_layers} of {} layers dense)",
                 index_path.display(),
                 c.n_partitions,
                 c.window,
-                c.sinks
+                c.sinks,
+                index.n_layers()
             )
         }
-        None => "DENSE (no index given: every key is read; pass --index PATH for Saap)".into(),
+        None => "DENSE (--dense: every key is read)".into(),
     };
     println!("model {} — {mode}", path.display());
 

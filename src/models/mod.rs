@@ -3,6 +3,7 @@
 //!
 //! Enabled by the `models` cargo feature (on by default).
 
+pub mod calibrate;
 pub mod fetch;
 pub mod llama;
 pub mod tokenizer;

@@ -1,0 +1,462 @@
+//! Held-out evaluation of Saap on a real model, dense and Saap and the symmetric
+//! nearest-centroid ablation side by side, through the same op and kernels that decode:
+//! per-layer attention-mass recall, attention-output error and keys read (with the recall of a
+//! perfect selector reading as many keys), perplexity of teacher-forced decoding, and a passkey
+//! (needle in a haystack) grid. Writes `report.json` and `report.md` into `--out`.
+//!
+//! ```text
+//! cargo run --release --example evaluate -- [options]
+//!   --model PATH | --qwen   model (default SmolLM2-135M, fetched on demand)
+//!   --index PATH            index to evaluate (default: the cached one, calibrated on first use)
+//!   --text NAME             held-out text: shakespeare (default), rustbook, jargon, pride
+//!   --context N             tokens per evaluation window (default 4096)
+//!   --seqs K                windows for the per-layer routing evaluation (default 2)
+//!   --ppl-tokens M          teacher-forced decode steps for perplexity (default 256)
+//!   --nih-lengths a,b,..    passkey prompt lengths in tokens (default 1024,2048,4096)
+//!   --nih-depths x,y,..     needle depths in 0..1 (default 0.1,0.5,0.9)
+//!   --probe L               override ℓ
+//!   --out DIR               default bench/results/eval-<model>-ctx<N>
+//!   --cuda                  GPU 0
+//! ```
+
+use candle_core::{Device, Tensor, D};
+use saap::models::calibrate::{cached_or_trained_index, record, windows};
+use saap::models::fetch::{self, Model, Text};
+use saap::models::{GgufTokenizer, Llama};
+use saap::train::data::first_query_position;
+use saap::train::{evaluate_routing, RoutingEval};
+use saap::{ReadStats, Routing, SaapIndex};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    model: Option<PathBuf>,
+    qwen: bool,
+    index: Option<PathBuf>,
+    text: Text,
+    context: usize,
+    seqs: usize,
+    ppl_tokens: usize,
+    nih_lengths: Vec<usize>,
+    nih_depths: Vec<f64>,
+    probe: Option<usize>,
+    out: Option<PathBuf>,
+    cuda: bool,
+}
+
+fn list<T: std::str::FromStr>(s: &str) -> Res<Vec<T>>
+where
+    T::Err: std::error::Error + 'static,
+{
+    Ok(s.split(',')
+        .map(|x| x.trim().parse())
+        .collect::<Result<_, _>>()?)
+}
+
+fn parse_args() -> Res<Args> {
+    let mut a = Args {
+        model: None,
+        qwen: false,
+        index: None,
+        text: Text::Shakespeare,
+        context: 4096,
+        seqs: 2,
+        ppl_tokens: 256,
+        nih_lengths: vec![1024, 2048, 4096],
+        nih_depths: vec![0.1, 0.5, 0.9],
+        probe: None,
+        out: None,
+        cuda: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = Some(value()?.into()),
+            "--qwen" => a.qwen = true,
+            "--index" => a.index = Some(value()?.into()),
+            "--text" => {
+                a.text = match value()?.as_str() {
+                    "shakespeare" => Text::Shakespeare,
+                    "rustbook" => Text::RustBook,
+                    "jargon" => Text::JargonFile,
+                    "pride" => Text::PrideAndPrejudice,
+                    other => return Err(format!("unknown text {other}").into()),
+                }
+            }
+            "--context" => a.context = value()?.parse()?,
+            "--seqs" => a.seqs = value()?.parse()?,
+            "--ppl-tokens" => a.ppl_tokens = value()?.parse()?,
+            "--nih-lengths" => a.nih_lengths = list(&value()?)?,
+            "--nih-depths" => a.nih_depths = list(&value()?)?,
+            "--probe" => a.probe = Some(value()?.parse()?),
+            "--out" => a.out = Some(value()?.into()),
+            "--cuda" => a.cuda = true,
+            "-h" | "--help" => {
+                println!("see the header of examples/evaluate.rs for the options");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown option {other} (try --help)").into()),
+        }
+    }
+    Ok(a)
+}
+
+/// The three ways decode reads keys, compared on the same prefilled cache.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+enum Mode {
+    Dense,
+    Saap,
+    NearestCentroid,
+}
+
+const MODES: [Mode; 3] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid];
+
+/// Sets every layer's routing for `mode`; layers the index serves dense stay dense.
+fn apply_mode(model: &mut Llama, index: &SaapIndex, mode: Mode, probe: usize) -> Res<()> {
+    for layer in 0..model.n_layers() {
+        let trained = index.layer(layer)?.routing;
+        let routing = match (mode, trained) {
+            (Mode::Dense, _) | (_, Routing::Dense) => Routing::Dense,
+            (Mode::Saap, r) => r,
+            (Mode::NearestCentroid, _) => Routing::NearestCentroid,
+        };
+        let attn = model.attention_mut(layer)?;
+        attn.set_routing(routing)?;
+        attn.set_n_probe(probe)?;
+    }
+    Ok(())
+}
+
+/// Keys read in one decode step, over all layers.
+fn step_reads(model: &Llama) -> ReadStats {
+    let mut total = ReadStats::default();
+    for stats in model.read_stats().into_iter().flatten() {
+        total.add(&stats);
+    }
+    total
+}
+
+#[derive(Debug, Serialize)]
+struct LayerRow {
+    layer: usize,
+    routing: Routing,
+    saap: RoutingEval,
+    nearest_centroid: RoutingEval,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct DecodeRow {
+    mode: String,
+    perplexity: f64,
+    keys_read_share: f64,
+    indexed_keys_read_share: f64,
+    nih_correct: usize,
+    nih_total: usize,
+    tokens_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct NihCell {
+    length: usize,
+    depth: f64,
+    passkey: String,
+    answers: Vec<(String, String, bool)>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    text: String,
+    context: usize,
+    n_partitions: usize,
+    n_probe: usize,
+    window: usize,
+    sinks: usize,
+    dense_layers: Vec<usize>,
+    layers: Vec<LayerRow>,
+    decode: Vec<DecodeRow>,
+    nih: Vec<NihCell>,
+}
+
+fn main() -> Res<()> {
+    let args = parse_args()?;
+    let device = if args.cuda {
+        Device::new_cuda(0)?
+    } else {
+        Device::Cpu
+    };
+    let path = match (&args.model, args.qwen) {
+        (Some(p), _) => p.clone(),
+        (None, true) => fetch::model(Model::Qwen25Coder05b)?,
+        (None, false) => fetch::model(Model::SmolLm2_135m)?,
+    };
+    let name = path
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let tok = GgufTokenizer::from_gguf(&path)?;
+    let mut model = Llama::from_gguf_auto(&path, &device)?;
+    let (index, index_path) = match &args.index {
+        Some(p) => (SaapIndex::load(p, &device)?, p.clone()),
+        None => cached_or_trained_index(&mut model, &tok, &name, args.context)?,
+    };
+    let config = index.config().clone();
+    let probe = args.probe.unwrap_or(config.n_probe);
+    let config = config.with_n_probe(probe)?;
+    println!(
+        "{name}: index {} (C = {}, ℓ = {probe}, window {}, sinks {}), held-out text {:?}",
+        index_path.display(),
+        config.n_partitions,
+        config.window,
+        config.sinks,
+        args.text
+    );
+    let ids = tok.encode(&fetch::read_text(args.text)?)?;
+
+    // 1. Per-layer routing quality on recorded held-out windows.
+    let eval_windows = windows(&ids, args.context, args.seqs);
+    if eval_windows.is_empty() {
+        return Err(format!("{:?} is shorter than {} tokens", args.text, args.context).into());
+    }
+    let recorded = record(&mut model, &eval_windows, 512, None)?;
+    let first = first_query_position(&config, config.n_partitions);
+    let mut layers = Vec::new();
+    for (layer, seqs) in recorded.iter().enumerate() {
+        let trained = index.layer(layer)?;
+        let eval = |routing| evaluate_routing(seqs, trained, &config, routing, first, 128);
+        layers.push(LayerRow {
+            layer,
+            routing: trained.routing,
+            saap: eval(Routing::Classifier)?,
+            nearest_centroid: eval(Routing::NearestCentroid)?,
+        });
+        println!(
+            "layer {layer:>2} {:?}: Saap recall {:.3} err {:.3} reading {:.1}% | nearest centroid {:.3} err {:.3} reading {:.1}% | oracle {:.3}",
+            trained.routing,
+            layers[layer].saap.recall,
+            layers[layer].saap.output_rel_error,
+            100.0 * layers[layer].saap.indexed_selectivity,
+            layers[layer].nearest_centroid.recall,
+            layers[layer].nearest_centroid.output_rel_error,
+            100.0 * layers[layer].nearest_centroid.indexed_selectivity,
+            layers[layer].saap.oracle_recall,
+        );
+    }
+    drop(recorded);
+
+    // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
+    model.attach_index(Some(&index))?;
+    let window = &eval_windows[0];
+    let split = window.len() - args.ppl_tokens.min(window.len() - 1);
+    model.reset();
+    for piece in window[..split].chunks(512) {
+        model.forward_last(&Tensor::new(piece, &device)?.unsqueeze(0)?, &[piece.len()])?;
+    }
+    let base = model.snapshot_attention()?;
+    let mut decode = Vec::new();
+    for mode in MODES {
+        model.restore_attention(
+            base.iter()
+                .map(|a| a.snapshot())
+                .collect::<saap::Result<_>>()?,
+        )?;
+        apply_mode(&mut model, &index, mode, probe)?;
+        let (mut nll, mut reads) = (0.0, ReadStats::default());
+        let start = Instant::now();
+        for t in split - 1..window.len() - 1 {
+            let logits = model.forward_last(
+                &Tensor::new(&window[t..t + 1], &device)?.unsqueeze(0)?,
+                &[1],
+            )?;
+            let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?.squeeze(0)?;
+            nll -= log_p.get(window[t + 1] as usize)?.to_scalar::<f32>()? as f64;
+            reads.add(&step_reads(&model));
+        }
+        let steps = (window.len() - split) as f64;
+        decode.push(DecodeRow {
+            mode: format!("{mode:?}"),
+            perplexity: (nll / steps).exp(),
+            keys_read_share: reads.selectivity(),
+            indexed_keys_read_share: reads.indexed_selectivity(),
+            tokens_per_s: steps / start.elapsed().as_secs_f64(),
+            ..Default::default()
+        });
+        println!(
+            "{mode:?}: perplexity {:.3}, keys read {:.1}% ({:.1}% of indexed)",
+            (nll / steps).exp(),
+            100.0 * reads.selectivity(),
+            100.0 * reads.indexed_selectivity()
+        );
+    }
+
+    // 3. Passkey grid: greedy answers after a shared dense prefill of the haystack.
+    let mut nih = Vec::new();
+    let question = tok.encode("\nWhat is the secret passkey? The secret passkey is")?;
+    for &length in &args.nih_lengths {
+        for (d, &depth) in args.nih_depths.iter().enumerate() {
+            let passkey = format!("{}", 10_000 + (length * 7919 + d * 104_729) % 90_000);
+            let needle = tok.encode(&format!(
+                " The secret passkey is {passkey}. Remember it: {passkey}. "
+            ))?;
+            let hay_len = length.saturating_sub(needle.len() + question.len());
+            let offset = (ids.len() / 3).min(ids.len().saturating_sub(hay_len));
+            let hay = &ids[offset..offset + hay_len];
+            let at = (depth * hay_len as f64) as usize;
+            let prompt: Vec<u32> = hay[..at]
+                .iter()
+                .chain(&needle)
+                .chain(&hay[at..])
+                .chain(&question)
+                .copied()
+                .collect();
+            model.reset();
+            for piece in prompt[..prompt.len() - 1].chunks(512) {
+                model.forward_last(&Tensor::new(piece, &device)?.unsqueeze(0)?, &[piece.len()])?;
+            }
+            let base = model.snapshot_attention()?;
+            let mut answers = Vec::new();
+            for mode in MODES {
+                model.restore_attention(
+                    base.iter()
+                        .map(|a| a.snapshot())
+                        .collect::<saap::Result<_>>()?,
+                )?;
+                apply_mode(&mut model, &index, mode, probe)?;
+                let mut next = *prompt.last().expect("prompt");
+                let mut out = Vec::new();
+                for _ in 0..8 {
+                    let logits =
+                        model.forward_last(&Tensor::new(&[next], &device)?.unsqueeze(0)?, &[1])?;
+                    next = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+                    out.push(next);
+                }
+                let text = tok.decode(&out)?;
+                let ok = text.contains(&passkey);
+                answers.push((format!("{mode:?}"), text, ok));
+            }
+            println!(
+                "NIH length {length} depth {depth}: {:?}",
+                answers.iter().map(|a| (&a.0, a.2)).collect::<Vec<_>>()
+            );
+            nih.push(NihCell {
+                length,
+                depth,
+                passkey,
+                answers,
+            });
+        }
+    }
+    for (row, mode) in decode.iter_mut().zip(MODES) {
+        let name = format!("{mode:?}");
+        row.nih_total = nih.len();
+        row.nih_correct = nih
+            .iter()
+            .filter(|c| c.answers.iter().any(|a| a.0 == name && a.2))
+            .count();
+    }
+
+    let report = Report {
+        model: name.clone(),
+        text: format!("{:?}", args.text),
+        context: args.context,
+        n_partitions: config.n_partitions,
+        n_probe: probe,
+        window: config.window,
+        sinks: config.sinks,
+        dense_layers: layers
+            .iter()
+            .filter(|l| l.routing == Routing::Dense)
+            .map(|l| l.layer)
+            .collect(),
+        layers,
+        decode,
+        nih,
+    };
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench/results/eval-{name}-ctx{}", args.context)));
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(out.join("report.md"), markdown(&report, &args))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn markdown(r: &Report, args: &Args) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# Saap evaluation: {} on held-out {} ({} tokens)\n",
+        r.model, r.text, r.context
+    );
+    let _ = writeln!(
+        s,
+        "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- --context {} --seqs {} --ppl-tokens {}{}`\n",
+        r.n_partitions, r.n_probe, r.window, r.sinks, r.dense_layers, args.context, args.seqs, args.ppl_tokens,
+        if args.qwen { " --qwen" } else { "" }
+    );
+    let _ = writeln!(s, "## Decoding (same prefill, same op)\n\n| mode | perplexity | keys read (all) | keys read (indexed only) | passkey | tokens/s |\n|---|---|---|---|---|---|");
+    for d in &r.decode {
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.1}% | {:.1}% | {}/{} | {:.1} |",
+            d.mode,
+            d.perplexity,
+            100.0 * d.keys_read_share,
+            100.0 * d.indexed_keys_read_share,
+            d.nih_correct,
+            d.nih_total,
+            d.tokens_per_s
+        );
+    }
+    let _ = writeln!(s, "\n## Per layer (held-out queries; recall = share of attention mass read)\n\n| layer | routing | Saap recall | oracle recall at Saap's budget | Saap output error | Saap indexed keys read | nearest-centroid recall | NC output error | NC indexed keys read |\n|---|---|---|---|---|---|---|---|---|");
+    for l in &r.layers {
+        let _ = writeln!(
+            s,
+            "| {} | {:?} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% |",
+            l.layer,
+            l.routing,
+            l.saap.recall,
+            l.saap.oracle_recall,
+            l.saap.output_rel_error,
+            100.0 * l.saap.indexed_selectivity,
+            l.nearest_centroid.recall,
+            l.nearest_centroid.output_rel_error,
+            100.0 * l.nearest_centroid.indexed_selectivity
+        );
+    }
+    let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid |\n|---|---|---|---|---|---|");
+    for c in &r.nih {
+        let cell = |m: &str| {
+            c.answers
+                .iter()
+                .find(|a| a.0 == m)
+                .map_or("-".to_string(), |a| {
+                    format!(
+                        "{} `{}`",
+                        if a.2 { "✓" } else { "✗" },
+                        a.1.replace('\n', " ").trim()
+                    )
+                })
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            c.length,
+            c.depth,
+            c.passkey,
+            cell("Dense"),
+            cell("Saap"),
+            cell("NearestCentroid")
+        );
+    }
+    s
+}
