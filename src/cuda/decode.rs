@@ -220,7 +220,7 @@ fn launch<T: DeviceRepr>(
         let cfg = LaunchConfig {
             grid_dim: (to_u32(items * hq)?, 1, 1),
             block_dim: (to_u32(d)?, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: 2 * 4 * splits32,
         };
         // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
         unsafe { merge.launch(cfg) }.w()?;
