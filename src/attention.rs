@@ -48,13 +48,16 @@ impl ReadStats {
     }
 }
 
-/// One prefill call as seen by a [`Recorder`]: pre-RoPE queries and keys on the CPU in f32.
+/// One prefill call as seen by a [`Recorder`]: pre-RoPE queries and keys, and values, on the CPU
+/// in f32.
 #[derive(Debug, Clone)]
 pub struct Recorded {
     /// `[B, Hq, T, D]`.
     pub q: Tensor,
     /// `[B, Hkv, T, D]`.
     pub k: Tensor,
+    /// `[B, Hkv, T, D]`.
+    pub v: Tensor,
     /// Valid tokens per batch item.
     pub lens: Vec<usize>,
     /// Position of the first token of each batch item.
@@ -222,6 +225,36 @@ impl SaapAttention {
         self.recorder = recorder;
     }
 
+    /// A deep copy of the op and its sequences: decoding from the copy leaves this one untouched
+    /// (e.g. to compare routings after one shared prefill).
+    pub fn snapshot(&self) -> Result<Self> {
+        let state = match &self.state {
+            None => None,
+            Some(s) => Some(State {
+                k: s.k.copy()?,
+                v: s.v.copy()?,
+                labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
+                dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
+                seqs: s.seqs.clone(),
+                lens: s.lens.clone(),
+                cap: s.cap,
+            }),
+        };
+        Ok(Self {
+            config: self.config.clone(),
+            rope: self.rope.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            index: self.index.clone(),
+            routing: self.routing,
+            state,
+            recorder: self.recorder.clone(),
+            track_reads: self.track_reads,
+            check_finite: self.check_finite,
+            last_read: self.last_read,
+        })
+    }
+
     /// Forgets the sequences.
     pub fn reset(&mut self) {
         self.state = None;
@@ -320,16 +353,20 @@ impl SaapAttention {
                 });
             }
         }
-        if let Some(state) = &self.state {
-            if state.lens.len() != b {
-                return Err(SaapError::Shape {
-                    name: "q",
-                    expected: format!("batch of {} (the cached sequences)", state.lens.len()),
-                    got: q.dims().to_vec(),
-                });
-            }
-        }
+        self.check_batch(b)?;
         Ok((b, t))
+    }
+
+    /// Once sequences are cached, every call must carry the same batch.
+    fn check_batch(&self, batch: usize) -> Result<()> {
+        match &self.state {
+            Some(state) if state.lens.len() != batch => Err(SaapError::Shape {
+                name: "batch",
+                expected: format!("batch of {} (the cached sequences)", state.lens.len()),
+                got: vec![batch],
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Makes room for `needed` tokens per sequence, growing the state geometrically.
@@ -380,10 +417,16 @@ impl SaapAttention {
         Ok(())
     }
 
-    /// Rotates q and k, appends k and v (and the keys' partitions) to the cache at each sequence's
-    /// end. Returns the rotated queries.
-    fn append(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<Tensor> {
-        let (batch, t_len) = (q.dim(0)?, q.dim(2)?);
+    /// Rotates k (and q, when given), appends k and v (and the keys' partitions) to the cache at
+    /// each sequence's end. Returns the rotated queries.
+    fn append(
+        &mut self,
+        q: Option<&Tensor>,
+        k: &Tensor,
+        v: &Tensor,
+        lens: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let (batch, t_len) = (k.dim(0)?, k.dim(2)?);
         let starts: Vec<usize> = self
             .state
             .as_ref()
@@ -396,7 +439,7 @@ impl SaapAttention {
             .unwrap_or(0);
         self.reserve(batch, needed)?;
         let (cos, sin) = self.rope.tables(&starts, t_len, self.dtype, &self.device)?;
-        let q_rot = self.rope.apply(q, &cos, &sin)?;
+        let q_rot = q.map(|q| self.rope.apply(q, &cos, &sin)).transpose()?;
         let k_rot = self.rope.apply(k, &cos, &sin)?;
         let state = self.state.as_mut().expect("reserved above");
         for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
@@ -459,6 +502,39 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// Appends context without computing attention: pre-RoPE keys `k` and values `v`
+    /// (`[B, Hkv, T, D]`, `lens[b]` valid per item), rotated, cached and indexed like prefill's.
+    /// For models that run their own prefill kernel, and for loading a cache.
+    pub fn extend(&mut self, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<()> {
+        let n_kv = self.config.layout.n_kv_heads;
+        let (batch, t_len) = self.check_input("k", k, n_kv)?;
+        if self.check_input("v", v, n_kv)? != (batch, t_len) {
+            return Err(SaapError::Shape {
+                name: "v",
+                expected: format!("{:?}", k.dims()),
+                got: v.dims().to_vec(),
+            });
+        }
+        self.check_lens(batch, t_len, lens)?;
+        self.append(None, k, v, lens)?;
+        self.merge_window(0)
+    }
+
+    fn check_lens(&self, batch: usize, t_len: usize, lens: &[usize]) -> Result<()> {
+        self.check_batch(batch)?;
+        if lens.len() != batch || lens.iter().any(|&l| l > t_len) {
+            return Err(SaapError::Shape {
+                name: "lens",
+                expected: format!("{batch} lengths, each <= {t_len}"),
+                got: lens.to_vec(),
+            });
+        }
+        if lens.iter().all(|&l| l == 0) {
+            return Err(SaapError::EmptyContext(0));
+        }
+        Ok(())
+    }
+
     /// Appends a prompt chunk and returns its causal attention output.
     ///
     /// `q`: `[B, Hq, T, D]`, `k` and `v`: `[B, Hkv, T, D]`; `q` and `k` pre-RoPE (the op rotates
@@ -473,16 +549,7 @@ impl SaapAttention {
         lens: &[usize],
     ) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
-        if lens.len() != batch || lens.iter().any(|&l| l > t_len) {
-            return Err(SaapError::Shape {
-                name: "lens",
-                expected: format!("{batch} lengths, each <= {t_len}"),
-                got: lens.to_vec(),
-            });
-        }
-        if lens.iter().all(|&l| l == 0) {
-            return Err(SaapError::EmptyContext(0));
-        }
+        self.check_lens(batch, t_len, lens)?;
         let starts: Vec<usize> = self
             .state
             .as_ref()
@@ -491,11 +558,12 @@ impl SaapAttention {
             recorder.push(Recorded {
                 q: q.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
                 k: k.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                v: v.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
                 lens: lens.to_vec(),
                 starts: starts.clone(),
             });
         }
-        let q_rot = self.append(q, k, v, lens)?;
+        let q_rot = self.append(Some(q), k, v, lens)?.expect("queries given");
         let state = self.state.as_ref().expect("appended");
         let scale = 1.0 / (self.config.layout.head_dim as f64).sqrt();
         let l = self.config.layout;
@@ -539,7 +607,9 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
-        let q_rot = self.append(q, k, v, &vec![1; batch])?;
+        let q_rot = self
+            .append(Some(q), k, v, &vec![1; batch])?
+            .expect("queries given");
         let probes = match (&self.index, self.routing) {
             (Some(index), Routing::Classifier) => {
                 let scores = index.classifier.scores(&q.squeeze(2)?)?;

@@ -10,6 +10,8 @@ mod cuda;
 mod elem;
 pub mod error;
 pub mod index;
+#[cfg(feature = "models")]
+pub mod models;
 pub mod partition;
 pub mod rope;
 pub mod train;

@@ -276,12 +276,8 @@ fn every_position_in_exactly_one_region() {
             let sink_end = config.sinks.min(ext.len);
             for (h, (perm, offsets)) in lists[i].iter().enumerate() {
                 let mut seen = vec![0u32; ext.len];
-                for p in 0..sink_end {
-                    seen[p] += 1;
-                }
-                for p in ext.indexed_end..ext.len {
-                    seen[p] += 1;
-                }
+                seen[..sink_end].iter_mut().for_each(|s| *s += 1);
+                seen[ext.indexed_end..].iter_mut().for_each(|s| *s += 1);
                 for &id in perm {
                     seen[id as usize] += 1;
                 }

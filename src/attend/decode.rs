@@ -9,7 +9,7 @@
 //! Every query head of the group attends over that whole union, so each K/V row is read once
 //! per group. Without probes (dense) the list is `0..len`. Softmax is exact over the list.
 
-use crate::elem::{contiguous_slice, Elem};
+use crate::elem::{contiguous_slice, dot, Elem};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -92,13 +92,9 @@ fn attend_group<T: Elem>(
     for block in ids.chunks(BLOCK) {
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            for (r, &x) in row.iter_mut().zip(&k[id * dim..(id + 1) * dim]) {
-                *r = x.to_f32();
-            }
+            T::widen(&k[id * dim..(id + 1) * dim], &mut row);
             for h in 0..g {
-                let qh = &q[h * dim..(h + 1) * dim];
-                scores[h * BLOCK + j] =
-                    qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
+                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], &row) * scale;
             }
         }
         for h in 0..g {
@@ -120,9 +116,7 @@ fn attend_group<T: Elem>(
         }
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            for (r, &x) in row.iter_mut().zip(&v[id * dim..(id + 1) * dim]) {
-                *r = x.to_f32();
-            }
+            T::widen(&v[id * dim..(id + 1) * dim], &mut row);
             for h in 0..g {
                 let p = scores[h * BLOCK + j];
                 for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(&row) {

@@ -8,13 +8,15 @@ use crate::partition::assign::assign;
 use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor, D};
 
-/// Pre-RoPE queries and keys of one calibration sequence at one layer (f32, CPU).
+/// Pre-RoPE queries and keys, and values, of one calibration sequence at one layer (f32, CPU).
 #[derive(Debug, Clone)]
 pub struct Sequence {
     /// `[Hq, n, D]`.
     pub q: Tensor,
     /// `[Hkv, n, D]`.
     pub k: Tensor,
+    /// `[Hkv, n, D]`; only the evaluation's output error reads it.
+    pub v: Tensor,
 }
 
 impl Sequence {
@@ -44,12 +46,14 @@ pub fn sequences_from_records(records: &[Recorded]) -> Result<Vec<Sequence>> {
             }
             let q = record.q.get(b)?.narrow(1, 0, len)?;
             let k = record.k.get(b)?.narrow(1, 0, len)?;
+            let v = record.v.get(b)?.narrow(1, 0, len)?;
             let slot = &mut open[b];
             match slot.take() {
                 Some(seq) if start == seq.len() => {
                     *slot = Some(Sequence {
                         q: Tensor::cat(&[&seq.q, &q], 1)?,
                         k: Tensor::cat(&[&seq.k, &k], 1)?,
+                        v: Tensor::cat(&[&seq.v, &v], 1)?,
                     });
                 }
                 previous => {
@@ -59,7 +63,7 @@ pub fn sequences_from_records(records: &[Recorded]) -> Result<Vec<Sequence>> {
                         )));
                     }
                     done.extend(previous);
-                    *slot = Some(Sequence { q, k });
+                    *slot = Some(Sequence { q, k, v });
                 }
             }
         }

@@ -24,6 +24,9 @@ pub struct RoutingEval {
     pub oracle_indexed_recall: f64,
     /// Total recall of that oracle (sinks and window included).
     pub oracle_recall: f64,
+    /// Relative L2 error of the attention output (exact softmax over the keys read) against
+    /// dense attention.
+    pub output_rel_error: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -61,11 +64,12 @@ pub fn evaluate_routing(
         .transpose()?;
         let probs = qa.probs.to_vec3::<f32>()?;
         let labels = qa.labels.to_vec2::<u32>()?;
+        let values = seq.v.to_vec3::<f32>()?;
         for (i, &t) in positions.iter().enumerate() {
             let n = t + 1;
             let sink_end = config.sinks.min(n);
             let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
-            for (kvh, lab) in labels.iter().enumerate() {
+            for (kvh, (lab, vals)) in labels.iter().zip(&values).enumerate() {
                 let heads = kvh * g..(kvh + 1) * g;
                 let mut probed = vec![probes.is_none(); c];
                 if let Some(probes) = &probes {
@@ -101,6 +105,8 @@ pub fn evaluate_routing(
                     sum.window_sinks_mass += fixed;
                     sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
                     sum.selectivity += (read + n - indexed) as f64 / n as f64;
+                    let keep = |j: usize| j < sink_end || j >= index_end || probed[lab[j] as usize];
+                    sum.output_rel_error += output_error(&w[..n], vals, keep);
                     sum.samples += 1;
                 }
             }
@@ -115,6 +121,41 @@ pub fn evaluate_routing(
         selectivity: sum.selectivity / k,
         oracle_indexed_recall: sum.oracle_indexed_recall / k,
         oracle_recall: sum.oracle_recall / k,
+        output_rel_error: sum.output_rel_error / k,
         samples: sum.samples,
     })
+}
+
+/// `||o_kept - o|| / ||o||` where `o = Σ w_j v_j` and `o_kept` is the softmax restricted to the
+/// kept keys (renormalized), as sparse decode computes it.
+fn output_error(w: &[f32], values: &[Vec<f32>], keep: impl Fn(usize) -> bool) -> f64 {
+    let dim = values.first().map_or(0, Vec::len);
+    let mut dense = vec![0f64; dim];
+    let mut kept = vec![0f64; dim];
+    let mut kept_mass = 0f64;
+    for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
+        let wj = wj as f64;
+        let on = keep(j);
+        if on {
+            kept_mass += wj;
+        }
+        for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
+            *d += wj * x as f64;
+            if on {
+                *k += wj * x as f64;
+            }
+        }
+    }
+    let inv = if kept_mass > 0.0 {
+        1.0 / kept_mass
+    } else {
+        0.0
+    };
+    let err: f64 = dense
+        .iter()
+        .zip(&kept)
+        .map(|(d, k)| (k * inv - d).powi(2))
+        .sum();
+    let norm: f64 = dense.iter().map(|d| d * d).sum();
+    (err / norm.max(1e-30)).sqrt()
 }

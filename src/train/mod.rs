@@ -11,7 +11,7 @@ pub mod mlp;
 
 use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
-use crate::index::LayerIndex;
+use crate::index::{LayerIndex, SaapIndex};
 use crate::partition::kmeans::{kmeans, KMeansInit, KMeansParams};
 use candle_core::{Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
@@ -150,4 +150,78 @@ pub fn choose_routing(eval: &RoutingEval, min_recall: f64) -> Routing {
     } else {
         Routing::Dense
     }
+}
+
+/// What calibration measured for one layer on held-out sequences.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LayerReport {
+    /// Layer number.
+    pub layer: usize,
+    /// The trained classifier at the configured ℓ.
+    pub classifier: RoutingEval,
+    /// Nearest-centroid routing at the same ℓ (the paper's symmetric ablation).
+    pub nearest_centroid: RoutingEval,
+    /// The routing chosen for the layer.
+    pub routing: Routing,
+}
+
+/// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
+/// dense the layers whose classifier recall stays below `min_recall`. `progress` shows each layer's
+/// classifier training; `on_layer` sees each layer's report as soon as it is measured.
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate_index(
+    train: &[Vec<Sequence>],
+    held_out: &[Vec<Sequence>],
+    config: &SaapConfig,
+    params: &TrainParams,
+    min_recall: f64,
+    model: &str,
+    progress: Option<&ProgressBar>,
+    mut on_layer: impl FnMut(&LayerReport),
+) -> Result<(SaapIndex, Vec<LayerReport>)> {
+    if train.len() != held_out.len() || train.is_empty() {
+        return Err(SaapError::Training(format!(
+            "{} training and {} held-out layers",
+            train.len(),
+            held_out.len()
+        )));
+    }
+    let first = first_query_position(config, params.min_indexed);
+    let mut layers = Vec::with_capacity(train.len());
+    let mut reports = Vec::with_capacity(train.len());
+    for (i, (train_seqs, eval_seqs)) in train.iter().zip(held_out).enumerate() {
+        if let Some(bar) = progress {
+            bar.reset();
+            bar.set_message(format!("layer {i}/{}", train.len()));
+        }
+        let mut layer = train_layer(train_seqs, config, params, progress)?;
+        let eval = |routing| {
+            evaluate_routing(
+                eval_seqs,
+                &layer,
+                config,
+                routing,
+                first,
+                params.queries_per_seq,
+            )
+        };
+        let classifier = eval(Routing::Classifier)?;
+        let nearest_centroid = eval(Routing::NearestCentroid)?;
+        if classifier.samples == 0 {
+            return Err(SaapError::Training(format!(
+                "held-out sequences of layer {i} are shorter than {first} tokens"
+            )));
+        }
+        layer.routing = choose_routing(&classifier, min_recall);
+        let report = LayerReport {
+            layer: i,
+            classifier,
+            nearest_centroid,
+            routing: layer.routing,
+        };
+        on_layer(&report);
+        reports.push(report);
+        layers.push(layer);
+    }
+    Ok((SaapIndex::new(config.clone(), model, layers)?, reports))
 }

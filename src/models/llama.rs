@@ -1,0 +1,769 @@
+//! A Llama-family decoder (GGUF `llama` and `qwen2`, Hugging Face Llama/Qwen2 safetensors) whose
+//! every layer attends through [`SaapAttention`].
+//!
+//! The decoder computes the q/k/v projections and hands **pre-RoPE** queries and keys to the op,
+//! which applies RoPE itself at the positions its cache holds. So the model never builds a
+//! position table and has no position limit of its own (candle's `quantized_llama` stops at
+//! 4096); the RoPE frequencies, scaling included, live in [`LlamaConfig::rope`].
+//!
+//! GGUF `llama` checkpoints store q/k rows permuted for interleaved RoPE; Hugging Face ones are not
+//! permuted and use NEOX RoPE. Both give the same logits, but their pre-RoPE q/k vectors differ by
+//! that permutation inside each head, so an index trained on one layout does not fit the other
+//! ([`Llama::saap_config`] records the RoPE kind, which an index checks).
+
+use super::{io_err, Error, Result};
+use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
+use crate::{ReadStats, SaapAttention, SaapIndex};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::RmsNorm;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which flavour of the Llama block a checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// Llama: no attention biases.
+    Llama,
+    /// Qwen2: biases on the q, k and v projections.
+    Qwen2,
+}
+
+/// Shape and hyper-parameters of a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Block flavour.
+    pub architecture: Architecture,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Attention head layout of every layer.
+    pub layout: HeadLayout,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// Rotary embedding, applied by the attention op.
+    pub rope: RopeConfig,
+    /// Context the model was trained for (informational: nothing here stops at it).
+    pub context_length: usize,
+}
+
+/// A projection: quantized (GGUF, `QMatMul`) or plain.
+#[derive(Debug)]
+enum Linear {
+    Quantized(QMatMul, Option<Tensor>),
+    Plain(candle_nn::Linear),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Linear::Quantized(w, None) => w.forward(x)?,
+            Linear::Quantized(w, Some(b)) => w.forward(x)?.broadcast_add(b)?,
+            Linear::Plain(l) => l.forward(x)?,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A Llama-family decoder with one [`SaapAttention`] (and its KV cache) per layer.
+#[derive(Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    attn: Vec<SaapAttention>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl Llama {
+    /// Loads a GGUF checkpoint (`llama` or `qwen2` architecture) with quantized projections.
+    /// Activations are f32.
+    pub fn from_gguf(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_gguf(path.as_ref(), device, None)
+    }
+
+    /// Loads a GGUF checkpoint with every weight dequantized to `dtype` (plain matmuls: slower
+    /// on CPU than quantized ones, but free of activation quantization).
+    pub fn from_gguf_dequantized(
+        path: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::load_gguf(path.as_ref(), device, Some(dtype))
+    }
+
+    fn load_gguf(path: &Path, device: &Device, dequantize: Option<DType>) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| Error::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+        let config = gguf_config(&content, &mut file, device)?;
+        let mut src = GgufSource {
+            content,
+            file,
+            device: device.clone(),
+            dequantize,
+        };
+        let dtype = dequantize.unwrap_or(DType::F32);
+        let embd = Arc::new(src.qtensor("token_embd.weight")?);
+        let embed = embd.dequantize(device)?.to_dtype(dtype)?;
+        let lm_head = if src.has("output.weight") {
+            src.linear("output.weight", None)?
+        } else {
+            // No output.weight (SmolLM2): the LM head is tied to the embedding.
+            match dequantize {
+                Some(_) => Linear::Plain(candle_nn::Linear::new(embed.clone(), None)),
+                None => Linear::Quantized(QMatMul::from_arc(embd)?, None),
+            }
+        };
+        let bias = config.architecture == Architecture::Qwen2;
+        let layers = (0..config.n_layers)
+            .map(|i| {
+                let p = format!("blk.{i}");
+                let b = |s: &str| bias.then(|| format!("{p}.{s}.bias"));
+                Ok(Layer {
+                    attn_norm: src.norm(&format!("{p}.attn_norm.weight"), config.rms_eps)?,
+                    q: src.linear(&format!("{p}.attn_q.weight"), b("attn_q").as_deref())?,
+                    k: src.linear(&format!("{p}.attn_k.weight"), b("attn_k").as_deref())?,
+                    v: src.linear(&format!("{p}.attn_v.weight"), b("attn_v").as_deref())?,
+                    o: src.linear(&format!("{p}.attn_output.weight"), None)?,
+                    ffn_norm: src.norm(&format!("{p}.ffn_norm.weight"), config.rms_eps)?,
+                    gate: src.linear(&format!("{p}.ffn_gate.weight"), None)?,
+                    up: src.linear(&format!("{p}.ffn_up.weight"), None)?,
+                    down: src.linear(&format!("{p}.ffn_down.weight"), None)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = src.norm("output_norm.weight", config.rms_eps)?;
+        Self::assemble(config, embed, layers, norm, lm_head, device, dtype)
+    }
+
+    /// Loads a Hugging Face checkpoint folder: `config.json` plus `model.safetensors` or the
+    /// shards listed in `model.safetensors.index.json`. Weights are converted to `dtype`.
+    pub fn from_hf_dir(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config_path = dir.join("config.json");
+        let json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let json: serde_json::Value = serde_json::from_str(&json)
+            .map_err(|e| Error::Model(format!("{}: {e}", config_path.display())))?;
+        let (config, tied, bias) = hf_config(&json)?;
+        let mut weights = HashMap::new();
+        for shard in hf_shards(dir)? {
+            let tensors = candle_core::safetensors::load(&shard, device)
+                .map_err(|e| Error::Model(format!("{}: {e}", shard.display())))?;
+            weights.extend(tensors);
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            let t = weights
+                .remove(name)
+                .ok_or_else(|| Error::Model(format!("checkpoint has no tensor `{name}`")))?;
+            Ok(t.to_dtype(dtype)?)
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |name: &str, with_bias: bool| -> Result<Linear> {
+                let w = take(&format!("{p}.{name}.weight"))?;
+                let b = if with_bias {
+                    Some(take(&format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                };
+                Ok(Linear::Plain(candle_nn::Linear::new(w, b)))
+            };
+            let (q, k, v) = (
+                linear("self_attn.q_proj", bias)?,
+                linear("self_attn.k_proj", bias)?,
+                linear("self_attn.v_proj", bias)?,
+            );
+            let (o, gate, up, down) = (
+                linear("self_attn.o_proj", false)?,
+                linear("mlp.gate_proj", false)?,
+                linear("mlp.up_proj", false)?,
+                linear("mlp.down_proj", false)?,
+            );
+            layers.push(Layer {
+                attn_norm: RmsNorm::new(
+                    take(&format!("{p}.input_layernorm.weight"))?,
+                    config.rms_eps,
+                ),
+                ffn_norm: RmsNorm::new(
+                    take(&format!("{p}.post_attention_layernorm.weight"))?,
+                    config.rms_eps,
+                ),
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = RmsNorm::new(take("model.norm.weight")?, config.rms_eps);
+        let lm_head = Linear::Plain(candle_nn::Linear::new(lm_head, None));
+        Self::assemble(config, embed, layers, norm, lm_head, device, dtype)
+    }
+
+    fn assemble(
+        config: LlamaConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: RmsNorm,
+        lm_head: Linear,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        if embed.dims() != [config.vocab_size, config.hidden_size] {
+            return Err(Error::Model(format!(
+                "embedding is {:?}, config says [{}, {}]",
+                embed.dims(),
+                config.vocab_size,
+                config.hidden_size
+            )));
+        }
+        let mut model = Self {
+            config,
+            embed,
+            layers,
+            attn: Vec::new(),
+            norm,
+            lm_head,
+            device: device.clone(),
+            dtype,
+        };
+        model.attach_dense()?;
+        Ok(model)
+    }
+
+    /// Every layer gets exact attention with a fresh cache.
+    fn attach_dense(&mut self) -> Result<()> {
+        let config = self.saap_config(1)?;
+        self.attn = (0..self.config.n_layers)
+            .map(|_| SaapAttention::dense(&config, &self.device, self.dtype))
+            .collect::<crate::Result<_>>()?;
+        Ok(())
+    }
+
+    /// The model's shape and hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Device of weights and caches.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A Saap configuration for this model's head layout and RoPE with `n_partitions` key
+    /// partitions per KV head (other fields at [`SaapConfig::new`]'s defaults).
+    pub fn saap_config(&self, n_partitions: usize) -> Result<SaapConfig> {
+        Ok(SaapConfig::new(
+            self.config.layout,
+            self.config.rope,
+            n_partitions,
+        )?)
+    }
+
+    /// Replaces the RoPE scaling (e.g. YaRN ×4 to run Qwen2.5 at 128k). Every layer goes back
+    /// to dense attention with an empty cache, since cached keys were rotated the old way.
+    pub fn set_rope_scaling(&mut self, scaling: RopeScaling) -> Result<()> {
+        let old = self.config.rope;
+        self.config.rope.scaling = scaling;
+        if let Err(e) = self.attach_dense() {
+            self.config.rope = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Gives every layer the op of `index` (with the index's per-layer routing and a fresh
+    /// cache), or, with `None`, dense attention. The index must have been trained for this
+    /// model: same head layout, RoPE (kind, θ, scaling) and number of layers.
+    pub fn attach_index(&mut self, index: Option<&SaapIndex>) -> Result<()> {
+        let Some(index) = index else {
+            return self.attach_dense();
+        };
+        let config = SaapConfig {
+            layout: self.config.layout,
+            rope: self.config.rope,
+            ..index.config().clone()
+        };
+        index.check_model(&config, self.config.n_layers)?;
+        self.attn = (0..self.config.n_layers)
+            .map(|layer| SaapAttention::from_index(index, layer, &self.device, self.dtype))
+            .collect::<crate::Result<_>>()?;
+        Ok(())
+    }
+
+    /// The attention op of layer `layer`, e.g. to set its ℓ, its routing or a calibration
+    /// recorder.
+    pub fn attention_mut(&mut self, layer: usize) -> Result<&mut SaapAttention> {
+        let n = self.attn.len();
+        self.attn
+            .get_mut(layer)
+            .ok_or_else(|| Error::Model(format!("layer {layer} out of range (model has {n})")))
+    }
+
+    /// How layer `layer` chooses the keys it reads at decode.
+    pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
+        Ok(self.attention_mut(layer)?.set_routing(routing)?)
+    }
+
+    /// Number of decoder layers.
+    pub fn n_layers(&self) -> usize {
+        self.config.n_layers
+    }
+
+    /// Forgets the sequence(s) in every layer.
+    pub fn reset(&mut self) {
+        self.attn.iter_mut().for_each(SaapAttention::reset);
+    }
+
+    /// Tokens cached per batch item (empty before the first forward).
+    pub fn seq_lens(&self) -> &[usize] {
+        self.attn.first().map_or(&[], |a| a.seq_lens())
+    }
+
+    /// Keys read by each layer in the last decode step (`None` before any decode).
+    pub fn read_stats(&self) -> Vec<Option<ReadStats>> {
+        self.attn.iter().map(SaapAttention::last_read).collect()
+    }
+
+    /// Runs `tokens` (`[B, T]`, u32; item `b` valid for its first `lens[b]` tokens, right
+    /// padded) through the model, appending to the caches: a prefill chunk when `T > 1` (or some
+    /// item has no token), a decode step when `T == 1`. Returns logits `[B, T, vocab]` (f32);
+    /// rows past `lens[b]` are meaningless.
+    pub fn forward(&mut self, tokens: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let h = self.hidden(tokens, lens)?;
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    }
+
+    /// Like [`Llama::forward`], but returns only the logits of each item's last valid token,
+    /// `[B, vocab]` (f32), which skips the LM head on every other position. An item with
+    /// `lens[b] == 0` gets the logits of its first (padding) position.
+    pub fn forward_last(&mut self, tokens: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let h = self.hidden(tokens, lens)?;
+        let rows = h
+            .chunk(h.dim(0)?, 0)?
+            .iter()
+            .zip(lens)
+            .map(|(hb, &n)| hb.narrow(1, n.saturating_sub(1), 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let h = Tensor::cat(&rows, 0)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    }
+
+    /// Final-normed hidden states `[B, T, hidden]`.
+    fn hidden(&mut self, tokens: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (b, t) = tokens
+            .dims2()
+            .map_err(|_| Error::Model(format!("tokens must be [B, T], got {:?}", tokens.dims())))?;
+        if b == 0 || t == 0 || lens.len() != b || lens.iter().any(|&n| n > t) {
+            return Err(Error::Model(format!(
+                "tokens {:?} need one length <= T per batch item, got lens {lens:?}",
+                tokens.dims()
+            )));
+        }
+        let tokens = tokens.to_dtype(DType::U32)?;
+        let max = tokens.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max >= self.config.vocab_size {
+            return Err(Error::Model(format!(
+                "token id {max} out of the vocabulary ({})",
+                self.config.vocab_size
+            )));
+        }
+        let decode = t == 1 && lens.iter().all(|&n| n == 1);
+        let l = self.config.layout;
+        let (nq, nkv, d) = (l.n_q_heads, l.n_kv_heads, l.head_dim);
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for (layer, attn) in self.layers.iter().zip(self.attn.iter_mut()) {
+            let h = layer.attn_norm.forward(&x)?;
+            let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+                y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+            };
+            let q = heads(layer.q.forward(&h)?, nq)?;
+            let k = heads(layer.k.forward(&h)?, nkv)?;
+            let v = heads(layer.v.forward(&h)?, nkv)?;
+            let o = if decode {
+                attn.decode(&q, &k, &v)?
+            } else {
+                attn.prefill(&q, &k, &v, lens)?
+            };
+            let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
+            x = (x + layer.o.forward(&o)?)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
+            let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            x = (x + mlp)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+}
+
+/// Log-softmax cross-entropy of next-token predictions: mean over positions `0..T-1` of
+/// `-log p(tokens[t + 1])` from `logits[t]`. `logits: [T, vocab]`, `tokens: [T]`.
+pub fn mean_nll(logits: &Tensor, tokens: &[u32]) -> Result<f64> {
+    let (t, _) = logits.dims2()?;
+    if t != tokens.len() || t < 2 {
+        return Err(Error::Model(format!(
+            "need >= 2 positions and one token per logit row, got {t} rows and {} tokens",
+            tokens.len()
+        )));
+    }
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(0, 0, t - 1)?, D::Minus1)?;
+    let targets = Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
+    let picked = logp.gather(&targets, 1)?.to_dtype(DType::F64)?;
+    Ok(-picked.mean_all()?.to_scalar::<f64>()?)
+}
+
+struct GgufSource {
+    content: gguf_file::Content,
+    file: std::fs::File,
+    device: Device,
+    dequantize: Option<DType>,
+}
+
+impl GgufSource {
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.has(name) {
+            return Err(Error::Model(format!("GGUF has no tensor `{name}`")));
+        }
+        Ok(self.content.tensor(&mut self.file, name, &self.device)?)
+    }
+
+    fn linear(&mut self, name: &str, bias: Option<&str>) -> Result<Linear> {
+        let w = self.qtensor(name)?;
+        let dtype = self.dequantize.unwrap_or(DType::F32);
+        let b = match bias {
+            Some(b) => Some(self.qtensor(b)?.dequantize(&self.device)?.to_dtype(dtype)?),
+            None => None,
+        };
+        Ok(match self.dequantize {
+            Some(dtype) => Linear::Plain(candle_nn::Linear::new(
+                w.dequantize(&self.device)?.to_dtype(dtype)?,
+                b,
+            )),
+            None => Linear::Quantized(QMatMul::from_qtensor(w)?, b),
+        })
+    }
+
+    fn norm(&mut self, name: &str, eps: f64) -> Result<RmsNorm> {
+        let dtype = self.dequantize.unwrap_or(DType::F32);
+        let w = self
+            .qtensor(name)?
+            .dequantize(&self.device)?
+            .to_dtype(dtype)?;
+        Ok(RmsNorm::new(w, eps))
+    }
+}
+
+fn gguf_config(
+    content: &gguf_file::Content,
+    file: &mut std::fs::File,
+    device: &Device,
+) -> Result<LlamaConfig> {
+    let md = &content.metadata;
+    let get = |key: &str| {
+        md.get(key)
+            .ok_or_else(|| Error::Model(format!("GGUF metadata has no `{key}`")))
+    };
+    let arch = get("general.architecture")?.to_string()?.clone();
+    let architecture = match arch.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => {
+            return Err(Error::Model(format!(
+                "GGUF architecture `{other}` is not supported (llama, qwen2)"
+            )))
+        }
+    };
+    let int =
+        |key: &str| -> Result<usize> { Ok(get(&format!("{arch}.{key}"))?.to_u32()? as usize) };
+    let hidden_size = int("embedding_length")?;
+    let n_q_heads = int("attention.head_count")?;
+    let n_kv_heads = int("attention.head_count_kv")?;
+    let head_dim = match md.get(&format!("{arch}.attention.key_length")) {
+        Some(v) => v.to_u32()? as usize,
+        None => hidden_size / n_q_heads.max(1),
+    };
+    if let Some(rot) = md.get(&format!("{arch}.rope.dimension_count")) {
+        if rot.to_u32()? as usize != head_dim {
+            return Err(Error::Model(format!(
+                "partial rotary embedding ({} of {head_dim} dims) is not supported",
+                rot.to_u32()?
+            )));
+        }
+    }
+    let theta = match md.get(&format!("{arch}.rope.freq_base")) {
+        Some(v) => v.to_f32()? as f64,
+        None => 10_000.0,
+    };
+    let context_length = int("context_length")?;
+    let scaling = match md.get(&format!("{arch}.rope.scaling.type")) {
+        None => RopeScaling::None,
+        Some(v) => match v.to_string()?.as_str() {
+            "none" => RopeScaling::None,
+            "yarn" => RopeScaling::Yarn {
+                factor: get(&format!("{arch}.rope.scaling.factor"))?.to_f32()? as f64,
+                original_max_positions: int("rope.scaling.original_context_length")?,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+            },
+            other => {
+                return Err(Error::Model(format!(
+                    "RoPE scaling `{other}` is not supported (yarn, Llama-3 via rope_freqs)"
+                )))
+            }
+        },
+    };
+    let kind = match architecture {
+        Architecture::Llama => RopeKind::Interleaved,
+        Architecture::Qwen2 => RopeKind::Neox,
+    };
+    let mut rope = RopeConfig {
+        kind,
+        theta,
+        scaling,
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let factors = content
+            .tensor(file, "rope_freqs.weight", device)?
+            .dequantize(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        rope.scaling = llama3_from_factors(theta, head_dim, &factors)?;
+    }
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| Error::Model("GGUF has no `token_embd.weight`".into()))?
+        .shape
+        .dims()[0];
+    let layout = HeadLayout {
+        n_q_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    Ok(LlamaConfig {
+        architecture,
+        vocab_size,
+        hidden_size,
+        intermediate_size: int("feed_forward_length")?,
+        n_layers: int("block_count")?,
+        layout,
+        rms_eps: get(&format!("{arch}.attention.layer_norm_rms_epsilon"))?.to_f32()? as f64,
+        rope,
+        context_length,
+    })
+}
+
+/// llama.cpp stores Llama-3 RoPE scaling as per-frequency divisors (`rope_freqs.weight`), not
+/// as parameters. Recognise the published Llama 3.1 / 3.2 settings by reproducing the divisors.
+fn llama3_from_factors(theta: f64, head_dim: usize, factors: &[f32]) -> Result<RopeScaling> {
+    let candidates = [8.0, 32.0].map(|factor| RopeScaling::Llama3 {
+        factor,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_positions: 8192,
+    });
+    let base = RopeConfig {
+        kind: RopeKind::Neox,
+        theta,
+        scaling: RopeScaling::None,
+    };
+    // The core's RoPE tables at position 1 hold (cos, sin) of each frequency itself.
+    let freqs = |rope: RopeConfig| -> Result<Vec<f64>> {
+        let (cos, sin) =
+            crate::rope::Rope::new(&rope, head_dim).tables(&[1], 1, DType::F32, &Device::Cpu)?;
+        let (cos, sin) = (
+            cos.flatten_all()?.to_vec1::<f32>()?,
+            sin.flatten_all()?.to_vec1::<f32>()?,
+        );
+        Ok(cos
+            .iter()
+            .zip(&sin)
+            .map(|(&c, &s)| (s as f64).atan2(c as f64))
+            .collect())
+    };
+    let plain = freqs(base)?;
+    for scaling in candidates {
+        let scaled = freqs(RopeConfig { scaling, ..base })?;
+        let matches = factors.len() == plain.len()
+            && plain
+                .iter()
+                .zip(&scaled)
+                .zip(factors)
+                .all(|((&p, &s), &f)| {
+                    let ratio = p / s;
+                    (ratio - f as f64).abs() <= 1e-3 * ratio
+                });
+        if matches {
+            return Ok(scaling);
+        }
+    }
+    Err(Error::Model(
+        "rope_freqs.weight does not match Llama 3.1/3.2 scaling; set it with Llama::set_rope_scaling"
+            .into(),
+    ))
+}
+
+/// `(config, tied embeddings, q/k/v biases)` of a Hugging Face `config.json`.
+fn hf_config(json: &serde_json::Value) -> Result<(LlamaConfig, bool, bool)> {
+    let num = |key: &str| -> Result<f64> {
+        json.get(key)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| Error::Model(format!("config.json has no number `{key}`")))
+    };
+    let int = |key: &str| -> Result<usize> { Ok(num(key)? as usize) };
+    let model_type = json
+        .get("model_type")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("llama");
+    let architecture = match model_type {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        other => {
+            return Err(Error::Model(format!(
+                "model_type `{other}` is not supported (llama, qwen2)"
+            )))
+        }
+    };
+    let flag = |key: &str| json.get(key).and_then(serde_json::Value::as_bool);
+    let bias = architecture == Architecture::Qwen2 || flag("attention_bias").unwrap_or(false);
+    if flag("mlp_bias").unwrap_or(false) {
+        return Err(Error::Model("mlp_bias is not supported".into()));
+    }
+    let hidden_size = int("hidden_size")?;
+    let n_q_heads = int("num_attention_heads")?;
+    let head_dim = match json.get("head_dim").and_then(serde_json::Value::as_u64) {
+        Some(d) => d as usize,
+        None => hidden_size / n_q_heads.max(1),
+    };
+    let scaling = match json.get("rope_scaling").filter(|v| !v.is_null()) {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = s
+                .get("rope_type")
+                .or_else(|| s.get("type"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("default");
+            let f = |key: &str, default: Option<f64>| -> Result<f64> {
+                s.get(key)
+                    .and_then(serde_json::Value::as_f64)
+                    .or(default)
+                    .ok_or_else(|| Error::Model(format!("rope_scaling has no `{key}`")))
+            };
+            match kind {
+                "default" => RopeScaling::None,
+                "llama3" => RopeScaling::Llama3 {
+                    factor: f("factor", None)?,
+                    low_freq_factor: f("low_freq_factor", None)?,
+                    high_freq_factor: f("high_freq_factor", None)?,
+                    original_max_positions: f("original_max_position_embeddings", None)? as usize,
+                },
+                "yarn" => RopeScaling::Yarn {
+                    factor: f("factor", None)?,
+                    original_max_positions: f("original_max_position_embeddings", None)? as usize,
+                    beta_fast: f("beta_fast", Some(32.0))?,
+                    beta_slow: f("beta_slow", Some(1.0))?,
+                },
+                other => {
+                    return Err(Error::Model(format!(
+                        "rope_scaling `{other}` is not supported (llama3, yarn)"
+                    )))
+                }
+            }
+        }
+    };
+    let config = LlamaConfig {
+        architecture,
+        vocab_size: int("vocab_size")?,
+        hidden_size,
+        intermediate_size: int("intermediate_size")?,
+        n_layers: int("num_hidden_layers")?,
+        layout: HeadLayout {
+            n_q_heads,
+            n_kv_heads: json
+                .get("num_key_value_heads")
+                .and_then(serde_json::Value::as_u64)
+                .map_or(n_q_heads, |n| n as usize),
+            head_dim,
+        },
+        rms_eps: num("rms_norm_eps")?,
+        rope: RopeConfig {
+            kind: RopeKind::Neox,
+            theta: json
+                .get("rope_theta")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(10_000.0),
+            scaling,
+        },
+        context_length: int("max_position_embeddings")?,
+    };
+    Ok((config, flag("tie_word_embeddings").unwrap_or(false), bias))
+}
+
+/// Safetensors files of a checkpoint folder: the shards of the index, or the single file.
+fn hf_shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Model(format!("{}: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| Error::Model(format!("{} has no weight_map", index.display())))?;
+        let mut files: Vec<&str> = map.values().filter_map(serde_json::Value::as_str).collect();
+        files.sort_unstable();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        Ok(vec![single])
+    } else {
+        Err(Error::Model(format!(
+            "{} holds neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )))
+    }
+}

@@ -1,0 +1,63 @@
+//! Model glue: Llama-family decoders that call Saap in every layer, tokenizers built from GGUF
+//! metadata, and fetching of the models and texts the crate is measured on.
+//!
+//! Enabled by the `models` cargo feature (on by default).
+
+pub mod fetch;
+pub mod llama;
+pub mod tokenizer;
+
+mod html;
+mod rdata;
+
+pub use llama::{Architecture, Llama, LlamaConfig};
+pub use tokenizer::GgufTokenizer;
+
+use crate::error::SaapError;
+
+/// Errors of model loading, tokenization and fetching.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Error of the attention op.
+    #[error(transparent)]
+    Saap(#[from] SaapError),
+    /// Error from the tensor library (also GGUF parsing).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// Filesystem error, with the path it concerns.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint is missing something or holds values the decoder cannot use.
+    #[error("model: {0}")]
+    Model(String),
+    /// The tokenizer could not be built or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A model or text could not be found in the cache or fetched.
+    #[error("fetch: {0}")]
+    Fetch(String),
+    /// A downloaded or cached file does not have the pinned content.
+    #[error("{path}: sha256 {got} does not match the pinned {expected}")]
+    Hash {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The pinned digest.
+        expected: String,
+        /// The digest of the file.
+        got: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io_err(path: impl Into<std::path::PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}

