@@ -28,14 +28,13 @@ fn build_kernels() -> Result<(), String> {
     println!("cargo::rerun-if-changed=cuda");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let src_dir = Path::new("cuda");
-    let cap = match std::env::var("CUDA_COMPUTE_CAP") {
-        Ok(s) => s
-            .trim()
-            .replace('.', "")
-            .parse::<u32>()
-            .map_err(|_| format!("CUDA_COMPUTE_CAP={s:?} is not a compute capability like 90"))?,
-        Err(_) => MIN_CAP,
-    };
+    let cap =
+        match std::env::var("CUDA_COMPUTE_CAP") {
+            Ok(s) => s.trim().replace('.', "").parse::<u32>().map_err(|_| {
+                format!("CUDA_COMPUTE_CAP={s:?} is not a compute capability like 90")
+            })?,
+            Err(_) => MIN_CAP,
+        };
     if cap < MIN_CAP {
         return Err(format!(
             "CUDA_COMPUTE_CAP={cap}: the kernels need compute capability {MIN_CAP} or newer"

@@ -50,7 +50,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stream = cuda.cuda_stream();
     let mut rng = StdRng::seed_from_u64(0);
     println!("# saap gpu_decode_timing: Hq={HQ} Hkv={HKV} D={D} bf16 batch 1; C={C} l={N_PROBE} window={WINDOW} sinks={SINKS}");
-    println!("# {:>7} {:>6} {:>9} {:>10} {:>9} {:>9} {:>8}", "N", "kind", "keys%", "MB read", "device_us", "call_us", "TB/s");
+    println!(
+        "# {:>7} {:>6} {:>9} {:>10} {:>9} {:>9} {:>8}",
+        "N", "kind", "keys%", "MB read", "device_us", "call_us", "TB/s"
+    );
     for &n in &lengths {
         let q = Tensor::randn(0f32, 1.0, (1, HQ, D), &dev)?.to_dtype(DType::BF16)?;
         let mut caches = Vec::with_capacity(BUFFERS);
@@ -83,7 +86,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let row_bytes = 2 * D * 2; // one K row and one V row, bf16
         let dense_bytes = HKV * n * row_bytes;
         let index_bytes = HKV * ((C + 1) * 4 + (HQ / HKV) * N_PROBE * 4);
-        let sparse_bytes = selected * row_bytes + index_bytes + (selected - HKV * (SINKS + WINDOW)) * 4;
+        let sparse_bytes =
+            selected * row_bytes + index_bytes + (selected - HKV * (SINKS + WINDOW)) * 4;
         for (kind, ops, bytes, keys) in [
             ("dense", ops(false), dense_bytes, HKV * n),
             ("saap", ops(true), sparse_bytes, selected),

@@ -43,8 +43,14 @@ fn random_labels(r: &mut StdRng, n: usize, c: usize) -> Vec<u32> {
 }
 
 /// Merges rounds of ragged ranges on both backends and compares the directories after each.
-fn merge_case(dev: &Device, r: &mut StdRng, (b, h, c, cap): (usize, usize, usize, usize), steps: &[usize]) {
-    let labels = Tensor::from_vec(random_labels(r, b * h * cap, c), (b, h, cap), &Device::Cpu).unwrap();
+fn merge_case(
+    dev: &Device,
+    r: &mut StdRng,
+    (b, h, c, cap): (usize, usize, usize, usize),
+    steps: &[usize],
+) {
+    let labels =
+        Tensor::from_vec(random_labels(r, b * h * cap, c), (b, h, cap), &Device::Cpu).unwrap();
     let labels_gpu = labels.to_device(dev).unwrap();
     let dir = Tensor::zeros((b, h, dir_len(c, cap)), DType::U32, &Device::Cpu).unwrap();
     let dir_gpu = dir.to_device(dev).unwrap();
@@ -54,7 +60,11 @@ fn merge_case(dev: &Device, r: &mut StdRng, (b, h, c, cap): (usize, usize, usize
         let ranges: Vec<(usize, usize)> = ends
             .iter()
             .map(|&e| {
-                let n = if r.random_bool(0.2) { 0 } else { r.random_range(0..=most) };
+                let n = if r.random_bool(0.2) {
+                    0
+                } else {
+                    r.random_range(0..=most)
+                };
                 (e, (e + n).min(cap))
             })
             .collect();
@@ -65,8 +75,14 @@ fn merge_case(dev: &Device, r: &mut StdRng, (b, h, c, cap): (usize, usize, usize
         };
         merge(&dir, &labels, &op).unwrap();
         merge(&dir_gpu, &labels_gpu, &op).unwrap();
-        let (cpu, gpu) = (dir.to_vec3::<u32>().unwrap(), dir_gpu.to_vec3::<u32>().unwrap());
-        assert!(cpu == gpu, "merge round {round} differs: B={b} H={h} C={c} ranges {ranges:?}");
+        let (cpu, gpu) = (
+            dir.to_vec3::<u32>().unwrap(),
+            dir_gpu.to_vec3::<u32>().unwrap(),
+        );
+        assert!(
+            cpu == gpu,
+            "merge round {round} differs: B={b} H={h} C={c} ranges {ranges:?}"
+        );
         for (e, (_, end)) in ends.iter_mut().zip(&ranges) {
             *e = *end;
         }
@@ -89,7 +105,12 @@ fn merge_matches_cpu() {
     let mut r = rng(seed("merge_matches_cpu"));
     // Small ragged merges, one larger than a move pass (4096 entries), C = 1 and a large C.
     merge_case(&dev, &mut r, (3, 2, 37, 3000), &[400, 50, 0, 300, 17, 1000]);
-    merge_case(&dev, &mut r, (2, 3, 1024, 20_000), &[9000, 64, 64, 3000, 1, 64]);
+    merge_case(
+        &dev,
+        &mut r,
+        (2, 3, 1024, 20_000),
+        &[9000, 64, 64, 3000, 1, 64],
+    );
     merge_case(&dev, &mut r, (2, 1, 1, 500), &[100, 100, 100]);
     // More batch items than one launch takes.
     merge_case(&dev, &mut r, (67, 2, 16, 300), &[100, 30, 50]);
@@ -113,8 +134,12 @@ struct DecodeCase {
 fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
     let (b, d, c, cap) = (t.lens.len(), t.dim, t.c, t.cap);
     let q = randn(r, &[b, t.hq, d], 1.0).to_dtype(t.dtype).unwrap();
-    let k = randn(r, &[b, t.hkv, cap, d], 1.0).to_dtype(t.dtype).unwrap();
-    let v = randn(r, &[b, t.hkv, cap, d], 1.0).to_dtype(t.dtype).unwrap();
+    let k = randn(r, &[b, t.hkv, cap, d], 1.0)
+        .to_dtype(t.dtype)
+        .unwrap();
+    let v = randn(r, &[b, t.hkv, cap, d], 1.0)
+        .to_dtype(t.dtype)
+        .unwrap();
     let seqs: Vec<SeqExtent> = t
         .lens
         .iter()
@@ -148,7 +173,11 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
             scale: 1.0 / (d as f32).sqrt(),
         };
         let cpu = q.apply_op1_no_bwd(&op(&Device::Cpu)).unwrap();
-        let gpu = q.to_device(dev).unwrap().apply_op1_no_bwd(&op(dev)).unwrap();
+        let gpu = q
+            .to_device(dev)
+            .unwrap()
+            .apply_op1_no_bwd(&op(dev))
+            .unwrap();
         assert_eq!(gpu.dtype(), t.dtype);
         let diff = max_abs_diff(&cpu, &gpu.to_device(&Device::Cpu).unwrap());
         assert!(
@@ -165,15 +194,15 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
 fn decode_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let mut r = rng(seed("decode_matches_cpu"));
-    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 1.6e-2), (DType::F16, 2e-3)] {
+    for (dtype, tol) in [
+        (DType::F32, 1e-4),
+        (DType::BF16, 1.6e-2),
+        (DType::F16, 2e-3),
+    ] {
         for dim in [64, 128] {
             for (hq, hkv) in [(3, 3), (8, 2), (14, 2), (16, 2)] {
                 let cap = 3000;
-                let lens = vec![
-                    cap,
-                    r.random_range(1000..cap),
-                    r.random_range(20..700),
-                ];
+                let lens = vec![cap, r.random_range(1000..cap), r.random_range(20..700)];
                 let case = DecodeCase {
                     dtype,
                     dim,
@@ -240,9 +269,15 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
     let (b, t) = (3, 300);
     let lens = [300, 211, 97];
     let mut step = |len: usize| {
-        let q = randn(&mut r, &[b, 8, len, 64], 1.0).to_dtype(dtype).unwrap();
-        let k = randn(&mut r, &[b, 2, len, 64], 1.0).to_dtype(dtype).unwrap();
-        let v = randn(&mut r, &[b, 2, len, 64], 1.0).to_dtype(dtype).unwrap();
+        let q = randn(&mut r, &[b, 8, len, 64], 1.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let k = randn(&mut r, &[b, 2, len, 64], 1.0)
+            .to_dtype(dtype)
+            .unwrap();
+        let v = randn(&mut r, &[b, 2, len, 64], 1.0)
+            .to_dtype(dtype)
+            .unwrap();
         (q, k, v)
     };
     let on = |x: &Tensor| x.to_device(dev).unwrap();
@@ -255,7 +290,11 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
         let (q, k, v) = step(1);
         let out_c = cpu.decode(&q, &k, &v).unwrap();
         let out_g = gpu.decode(&on(&q), &on(&k), &on(&v)).unwrap();
-        assert_eq!(cpu.last_read(), gpu.last_read(), "{dtype:?} step {i}: reads differ");
+        assert_eq!(
+            cpu.last_read(),
+            gpu.last_read(),
+            "{dtype:?} step {i}: reads differ"
+        );
         let diff = max_abs_diff(&out_c, &out_g.to_device(&Device::Cpu).unwrap());
         assert!(diff <= tol, "{dtype:?} step {i}: outputs differ by {diff}");
     }

@@ -41,7 +41,9 @@ pub(crate) fn decode(
         candle_core::bail!("saap cuda decode: head dim {d} is not supported (64 or 128)");
     }
     if !(1..=8).contains(&(hq / hkv)) {
-        candle_core::bail!("saap cuda decode: {hq} query heads over {hkv} KV heads; G must be 1..=8");
+        candle_core::bail!(
+            "saap cuda decode: {hq} query heads over {hkv} KV heads; G must be 1..=8"
+        );
     }
     if b == 0 {
         candle_core::bail!("saap cuda decode: empty batch");
@@ -75,7 +77,11 @@ fn typed<T: CudaDType + DeviceRepr>(
             aligned(k_l, elem, "k cache")?;
             aligned(v_l, elem, "v cache")?;
             let (k, v) = (view::<T>(k_st, k_l)?, view::<T>(v_st, v_l)?);
-            let io = Io { q: &q, k: &k, v: &v };
+            let io = Io {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
             // Sparse exactly when both are present, as on the CPU.
             let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
                 return launch(op, &dev, tname, &io, None, dims);

@@ -71,11 +71,7 @@ const NATIVE_CAP: &str = env!("SAAP_CUDA_CAP");
 
 /// Loads `function` of `module`, choosing the PTX the device can run.
 fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Result<CudaFunction> {
-    let (major, minor) = dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .w()?;
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
     let cap = (major * 10 + minor) as u32;
     let native: u32 = NATIVE_CAP.parse().unwrap_or(u32::MAX);
     let (ptx, tag) = if cap >= native {
