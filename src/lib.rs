@@ -5,6 +5,8 @@ pub mod attend;
 pub mod attention;
 pub mod classify;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod elem;
 pub mod error;
 pub mod index;

@@ -1,0 +1,63 @@
+// Helpers shared by the saap kernels.
+#pragma once
+#include <stdint.h>
+
+// Batch items one launch covers; their per-item scalars travel as a by-value kernel parameter
+// (no host-to-device copy, capturable in a CUDA graph). Larger batches use several launches.
+#define SAAP_MAX_BATCH 64
+
+// Per batch item: tokens in the cache and end of the indexed region (decode), or the token range
+// to merge (merge). Must match `ItemTable` in src/cuda/mod.rs.
+struct ItemTable {
+    uint32_t a[SAAP_MAX_BATCH];
+    uint32_t b[SAAP_MAX_BATCH];
+};
+
+// In-place exclusive prefix sum of a[0..n) by the whole block (blockDim.x a multiple of 32).
+// Each thread scans a contiguous run, then the runs' totals are scanned across warps.
+// Ends with __syncthreads(), so a[] is visible to every thread afterwards.
+__device__ inline void block_exclusive_scan(uint32_t* a, uint32_t n) {
+    __shared__ uint32_t warp_totals[32];
+    const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const uint32_t n_warps = blockDim.x >> 5;
+    const uint32_t per = (n + blockDim.x - 1) / blockDim.x;
+    const uint32_t lo = min(tid * per, n), hi = min(lo + per, n);
+    uint32_t own = 0;
+    for (uint32_t i = lo; i < hi; ++i) own += a[i];
+    uint32_t incl = own;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= (uint32_t)o) incl += y;
+    }
+    if (lane == 31) warp_totals[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const uint32_t t = lane < n_warps ? warp_totals[lane] : 0;
+        uint32_t w = t;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const uint32_t y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= (uint32_t)o) w += y;
+        }
+        warp_totals[lane] = w - t;
+    }
+    __syncthreads();
+    uint32_t run = warp_totals[warp] + incl - own;
+    for (uint32_t i = lo; i < hi; ++i) {
+        const uint32_t x = a[i];
+        a[i] = run;
+        run += x;
+    }
+    __syncthreads();
+}
+
+// First index i in a[0..n) with a[i] > x (a non-decreasing).
+__device__ inline uint32_t upper_bound(const uint32_t* a, uint32_t n, uint32_t x) {
+    uint32_t lo = 0, hi = n;
+    while (lo < hi) {
+        const uint32_t mid = (lo + hi) >> 1;
+        if (a[mid] <= x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}

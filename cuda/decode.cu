@@ -1,0 +1,344 @@
+// Split-KV decode attention over id lists (sparse: sinks ∪ probed partitions ∪ window; dense:
+// every position), one semantics with `DecodeOp` in src/attend/decode.rs.
+//
+// Grid: (splits, rows) with row = item * Hkv + kv_head. Each block rebuilds its row's key list
+// from the probes and the directory (union bitmap over the G query heads + a block-wide scan of
+// the selected list sizes), takes one contiguous slice of that list, and serves all G query heads
+// of the group from one read of each K and V row. Inside a block, groups of LPK lanes each own
+// one key at a time (16-byte loads, LPK * 16 bytes = one row) and keep their own online softmax;
+// the groups are merged at the end and the block writes one partial (max, sum, out[G][D]).
+// `saap_decode_combine_*` merges the splits by log-sum-exp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "common.cuh"
+
+#define THREADS 256
+// Ids materialized in shared memory per pass over a block's slice.
+#define IDS_CAP 2048
+#define NO_KEY 0xffffffffu
+
+template <typename T> struct Elem;
+
+template <> struct Elem<float> {
+    static constexpr int VEC = 4;
+    __device__ static void widen(const uint4& r, float* f) {
+        f[0] = __uint_as_float(r.x);
+        f[1] = __uint_as_float(r.y);
+        f[2] = __uint_as_float(r.z);
+        f[3] = __uint_as_float(r.w);
+    }
+    __device__ static float narrow(float x) { return x; }
+};
+
+template <> struct Elem<__nv_bfloat16> {
+    static constexpr int VEC = 8;
+    // bf16 is the high half of an f32: widening is a shift, exact.
+    __device__ static void widen(const uint4& r, float* f) {
+        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    }
+    __device__ static __nv_bfloat16 narrow(float x) { return __float2bfloat16(x); }
+};
+
+template <> struct Elem<__half> {
+    static constexpr int VEC = 8;
+    __device__ static void widen(const uint4& r, float* f) {
+        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            __half2 h;
+            memcpy(&h, &w[i], sizeof(h));
+            const float2 x = __half22float2(h);
+            f[2 * i] = x.x;
+            f[2 * i + 1] = x.y;
+        }
+    }
+    __device__ static __half narrow(float x) { return __float2half(x); }
+};
+
+// q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
+// probes: [items, Hq, n_probe] (ignored when dense); part_o: [rows, splits, G, D];
+// part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
+// GB >= G query heads are computed (the extra ones repeat the last head and are not written);
+// KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
+template <typename T, int D, int GB, int KB>
+__device__ __forceinline__ void decode_impl(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
+    float* __restrict__ part_o, float* __restrict__ part_ml, const ItemTable& seqs, uint32_t hq,
+    uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,
+    float scale_log2) {
+    using E = Elem<T>;
+    constexpr int VEC = E::VEC;
+    constexpr int LPK = D / VEC;          // lanes per key row
+    constexpr int NG = THREADS / LPK;     // key groups per block
+    static_assert(LPK <= 32 && 32 % LPK == 0, "a key row must fit a warp evenly");
+    const uint32_t n_splits = gridDim.x, split = blockIdx.x, row = blockIdx.y;
+    const uint32_t item = row / hkv, head = row % hkv, G = hq / hkv;
+    const uint32_t len = seqs.a[item], iend = seqs.b[item];
+    const uint32_t tid = threadIdx.x, grp = tid / LPK, gl = tid % LPK;
+    const uint32_t C = n_partitions;
+    const bool sparse = dir != nullptr;
+
+    extern __shared__ __align__(16) uint32_t smem[];
+    uint32_t* pos = smem;          // C + 3 segment starts: sinks, partitions 0..C, window, end
+    uint32_t* ids = smem + C + 3;  // IDS_CAP key ids of the current pass
+
+    const uint32_t* offsets = sparse ? dir + (size_t)row * (C + 1 + cap) : nullptr;
+    const uint32_t* perm = sparse ? offsets + C + 1 : nullptr;
+    uint32_t total = len;
+    if (sparse) {
+        for (uint32_t i = tid; i < C + 3; i += THREADS) pos[i] = 0;
+        __syncthreads();
+        // Union over the group's query heads: mark probed partitions.
+        const uint32_t* pr = probes + ((size_t)item * hq + (size_t)head * G) * n_probe;
+        for (uint32_t i = tid; i < G * n_probe; i += THREADS) {
+            const uint32_t c = pr[i];
+            if (c < C) atomicOr(&pos[1 + c], 1u);
+        }
+        __syncthreads();
+        for (uint32_t c = tid; c < C; c += THREADS) {
+            if (pos[1 + c]) {
+                const uint32_t a = min(offsets[c], cap), b = min(offsets[c + 1], cap);
+                pos[1 + c] = b > a ? b - a : 0;
+            }
+        }
+        if (tid == 0) {
+            pos[0] = min(sinks, len);
+            pos[C + 1] = len > iend ? len - iend : 0;
+        }
+        __syncthreads();
+        block_exclusive_scan(pos, C + 3);
+        total = pos[C + 2];
+    }
+    const uint32_t chunk = (total + n_splits - 1) / n_splits;
+    const uint32_t j0 = min(split * chunk, total), j1 = min(j0 + chunk, total);
+
+    float qf[GB][VEC];
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+        const uint32_t h = head * G + min((uint32_t)g, G - 1);
+        const uint4 r = *reinterpret_cast<const uint4*>(q + ((size_t)item * hq + h) * D + gl * VEC);
+        E::widen(r, qf[g]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) qf[g][e] *= scale_log2;
+    }
+    float m[GB], l[GB], acc[GB][VEC];
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][e] = 0.f;
+    }
+    const T* krow = k + (size_t)row * cap * D + gl * VEC;
+    const T* vrow = v + (size_t)row * cap * D + gl * VEC;
+
+    for (uint32_t p0 = j0; p0 < j1; p0 += IDS_CAP) {
+        const uint32_t n = min((uint32_t)IDS_CAP, j1 - p0);
+        if (sparse) {
+            for (uint32_t t = tid; t < n; t += THREADS) {
+                const uint32_t j = p0 + t;
+                const uint32_t s = upper_bound(pos, C + 3, j) - 1;
+                uint32_t id;
+                if (s == 0) id = j;
+                else if (s == C + 1) id = iend + (j - pos[C + 1]);
+                else id = perm[min(offsets[s - 1], cap) + (j - pos[s])];
+                // A corrupt directory must not send loads outside the cache.
+                ids[t] = id < cap ? id : NO_KEY;
+            }
+            __syncthreads();
+        }
+        // Trip count is uniform over the block: every lane reaches the shuffles below.
+        for (uint32_t t0 = 0; t0 < n; t0 += NG * KB) {
+            bool ok[KB];
+            uint4 kr[KB], vr[KB];
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+                const uint32_t t = t0 + kk * NG + grp;
+                uint32_t id = NO_KEY;
+                if (t < n) id = sparse ? ids[t] : p0 + t;
+                ok[kk] = id != NO_KEY;
+                if (ok[kk]) {
+                    kr[kk] = __ldg(reinterpret_cast<const uint4*>(krow + (size_t)id * D));
+                    vr[kk] = __ldg(reinterpret_cast<const uint4*>(vrow + (size_t)id * D));
+                } else {
+                    kr[kk] = make_uint4(0, 0, 0, 0);
+                    vr[kk] = make_uint4(0, 0, 0, 0);
+                }
+            }
+            float s[KB][GB];
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+                float kf[VEC];
+                E::widen(kr[kk], kf);
+#pragma unroll
+                for (int g = 0; g < GB; ++g) {
+                    float x = 0.f;
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) x = fmaf(qf[g][e], kf[e], x);
+                    s[kk][g] = x;
+                }
+            }
+#pragma unroll
+            for (int o = LPK / 2; o >= 1; o >>= 1) {
+#pragma unroll
+                for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+                    for (int g = 0; g < GB; ++g)
+                        s[kk][g] += __shfl_xor_sync(0xffffffffu, s[kk][g], o);
+            }
+            float vf[KB][VEC];
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) E::widen(vr[kk], vf[kk]);
+#pragma unroll
+            for (int g = 0; g < GB; ++g) {
+                float mx = m[g];
+#pragma unroll
+                for (int kk = 0; kk < KB; ++kk)
+                    if (ok[kk]) mx = fmaxf(mx, s[kk][g]);
+                if (mx == -INFINITY) continue;
+                const float corr = exp2f(m[g] - mx);
+                l[g] *= corr;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[g][e] *= corr;
+#pragma unroll
+                for (int kk = 0; kk < KB; ++kk) {
+                    const float p = ok[kk] ? exp2f(s[kk][g] - mx) : 0.f;
+                    l[g] += p;
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(p, vf[kk][e], acc[g][e]);
+                }
+                m[g] = mx;
+            }
+        }
+        if (sparse) __syncthreads();  // ids[] is rewritten by the next pass
+    }
+
+    // Merge the NG groups: common max per head, then a tree sum of the rescaled accumulators.
+    __syncthreads();
+    float* red = reinterpret_cast<float*>(smem);  // (NG / 2) * GB * D
+    float* mls = red + (NG / 2) * GB * D;         // NG * GB * 2
+    if (gl == 0) {
+#pragma unroll
+        for (int g = 0; g < GB; ++g) {
+            mls[(grp * GB + g) * 2] = m[g];
+            mls[(grp * GB + g) * 2 + 1] = l[g];
+        }
+    }
+    __syncthreads();
+    float M[GB], L[GB];
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+        M[g] = -INFINITY;
+        for (int i = 0; i < NG; ++i) M[g] = fmaxf(M[g], mls[(i * GB + g) * 2]);
+        L[g] = 0.f;
+        for (int i = 0; i < NG; ++i) {
+            const float mi = mls[(i * GB + g) * 2];
+            if (mi != -INFINITY) L[g] += mls[(i * GB + g) * 2 + 1] * exp2f(mi - M[g]);
+        }
+        const float f = m[g] == -INFINITY ? 0.f : exp2f(m[g] - M[g]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][e] *= f;
+    }
+#pragma unroll
+    for (int half = NG / 2; half >= 1; half >>= 1) {
+        if (grp >= (uint32_t)half && grp < 2u * half) {
+#pragma unroll
+            for (int g = 0; g < GB; ++g)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                    red[((grp - half) * GB + g) * D + gl * VEC + e] = acc[g][e];
+        }
+        __syncthreads();
+        if (grp < (uint32_t)half) {
+#pragma unroll
+            for (int g = 0; g < GB; ++g)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[g][e] += red[(grp * GB + g) * D + gl * VEC + e];
+        }
+        __syncthreads();
+    }
+    if (grp == 0) {
+#pragma unroll
+        for (int g = 0; g < GB; ++g) {
+            if ((uint32_t)g >= G) break;
+            const size_t p = ((size_t)row * n_splits + split) * G + g;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) part_o[p * D + gl * VEC + e] = acc[g][e];
+            if (gl == 0) {
+                part_ml[p * 2] = M[g];
+                part_ml[p * 2 + 1] = L[g];
+            }
+        }
+    }
+}
+
+#define SAAP_DECODE(NAME, T, D, GB, KB)                                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
+        const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
+        float* part_o, float* part_ml, ItemTable seqs, uint32_t hq, uint32_t hkv, uint32_t cap, \
+        uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {            \
+        decode_impl<T, D, GB, KB>(q, k, v, dir, probes, part_o, part_ml, seqs, hq, hkv, cap,    \
+                                  n_partitions, n_probe, sinks, scale_log2);                    \
+    }
+
+#define SAAP_DECODE_GROUPS(TN, T, D)                        \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4) \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4) \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4) \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2)
+
+SAAP_DECODE_GROUPS(f32, float, 64)
+SAAP_DECODE_GROUPS(f32, float, 128)
+SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 64)
+SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
+SAAP_DECODE_GROUPS(f16, __half, 64)
+SAAP_DECODE_GROUPS(f16, __half, 128)
+
+// Log-sum-exp merge of the splits. Grid: items * Hq blocks of D threads; out: [items, Hq, D].
+// Dynamic shared memory: 2 * n_splits floats. The splits' (max, sum) pairs are staged in shared
+// memory in one round of loads, so the loop over splits issues independent loads only (a loop
+// that waited on each split's max before loading its output was latency-bound: ~20 us).
+template <typename T>
+__device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
+                                             const float* __restrict__ part_ml, T* __restrict__ out,
+                                             uint32_t hq, uint32_t hkv, uint32_t n_splits) {
+    extern __shared__ float ml[];  // maxima [n_splits], then sums [n_splits]
+    const uint32_t D = blockDim.x, d = threadIdx.x;
+    const uint32_t item = blockIdx.x / hq, h = blockIdx.x % hq, G = hq / hkv;
+    const uint32_t row = item * hkv + h / G, g = h % G;
+    const size_t p0 = (size_t)row * n_splits * G + g;
+    for (uint32_t s = d; s < n_splits; s += D) {
+        ml[s] = part_ml[(p0 + (size_t)s * G) * 2];
+        ml[n_splits + s] = part_ml[(p0 + (size_t)s * G) * 2 + 1];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s]);
+    float L = 0.f, o = 0.f;
+    if (M != -INFINITY) {
+        // Empty splits have max -inf (weight 0) and a zero output, so no branch is needed.
+#pragma unroll 8
+        for (uint32_t s = 0; s < n_splits; ++s) {
+            const float w = exp2f(ml[s] - M);
+            L = fmaf(w, ml[n_splits + s], L);
+            o = fmaf(w, part_o[(p0 + (size_t)s * G) * D + d], o);
+        }
+    }
+    out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
+}
+
+#define SAAP_COMBINE(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(const float* part_o, const float* part_ml, T* out, uint32_t hq, \
+                                    uint32_t hkv, uint32_t n_splits) {                            \
+        combine_impl<T>(part_o, part_ml, out, hq, hkv, n_splits);                                 \
+    }
+
+SAAP_COMBINE(saap_decode_combine_f32, float)
+SAAP_COMBINE(saap_decode_combine_bf16, __nv_bfloat16)
+SAAP_COMBINE(saap_decode_combine_f16, __half)

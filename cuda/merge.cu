@@ -1,0 +1,117 @@
+// Merge of new token ids into the partition index (partition-scan), one block per directory row.
+// Same result as `merge_row` in src/partition/scan.rs: per (batch item, KV head) the directory row
+// is [offsets; C + 1] ++ perm, and after the merge perm is the stable sort by partition of the old
+// indexed ids followed by the new ones.
+#include "common.cuh"
+
+// Old perm entries each thread holds per pass of the move step.
+#define MOVE_ITEMS 8
+// Labels each lane of the scatter warp loads ahead.
+#define SCATTER_ITEMS 8
+
+// dir: [rows, C + 1 + cap], labels: [rows, cap]; row = item * n_heads + head.
+// ranges.a[item]..ranges.b[item] are the tokens of that item to merge (empty: untouched).
+// Dynamic shared memory: 2 * (C + 1) u32.
+extern "C" __global__ void saap_merge(uint32_t* __restrict__ dir, const uint32_t* __restrict__ labels,
+                                      ItemTable ranges, uint32_t n_heads, uint32_t n_partitions,
+                                      uint32_t cap) {
+    const uint32_t row = blockIdx.x;
+    const uint32_t item = row / n_heads;
+    const uint32_t start = ranges.a[item], end = ranges.b[item];
+    if (end <= start) return;
+    const uint32_t C = n_partitions, tid = threadIdx.x;
+    uint32_t* offsets = dir + (size_t)row * (C + 1 + cap);
+    uint32_t* perm = offsets + C + 1;
+    const uint32_t* lab = labels + (size_t)row * cap;
+
+    extern __shared__ uint32_t smem[];
+    uint32_t* old_off = smem;          // C + 1: offsets before the merge
+    uint32_t* shift = smem + C + 1;    // C + 1: counts of new ids, then their exclusive scan
+    __shared__ uint32_t move_from;
+
+    for (uint32_t i = tid; i <= C; i += blockDim.x) {
+        old_off[i] = offsets[i];
+        shift[i] = 0;
+    }
+    __syncthreads();
+    // Histogram. Labels >= C cannot come from assignment; they are skipped, not written anywhere.
+    for (uint32_t i = start + tid; i < end; i += blockDim.x) {
+        const uint32_t c = lab[i];
+        if (c < C) atomicAdd(&shift[c], 1u);
+    }
+    __syncthreads();
+    // shift[c] = new ids in partitions < c: how far list c moves right; shift[C] = all new ids.
+    block_exclusive_scan(shift, C + 1);
+    // A row that would overflow its capacity (the range was merged before) is left untouched
+    // rather than spilling into the next row; the CPU reference rejects it by panicking.
+    if (old_off[C] > cap || shift[C] > cap - old_off[C]) return;
+
+    for (uint32_t i = tid; i <= C; i += blockDim.x) {
+        offsets[i] = old_off[i] + shift[i];
+        // Lists before the first one that moves stay in place: start moving there.
+        if (i < C && shift[i + 1] > 0 && shift[i] == 0) move_from = old_off[i + 1];
+    }
+    if (tid == 0 && shift[C] == 0) move_from = old_off[C];
+    __syncthreads();
+
+    // Move old lists right. Every element moves right (shifts are >= 0) and destinations are
+    // distinct, so passes from the right end, each reading its whole chunk before writing, never
+    // overwrite an element that has not been read yet.
+    const uint32_t lo = move_from, old_total = old_off[C];
+    const uint32_t chunk = blockDim.x * MOVE_ITEMS;
+    for (uint32_t hi = old_total; hi > lo;) {
+        const uint32_t base = hi - lo > chunk ? hi - chunk : lo;
+        uint32_t val[MOVE_ITEMS], dst[MOVE_ITEMS];
+#pragma unroll
+        for (int k = 0; k < MOVE_ITEMS; ++k) {
+            const uint32_t p = base + k * blockDim.x + tid;
+            dst[k] = p;
+            if (p < hi) {
+                val[k] = perm[p];
+                const uint32_t c = upper_bound(old_off, C + 1, p) - 1;
+                dst[k] = p + shift[c];
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int k = 0; k < MOVE_ITEMS; ++k) {
+            const uint32_t p = base + k * blockDim.x + tid;
+            if (p < hi && dst[k] != p) perm[dst[k]] = val[k];
+        }
+        __syncthreads();
+        hi = base;
+    }
+
+    // Cursor of partition c: end of its moved old list.
+    for (uint32_t c = tid; c < C; c += blockDim.x) shift[c] += old_off[c + 1];
+    __syncthreads();
+
+    // Stable scatter by one warp: ids in increasing order; lanes with the same label take
+    // consecutive slots in lane order, then the highest such lane advances the cursor.
+    if (tid >= 32) return;
+    const uint32_t lane = tid;
+    const uint32_t lanes_below = (1u << lane) - 1;
+    for (uint32_t base = start; base < end; base += 32 * SCATTER_ITEMS) {
+        uint32_t c[SCATTER_ITEMS];
+#pragma unroll
+        for (int k = 0; k < SCATTER_ITEMS; ++k) {
+            const uint32_t i = base + k * 32 + lane;
+            c[k] = i < end ? lab[i] : 0xffffffffu;
+        }
+#pragma unroll
+        for (int k = 0; k < SCATTER_ITEMS; ++k) {
+            const uint32_t i = base + k * 32 + lane;
+            const bool ok = i < end && c[k] < C;
+            const uint32_t key = ok ? c[k] : 0xffffffffu;
+            const uint32_t peers = __match_any_sync(0xffffffffu, key);
+            uint32_t slot = 0;
+            if (ok) {
+                slot = shift[key] + __popc(peers & lanes_below);
+                perm[slot] = i;
+            }
+            __syncwarp();
+            if (ok && (peers >> lane) == 1u) shift[key] = slot + 1;
+            __syncwarp();
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Launches of split-KV decode attention (`cuda/decode.cu`): one kernel computes a partial
+//! (max, sum, out) per (row, split), a second merges the splits by log-sum-exp. Sparse and dense
+//! are the same kernel; sparse builds its key list on the device from probes and directory, so a
+//! step needs no host round trip. Host work per launch: a few driver queries (compute
+//! capability, SM count, occupancy) and the kernel parameters; no copies, no synchronization.
+
+use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, DECODE, MAX_BATCH};
+use crate::attend::DecodeOp;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Shape};
+use half::{bf16, f16};
+
+/// Threads per block (`THREADS` in `cuda/decode.cu`).
+const THREADS: u32 = 256;
+/// Key ids a block holds in shared memory per pass (`IDS_CAP` in `cuda/decode.cu`).
+const IDS_CAP: usize = 2048;
+/// Upper bound on splits per row: the merge reads every split's partial.
+const MAX_SPLITS: usize = 128;
+/// Fewer keys than this per split cost more in fixed work than they save in parallelism.
+const MIN_KEYS_PER_SPLIT: usize = 128;
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// `(b, hq, hkv, cap, d)`.
+type Dims = (usize, usize, usize, usize, usize);
+
+/// `DecodeOp` on CUDA for rotated queries `q` (`[B, Hq, D]`, contiguous). Same keys and exact
+/// softmax as the CPU op; accumulation in f32, output in the query's dtype.
+pub(crate) fn decode(
+    op: &DecodeOp,
+    q: &CudaStorage,
+    q_l: &Layout,
+    dims: Dims,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (b, hq, hkv, _, d) = dims;
+    if d != 64 && d != 128 {
+        candle_core::bail!("saap cuda decode: head dim {d} is not supported (64 or 128)");
+    }
+    if !(1..=8).contains(&(hq / hkv)) {
+        candle_core::bail!(
+            "saap cuda decode: {hq} query heads over {hkv} KV heads; G must be 1..=8"
+        );
+    }
+    if b == 0 {
+        candle_core::bail!("saap cuda decode: empty batch");
+    }
+    let out = match q.dtype() {
+        DType::F32 => typed::<f32>(op, q, q_l, dims, "f32")?,
+        DType::BF16 => typed::<bf16>(op, q, q_l, dims, "bf16")?,
+        DType::F16 => typed::<f16>(op, q, q_l, dims, "f16")?,
+        other => candle_core::bail!("saap cuda decode: dtype {other:?} (f32, bf16 or f16)"),
+    };
+    Ok((out, q_l.shape().clone()))
+}
+
+/// Directory and probes views of a sparse call, with ℓ.
+type Sparse<'a> = Option<(CudaView<'a, u32>, CudaView<'a, u32>, usize)>;
+
+fn typed<T: CudaDType + DeviceRepr>(
+    op: &DecodeOp,
+    q: &CudaStorage,
+    q_l: &Layout,
+    dims: Dims,
+    tname: &str,
+) -> candle_core::Result<CudaStorage> {
+    let (b, hq, hkv, cap, _) = dims;
+    let dev = q.device().clone();
+    let elem = std::mem::size_of::<T>();
+    let q = view::<T>(q, q_l)?;
+    aligned(q_l, elem, "query")?;
+    let out = with_cuda(&op.k_cache, "k cache", |k_st, k_l| {
+        with_cuda(&op.v_cache, "v cache", |v_st, v_l| {
+            aligned(k_l, elem, "k cache")?;
+            aligned(v_l, elem, "v cache")?;
+            let (k, v) = (view::<T>(k_st, k_l)?, view::<T>(v_st, v_l)?);
+            let io = Io {
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            // Sparse exactly when both are present, as on the CPU.
+            let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
+                return launch(op, &dev, tname, &io, None, dims);
+            };
+            with_cuda(dir, "directory", |dir_st, dir_l| {
+                with_cuda(probes, "probes", |pr_st, pr_l| {
+                    let row = op.n_partitions + 1 + cap;
+                    if dir_l.dims() != [b, hkv, row] {
+                        candle_core::bail!(
+                            "saap cuda decode: directory {:?}, expected [{b}, {hkv}, {row}]",
+                            dir_l.dims()
+                        );
+                    }
+                    let n_probe = match pr_l.dims() {
+                        &[pb, ph, n] if pb == b && ph == hq => n,
+                        other => candle_core::bail!(
+                            "saap cuda decode: probes {other:?}, expected [{b}, {hq}, ℓ]"
+                        ),
+                    };
+                    let sparse = Some((view(dir_st, dir_l)?, view(pr_st, pr_l)?, n_probe));
+                    launch(op, &dev, tname, &io, sparse, dims)
+                })
+            })
+        })
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The kernels read 16 bytes at a time: rows must start on 16-byte boundaries.
+fn aligned(layout: &Layout, elem: usize, what: &str) -> candle_core::Result<()> {
+    if (layout.start_offset() * elem) % 16 != 0 {
+        candle_core::bail!("saap cuda decode: {what} does not start on a 16-byte boundary");
+    }
+    Ok(())
+}
+
+/// Query and cache views.
+struct Io<'a, 'b, T> {
+    q: &'a CudaView<'b, T>,
+    k: &'a CudaView<'b, T>,
+    v: &'a CudaView<'b, T>,
+}
+
+fn launch<T: DeviceRepr>(
+    op: &DecodeOp,
+    dev: &CudaDevice,
+    tname: &str,
+    io: &Io<'_, '_, T>,
+    sparse: Sparse<'_>,
+    (b, hq, hkv, cap, d): Dims,
+) -> candle_core::Result<CudaSlice<T>> {
+    let g = hq / hkv;
+    // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
+    let gb = g.next_power_of_two();
+    let func = load(dev, &DECODE, &format!("saap_decode_{tname}_d{d}_g{gb}"))?;
+    let combine = load(dev, &DECODE, &format!("saap_decode_combine_{tname}"))?;
+    let c = op.n_partitions;
+    let lanes_per_key = d * std::mem::size_of::<T>() / 16;
+    let groups = THREADS as usize / lanes_per_key;
+    let smem_keys = if sparse.is_some() {
+        (c + 3 + IDS_CAP) * 4
+    } else {
+        0
+    };
+    let smem = smem_keys.max((groups / 2 * gb * d + groups * gb * 2) * 4);
+    if smem > SMEM_LIMIT {
+        candle_core::bail!("saap cuda decode: C = {c} partitions exceed the shared-memory budget");
+    }
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+        .w()?
+        .max(1) as usize;
+    let slots = sm_count(dev)? * per_sm;
+    // SAFETY: every element is written by the combine kernel below.
+    let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
+    let stream = dev.cuda_stream();
+    let null = 0u64;
+    let (hq32, hkv32, cap32) = (to_u32(hq)?, to_u32(hkv)?, to_u32(cap)?);
+    let (c32, sinks32) = (to_u32(c)?, to_u32(op.sinks)?);
+    let n_probe32 = to_u32(sparse.as_ref().map_or(0, |s| s.2))?;
+    let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+    let row = c + 1 + cap;
+    for i0 in (0..b).step_by(MAX_BATCH) {
+        let items = (b - i0).min(MAX_BATCH);
+        let seqs = &op.seqs[i0..i0 + items];
+        let rows = items * hkv;
+        // Fill every SM slot at batch 1; never split a row into pieces of a few keys.
+        let longest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
+        let splits = slots
+            .div_ceil(rows)
+            .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+            .clamp(1, MAX_SPLITS);
+        // SAFETY: every block writes its whole partial, empty splits included.
+        let part_o = unsafe { dev.alloc::<f32>(rows * splits * g * d) }?;
+        let part_ml = unsafe { dev.alloc::<f32>(rows * splits * g * 2) }?;
+        let table = ItemTable::new(seqs.iter().map(|s| (s.len, s.indexed_end)))?;
+        let qc = io.q.slice(i0 * hq * d..(i0 + items) * hq * d);
+        let kv_range = i0 * hkv * cap * d..(i0 + items) * hkv * cap * d;
+        let (kc, vc) = (io.k.slice(kv_range.clone()), io.v.slice(kv_range));
+        let index = sparse.as_ref().map(|(dir, probes, n_probe)| {
+            (
+                dir.slice(i0 * hkv * row..(i0 + items) * hkv * row),
+                probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
+            )
+        });
+        let mut attend = stream.launch_builder(&func);
+        attend.arg(&qc).arg(&kc).arg(&vc);
+        match &index {
+            Some((dir, probes)) => attend.arg(dir).arg(probes),
+            None => attend.arg(&null).arg(&null),
+        };
+        let (splits32, rows32) = (to_u32(splits)?, to_u32(rows)?);
+        attend
+            .arg(&part_o)
+            .arg(&part_ml)
+            .arg(&table)
+            .arg(&hq32)
+            .arg(&hkv32)
+            .arg(&cap32)
+            .arg(&c32)
+            .arg(&n_probe32)
+            .arg(&sinks32)
+            .arg(&scale_log2);
+        let cfg = LaunchConfig {
+            grid_dim: (splits32, rows32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
+        // (ids are checked against cap on the device), writes inside the partials.
+        unsafe { attend.launch(cfg) }.w()?;
+
+        let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
+        let mut merge = stream.launch_builder(&combine);
+        merge
+            .arg(&part_o)
+            .arg(&part_ml)
+            .arg(&mut oc)
+            .arg(&hq32)
+            .arg(&hkv32)
+            .arg(&splits32);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(items * hq)?, 1, 1),
+            block_dim: (to_u32(d)?, 1, 1),
+            shared_mem_bytes: 2 * 4 * splits32,
+        };
+        // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
+        unsafe { merge.launch(cfg) }.w()?;
+    }
+    Ok(out)
+}

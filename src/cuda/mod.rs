@@ -1,0 +1,123 @@
+//! CUDA backend: the kernels of `cuda/*.cu` (compiled to PTX by `build.rs`, embedded here) and
+//! their launches for [`crate::attend::DecodeOp`] and [`crate::partition::scan::MergeOp`].
+//! Modules are loaded once per device through candle's custom-module cache.
+
+mod decode;
+mod merge;
+
+pub(crate) use decode::decode;
+pub(crate) use merge::merge;
+
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaView, DeviceRepr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Storage, Tensor};
+
+/// Batch items per launch; must match `SAAP_MAX_BATCH` in `cuda/common.cuh`.
+const MAX_BATCH: usize = 64;
+
+/// Two u32 per batch item, passed by value to a kernel (`ItemTable` in `cuda/common.cuh`): no
+/// host-to-device copy, and a CUDA graph captures it with the launch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ItemTable {
+    a: [u32; MAX_BATCH],
+    b: [u32; MAX_BATCH],
+}
+
+// SAFETY: plain old data with the layout of the C struct.
+unsafe impl DeviceRepr for ItemTable {}
+
+impl ItemTable {
+    /// Table of up to `MAX_BATCH` pairs; checks that each value fits in u32.
+    fn new(pairs: impl Iterator<Item = (usize, usize)>) -> candle_core::Result<Self> {
+        let mut table = Self {
+            a: [0; MAX_BATCH],
+            b: [0; MAX_BATCH],
+        };
+        for (i, (a, b)) in pairs.enumerate().take(MAX_BATCH) {
+            table.a[i] = to_u32(a)?;
+            table.b[i] = to_u32(b)?;
+        }
+        Ok(table)
+    }
+}
+
+/// Kernel sizes are u32 on the device.
+fn to_u32(x: usize) -> candle_core::Result<u32> {
+    u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("saap cuda: {x} exceeds u32")))
+}
+
+/// PTX of one kernel source: for the build's compute capability and portable (compute_80).
+struct Module {
+    name: &'static str,
+    native: &'static str,
+    portable: &'static str,
+}
+
+const DECODE: Module = Module {
+    name: "saap_decode",
+    native: include_str!(concat!(env!("OUT_DIR"), "/decode.native.ptx")),
+    portable: include_str!(concat!(env!("OUT_DIR"), "/decode.portable.ptx")),
+};
+
+const MERGE: Module = Module {
+    name: "saap_merge",
+    native: include_str!(concat!(env!("OUT_DIR"), "/merge.native.ptx")),
+    portable: include_str!(concat!(env!("OUT_DIR"), "/merge.portable.ptx")),
+};
+
+/// Compute capability the native PTX was built for (`CUDA_COMPUTE_CAP`, e.g. 90).
+const NATIVE_CAP: &str = env!("SAAP_CUDA_CAP");
+
+/// Loads `function` of `module`, choosing the PTX the device can run.
+fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Result<CudaFunction> {
+    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
+    let cap = (major * 10 + minor) as u32;
+    let native: u32 = NATIVE_CAP.parse().unwrap_or(u32::MAX);
+    let (ptx, tag) = if cap >= native {
+        (module.native, "native")
+    } else if cap >= 80 {
+        (module.portable, "portable")
+    } else {
+        candle_core::bail!(
+            "saap cuda: compute capability {major}.{minor} is too old; the kernels need 8.0+"
+        )
+    };
+    Ok(dev
+        .get_or_load_custom_func(function, &format!("{}_{tag}", module.name), ptx)?
+        .into_cuda_function())
+}
+
+/// Number of streaming multiprocessors of the device.
+fn sm_count(dev: &CudaDevice) -> candle_core::Result<usize> {
+    let n = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    Ok(n.max(1) as usize)
+}
+
+/// The contiguous view of a storage that a layout addresses.
+fn view<'a, T: CudaDType>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "saap cuda" })?;
+    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+/// Runs `f` on the CUDA storage and layout of a tensor the op holds.
+fn with_cuda<R>(
+    tensor: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CudaStorage, &Layout) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = tensor.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => f(s, layout),
+        _ => candle_core::bail!("saap cuda: {what} is not on a CUDA device"),
+    }
+}
