@@ -153,7 +153,7 @@ pub fn calibrate_model(
         name,
         Some(&training),
         |r| {
-            training.println(format!(
+            let line = format!(
                 "layer {:>2}: recall {:.3} (nearest centroid {:.3}, oracle {:.3}) reading {:.1}% of indexed keys → {:?}",
                 r.layer,
                 r.classifier.recall,
@@ -161,7 +161,13 @@ pub fn calibrate_model(
                 r.classifier.oracle_recall,
                 100.0 * r.classifier.indexed_selectivity,
                 r.routing
-            ))
+            );
+            // A hidden bar (stderr not a terminal) drops println: print the line anyway.
+            if training.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                training.println(line);
+            }
         },
     )?;
     training.finish();
