@@ -254,7 +254,7 @@ fn context_sized_defaults() {
     let small = SaapConfig::for_context(layout, rope, 8192).unwrap();
     assert_eq!(
         (small.n_partitions, small.n_probe, small.window, small.sinks),
-        (128, 4, 256, 4)
+        (256, 8, 512, 4)
     );
     let large = SaapConfig::for_context(layout, rope, 131_072).unwrap();
     assert_eq!(

@@ -32,6 +32,8 @@ pub struct TrainParams {
     pub mlp: MlpParams,
     /// Training queries taken per sequence.
     pub queries_per_seq: usize,
+    /// Held-out queries per sequence when calibration measures each layer.
+    pub eval_queries_per_seq: usize,
     /// A query is used only once at least this many keys lie outside sinks and window.
     pub min_indexed: usize,
     /// Seed of k-means.
@@ -46,7 +48,8 @@ impl TrainParams {
             max_points_per_centroid: 256,
             kmeans_init: KMeansInit::Random,
             mlp: MlpParams::new(config.hidden),
-            queries_per_seq: 256,
+            queries_per_seq: 1024,
+            eval_queries_per_seq: 128,
             min_indexed: config.n_partitions,
             seed: 0,
         }
@@ -202,7 +205,7 @@ pub fn calibrate_index(
                 config,
                 routing,
                 first,
-                params.queries_per_seq,
+                params.eval_queries_per_seq,
             )
         };
         let classifier = eval(Routing::Classifier)?;
