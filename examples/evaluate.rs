@@ -239,7 +239,7 @@ fn main() -> Res<()> {
     let mut layers = Vec::new();
     for (layer, seqs) in recorded.iter().enumerate() {
         let trained = index.layer(layer)?;
-        let eval = |routing| evaluate_routing(seqs, trained, &config, routing, first, 128);
+        let eval = |routing| evaluate_routing(seqs, trained, &config, routing, first, 128, &device);
         layers.push(LayerRow {
             layer,
             routing: trained.routing,

@@ -125,7 +125,18 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     params.queries_per_seq = 300;
     let layer = train_layer(&train, &config, &params, None).unwrap();
     let first = first_query_position(&config, params.min_indexed);
-    let eval = |routing| evaluate_routing(&held_out, &layer, &config, routing, first, 100).unwrap();
+    let eval = |routing| {
+        evaluate_routing(
+            &held_out,
+            &layer,
+            &config,
+            routing,
+            first,
+            100,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let classifier = eval(Routing::Classifier);
     let nearest = eval(Routing::NearestCentroid);
     let dense = eval(Routing::Dense);
@@ -151,6 +162,7 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
             Routing::NearestCentroid,
             first,
             100,
+            &Device::Cpu,
         )
         .unwrap();
         if e.indexed_selectivity >= classifier.indexed_selectivity || wider.n_probe == TOPICS {

@@ -94,33 +94,42 @@ pub struct QueryAttention {
     pub positions: Vec<usize>,
     /// Pre-RoPE queries `[Hq, P, D]`.
     pub q: Tensor,
-    /// Softmax weights `[Hq, P, n]` (zero past each query's position).
+    /// Softmax weights `[Hq, P, n]` (zero past each query's position), on the work device.
     pub probs: Tensor,
-    /// Partition of every key `[Hkv, n]` u32.
+    /// Partition of every key `[Hkv, n]` u32 (on the work device, like `probs`).
     pub labels: Tensor,
 }
 
 /// Computes the attention of the queries at `positions` over their causal context, with the
 /// rotation and `1/sqrt(D)` scale decode uses, and the keys' partitions under `centroids`.
+/// The work runs on `device` (a GPU makes long calibration contexts cheap); `q` stays on the CPU.
 pub fn query_attention(
     seq: &Sequence,
     config: &SaapConfig,
     positions: &[usize],
     centroids: &Tensor,
+    device: &Device,
 ) -> Result<QueryAttention> {
     let layout = config.layout;
     let (hkv, g, d) = (layout.n_kv_heads, layout.group_size(), layout.head_dim);
     let n = seq.len();
     let p = positions.len();
     let rope = Rope::new(&config.rope, d);
-    let dev = &Device::Cpu;
+    let dev = device;
+    let keys = seq.k.to_device(dev)?;
     let key_pos: Vec<usize> = (0..n).collect();
     let (kc, ks) = rope.tables_at(&key_pos, (1, n), DType::F32, dev)?;
-    let k_rot = rope.apply(&seq.k.unsqueeze(0)?, &kc, &ks)?.squeeze(0)?;
-    let idx = Tensor::from_vec(positions.iter().map(|&t| t as u32).collect(), p, dev)?;
+    let k_rot = rope.apply(&keys.unsqueeze(0)?, &kc, &ks)?.squeeze(0)?;
+    let idx = Tensor::from_vec(
+        positions.iter().map(|&t| t as u32).collect(),
+        p,
+        &Device::Cpu,
+    )?;
     let q = seq.q.index_select(&idx, 1)?;
     let (qc, qs) = rope.tables_at(positions, (1, p), DType::F32, dev)?;
-    let q_rot = rope.apply(&q.unsqueeze(0)?, &qc, &qs)?.squeeze(0)?;
+    let q_rot = rope
+        .apply(&q.to_device(dev)?.unsqueeze(0)?, &qc, &qs)?
+        .squeeze(0)?;
     let mask: Vec<f32> = positions
         .iter()
         .flat_map(|&t| (0..n).map(move |j| if j <= t { 0.0 } else { f32::NEG_INFINITY }))
@@ -135,7 +144,7 @@ pub fn query_attention(
         positions: positions.to_vec(),
         q,
         probs,
-        labels: assign(&seq.k, centroids)?,
+        labels: assign(&keys, &centroids.to_device(dev)?)?,
     })
 }
 
@@ -160,7 +169,7 @@ impl QueryAttention {
                 })
             })
             .collect();
-        let indexed = Tensor::from_vec(indexed, (1, p, n), &Device::Cpu)?;
+        let indexed = Tensor::from_vec(indexed, (1, p, n), self.probs.device())?;
         let masked = self.probs.broadcast_mul(&indexed)?;
         let one_hot = one_hot(&self.labels, c)?; // [Hkv, n, C]
         let g = hq / hkv;

@@ -6,6 +6,7 @@ use crate::config::{Routing, SaapConfig};
 use crate::error::Result;
 use crate::index::LayerIndex;
 use crate::train::data::{query_attention, query_positions, Sequence};
+use candle_core::Device;
 
 /// Means over held-out queries and heads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -32,7 +33,8 @@ pub struct RoutingEval {
 }
 
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
-/// placed after `first` (see [`crate::train::data::first_query_position`]).
+/// placed after `first` (see [`crate::train::data::first_query_position`]); the true attention
+/// is computed on `device`.
 pub fn evaluate_routing(
     sequences: &[Sequence],
     layer: &LayerIndex,
@@ -40,6 +42,7 @@ pub fn evaluate_routing(
     routing: Routing,
     first: usize,
     queries_per_seq: usize,
+    device: &Device,
 ) -> Result<RoutingEval> {
     let layout = config.layout;
     let (g, c) = (layout.group_size(), config.n_partitions);
@@ -49,7 +52,7 @@ pub fn evaluate_routing(
         if positions.is_empty() {
             continue;
         }
-        let qa = query_attention(seq, config, &positions, &layer.centroids)?;
+        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
         // Probes per (query head, query): [Hq, P, ℓ] from [B = P, Hq, D] queries.
         let q = qa.q.transpose(0, 1)?.contiguous()?;
         let probes = match routing {

@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 pub use mlp::{train_classifier, MlpParams};
 
 /// Settings of one layer's training.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrainParams {
     /// Lloyd iterations.
     pub kmeans_iters: usize,
@@ -38,6 +38,9 @@ pub struct TrainParams {
     pub min_indexed: usize,
     /// Seed of k-means.
     pub seed: u64,
+    /// Where k-means assignments and the true attention of calibration queries are computed
+    /// (the classifier itself trains on the CPU).
+    pub device: Device,
 }
 
 impl TrainParams {
@@ -52,6 +55,7 @@ impl TrainParams {
             eval_queries_per_seq: 128,
             min_indexed: config.n_partitions,
             seed: 0,
+            device: Device::Cpu,
         }
     }
 }
@@ -84,6 +88,7 @@ pub fn train_centroids(
                 init: params.kmeans_init,
                 seed: params.seed + h as u64,
             },
+            &params.device,
         )?;
         per_head.push(Tensor::from_vec(
             km.centroids,
@@ -109,8 +114,8 @@ pub fn bucket_targets(
         if positions.is_empty() {
             continue;
         }
-        let qa = query_attention(seq, config, &positions, centroids)?;
-        let mass = qa.bucket_mass(config)?;
+        let qa = query_attention(seq, config, &positions, centroids, &params.device)?;
+        let mass = qa.bucket_mass(config)?.to_device(&Device::Cpu)?;
         // A tiny uniform floor keeps rows with no indexed mass well defined (≈ uniform targets).
         let eps = 1e-9;
         let c = config.n_partitions as f64;
@@ -206,6 +211,7 @@ pub fn calibrate_index(
                 routing,
                 first,
                 params.eval_queries_per_seq,
+                &params.device,
             )
         };
         let classifier = eval(Routing::Classifier)?;
