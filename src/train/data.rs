@@ -34,41 +34,54 @@ impl Sequence {
 /// Reassembles whole sequences from a layer's recorded prefill calls: a batch item whose call
 /// starts at position 0 begins a new sequence, later chunks extend it.
 pub fn sequences_from_records(records: &[Recorded]) -> Result<Vec<Sequence>> {
+    /// Chunks of one sequence, concatenated once at the end (not per chunk, which would copy
+    /// the growing sequence again for every chunk).
+    #[derive(Default)]
+    struct Parts {
+        len: usize,
+        q: Vec<Tensor>,
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+    }
+    fn close(parts: Parts) -> Result<Sequence> {
+        Ok(Sequence {
+            q: Tensor::cat(&parts.q, 1)?,
+            k: Tensor::cat(&parts.k, 1)?,
+            v: Tensor::cat(&parts.v, 1)?,
+        })
+    }
     let mut done = Vec::new();
-    let mut open: Vec<Option<Sequence>> = Vec::new();
+    let mut open: Vec<Option<Parts>> = Vec::new();
     for record in records {
         if open.len() < record.lens.len() {
-            open.resize(record.lens.len(), None);
+            open.resize_with(record.lens.len(), || None);
         }
         for (b, (&len, &start)) in record.lens.iter().zip(&record.starts).enumerate() {
             if len == 0 {
                 continue;
             }
-            let q = record.q.get(b)?.narrow(1, 0, len)?;
-            let k = record.k.get(b)?.narrow(1, 0, len)?;
-            let v = record.v.get(b)?.narrow(1, 0, len)?;
             let slot = &mut open[b];
-            match slot.take() {
-                Some(seq) if start == seq.len() => {
-                    *slot = Some(Sequence {
-                        q: Tensor::cat(&[&seq.q, &q], 1)?,
-                        k: Tensor::cat(&[&seq.k, &k], 1)?,
-                        v: Tensor::cat(&[&seq.v, &v], 1)?,
-                    });
+            let continues = slot.as_ref().is_some_and(|p| p.len == start);
+            if !continues {
+                if start != 0 {
+                    return Err(SaapError::Training(format!(
+                        "recorded chunk of item {b} starts at {start}, not where its sequence ends"
+                    )));
                 }
-                previous => {
-                    if start != 0 {
-                        return Err(SaapError::Training(format!(
-                            "recorded chunk of item {b} starts at {start}, not where its sequence ends"
-                        )));
-                    }
-                    done.extend(previous);
-                    *slot = Some(Sequence { q, k, v });
+                if let Some(previous) = slot.take() {
+                    done.push(close(previous)?);
                 }
             }
+            let parts = slot.get_or_insert_with(Parts::default);
+            parts.q.push(record.q.get(b)?.narrow(1, 0, len)?);
+            parts.k.push(record.k.get(b)?.narrow(1, 0, len)?);
+            parts.v.push(record.v.get(b)?.narrow(1, 0, len)?);
+            parts.len += len;
         }
     }
-    done.extend(open.into_iter().flatten());
+    for parts in open.into_iter().flatten() {
+        done.push(close(parts)?);
+    }
     Ok(done)
 }
 
