@@ -72,7 +72,11 @@ pub fn evaluate_routing(
         }
         let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
         // Probes per (query head, query): [Hq, P, ℓ] from [B = P, Hq, D] queries.
-        let q = qa.q.transpose(0, 1)?.contiguous()?;
+        // Routing runs where the layer's weights live (the model's device).
+        let q =
+            qa.q.transpose(0, 1)?
+                .contiguous()?
+                .to_device(layer.centroids.device())?;
         let probes = match routing {
             Routing::Classifier => Some(top_probes(&layer.classifier.scores(&q)?, config.n_probe)?),
             Routing::NearestCentroid => Some(top_probes(
