@@ -7,7 +7,8 @@
 // of the group from one read of each K and V row. Inside a block, groups of LPK lanes each own
 // one key at a time (16-byte loads, LPK * 16 bytes = one row) and keep their own online softmax;
 // the groups are merged at the end and the block writes one partial (max, sum, out[G][D]).
-// `saap_decode_combine_*` merges the splits by log-sum-exp.
+// The last block of a row to finish (a per-row counter, reset by that block) merges the row's
+// splits by log-sum-exp and writes the output: one launch per step, no separate combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
@@ -60,18 +61,53 @@ template <> struct Elem<__half> {
     __device__ static __half narrow(float x) { return __float2half(x); }
 };
 
+// Log-sum-exp merge of one row's splits by the block that finished last: G * D outputs, the
+// splits' (max, sum) pairs staged in shared memory `ml` (2 * G * n_splits floats) first so the
+// loop over splits issues independent loads. Partials are read through L2 (__ldcg): other blocks
+// wrote them during this launch.
+template <typename T, int D>
+__device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
+                                             const float* __restrict__ part_ml, T* __restrict__ out,
+                                             float* ml, uint32_t row, uint32_t item, uint32_t head,
+                                             uint32_t G, uint32_t hq, uint32_t n_splits) {
+    const uint32_t tid = threadIdx.x, n = G * n_splits;
+    const size_t base = (size_t)row * n_splits * G;  // partial index of (split 0, head 0)
+    for (uint32_t i = tid; i < n; i += blockDim.x) {
+        ml[i] = __ldcg(part_ml + (base + i) * 2);
+        ml[n + i] = __ldcg(part_ml + (base + i) * 2 + 1);
+    }
+    __syncthreads();
+    for (uint32_t x = tid; x < G * D; x += blockDim.x) {
+        const uint32_t g = x / D, d = x % D;
+        float M = -INFINITY;
+        for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s * G + g]);
+        float L = 0.f, o = 0.f;
+        if (M != -INFINITY) {
+            // Empty splits have max -inf (weight 0) and a zero output.
+#pragma unroll 8
+            for (uint32_t s = 0; s < n_splits; ++s) {
+                const float w = exp2f(ml[s * G + g] - M);
+                L = fmaf(w, ml[n + s * G + g], L);
+                o = fmaf(w, __ldcg(part_o + (base + (size_t)s * G + g) * D + d), o);
+            }
+        }
+        out[((size_t)item * hq + head * G + g) * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
+    }
+}
+
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
 // probes: [items, Hq, n_probe] (ignored when dense); part_o: [rows, splits, G, D];
 // part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
+// out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
 template <typename T, int D, int GB, int KB>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
-    float* __restrict__ part_o, float* __restrict__ part_ml, const ItemTable& seqs, uint32_t hq,
-    uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,
-    float scale_log2) {
+    float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
+    uint32_t* __restrict__ counters, const ItemTable& seqs, uint32_t hq, uint32_t hkv,
+    uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
@@ -276,15 +312,44 @@ __device__ __forceinline__ void decode_impl(
             }
         }
     }
+    if (n_splits == 1) {
+        // The partial is the answer: normalize in place of a merge.
+        if (grp == 0) {
+#pragma unroll
+            for (int g = 0; g < GB; ++g) {
+                if ((uint32_t)g >= G) break;
+                const size_t o = ((size_t)item * hq + head * G + g) * D + gl * VEC;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                    out[o + e] = E::narrow(L[g] > 0.f ? acc[g][e] / L[g] : 0.f);
+            }
+        }
+        return;
+    }
+    // Publish the partial, then count this block in; the last block of the row merges.
+    __shared__ uint32_t is_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const uint32_t done = atomicAdd(&counters[row], 1u);
+        is_last = done == n_splits - 1;
+        if (is_last) counters[row] = 0;  // ready for the next launch (stream order)
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), row, item, head, G,
+                       hq, n_splits);
 }
 
 #define SAAP_DECODE(NAME, T, D, GB, KB)                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
-        float* part_o, float* part_ml, ItemTable seqs, uint32_t hq, uint32_t hkv, uint32_t cap, \
-        uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {            \
-        decode_impl<T, D, GB, KB>(q, k, v, dir, probes, part_o, part_ml, seqs, hq, hkv, cap,    \
-                                  n_partitions, n_probe, sinks, scale_log2);                    \
+        float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs, uint32_t hq, \
+        uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,    \
+        float scale_log2) {                                                                     \
+        decode_impl<T, D, GB, KB>(q, k, v, dir, probes, part_o, part_ml, out, counters, seqs,  \
+                                  hq, hkv, cap, n_partitions, n_probe, sinks, scale_log2);      \
     }
 
 #define SAAP_DECODE_GROUPS(TN, T, D)                        \
@@ -299,46 +364,3 @@ SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 64)
 SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_DECODE_GROUPS(f16, __half, 64)
 SAAP_DECODE_GROUPS(f16, __half, 128)
-
-// Log-sum-exp merge of the splits. Grid: items * Hq blocks of D threads; out: [items, Hq, D].
-// Dynamic shared memory: 2 * n_splits floats. The splits' (max, sum) pairs are staged in shared
-// memory in one round of loads, so the loop over splits issues independent loads only (a loop
-// that waited on each split's max before loading its output was latency-bound: ~20 us).
-template <typename T>
-__device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
-                                             const float* __restrict__ part_ml, T* __restrict__ out,
-                                             uint32_t hq, uint32_t hkv, uint32_t n_splits) {
-    extern __shared__ float ml[];  // maxima [n_splits], then sums [n_splits]
-    const uint32_t D = blockDim.x, d = threadIdx.x;
-    const uint32_t item = blockIdx.x / hq, h = blockIdx.x % hq, G = hq / hkv;
-    const uint32_t row = item * hkv + h / G, g = h % G;
-    const size_t p0 = (size_t)row * n_splits * G + g;
-    for (uint32_t s = d; s < n_splits; s += D) {
-        ml[s] = part_ml[(p0 + (size_t)s * G) * 2];
-        ml[n_splits + s] = part_ml[(p0 + (size_t)s * G) * 2 + 1];
-    }
-    __syncthreads();
-    float M = -INFINITY;
-    for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s]);
-    float L = 0.f, o = 0.f;
-    if (M != -INFINITY) {
-        // Empty splits have max -inf (weight 0) and a zero output, so no branch is needed.
-#pragma unroll 8
-        for (uint32_t s = 0; s < n_splits; ++s) {
-            const float w = exp2f(ml[s] - M);
-            L = fmaf(w, ml[n_splits + s], L);
-            o = fmaf(w, part_o[(p0 + (size_t)s * G) * D + d], o);
-        }
-    }
-    out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
-}
-
-#define SAAP_COMBINE(NAME, T)                                                                     \
-    extern "C" __global__ void NAME(const float* part_o, const float* part_ml, T* out, uint32_t hq, \
-                                    uint32_t hkv, uint32_t n_splits) {                            \
-        combine_impl<T>(part_o, part_ml, out, hq, hkv, n_splits);                                 \
-    }
-
-SAAP_COMBINE(saap_decode_combine_f32, float)
-SAAP_COMBINE(saap_decode_combine_bf16, __nv_bfloat16)
-SAAP_COMBINE(saap_decode_combine_f16, __half)
