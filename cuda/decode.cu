@@ -364,3 +364,165 @@ SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 64)
 SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_DECODE_GROUPS(f16, __half, 64)
 SAAP_DECODE_GROUPS(f16, __half, 128)
+
+// ---------------------------------------------------------------------------------------------
+// Routing of a decode step: the per-query-head classifier MLP (D → H → C, GELU) with weights of
+// type W (f32, or bf16 for bf16/f16 ops) widened to f32 and f32 accumulation, then top-ℓ.
+// Same arithmetic as `mlp_forward` on f32 weights holding the same values; partitions ordered by
+// (score descending, index ascending), the order of the CPU's stable arg_sort.
+
+#define ROUTE_THREADS 256
+// Output columns (partitions) per block and batch items per block.
+#define ROUTE_COLS 128
+#define ROUTE_ITEMS 4
+
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+// q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
+// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / ROUTE_ITEMS)). Dynamic shared memory:
+// ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * ROUTE_COLS floats.
+// C * sizeof(W) must be a multiple of 16 (checked by the host).
+template <typename W, typename Q>
+__device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
+                                               const W* __restrict__ b1, const W* __restrict__ w2,
+                                               const W* __restrict__ b2, float* __restrict__ scores,
+                                               uint32_t B, uint32_t hq, uint32_t D, uint32_t H,
+                                               uint32_t C) {
+    using E = Elem<W>;
+    constexpr int VEC = E::VEC;
+    constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
+    constexpr int RGW = 32 / CT;          // row groups per warp
+    constexpr int WARPS = ROUTE_THREADS / 32;
+    constexpr int RG = RGW * WARPS;
+    constexpr int IB = ROUTE_ITEMS;
+    extern __shared__ __align__(16) float rs[];
+    float* xs = rs;            // IB * D queries
+    float* hs = xs + IB * D;   // IB * H hidden activations
+    float* red = hs + IB * H;  // WARPS * IB * ROUTE_COLS partial sums
+    const uint32_t tid = threadIdx.x, head = blockIdx.y;
+    const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
+    const uint32_t nb = min((uint32_t)IB, B - i0);
+    for (uint32_t i = tid; i < IB * D; i += ROUTE_THREADS) {
+        const uint32_t b = i / D;
+        xs[i] = b < nb ? to_f32(q[((size_t)(i0 + b) * hq + head) * D + i % D]) : 0.f;
+    }
+    __syncthreads();
+    // Hidden layer: one unit per thread, all items at once.
+    const W* w1h = w1 + (size_t)head * D * H;
+    for (uint32_t h = tid; h < H; h += ROUTE_THREADS) {
+        float a[IB];
+#pragma unroll
+        for (int b = 0; b < IB; ++b) a[b] = 0.f;
+#pragma unroll 8
+        for (uint32_t d = 0; d < D; ++d) {
+            const float w = to_f32(w1h[(size_t)d * H + h]);
+#pragma unroll
+            for (int b = 0; b < IB; ++b) a[b] = fmaf(xs[b * D + d], w, a[b]);
+        }
+        const float bias = to_f32(b1[(size_t)head * H + h]);
+#pragma unroll
+        for (int b = 0; b < IB; ++b) {
+            const float x = a[b] + bias;
+            hs[b * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+        }
+    }
+    __syncthreads();
+    // Output layer: VEC columns per lane (16-byte loads), rows split over RG row groups.
+    const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
+    const uint32_t rg = warp * RGW + lane / CT;
+    const uint32_t col = c0 + ct * VEC;
+    float acc[IB][VEC];
+#pragma unroll
+    for (int b = 0; b < IB; ++b)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[b][e] = 0.f;
+    if (col < C) {
+        const W* w2h = w2 + (size_t)head * H * C + col;
+#pragma unroll 4
+        for (uint32_t h = rg; h < H; h += RG) {
+            const uint4 r = __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C));
+            float w[VEC];
+            E::widen(r, w);
+#pragma unroll
+            for (int b = 0; b < IB; ++b) {
+                const float x = hs[b * H + h];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[b][e] = fmaf(x, w[e], acc[b][e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = CT; o < 32; o <<= 1)
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[b][e] += __shfl_xor_sync(0xffffffffu, acc[b][e], o);
+    if (lane < (uint32_t)CT) {
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) red[(warp * IB + b) * ROUTE_COLS + ct * VEC + e] = acc[b][e];
+    }
+    __syncthreads();
+    for (uint32_t i = tid; i < IB * ROUTE_COLS; i += ROUTE_THREADS) {
+        const uint32_t b = i / ROUTE_COLS, c = c0 + i % ROUTE_COLS;
+        if (b >= nb || c >= C) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) s += red[(w * IB + b) * ROUTE_COLS + i % ROUTE_COLS];
+        scores[((size_t)(i0 + b) * hq + head) * C + c] = s + to_f32(b2[(size_t)head * C + c]);
+    }
+}
+
+#define SAAP_ROUTE_MLP(NAME, W, Q)                                                              \
+    extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
+        NAME(const Q* q, const W* w1, const W* b1, const W* w2, const W* b2, float* scores,    \
+             uint32_t B, uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {                     \
+        route_mlp_impl<W, Q>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                        \
+    }
+
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_f32, float, float)
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_bf16, float, __nv_bfloat16)
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_f16, float, __half)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f32, __nv_bfloat16, float)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f16, __nv_bfloat16, __half)
+
+// The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], by a
+// block-wide bitonic sort of (score, index) keys: P (a power of two >= C) u64 in dynamic shared
+// memory. One block per row.
+extern "C" __global__ void saap_route_top(const float* __restrict__ scores,
+                                          uint32_t* __restrict__ probes, uint32_t C, uint32_t P,
+                                          uint32_t n_probe) {
+    extern __shared__ unsigned long long keys[];
+    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+    for (uint32_t i = tid; i < P; i += blockDim.x) {
+        unsigned long long key = 0;  // padding sorts last
+        if (i < C) {
+            uint32_t u = __float_as_uint(scores[(size_t)row * C + i]);
+            u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving
+            key = ((unsigned long long)u << 32) | (0xffffffffu - i);  // ties: lower index first
+        }
+        keys[i] = key;
+    }
+    __syncthreads();
+    for (uint32_t k = 2; k <= P; k <<= 1) {
+        for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+            for (uint32_t t = tid; t < P / 2; t += blockDim.x) {
+                const uint32_t i = 2 * t - (t & (j - 1)), o = i + j;
+                const bool desc = (i & k) == 0;
+                const unsigned long long a = keys[i], b = keys[o];
+                if (desc ? a < b : a > b) {
+                    keys[i] = b;
+                    keys[o] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (uint32_t i = tid; i < n_probe; i += blockDim.x)
+        probes[(size_t)row * n_probe + i] = 0xffffffffu - (uint32_t)(keys[i] & 0xffffffffu);
+}
