@@ -176,31 +176,13 @@ impl SaapAttention {
         let c = &entry.classifier;
         let on_device =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
-        // The classifier's weights are read on every step (Hq · (D·h + h·C) values): bf16/f16
-        // ops keep them rounded to bf16, which halves those bytes on CUDA.
-        let weights = |t: &Tensor| -> Result<Tensor> {
-            if dtype == DType::F32 {
-                return on_device(t);
-            }
-            let rounded = t.to_dtype(DType::F32)?.to_dtype(DType::BF16)?;
-            Ok(if device.is_cpu() {
-                rounded.to_dtype(DType::F32)?
-            } else {
-                rounded.to_device(device)?
-            })
-        };
         let centroids = on_device(&entry.centroids)?;
         let (centroids_t, half_norms) = prepare_centroids(&centroids)?;
         op.index = Some(Trained {
             centroids,
             centroids_t,
             half_norms,
-            classifier: Classifier {
-                w1: weights(&c.w1)?,
-                b1: weights(&c.b1)?,
-                w2: weights(&c.w2)?,
-                b2: weights(&c.b2)?,
-            },
+            classifier: c.prepared(dtype, device)?,
         });
         op.routing = entry.routing;
         Ok(op)
@@ -477,8 +459,8 @@ impl SaapAttention {
             state.v.narrow(0, b, 1)?.slice_set(&rows(v)?, 2, start)?;
             if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
                 let keys = k.get(b)?.narrow(1, 0, len)?;
-                let assigned = assign_prepared(&keys, &index.centroids_t, &index.half_norms)?
-                    .unsqueeze(0)?;
+                let assigned =
+                    assign_prepared(&keys, &index.centroids_t, &index.half_norms)?.unsqueeze(0)?;
                 labels.narrow(0, b, 1)?.slice_set(&assigned, 2, start)?;
             }
             state.lens[b] = start + len;
@@ -635,11 +617,11 @@ impl SaapAttention {
             .append(Some(q), k, v, &vec![1; batch])?
             .expect("queries given");
         let probes = match (&self.index, self.routing) {
-            (Some(index), Routing::Classifier) => Some(route(
-                &index.classifier,
-                &q.squeeze(2)?,
-                self.config.n_probe,
-            )?),
+            (Some(index), Routing::Classifier) => Some(
+                index
+                    .classifier
+                    .probes(&q.squeeze(2)?, self.config.n_probe)?,
+            ),
             (Some(index), Routing::NearestCentroid) => {
                 let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
                 Some(top_probes(&scores, self.config.n_probe)?)
@@ -666,37 +648,6 @@ impl SaapAttention {
         self.merge_window(self.config.merge_every - 1)?;
         Ok(out.unsqueeze(2)?)
     }
-}
-
-/// The `n_probe` best partitions of each query head by the classifier: `q` `[B, Hq, D]` pre-RoPE
-/// → u32 `[B, Hq, ℓ]`. On CUDA two kernels (MLP with f32 accumulation, top-ℓ); elsewhere, or for
-/// shapes they do not cover, candle ops on f32 weights. Same values either way up to the order of
-/// f32 summation.
-fn route(classifier: &Classifier, q: &Tensor, n_probe: usize) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if q.device().is_cuda()
-        && (1..=classifier.w2.dim(2)?).contains(&n_probe)
-        && crate::cuda::route::supported(classifier, q)
-    {
-        let op = crate::cuda::route::RouteOp {
-            classifier,
-            n_probe,
-        };
-        return Ok(q.contiguous()?.apply_op1_no_bwd(&op)?);
-    }
-    let scores = if classifier.w1.dtype() == DType::F32 {
-        classifier.scores(q)?
-    } else {
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        Classifier {
-            w1: f32(&classifier.w1)?,
-            b1: f32(&classifier.b1)?,
-            w2: f32(&classifier.w2)?,
-            b2: f32(&classifier.b2)?,
-        }
-        .scores(q)?
-    };
-    top_probes(&scores, n_probe)
 }
 
 /// Counts the keys a decode op reads, from its probes and the index offsets.

@@ -54,7 +54,11 @@ fn counters<'a>(
         all.retain(|(d, _)| *d != id);
         all.push((id, buf));
     }
-    Ok(&all.iter().find(|(d, _)| *d == id).expect("inserted above").1)
+    Ok(&all
+        .iter()
+        .find(|(d, _)| *d == id)
+        .expect("inserted above")
+        .1)
 }
 
 /// Shared memory a block may use without opting in.

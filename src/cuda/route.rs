@@ -75,7 +75,8 @@ impl CustomOp1 for RouteOp<'_> {
         let stream = dev.cuda_stream();
         // SAFETY: every score is written by the MLP kernel (grid covers B × Hq × C).
         let scores = unsafe { dev.alloc::<f32>(b * hq * c) }?;
-        let (b32, hq32, d32, h32, c32) = (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
+        let (b32, hq32, d32, h32, c32) =
+            (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
         let smem = (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * COLS) * 4;
         let cfg = LaunchConfig {
             grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(ITEMS))?),
@@ -100,7 +101,13 @@ impl CustomOp1 for RouteOp<'_> {
                             let (w1, b1) = (view::<W>(w1, w1_l)?, view::<W>(b1, b1_l)?);
                             let (w2, b2) = (view::<W>(w2, w2_l)?, view::<W>(b2, b2_l)?);
                             let mut builder = stream.launch_builder(func);
-                            builder.arg(&qv).arg(&w1).arg(&b1).arg(&w2).arg(&b2).arg(scores);
+                            builder
+                                .arg(&qv)
+                                .arg(&w1)
+                                .arg(&b1)
+                                .arg(&w2)
+                                .arg(&b2)
+                                .arg(scores);
                             for x in &dims {
                                 builder.arg(x);
                             }
@@ -119,12 +126,24 @@ impl CustomOp1 for RouteOp<'_> {
         }
         let dims = [b32, hq32, d32, h32, c32];
         match (cl.w1.dtype(), q.dtype()) {
-            (DType::F32, DType::F32) => launch_mlp::<f32, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
-            (DType::F32, DType::BF16) => launch_mlp::<f32, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
-            (DType::F32, DType::F16) => launch_mlp::<f32, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
-            (DType::BF16, DType::F32) => launch_mlp::<bf16, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
-            (DType::BF16, DType::BF16) => launch_mlp::<bf16, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
-            (DType::BF16, DType::F16) => launch_mlp::<bf16, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg),
+            (DType::F32, DType::F32) => {
+                launch_mlp::<f32, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::F32, DType::BF16) => {
+                launch_mlp::<f32, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::F32, DType::F16) => {
+                launch_mlp::<f32, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::F32) => {
+                launch_mlp::<bf16, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::BF16) => {
+                launch_mlp::<bf16, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::F16) => {
+                launch_mlp::<bf16, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+            }
             (w, q) => candle_core::bail!("saap route: weights {w:?}, queries {q:?}"),
         }?;
         let rows = b * hq;
