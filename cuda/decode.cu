@@ -1,6 +1,7 @@
 // Split-KV decode attention over id lists (sparse: sinks ∪ probed partitions ∪ window; dense:
 // every position), one semantics with `DecodeOp` in src/attend/decode.rs.
 //
+// Two blocks per SM at least (registers capped at 128: the merge must not cost occupancy).
 // Grid: (splits, rows) with row = item * Hkv + kv_head. Each block rebuilds its row's key list
 // from the probes and the directory (union bitmap over the G query heads + a block-wide scan of
 // the selected list sizes), takes one contiguous slice of that list, and serves all G query heads
@@ -68,8 +69,10 @@ template <> struct Elem<__half> {
 template <typename T, int D>
 __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
                                              const float* __restrict__ part_ml, T* __restrict__ out,
-                                             float* ml, uint32_t row, uint32_t item, uint32_t head,
-                                             uint32_t G, uint32_t hq, uint32_t n_splits) {
+                                             float* ml, uint32_t hq, uint32_t hkv) {
+    // Recomputed here rather than kept live through the attention loop (registers).
+    const uint32_t n_splits = gridDim.x, row = blockIdx.y, G = hq / hkv;
+    const uint32_t item = row / hkv, head = row % hkv;
     const uint32_t tid = threadIdx.x, n = G * n_splits;
     const size_t base = (size_t)row * n_splits * G;  // partial index of (split 0, head 0)
     for (uint32_t i = tid; i < n; i += blockDim.x) {
@@ -101,7 +104,7 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
-template <typename T, int D, int GB, int KB>
+template <typename T, int D, int GB, int KB, bool FUSED>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
@@ -312,20 +315,7 @@ __device__ __forceinline__ void decode_impl(
             }
         }
     }
-    if (n_splits == 1) {
-        // The partial is the answer: normalize in place of a merge.
-        if (grp == 0) {
-#pragma unroll
-            for (int g = 0; g < GB; ++g) {
-                if ((uint32_t)g >= G) break;
-                const size_t o = ((size_t)item * hq + head * G + g) * D + gl * VEC;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e)
-                    out[o + e] = E::narrow(L[g] > 0.f ? acc[g][e] / L[g] : 0.f);
-            }
-        }
-        return;
-    }
+    if constexpr (!FUSED) return;  // saap_decode_combine_* merges the splits
     // Publish the partial, then count this block in; the last block of the row merges.
     __shared__ uint32_t is_last;
     __threadfence();
@@ -338,25 +328,31 @@ __device__ __forceinline__ void decode_impl(
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), row, item, head, G,
-                       hq, n_splits);
+    merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), hq, hkv);
 }
 
-#define SAAP_DECODE(NAME, T, D, GB, KB)                                                         \
+#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
         float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs, uint32_t hq, \
         uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,    \
         float scale_log2) {                                                                     \
-        decode_impl<T, D, GB, KB>(q, k, v, dir, probes, part_o, part_ml, out, counters, seqs,  \
-                                  hq, hkv, cap, n_partitions, n_probe, sinks, scale_log2);      \
+        decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, part_o, part_ml, out, counters,  \
+                                         seqs, hq, hkv, cap, n_partitions, n_probe, sinks,      \
+                                         scale_log2);                                           \
     }
 
-#define SAAP_DECODE_GROUPS(TN, T, D)                        \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2)
+// Two variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
+// block of each row (`fused`: one launch, but more registers in the kernel).
+#define SAAP_DECODE_GROUPS(TN, T, D)                                  \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false)       \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true)
 
 SAAP_DECODE_GROUPS(f32, float, 64)
 SAAP_DECODE_GROUPS(f32, float, 128)
@@ -364,6 +360,49 @@ SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 64)
 SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_DECODE_GROUPS(f16, __half, 64)
 SAAP_DECODE_GROUPS(f16, __half, 128)
+
+// Log-sum-exp merge of the splits. Grid: items * Hq blocks of D threads; out: [items, Hq, D].
+// Dynamic shared memory: 2 * n_splits floats. The splits' (max, sum) pairs are staged in shared
+// memory in one round of loads, so the loop over splits issues independent loads only (a loop
+// that waited on each split's max before loading its output was latency-bound: ~20 us).
+template <typename T>
+__device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
+                                             const float* __restrict__ part_ml, T* __restrict__ out,
+                                             uint32_t hq, uint32_t hkv, uint32_t n_splits) {
+    extern __shared__ float ml[];  // maxima [n_splits], then sums [n_splits]
+    const uint32_t D = blockDim.x, d = threadIdx.x;
+    const uint32_t item = blockIdx.x / hq, h = blockIdx.x % hq, G = hq / hkv;
+    const uint32_t row = item * hkv + h / G, g = h % G;
+    const size_t p0 = (size_t)row * n_splits * G + g;
+    for (uint32_t s = d; s < n_splits; s += D) {
+        ml[s] = part_ml[(p0 + (size_t)s * G) * 2];
+        ml[n_splits + s] = part_ml[(p0 + (size_t)s * G) * 2 + 1];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s]);
+    float L = 0.f, o = 0.f;
+    if (M != -INFINITY) {
+        // Empty splits have max -inf (weight 0) and a zero output, so no branch is needed.
+#pragma unroll 8
+        for (uint32_t s = 0; s < n_splits; ++s) {
+            const float w = exp2f(ml[s] - M);
+            L = fmaf(w, ml[n_splits + s], L);
+            o = fmaf(w, part_o[(p0 + (size_t)s * G) * D + d], o);
+        }
+    }
+    out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
+}
+
+#define SAAP_COMBINE(NAME, T)                                                                     \
+    extern "C" __global__ void NAME(const float* part_o, const float* part_ml, T* out, uint32_t hq, \
+                                    uint32_t hkv, uint32_t n_splits) {                            \
+        combine_impl<T>(part_o, part_ml, out, hq, hkv, n_splits);                                 \
+    }
+
+SAAP_COMBINE(saap_decode_combine_f32, float)
+SAAP_COMBINE(saap_decode_combine_bf16, __nv_bfloat16)
+SAAP_COMBINE(saap_decode_combine_f16, __half)
 
 // ---------------------------------------------------------------------------------------------
 // Routing of a decode step: the per-query-head classifier MLP (D → H → C, GELU) with weights of
@@ -383,8 +422,8 @@ template <> __device__ __forceinline__ float to_f32(__half x) { return __half2fl
 
 // q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
 // Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / ROUTE_ITEMS)). Dynamic shared memory:
-// ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * ROUTE_COLS floats.
-// C * sizeof(W) must be a multiple of 16 (checked by the host).
+// ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * max(ROUTE_COLS, 32 * VEC)
+// floats. C * sizeof(W) and H * sizeof(W) must be multiples of 16 (checked by the host).
 template <typename W, typename Q>
 __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
                                                const W* __restrict__ b1, const W* __restrict__ w2,
@@ -401,7 +440,7 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
     extern __shared__ __align__(16) float rs[];
     float* xs = rs;            // IB * D queries
     float* hs = xs + IB * D;   // IB * H hidden activations
-    float* red = hs + IB * H;  // WARPS * IB * ROUTE_COLS partial sums
+    float* red = hs + IB * H;  // WARPS * IB * max(ROUTE_COLS, 32 * VEC) partial sums
     const uint32_t tid = threadIdx.x, head = blockIdx.y;
     const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
     const uint32_t nb = min((uint32_t)IB, B - i0);
@@ -410,26 +449,47 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
         xs[i] = b < nb ? to_f32(q[((size_t)(i0 + b) * hq + head) * D + i % D]) : 0.f;
     }
     __syncthreads();
-    // Hidden layer: one unit per thread, all items at once.
+    // Hidden layer: lanes take VEC units each (16-byte loads of a w1 row), the 8 warps split
+    // the D rows, so every thread has D / 8 loads in flight; warps' sums meet in shared memory.
     const W* w1h = w1 + (size_t)head * D * H;
-    for (uint32_t h = tid; h < H; h += ROUTE_THREADS) {
-        float a[IB];
+    constexpr int HCH = 32 * VEC;  // hidden units per pass
+    for (uint32_t hc = 0; hc < H; hc += HCH) {
+        const uint32_t u = hc + (tid % 32) * VEC, dg = tid / 32;
+        float a[IB][VEC];
 #pragma unroll
-        for (int b = 0; b < IB; ++b) a[b] = 0.f;
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a[b][e] = 0.f;
+        if (u < H) {
 #pragma unroll 8
-        for (uint32_t d = 0; d < D; ++d) {
-            const float w = to_f32(w1h[(size_t)d * H + h]);
+            for (uint32_t d = dg; d < D; d += WARPS) {
+                const uint4 r = __ldg(reinterpret_cast<const uint4*>(w1h + (size_t)d * H + u));
+                float w[VEC];
+                E::widen(r, w);
 #pragma unroll
-            for (int b = 0; b < IB; ++b) a[b] = fmaf(xs[b * D + d], w, a[b]);
+                for (int b = 0; b < IB; ++b) {
+                    const float x = xs[b * D + d];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) a[b][e] = fmaf(x, w[e], a[b][e]);
+                }
+            }
         }
-        const float bias = to_f32(b1[(size_t)head * H + h]);
 #pragma unroll
-        for (int b = 0; b < IB; ++b) {
-            const float x = a[b] + bias;
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) red[(dg * IB + b) * HCH + (tid % 32) * VEC + e] = a[b][e];
+        __syncthreads();
+        for (uint32_t i = tid; i < IB * HCH; i += ROUTE_THREADS) {
+            const uint32_t b = i / HCH, h = hc + i % HCH;
+            if (h >= H) continue;
+            float x = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) x += red[(w * IB + b) * HCH + i % HCH];
+            x += to_f32(b1[(size_t)head * H + h]);
             hs[b * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
         }
+        __syncthreads();
     }
-    __syncthreads();
     // Output layer: VEC columns per lane (16-byte loads), rows split over RG row groups.
     const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
     const uint32_t rg = warp * RGW + lane / CT;
@@ -441,7 +501,7 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
         for (int e = 0; e < VEC; ++e) acc[b][e] = 0.f;
     if (col < C) {
         const W* w2h = w2 + (size_t)head * H * C + col;
-#pragma unroll 4
+#pragma unroll 8
         for (uint32_t h = rg; h < H; h += RG) {
             const uint4 r = __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C));
             float w[VEC];

@@ -98,7 +98,16 @@ fn random_index(config: &SaapConfig, rng: &mut StdRng) -> Res<SaapIndex> {
     Ok(SaapIndex::new(config.clone(), "random", vec![layer])?)
 }
 
+/// Random bf16; tensors of 2^31 elements or more are made per batch item (candle's elementwise
+/// launches count elements in u32).
 fn randn_bf16(shape: &[usize], dev: &Device) -> Res<Tensor> {
+    let numel: usize = shape.iter().product();
+    if numel >= 1 << 31 && shape[0] > 1 {
+        let parts: Vec<Tensor> = (0..shape[0])
+            .map(|_| randn_bf16(&[&[1], &shape[1..]].concat(), dev))
+            .collect::<Res<_>>()?;
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
     Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)?)
 }
 

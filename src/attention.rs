@@ -663,7 +663,8 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
         return Ok(stats);
     };
     let c = op.n_partitions;
-    let offsets = dir.narrow(2, 0, c + 1)?.to_vec3::<u32>()?;
+    // Contiguous first: on CUDA `to_vec3` copies the whole storage (the directory's perm too).
+    let offsets = dir.narrow(2, 0, c + 1)?.contiguous()?.to_vec3::<u32>()?;
     let probes = probes.to_vec3::<u32>()?;
     for (b, seq) in op.seqs.iter().enumerate() {
         let fixed = op.sinks.min(seq.len) + seq.len - seq.indexed_end;

@@ -1,6 +1,7 @@
 //! Launches of split-KV decode attention (`cuda/decode.cu`): one kernel computes a partial
-//! (max, sum, out) per (row, split), and the last block of each row to finish merges the splits
-//! by log-sum-exp (a per-row counter kept on the device between calls). Sparse and dense are the
+//! (max, sum, out) per (row, split); a second merges the splits by log-sum-exp, or, with
+//! `SAAP_CUDA_MERGE=fused`, the last block of each row to finish does (a per-row counter kept on
+//! the device between calls; one launch, but the kernel needs more registers). Sparse and dense are the
 //! same kernel; sparse builds its key list on the device from probes and directory, so a step
 //! needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
@@ -24,6 +25,12 @@ const MAX_SPLITS: usize = 128;
 /// Fewer keys than this per split cost more in fixed work than they save in parallelism.
 /// `SAAP_CUDA_KEYS_PER_SPLIT` overrides it (tuning experiments).
 const MIN_KEYS_PER_SPLIT: usize = 128;
+
+/// Whether the last block of a row merges its splits (`SAAP_CUDA_MERGE=fused`).
+fn fused_merge() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("SAAP_CUDA_MERGE").is_ok_and(|v| v == "fused"))
+}
 
 fn min_keys_per_split() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -175,7 +182,14 @@ fn launch<T: DeviceRepr>(
     let g = hq / hkv;
     // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
     let gb = g.next_power_of_two();
-    let func = load(dev, &DECODE, &format!("saap_decode_{tname}_d{d}_g{gb}"))?;
+    let fused = fused_merge();
+    let variant = if fused { "fused_" } else { "" };
+    let func = load(
+        dev,
+        &DECODE,
+        &format!("saap_decode_{variant}{tname}_d{d}_g{gb}"),
+    )?;
+    let combine = load(dev, &DECODE, &format!("saap_decode_combine_{tname}"))?;
     let c = op.n_partitions;
     let lanes_per_key = d * std::mem::size_of::<T>() / 16;
     let groups = THREADS as usize / lanes_per_key;
@@ -196,7 +210,7 @@ fn launch<T: DeviceRepr>(
         .w()?
         .max(1) as usize;
     let slots = sm_count(dev)? * per_sm;
-    // SAFETY: every element is written by the merging block of its row.
+    // SAFETY: every element is written by the combine kernel or the merging block of its row.
     let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
     let stream = dev.cuda_stream();
     let null = 0u64;
@@ -273,6 +287,24 @@ fn launch<T: DeviceRepr>(
         // (ids are checked against cap on the device), writes inside the partials, the output
         // chunk and the first `rows` counters.
         unsafe { attend.launch(cfg) }.w()?;
+        if fused {
+            continue;
+        }
+        let mut merge = stream.launch_builder(&combine);
+        merge
+            .arg(&part_o)
+            .arg(&part_ml)
+            .arg(&mut oc)
+            .arg(&hq32)
+            .arg(&hkv32)
+            .arg(&splits32);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(items * hq)?, 1, 1),
+            block_dim: (to_u32(d)?, 1, 1),
+            shared_mem_bytes: 2 * 4 * splits32,
+        };
+        // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
+        unsafe { merge.launch(cfg) }.w()?;
     }
     Ok(out)
 }

@@ -33,15 +33,23 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor) -> bool {
     let same = [&classifier.b1, &classifier.w2, &classifier.b2]
         .iter()
         .all(|t| t.dtype() == w && t.is_contiguous());
-    let smem = (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * COLS) * 4;
+    let smem = smem_bytes(d, h, w);
     matches!(w, DType::F32 | DType::BF16)
         && same
         && classifier.w1.is_contiguous()
         && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && q.dims() == [q.dims().first().copied().unwrap_or(0), hq, d]
         && (c * w.size_in_bytes()) % 16 == 0
+        && (h * w.size_in_bytes()) % 16 == 0
         && smem <= SMEM_LIMIT
         && c.next_power_of_two() * 8 <= SMEM_LIMIT
+}
+
+/// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over
+/// `COLS` outputs, or 32 lanes × one 16-byte vector of hidden units).
+fn smem_bytes(d: usize, h: usize, w: DType) -> usize {
+    let chunk = COLS.max(32 * 16 / w.size_in_bytes());
+    (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * chunk) * 4
 }
 
 impl CustomOp1 for RouteOp<'_> {
@@ -77,7 +85,7 @@ impl CustomOp1 for RouteOp<'_> {
         let scores = unsafe { dev.alloc::<f32>(b * hq * c) }?;
         let (b32, hq32, d32, h32, c32) =
             (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
-        let smem = (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * COLS) * 4;
+        let smem = smem_bytes(d, h, cl.w1.dtype());
         let cfg = LaunchConfig {
             grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(ITEMS))?),
             block_dim: (THREADS, 1, 1),
@@ -121,8 +129,10 @@ impl CustomOp1 for RouteOp<'_> {
                 })
             })
         }
-        if (cl.w2.layout().start_offset() * cl.w2.dtype().size_in_bytes()) % 16 != 0 {
-            candle_core::bail!("saap route: w2 does not start on a 16-byte boundary");
+        for (name, w) in [("w1", &cl.w1), ("w2", &cl.w2)] {
+            if (w.layout().start_offset() * w.dtype().size_in_bytes()) % 16 != 0 {
+                candle_core::bail!("saap route: {name} does not start on a 16-byte boundary");
+            }
         }
         let dims = [b32, hq32, d32, h32, c32];
         match (cl.w1.dtype(), q.dtype()) {
