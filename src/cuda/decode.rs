@@ -238,8 +238,9 @@ fn launch<T: DeviceRepr>(
             })
             .max()
             .unwrap_or(0);
-        let splits = slots
-            .div_ceil(rows)
+        // Whole waves: rows · splits at most one block per SM slot (rounding up left a second,
+        // mostly idle wave at batch 8: 64 rows × 5 splits = 320 blocks on 264 slots).
+        let splits = (slots / rows)
             .min(longest.div_ceil(min_keys_per_split()))
             .clamp(1, MAX_SPLITS);
         // SAFETY: every block writes its whole partial, empty splits included.

@@ -92,8 +92,7 @@ impl CustomOp1 for RouteOp<'_> {
             shared_mem_bytes: to_u32(smem)?,
         };
         fn launch_mlp<W: CudaDType, Q: CudaDType>(
-            q: &CudaStorage,
-            q_l: &Layout,
+            (q, q_l): (&CudaStorage, &Layout),
             cl: &Classifier,
             stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
             func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
@@ -137,22 +136,22 @@ impl CustomOp1 for RouteOp<'_> {
         let dims = [b32, hq32, d32, h32, c32];
         match (cl.w1.dtype(), q.dtype()) {
             (DType::F32, DType::F32) => {
-                launch_mlp::<f32, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (DType::F32, DType::BF16) => {
-                launch_mlp::<f32, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (DType::F32, DType::F16) => {
-                launch_mlp::<f32, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (DType::BF16, DType::F32) => {
-                launch_mlp::<bf16, f32>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (DType::BF16, DType::BF16) => {
-                launch_mlp::<bf16, bf16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (DType::BF16, DType::F16) => {
-                launch_mlp::<bf16, f16>(q, q_l, cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
             }
             (w, q) => candle_core::bail!("saap route: weights {w:?}, queries {q:?}"),
         }?;
