@@ -10,9 +10,11 @@
 //!   --partitions C  --probe L  --window W  --sinks S  --hidden H   override the sized defaults
 //!   --seqs K                training sequences per text (default 2)
 //!   --epochs E              classifier epochs (default 30)
+//!   --queries Q             training queries per sequence (default 1024)
 //!   --min-recall R          layers below this held-out recall are served dense (default 0.9)
 //!   --out PATH              default <cache>/indexes/<model>-ctx<N>.safetensors
-//!   --cuda                  record on GPU 0 (training itself runs on the CPU)
+//!   --cuda                  record, run k-means and compute attention targets on GPU 0 (the
+//!                           classifier itself trains on the CPU)
 //! ```
 
 use candle_core::Device;
@@ -30,7 +32,7 @@ fn main() -> Res<()> {
     let (mut qwen, mut cuda) = (false, false);
     let mut context = 4096;
     let mut overrides: Vec<(String, usize)> = Vec::new();
-    let (mut seqs, mut epochs, mut min_recall) = (2, 30, 0.9);
+    let (mut seqs, mut epochs, mut min_recall, mut queries) = (2, 30, 0.9, 1024);
     let mut out: Option<PathBuf> = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -45,6 +47,7 @@ fn main() -> Res<()> {
             }
             "--seqs" => seqs = value()?.parse()?,
             "--epochs" => epochs = value()?.parse()?,
+            "--queries" => queries = value()?.parse()?,
             "--min-recall" => min_recall = value()?.parse()?,
             "--out" => out = Some(value()?.into()),
             "-h" | "--help" => {
@@ -85,6 +88,8 @@ fn main() -> Res<()> {
     config.validate()?;
     let mut params = TrainParams::new(&config);
     params.mlp.epochs = epochs;
+    params.queries_per_seq = queries;
+    params.device = device.clone();
     let mut plan = CalibrationPlan::new(context);
     plan.train_seqs = seqs;
     plan.min_recall = min_recall;

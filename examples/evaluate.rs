@@ -14,6 +14,9 @@
 //!   --ppl-tokens M          teacher-forced decode steps for perplexity (default 256)
 //!   --nih-lengths a,b,..    passkey prompt lengths in tokens (default 1024,2048,4096)
 //!   --nih-depths x,y,..     needle depths in 0..1 (default 0.1,0.5,0.9)
+//!   --haystack KIND         passkey haystack: `filler` (the classic repeated sentences, default:
+//!                           SmolLM2-135M fails the task even dense on real prose) or `text`
+//!                           (the held-out text)
 //!   --probe L               override ℓ
 //!   --out DIR               default bench/results/eval-<model>-ctx<N>
 //!   --cuda                  GPU 0
@@ -43,6 +46,7 @@ struct Args {
     ppl_tokens: usize,
     nih_lengths: Vec<usize>,
     nih_depths: Vec<f64>,
+    filler: bool,
     probe: Option<usize>,
     out: Option<PathBuf>,
     cuda: bool,
@@ -68,6 +72,7 @@ fn parse_args() -> Res<Args> {
         ppl_tokens: 256,
         nih_lengths: vec![1024, 2048, 4096],
         nih_depths: vec![0.1, 0.5, 0.9],
+        filler: true,
         probe: None,
         out: None,
         cuda: false,
@@ -93,6 +98,13 @@ fn parse_args() -> Res<Args> {
             "--ppl-tokens" => a.ppl_tokens = value()?.parse()?,
             "--nih-lengths" => a.nih_lengths = list(&value()?)?,
             "--nih-depths" => a.nih_depths = list(&value()?)?,
+            "--haystack" => {
+                a.filler = match value()?.as_str() {
+                    "filler" => true,
+                    "text" => false,
+                    other => return Err(format!("unknown haystack {other}").into()),
+                }
+            }
             "--probe" => a.probe = Some(value()?.parse()?),
             "--out" => a.out = Some(value()?.into()),
             "--cuda" => a.cuda = true,
@@ -227,7 +239,7 @@ fn main() -> Res<()> {
     let mut layers = Vec::new();
     for (layer, seqs) in recorded.iter().enumerate() {
         let trained = index.layer(layer)?;
-        let eval = |routing| evaluate_routing(seqs, trained, &config, routing, first, 128);
+        let eval = |routing| evaluate_routing(seqs, trained, &config, routing, first, 128, &device);
         layers.push(LayerRow {
             layer,
             routing: trained.routing,
@@ -295,19 +307,32 @@ fn main() -> Res<()> {
 
     // 3. Passkey grid: greedy answers after a shared dense prefill of the haystack.
     let mut nih = Vec::new();
-    let question = tok.encode("\nWhat is the secret passkey? The secret passkey is")?;
+    let intro = tok.encode(
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n",
+    )?;
+    let question = tok.encode("\nWhat is the pass key? The pass key is")?;
+    let haystack = if args.filler {
+        tok.encode(&"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ".repeat(
+            args.nih_lengths.iter().max().copied().unwrap_or(0) / 16 + 1,
+        ))?
+    } else {
+        ids[ids.len() / 3..].to_vec()
+    };
     for &length in &args.nih_lengths {
         for (d, &depth) in args.nih_depths.iter().enumerate() {
             let passkey = format!("{}", 10_000 + (length * 7919 + d * 104_729) % 90_000);
             let needle = tok.encode(&format!(
-                " The secret passkey is {passkey}. Remember it: {passkey}. "
+                " The pass key is {passkey}. Remember it. {passkey} is the pass key. "
             ))?;
-            let hay_len = length.saturating_sub(needle.len() + question.len());
-            let offset = (ids.len() / 3).min(ids.len().saturating_sub(hay_len));
-            let hay = &ids[offset..offset + hay_len];
+            let hay_len = length.saturating_sub(intro.len() + needle.len() + question.len());
+            if haystack.len() < hay_len {
+                return Err(format!("haystack shorter than {hay_len} tokens").into());
+            }
+            let hay = &haystack[..hay_len];
             let at = (depth * hay_len as f64) as usize;
-            let prompt: Vec<u32> = hay[..at]
+            let prompt: Vec<u32> = intro
                 .iter()
+                .chain(&hay[..at])
                 .chain(&needle)
                 .chain(&hay[at..])
                 .chain(&question)
@@ -399,8 +424,9 @@ fn markdown(r: &Report, args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- --context {} --seqs {} --ppl-tokens {}{}`\n",
+        "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- --context {} --seqs {} --ppl-tokens {} --haystack {}{}`\n",
         r.n_partitions, r.n_probe, r.window, r.sinks, r.dense_layers, args.context, args.seqs, args.ppl_tokens,
+        if args.filler { "filler" } else { "text" },
         if args.qwen { " --qwen" } else { "" }
     );
     let _ = writeln!(s, "## Decoding (same prefill, same op)\n\n| mode | perplexity | keys read (all) | keys read (indexed only) | passkey | tokens/s |\n|---|---|---|---|---|---|");

@@ -182,15 +182,15 @@ impl SaapConfig {
     }
 
     /// Defaults sized to a model's context length `context`:
-    /// - C = `context / 64` rounded to a power of two, in 16..=1024 (the paper's 1024 partitions
-    ///   at 128k+ tokens; about 64–128 keys per partition at shorter contexts, so a partition is
-    ///   still a meaningful cluster);
-    /// - ℓ = C / 32 (≈ 3% of the partitions per query head);
-    /// - window = `context / 32` in 64..=2048 and 4 sinks below 64k tokens, 16 above.
+    /// - C = `context / 32` rounded to a power of two, in 16..=1024 (the paper's 1024 partitions
+    ///   at 128k+ tokens; at shorter contexts about 32 keys per partition, so that ℓ = C/32
+    ///   partitions are still a fine-grained 3% of the keys);
+    /// - ℓ = C / 32;
+    /// - window = `context / 16` in 64..=2048 and 4 sinks below 64k tokens, 16 above.
     pub fn for_context(layout: HeadLayout, rope: RopeConfig, context: usize) -> Result<Self> {
-        let n_partitions = (context / 64).next_power_of_two().clamp(16, 1024);
+        let n_partitions = (context / 32).next_power_of_two().clamp(16, 1024);
         let mut config = Self::new(layout, rope, n_partitions)?;
-        config.window = (context / 32).clamp(64, 2048);
+        config.window = (context / 16).clamp(64, 2048);
         config.sinks = if context < 65_536 { 4 } else { 16 };
         config.merge_every = (config.window / 8).max(1);
         config.validate()?;

@@ -2,6 +2,7 @@
 
 mod common;
 
+use candle_core::Device;
 use common::*;
 use rand::Rng;
 use saap::partition::kmeans::{kmeans, KMeansInit, KMeansParams};
@@ -108,8 +109,14 @@ fn kmeans_matches_plain_lloyd_and_never_increases_inertia() {
         init: KMeansInit::Random,
         seed: 9,
     };
-    let one_iter = kmeans(&points, dim, &KMeansParams { iters: 1, ..params }).unwrap();
-    let full = kmeans(&points, dim, &params).unwrap();
+    let one_iter = kmeans(
+        &points,
+        dim,
+        &KMeansParams { iters: 1, ..params },
+        &Device::Cpu,
+    )
+    .unwrap();
+    let full = kmeans(&points, dim, &params, &Device::Cpu).unwrap();
     let reference = lloyd_reference(&points, dim, &one_iter.centroids, params.iters);
     for (a, b) in full.centroids.iter().zip(&reference) {
         assert!((a - b).abs() < 1e-3, "{a} vs {b}");
@@ -130,6 +137,7 @@ fn kmeans_matches_plain_lloyd_and_never_increases_inertia() {
                 init,
                 seed: 4,
             },
+            &Device::Cpu,
         )
         .unwrap();
         assert!(
@@ -143,7 +151,13 @@ fn kmeans_matches_plain_lloyd_and_never_increases_inertia() {
 
 #[test]
 fn kmeans_rejects_bad_input() {
-    assert!(kmeans(&[1.0, 2.0, 3.0], 2, &KMeansParams::new(1, 0)).is_err());
-    assert!(kmeans(&[1.0, 2.0], 2, &KMeansParams::new(2, 0)).is_err());
-    assert!(kmeans(&[f32::NAN, 2.0, 1.0, 1.0], 2, &KMeansParams::new(1, 0)).is_err());
+    assert!(kmeans(&[1.0, 2.0, 3.0], 2, &KMeansParams::new(1, 0), &Device::Cpu).is_err());
+    assert!(kmeans(&[1.0, 2.0], 2, &KMeansParams::new(2, 0), &Device::Cpu).is_err());
+    assert!(kmeans(
+        &[f32::NAN, 2.0, 1.0, 1.0],
+        2,
+        &KMeansParams::new(1, 0),
+        &Device::Cpu
+    )
+    .is_err());
 }

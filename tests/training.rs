@@ -125,7 +125,18 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     params.queries_per_seq = 300;
     let layer = train_layer(&train, &config, &params, None).unwrap();
     let first = first_query_position(&config, params.min_indexed);
-    let eval = |routing| evaluate_routing(&held_out, &layer, &config, routing, first, 100).unwrap();
+    let eval = |routing| {
+        evaluate_routing(
+            &held_out,
+            &layer,
+            &config,
+            routing,
+            first,
+            100,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let classifier = eval(Routing::Classifier);
     let nearest = eval(Routing::NearestCentroid);
     let dense = eval(Routing::Dense);
@@ -151,6 +162,7 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
             Routing::NearestCentroid,
             first,
             100,
+            &Device::Cpu,
         )
         .unwrap();
         if e.indexed_selectivity >= classifier.indexed_selectivity || wider.n_probe == TOPICS {
@@ -254,7 +266,7 @@ fn context_sized_defaults() {
     let small = SaapConfig::for_context(layout, rope, 8192).unwrap();
     assert_eq!(
         (small.n_partitions, small.n_probe, small.window, small.sinks),
-        (128, 4, 256, 4)
+        (256, 8, 512, 4)
     );
     let large = SaapConfig::for_context(layout, rope, 131_072).unwrap();
     assert_eq!(

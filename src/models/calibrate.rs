@@ -190,7 +190,8 @@ pub fn cached_or_trained_index(
     }
     let layout = model.config().layout;
     let config = SaapConfig::for_context(layout, model.config().rope, context)?;
-    let params = TrainParams::new(&config);
+    let mut params = TrainParams::new(&config);
+    params.device = model.device().clone();
     eprintln!(
         "no index for {name} at {} yet: calibrating one (C = {}, ℓ = {}, window {}, sinks {})",
         path.display(),

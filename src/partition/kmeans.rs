@@ -67,12 +67,17 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f64 {
         .sum()
 }
 
-/// Nearest centroid of every point, with the squared distance to it.
-fn nearest(points: &[f32], centroids: &[f32], dim: usize) -> Result<(Vec<u32>, Vec<f64>)> {
+/// Nearest centroid of every point (the GEMM on `device`), with the squared distance to it.
+fn nearest(
+    points: &[f32],
+    centroids: &[f32],
+    dim: usize,
+    device: &Device,
+) -> Result<(Vec<u32>, Vec<f64>)> {
     let n = points.len() / dim;
     let k = centroids.len() / dim;
-    let p = Tensor::from_slice(points, (1, n, dim), &Device::Cpu)?;
-    let c = Tensor::from_slice(centroids, (1, k, dim), &Device::Cpu)?;
+    let p = Tensor::from_slice(points, (1, n, dim), device)?;
+    let c = Tensor::from_slice(centroids, (1, k, dim), device)?;
     let labels = assign(&p, &c)?.flatten_all()?.to_vec1::<u32>()?;
     let dists = labels
         .iter()
@@ -123,8 +128,13 @@ fn init_centroids(points: &[f32], dim: usize, params: &KMeansParams, rng: &mut S
     }
 }
 
-/// Runs k-means on `points` (`[n, dim]` row-major f32).
-pub fn kmeans(points: &[f32], dim: usize, params: &KMeansParams) -> Result<KMeans> {
+/// Runs k-means on `points` (`[n, dim]` row-major f32); assignments run on `device`.
+pub fn kmeans(
+    points: &[f32],
+    dim: usize,
+    params: &KMeansParams,
+    device: &Device,
+) -> Result<KMeans> {
     if dim == 0 || points.len() % dim != 0 {
         return Err(SaapError::Training(format!(
             "{} values do not form rows of dimension {dim}",
@@ -159,7 +169,7 @@ pub fn kmeans(points: &[f32], dim: usize, params: &KMeansParams) -> Result<KMean
     let mut centroids = init_centroids(points, dim, params, &mut rng);
     let mut inertia = Vec::with_capacity(params.iters);
     for iter in 0..params.iters.max(1) {
-        let (labels, dists) = nearest(points, &centroids, dim)?;
+        let (labels, dists) = nearest(points, &centroids, dim, device)?;
         inertia.push(dists.iter().sum());
         if iter + 1 == params.iters.max(1) {
             break;

@@ -34,41 +34,54 @@ impl Sequence {
 /// Reassembles whole sequences from a layer's recorded prefill calls: a batch item whose call
 /// starts at position 0 begins a new sequence, later chunks extend it.
 pub fn sequences_from_records(records: &[Recorded]) -> Result<Vec<Sequence>> {
+    /// Chunks of one sequence, concatenated once at the end (not per chunk, which would copy
+    /// the growing sequence again for every chunk).
+    #[derive(Default)]
+    struct Parts {
+        len: usize,
+        q: Vec<Tensor>,
+        k: Vec<Tensor>,
+        v: Vec<Tensor>,
+    }
+    fn close(parts: Parts) -> Result<Sequence> {
+        Ok(Sequence {
+            q: Tensor::cat(&parts.q, 1)?,
+            k: Tensor::cat(&parts.k, 1)?,
+            v: Tensor::cat(&parts.v, 1)?,
+        })
+    }
     let mut done = Vec::new();
-    let mut open: Vec<Option<Sequence>> = Vec::new();
+    let mut open: Vec<Option<Parts>> = Vec::new();
     for record in records {
         if open.len() < record.lens.len() {
-            open.resize(record.lens.len(), None);
+            open.resize_with(record.lens.len(), || None);
         }
         for (b, (&len, &start)) in record.lens.iter().zip(&record.starts).enumerate() {
             if len == 0 {
                 continue;
             }
-            let q = record.q.get(b)?.narrow(1, 0, len)?;
-            let k = record.k.get(b)?.narrow(1, 0, len)?;
-            let v = record.v.get(b)?.narrow(1, 0, len)?;
             let slot = &mut open[b];
-            match slot.take() {
-                Some(seq) if start == seq.len() => {
-                    *slot = Some(Sequence {
-                        q: Tensor::cat(&[&seq.q, &q], 1)?,
-                        k: Tensor::cat(&[&seq.k, &k], 1)?,
-                        v: Tensor::cat(&[&seq.v, &v], 1)?,
-                    });
+            let continues = slot.as_ref().is_some_and(|p| p.len == start);
+            if !continues {
+                if start != 0 {
+                    return Err(SaapError::Training(format!(
+                        "recorded chunk of item {b} starts at {start}, not where its sequence ends"
+                    )));
                 }
-                previous => {
-                    if start != 0 {
-                        return Err(SaapError::Training(format!(
-                            "recorded chunk of item {b} starts at {start}, not where its sequence ends"
-                        )));
-                    }
-                    done.extend(previous);
-                    *slot = Some(Sequence { q, k, v });
+                if let Some(previous) = slot.take() {
+                    done.push(close(previous)?);
                 }
             }
+            let parts = slot.get_or_insert_with(Parts::default);
+            parts.q.push(record.q.get(b)?.narrow(1, 0, len)?);
+            parts.k.push(record.k.get(b)?.narrow(1, 0, len)?);
+            parts.v.push(record.v.get(b)?.narrow(1, 0, len)?);
+            parts.len += len;
         }
     }
-    done.extend(open.into_iter().flatten());
+    for parts in open.into_iter().flatten() {
+        done.push(close(parts)?);
+    }
     Ok(done)
 }
 
@@ -94,33 +107,42 @@ pub struct QueryAttention {
     pub positions: Vec<usize>,
     /// Pre-RoPE queries `[Hq, P, D]`.
     pub q: Tensor,
-    /// Softmax weights `[Hq, P, n]` (zero past each query's position).
+    /// Softmax weights `[Hq, P, n]` (zero past each query's position), on the work device.
     pub probs: Tensor,
-    /// Partition of every key `[Hkv, n]` u32.
+    /// Partition of every key `[Hkv, n]` u32 (on the work device, like `probs`).
     pub labels: Tensor,
 }
 
 /// Computes the attention of the queries at `positions` over their causal context, with the
 /// rotation and `1/sqrt(D)` scale decode uses, and the keys' partitions under `centroids`.
+/// The work runs on `device` (a GPU makes long calibration contexts cheap); `q` stays on the CPU.
 pub fn query_attention(
     seq: &Sequence,
     config: &SaapConfig,
     positions: &[usize],
     centroids: &Tensor,
+    device: &Device,
 ) -> Result<QueryAttention> {
     let layout = config.layout;
     let (hkv, g, d) = (layout.n_kv_heads, layout.group_size(), layout.head_dim);
     let n = seq.len();
     let p = positions.len();
     let rope = Rope::new(&config.rope, d);
-    let dev = &Device::Cpu;
+    let dev = device;
+    let keys = seq.k.to_device(dev)?;
     let key_pos: Vec<usize> = (0..n).collect();
     let (kc, ks) = rope.tables_at(&key_pos, (1, n), DType::F32, dev)?;
-    let k_rot = rope.apply(&seq.k.unsqueeze(0)?, &kc, &ks)?.squeeze(0)?;
-    let idx = Tensor::from_vec(positions.iter().map(|&t| t as u32).collect(), p, dev)?;
+    let k_rot = rope.apply(&keys.unsqueeze(0)?, &kc, &ks)?.squeeze(0)?;
+    let idx = Tensor::from_vec(
+        positions.iter().map(|&t| t as u32).collect(),
+        p,
+        &Device::Cpu,
+    )?;
     let q = seq.q.index_select(&idx, 1)?;
     let (qc, qs) = rope.tables_at(positions, (1, p), DType::F32, dev)?;
-    let q_rot = rope.apply(&q.unsqueeze(0)?, &qc, &qs)?.squeeze(0)?;
+    let q_rot = rope
+        .apply(&q.to_device(dev)?.unsqueeze(0)?, &qc, &qs)?
+        .squeeze(0)?;
     let mask: Vec<f32> = positions
         .iter()
         .flat_map(|&t| (0..n).map(move |j| if j <= t { 0.0 } else { f32::NEG_INFINITY }))
@@ -135,7 +157,7 @@ pub fn query_attention(
         positions: positions.to_vec(),
         q,
         probs,
-        labels: assign(&seq.k, centroids)?,
+        labels: assign(&keys, &centroids.to_device(dev)?)?,
     })
 }
 
@@ -160,7 +182,7 @@ impl QueryAttention {
                 })
             })
             .collect();
-        let indexed = Tensor::from_vec(indexed, (1, p, n), &Device::Cpu)?;
+        let indexed = Tensor::from_vec(indexed, (1, p, n), self.probs.device())?;
         let masked = self.probs.broadcast_mul(&indexed)?;
         let one_hot = one_hot(&self.labels, c)?; // [Hkv, n, C]
         let g = hq / hkv;

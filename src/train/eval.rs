@@ -6,6 +6,8 @@ use crate::config::{Routing, SaapConfig};
 use crate::error::Result;
 use crate::index::LayerIndex;
 use crate::train::data::{query_attention, query_positions, Sequence};
+use candle_core::Device;
+use rayon::prelude::*;
 
 /// Means over held-out queries and heads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -31,8 +33,26 @@ pub struct RoutingEval {
     pub samples: usize,
 }
 
+impl RoutingEval {
+    /// Field-wise sum (for accumulating per-query sums before the mean).
+    fn plus(self, o: Self) -> Self {
+        Self {
+            indexed_recall: self.indexed_recall + o.indexed_recall,
+            recall: self.recall + o.recall,
+            window_sinks_mass: self.window_sinks_mass + o.window_sinks_mass,
+            indexed_selectivity: self.indexed_selectivity + o.indexed_selectivity,
+            selectivity: self.selectivity + o.selectivity,
+            oracle_indexed_recall: self.oracle_indexed_recall + o.oracle_indexed_recall,
+            oracle_recall: self.oracle_recall + o.oracle_recall,
+            output_rel_error: self.output_rel_error + o.output_rel_error,
+            samples: self.samples + o.samples,
+        }
+    }
+}
+
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
-/// placed after `first` (see [`crate::train::data::first_query_position`]).
+/// placed after `first` (see [`crate::train::data::first_query_position`]); the true attention
+/// is computed on `device`.
 pub fn evaluate_routing(
     sequences: &[Sequence],
     layer: &LayerIndex,
@@ -40,6 +60,7 @@ pub fn evaluate_routing(
     routing: Routing,
     first: usize,
     queries_per_seq: usize,
+    device: &Device,
 ) -> Result<RoutingEval> {
     let layout = config.layout;
     let (g, c) = (layout.group_size(), config.n_partitions);
@@ -49,9 +70,13 @@ pub fn evaluate_routing(
         if positions.is_empty() {
             continue;
         }
-        let qa = query_attention(seq, config, &positions, &layer.centroids)?;
+        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
         // Probes per (query head, query): [Hq, P, ℓ] from [B = P, Hq, D] queries.
-        let q = qa.q.transpose(0, 1)?.contiguous()?;
+        // Routing runs where the layer's weights live (the model's device).
+        let q =
+            qa.q.transpose(0, 1)?
+                .contiguous()?
+                .to_device(layer.centroids.device())?;
         let probes = match routing {
             Routing::Classifier => Some(top_probes(&layer.classifier.scores(&q)?, config.n_probe)?),
             Routing::NearestCentroid => Some(top_probes(
@@ -65,52 +90,61 @@ pub fn evaluate_routing(
         let probs = qa.probs.to_vec3::<f32>()?;
         let labels = qa.labels.to_vec2::<u32>()?;
         let values = seq.v.to_vec3::<f32>()?;
-        for (i, &t) in positions.iter().enumerate() {
-            let n = t + 1;
-            let sink_end = config.sinks.min(n);
-            let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
-            for (kvh, (lab, vals)) in labels.iter().zip(&values).enumerate() {
-                let heads = kvh * g..(kvh + 1) * g;
-                let mut probed = vec![probes.is_none(); c];
-                if let Some(probes) = &probes {
-                    for &part in probes[i][heads.clone()].iter().flatten() {
-                        probed[part as usize] = true;
+        // Queries are independent: score them in parallel, then add the partial sums.
+        let part = positions
+            .par_iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let mut sum = RoutingEval::default();
+                let n = t + 1;
+                let sink_end = config.sinks.min(n);
+                let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
+                for (kvh, (lab, vals)) in labels.iter().zip(&values).enumerate() {
+                    let heads = kvh * g..(kvh + 1) * g;
+                    let mut probed = vec![probes.is_none(); c];
+                    if let Some(probes) = &probes {
+                        for &part in probes[i][heads.clone()].iter().flatten() {
+                            probed[part as usize] = true;
+                        }
+                    }
+                    let read = (sink_end..index_end)
+                        .filter(|&j| probed[lab[j] as usize])
+                        .count();
+                    let indexed = index_end - sink_end;
+                    for head_probs in &probs[heads] {
+                        let w = &head_probs[i];
+                        let fixed: f64 = w[..sink_end]
+                            .iter()
+                            .chain(&w[index_end..n])
+                            .map(|&x| x as f64)
+                            .sum();
+                        let mut idx_w: Vec<f64> =
+                            w[sink_end..index_end].iter().map(|&x| x as f64).collect();
+                        let idx_mass: f64 = idx_w.iter().sum();
+                        let got: f64 = (sink_end..index_end)
+                            .filter(|&j| probed[lab[j] as usize])
+                            .map(|j| w[j] as f64)
+                            .sum();
+                        idx_w.sort_by(|a, b| b.total_cmp(a));
+                        let oracle: f64 = idx_w[..read].iter().sum();
+                        let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
+                        sum.indexed_recall += share(got);
+                        sum.oracle_indexed_recall += share(oracle);
+                        sum.recall += fixed + got;
+                        sum.oracle_recall += fixed + oracle;
+                        sum.window_sinks_mass += fixed;
+                        sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
+                        sum.selectivity += (read + n - indexed) as f64 / n as f64;
+                        let keep =
+                            |j: usize| j < sink_end || j >= index_end || probed[lab[j] as usize];
+                        sum.output_rel_error += output_error(&w[..n], vals, keep);
+                        sum.samples += 1;
                     }
                 }
-                let read = (sink_end..index_end)
-                    .filter(|&j| probed[lab[j] as usize])
-                    .count();
-                let indexed = index_end - sink_end;
-                for head_probs in &probs[heads] {
-                    let w = &head_probs[i];
-                    let fixed: f64 = w[..sink_end]
-                        .iter()
-                        .chain(&w[index_end..n])
-                        .map(|&x| x as f64)
-                        .sum();
-                    let mut idx_w: Vec<f64> =
-                        w[sink_end..index_end].iter().map(|&x| x as f64).collect();
-                    let idx_mass: f64 = idx_w.iter().sum();
-                    let got: f64 = (sink_end..index_end)
-                        .filter(|&j| probed[lab[j] as usize])
-                        .map(|j| w[j] as f64)
-                        .sum();
-                    idx_w.sort_by(|a, b| b.total_cmp(a));
-                    let oracle: f64 = idx_w[..read].iter().sum();
-                    let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
-                    sum.indexed_recall += share(got);
-                    sum.oracle_indexed_recall += share(oracle);
-                    sum.recall += fixed + got;
-                    sum.oracle_recall += fixed + oracle;
-                    sum.window_sinks_mass += fixed;
-                    sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
-                    sum.selectivity += (read + n - indexed) as f64 / n as f64;
-                    let keep = |j: usize| j < sink_end || j >= index_end || probed[lab[j] as usize];
-                    sum.output_rel_error += output_error(&w[..n], vals, keep);
-                    sum.samples += 1;
-                }
-            }
-        }
+                sum
+            })
+            .reduce(RoutingEval::default, RoutingEval::plus);
+        sum = sum.plus(part);
     }
     let k = sum.samples.max(1) as f64;
     Ok(RoutingEval {

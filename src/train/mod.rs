@@ -20,7 +20,7 @@ use indicatif::ProgressBar;
 pub use mlp::{train_classifier, MlpParams};
 
 /// Settings of one layer's training.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrainParams {
     /// Lloyd iterations.
     pub kmeans_iters: usize,
@@ -32,10 +32,15 @@ pub struct TrainParams {
     pub mlp: MlpParams,
     /// Training queries taken per sequence.
     pub queries_per_seq: usize,
+    /// Held-out queries per sequence when calibration measures each layer.
+    pub eval_queries_per_seq: usize,
     /// A query is used only once at least this many keys lie outside sinks and window.
     pub min_indexed: usize,
     /// Seed of k-means.
     pub seed: u64,
+    /// Where k-means assignments and the true attention of calibration queries are computed
+    /// (the classifier itself trains on the CPU).
+    pub device: Device,
 }
 
 impl TrainParams {
@@ -46,9 +51,11 @@ impl TrainParams {
             max_points_per_centroid: 256,
             kmeans_init: KMeansInit::Random,
             mlp: MlpParams::new(config.hidden),
-            queries_per_seq: 256,
+            queries_per_seq: 1024,
+            eval_queries_per_seq: 128,
             min_indexed: config.n_partitions,
             seed: 0,
+            device: Device::Cpu,
         }
     }
 }
@@ -81,6 +88,7 @@ pub fn train_centroids(
                 init: params.kmeans_init,
                 seed: params.seed + h as u64,
             },
+            &params.device,
         )?;
         per_head.push(Tensor::from_vec(
             km.centroids,
@@ -106,8 +114,8 @@ pub fn bucket_targets(
         if positions.is_empty() {
             continue;
         }
-        let qa = query_attention(seq, config, &positions, centroids)?;
-        let mass = qa.bucket_mass(config)?;
+        let qa = query_attention(seq, config, &positions, centroids, &params.device)?;
+        let mass = qa.bucket_mass(config)?.to_device(&Device::Cpu)?;
         // A tiny uniform floor keeps rows with no indexed mass well defined (≈ uniform targets).
         let eps = 1e-9;
         let c = config.n_partitions as f64;
@@ -202,7 +210,8 @@ pub fn calibrate_index(
                 config,
                 routing,
                 first,
-                params.queries_per_seq,
+                params.eval_queries_per_seq,
+                &params.device,
             )
         };
         let classifier = eval(Routing::Classifier)?;
