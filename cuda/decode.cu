@@ -1,13 +1,15 @@
 // Split-KV decode attention over id lists (sparse: sinks ∪ probed partitions ∪ window; dense:
 // every position), one semantics with `DecodeOp` in src/attend/decode.rs.
 //
+// Two blocks per SM at least (registers capped at 128: the merge must not cost occupancy).
 // Grid: (splits, rows) with row = item * Hkv + kv_head. Each block rebuilds its row's key list
 // from the probes and the directory (union bitmap over the G query heads + a block-wide scan of
 // the selected list sizes), takes one contiguous slice of that list, and serves all G query heads
 // of the group from one read of each K and V row. Inside a block, groups of LPK lanes each own
 // one key at a time (16-byte loads, LPK * 16 bytes = one row) and keep their own online softmax;
 // the groups are merged at the end and the block writes one partial (max, sum, out[G][D]).
-// `saap_decode_combine_*` merges the splits by log-sum-exp.
+// The last block of a row to finish (a per-row counter, reset by that block) merges the row's
+// splits by log-sum-exp and writes the output: one launch per step, no separate combine kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
@@ -60,18 +62,55 @@ template <> struct Elem<__half> {
     __device__ static __half narrow(float x) { return __float2half(x); }
 };
 
+// Log-sum-exp merge of one row's splits by the block that finished last: G * D outputs, the
+// splits' (max, sum) pairs staged in shared memory `ml` (2 * G * n_splits floats) first so the
+// loop over splits issues independent loads. Partials are read through L2 (__ldcg): other blocks
+// wrote them during this launch.
+template <typename T, int D>
+__device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
+                                             const float* __restrict__ part_ml, T* __restrict__ out,
+                                             float* ml, uint32_t hq, uint32_t hkv) {
+    // Recomputed here rather than kept live through the attention loop (registers).
+    const uint32_t n_splits = gridDim.x, row = blockIdx.y, G = hq / hkv;
+    const uint32_t item = row / hkv, head = row % hkv;
+    const uint32_t tid = threadIdx.x, n = G * n_splits;
+    const size_t base = (size_t)row * n_splits * G;  // partial index of (split 0, head 0)
+    for (uint32_t i = tid; i < n; i += blockDim.x) {
+        ml[i] = __ldcg(part_ml + (base + i) * 2);
+        ml[n + i] = __ldcg(part_ml + (base + i) * 2 + 1);
+    }
+    __syncthreads();
+    for (uint32_t x = tid; x < G * D; x += blockDim.x) {
+        const uint32_t g = x / D, d = x % D;
+        float M = -INFINITY;
+        for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s * G + g]);
+        float L = 0.f, o = 0.f;
+        if (M != -INFINITY) {
+            // Empty splits have max -inf (weight 0) and a zero output.
+#pragma unroll 8
+            for (uint32_t s = 0; s < n_splits; ++s) {
+                const float w = exp2f(ml[s * G + g] - M);
+                L = fmaf(w, ml[n + s * G + g], L);
+                o = fmaf(w, __ldcg(part_o + (base + (size_t)s * G + g) * D + d), o);
+            }
+        }
+        out[((size_t)item * hq + head * G + g) * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
+    }
+}
+
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
 // probes: [items, Hq, n_probe] (ignored when dense); part_o: [rows, splits, G, D];
 // part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
+// out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
-template <typename T, int D, int GB, int KB>
+template <typename T, int D, int GB, int KB, bool FUSED>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
-    float* __restrict__ part_o, float* __restrict__ part_ml, const ItemTable& seqs, uint32_t hq,
-    uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,
-    float scale_log2) {
+    float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
+    uint32_t* __restrict__ counters, const ItemTable& seqs, uint32_t hq, uint32_t hkv,
+    uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
@@ -276,22 +315,44 @@ __device__ __forceinline__ void decode_impl(
             }
         }
     }
+    if constexpr (!FUSED) return;  // saap_decode_combine_* merges the splits
+    // Publish the partial, then count this block in; the last block of the row merges.
+    __shared__ uint32_t is_last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        const uint32_t done = atomicAdd(&counters[row], 1u);
+        is_last = done == n_splits - 1;
+        if (is_last) counters[row] = 0;  // ready for the next launch (stream order)
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), hq, hkv);
 }
 
-#define SAAP_DECODE(NAME, T, D, GB, KB)                                                         \
+#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
-        float* part_o, float* part_ml, ItemTable seqs, uint32_t hq, uint32_t hkv, uint32_t cap, \
-        uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {            \
-        decode_impl<T, D, GB, KB>(q, k, v, dir, probes, part_o, part_ml, seqs, hq, hkv, cap,    \
-                                  n_partitions, n_probe, sinks, scale_log2);                    \
+        float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs, uint32_t hq, \
+        uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,    \
+        float scale_log2) {                                                                     \
+        decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, part_o, part_ml, out, counters,  \
+                                         seqs, hq, hkv, cap, n_partitions, n_probe, sinks,      \
+                                         scale_log2);                                           \
     }
 
-#define SAAP_DECODE_GROUPS(TN, T, D)                        \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4) \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2)
+// Two variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
+// block of each row (`fused`: one launch, but more registers in the kernel).
+#define SAAP_DECODE_GROUPS(TN, T, D)                                  \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false)       \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true)
 
 SAAP_DECODE_GROUPS(f32, float, 64)
 SAAP_DECODE_GROUPS(f32, float, 128)
@@ -342,3 +403,186 @@ __device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
 SAAP_COMBINE(saap_decode_combine_f32, float)
 SAAP_COMBINE(saap_decode_combine_bf16, __nv_bfloat16)
 SAAP_COMBINE(saap_decode_combine_f16, __half)
+
+// ---------------------------------------------------------------------------------------------
+// Routing of a decode step: the per-query-head classifier MLP (D → H → C, GELU) with weights of
+// type W (f32, or bf16 for bf16/f16 ops) widened to f32 and f32 accumulation, then top-ℓ.
+// Same arithmetic as `mlp_forward` on f32 weights holding the same values; partitions ordered by
+// (score descending, index ascending), the order of the CPU's stable arg_sort.
+
+#define ROUTE_THREADS 256
+// Output columns (partitions) per block and batch items per block.
+#define ROUTE_COLS 128
+#define ROUTE_ITEMS 4
+
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+// q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
+// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / ROUTE_ITEMS)). Dynamic shared memory:
+// ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * max(ROUTE_COLS, 32 * VEC)
+// floats. C * sizeof(W) and H * sizeof(W) must be multiples of 16 (checked by the host).
+template <typename W, typename Q>
+__device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
+                                               const W* __restrict__ b1, const W* __restrict__ w2,
+                                               const W* __restrict__ b2, float* __restrict__ scores,
+                                               uint32_t B, uint32_t hq, uint32_t D, uint32_t H,
+                                               uint32_t C) {
+    using E = Elem<W>;
+    constexpr int VEC = E::VEC;
+    constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
+    constexpr int RGW = 32 / CT;          // row groups per warp
+    constexpr int WARPS = ROUTE_THREADS / 32;
+    constexpr int RG = RGW * WARPS;
+    constexpr int IB = ROUTE_ITEMS;
+    extern __shared__ __align__(16) float rs[];
+    float* xs = rs;            // IB * D queries
+    float* hs = xs + IB * D;   // IB * H hidden activations
+    float* red = hs + IB * H;  // WARPS * IB * max(ROUTE_COLS, 32 * VEC) partial sums
+    const uint32_t tid = threadIdx.x, head = blockIdx.y;
+    const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
+    const uint32_t nb = min((uint32_t)IB, B - i0);
+    for (uint32_t i = tid; i < IB * D; i += ROUTE_THREADS) {
+        const uint32_t b = i / D;
+        xs[i] = b < nb ? to_f32(q[((size_t)(i0 + b) * hq + head) * D + i % D]) : 0.f;
+    }
+    __syncthreads();
+    // Hidden layer: lanes take VEC units each (16-byte loads of a w1 row), the 8 warps split
+    // the D rows, so every thread has D / 8 loads in flight; warps' sums meet in shared memory.
+    const W* w1h = w1 + (size_t)head * D * H;
+    constexpr int HCH = 32 * VEC;  // hidden units per pass
+    for (uint32_t hc = 0; hc < H; hc += HCH) {
+        const uint32_t u = hc + (tid % 32) * VEC, dg = tid / 32;
+        float a[IB][VEC];
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a[b][e] = 0.f;
+        if (u < H) {
+#pragma unroll 8
+            for (uint32_t d = dg; d < D; d += WARPS) {
+                const uint4 r = __ldg(reinterpret_cast<const uint4*>(w1h + (size_t)d * H + u));
+                float w[VEC];
+                E::widen(r, w);
+#pragma unroll
+                for (int b = 0; b < IB; ++b) {
+                    const float x = xs[b * D + d];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) a[b][e] = fmaf(x, w[e], a[b][e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) red[(dg * IB + b) * HCH + (tid % 32) * VEC + e] = a[b][e];
+        __syncthreads();
+        for (uint32_t i = tid; i < IB * HCH; i += ROUTE_THREADS) {
+            const uint32_t b = i / HCH, h = hc + i % HCH;
+            if (h >= H) continue;
+            float x = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) x += red[(w * IB + b) * HCH + i % HCH];
+            x += to_f32(b1[(size_t)head * H + h]);
+            hs[b * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+        }
+        __syncthreads();
+    }
+    // Output layer: VEC columns per lane (16-byte loads), rows split over RG row groups.
+    const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
+    const uint32_t rg = warp * RGW + lane / CT;
+    const uint32_t col = c0 + ct * VEC;
+    float acc[IB][VEC];
+#pragma unroll
+    for (int b = 0; b < IB; ++b)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[b][e] = 0.f;
+    if (col < C) {
+        const W* w2h = w2 + (size_t)head * H * C + col;
+#pragma unroll 8
+        for (uint32_t h = rg; h < H; h += RG) {
+            const uint4 r = __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C));
+            float w[VEC];
+            E::widen(r, w);
+#pragma unroll
+            for (int b = 0; b < IB; ++b) {
+                const float x = hs[b * H + h];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[b][e] = fmaf(x, w[e], acc[b][e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int o = CT; o < 32; o <<= 1)
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[b][e] += __shfl_xor_sync(0xffffffffu, acc[b][e], o);
+    if (lane < (uint32_t)CT) {
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) red[(warp * IB + b) * ROUTE_COLS + ct * VEC + e] = acc[b][e];
+    }
+    __syncthreads();
+    for (uint32_t i = tid; i < IB * ROUTE_COLS; i += ROUTE_THREADS) {
+        const uint32_t b = i / ROUTE_COLS, c = c0 + i % ROUTE_COLS;
+        if (b >= nb || c >= C) continue;
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) s += red[(w * IB + b) * ROUTE_COLS + i % ROUTE_COLS];
+        scores[((size_t)(i0 + b) * hq + head) * C + c] = s + to_f32(b2[(size_t)head * C + c]);
+    }
+}
+
+#define SAAP_ROUTE_MLP(NAME, W, Q)                                                              \
+    extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
+        NAME(const Q* q, const W* w1, const W* b1, const W* w2, const W* b2, float* scores,    \
+             uint32_t B, uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {                     \
+        route_mlp_impl<W, Q>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                        \
+    }
+
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_f32, float, float)
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_bf16, float, __nv_bfloat16)
+SAAP_ROUTE_MLP(saap_route_mlp_wf32_f16, float, __half)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f32, __nv_bfloat16, float)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
+SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f16, __nv_bfloat16, __half)
+
+// The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], by a
+// block-wide bitonic sort of (score, index) keys: P (a power of two >= C) u64 in dynamic shared
+// memory. One block per row.
+extern "C" __global__ void saap_route_top(const float* __restrict__ scores,
+                                          uint32_t* __restrict__ probes, uint32_t C, uint32_t P,
+                                          uint32_t n_probe) {
+    extern __shared__ unsigned long long keys[];
+    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+    for (uint32_t i = tid; i < P; i += blockDim.x) {
+        unsigned long long key = 0;  // padding sorts last
+        if (i < C) {
+            uint32_t u = __float_as_uint(scores[(size_t)row * C + i]);
+            u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // order-preserving
+            key = ((unsigned long long)u << 32) | (0xffffffffu - i);  // ties: lower index first
+        }
+        keys[i] = key;
+    }
+    __syncthreads();
+    for (uint32_t k = 2; k <= P; k <<= 1) {
+        for (uint32_t j = k >> 1; j > 0; j >>= 1) {
+            for (uint32_t t = tid; t < P / 2; t += blockDim.x) {
+                const uint32_t i = 2 * t - (t & (j - 1)), o = i + j;
+                const bool desc = (i & k) == 0;
+                const unsigned long long a = keys[i], b = keys[o];
+                if (desc ? a < b : a > b) {
+                    keys[i] = b;
+                    keys[o] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (uint32_t i = tid; i < n_probe; i += blockDim.x)
+        probes[(size_t)row * n_probe + i] = 0xffffffffu - (uint32_t)(keys[i] & 0xffffffffu);
+}

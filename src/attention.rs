@@ -7,7 +7,7 @@ use crate::classify::{centroid_scores, top_probes, Classifier};
 use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
 use crate::index::SaapIndex;
-use crate::partition::assign::assign;
+use crate::partition::assign::{assign_prepared, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor};
@@ -95,6 +95,12 @@ pub type IndexList = (Vec<u32>, Vec<u32>);
 struct Trained {
     /// `[Hkv, C, D]` f32.
     centroids: Tensor,
+    /// `[Hkv, D, C]` f32 and `[Hkv, 1, C]` f32: what assignment derives from the centroids,
+    /// computed once rather than on every step.
+    centroids_t: Tensor,
+    half_norms: Tensor,
+    /// Weights rounded to bf16 for bf16/f16 ops (held as bf16 on CUDA, as f32 holding the same
+    /// values on the CPU), f32 for f32 ops; the arithmetic is f32 either way.
     classifier: Classifier,
 }
 
@@ -170,14 +176,13 @@ impl SaapAttention {
         let c = &entry.classifier;
         let on_device =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
+        let centroids = on_device(&entry.centroids)?;
+        let (centroids_t, half_norms) = prepare_centroids(&centroids)?;
         op.index = Some(Trained {
-            centroids: on_device(&entry.centroids)?,
-            classifier: Classifier {
-                w1: on_device(&c.w1)?,
-                b1: on_device(&c.b1)?,
-                w2: on_device(&c.w2)?,
-                b2: on_device(&c.b2)?,
-            },
+            centroids,
+            centroids_t,
+            half_norms,
+            classifier: c.prepared(dtype, device)?,
         });
         op.routing = entry.routing;
         Ok(op)
@@ -454,7 +459,8 @@ impl SaapAttention {
             state.v.narrow(0, b, 1)?.slice_set(&rows(v)?, 2, start)?;
             if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
                 let keys = k.get(b)?.narrow(1, 0, len)?;
-                let assigned = assign(&keys, &index.centroids)?.unsqueeze(0)?;
+                let assigned =
+                    assign_prepared(&keys, &index.centroids_t, &index.half_norms)?.unsqueeze(0)?;
                 labels.narrow(0, b, 1)?.slice_set(&assigned, 2, start)?;
             }
             state.lens[b] = start + len;
@@ -611,10 +617,11 @@ impl SaapAttention {
             .append(Some(q), k, v, &vec![1; batch])?
             .expect("queries given");
         let probes = match (&self.index, self.routing) {
-            (Some(index), Routing::Classifier) => {
-                let scores = index.classifier.scores(&q.squeeze(2)?)?;
-                Some(top_probes(&scores, self.config.n_probe)?)
-            }
+            (Some(index), Routing::Classifier) => Some(
+                index
+                    .classifier
+                    .probes(&q.squeeze(2)?, self.config.n_probe)?,
+            ),
             (Some(index), Routing::NearestCentroid) => {
                 let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
                 Some(top_probes(&scores, self.config.n_probe)?)
@@ -656,7 +663,8 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
         return Ok(stats);
     };
     let c = op.n_partitions;
-    let offsets = dir.narrow(2, 0, c + 1)?.to_vec3::<u32>()?;
+    // Contiguous first: on CUDA `to_vec3` copies the whole storage (the directory's perm too).
+    let offsets = dir.narrow(2, 0, c + 1)?.contiguous()?.to_vec3::<u32>()?;
     let probes = probes.to_vec3::<u32>()?;
     for (b, seq) in op.seqs.iter().enumerate() {
         let fixed = op.sinks.min(seq.len) + seq.len - seq.indexed_end;

@@ -309,3 +309,52 @@ fn attention_end_to_end_matches_cpu() {
     end_to_end(&dev, s, DType::F32, 1e-4);
     end_to_end(&dev, s, DType::BF16, 3e-2);
 }
+
+/// Classifier routing: the CUDA kernels (MLP with f32 accumulation, top-ℓ) pick the CPU's
+/// partitions, in its order, for f32 and bf16-rounded weights and every query dtype, at Llama
+/// shapes and a ragged batch; the only tolerated differences are near-ties at the ℓ-th score.
+#[test]
+fn route_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("route_matches_cpu");
+    let mut r = rng(s);
+    for (hq, d, h, c, n_probe, b) in [(32, 128, 256, 1024, 32, 5), (8, 64, 48, 40, 40, 1)] {
+        let classifier = saap::classify::Classifier {
+            w1: randn(&mut r, &[hq, d, h], 0.1),
+            b1: randn(&mut r, &[hq, 1, h], 0.1),
+            w2: randn(&mut r, &[hq, h, c], 0.1),
+            b2: randn(&mut r, &[hq, 1, c], 0.1),
+        };
+        for (op_dtype, q_dtype) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::F16, DType::F16),
+            (DType::BF16, DType::F32),
+        ] {
+            let cpu_w = classifier.prepared(op_dtype, &Device::Cpu).unwrap();
+            let gpu_w = classifier.prepared(op_dtype, &dev).unwrap();
+            let q = randn(&mut r, &[b, hq, d], 1.0).to_dtype(q_dtype).unwrap();
+            let scores = cpu_w.scores(&q).unwrap().to_vec3::<f32>().unwrap();
+            let cpu = cpu_w.probes(&q, n_probe).unwrap().to_vec3::<u32>().unwrap();
+            let gpu = gpu_w
+                .probes(&q.to_device(&dev).unwrap(), n_probe)
+                .unwrap()
+                .to_vec3::<u32>()
+                .unwrap();
+            for i in 0..b {
+                for head in 0..hq {
+                    let (sc, pc, pg) = (&scores[i][head], &cpu[i][head], &gpu[i][head]);
+                    for (rank, (&a, &g)) in pc.iter().zip(pg).enumerate() {
+                        let (sa, sg) = (sc[a as usize], sc[g as usize]);
+                        let tol = 1e-4 * sa.abs().max(1.0);
+                        assert!(
+                            a == g || (sa - sg).abs() <= tol,
+                            "{op_dtype:?}/{q_dtype:?} item {i} head {head} rank {rank}: \
+                             cpu {a} ({sa}), gpu {g} ({sg})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -63,6 +63,63 @@ impl Classifier {
         Ok(logits.transpose(0, 1)?.to_dtype(DType::F32)?)
     }
 
+    /// The weights as a decode op of `dtype` keeps them on `device`: f32 for f32 ops; rounded to
+    /// bf16 for bf16/f16 ops (held as bf16 on CUDA, where [`Classifier::probes`] widens them in
+    /// its kernel, and as f32 with the same values elsewhere). They are read on every decode step
+    /// (Hq · (D·h + h·C) values), so bf16 halves those bytes; the arithmetic stays f32.
+    pub fn prepared(&self, dtype: DType, device: &candle_core::Device) -> Result<Self> {
+        let weights = |t: &Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?;
+            if dtype == DType::F32 {
+                return Ok(t.to_device(device)?);
+            }
+            let rounded = t.to_dtype(DType::BF16)?;
+            Ok(if device.is_cuda() {
+                rounded.to_device(device)?
+            } else {
+                rounded.to_dtype(DType::F32)?.to_device(device)?
+            })
+        };
+        Ok(Self {
+            w1: weights(&self.w1)?,
+            b1: weights(&self.b1)?,
+            w2: weights(&self.w2)?,
+            b2: weights(&self.b2)?,
+        })
+    }
+
+    /// The `n_probe` best partitions of each query head: `q` `[B, Hq, D]` pre-RoPE
+    /// → u32 `[B, Hq, ℓ]`. On CUDA two kernels (MLP with f32 accumulation, top-ℓ); elsewhere, or for
+    /// shapes they do not cover, candle ops on f32 weights. Same values either way up to the order of
+    /// f32 summation.
+    pub fn probes(&self, q: &Tensor, n_probe: usize) -> Result<Tensor> {
+        let classifier = self;
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda()
+            && (1..=classifier.w2.dim(2)?).contains(&n_probe)
+            && crate::cuda::route::supported(classifier, q)
+        {
+            let op = crate::cuda::route::RouteOp {
+                classifier,
+                n_probe,
+            };
+            return Ok(q.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        let scores = if classifier.w1.dtype() == DType::F32 {
+            classifier.scores(q)?
+        } else {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            Classifier {
+                w1: f32(&classifier.w1)?,
+                b1: f32(&classifier.b1)?,
+                w2: f32(&classifier.w2)?,
+                b2: f32(&classifier.b2)?,
+            }
+            .scores(q)?
+        };
+        top_probes(&scores, n_probe)
+    }
+
     /// Bytes of weights one decode step reads (every query head's MLP).
     pub fn weight_bytes(&self) -> usize {
         [&self.w1, &self.b1, &self.w2, &self.b2]

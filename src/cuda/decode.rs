@@ -1,8 +1,10 @@
 //! Launches of split-KV decode attention (`cuda/decode.cu`): one kernel computes a partial
-//! (max, sum, out) per (row, split), a second merges the splits by log-sum-exp. Sparse and dense
-//! are the same kernel; sparse builds its key list on the device from probes and directory, so a
-//! step needs no host round trip. Host work per launch: a few driver queries (compute
-//! capability, SM count, occupancy) and the kernel parameters; no copies, no synchronization.
+//! (max, sum, out) per (row, split); a second merges the splits by log-sum-exp, or, with
+//! `SAAP_CUDA_MERGE=fused`, the last block of each row to finish does (a per-row counter kept on
+//! the device between calls; one launch, but the kernel needs more registers). Sparse and dense are the
+//! same kernel; sparse builds its key list on the device from probes and directory, so a step
+//! needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
+//! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
 use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, DECODE, MAX_BATCH};
 use crate::attend::DecodeOp;
@@ -10,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
@@ -21,7 +23,51 @@ const IDS_CAP: usize = 2048;
 /// Upper bound on splits per row: the merge reads every split's partial.
 const MAX_SPLITS: usize = 128;
 /// Fewer keys than this per split cost more in fixed work than they save in parallelism.
+/// `SAAP_CUDA_KEYS_PER_SPLIT` overrides it (tuning experiments).
 const MIN_KEYS_PER_SPLIT: usize = 128;
+
+/// Whether the last block of a row merges its splits (`SAAP_CUDA_MERGE=fused`).
+fn fused_merge() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("SAAP_CUDA_MERGE").is_ok_and(|v| v == "fused"))
+}
+
+fn min_keys_per_split() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SAAP_CUDA_KEYS_PER_SPLIT")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&x: &usize| x > 0)
+            .unwrap_or(MIN_KEYS_PER_SPLIT)
+    })
+}
+
+/// Per-row split counters of each device (one stream each), zero between launches: the merging
+/// block resets its row's. Grown on demand; launches on one device are in stream order.
+static COUNTERS: std::sync::Mutex<Vec<(DeviceId, CudaSlice<u32>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The zeroed counter buffer of `dev` in `all`, grown to at least `rows` entries. (Not cloned:
+/// cloning a `CudaSlice` copies it on the device.)
+fn counters<'a>(
+    all: &'a mut Vec<(DeviceId, CudaSlice<u32>)>,
+    dev: &CudaDevice,
+    rows: usize,
+) -> candle_core::Result<&'a CudaSlice<u32>> {
+    let id = dev.id();
+    if !all.iter().any(|(d, b)| *d == id && b.len() >= rows) {
+        let buf = dev.alloc_zeros::<u32>(rows.max(1024))?;
+        all.retain(|(d, _)| *d != id);
+        all.push((id, buf));
+    }
+    Ok(&all
+        .iter()
+        .find(|(d, _)| *d == id)
+        .expect("inserted above")
+        .1)
+}
+
 /// Shared memory a block may use without opting in.
 const SMEM_LIMIT: usize = 48 * 1024;
 
@@ -136,7 +182,13 @@ fn launch<T: DeviceRepr>(
     let g = hq / hkv;
     // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
     let gb = g.next_power_of_two();
-    let func = load(dev, &DECODE, &format!("saap_decode_{tname}_d{d}_g{gb}"))?;
+    let fused = fused_merge();
+    let variant = if fused { "fused_" } else { "" };
+    let func = load(
+        dev,
+        &DECODE,
+        &format!("saap_decode_{variant}{tname}_d{d}_g{gb}"),
+    )?;
     let combine = load(dev, &DECODE, &format!("saap_decode_combine_{tname}"))?;
     let c = op.n_partitions;
     let lanes_per_key = d * std::mem::size_of::<T>() / 16;
@@ -146,7 +198,10 @@ fn launch<T: DeviceRepr>(
     } else {
         0
     };
-    let smem = smem_keys.max((groups / 2 * gb * d + groups * gb * 2) * 4);
+    let smem_merge = 2 * g * MAX_SPLITS * 4;
+    let smem = smem_keys
+        .max((groups / 2 * gb * d + groups * gb * 2) * 4)
+        .max(smem_merge);
     if smem > SMEM_LIMIT {
         candle_core::bail!("saap cuda decode: C = {c} partitions exceed the shared-memory budget");
     }
@@ -155,7 +210,7 @@ fn launch<T: DeviceRepr>(
         .w()?
         .max(1) as usize;
     let slots = sm_count(dev)? * per_sm;
-    // SAFETY: every element is written by the combine kernel below.
+    // SAFETY: every element is written by the combine kernel or the merging block of its row.
     let mut out = unsafe { dev.alloc::<T>(b * hq * d) }?;
     let stream = dev.cuda_stream();
     let null = 0u64;
@@ -168,11 +223,25 @@ fn launch<T: DeviceRepr>(
         let items = (b - i0).min(MAX_BATCH);
         let seqs = &op.seqs[i0..i0 + items];
         let rows = items * hkv;
-        // Fill every SM slot at batch 1; never split a row into pieces of a few keys.
-        let longest = seqs.iter().map(|s| s.len).max().unwrap_or(0);
-        let splits = slots
-            .div_ceil(rows)
-            .min(longest.div_ceil(MIN_KEYS_PER_SPLIT))
+        // Fill every SM slot at batch 1; never split a row into pieces of a few keys. Sparse
+        // rows are sized by an upper estimate of their selection (sinks + window + the share
+        // G·ℓ/C of the indexed keys), not by their length.
+        let longest = seqs
+            .iter()
+            .map(|s| match &sparse {
+                None => s.len,
+                Some((_, _, n_probe)) => {
+                    let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
+                    let indexed = s.len - fixed.min(s.len);
+                    fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1))
+                }
+            })
+            .max()
+            .unwrap_or(0);
+        // Whole waves: rows · splits at most one block per SM slot (rounding up left a second,
+        // mostly idle wave at batch 8: 64 rows × 5 splits = 320 blocks on 264 slots).
+        let splits = (slots / rows)
+            .min(longest.div_ceil(min_keys_per_split()))
             .clamp(1, MAX_SPLITS);
         // SAFETY: every block writes its whole partial, empty splits included.
         let part_o = unsafe { dev.alloc::<f32>(rows * splits * g * d) }?;
@@ -187,6 +256,9 @@ fn launch<T: DeviceRepr>(
                 probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
             )
         });
+        let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
+        let mut all = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+        let counters = counters(&mut all, dev, rows)?;
         let mut attend = stream.launch_builder(&func);
         attend.arg(&qc).arg(&kc).arg(&vc);
         match &index {
@@ -197,6 +269,8 @@ fn launch<T: DeviceRepr>(
         attend
             .arg(&part_o)
             .arg(&part_ml)
+            .arg(&mut oc)
+            .arg(counters)
             .arg(&table)
             .arg(&hq32)
             .arg(&hkv32)
@@ -211,10 +285,12 @@ fn launch<T: DeviceRepr>(
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
-        // (ids are checked against cap on the device), writes inside the partials.
+        // (ids are checked against cap on the device), writes inside the partials, the output
+        // chunk and the first `rows` counters.
         unsafe { attend.launch(cfg) }.w()?;
-
-        let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
+        if fused {
+            continue;
+        }
         let mut merge = stream.launch_builder(&combine);
         merge
             .arg(&part_o)

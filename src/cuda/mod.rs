@@ -4,6 +4,7 @@
 
 mod decode;
 mod merge;
+pub(crate) mod route;
 
 pub(crate) use decode::decode;
 pub(crate) use merge::merge;

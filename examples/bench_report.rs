@@ -1,0 +1,467 @@
+//! Machine-readable GPU benchmark of one Llama-3.1-8B attention layer (32 query heads, 8 KV
+//! heads, d = 128, bf16; Saap C = 1024, ℓ = 32, window 2048, 16 sinks, classifier hidden width
+//! `SAAP_REPORT_HIDDEN`, default 256) at several context lengths and batch sizes:
+//!
+//! - `saap_step` / `dense_step`: a whole decode step through `SaapAttention::decode` (RoPE,
+//!   append, assignment of the new key, classifier + top-ℓ, attention, merge of the splits),
+//!   read stats and finite checks off; `dense_step` is the same op with dense routing.
+//!   `us` = device time per step with the queue kept full, `wall_us` = time per step of steps
+//!   issued back to back from an idle GPU (host launch work included), `host_us` = host time to
+//!   enqueue one step. Layers (ops) are rotated so that L2 does not serve repeated reads.
+//! - `saap_kernel` / `dense_kernel`: the attention kernel alone (`DecodeOp`) on a random index
+//!   whose group unions are as large as in `saap_step`.
+//! - `route` / `route_candle`: classifier + top-ℓ alone, with the CUDA kernels (bf16 weights) and
+//!   with the candle ops on f32 weights (the path before the kernels).
+//! - `index_build`: a fresh op's `extend` of n tokens (RoPE, append, assignment, partition-scan
+//!   merge) and `assign` alone.
+//!
+//! Bytes per step count everything read: K/V rows, selected ids, offsets of the probed
+//! partitions, probes, classifier weights, centroids (assignment of the new key), the new token.
+//! Every measurement is one `JSON {...}` line on stdout.
+//!
+//! Usage: `bench_report [LENGTHS] [BATCHES]`, e.g. `bench_report 32768,131072 1,8`.
+
+use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use saap::attend::{DecodeOp, SeqExtent};
+use saap::classify::Classifier;
+use saap::partition::assign::assign;
+use saap::partition::scan::{dir_len, merge, naive_partition, MergeOp};
+use saap::{
+    HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapAttention, SaapConfig,
+    SaapIndex,
+};
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const HQ: usize = 32;
+const HKV: usize = 8;
+const G: usize = HQ / HKV;
+const D: usize = 128;
+const C: usize = 1024;
+const N_PROBE: usize = 32;
+/// Partitions a group's query heads draw their probes from (union ≈ 47 of 1024 per KV head).
+const POOL: usize = 48;
+/// Bytes of reads that rotation across layers must exceed so that L2 (50 MB) does not help.
+const ROTATE_BYTES: usize = 200 << 20;
+/// Decode steps an op may take after filling (cache slack).
+const SLACK: usize = 1024;
+
+fn config(hidden: usize) -> Res<SaapConfig> {
+    let mut config = SaapConfig::new(
+        HeadLayout {
+            n_q_heads: HQ,
+            n_kv_heads: HKV,
+            head_dim: D,
+        },
+        RopeConfig {
+            kind: RopeKind::Neox,
+            theta: 500_000.0,
+            scaling: RopeScaling::None,
+        },
+        C,
+    )?;
+    config.n_probe = N_PROBE;
+    config.window = 2048;
+    config.sinks = 16;
+    config.hidden = hidden;
+    Ok(config)
+}
+
+/// Random centroids and classifier; the output bias of a group's query heads favours a pool of
+/// `POOL` partitions so that the heads of a group overlap as trained classifiers do.
+fn random_index(config: &SaapConfig, rng: &mut StdRng) -> Res<SaapIndex> {
+    let h = config.hidden;
+    let cpu = Device::Cpu;
+    let mut b2 = vec![0f32; HQ * C];
+    for g in 0..HKV {
+        for p in sample(rng, C, POOL).into_iter() {
+            for head in g * G..(g + 1) * G {
+                b2[head * C + p] = 8.0;
+            }
+        }
+    }
+    let layer = LayerIndex {
+        centroids: Tensor::randn(0f32, 1.0, (HKV, C, D), &cpu)?,
+        classifier: Classifier {
+            w1: Tensor::randn(0f32, 0.1, (HQ, D, h), &cpu)?,
+            b1: Tensor::randn(0f32, 0.1, (HQ, 1, h), &cpu)?,
+            w2: Tensor::randn(0f32, 0.1, (HQ, h, C), &cpu)?,
+            b2: Tensor::from_vec(b2, (HQ, 1, C), &cpu)?,
+        },
+        routing: Routing::Classifier,
+    };
+    Ok(SaapIndex::new(config.clone(), "random", vec![layer])?)
+}
+
+/// Random bf16; tensors of 2^31 elements or more are made per batch item (candle's elementwise
+/// launches count elements in u32).
+fn randn_bf16(shape: &[usize], dev: &Device) -> Res<Tensor> {
+    let numel: usize = shape.iter().product();
+    if numel >= 1 << 31 && shape[0] > 1 {
+        let parts: Vec<Tensor> = (0..shape[0])
+            .map(|_| randn_bf16(&[&[1], &shape[1..]].concat(), dev))
+            .collect::<Res<_>>()?;
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
+    Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)?)
+}
+
+/// An op holding `n` random tokens per batch item, room for `SLACK` more.
+fn filled(index: &SaapIndex, n: usize, batch: usize, dev: &Device) -> Res<SaapAttention> {
+    let mut op = SaapAttention::from_index(index, 0, dev, DType::BF16)?;
+    op.set_check_finite(false);
+    // Two chunks: the cache grows to max(n, 2 · first) ≥ n + SLACK rows.
+    let first = n / 2 + SLACK / 2;
+    for t in [first, n - first] {
+        let k = randn_bf16(&[batch, HKV, t, D], dev)?;
+        let v = randn_bf16(&[batch, HKV, t, D], dev)?;
+        op.extend(&k, &v, &vec![t; batch])?;
+    }
+    Ok(op)
+}
+
+fn timed_event(dev: &Device) -> Res<candle_core::cuda_backend::cudarc::driver::CudaEvent> {
+    let Device::Cuda(cuda) = dev else {
+        return Err("not a CUDA device".into());
+    };
+    Ok(cuda
+        .cuda_stream()
+        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?)
+}
+
+/// `(device µs per call with a full queue, wall µs per call from idle, host µs per call)`.
+fn time(dev: &Device, mut call: impl FnMut(usize) -> Res<()>) -> Res<(f64, f64, f64)> {
+    for i in 0..10 {
+        call(i)?;
+    }
+    dev.synchronize()?;
+    let calls = 24;
+    // From idle: what a caller pays per call when the GPU waits on the host.
+    let mut wall = f64::MAX;
+    let mut host = f64::MAX;
+    for r in 0..3 {
+        dev.synchronize()?;
+        let start = timed_event(dev)?;
+        let t0 = Instant::now();
+        for i in 0..calls {
+            call(r * calls + i)?;
+        }
+        host = host.min(t0.elapsed().as_secs_f64() * 1e6 / calls as f64);
+        let end = timed_event(dev)?;
+        wall = wall.min(start.elapsed_ms(&end)? as f64 * 1e3 / calls as f64);
+    }
+    // Full queue: ~10 ms of matmul keep the GPU busy while the host enqueues the calls.
+    let a = Tensor::randn(0f32, 1.0, (8192, 8192), dev)?.to_dtype(DType::BF16)?;
+    let mut device = f64::MAX;
+    for r in 0..4 {
+        dev.synchronize()?;
+        let _busy: Vec<Tensor> = (0..8).map(|_| a.matmul(&a)).collect::<Result<_, _>>()?;
+        let start = timed_event(dev)?;
+        for i in 0..calls {
+            call(r * calls + i)?;
+        }
+        let end = timed_event(dev)?;
+        device = device.min(start.elapsed_ms(&end)? as f64 * 1e3 / calls as f64);
+    }
+    dev.synchronize()?;
+    Ok((device, wall, host))
+}
+
+fn emit(kind: &str, n: usize, batch: usize, fields: &[(&str, f64)]) {
+    let mut line = format!("JSON {{\"kind\":\"{kind}\",\"n\":{n},\"batch\":{batch}");
+    for (k, v) in fields {
+        line.push_str(&format!(",\"{k}\":{v:.3}"));
+    }
+    line.push('}');
+    println!("{line}");
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let list = |i: usize, default: &[usize]| -> Vec<usize> {
+        args.get(i).map_or(default.to_vec(), |s| {
+            s.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+        })
+    };
+    let lens = list(0, &[32768, 131072, 171000, 262144, 524288]);
+    let batches = list(1, &[1, 8]);
+    let hidden: usize = std::env::var("SAAP_REPORT_HIDDEN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let dev = Device::new_cuda(0)?;
+    let config = config(hidden)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let index = random_index(&config, &mut rng)?;
+    let weights = index.layer(0)?.classifier.prepared(DType::BF16, &dev)?;
+    let weight_bytes = weights.weight_bytes();
+    let centroid_bytes = HKV * C * D * 4 + HKV * C * 4;
+    println!("# bench_report: Hq={HQ} Hkv={HKV} D={D} bf16; C={C} l={N_PROBE} window=2048 sinks=16 hidden={hidden}; classifier {weight_bytes} B (bf16), centroids {centroid_bytes} B (f32)");
+
+    // Routing alone (batch-dependent, length-independent).
+    for &b in &batches {
+        let q = randn_bf16(&[b, HQ, D], &dev)?;
+        let (us, wall, host) = time(&dev, |_| {
+            weights.probes(&q, N_PROBE)?;
+            Ok(())
+        })?;
+        let bytes = weight_bytes as f64 + (b * HQ * N_PROBE * 4) as f64;
+        emit(
+            "route",
+            0,
+            b,
+            &[
+                ("us", us),
+                ("wall_us", wall),
+                ("host_us", host),
+                ("bytes", bytes),
+            ],
+        );
+        let f32w = index.layer(0)?.classifier.prepared(DType::F32, &dev)?;
+        let (us, wall, host) = time(&dev, |_| {
+            let scores = f32w.scores(&q)?;
+            saap::classify::top_probes(&scores, N_PROBE)?;
+            Ok(())
+        })?;
+        let bytes = f32w.weight_bytes() as f64;
+        emit(
+            "route_candle",
+            0,
+            b,
+            &[
+                ("us", us),
+                ("wall_us", wall),
+                ("host_us", host),
+                ("bytes", bytes),
+            ],
+        );
+    }
+
+    for &n in &lens {
+        for &b in &batches {
+            kernels(&dev, &mut rng, n, b)?;
+            steps(&dev, &index, weight_bytes, centroid_bytes, n, b)?;
+        }
+        index_build(&dev, &index, n)?;
+    }
+    Ok(())
+}
+
+/// The attention kernel alone, sparse and dense.
+fn kernels(dev: &Device, rng: &mut StdRng, n: usize, b: usize) -> Res<()> {
+    let seq = SeqExtent {
+        len: n,
+        indexed_end: n - 2048,
+    };
+    let row = C + 1 + n;
+    let (mut dir, mut probes, mut selected, mut probed) = (Vec::new(), Vec::new(), 0, 0);
+    for _ in 0..b * HKV {
+        let labels: Vec<u32> = (0..n).map(|_| rng.random_range(0..C as u32)).collect();
+        let (ids, offsets) = naive_partition(&labels, 16, seq.indexed_end, C);
+        let pool = sample(rng, C, POOL).into_vec();
+        let mut union = vec![false; C];
+        for _ in 0..G {
+            for i in sample(rng, POOL, N_PROBE).into_iter() {
+                probes.push(pool[i] as u32);
+                union[pool[i]] = true;
+            }
+        }
+        selected += 16 + 2048;
+        for (c, _) in union.iter().enumerate().filter(|(_, &u)| u) {
+            selected += (offsets[c + 1] - offsets[c]) as usize;
+            probed += 1;
+        }
+        dir.extend_from_slice(&offsets);
+        dir.extend_from_slice(&ids);
+        dir.extend(std::iter::repeat_n(0, n - ids.len()));
+    }
+    let dir = Tensor::from_vec(dir, (b, HKV, row), dev)?;
+    let probes = Tensor::from_vec(probes, (b, HQ, N_PROBE), dev)?;
+    let kv_row = 2 * D * 2;
+    let index_bytes = probed * 8 + b * HQ * N_PROBE * 4 + (selected - b * HKV * 2064) * 4;
+    let sparse_bytes = selected * kv_row + index_bytes;
+    let dense_bytes = b * HKV * n * kv_row;
+    let kv_bytes = 2 * b * HKV * n * D * 2;
+    let nbuf = ROTATE_BYTES
+        .div_ceil(sparse_bytes)
+        .clamp(1, 8)
+        .min((24usize << 30) / kv_bytes)
+        .max(1);
+    let caches: Vec<(Tensor, Tensor)> = (0..nbuf)
+        .map(|_| {
+            Ok((
+                randn_bf16(&[b, HKV, n, D], dev)?,
+                randn_bf16(&[b, HKV, n, D], dev)?,
+            ))
+        })
+        .collect::<Res<_>>()?;
+    let q = randn_bf16(&[b, HQ, D], dev)?;
+    for (kind, sparse, bytes, keys) in [
+        ("saap_kernel", true, sparse_bytes, selected),
+        ("dense_kernel", false, dense_bytes, b * HKV * n),
+    ] {
+        let ops: Vec<DecodeOp> = caches
+            .iter()
+            .map(|(k, v)| DecodeOp {
+                k_cache: k.clone(),
+                v_cache: v.clone(),
+                dir: sparse.then(|| dir.clone()),
+                probes: sparse.then(|| probes.clone()),
+                seqs: vec![seq; b],
+                sinks: 16,
+                n_partitions: C,
+                scale: 1.0 / (D as f32).sqrt(),
+            })
+            .collect();
+        let (us, wall, host) = time(dev, |i| {
+            q.apply_op1_no_bwd(&ops[i % ops.len()])?;
+            Ok(())
+        })?;
+        emit(
+            kind,
+            n,
+            b,
+            &[
+                ("us", us),
+                ("wall_us", wall),
+                ("host_us", host),
+                ("bytes", bytes as f64),
+                ("keys_read", keys as f64),
+                ("keys_in_context", (b * HKV * n) as f64),
+                ("buffers", nbuf as f64),
+            ],
+        );
+    }
+    Ok(())
+}
+
+/// Whole decode steps through `SaapAttention`, Saap and dense routing.
+fn steps(
+    dev: &Device,
+    index: &SaapIndex,
+    weight_bytes: usize,
+    centroid_bytes: usize,
+    n: usize,
+    b: usize,
+) -> Res<()> {
+    let kv_row = 2 * D * 2;
+    // Rough selection (≈ 4.6 % + window) to choose how many layers to rotate through.
+    let guess = b * HKV * (2064 + n / 20) * kv_row;
+    let kv_bytes = 2 * b * HKV * n * D * 2;
+    let layers = ROTATE_BYTES
+        .div_ceil(guess)
+        .clamp(1, 6)
+        .min((30usize << 30) / kv_bytes)
+        .max(1);
+    let mut ops: Vec<SaapAttention> = (0..layers)
+        .map(|_| filled(index, n, b, dev))
+        .collect::<Res<_>>()?;
+    let q = randn_bf16(&[b, HQ, 1, D], dev)?;
+    let kv = randn_bf16(&[b, HKV, 1, D], dev)?;
+    let new_token = b * (HQ + 2 * HKV) * D * 2 * 2;
+    for (kind, routing) in [
+        ("saap_step", Routing::Classifier),
+        ("dense_step", Routing::Dense),
+    ] {
+        for op in ops.iter_mut() {
+            op.set_routing(routing)?;
+            op.set_track_reads(true);
+        }
+        ops[0].decode(&q, &kv, &kv)?;
+        let read = ops[0].last_read().ok_or("read stats")?;
+        let indexed_read = read.keys_read - read.window_and_sinks;
+        let mut bytes = read.keys_read * kv_row + centroid_bytes + new_token;
+        if routing == Routing::Classifier {
+            bytes += indexed_read * 4 + read.partitions_probed * 8 + weight_bytes;
+            bytes += b * HQ * N_PROBE * 4;
+        }
+        for op in ops.iter_mut() {
+            op.set_track_reads(false);
+        }
+        let (us, wall, host) = time(dev, |i| {
+            let l = i % ops.len();
+            ops[l].decode(&q, &kv, &kv)?;
+            Ok(())
+        })?;
+        let mut fields = vec![
+            ("us", us),
+            ("wall_us", wall),
+            ("host_us", host),
+            ("bytes", bytes as f64),
+            ("keys_read", read.keys_read as f64),
+            ("keys_in_context", read.keys_in_context as f64),
+            ("partitions_probed", read.partitions_probed as f64),
+            ("layers", layers as f64),
+        ];
+        if routing == Routing::Classifier && b == 1 {
+            // What the defaults cost: read stats and finite checks on.
+            for op in ops.iter_mut() {
+                op.set_track_reads(true);
+                op.set_check_finite(true);
+            }
+            let (_, wall_defaults, _) = time(dev, |i| {
+                let l = i % ops.len();
+                ops[l].decode(&q, &kv, &kv)?;
+                Ok(())
+            })?;
+            for op in ops.iter_mut() {
+                op.set_track_reads(false);
+                op.set_check_finite(false);
+            }
+            fields.push(("wall_us_defaults", wall_defaults));
+        }
+        emit(kind, n, b, &fields);
+    }
+    Ok(())
+}
+
+/// Index build of one layer at batch 1: `extend` of n tokens (allocation, RoPE, append,
+/// assignment, merge), and `assign` and the partition-scan `merge` alone.
+fn index_build(dev: &Device, index: &SaapIndex, n: usize) -> Res<()> {
+    let k = randn_bf16(&[1, HKV, n, D], dev)?;
+    let centroids = index.layer(0)?.centroids.to_device(dev)?;
+    let mut best_extend = f64::MAX;
+    let mut best_assign = f64::MAX;
+    let mut best_merge = f64::MAX;
+    let labels = assign(&k.get(0)?, &centroids)?.unsqueeze(0)?;
+    for _ in 0..3 {
+        let dir = Tensor::zeros((1, HKV, dir_len(C, n)), DType::U32, dev)?;
+        let merge_op = MergeOp {
+            ranges: vec![(16, n - 2048)],
+            n_partitions: C,
+            n_kv_heads: HKV,
+        };
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        merge(&dir, &labels, &merge_op)?;
+        dev.synchronize()?;
+        best_merge = best_merge.min(t0.elapsed().as_secs_f64() * 1e6);
+        let mut op = SaapAttention::from_index(index, 0, dev, DType::BF16)?;
+        op.set_check_finite(false);
+        dev.synchronize()?;
+        let t0 = Instant::now();
+        op.extend(&k, &k, &[n])?;
+        dev.synchronize()?;
+        best_extend = best_extend.min(t0.elapsed().as_secs_f64() * 1e6);
+        let t0 = Instant::now();
+        assign(&k.get(0)?, &centroids)?;
+        dev.synchronize()?;
+        best_assign = best_assign.min(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    emit(
+        "index_build",
+        n,
+        1,
+        &[
+            ("extend_us", best_extend),
+            ("assign_us", best_assign),
+            ("merge_us", best_merge),
+        ],
+    );
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Launches of the decode-step routing (`cuda/decode.cu`): the classifier MLP of every query head
+//! (weights widened to f32, f32 accumulation) into scores, then top-ℓ into probes. Two launches
+//! replace the dozen candle ops (casts, transposes, batched matmuls, GELU, arg_sort, narrow) of
+//! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
+
+use super::{load, to_u32, view, with_cuda, DECODE};
+use crate::classify::Classifier;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+/// Threads, output columns and batch items per MLP block (`ROUTE_*` in `cuda/decode.cu`).
+const THREADS: u32 = 256;
+const COLS: usize = 128;
+const ITEMS: usize = 4;
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// Routing of pre-RoPE queries `[B, Hq, D]` to their `n_probe` best partitions `[B, Hq, ℓ]` u32.
+pub(crate) struct RouteOp<'a> {
+    pub classifier: &'a Classifier,
+    pub n_probe: usize,
+}
+
+/// Whether [`RouteOp`] handles these shapes and dtypes; otherwise the caller uses candle ops.
+pub(crate) fn supported(classifier: &Classifier, q: &Tensor) -> bool {
+    let (Ok((hq, d, h)), Ok((_, _, c))) = (classifier.w1.dims3(), classifier.w2.dims3()) else {
+        return false;
+    };
+    let w = classifier.w1.dtype();
+    let same = [&classifier.b1, &classifier.w2, &classifier.b2]
+        .iter()
+        .all(|t| t.dtype() == w && t.is_contiguous());
+    let smem = smem_bytes(d, h, w);
+    matches!(w, DType::F32 | DType::BF16)
+        && same
+        && classifier.w1.is_contiguous()
+        && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && q.dims() == [q.dims().first().copied().unwrap_or(0), hq, d]
+        && (c * w.size_in_bytes()) % 16 == 0
+        && (h * w.size_in_bytes()) % 16 == 0
+        && smem <= SMEM_LIMIT
+        && c.next_power_of_two() * 8 <= SMEM_LIMIT
+}
+
+/// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over
+/// `COLS` outputs, or 32 lanes × one 16-byte vector of hidden units).
+fn smem_bytes(d: usize, h: usize, w: DType) -> usize {
+    let chunk = COLS.max(32 * 16 / w.size_in_bytes());
+    (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * chunk) * 4
+}
+
+impl CustomOp1 for RouteOp<'_> {
+    fn name(&self) -> &'static str {
+        "saap-route"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("saap route: the CUDA kernel has no CPU twin; use Classifier::scores")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let cl = self.classifier;
+        let (b, hq, d) = q_l.shape().dims3()?;
+        let (_, _, h) = cl.w1.dims3()?;
+        let (_, _, c) = cl.w2.dims3()?;
+        let dev = q.device().clone();
+        let qname = match q.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("saap route: query dtype {other:?}"),
+        };
+        let wname = match cl.w1.dtype() {
+            DType::F32 => "wf32",
+            DType::BF16 => "wbf16",
+            other => candle_core::bail!("saap route: weight dtype {other:?}"),
+        };
+        let mlp = load(&dev, &DECODE, &format!("saap_route_mlp_{wname}_{qname}"))?;
+        let top = load(&dev, &DECODE, "saap_route_top")?;
+        let stream = dev.cuda_stream();
+        // SAFETY: every score is written by the MLP kernel (grid covers B × Hq × C).
+        let scores = unsafe { dev.alloc::<f32>(b * hq * c) }?;
+        let (b32, hq32, d32, h32, c32) =
+            (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
+        let smem = smem_bytes(d, h, cl.w1.dtype());
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(ITEMS))?),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: to_u32(smem)?,
+        };
+        fn launch_mlp<W: CudaDType, Q: CudaDType>(
+            (q, q_l): (&CudaStorage, &Layout),
+            cl: &Classifier,
+            stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+            func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+            scores: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+            dims: [u32; 5],
+            cfg: LaunchConfig,
+        ) -> candle_core::Result<()> {
+            let qv = view::<Q>(q, q_l)?;
+            with_cuda(&cl.w1, "w1", |w1, w1_l| {
+                with_cuda(&cl.b1, "b1", |b1, b1_l| {
+                    with_cuda(&cl.w2, "w2", |w2, w2_l| {
+                        with_cuda(&cl.b2, "b2", |b2, b2_l| {
+                            let (w1, b1) = (view::<W>(w1, w1_l)?, view::<W>(b1, b1_l)?);
+                            let (w2, b2) = (view::<W>(w2, w2_l)?, view::<W>(b2, b2_l)?);
+                            let mut builder = stream.launch_builder(func);
+                            builder
+                                .arg(&qv)
+                                .arg(&w1)
+                                .arg(&b1)
+                                .arg(&w2)
+                                .arg(&b2)
+                                .arg(scores);
+                            for x in &dims {
+                                builder.arg(x);
+                            }
+                            // SAFETY: argument types and order match `route_mlp_impl`; the
+                            // grid covers exactly the scores; weight rows are 16-byte aligned
+                            // (checked by `supported` and by the views' offsets below).
+                            unsafe { builder.launch(cfg) }.w()?;
+                            Ok(())
+                        })
+                    })
+                })
+            })
+        }
+        for (name, w) in [("w1", &cl.w1), ("w2", &cl.w2)] {
+            if (w.layout().start_offset() * w.dtype().size_in_bytes()) % 16 != 0 {
+                candle_core::bail!("saap route: {name} does not start on a 16-byte boundary");
+            }
+        }
+        let dims = [b32, hq32, d32, h32, c32];
+        match (cl.w1.dtype(), q.dtype()) {
+            (DType::F32, DType::F32) => {
+                launch_mlp::<f32, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::F32, DType::BF16) => {
+                launch_mlp::<f32, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::F32, DType::F16) => {
+                launch_mlp::<f32, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::F32) => {
+                launch_mlp::<bf16, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::BF16) => {
+                launch_mlp::<bf16, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (DType::BF16, DType::F16) => {
+                launch_mlp::<bf16, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+            }
+            (w, q) => candle_core::bail!("saap route: weights {w:?}, queries {q:?}"),
+        }?;
+        let rows = b * hq;
+        let p = c.next_power_of_two().max(2);
+        // SAFETY: every probe is written by the top-ℓ kernel (one block per row).
+        let probes = unsafe { dev.alloc::<u32>(rows * self.n_probe) }?;
+        let (p32, n_probe32) = (to_u32(p)?, to_u32(self.n_probe)?);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(rows)?, 1, 1),
+            block_dim: (to_u32((p / 2).clamp(32, 512))?, 1, 1),
+            shared_mem_bytes: to_u32(p * 8)?,
+        };
+        let mut builder = stream.launch_builder(&top);
+        builder
+            .arg(&scores)
+            .arg(&probes)
+            .arg(&c32)
+            .arg(&p32)
+            .arg(&n_probe32);
+        // SAFETY: argument types and order match `saap_route_top`; P u64 of shared memory.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(probes, dev),
+            Shape::from((b, hq, self.n_probe)),
+        ))
+    }
+}
