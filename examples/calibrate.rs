@@ -19,7 +19,7 @@
 
 use candle_core::Device;
 use saap::models::calibrate::{calibrate_model, CalibrationPlan};
-use saap::models::fetch::{self, Model};
+use saap::models::fetch;
 use saap::models::{GgufTokenizer, Llama};
 use saap::train::TrainParams;
 use saap::SaapConfig;
@@ -62,11 +62,7 @@ fn main() -> Res<()> {
     } else {
         Device::Cpu
     };
-    let path = match (model_path, qwen) {
-        (Some(p), _) => p,
-        (None, true) => fetch::model(Model::Qwen25Coder05b)?,
-        (None, false) => fetch::model(Model::SmolLm2_135m)?,
-    };
+    let path = fetch::model_or_default(model_path.as_deref(), qwen)?;
     let name = path
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());

@@ -24,7 +24,7 @@
 
 use candle_core::{Device, Tensor, D};
 use saap::models::calibrate::{cached_or_trained_index, record, windows};
-use saap::models::fetch::{self, Model, Text};
+use saap::models::fetch::{self, Text};
 use saap::models::{GgufTokenizer, Llama};
 use saap::train::data::first_query_position;
 use saap::train::{evaluate_routing, RoutingEval};
@@ -202,11 +202,7 @@ fn main() -> Res<()> {
     } else {
         Device::Cpu
     };
-    let path = match (&args.model, args.qwen) {
-        (Some(p), _) => p.clone(),
-        (None, true) => fetch::model(Model::Qwen25Coder05b)?,
-        (None, false) => fetch::model(Model::SmolLm2_135m)?,
-    };
+    let path = fetch::model_or_default(args.model.as_deref(), args.qwen)?;
     let name = path
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
@@ -265,17 +261,11 @@ fn main() -> Res<()> {
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
     model.reset();
-    for piece in window[..split].chunks(512) {
-        model.forward_last(&Tensor::new(piece, &device)?.unsqueeze(0)?, &[piece.len()])?;
-    }
+    model.prefill_chunked(&window[..split], 512)?;
     let base = model.snapshot_attention()?;
     let mut decode = Vec::new();
     for mode in MODES {
-        model.restore_attention(
-            base.iter()
-                .map(|a| a.snapshot())
-                .collect::<saap::Result<_>>()?,
-        )?;
+        model.restore_attention(&base)?;
         apply_mode(&mut model, &index, mode, probe)?;
         let (mut nll, mut reads) = (0.0, ReadStats::default());
         let start = Instant::now();
@@ -339,17 +329,11 @@ fn main() -> Res<()> {
                 .copied()
                 .collect();
             model.reset();
-            for piece in prompt[..prompt.len() - 1].chunks(512) {
-                model.forward_last(&Tensor::new(piece, &device)?.unsqueeze(0)?, &[piece.len()])?;
-            }
+            model.prefill_chunked(&prompt[..prompt.len() - 1], 512)?;
             let base = model.snapshot_attention()?;
             let mut answers = Vec::new();
             for mode in MODES {
-                model.restore_attention(
-                    base.iter()
-                        .map(|a| a.snapshot())
-                        .collect::<saap::Result<_>>()?,
-                )?;
+                model.restore_attention(&base)?;
                 apply_mode(&mut model, &index, mode, probe)?;
                 let mut next = *prompt.last().expect("prompt");
                 let mut out = Vec::new();

@@ -21,7 +21,7 @@
 
 use candle_core::{Device, Tensor, D};
 use saap::models::calibrate;
-use saap::models::fetch::{self, Model, Text};
+use saap::models::fetch::{self, Text};
 use saap::models::{GgufTokenizer, Llama};
 use saap::{ReadStats, SaapIndex};
 use std::io::Write;
@@ -93,11 +93,7 @@ fn main() -> Res<()> {
     } else {
         Device::Cpu
     };
-    let path = match (&args.model, args.qwen) {
-        (Some(p), _) => p.clone(),
-        (None, true) => fetch::model(Model::Qwen25Coder05b)?,
-        (None, false) => fetch::model(Model::SmolLm2_135m)?,
-    };
+    let path = fetch::model_or_default(args.model.as_deref(), args.qwen)?;
     let tok = GgufTokenizer::from_gguf(&path)?;
     let mut model = Llama::from_gguf_auto(&path, &device)?;
     let index = match (&args.index, args.dense) {

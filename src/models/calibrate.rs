@@ -9,7 +9,6 @@ use crate::config::SaapConfig;
 use crate::index::SaapIndex;
 use crate::train::data::{sequences_from_records, Sequence};
 use crate::train::{calibrate_index, LayerReport, TrainParams};
-use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// `count` windows of `len` tokens spread evenly over `tokens` (fewer if the text is short).
@@ -48,12 +47,9 @@ pub fn record(
     }
     for tokens in sequences {
         model.reset();
-        for piece in tokens.chunks(chunk.max(1)) {
-            let t = Tensor::new(piece, model.device())?.unsqueeze(0)?;
-            model.forward_last(&t, &[piece.len()])?;
-            if let Some(bar) = progress {
-                bar.inc(piece.len() as u64);
-            }
+        model.prefill_chunked(tokens, chunk)?;
+        if let Some(bar) = progress {
+            bar.inc(tokens.len() as u64);
         }
         for (layer, recorder) in recorders.iter().enumerate() {
             per_layer[layer].extend(sequences_from_records(&recorder.take())?);

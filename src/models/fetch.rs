@@ -241,6 +241,16 @@ fn install(part: &Path, dest: &Path, sha: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// The model a command-line tool runs: `explicit` if given, else Qwen2.5-Coder-0.5B (`qwen`) or
+/// SmolLM2-135M, fetched on demand.
+pub fn model_or_default(explicit: Option<&Path>, qwen: bool) -> Result<PathBuf> {
+    match (explicit, qwen) {
+        (Some(path), _) => Ok(path.to_path_buf()),
+        (None, true) => model(Model::Qwen25Coder05b),
+        (None, false) => model(Model::SmolLm2_135m),
+    }
+}
+
 /// Hex sha256 of a file.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;

@@ -359,17 +359,33 @@ impl Llama {
             .collect::<crate::Result<_>>()?)
     }
 
-    /// Puts back ops taken with [`Llama::snapshot_attention`] (one per layer).
-    pub fn restore_attention(&mut self, attn: Vec<SaapAttention>) -> Result<()> {
-        if attn.len() != self.attn.len() {
+    /// Puts back a deep copy of ops taken with [`Llama::snapshot_attention`] (one per layer),
+    /// so the same snapshot can be restored again later.
+    pub fn restore_attention(&mut self, snapshot: &[SaapAttention]) -> Result<()> {
+        if snapshot.len() != self.attn.len() {
             return Err(Error::Model(format!(
                 "{} attention ops for {} layers",
-                attn.len(),
+                snapshot.len(),
                 self.attn.len()
             )));
         }
-        self.attn = attn;
+        self.attn = snapshot
+            .iter()
+            .map(SaapAttention::snapshot)
+            .collect::<crate::Result<_>>()?;
         Ok(())
+    }
+
+    /// Runs `tokens` (one sequence) through the model in prefill chunks of `chunk` tokens,
+    /// appending to the caches; returns the logits of the last token, `[vocab]` (f32).
+    pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<Tensor> {
+        let mut last = None;
+        for piece in tokens.chunks(chunk.max(1)) {
+            let t = Tensor::new(piece, &self.device)?.unsqueeze(0)?;
+            last = Some(self.forward_last(&t, &[piece.len()])?);
+        }
+        let last = last.ok_or_else(|| Error::Model("prefill of no tokens".into()))?;
+        Ok(last.squeeze(0)?)
     }
 
     /// How layer `layer` chooses the keys it reads at decode.
