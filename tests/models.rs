@@ -2,6 +2,8 @@
 //! use: `$SAAP_CACHE`, else `$HOME/.cache/saap`).
 #![cfg(feature = "models")]
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor};
 use saap::classify::Classifier;
 use saap::models::fetch::{self, Model, Text};
@@ -93,19 +95,6 @@ fn prefill_then_decode(model: &mut Llama, tokens: &[u32], prompt: usize) -> Vec<
     out
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 /// An index of random centroids and classifiers: with ℓ = C every partition is read, so the
 /// trained values cannot matter and Saap must reproduce dense attention.
 fn random_index(model: &Llama, n_partitions: usize, n_probe: usize) -> SaapIndex {
@@ -160,7 +149,7 @@ fn saap_reading_every_partition_matches_dense() {
     );
     assert_eq!(total.keys_read, total.keys_in_context);
     for (step, (d, s)) in dense.iter().zip(&saap).enumerate() {
-        let diff = max_abs_diff(d, s);
+        let diff = common::max_abs_diff(d, s);
         assert!(diff < 1e-3, "step {step}: logits differ by {diff}");
     }
 
@@ -290,7 +279,7 @@ fn gguf_and_hf_safetensors_loaders_agree() {
             .unwrap()
             .to_scalar()
             .unwrap();
-        let diff = max_abs_diff(a, b);
+        let diff = common::max_abs_diff(a, b);
         // Same f32 weights, summed in another order inside each head: rounding only.
         assert!(
             diff < 1e-4 * scale.max(1.0),

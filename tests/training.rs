@@ -95,8 +95,9 @@ impl Problem {
     }
 }
 
-#[test]
-fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
+/// The configuration of the synthetic problem: 2 query heads on one KV head, window 16, 4 sinks,
+/// ℓ = 2 of 16 partitions, classifier width `hidden`.
+fn synthetic_config(hidden: usize) -> SaapConfig {
     let mut config = SaapConfig::new(
         HeadLayout {
             n_q_heads: 2,
@@ -115,7 +116,13 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     config.window = 16;
     config.sinks = 4;
     config.n_probe = 2;
-    config.hidden = 64;
+    config.hidden = hidden;
+    config
+}
+
+#[test]
+fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
+    let config = synthetic_config(64);
     let mut r = rng(21);
     let problem = Problem::new(&mut r);
     let train: Vec<Sequence> = (0..6).map(|_| problem.sequence(&mut r, 700, 2)).collect();
@@ -179,24 +186,7 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
 
 #[test]
 fn calibration_serves_dense_the_layers_below_the_recall_target() {
-    let mut config = SaapConfig::new(
-        HeadLayout {
-            n_q_heads: 2,
-            n_kv_heads: 1,
-            head_dim: D,
-        },
-        RopeConfig {
-            kind: RopeKind::Interleaved,
-            theta: 1e300,
-            scaling: RopeScaling::None,
-        },
-        TOPICS,
-    )
-    .unwrap();
-    config.window = 16;
-    config.sinks = 4;
-    config.n_probe = 2;
-    config.hidden = 32;
+    let config = synthetic_config(32);
     let mut r = rng(8);
     let problem = Problem::new(&mut r);
     let train: Vec<Sequence> = (0..3).map(|_| problem.sequence(&mut r, 500, 2)).collect();
