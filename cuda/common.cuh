@@ -1,6 +1,18 @@
 // Helpers shared by the saap kernels.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
+
+// Scalar conversions of the element types (f32, bf16, f16), rounding to nearest even.
+template <typename T> __device__ __forceinline__ float to_f32(T x);
+template <> __device__ __forceinline__ float to_f32(float x) { return x; }
+template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f32(float x) { return __float2half(x); }
 
 // Batch items one launch covers; their per-item scalars travel as a by-value kernel parameter
 // (no host-to-device copy, capturable in a CUDA graph). Larger batches use several launches.

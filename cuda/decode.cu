@@ -415,11 +415,6 @@ SAAP_COMBINE(saap_decode_combine_f16, __half)
 #define ROUTE_COLS 128
 #define ROUTE_ITEMS 4
 
-template <typename T> __device__ __forceinline__ float to_f32(T x);
-template <> __device__ __forceinline__ float to_f32(float x) { return x; }
-template <> __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-
 // q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
 // Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / ROUTE_ITEMS)). Dynamic shared memory:
 // ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * max(ROUTE_COLS, 32 * VEC)

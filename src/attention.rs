@@ -7,7 +7,7 @@ use crate::classify::{centroid_scores, top_probes, Classifier};
 use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
 use crate::index::SaapIndex;
-use crate::partition::assign::{assign_prepared, prepare_centroids};
+use crate::partition::assign::{assign_into, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor};
@@ -443,25 +443,35 @@ impl SaapAttention {
             .max()
             .unwrap_or(0);
         self.reserve(batch, needed)?;
-        let (cos, sin) = self.rope.tables(&starts, t_len, self.dtype, &self.device)?;
-        let q_rot = q.map(|q| self.rope.apply(q, &cos, &sin)).transpose()?;
-        let k_rot = self.rope.apply(k, &cos, &sin)?;
+        // Queries: every row rotated (padding included, as a model's own RoPE would); keys and
+        // values: the valid rows written into the cache at each sequence's end.
+        let q_rot = q
+            .map(|q| {
+                let rotate = self.rope.writer(&starts, &vec![t_len; batch], true, false);
+                q.contiguous()?.apply_op1_no_bwd(&rotate)
+            })
+            .transpose()?;
         let state = self.state.as_mut().expect("reserved above");
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        state
+            .k
+            .inplace_op2(&k, &self.rope.writer(&starts, lens, true, true))?;
+        state
+            .v
+            .inplace_op2(&v, &self.rope.writer(&starts, lens, false, true))?;
+        if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
+            assign_into(
+                labels,
+                &k,
+                &index.centroids_t,
+                &index.half_norms,
+                &starts,
+                lens,
+            )?;
+        }
         for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
             if len == 0 {
                 continue;
-            }
-            let rows = |x: &Tensor| x.narrow(0, b, 1)?.narrow(2, 0, len)?.contiguous();
-            state
-                .k
-                .narrow(0, b, 1)?
-                .slice_set(&rows(&k_rot)?, 2, start)?;
-            state.v.narrow(0, b, 1)?.slice_set(&rows(v)?, 2, start)?;
-            if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
-                let keys = k.get(b)?.narrow(1, 0, len)?;
-                let assigned =
-                    assign_prepared(&keys, &index.centroids_t, &index.half_norms)?.unsqueeze(0)?;
-                labels.narrow(0, b, 1)?.slice_set(&assigned, 2, start)?;
             }
             state.lens[b] = start + len;
             let seq = &mut state.seqs[b];

@@ -5,7 +5,11 @@
 
 use crate::config::{RopeConfig, RopeKind, RopeScaling};
 use crate::error::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, InplaceOp2, Layout, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
 
 /// Per-dimension inverse frequencies of a RoPE configuration, with its attention scaling.
 #[derive(Debug, Clone)]
@@ -87,6 +91,25 @@ impl Rope {
         }
     }
 
+    /// The op that rotates rows of `[B, H, T, D]` to positions `starts[b] + t` and writes the
+    /// first `lens[b]` of each item (see [`RopeWrite`]); `rotate: false` copies them unrotated.
+    pub fn writer(
+        &self,
+        starts: &[usize],
+        lens: &[usize],
+        rotate: bool,
+        at_position: bool,
+    ) -> RopeWrite {
+        RopeWrite {
+            inv_freq: self.inv_freq.clone(),
+            mscale: self.mscale,
+            kind: rotate.then_some(self.kind),
+            starts: starts.to_vec(),
+            lens: lens.to_vec(),
+            at_position,
+        }
+    }
+
     /// cos and sin tables, each `[B, T, D/2]`, for the positions `starts[b] + t`, `t < len`.
     pub fn tables(
         &self,
@@ -131,5 +154,219 @@ impl Rope {
             RopeKind::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
             RopeKind::Neox => candle_nn::rotary_emb::rope(&x, cos, sin)?,
         })
+    }
+}
+
+/// Rotation and write of new rows, one kernel on both backends: the cache append of
+/// [`crate::SaapAttention`] (keys rotated into the K cache, values copied into the V cache) and
+/// the rotation of its queries.
+///
+/// Source `[B, H, T, D]`. Item `b` writes its rows `t < lens[b]`, rotated to position
+/// `starts[b] + t`, at row `starts[b] + t` of a `[B, H, rows, D]` cache
+/// ([`Tensor::inplace_op2`], `at_position`) or at row `t` of a new `[B, H, T, D]` tensor
+/// ([`Tensor::apply_op1_no_bwd`]). cos and sin are the f64 angle's, times the attention scale,
+/// rounded to f32 and then to the element type; products and sums are rounded to the element
+/// type, so the result equals [`Rope::apply`] with [`Rope::tables`], bit for bit.
+#[derive(Debug, Clone)]
+pub struct RopeWrite {
+    pub(crate) inv_freq: Vec<f64>,
+    pub(crate) mscale: f64,
+    /// `None`: copy without rotation.
+    pub(crate) kind: Option<RopeKind>,
+    pub(crate) starts: Vec<usize>,
+    pub(crate) lens: Vec<usize>,
+    pub(crate) at_position: bool,
+}
+
+impl RopeWrite {
+    /// Checks shapes; returns `(B, H, T, D)` of the source and the destination rows.
+    pub(crate) fn check(
+        &self,
+        src: &Layout,
+        dst: Option<&Layout>,
+    ) -> candle_core::Result<((usize, usize, usize, usize), usize)> {
+        let (b, h, t, d) = src.shape().dims4()?;
+        if self.starts.len() != b || self.lens.len() != b || self.lens.iter().any(|&l| l > t) {
+            candle_core::bail!(
+                "rope write: {b} items of {t} rows, got starts {:?} and lens {:?}",
+                self.starts,
+                self.lens
+            );
+        }
+        if d % 2 != 0 || d / 2 != self.inv_freq.len() {
+            candle_core::bail!(
+                "rope write: head dim {d} for {} frequencies",
+                self.inv_freq.len()
+            );
+        }
+        let rows = match dst {
+            None => t,
+            Some(dst) => {
+                let (db, dh, rows, dd) = dst.shape().dims4()?;
+                let end = self.starts.iter().zip(&self.lens).map(|(s, l)| s + l).max();
+                if (db, dh, dd) != (b, h, d) || end.unwrap_or(0) > rows {
+                    candle_core::bail!(
+                        "rope write: destination {:?} cannot take rows up to {end:?} of {:?}",
+                        dst.shape(),
+                        src.shape()
+                    );
+                }
+                rows
+            }
+        };
+        Ok(((b, h, t, d), rows))
+    }
+
+    /// Per item, cos and sin of its positions `[lens[b], D/2]`, rounded as the GPU rounds them.
+    fn tables<T: WithDType>(&self) -> Vec<(Vec<T>, Vec<T>)> {
+        let half = self.inv_freq.len();
+        self.starts
+            .par_iter()
+            .zip(&self.lens)
+            .map(|(&start, &len)| {
+                let mut cos = Vec::with_capacity(len * half);
+                let mut sin = Vec::with_capacity(len * half);
+                for pos in start..start + len {
+                    for &f in &self.inv_freq {
+                        let (s, c) = (pos as f64 * f).sin_cos();
+                        cos.push(T::from_f64((c * self.mscale) as f32 as f64));
+                        sin.push(T::from_f64((s * self.mscale) as f32 as f64));
+                    }
+                }
+                (cos, sin)
+            })
+            .collect()
+    }
+
+    /// The CPU kernel: `dst` holds `rows` rows per (item, head).
+    fn write<T: WithDType>(
+        &self,
+        dst: &mut [T],
+        src: &[T],
+        (_, h, t_len, d): (usize, usize, usize, usize),
+        rows: usize,
+    ) {
+        let tables = self.kind.map(|_| self.tables::<T>());
+        let half = d / 2;
+        dst.par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each(|(bh, dst)| {
+                let b = bh / h;
+                let src = &src[bh * t_len * d..(bh + 1) * t_len * d];
+                for t in 0..self.lens[b] {
+                    let row = if self.at_position {
+                        self.starts[b] + t
+                    } else {
+                        t
+                    };
+                    let (x, y) = (&src[t * d..(t + 1) * d], &mut dst[row * d..(row + 1) * d]);
+                    let (Some(kind), Some(tables)) = (self.kind, &tables) else {
+                        y.copy_from_slice(x);
+                        continue;
+                    };
+                    let (cos, sin) = &tables[b];
+                    for i in 0..half {
+                        let (c, s) = (cos[t * half + i], sin[t * half + i]);
+                        let (i1, i2) = match kind {
+                            RopeKind::Interleaved => (2 * i, 2 * i + 1),
+                            RopeKind::Neox => (i, i + half),
+                        };
+                        y[i1] = x[i1] * c - x[i2] * s;
+                        y[i2] = x[i1] * s + x[i2] * c;
+                    }
+                }
+            });
+    }
+}
+
+/// Runs [`RopeWrite::write`] on matching CPU storages.
+fn write_cpu(
+    op: &RopeWrite,
+    dst: &mut CpuStorage,
+    dst_l: &Layout,
+    src: &CpuStorage,
+    src_l: &Layout,
+) -> candle_core::Result<()> {
+    let (dims, rows) = op.check(src_l, op.at_position.then_some(dst_l))?;
+    fn run<T: WithDType>(
+        op: &RopeWrite,
+        dst: &mut [T],
+        dst_l: &Layout,
+        src: &[T],
+        src_l: &Layout,
+        dims: (usize, usize, usize, usize),
+        rows: usize,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("rope write: tensors must be contiguous")
+        };
+        op.write(&mut dst[d0..d1], &src[s0..s1], dims, rows);
+        Ok(())
+    }
+    match (dst, src) {
+        (CpuStorage::F32(d), CpuStorage::F32(s)) => run(op, d, dst_l, s, src_l, dims, rows),
+        (CpuStorage::BF16(d), CpuStorage::BF16(s)) => run(op, d, dst_l, s, src_l, dims, rows),
+        (CpuStorage::F16(d), CpuStorage::F16(s)) => run(op, d, dst_l, s, src_l, dims, rows),
+        (d, s) => candle_core::bail!("rope write: dtypes {:?} into {:?}", s.dtype(), d.dtype()),
+    }
+}
+
+impl InplaceOp2 for RopeWrite {
+    fn name(&self) -> &'static str {
+        "saap-rope-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        write_cpu(self, dst, dst_l, src, src_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::rope_write(self, dst, dst_l, src, src_l)
+    }
+}
+
+impl CustomOp1 for RopeWrite {
+    fn name(&self) -> &'static str {
+        "saap-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = src_l.shape().clone();
+        let mut dst = match src {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![0.0; shape.elem_count()]),
+            CpuStorage::BF16(_) => CpuStorage::BF16(vec![half::bf16::ZERO; shape.elem_count()]),
+            CpuStorage::F16(_) => CpuStorage::F16(vec![half::f16::ZERO; shape.elem_count()]),
+            other => candle_core::bail!("rope write: dtype {:?}", other.dtype()),
+        };
+        write_cpu(self, &mut dst, &Layout::contiguous(&shape), src, src_l)?;
+        Ok((dst, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        src: &candle_core::CudaStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rope_new(self, src, src_l)
     }
 }

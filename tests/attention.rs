@@ -309,3 +309,67 @@ fn every_position_in_exactly_one_region() {
         }
     }
 }
+
+/// The cache append's RoPE writer equals `Rope::apply` on `Rope::tables`, bit for bit: every
+/// dtype, both pair layouts, YaRN's scaled cos/sin, ragged positions; rows past `lens` untouched.
+#[test]
+fn rope_writer_equals_tables() {
+    use saap::rope::Rope;
+    use saap::{RopeConfig, RopeScaling};
+    let mut r = rng(11);
+    let (b, h, t, d) = (3, 2, 5, 64);
+    let starts = [0, 17, 40_000];
+    let lens = [5, 2, 4];
+    for kind in [RopeKind::Interleaved, RopeKind::Neox] {
+        let yarn = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_positions: 32_768,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        };
+        for scaling in [RopeScaling::None, yarn] {
+            let rope = Rope::new(
+                &RopeConfig {
+                    kind,
+                    theta: 1e6,
+                    scaling,
+                },
+                d,
+            );
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let x = randn(&mut r, &[b, h, t, d], 2.0).to_dtype(dtype).unwrap();
+                let (cos, sin) = rope.tables(&starts, t, dtype, &Device::Cpu).unwrap();
+                let want = rope.apply(&x, &cos, &sin).unwrap();
+                let fresh = rope.writer(&starts, &[t; 3], true, false);
+                let got = x.apply_op1_no_bwd(&fresh).unwrap();
+                assert_eq!(
+                    max_abs_diff(&want, &got),
+                    0.0,
+                    "{kind:?} {dtype:?} new tensor"
+                );
+                let rows = 40_010;
+                let cache = Tensor::zeros((b, h, rows, d), dtype, &Device::Cpu).unwrap();
+                let write = rope.writer(&starts, &lens, true, true);
+                cache.inplace_op2(&x, &write).unwrap();
+                for (i, (&s, &n)) in starts.iter().zip(&lens).enumerate() {
+                    let row = |x: &Tensor, at: usize, n: usize| {
+                        x.get(i).unwrap().narrow(1, at, n).unwrap()
+                    };
+                    let diff = max_abs_diff(&row(&cache, s, n), &row(&want, 0, n));
+                    assert_eq!(diff, 0.0, "{kind:?} {dtype:?} cache rows of item {i}");
+                    let after = row(&cache, s + n, 1).to_dtype(DType::F32).unwrap();
+                    assert_eq!(
+                        after
+                            .abs()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap(),
+                        0.0
+                    );
+                }
+            }
+        }
+    }
+}

@@ -358,3 +358,153 @@ fn route_matches_cpu() {
         }
     }
 }
+
+/// The fused RoPE writer: fresh tensors and cache rows from the CUDA kernel equal the CPU's, for
+/// both rotations, YaRN scaling, every dtype, positions up to 500k and a ragged batch. The sines
+/// and cosines come from f64 on both sides, so at most a rare last-bit difference of the f64
+/// `sincos` survives the rounding to f32 and T.
+#[test]
+fn rope_writer_matches_cpu() {
+    use saap::rope::Rope;
+    use saap::{RopeConfig, RopeScaling};
+    let Some(dev) = cuda() else { return };
+    let s = seed("rope_writer_matches_cpu");
+    let mut r = rng(s);
+    let (b, h, t, d) = (3, 4, 7, 128);
+    let starts = [0, 1234, 499_990];
+    // Cache writes at smaller positions keep the caches small.
+    let (cache_starts, lens, rows) = ([0, 1234, 4090], [7, 3, 0], 4100);
+    let yarn = RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_positions: 32_768,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    };
+    for kind in [RopeKind::Interleaved, RopeKind::Neox] {
+        for scaling in [RopeScaling::None, yarn] {
+            let rope = Rope::new(
+                &RopeConfig {
+                    kind,
+                    theta: 5e5,
+                    scaling,
+                },
+                d,
+            );
+            for (dtype, ulp) in [(DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+                let x = randn(&mut r, &[b, h, t, d], 2.0).to_dtype(dtype).unwrap();
+                let compare = |cpu: &Tensor, gpu: &Tensor, what: &str| {
+                    let gpu = gpu.to_device(&Device::Cpu).unwrap();
+                    let scale = cpu.to_dtype(DType::F32).unwrap().abs().unwrap();
+                    let scale = scale.max_all().unwrap().to_scalar::<f32>().unwrap();
+                    let diff = max_abs_diff(cpu, &gpu);
+                    assert!(
+                        diff <= ulp * scale.max(1.0),
+                        "{kind:?} {dtype:?} {what}: differs by {diff}"
+                    );
+                };
+                let fresh = rope.writer(&starts, &[t; 3], true, false);
+                let cpu = x.apply_op1_no_bwd(&fresh).unwrap();
+                let gpu = x.to_device(&dev).unwrap().apply_op1_no_bwd(&fresh).unwrap();
+                compare(&cpu, &gpu, "new tensor");
+                for rotate in [true, false] {
+                    let write = rope.writer(&cache_starts, &lens, rotate, true);
+                    let cache_cpu = Tensor::zeros((b, h, rows, d), dtype, &Device::Cpu).unwrap();
+                    let cache_gpu = cache_cpu.to_device(&dev).unwrap();
+                    cache_cpu.inplace_op2(&x, &write).unwrap();
+                    cache_gpu
+                        .inplace_op2(&x.to_device(&dev).unwrap(), &write)
+                        .unwrap();
+                    for (i, &start) in cache_starts.iter().enumerate() {
+                        // The written rows and one on each side (zero on both).
+                        let from = start.saturating_sub(1);
+                        let n = (t + 2).min(rows - from);
+                        let rows_of = |c: &Tensor| c.get(i).unwrap().narrow(1, from, n).unwrap();
+                        compare(
+                            &rows_of(&cache_cpu),
+                            &rows_of(&cache_gpu),
+                            &format!("cache item {i} rotate {rotate}"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fused nearest-centroid kernel labels the CPU's centroid for every key of a ragged batch
+/// (C a multiple of the kernel's 64-centroid slice and not, head dims 64 and 128, every key
+/// dtype), into the right rows; the only tolerated differences are near-ties in f32.
+#[test]
+fn assign_matches_cpu() {
+    use saap::partition::assign::{assign_into, prepare_centroids};
+    let Some(dev) = cuda() else { return };
+    let s = seed("assign_matches_cpu");
+    let mut r = rng(s);
+    for (h, d, c, t) in [(8, 128, 1024, 37), (2, 64, 40, 1), (3, 64, 200, 300)] {
+        let centroids = randn(&mut r, &[h, c, d], 1.0);
+        let (ct, hn) = prepare_centroids(&centroids).unwrap();
+        let (ct_g, hn_g) = (ct.to_device(&dev).unwrap(), hn.to_device(&dev).unwrap());
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let b = 3;
+            let cap = 2 * t + 5;
+            let starts = [0, t + 5, 1];
+            let lens = [t, t, t / 2];
+            let keys = randn(&mut r, &[b, h, t, d], 1.0).to_dtype(dtype).unwrap();
+            let sentinel = c as u32 + 7;
+            let fill = Tensor::full(sentinel, (b, h, cap), &Device::Cpu).unwrap();
+            let labels_cpu = fill.copy().unwrap();
+            let labels_gpu = fill.to_device(&dev).unwrap();
+            assign_into(&labels_cpu, &keys, &ct, &hn, &starts, &lens).unwrap();
+            let keys_g = keys.to_device(&dev).unwrap();
+            assign_into(&labels_gpu, &keys_g, &ct_g, &hn_g, &starts, &lens).unwrap();
+            // Twice on the GPU: the kernel's scratch and counters must be left zero.
+            let again = fill.to_device(&dev).unwrap();
+            assign_into(&again, &keys_g, &ct_g, &hn_g, &starts, &lens).unwrap();
+            let cpu = labels_cpu.to_vec3::<u32>().unwrap();
+            let gpu = labels_gpu.to_vec3::<u32>().unwrap();
+            assert_eq!(
+                gpu,
+                again.to_vec3::<u32>().unwrap(),
+                "second launch differs"
+            );
+            let keys32 = keys.to_dtype(DType::F32).unwrap();
+            let scores = keys32
+                .matmul(
+                    &ct.unsqueeze(0)
+                        .unwrap()
+                        .broadcast_as((b, h, d, c))
+                        .unwrap()
+                        .contiguous()
+                        .unwrap(),
+                )
+                .unwrap()
+                .broadcast_sub(&hn.unsqueeze(0).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let scores: Vec<Vec<Vec<Vec<f32>>>> = (0..b)
+                .map(|i| scores.get(i).unwrap().to_vec3().unwrap())
+                .collect();
+            for i in 0..b {
+                for head in 0..h {
+                    for row in 0..cap {
+                        let (a, g) = (cpu[i][head][row], gpu[i][head][row]);
+                        let key = row.checked_sub(starts[i]).filter(|&k| k < lens[i]);
+                        let Some(key) = key else {
+                            assert_eq!(g, sentinel, "{dtype:?} item {i} row {row} overwritten");
+                            continue;
+                        };
+                        let sc = &scores[i][head][key];
+                        assert!(g < c as u32, "{dtype:?} item {i} key {key}: label {g}");
+                        let (sa, sg) = (sc[a as usize], sc[g as usize]);
+                        assert!(
+                            a == g || (sa - sg).abs() <= 1e-4 * sa.abs().max(1.0),
+                            "{dtype:?} h{h} d{d} c{c} item {i} head {head} key {key}: \
+                             cpu {a} ({sa}), gpu {g} ({sg})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -6,13 +6,13 @@
 //! needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
-use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, DECODE, MAX_BATCH};
+use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, DECODE, MAX_BATCH};
 use crate::attend::DecodeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
 
@@ -43,30 +43,8 @@ fn min_keys_per_split() -> usize {
     })
 }
 
-/// Per-row split counters of each device (one stream each), zero between launches: the merging
-/// block resets its row's. Grown on demand; launches on one device are in stream order.
-static COUNTERS: std::sync::Mutex<Vec<(DeviceId, CudaSlice<u32>)>> =
-    std::sync::Mutex::new(Vec::new());
-
-/// The zeroed counter buffer of `dev` in `all`, grown to at least `rows` entries. (Not cloned:
-/// cloning a `CudaSlice` copies it on the device.)
-fn counters<'a>(
-    all: &'a mut Vec<(DeviceId, CudaSlice<u32>)>,
-    dev: &CudaDevice,
-    rows: usize,
-) -> candle_core::Result<&'a CudaSlice<u32>> {
-    let id = dev.id();
-    if !all.iter().any(|(d, b)| *d == id && b.len() >= rows) {
-        let buf = dev.alloc_zeros::<u32>(rows.max(1024))?;
-        all.retain(|(d, _)| *d != id);
-        all.push((id, buf));
-    }
-    Ok(&all
-        .iter()
-        .find(|(d, _)| *d == id)
-        .expect("inserted above")
-        .1)
-}
+/// Per-row split counters, zero between launches: the merging block resets its row's.
+static COUNTERS: ZeroedBuffers<u32> = ZeroedBuffers::new();
 
 /// Shared memory a block may use without opting in.
 const SMEM_LIMIT: usize = 48 * 1024;
@@ -257,37 +235,38 @@ fn launch<T: DeviceRepr>(
             )
         });
         let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
-        let mut all = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-        let counters = counters(&mut all, dev, rows)?;
-        let mut attend = stream.launch_builder(&func);
-        attend.arg(&qc).arg(&kc).arg(&vc);
-        match &index {
-            Some((dir, probes)) => attend.arg(dir).arg(probes),
-            None => attend.arg(&null).arg(&null),
-        };
         let (splits32, rows32) = (to_u32(splits)?, to_u32(rows)?);
-        attend
-            .arg(&part_o)
-            .arg(&part_ml)
-            .arg(&mut oc)
-            .arg(counters)
-            .arg(&table)
-            .arg(&hq32)
-            .arg(&hkv32)
-            .arg(&cap32)
-            .arg(&c32)
-            .arg(&n_probe32)
-            .arg(&sinks32)
-            .arg(&scale_log2);
-        let cfg = LaunchConfig {
-            grid_dim: (splits32, rows32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
-        // (ids are checked against cap on the device), writes inside the partials, the output
-        // chunk and the first `rows` counters.
-        unsafe { attend.launch(cfg) }.w()?;
+        COUNTERS.with(dev, rows, |counters| {
+            let mut attend = stream.launch_builder(&func);
+            attend.arg(&qc).arg(&kc).arg(&vc);
+            match &index {
+                Some((dir, probes)) => attend.arg(dir).arg(probes),
+                None => attend.arg(&null).arg(&null),
+            };
+            attend
+                .arg(&part_o)
+                .arg(&part_ml)
+                .arg(&mut oc)
+                .arg(&*counters)
+                .arg(&table)
+                .arg(&hq32)
+                .arg(&hkv32)
+                .arg(&cap32)
+                .arg(&c32)
+                .arg(&n_probe32)
+                .arg(&sinks32)
+                .arg(&scale_log2);
+            let cfg = LaunchConfig {
+                grid_dim: (splits32, rows32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
+            // (ids are checked against cap on the device), writes inside the partials, the output
+            // chunk and the first `rows` counters.
+            unsafe { attend.launch(cfg) }.w()?;
+            Ok(())
+        })?;
         if fused {
             continue;
         }

@@ -2,16 +2,21 @@
 //! their launches for [`crate::attend::DecodeOp`] and [`crate::partition::scan::MergeOp`].
 //! Modules are loaded once per device through candle's custom-module cache.
 
+mod append;
 mod decode;
 mod merge;
 pub(crate) mod route;
 
+pub(crate) use append::{assign, rope_new, rope_write};
 pub(crate) use decode::decode;
 pub(crate) use merge::merge;
 
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaFunction, CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, Layout, Storage, Tensor};
+use std::sync::Mutex;
 
 /// Batch items per launch; must match `SAAP_MAX_BATCH` in `cuda/common.cuh`.
 const MAX_BATCH: usize = 64;
@@ -59,6 +64,12 @@ const DECODE: Module = Module {
     name: "saap_decode",
     native: include_str!(concat!(env!("OUT_DIR"), "/decode.native.ptx")),
     portable: include_str!(concat!(env!("OUT_DIR"), "/decode.portable.ptx")),
+};
+
+const APPEND: Module = Module {
+    name: "saap_append",
+    native: include_str!(concat!(env!("OUT_DIR"), "/append.native.ptx")),
+    portable: include_str!(concat!(env!("OUT_DIR"), "/append.portable.ptx")),
 };
 
 const MERGE: Module = Module {
@@ -120,5 +131,38 @@ fn with_cuda<R>(
     match &*storage {
         Storage::Cuda(s) => f(s, layout),
         _ => candle_core::bail!("saap cuda: {what} is not on a CUDA device"),
+    }
+}
+
+/// Device buffers that kernels leave all-zero after each launch (split counters, assignment
+/// scratch), one per device, allocated zeroed once and grown on demand. Launches on one device
+/// run in stream order, so they can share it; a grown buffer's old allocation is freed in
+/// stream order too.
+pub(crate) struct ZeroedBuffers<T>(Mutex<Vec<(DeviceId, CudaSlice<T>)>>);
+
+impl<T: DeviceRepr + ValidAsZeroBits> ZeroedBuffers<T> {
+    pub(crate) const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    /// Runs `f` with `dev`'s buffer of at least `len` elements (the lock held meanwhile).
+    pub(crate) fn with<R>(
+        &self,
+        dev: &CudaDevice,
+        len: usize,
+        f: impl FnOnce(&mut CudaSlice<T>) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let id = dev.id();
+        if !all.iter().any(|(d, b)| *d == id && b.len() >= len) {
+            let buf = dev.alloc_zeros::<T>(len.max(1024))?;
+            all.retain(|(d, _)| *d != id);
+            all.push((id, buf));
+        }
+        let (_, buf) = all
+            .iter_mut()
+            .find(|(d, _)| *d == id)
+            .expect("inserted above");
+        f(buf)
     }
 }

@@ -1,7 +1,7 @@
 //! Nearest-centroid assignment of pre-RoPE keys: one GEMM and an argmax, on either backend.
 
 use crate::error::{Result, SaapError};
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, D};
 
 /// Rows of the score matrix computed at once, so that `[H, rows, C]` f32 stays near 128 MiB.
 fn chunk_rows(heads: usize, n_partitions: usize) -> usize {
@@ -43,10 +43,22 @@ pub fn prepare_centroids(centroids: &Tensor) -> Result<(Tensor, Tensor)> {
 /// [`assign`] with centroids prepared by [`prepare_centroids`]; same result.
 pub fn assign_prepared(keys: &Tensor, centroids_t: &Tensor, half_norms: &Tensor) -> Result<Tensor> {
     let (heads, n, _) = keys.dims3()?;
-    let n_partitions = centroids_t.dim(2)?;
     if n == 0 {
         return Ok(Tensor::zeros((heads, 0), DType::U32, keys.device())?);
     }
+    if keys.device().is_cuda() {
+        let labels = Tensor::zeros((1, heads, n), DType::U32, keys.device())?;
+        assign_into(
+            &labels,
+            &keys.unsqueeze(0)?,
+            centroids_t,
+            half_norms,
+            &[0],
+            &[n],
+        )?;
+        return Ok(labels.squeeze(0)?);
+    }
+    let n_partitions = centroids_t.dim(2)?;
     let step = chunk_rows(heads, n_partitions);
     let mut labels = Vec::with_capacity(n.div_ceil(step));
     for start in (0..n).step_by(step) {
@@ -59,4 +71,77 @@ pub fn assign_prepared(keys: &Tensor, centroids_t: &Tensor, half_norms: &Tensor)
         return Ok(labels.pop().expect("one chunk"));
     }
     Ok(Tensor::cat(&labels, 1)?)
+}
+
+/// Labels the new keys of a batch in place: for item `b`, the partitions of
+/// `keys[b, :, t]` (`[B, H, T, D]`, pre-RoPE), `t < lens[b]`, go to
+/// `labels[b, :, starts[b] + t]` (`[B, H, cap]` u32). One fused kernel on CUDA ([`AssignOp`]),
+/// [`assign_prepared`] per item on the CPU; the same nearest centroid up to f32 summation order.
+pub fn assign_into(
+    labels: &Tensor,
+    keys: &Tensor,
+    centroids_t: &Tensor,
+    half_norms: &Tensor,
+    starts: &[usize],
+    lens: &[usize],
+) -> Result<()> {
+    if keys.device().is_cuda() {
+        let op = AssignOp {
+            centroids_t: centroids_t.clone(),
+            half_norms: half_norms.clone(),
+            starts: starts.to_vec(),
+            lens: lens.to_vec(),
+        };
+        return Ok(labels.inplace_op2(&keys.contiguous()?, &op)?);
+    }
+    for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
+        if len == 0 {
+            continue;
+        }
+        let item = keys.get(b)?.narrow(1, 0, len)?;
+        let assigned = assign_prepared(&item, centroids_t, half_norms)?.unsqueeze(0)?;
+        labels.narrow(0, b, 1)?.slice_set(&assigned, 2, start)?;
+    }
+    Ok(())
+}
+
+/// The CUDA kernel of [`assign_into`] (`labels.inplace_op2(keys, op)`): scores every centroid
+/// without materializing the `[N, C]` score matrix, ties to the lower index.
+#[derive(Debug, Clone)]
+pub struct AssignOp {
+    /// `[H, D, C]` f32, from [`prepare_centroids`].
+    pub centroids_t: Tensor,
+    /// `[H, 1, C]` f32, from [`prepare_centroids`].
+    pub half_norms: Tensor,
+    /// Per item, the label row of its first key.
+    pub starts: Vec<usize>,
+    /// Per item, its keys to label.
+    pub lens: Vec<usize>,
+}
+
+impl InplaceOp2 for AssignOp {
+    fn name(&self) -> &'static str {
+        "saap-assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("saap assign: the CUDA kernel has no CPU twin; use assign_into")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        labels: &mut candle_core::CudaStorage,
+        labels_l: &Layout,
+        keys: &candle_core::CudaStorage,
+        keys_l: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::assign(self, labels, labels_l, keys, keys_l)
+    }
 }

@@ -1,0 +1,188 @@
+// Cache append, one semantics with the CPU path of `SaapAttention::append` (src/attention.rs):
+// RoPE of new queries and keys with the rows written where they belong (`saap_rope_write_*`), and
+// the nearest centroid of each new pre-RoPE key (`saap_assign_*`). They replace a dozen candle
+// launches and two host-to-device table copies per decode step, and the host's f64 RoPE tables
+// that dominated a long `extend`.
+#include "common.cuh"
+
+// RoPE inverse frequencies, f64 as the host computes them, passed by value: head dim <= 256.
+#define ROPE_MAX_HALF 128
+struct RopeFreqs {
+    double f[ROPE_MAX_HALF];
+};
+
+// Rotation of a row: none (a plain copy, for values), interleaved pairs (2i, 2i + 1), or NEOX
+// halves (i, i + D/2).
+#define ROTATE_NONE 0
+#define ROTATE_INTERLEAVED 1
+#define ROTATE_NEOX 2
+
+// src: [items, H, T, D]; dst: [items, H, dst_rows, D]. Grid: (T, H, items); block: D/2 threads,
+// one rotation pair each. Item b writes its rows t < table.b[b] at dst row table.a[b] + t
+// (`at_position`, a cache) or t (a fresh tensor), rotated to position table.a[b] + t.
+// cos and sin: the f64 angle's cosine and sine times `mscale`, rounded to f32 then to T (the
+// host's tables); every product and sum rounded to T, as candle's CPU rope computes in T.
+template <typename T>
+__device__ __forceinline__ void rope_write_impl(T* __restrict__ dst, const T* __restrict__ src,
+                                                const RopeFreqs& freqs, const ItemTable& table,
+                                                uint32_t H, uint32_t T_len, uint32_t D,
+                                                uint32_t dst_rows, uint32_t rotation,
+                                                uint32_t at_position, double mscale) {
+    const uint32_t t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, i = threadIdx.x;
+    const uint32_t half = D / 2;
+    if (t >= table.b[b] || i >= half) return;
+    const uint32_t pos = table.a[b] + t;
+    const T* x = src + (((size_t)b * H + h) * T_len + t) * D;
+    T* y = dst + (((size_t)b * H + h) * dst_rows + (at_position ? pos : t)) * D;
+    const uint32_t i1 = rotation == ROTATE_INTERLEAVED ? 2 * i : i;
+    const uint32_t i2 = rotation == ROTATE_INTERLEAVED ? 2 * i + 1 : i + half;
+    if (rotation == ROTATE_NONE) {
+        y[i1] = x[i1];
+        y[i2] = x[i2];
+        return;
+    }
+    double s, c;
+    sincos((double)pos * freqs.f[i], &s, &c);
+    const float cf = to_f32(from_f32<T>((float)(c * mscale)));
+    const float sf = to_f32(from_f32<T>((float)(s * mscale)));
+    const float x1 = to_f32(x[i1]), x2 = to_f32(x[i2]);
+    // Explicit _rn operations: no FMA contraction, each result rounded to T like the CPU's.
+    const auto r = [](float v) { return to_f32(from_f32<T>(v)); };
+    y[i1] = from_f32<T>(__fsub_rn(r(__fmul_rn(x1, cf)), r(__fmul_rn(x2, sf))));
+    y[i2] = from_f32<T>(__fadd_rn(r(__fmul_rn(x1, sf)), r(__fmul_rn(x2, cf))));
+}
+
+#define SAAP_ROPE_WRITE(NAME, T)                                                                  \
+    extern "C" __global__ void NAME(T* dst, const T* src, RopeFreqs freqs, ItemTable table,      \
+                                    uint32_t H, uint32_t T_len, uint32_t D, uint32_t dst_rows,    \
+                                    uint32_t rotation, uint32_t at_position, double mscale) {     \
+        rope_write_impl<T>(dst, src, freqs, table, H, T_len, D, dst_rows, rotation, at_position,  \
+                           mscale);                                                               \
+    }
+
+SAAP_ROPE_WRITE(saap_rope_write_f32, float)
+SAAP_ROPE_WRITE(saap_rope_write_bf16, __nv_bfloat16)
+SAAP_ROPE_WRITE(saap_rope_write_f16, __half)
+
+// ---------------------------------------------------------------------------------------------
+// Nearest centroid: label = argmax_c (k·c - |c|²/2), ties to the lower index, f32 arithmetic.
+//
+// A block scores ASSIGN_KEYS keys against one slice of ASSIGN_SLICE centroids; the slices of a
+// tile run in separate blocks so that a single decode token still spreads its 4 MB of centroids
+// over many SMs. Each block folds its best (score, centroid) per key into a u64 by atomicMax
+// (order-preserving score bits high, inverted index low: higher score, then lower index, wins);
+// the tile's last block (a per-tile counter) turns the u64s into labels and zeroes both, so the
+// scratch and the counters stay zero between launches.
+#define ASSIGN_THREADS 256
+#define ASSIGN_KEYS 16
+#define ASSIGN_SLICE 64
+// Threads per centroid: each sums one quarter of the dimensions.
+#define ASSIGN_PARTS (ASSIGN_THREADS / ASSIGN_SLICE)
+
+__device__ __forceinline__ unsigned long long pack_score(float s, uint32_t c) {
+    const uint32_t u = __float_as_uint(s);
+    const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)ordered << 32) | (0xffffffffu - c);
+}
+
+// keys: [items, H, T, D] pre-RoPE; centroids_t: [H, D, C] f32; half_norms: [H, C] f32;
+// labels: [items, H, cap]; scratch: items * H * T u64 (zero); counters: items * H * tiles u32
+// (zero). Grid: (tiles = ceil(T / ASSIGN_KEYS), ceil(C / ASSIGN_SLICE), items * H). Dynamic
+// shared memory: ASSIGN_KEYS * D floats (keys) + ASSIGN_PARTS * ASSIGN_KEYS * ASSIGN_SLICE floats
+// (partial dots). Item b labels its keys t < table.b[b] at labels[b, h, table.a[b] + t].
+template <typename T>
+__device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const T* __restrict__ keys,
+                                            const float* __restrict__ centroids_t,
+                                            const float* __restrict__ half_norms,
+                                            unsigned long long* scratch, uint32_t* counters,
+                                            const ItemTable& table, uint32_t H, uint32_t T_len,
+                                            uint32_t D, uint32_t C, uint32_t cap) {
+    extern __shared__ float smem[];
+    float* xs = smem;                          // [ASSIGN_KEYS][D]
+    float* partial = smem + ASSIGN_KEYS * D;   // [ASSIGN_PARTS][ASSIGN_KEYS][ASSIGN_SLICE]
+    __shared__ bool last;
+    const uint32_t tile = blockIdx.x, row = blockIdx.z, b = row / H, h = row % H;
+    const uint32_t tid = threadIdx.x, len = table.b[b], t0 = tile * ASSIGN_KEYS;
+    if (t0 >= len) return;  // the whole tile: every slice of it returns here
+    const uint32_t n = min((uint32_t)ASSIGN_KEYS, len - t0);
+    for (uint32_t j = tid; j < ASSIGN_KEYS * D; j += blockDim.x) {
+        const uint32_t k = j / D;
+        xs[j] = k < n ? to_f32(keys[(((size_t)b * H + h) * T_len + t0 + k) * D + j % D]) : 0.f;
+    }
+    __syncthreads();
+    // Partial dots: thread (part, c_local) sums dimensions [part * D/4, (part + 1) * D/4) of
+    // centroid c0 + c_local for every key; a warp reads 32 consecutive centroids per dimension.
+    const uint32_t c0 = blockIdx.y * ASSIGN_SLICE, c_local = tid % ASSIGN_SLICE;
+    const uint32_t part = tid / ASSIGN_SLICE, quarter = D / ASSIGN_PARTS;
+    const uint32_t c = c0 + c_local;
+    float acc[ASSIGN_KEYS];
+#pragma unroll
+    for (int k = 0; k < ASSIGN_KEYS; ++k) acc[k] = 0.f;
+    if (c < C) {
+        const float* w = centroids_t + ((size_t)h * D + part * quarter) * C + c;
+#pragma unroll 8
+        for (uint32_t d = 0; d < quarter; ++d) {
+            const float wd = __ldg(w + (size_t)d * C);
+            const float* x = xs + part * quarter + d;
+#pragma unroll
+            for (int k = 0; k < ASSIGN_KEYS; ++k) acc[k] = fmaf(x[k * D], wd, acc[k]);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < ASSIGN_KEYS; ++k)
+        partial[(part * ASSIGN_KEYS + k) * ASSIGN_SLICE + c_local] = acc[k];
+    __syncthreads();
+    // Thread (key, lane16) scores centroids lane16 + 16 j of the slice, then a 16-lane argmax.
+    const uint32_t k = tid / 16, lane16 = tid % 16;
+    float best = -INFINITY;
+    uint32_t best_c = 0xffffffffu;
+    for (uint32_t j = lane16; j < ASSIGN_SLICE && c0 + j < C; j += 16) {
+        float dot = 0.f;
+#pragma unroll
+        for (int p = 0; p < ASSIGN_PARTS; ++p)
+            dot += partial[(p * ASSIGN_KEYS + k) * ASSIGN_SLICE + j];
+        const float score = dot - half_norms[(size_t)h * C + c0 + j];
+        if (score > best || best_c == 0xffffffffu) {
+            best = score;
+            best_c = c0 + j;
+        }
+    }
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, best, o, 16);
+        const uint32_t other_c = __shfl_xor_sync(0xffffffffu, best_c, o, 16);
+        if (other > best || (other == best && other_c < best_c)) {
+            best = other;
+            best_c = other_c;
+        }
+    }
+    const size_t key0 = ((size_t)b * H + h) * T_len + t0;
+    if (lane16 == 0 && k < n && best_c != 0xffffffffu)
+        atomicMax(scratch + key0 + k, pack_score(best, best_c));
+    __threadfence();
+    __syncthreads();
+    uint32_t* counter = counters + (size_t)row * gridDim.x + tile;
+    if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid < n) {
+        const unsigned long long packed = atomicExch(scratch + key0 + tid, 0ull);
+        labels[((size_t)b * H + h) * cap + table.a[b] + t0 + tid] =
+            0xffffffffu - (uint32_t)(packed & 0xffffffffu);
+    }
+    if (tid == 0) *counter = 0;
+}
+
+#define SAAP_ASSIGN(NAME, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ASSIGN_THREADS)                                   \
+        NAME(uint32_t* labels, const T* keys, const float* centroids_t, const float* half_norms,  \
+             unsigned long long* scratch, uint32_t* counters, ItemTable table, uint32_t H,        \
+             uint32_t T_len, uint32_t D, uint32_t C, uint32_t cap) {                               \
+        assign_impl<T>(labels, keys, centroids_t, half_norms, scratch, counters, table, H, T_len, \
+                       D, C, cap);                                                                 \
+    }
+
+SAAP_ASSIGN(saap_assign_f32, float)
+SAAP_ASSIGN(saap_assign_bf16, __nv_bfloat16)
+SAAP_ASSIGN(saap_assign_f16, __half)

@@ -1,0 +1,339 @@
+//! Launches of the cache append (`cuda/append.cu`): RoPE + row writes ([`RopeWrite`]) and the
+//! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is four launches
+//! (queries, keys, values, labels) with nothing copied from the host.
+
+use super::{load, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH};
+use crate::config::RopeKind;
+use crate::partition::assign::AssignOp;
+use crate::rope::RopeWrite;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Shape, WithDType};
+use half::{bf16, f16};
+
+/// `ROPE_MAX_HALF` in `cuda/append.cu`.
+const ROPE_MAX_HALF: usize = 128;
+/// `ASSIGN_*` in `cuda/append.cu`.
+const ASSIGN_THREADS: u32 = 256;
+const ASSIGN_KEYS: usize = 16;
+const ASSIGN_SLICE: usize = 64;
+const ASSIGN_PARTS: usize = ASSIGN_THREADS as usize / ASSIGN_SLICE;
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// `RopeFreqs` of `cuda/append.cu`, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeFreqs([f64; ROPE_MAX_HALF]);
+
+// SAFETY: plain old data with the layout of the C struct.
+unsafe impl DeviceRepr for RopeFreqs {}
+
+/// Per-key scratch and per-tile counters of the assignment, zero between launches.
+static SCRATCH: ZeroedBuffers<u64> = ZeroedBuffers::new();
+static TILE_COUNTERS: ZeroedBuffers<u32> = ZeroedBuffers::new();
+
+fn dtype_name(dtype: DType, what: &str) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("saap cuda {what}: dtype {other:?} (f32, bf16 or f16)"),
+    })
+}
+
+/// [`RopeWrite`] into a cache (`dst`, in place).
+pub(crate) fn rope_write(
+    op: &RopeWrite,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    src: &CudaStorage,
+    src_l: &Layout,
+) -> candle_core::Result<()> {
+    let (dims, rows) = op.check(src_l, op.at_position.then_some(dst_l))?;
+    if dst.dtype() != src.dtype() {
+        candle_core::bail!("rope write: {:?} into {:?}", src.dtype(), dst.dtype());
+    }
+    let (d0, d1) = dst_l
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "rope write" })?;
+    match dst.dtype() {
+        DType::F32 => {
+            let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+            launch_rope::<f32>(op, &mut out, src, src_l, dims, rows)
+        }
+        DType::BF16 => {
+            let mut out = dst.as_cuda_slice_mut::<bf16>()?.slice_mut(d0..d1);
+            launch_rope::<bf16>(op, &mut out, src, src_l, dims, rows)
+        }
+        DType::F16 => {
+            let mut out = dst.as_cuda_slice_mut::<f16>()?.slice_mut(d0..d1);
+            launch_rope::<f16>(op, &mut out, src, src_l, dims, rows)
+        }
+        other => candle_core::bail!("rope write: dtype {other:?}"),
+    }
+}
+
+/// [`RopeWrite`] into a new tensor shaped like `src`.
+pub(crate) fn rope_new(
+    op: &RopeWrite,
+    src: &CudaStorage,
+    src_l: &Layout,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let (dims, _) = op.check(src_l, None)?;
+    if op.lens.iter().any(|&l| l != dims.2) {
+        candle_core::bail!("rope write: a new tensor needs every row written");
+    }
+    let n = src_l.shape().elem_count();
+    fn fresh<T: CudaDType + DeviceRepr>(
+        op: &RopeWrite,
+        src: &CudaStorage,
+        src_l: &Layout,
+        dims: (usize, usize, usize, usize),
+        n: usize,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = src.device().clone();
+        // SAFETY: every row is written (lens == T, checked above).
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        launch_rope::<T>(op, &mut out.slice_mut(..), src, src_l, dims, dims.2)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+    let out = match src.dtype() {
+        DType::F32 => fresh::<f32>(op, src, src_l, dims, n)?,
+        DType::BF16 => fresh::<bf16>(op, src, src_l, dims, n)?,
+        DType::F16 => fresh::<f16>(op, src, src_l, dims, n)?,
+        other => candle_core::bail!("rope write: dtype {other:?}"),
+    };
+    Ok((out, src_l.shape().clone()))
+}
+
+fn launch_rope<T: CudaDType + DeviceRepr>(
+    op: &RopeWrite,
+    dst: &mut CudaViewMut<'_, T>,
+    src: &CudaStorage,
+    src_l: &Layout,
+    (b, h, t, d): (usize, usize, usize, usize),
+    rows: usize,
+) -> candle_core::Result<()> {
+    let half = d / 2;
+    if half > ROPE_MAX_HALF || half == 0 {
+        candle_core::bail!(
+            "saap cuda rope: head dim {d} (at most {})",
+            2 * ROPE_MAX_HALF
+        );
+    }
+    if t == 0 || op.lens.iter().all(|&l| l == 0) {
+        return Ok(());
+    }
+    let dev = src.device().clone();
+    let func = load(
+        &dev,
+        &APPEND,
+        &format!("saap_rope_write_{}", dtype_name(src.dtype(), "rope")?),
+    )?;
+    let src = view::<T>(src, src_l)?;
+    let mut freqs = RopeFreqs([0.0; ROPE_MAX_HALF]);
+    freqs.0[..half].copy_from_slice(&op.inv_freq);
+    let rotation: u32 = match op.kind {
+        None => 0,
+        Some(RopeKind::Interleaved) => 1,
+        Some(RopeKind::Neox) => 2,
+    };
+    let (h32, t32, d32, rows32) = (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(rows)?);
+    let at_position = u32::from(op.at_position);
+    let stream = dev.cuda_stream();
+    for i0 in (0..b).step_by(MAX_BATCH) {
+        let items = (b - i0).min(MAX_BATCH);
+        let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
+        let table = ItemTable::new(pairs)?;
+        let src_chunk = src.slice(i0 * h * t * d..(i0 + items) * h * t * d);
+        let mut dst_chunk = dst.slice_mut(i0 * h * rows * d..(i0 + items) * h * rows * d);
+        let cfg = LaunchConfig {
+            grid_dim: (t32, h32, to_u32(items)?),
+            block_dim: (to_u32(half.max(32))?, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&mut dst_chunk)
+            .arg(&src_chunk)
+            .arg(&freqs)
+            .arg(&table)
+            .arg(&h32)
+            .arg(&t32)
+            .arg(&d32)
+            .arg(&rows32)
+            .arg(&rotation)
+            .arg(&at_position)
+            .arg(&op.mscale);
+        // SAFETY: argument types and order match `rope_write_impl`; rows written are below
+        // `rows` (checked by `RopeWrite::check`), reads inside the source chunk.
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok(())
+}
+
+/// [`AssignOp`]: labels `[B, H, cap]` u32 (in place), keys `[B, H, T, D]`.
+pub(crate) fn assign(
+    op: &AssignOp,
+    labels: &mut CudaStorage,
+    labels_l: &Layout,
+    keys: &CudaStorage,
+    keys_l: &Layout,
+) -> candle_core::Result<()> {
+    let (b, h, t, d) = keys_l.shape().dims4()?;
+    let (lb, lh, cap) = labels_l.shape().dims3()?;
+    let (ch, cd, c) = op.centroids_t.dims3()?;
+    let fits = op.starts.iter().zip(&op.lens).all(|(s, l)| s + l <= cap);
+    if (lb, lh) != (b, h) || (ch, cd) != (h, d) || op.starts.len() != b || op.lens.len() != b {
+        candle_core::bail!(
+            "saap cuda assign: labels {:?}, keys {:?}, centroids^T {:?}, {} items",
+            labels_l.dims(),
+            keys_l.dims(),
+            op.centroids_t.dims(),
+            op.starts.len()
+        );
+    }
+    if !fits || op.lens.iter().any(|&l| l > t) || d % ASSIGN_PARTS != 0 {
+        candle_core::bail!(
+            "saap cuda assign: lens {:?} at {:?} into {cap} rows of {t} keys, head dim {d}",
+            op.lens,
+            op.starts
+        );
+    }
+    let smem = (ASSIGN_KEYS * d + ASSIGN_PARTS * ASSIGN_KEYS * ASSIGN_SLICE) * 4;
+    if smem > SMEM_LIMIT {
+        candle_core::bail!("saap cuda assign: head dim {d} exceeds the shared-memory budget");
+    }
+    if t == 0 || op.lens.iter().all(|&l| l == 0) {
+        return Ok(());
+    }
+    let (l0, l1) = labels_l
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "saap assign" })?;
+    let mut labels = labels.as_cuda_slice_mut::<u32>()?.slice_mut(l0..l1);
+    let dims = AssignDims {
+        b,
+        h,
+        t,
+        d,
+        c,
+        cap,
+        smem,
+    };
+    let dev = keys.device().clone();
+    with_cuda(&op.centroids_t, "centroids", |ct, ct_l| {
+        with_cuda(&op.half_norms, "half norms", |hn, hn_l| {
+            let (ct, hn) = (view::<f32>(ct, ct_l)?, view::<f32>(hn, hn_l)?);
+            let args = (&ct, &hn);
+            match keys.dtype() {
+                DType::F32 => launch_assign(
+                    &dev,
+                    op,
+                    &mut labels,
+                    &view::<f32>(keys, keys_l)?,
+                    args,
+                    dims,
+                ),
+                DType::BF16 => launch_assign(
+                    &dev,
+                    op,
+                    &mut labels,
+                    &view::<bf16>(keys, keys_l)?,
+                    args,
+                    dims,
+                ),
+                DType::F16 => launch_assign(
+                    &dev,
+                    op,
+                    &mut labels,
+                    &view::<f16>(keys, keys_l)?,
+                    args,
+                    dims,
+                ),
+                other => candle_core::bail!("saap cuda assign: dtype {other:?}"),
+            }
+        })
+    })
+}
+
+/// Sizes of one assignment call.
+#[derive(Clone, Copy)]
+struct AssignDims {
+    b: usize,
+    h: usize,
+    t: usize,
+    d: usize,
+    c: usize,
+    cap: usize,
+    smem: usize,
+}
+
+fn launch_assign<T: DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    op: &AssignOp,
+    labels: &mut CudaViewMut<'_, u32>,
+    keys: &CudaView<'_, T>,
+    (centroids_t, half_norms): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    AssignDims {
+        b,
+        h,
+        t,
+        d,
+        c,
+        cap,
+        smem,
+    }: AssignDims,
+) -> candle_core::Result<()> {
+    let func = load(
+        dev,
+        &APPEND,
+        &format!("saap_assign_{}", dtype_name(T::DTYPE, "assign")?),
+    )?;
+    let stream = dev.cuda_stream();
+    let tiles = t.div_ceil(ASSIGN_KEYS);
+    let (h32, t32, d32, c32, cap32) =
+        (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(c)?, to_u32(cap)?);
+    for i0 in (0..b).step_by(MAX_BATCH) {
+        let items = (b - i0).min(MAX_BATCH);
+        let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
+        let table = ItemTable::new(pairs)?;
+        let keys_chunk = keys.slice(i0 * h * t * d..(i0 + items) * h * t * d);
+        let mut labels_chunk = labels.slice_mut(i0 * h * cap..(i0 + items) * h * cap);
+        SCRATCH.with(dev, items * h * t, |scratch| {
+            TILE_COUNTERS.with(dev, items * h * tiles, |counters| {
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        to_u32(tiles)?,
+                        to_u32(c.div_ceil(ASSIGN_SLICE))?,
+                        to_u32(items * h)?,
+                    ),
+                    block_dim: (ASSIGN_THREADS, 1, 1),
+                    shared_mem_bytes: to_u32(smem)?,
+                };
+                let mut launch = stream.launch_builder(&func);
+                launch
+                    .arg(&mut labels_chunk)
+                    .arg(&keys_chunk)
+                    .arg(centroids_t)
+                    .arg(half_norms)
+                    .arg(scratch)
+                    .arg(counters)
+                    .arg(&table)
+                    .arg(&h32)
+                    .arg(&t32)
+                    .arg(&d32)
+                    .arg(&c32)
+                    .arg(&cap32);
+                // SAFETY: argument types and order match `assign_impl`; labels written below
+                // `cap` (checked above), scratch and counters sized for this chunk and left zero.
+                unsafe { launch.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })?;
+    }
+    Ok(())
+}
