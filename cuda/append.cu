@@ -67,12 +67,14 @@ SAAP_ROPE_WRITE(saap_rope_write_f16, __half)
 // ---------------------------------------------------------------------------------------------
 // Nearest centroid: label = argmax_c (k·c - |c|²/2), ties to the lower index, f32 arithmetic.
 //
-// A block scores ASSIGN_KEYS keys against one slice of ASSIGN_SLICE centroids; the slices of a
-// tile run in separate blocks so that a single decode token still spreads its 4 MB of centroids
-// over many SMs. Each block folds its best (score, centroid) per key into a u64 by atomicMax
-// (order-preserving score bits high, inverted index low: higher score, then lower index, wins);
-// the tile's last block (a per-tile counter) turns the u64s into labels and zeroes both, so the
-// scratch and the counters stay zero between launches.
+// A block scores ASSIGN_KEYS keys against `slices_per_block` consecutive slices of ASSIGN_SLICE
+// centroids. A long `extend` has tiles enough to fill the GPU, so one block takes every slice
+// (keys loaded once, one atomic per key); a decode token's single tile is spread over blocks of
+// one slice each, so that its 4 MB of centroids are read by many SMs. Each block folds its best
+// (score, centroid) per key into a u64 by atomicMax (order-preserving score bits high, inverted
+// index low: higher score, then lower index, wins); the tile's last block (a per-tile counter)
+// turns the u64s into labels and zeroes both, so the scratch and the counters stay zero between
+// launches.
 #define ASSIGN_THREADS 256
 #define ASSIGN_KEYS 16
 #define ASSIGN_SLICE 64
@@ -87,18 +89,22 @@ __device__ __forceinline__ unsigned long long pack_score(float s, uint32_t c) {
 
 // keys: [items, H, T, D] pre-RoPE; centroids_t: [H, D, C] f32; half_norms: [H, C] f32;
 // labels: [items, H, cap]; scratch: items * H * T u64 (zero); counters: items * H * tiles u32
-// (zero). Grid: (tiles = ceil(T / ASSIGN_KEYS), ceil(C / ASSIGN_SLICE), items * H). Dynamic
-// shared memory: ASSIGN_KEYS * D floats (keys) + ASSIGN_PARTS * ASSIGN_KEYS * ASSIGN_SLICE floats
-// (partial dots). Item b labels its keys t < table.b[b] at labels[b, h, table.a[b] + t].
+// (zero). Grid: (tiles = ceil(T / ASSIGN_KEYS), ceil(C / (ASSIGN_SLICE * slices_per_block)),
+// items * H). Dynamic shared memory: ASSIGN_KEYS * D floats (keys) + ASSIGN_PARTS * ASSIGN_KEYS *
+// ASSIGN_SLICE floats (partial dots). Item b labels its keys t < table.b[b] at
+// labels[b, h, table.a[b] + t].
 template <typename T>
 __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const T* __restrict__ keys,
                                             const float* __restrict__ centroids_t,
                                             const float* __restrict__ half_norms,
                                             unsigned long long* scratch, uint32_t* counters,
                                             const ItemTable& table, uint32_t H, uint32_t T_len,
-                                            uint32_t D, uint32_t C, uint32_t cap) {
-    extern __shared__ float smem[];
-    float* xs = smem;                          // [ASSIGN_KEYS][D]
+                                            uint32_t D, uint32_t C, uint32_t cap,
+                                            uint32_t slices_per_block) {
+    extern __shared__ __align__(16) float smem[];
+    // Keys dimension-major, [D][ASSIGN_KEYS]: the 16 keys' values of one dimension are four
+    // 16-byte broadcast loads (one load per FMA made the kernel shared-memory bound).
+    float* xs = smem;
     float* partial = smem + ASSIGN_KEYS * D;   // [ASSIGN_PARTS][ASSIGN_KEYS][ASSIGN_SLICE]
     __shared__ bool last;
     const uint32_t tile = blockIdx.x, row = blockIdx.z, b = row / H, h = row % H;
@@ -106,52 +112,66 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
     if (t0 >= len) return;  // the whole tile: every slice of it returns here
     const uint32_t n = min((uint32_t)ASSIGN_KEYS, len - t0);
     for (uint32_t j = tid; j < ASSIGN_KEYS * D; j += blockDim.x) {
-        const uint32_t k = j / D;
-        xs[j] = k < n ? to_f32(keys[(((size_t)b * H + h) * T_len + t0 + k) * D + j % D]) : 0.f;
+        const uint32_t k = j / D, d = j % D;
+        xs[d * ASSIGN_KEYS + k] = k < n ? to_f32(keys[(((size_t)b * H + h) * T_len + t0 + k) * D + d]) : 0.f;
     }
     __syncthreads();
     // Partial dots: thread (part, c_local) sums dimensions [part * D/4, (part + 1) * D/4) of
     // centroid c0 + c_local for every key; a warp reads 32 consecutive centroids per dimension.
-    const uint32_t c0 = blockIdx.y * ASSIGN_SLICE, c_local = tid % ASSIGN_SLICE;
-    const uint32_t part = tid / ASSIGN_SLICE, quarter = D / ASSIGN_PARTS;
-    const uint32_t c = c0 + c_local;
-    float acc[ASSIGN_KEYS];
-#pragma unroll
-    for (int k = 0; k < ASSIGN_KEYS; ++k) acc[k] = 0.f;
-    if (c < C) {
-        const float* w = centroids_t + ((size_t)h * D + part * quarter) * C + c;
-#pragma unroll 8
-        for (uint32_t d = 0; d < quarter; ++d) {
-            const float wd = __ldg(w + (size_t)d * C);
-            const float* x = xs + part * quarter + d;
-#pragma unroll
-            for (int k = 0; k < ASSIGN_KEYS; ++k) acc[k] = fmaf(x[k * D], wd, acc[k]);
-        }
-    }
-#pragma unroll
-    for (int k = 0; k < ASSIGN_KEYS; ++k)
-        partial[(part * ASSIGN_KEYS + k) * ASSIGN_SLICE + c_local] = acc[k];
-    __syncthreads();
-    // Thread (key, lane16) scores centroids lane16 + 16 j of the slice, then a 16-lane argmax.
+    // Scoring: thread (key, lane16) keeps its best over centroids lane16 + 16 j of every slice.
+    const uint32_t c_local = tid % ASSIGN_SLICE, part = tid / ASSIGN_SLICE, quarter = D / ASSIGN_PARTS;
     const uint32_t k = tid / 16, lane16 = tid % 16;
     float best = -INFINITY;
     uint32_t best_c = 0xffffffffu;
-    for (uint32_t j = lane16; j < ASSIGN_SLICE && c0 + j < C; j += 16) {
-        float dot = 0.f;
+    const uint32_t first = blockIdx.y * slices_per_block * ASSIGN_SLICE;
+    const uint32_t end = min(C, first + slices_per_block * ASSIGN_SLICE);
+    for (uint32_t c0 = first; c0 < end; c0 += ASSIGN_SLICE) {
+        const uint32_t c = c0 + c_local;
+        float acc[ASSIGN_KEYS];
 #pragma unroll
-        for (int p = 0; p < ASSIGN_PARTS; ++p)
-            dot += partial[(p * ASSIGN_KEYS + k) * ASSIGN_SLICE + j];
-        const float score = dot - half_norms[(size_t)h * C + c0 + j];
-        if (score > best || best_c == 0xffffffffu) {
-            best = score;
-            best_c = c0 + j;
+        for (int i = 0; i < ASSIGN_KEYS; ++i) acc[i] = 0.f;
+        if (c < C) {
+            const float* w = centroids_t + ((size_t)h * D + part * quarter) * C + c;
+            // All of a quarter's loads in flight at once: a decode token's few blocks are
+            // latency-bound on them.
+#pragma unroll 32
+            for (uint32_t d = 0; d < quarter; ++d) {
+                const float wd = __ldg(w + (size_t)d * C);
+                const float4* x = reinterpret_cast<const float4*>(xs + (part * quarter + d) * ASSIGN_KEYS);
+#pragma unroll
+                for (int k4 = 0; k4 < ASSIGN_KEYS / 4; ++k4) {
+                    const float4 v = x[k4];
+                    acc[4 * k4] = fmaf(v.x, wd, acc[4 * k4]);
+                    acc[4 * k4 + 1] = fmaf(v.y, wd, acc[4 * k4 + 1]);
+                    acc[4 * k4 + 2] = fmaf(v.z, wd, acc[4 * k4 + 2]);
+                    acc[4 * k4 + 3] = fmaf(v.w, wd, acc[4 * k4 + 3]);
+                }
+            }
         }
+#pragma unroll
+        for (int i = 0; i < ASSIGN_KEYS; ++i)
+            partial[(part * ASSIGN_KEYS + i) * ASSIGN_SLICE + c_local] = acc[i];
+        __syncthreads();
+        for (uint32_t j = lane16; j < ASSIGN_SLICE && c0 + j < C; j += 16) {
+            float dot = 0.f;
+#pragma unroll
+            for (int p = 0; p < ASSIGN_PARTS; ++p)
+                dot += partial[(p * ASSIGN_KEYS + k) * ASSIGN_SLICE + j];
+            const float score = dot - half_norms[(size_t)h * C + c0 + j];
+            // Centroids arrive in increasing order: strict > keeps the lower index on ties.
+            if (score > best || best_c == 0xffffffffu) {
+                best = score;
+                best_c = c0 + j;
+            }
+        }
+        __syncthreads();  // partial is rewritten by the next slice
     }
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) {
         const float other = __shfl_xor_sync(0xffffffffu, best, o, 16);
         const uint32_t other_c = __shfl_xor_sync(0xffffffffu, best_c, o, 16);
-        if (other > best || (other == best && other_c < best_c)) {
+        if (other_c != 0xffffffffu &&
+            (best_c == 0xffffffffu || other > best || (other == best && other_c < best_c))) {
             best = other;
             best_c = other_c;
         }
@@ -178,9 +198,9 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
     extern "C" __global__ void __launch_bounds__(ASSIGN_THREADS)                                   \
         NAME(uint32_t* labels, const T* keys, const float* centroids_t, const float* half_norms,  \
              unsigned long long* scratch, uint32_t* counters, ItemTable table, uint32_t H,        \
-             uint32_t T_len, uint32_t D, uint32_t C, uint32_t cap) {                               \
+             uint32_t T_len, uint32_t D, uint32_t C, uint32_t cap, uint32_t slices_per_block) {    \
         assign_impl<T>(labels, keys, centroids_t, half_norms, scratch, counters, table, H, T_len, \
-                       D, C, cap);                                                                 \
+                       D, C, cap, slices_per_block);                                               \
     }
 
 SAAP_ASSIGN(saap_assign_f32, float)

@@ -19,7 +19,8 @@
 //! partitions, probes, classifier weights, centroids (assignment of the new key), the new token.
 //! Every measurement is one `JSON {...}` line on stdout.
 //!
-//! Usage: `bench_report [LENGTHS] [BATCHES]`, e.g. `bench_report 32768,131072 1,8`.
+//! Usage: `bench_report [LENGTHS] [BATCHES]`, e.g. `bench_report 32768,131072 1,8`;
+//! `SAAP_REPORT_ONLY=route,kernels,steps,index` runs only those sections (e.g. under a profiler).
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::{DType, Device, Tensor};
@@ -203,8 +204,14 @@ fn main() -> Res<()> {
     let centroid_bytes = HKV * C * D * 4 + HKV * C * 4;
     println!("# bench_report: Hq={HQ} Hkv={HKV} D={D} bf16; C={C} l={N_PROBE} window=2048 sinks=16 hidden={hidden}; classifier {weight_bytes} B (bf16), centroids {centroid_bytes} B (f32)");
 
+    let only = std::env::var("SAAP_REPORT_ONLY").ok();
+    let section = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|s| s == name))
+    };
+
     // Routing alone (batch-dependent, length-independent).
-    for &b in &batches {
+    for &b in batches.iter().filter(|_| section("route")) {
         let q = randn_bf16(&[b, HQ, D], &dev)?;
         let (us, wall, host) = time(&dev, |_| {
             weights.probes(&q, N_PROBE)?;
@@ -244,10 +251,16 @@ fn main() -> Res<()> {
 
     for &n in &lens {
         for &b in &batches {
-            kernels(&dev, &mut rng, n, b)?;
-            steps(&dev, &index, weight_bytes, centroid_bytes, n, b)?;
+            if section("kernels") {
+                kernels(&dev, &mut rng, n, b)?;
+            }
+            if section("steps") {
+                steps(&dev, &index, weight_bytes, centroid_bytes, n, b)?;
+            }
         }
-        index_build(&dev, &index, n)?;
+        if section("index") {
+            index_build(&dev, &index, n)?;
+        }
     }
     Ok(())
 }

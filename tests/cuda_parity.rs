@@ -440,7 +440,14 @@ fn assign_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("assign_matches_cpu");
     let mut r = rng(s);
-    for (h, d, c, t) in [(8, 128, 1024, 37), (2, 64, 40, 1), (3, 64, 200, 300)] {
+    // Centroids split over blocks (decode-sized), several slices per block, and one block
+    // per tile taking every slice (extend-sized).
+    for (h, d, c, t) in [
+        (8, 128, 1024, 37),
+        (2, 64, 40, 1),
+        (3, 64, 200, 300),
+        (2, 64, 256, 2000),
+    ] {
         let centroids = randn(&mut r, &[h, c, d], 1.0);
         let (ct, hn) = prepare_centroids(&centroids).unwrap();
         let (ct_g, hn_g) = (ct.to_device(&dev).unwrap(), hn.to_device(&dev).unwrap());

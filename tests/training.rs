@@ -256,11 +256,11 @@ fn context_sized_defaults() {
     let small = SaapConfig::for_context(layout, rope, 8192).unwrap();
     assert_eq!(
         (small.n_partitions, small.n_probe, small.window, small.sinks),
-        (256, 8, 512, 4)
+        (256, 5, 512, 4)
     );
     let large = SaapConfig::for_context(layout, rope, 131_072).unwrap();
     assert_eq!(
         (large.n_partitions, large.n_probe, large.window, large.sinks),
-        (1024, 32, 2048, 16)
+        (1024, 21, 2048, 16)
     );
 }

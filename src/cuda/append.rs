@@ -2,7 +2,7 @@
 //! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is four launches
 //! (queries, keys, values, labels) with nothing copied from the host.
 
-use super::{load, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH};
+use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH};
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
 use crate::rope::RopeWrite;
@@ -295,10 +295,17 @@ fn launch_assign<T: DeviceRepr + WithDType>(
     )?;
     let stream = dev.cuda_stream();
     let tiles = t.div_ceil(ASSIGN_KEYS);
+    let slices = c.div_ceil(ASSIGN_SLICE);
     let (h32, t32, d32, c32, cap32) =
         (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(c)?, to_u32(cap)?);
+    let target_blocks = 4 * sm_count(dev)?;
     for i0 in (0..b).step_by(MAX_BATCH) {
         let items = (b - i0).min(MAX_BATCH);
+        // Split the centroids over blocks only as far as needed to fill the GPU: every extra
+        // split reloads the keys and adds an atomic per key.
+        let splits = target_blocks.div_ceil(tiles * items * h).clamp(1, slices);
+        let per_block = slices.div_ceil(splits);
+        let per_block32 = to_u32(per_block)?;
         let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
         let table = ItemTable::new(pairs)?;
         let keys_chunk = keys.slice(i0 * h * t * d..(i0 + items) * h * t * d);
@@ -308,7 +315,7 @@ fn launch_assign<T: DeviceRepr + WithDType>(
                 let cfg = LaunchConfig {
                     grid_dim: (
                         to_u32(tiles)?,
-                        to_u32(c.div_ceil(ASSIGN_SLICE))?,
+                        to_u32(slices.div_ceil(per_block))?,
                         to_u32(items * h)?,
                     ),
                     block_dim: (ASSIGN_THREADS, 1, 1),
@@ -327,7 +334,8 @@ fn launch_assign<T: DeviceRepr + WithDType>(
                     .arg(&t32)
                     .arg(&d32)
                     .arg(&c32)
-                    .arg(&cap32);
+                    .arg(&cap32)
+                    .arg(&per_block32);
                 // SAFETY: argument types and order match `assign_impl`; labels written below
                 // `cap` (checked above), scratch and counters sized for this chunk and left zero.
                 unsafe { launch.launch(cfg) }.w()?;
