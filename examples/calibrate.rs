@@ -13,6 +13,8 @@
 //!   --queries Q             training queries per sequence (default 1024)
 //!   --min-recall R          layers below this held-out recall are served dense (default 0.9)
 //!   --out PATH              default <cache>/indexes/<model>-ctx<N>.safetensors
+//!   --yarn F                YaRN RoPE scaling by F over the model's context (the index records
+//!                           it; decode with the same --yarn)
 //!   --cuda                  record, run k-means and compute attention targets on GPU 0 (the
 //!                           classifier itself trains on the CPU)
 //! ```
@@ -34,6 +36,7 @@ fn main() -> Res<()> {
     let mut overrides: Vec<(String, usize)> = Vec::new();
     let (mut seqs, mut epochs, mut min_recall, mut queries) = (2, 30, 0.9, 1024);
     let mut out: Option<PathBuf> = None;
+    let mut yarn = None;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -41,6 +44,7 @@ fn main() -> Res<()> {
             "--model" => model_path = Some(value()?.into()),
             "--qwen" => qwen = true,
             "--cuda" => cuda = true,
+            "--yarn" => yarn = Some(value()?.parse::<f64>()?),
             "--context" => context = value()?.parse()?,
             "--partitions" | "--probe" | "--window" | "--sinks" | "--hidden" => {
                 overrides.push((flag.clone(), value()?.parse()?))
@@ -68,6 +72,9 @@ fn main() -> Res<()> {
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let tok = GgufTokenizer::from_gguf(&path)?;
     let mut model = Llama::from_gguf_auto(&path, &device)?;
+    if let Some(factor) = yarn {
+        model.set_yarn(factor)?;
+    }
     let mut config = SaapConfig::for_context(model.config().layout, model.config().rope, context)?;
     for (flag, v) in overrides {
         match flag.as_str() {
@@ -96,9 +103,10 @@ fn main() -> Res<()> {
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;
     let out = match out {
         Some(p) => p,
-        None => fetch::cache_dir()?
-            .join("indexes")
-            .join(format!("{name}-ctx{context}.safetensors")),
+        None => fetch::cache_dir()?.join("indexes").join(match yarn {
+            Some(f) => format!("{name}-ctx{context}-yarn{f}.safetensors"),
+            None => format!("{name}-ctx{context}.safetensors"),
+        }),
     };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;

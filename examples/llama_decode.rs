@@ -17,6 +17,8 @@
 //!   --tokens N          tokens to generate (default 64)
 //!   --chunk N           prefill chunk (default 512)
 //!   --cuda              run on GPU 0 (build with --features cuda)
+//!   --yarn F            YaRN RoPE scaling by F over the model's context (e.g. 4: Qwen2.5 at
+//!                       128k); the index must have been calibrated with the same --yarn
 //!   --fast              no read statistics and no finite checks (each costs a device-to-host
 //!                       copy per layer and step): for timing tokens/s; keys read not reported
 //! ```
@@ -46,6 +48,7 @@ struct Args {
     chunk: usize,
     cuda: bool,
     fast: bool,
+    yarn: Option<f64>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -63,6 +66,7 @@ fn parse_args() -> Res<Args> {
         chunk: 512,
         cuda: false,
         fast: false,
+        yarn: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +85,7 @@ fn parse_args() -> Res<Args> {
             "--chunk" => a.chunk = value()?.parse::<usize>()?.max(1),
             "--cuda" => a.cuda = true,
             "--fast" => a.fast = true,
+            "--yarn" => a.yarn = Some(value()?.parse()?),
             "-h" | "--help" => {
                 println!("see the header of examples/llama_decode.rs for the options");
                 std::process::exit(0);
@@ -101,6 +106,9 @@ fn main() -> Res<()> {
     let path = fetch::model_or_default(args.model.as_deref(), args.qwen)?;
     let tok = GgufTokenizer::from_gguf(&path)?;
     let mut model = Llama::from_gguf_auto(&path, &device)?;
+    if let Some(factor) = args.yarn {
+        model.set_yarn(factor)?;
+    }
     let index = match (&args.index, args.dense) {
         (_, true) => None,
         (Some(index_path), false) => {

@@ -169,6 +169,13 @@ fn saap_reading_every_partition_matches_dense() {
         v.iter().all(|x| x.is_finite())
     });
     assert!(finite, "non-finite logits with l < C");
+
+    // YaRN: bad factors are errors; an index calibrated without it no longer fits the model.
+    let plain = random_index(&model, 8, 2);
+    assert!(model.set_yarn(0.5).is_err());
+    assert!(model.set_yarn(f64::NAN).is_err());
+    model.set_yarn(4.0).unwrap();
+    assert!(model.attach_index(Some(&plain)).is_err());
 }
 
 /// Writes SmolLM2 as a Hugging Face checkpoint: weights dequantized to f32, q/k rows un-permuted

@@ -321,6 +321,20 @@ impl Llama {
         Ok(())
     }
 
+    /// YaRN by `factor` over the checkpoint's own context length (Qwen2.5's recipe for 128k:
+    /// factor 4 over 32,768 positions, β 32 / 1), through [`Self::set_rope_scaling`].
+    pub fn set_yarn(&mut self, factor: f64) -> Result<()> {
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(Error::Model(format!("YaRN factor {factor} must be >= 1")));
+        }
+        self.set_rope_scaling(RopeScaling::Yarn {
+            factor,
+            original_max_positions: self.config.context_length,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        })
+    }
+
     /// Gives every layer the op of `index` (with the index's per-layer routing and a fresh
     /// cache), or, with `None`, dense attention. The index must have been trained for this
     /// model: same head layout, RoPE (kind, θ, scaling) and number of layers.
