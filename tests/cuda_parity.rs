@@ -318,7 +318,12 @@ fn route_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("route_matches_cpu");
     let mut r = rng(s);
-    for (hq, d, h, c, n_probe, b) in [(32, 128, 256, 1024, 32, 5), (8, 64, 48, 40, 40, 1)] {
+    // ℓ of 32 and ℓ = C (the top-ℓ sort inside one warp) and ℓ = 100 (block-wide sort).
+    for (hq, d, h, c, n_probe, b) in [
+        (32, 128, 256, 1024, 32, 5),
+        (8, 64, 48, 40, 40, 1),
+        (4, 64, 32, 200, 100, 3),
+    ] {
         let classifier = saap::classify::Classifier {
             w1: randn(&mut r, &[hq, d, h], 0.1),
             b1: randn(&mut r, &[hq, 1, h], 0.1),
@@ -513,5 +518,40 @@ fn assign_matches_cpu() {
                 }
             }
         }
+    }
+}
+
+/// Exact score ties (output weights zero, biases from three values) are ordered by index, as the
+/// CPU's stable sort orders them: the top-ℓ kernel's index digits decide, bit for bit.
+#[test]
+fn route_ties_match_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("route_ties_match_cpu");
+    let mut r = rng(s);
+    let (hq, d, h, c, b) = (8, 64, 32, 256, 2);
+    let b2: Vec<f32> = (0..hq * c).map(|_| r.random_range(0..3) as f32).collect();
+    let classifier = saap::classify::Classifier {
+        w1: randn(&mut r, &[hq, d, h], 0.1),
+        b1: randn(&mut r, &[hq, 1, h], 0.1),
+        w2: Tensor::zeros((hq, h, c), DType::F32, &Device::Cpu).unwrap(),
+        b2: Tensor::from_vec(b2, (hq, 1, c), &Device::Cpu).unwrap(),
+    };
+    let q = randn(&mut r, &[b, hq, d], 1.0);
+    for n_probe in [1, 7, 64, 100, 256] {
+        let cpu = classifier
+            .prepared(DType::F32, &Device::Cpu)
+            .unwrap()
+            .probes(&q, n_probe)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        let gpu = classifier
+            .prepared(DType::F32, &dev)
+            .unwrap()
+            .probes(&q.to_device(&dev).unwrap(), n_probe)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        assert_eq!(cpu, gpu, "ℓ = {n_probe}");
     }
 }

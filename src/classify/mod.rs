@@ -97,7 +97,7 @@ impl Classifier {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda()
             && (1..=classifier.w2.dim(2)?).contains(&n_probe)
-            && crate::cuda::route::supported(classifier, q)
+            && crate::cuda::route::supported(classifier, q, n_probe)
         {
             let op = crate::cuda::route::RouteOp {
                 classifier,

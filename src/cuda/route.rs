@@ -24,8 +24,8 @@ pub(crate) struct RouteOp<'a> {
     pub n_probe: usize,
 }
 
-/// Whether [`RouteOp`] handles these shapes and dtypes; otherwise the caller uses candle ops.
-pub(crate) fn supported(classifier: &Classifier, q: &Tensor) -> bool {
+/// Whether [`RouteOp`] handles these shapes, dtypes and ℓ; otherwise the caller uses candle ops.
+pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> bool {
     let (Ok((hq, d, h)), Ok((_, _, c))) = (classifier.w1.dims3(), classifier.w2.dims3()) else {
         return false;
     };
@@ -42,7 +42,13 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor) -> bool {
         && (c * w.size_in_bytes()) % 16 == 0
         && (h * w.size_in_bytes()) % 16 == 0
         && smem <= SMEM_LIMIT
-        && c.next_power_of_two() * 8 <= SMEM_LIMIT
+        && top_smem_bytes(c, n_probe) <= SMEM_LIMIT
+}
+
+/// Dynamic shared memory of the top-ℓ kernel: C keys, the selection padded to a power of two,
+/// a 256-bin histogram.
+fn top_smem_bytes(c: usize, n_probe: usize) -> usize {
+    (c + n_probe.next_power_of_two().max(2)) * 8 + 256 * 4
 }
 
 /// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over
@@ -156,23 +162,31 @@ impl CustomOp1 for RouteOp<'_> {
             (w, q) => candle_core::bail!("saap route: weights {w:?}, queries {q:?}"),
         }?;
         let rows = b * hq;
-        let p = c.next_power_of_two().max(2);
+        if self.n_probe == 0 || self.n_probe > c {
+            candle_core::bail!("saap route: ℓ = {} outside 1..={c}", self.n_probe);
+        }
+        let sel_cap = self.n_probe.next_power_of_two().max(2);
         // SAFETY: every probe is written by the top-ℓ kernel (one block per row).
         let probes = unsafe { dev.alloc::<u32>(rows * self.n_probe) }?;
-        let (p32, n_probe32) = (to_u32(p)?, to_u32(self.n_probe)?);
+        let (sel_cap32, n_probe32) = (to_u32(sel_cap)?, to_u32(self.n_probe)?);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(rows)?, 1, 1),
-            block_dim: (to_u32((p / 2).clamp(32, 512))?, 1, 1),
-            shared_mem_bytes: to_u32(p * 8)?,
+            block_dim: (
+                to_u32(c.next_power_of_two().div_ceil(2).clamp(32, 512))?,
+                1,
+                1,
+            ),
+            shared_mem_bytes: to_u32(top_smem_bytes(c, self.n_probe))?,
         };
         let mut builder = stream.launch_builder(&top);
         builder
             .arg(&scores)
             .arg(&probes)
             .arg(&c32)
-            .arg(&p32)
+            .arg(&sel_cap32)
             .arg(&n_probe32);
-        // SAFETY: argument types and order match `saap_route_top`; P u64 of shared memory.
+        // SAFETY: argument types and order match `saap_route_top`; its shared memory as sized by
+        // `top_smem_bytes`.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((
             CudaStorage::wrap_cuda_slice(probes, dev),
