@@ -18,6 +18,10 @@
 //!                           SmolLM2-135M fails the task even dense on real prose) or `text`
 //!                           (the held-out text)
 //!   --probe L               override ℓ
+//!   --yarn F                YaRN RoPE scaling by F (e.g. 4: Qwen2.5 at 128k); the index must
+//!                           have been calibrated with the same --yarn
+//!   --skip LIST             sections to leave out, comma-separated: routing, ppl, nih (a 128k
+//!                           evaluation split over several runs)
 //!   --out DIR               default bench/results/eval-<model>-ctx<N>
 //!   --cuda                  GPU 0
 //! ```
@@ -41,6 +45,7 @@ struct Args {
     qwen: bool,
     index: Option<PathBuf>,
     text: Text,
+    text_flag: String,
     context: usize,
     seqs: usize,
     ppl_tokens: usize,
@@ -48,6 +53,8 @@ struct Args {
     nih_depths: Vec<f64>,
     filler: bool,
     probe: Option<usize>,
+    yarn: Option<f64>,
+    skip: Vec<String>,
     out: Option<PathBuf>,
     cuda: bool,
 }
@@ -67,6 +74,7 @@ fn parse_args() -> Res<Args> {
         qwen: false,
         index: None,
         text: Text::Shakespeare,
+        text_flag: "shakespeare".into(),
         context: 4096,
         seqs: 2,
         ppl_tokens: 256,
@@ -74,6 +82,8 @@ fn parse_args() -> Res<Args> {
         nih_depths: vec![0.1, 0.5, 0.9],
         filler: true,
         probe: None,
+        yarn: None,
+        skip: Vec::new(),
         out: None,
         cuda: false,
     };
@@ -85,7 +95,8 @@ fn parse_args() -> Res<Args> {
             "--qwen" => a.qwen = true,
             "--index" => a.index = Some(value()?.into()),
             "--text" => {
-                a.text = match value()?.as_str() {
+                a.text_flag = value()?;
+                a.text = match a.text_flag.as_str() {
                     "shakespeare" => Text::Shakespeare,
                     "rustbook" => Text::RustBook,
                     "jargon" => Text::JargonFile,
@@ -106,6 +117,17 @@ fn parse_args() -> Res<Args> {
                 }
             }
             "--probe" => a.probe = Some(value()?.parse()?),
+            "--yarn" => a.yarn = Some(value()?.parse()?),
+            "--skip" => {
+                a.skip = list(&value()?)?;
+                if let Some(bad) = a
+                    .skip
+                    .iter()
+                    .find(|s| !["routing", "ppl", "nih"].contains(&s.as_str()))
+                {
+                    return Err(format!("unknown section {bad} (routing, ppl, nih)").into());
+                }
+            }
             "--out" => a.out = Some(value()?.into()),
             "--cuda" => a.cuda = true,
             "-h" | "--help" => {
@@ -208,6 +230,10 @@ fn main() -> Res<()> {
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
     let tok = GgufTokenizer::from_gguf(&path)?;
     let mut model = Llama::from_gguf_auto(&path, &device)?;
+    if let Some(factor) = args.yarn {
+        model.set_yarn(factor)?;
+    }
+    let runs = |section: &str| !args.skip.iter().any(|s| s == section);
     let (index, index_path) = match &args.index {
         Some(p) => (SaapIndex::load(p, &device)?, p.clone()),
         None => cached_or_trained_index(&mut model, &tok, &name, args.context)?,
@@ -230,7 +256,11 @@ fn main() -> Res<()> {
     if eval_windows.is_empty() {
         return Err(format!("{:?} is shorter than {} tokens", args.text, args.context).into());
     }
-    let recorded = record(&mut model, &eval_windows, 512, None)?;
+    let recorded = if runs("routing") {
+        record(&mut model, &eval_windows, 512, None)?
+    } else {
+        Vec::new()
+    };
     let first = first_query_position(&config, config.n_partitions);
     let mut layers = Vec::new();
     for (layer, seqs) in recorded.iter().enumerate() {
@@ -260,11 +290,13 @@ fn main() -> Res<()> {
     model.attach_index(Some(&index))?;
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
-    model.reset();
-    model.prefill_chunked(&window[..split], 512)?;
-    let base = model.snapshot_attention()?;
     let mut decode = Vec::new();
-    for mode in MODES {
+    if runs("ppl") {
+        model.reset();
+        model.prefill_chunked(&window[..split], 512)?;
+    }
+    let base = model.snapshot_attention()?;
+    for mode in MODES.into_iter().filter(|_| runs("ppl")) {
         model.restore_attention(&base)?;
         apply_mode(&mut model, &index, mode, probe)?;
         let (mut nll, mut reads) = (0.0, ReadStats::default());
@@ -308,7 +340,7 @@ fn main() -> Res<()> {
     } else {
         ids[ids.len() / 3..].to_vec()
     };
-    for &length in &args.nih_lengths {
+    for &length in args.nih_lengths.iter().filter(|_| runs("nih")) {
         for (d, &depth) in args.nih_depths.iter().enumerate() {
             let passkey = format!("{}", 10_000 + (length * 7919 + d * 104_729) % 90_000);
             let needle = tok.encode(&format!(
@@ -376,10 +408,8 @@ fn main() -> Res<()> {
         n_probe: probe,
         window: config.window,
         sinks: config.sinks,
-        dense_layers: layers
-            .iter()
-            .filter(|l| l.routing == Routing::Dense)
-            .map(|l| l.layer)
+        dense_layers: (0..index.n_layers())
+            .filter(|&l| index.layer(l).is_ok_and(|l| l.routing == Routing::Dense))
             .collect(),
         layers,
         decode,
@@ -399,6 +429,45 @@ fn main() -> Res<()> {
     Ok(())
 }
 
+/// The options of this run, with paths cut to their file names (they are machine-specific).
+fn command_line(args: &Args) -> String {
+    let joined = |xs: &[String]| xs.join(",");
+    let mut s = format!(
+        "--text {} --context {} --seqs {} --ppl-tokens {} --nih-lengths {} --nih-depths {} --haystack {}",
+        args.text_flag,
+        args.context,
+        args.seqs,
+        args.ppl_tokens,
+        joined(&args.nih_lengths.iter().map(|x| x.to_string()).collect::<Vec<_>>()),
+        joined(&args.nih_depths.iter().map(|x| x.to_string()).collect::<Vec<_>>()),
+        if args.filler { "filler" } else { "text" },
+    );
+    let file = |p: &PathBuf| {
+        p.file_name()
+            .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+    };
+    for (flag, value) in [
+        ("--qwen", args.qwen.then(String::new)),
+        ("--cuda", args.cuda.then(String::new)),
+        ("--model", args.model.as_ref().map(file)),
+        ("--index", args.index.as_ref().map(file)),
+        ("--probe", args.probe.map(|p| p.to_string())),
+        ("--yarn", args.yarn.map(|f| f.to_string())),
+        (
+            "--skip",
+            (!args.skip.is_empty()).then(|| args.skip.join(",")),
+        ),
+    ] {
+        if let Some(value) = value {
+            let _ = write!(s, " {flag}");
+            if !value.is_empty() {
+                let _ = write!(s, " {value}");
+            }
+        }
+    }
+    s
+}
+
 fn markdown(r: &Report, args: &Args) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -408,10 +477,8 @@ fn markdown(r: &Report, args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- --context {} --seqs {} --ppl-tokens {} --haystack {}{}`\n",
-        r.n_partitions, r.n_probe, r.window, r.sinks, r.dense_layers, args.context, args.seqs, args.ppl_tokens,
-        if args.filler { "filler" } else { "text" },
-        if args.qwen { " --qwen" } else { "" }
+        "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- {}`\n",
+        r.n_partitions, r.n_probe, r.window, r.sinks, r.dense_layers, command_line(args)
     );
     let _ = writeln!(s, "## Decoding (same prefill, same op)\n\n| mode | perplexity | keys read (all) | keys read (indexed only) | passkey | tokens/s |\n|---|---|---|---|---|---|");
     for d in &r.decode {

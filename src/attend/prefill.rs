@@ -18,24 +18,37 @@ pub fn prefill_attention(
     start: usize,
     scale: f64,
 ) -> Result<Tensor> {
+    attention_in_chunks(q, k, v, start, scale, SCORE_BUDGET)
+}
+
+fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    start: usize,
+    scale: f64,
+    score_budget: usize,
+) -> Result<Tensor> {
     let (hq, t_len, dim) = q.dims3()?;
     let (hkv, n, _) = k.dims3()?;
     let g = hq / hkv;
     let k = k.to_dtype(DType::F32)?;
     let v = v.to_dtype(DType::F32)?;
     let q = q.to_dtype(DType::F32)?.reshape((hkv, g, t_len, dim))?;
-    let chunk = (SCORE_BUDGET / (hq * n).max(1)).clamp(1, t_len.max(1));
+    let chunk = (score_budget / (hq * n).max(1)).clamp(1, t_len.max(1));
     let mut outs = Vec::with_capacity(t_len.div_ceil(chunk));
     for t0 in (0..t_len).step_by(chunk) {
         let tc = chunk.min(t_len - t0);
         let n_end = start + t0 + tc;
-        let mask: Vec<f32> = (0..tc)
-            .flat_map(|t| {
-                let last = start + t0 + t;
-                (0..n_end).map(move |j| if j <= last { 0.0 } else { f32::NEG_INFINITY })
-            })
+        // Every query of the chunk sees the first `n_end - tc` keys; only the last `tc` columns
+        // are causal. Building just that triangle on the host keeps the upload at `tc²` floats
+        // instead of `tc · n_end` (at 128k the full mask made prefill upload-bound).
+        let triangle: Vec<f32> = (0..tc)
+            .flat_map(|t| (0..tc).map(move |j| if j <= t { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, tc, n_end), q.device())?;
+        let triangle = Tensor::from_vec(triangle, (tc, tc), q.device())?;
+        let visible = Tensor::zeros((tc, n_end - tc), DType::F32, q.device())?;
+        let mask = Tensor::cat(&[&visible, &triangle], 1)?.reshape((1, 1, tc, n_end))?;
         let qc = q.narrow(2, t0, tc)?.reshape((hkv, g * tc, dim))?;
         let kc = k.narrow(1, 0, n_end)?;
         let scores = (qc.matmul(&kc.t()?)? * scale)?
@@ -46,4 +59,59 @@ pub fn prefill_attention(
         outs.push(out.reshape((hkv, g, tc, dim))?);
     }
     Ok(Tensor::cat(&outs, 2)?.reshape((hq, t_len, dim))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Query chunking (and so the causal mask's split into a visible block and a triangle)
+    /// must not change the result: one query per chunk, a few per chunk, all at once.
+    #[test]
+    fn chunking_leaves_the_output_unchanged() {
+        let dev = Device::Cpu;
+        let (hq, hkv, t, start, dim) = (4, 2, 9, 5, 8);
+        let q = Tensor::randn(0f32, 1.0, (hq, t, dim), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (hkv, start + t, dim), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (hkv, start + t, dim), &dev).unwrap();
+        let n = start + t;
+        let whole = attention_in_chunks(&q, &k, &v, start, 0.3, usize::MAX).unwrap();
+        for per_chunk in [1, 2, 4] {
+            let chunked = attention_in_chunks(&q, &k, &v, start, 0.3, per_chunk * hq * n).unwrap();
+            let diff = (&whole - &chunked)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-6, "{per_chunk} queries per chunk: {diff}");
+        }
+        // The last query sees every key, the first only `0..=start`: changing the key after
+        // `start` must move the latter's output not at all.
+        let mut k2 = k.to_vec3::<f32>().unwrap();
+        k2[0][start + 1][0] += 5.0;
+        let k2 = Tensor::new(k2, &dev).unwrap();
+        let moved = attention_in_chunks(&q, &k2, &v, start, 0.3, 2 * hq * n).unwrap();
+        let first = |x: &Tensor| {
+            x.narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(first(&whole), first(&moved));
+        let last = |x: &Tensor| {
+            x.narrow(1, t - 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_ne!(last(&whole), last(&moved));
+    }
 }
