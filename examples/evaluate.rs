@@ -293,7 +293,12 @@ fn main() -> Res<()> {
     let mut decode = Vec::new();
     if runs("ppl") {
         model.reset();
+        let start = Instant::now();
         model.prefill_chunked(&window[..split], 512)?;
+        println!(
+            "prefill: {split} tokens in {:.1} s",
+            start.elapsed().as_secs_f64()
+        );
     }
     let base = model.snapshot_attention()?;
     for mode in MODES.into_iter().filter(|_| runs("ppl")) {
