@@ -201,6 +201,8 @@ fn main() -> Res<()> {
         logits = Some(model.forward_last(&t, &[chunk.len()])?);
     }
     let mut logits = logits.ok_or("empty prompt")?;
+    // CUDA queues work: sync so the prefill's tail is not billed to the decode.
+    device.synchronize()?;
     let prefill_s = start.elapsed().as_secs_f64();
     println!(
         "prefill: {} tokens in {prefill_s:.2} s ({:.0} tokens/s)\n",

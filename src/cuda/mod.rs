@@ -1,6 +1,6 @@
-//! CUDA backend: the kernels of `cuda/*.cu` (compiled to PTX by `build.rs`, embedded here) and
+//! CUDA backend: the kernels of `cuda/*.cu` (compiled to fatbins by `build.rs`, embedded here) and
 //! their launches for [`crate::attend::DecodeOp`] and [`crate::partition::scan::MergeOp`].
-//! Modules are loaded once per device through candle's custom-module cache.
+//! Modules are loaded once per device and kept in [`MODULES`].
 
 mod append;
 mod decode;
@@ -12,11 +12,12 @@ pub(crate) use decode::decode;
 pub(crate) use merge::merge;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
+    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
 };
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, Layout, Storage, Tensor};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Batch items per launch; must match `SAAP_MAX_BATCH` in `cuda/common.cuh`.
 const MAX_BATCH: usize = 64;
@@ -53,51 +54,58 @@ fn to_u32(x: usize) -> candle_core::Result<u32> {
     u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("saap cuda: {x} exceeds u32")))
 }
 
-/// PTX of one kernel source: for the build's compute capability and portable (compute_80).
+/// One kernel source as `build.rs` compiled it: SASS for the build's compute capability plus PTX.
 struct Module {
     name: &'static str,
-    native: &'static str,
-    portable: &'static str,
+    fatbin: &'static [u8],
 }
 
 const DECODE: Module = Module {
     name: "saap_decode",
-    native: include_str!(concat!(env!("OUT_DIR"), "/decode.native.ptx")),
-    portable: include_str!(concat!(env!("OUT_DIR"), "/decode.portable.ptx")),
+    fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin")),
 };
 
 const APPEND: Module = Module {
     name: "saap_append",
-    native: include_str!(concat!(env!("OUT_DIR"), "/append.native.ptx")),
-    portable: include_str!(concat!(env!("OUT_DIR"), "/append.portable.ptx")),
+    fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/append.fatbin")),
 };
 
 const MERGE: Module = Module {
     name: "saap_merge",
-    native: include_str!(concat!(env!("OUT_DIR"), "/merge.native.ptx")),
-    portable: include_str!(concat!(env!("OUT_DIR"), "/merge.portable.ptx")),
+    fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/merge.fatbin")),
 };
 
-/// Compute capability the native PTX was built for (`CUDA_COMPUTE_CAP`, e.g. 90).
-const NATIVE_CAP: &str = env!("SAAP_CUDA_CAP");
+/// Modules loaded so far, per device: loading one is slow (a JIT where the fatbin has no SASS
+/// for the GPU), getting a function from a loaded one is not.
+static MODULES: Mutex<Vec<(DeviceId, &'static str, Arc<CudaModule>)>> = Mutex::new(Vec::new());
 
-/// Loads `function` of `module`, choosing the PTX the device can run.
+/// Loads `function` of `module` on `dev` (the module once per device).
 fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Result<CudaFunction> {
-    let (major, minor) = dev.cuda_stream().context().compute_capability().w()?;
-    let cap = (major * 10 + minor) as u32;
-    let native: u32 = NATIVE_CAP.parse().unwrap_or(u32::MAX);
-    let (ptx, tag) = if cap >= native {
-        (module.native, "native")
-    } else if cap >= 80 {
-        (module.portable, "portable")
-    } else {
+    let context = dev.cuda_stream().context().clone();
+    let (major, minor) = context.compute_capability().w()?;
+    if major < 8 {
         candle_core::bail!(
             "saap cuda: compute capability {major}.{minor} is too old; the kernels need 8.0+"
         )
+    }
+    let mut modules = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+    let id = dev.id();
+    let loaded = match modules
+        .iter()
+        .find(|(d, name, _)| *d == id && *name == module.name)
+    {
+        Some((_, _, loaded)) => loaded.clone(),
+        None => {
+            // An owned copy: the driver wants the image 8-byte aligned, which `include_bytes!`
+            // does not promise and the allocator does.
+            let image = Ptx::from_binary(module.fatbin.to_vec());
+            let loaded = context.load_module(image).w()?;
+            modules.push((id, module.name, loaded.clone()));
+            loaded
+        }
     };
-    Ok(dev
-        .get_or_load_custom_func(function, &format!("{}_{tag}", module.name), ptx)?
-        .into_cuda_function())
+    drop(modules);
+    loaded.load_function(function).w()
 }
 
 /// Number of streaming multiprocessors of the device.
