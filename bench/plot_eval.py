@@ -24,6 +24,10 @@ for key, label, marker in [("saap", "Saap (trained classifier)", "o"), ("nearest
 xs = [100 * l["saap"]["indexed_selectivity"] for l in r["layers"]]
 ys = [l["saap"]["oracle_indexed_recall"] for l in r["layers"]]
 ax.scatter(xs, ys, marker=".", label="perfect top-k at Saap's budget", color="gray")
+if all("partition_oracle_indexed_recall" in l["saap"] for l in r["layers"]):
+    xs = [100 * l["saap"]["partition_oracle_indexed_selectivity"] for l in r["layers"]]
+    ys = [l["saap"]["partition_oracle_indexed_recall"] for l in r["layers"]]
+    ax.scatter(xs, ys, marker="^", label="perfect classifier (best ℓ partitions)", color="green")
 ax.set_xlabel("indexed keys read (%)")
 ax.set_ylabel("share of indexed attention mass read")
 ax.set_title(f"{r['model']}: held-out {r['text']}, {r['context']} tokens, C={r['n_partitions']}, ℓ={r['n_probe']} (one point per layer)")

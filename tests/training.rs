@@ -180,6 +180,32 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     println!("nearest at ℓ = {}: {nearest_wide:?}", wider.n_probe);
     assert!(classifier.indexed_recall > nearest_wide.indexed_recall + 0.25);
     assert!(classifier.oracle_indexed_recall >= classifier.indexed_recall - 1e-9);
+    // A perfect classifier over the same partitions: it does not depend on the routing, and the
+    // trained one comes close to it on this problem.
+    assert!(
+        (classifier.partition_oracle_indexed_recall - nearest.partition_oracle_indexed_recall)
+            .abs()
+            < 1e-9
+    );
+    assert!(
+        classifier.partition_oracle_indexed_recall > classifier.indexed_recall - 0.05
+            && classifier.partition_oracle_indexed_recall <= 1.0 + 1e-9,
+        "partition oracle {}",
+        classifier.partition_oracle_indexed_recall
+    );
+    let all = config.clone().with_n_probe(TOPICS).unwrap();
+    let every = evaluate_routing(
+        &held_out,
+        &layer,
+        &all,
+        Routing::Dense,
+        first,
+        100,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!((every.partition_oracle_indexed_recall - 1.0).abs() < 1e-9);
+    assert!((every.partition_oracle_indexed_selectivity - 1.0).abs() < 1e-9);
     assert!(dense.output_rel_error < 1e-6, "dense reads every key");
     assert!(classifier.output_rel_error < nearest.output_rel_error);
 }

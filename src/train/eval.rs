@@ -26,6 +26,13 @@ pub struct RoutingEval {
     pub oracle_indexed_recall: f64,
     /// Total recall of that oracle (sinks and window included).
     pub oracle_recall: f64,
+    /// Indexed-mass recall when every head of a group probes the ℓ partitions that hold most of
+    /// its own indexed mass (read as their union, as decode does): a perfect classifier over the
+    /// same partitions. Far above `indexed_recall`: the classifier is the gap; close to it: the
+    /// partitions are.
+    pub partition_oracle_indexed_recall: f64,
+    /// Indexed keys that partition oracle reads / indexed keys.
+    pub partition_oracle_indexed_selectivity: f64,
     /// Relative L2 error of the attention output (exact softmax over the keys read) against
     /// dense attention.
     pub output_rel_error: f64,
@@ -44,6 +51,10 @@ impl RoutingEval {
             selectivity: self.selectivity + o.selectivity,
             oracle_indexed_recall: self.oracle_indexed_recall + o.oracle_indexed_recall,
             oracle_recall: self.oracle_recall + o.oracle_recall,
+            partition_oracle_indexed_recall: self.partition_oracle_indexed_recall
+                + o.partition_oracle_indexed_recall,
+            partition_oracle_indexed_selectivity: self.partition_oracle_indexed_selectivity
+                + o.partition_oracle_indexed_selectivity,
             output_rel_error: self.output_rel_error + o.output_rel_error,
             samples: self.samples + o.samples,
         }
@@ -111,6 +122,17 @@ pub fn evaluate_routing(
                         .filter(|&j| probed[lab[j] as usize])
                         .count();
                     let indexed = index_end - sink_end;
+                    let best = best_partitions(
+                        probs[heads.clone()]
+                            .iter()
+                            .map(|p| &p[i][sink_end..index_end]),
+                        &lab[sink_end..index_end],
+                        c,
+                        config.n_probe,
+                    );
+                    let best_read = (sink_end..index_end)
+                        .filter(|&j| best[lab[j] as usize])
+                        .count();
                     for head_probs in &probs[heads] {
                         let w = &head_probs[i];
                         let fixed: f64 = w[..sink_end]
@@ -125,11 +147,18 @@ pub fn evaluate_routing(
                             .filter(|&j| probed[lab[j] as usize])
                             .map(|j| w[j] as f64)
                             .sum();
+                        let got_best: f64 = (sink_end..index_end)
+                            .filter(|&j| best[lab[j] as usize])
+                            .map(|j| w[j] as f64)
+                            .sum();
                         idx_w.sort_by(|a, b| b.total_cmp(a));
                         let oracle: f64 = idx_w[..read].iter().sum();
                         let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
                         sum.indexed_recall += share(got);
                         sum.oracle_indexed_recall += share(oracle);
+                        sum.partition_oracle_indexed_recall += share(got_best);
+                        sum.partition_oracle_indexed_selectivity +=
+                            best_read as f64 / indexed.max(1) as f64;
                         sum.recall += fixed + got;
                         sum.oracle_recall += fixed + oracle;
                         sum.window_sinks_mass += fixed;
@@ -155,9 +184,34 @@ pub fn evaluate_routing(
         selectivity: sum.selectivity / k,
         oracle_indexed_recall: sum.oracle_indexed_recall / k,
         oracle_recall: sum.oracle_recall / k,
+        partition_oracle_indexed_recall: sum.partition_oracle_indexed_recall / k,
+        partition_oracle_indexed_selectivity: sum.partition_oracle_indexed_selectivity / k,
         output_rel_error: sum.output_rel_error / k,
         samples: sum.samples,
     })
+}
+
+/// Union over the heads of a group of each head's `n_probe` partitions with the most attention
+/// mass; `weights` per head and `labels` cover the same indexed keys.
+fn best_partitions<'a>(
+    weights: impl Iterator<Item = &'a [f32]>,
+    labels: &[u32],
+    n_partitions: usize,
+    n_probe: usize,
+) -> Vec<bool> {
+    let mut best = vec![false; n_partitions];
+    let mut order: Vec<usize> = (0..n_partitions).collect();
+    for w in weights {
+        let mut mass = vec![0f64; n_partitions];
+        for (&x, &p) in w.iter().zip(labels) {
+            mass[p as usize] += x as f64;
+        }
+        order.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]));
+        for &p in &order[..n_probe.min(n_partitions)] {
+            best[p] = true;
+        }
+    }
+    best
 }
 
 /// `||o_kept - o|| / ||o||` where `o = Σ w_j v_j` and `o_kept` is the softmax restricted to the
