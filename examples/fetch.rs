@@ -1,6 +1,7 @@
-//! Fetches the models and texts saap is measured on into the cache (`$SAAP_CACHE`, else
-//! `$HOME/.cache/saap`), checking their sha256. `cargo run --release --example fetch -- [--qwen]`
-//! prints one `name<TAB>path` line per item; `--qwen` adds the 491 MB Qwen2.5-Coder-0.5B.
+//! Fetches the models and texts saap is measured on, and the font of the evaluation plots, into
+//! the cache (`$SAAP_CACHE`, else `$HOME/.cache/saap`), checking their sha256.
+//! `cargo run --release --example fetch -- [--qwen]` prints one `name<TAB>path` line per item;
+//! `--qwen` adds the 491 MB Qwen2.5-Coder-0.5B.
 
 use saap::models::fetch::{self, Model, Text};
 
@@ -16,5 +17,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for t in Text::ALL {
         println!("{t:?}\t{}", fetch::text(t)?.display());
     }
+    println!("PlotFont\t{}", fetch::font()?.display());
     Ok(())
 }

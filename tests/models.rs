@@ -294,3 +294,22 @@ fn gguf_and_hf_safetensors_loaders_agree() {
         );
     }
 }
+
+#[test]
+fn plot_font_is_fetched_and_checked() {
+    let path = fetch::font().expect("fetch fonts-dejavu-core (needs the Debian archive once)");
+    let bytes = std::fs::read(&path).unwrap();
+    // TrueType outlines: sfnt version 1.0.
+    assert_eq!(
+        &bytes[..4],
+        &[0, 1, 0, 0],
+        "{} is not a TrueType font",
+        path.display()
+    );
+    // The file itself, not only its stamp, has the pinned digest of DejaVu Sans 2.37.
+    assert_eq!(
+        fetch::sha256_file(&path).unwrap(),
+        "abdc775b21b1bc470d50c97e790d276f2054b7504e56e5bd3e64f48d68582322"
+    );
+    assert_eq!(fetch::font().unwrap(), path);
+}

@@ -51,6 +51,8 @@ pub enum Text {
 
 const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 const QWEN_SHA256: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+/// DejaVu Sans 2.37 (Debian `fonts-dejavu-core`), the text of the evaluation plots.
+const DEJAVU_SANS_SHA256: &str = "abdc775b21b1bc470d50c97e790d276f2054b7504e56e5bd3e64f48d68582322";
 
 impl Text {
     /// Every text.
@@ -184,6 +186,24 @@ pub fn text(which: Text) -> Result<PathBuf> {
         std::fs::write(&part, content).map_err(io_err(&part))?;
         install(&part, &dir.join(text.file_name()), text.sha256())?;
     }
+    Ok(path)
+}
+
+/// Path of DejaVu Sans (TrueType), fetched into the cache's `fonts/` folder if needed: plots
+/// draw their text with it instead of depending on the system's fonts.
+pub fn font() -> Result<PathBuf> {
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = cache_dir()?.join("fonts");
+    let path = dir.join("DejaVuSans.ttf");
+    if verified(&path, Some(DEJAVU_SANS_SHA256))? {
+        return Ok(path);
+    }
+    let tmp = TempDir::new(&dir)?;
+    let root = apt_extract(&tmp.0.join("deb"), "fonts-dejavu-core")?;
+    let member = root.join("usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
+    let part = tmp.0.join("font.part");
+    std::fs::copy(&member, &part).map_err(io_err(&member))?;
+    install(&part, &path, Some(DEJAVU_SANS_SHA256))?;
     Ok(path)
 }
 

@@ -2,7 +2,8 @@
 //! nearest-centroid ablation side by side, through the same op and kernels that decode:
 //! per-layer attention-mass recall, attention-output error and keys read (with the recall of a
 //! perfect selector reading as many keys), perplexity of teacher-forced decoding, and a passkey
-//! (needle in a haystack) grid. Writes `report.json` and `report.md` into `--out`.
+//! (needle in a haystack) grid. Writes `report.json`, `report.md` and PNG plots (recall vs keys
+//! read per layer, the passkey grid; see `plots.rs`) into `--out`.
 //!
 //! ```text
 //! cargo run --release --example evaluate -- [options]
@@ -37,6 +38,8 @@ use serde::Serialize;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
+
+mod plots;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -452,7 +455,30 @@ fn main() -> Res<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     std::fs::write(out.join("report.md"), markdown(&report, &args))?;
+    write_plots(&report, &out)?;
     println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// `recall_vs_keys_read.png` and `passkey_grid.png` for the sections that ran. Without the plot
+/// font (offline, no cache) the plots are left out with a message; the reports stand alone.
+fn write_plots(report: &Report, out: &std::path::Path) -> Res<()> {
+    if let Err(e) = plots::register_font() {
+        eprintln!("plots left out: cannot get their font ({e})");
+        return Ok(());
+    }
+    let title = format!(
+        "{}: held-out {}, {} tokens, C = {}, ℓ = {}",
+        report.model, report.text, report.context, report.n_partitions, report.n_probe
+    );
+    if !report.layers.is_empty() {
+        let path = out.join("recall_vs_keys_read.png");
+        plots::recall_vs_keys_read(&report.layers, &title, &path)?;
+    }
+    if !report.nih.is_empty() {
+        let modes: Vec<String> = MODES.iter().map(|m| format!("{m:?}")).collect();
+        plots::passkey_grid(&report.nih, &modes, &title, &out.join("passkey_grid.png"))?;
+    }
     Ok(())
 }
 
