@@ -118,9 +118,17 @@ pub fn evaluate_routing(
                             probed[part as usize] = true;
                         }
                     }
-                    let read = (sink_end..index_end)
-                        .filter(|&j| probed[lab[j] as usize])
-                        .count();
+                    // Indexed keys a partition selection reads, and the mass of `w` on them.
+                    let in_sel = |sel: &[bool], j: usize| sel[lab[j] as usize];
+                    let count_in =
+                        |sel: &[bool]| (sink_end..index_end).filter(|&j| in_sel(sel, j)).count();
+                    let mass_in = |sel: &[bool], w: &[f32]| -> f64 {
+                        (sink_end..index_end)
+                            .filter(|&j| in_sel(sel, j))
+                            .map(|j| w[j] as f64)
+                            .sum()
+                    };
+                    let read = count_in(&probed);
                     let indexed = index_end - sink_end;
                     let best = best_partitions(
                         probs[heads.clone()]
@@ -130,9 +138,7 @@ pub fn evaluate_routing(
                         c,
                         config.n_probe,
                     );
-                    let best_read = (sink_end..index_end)
-                        .filter(|&j| best[lab[j] as usize])
-                        .count();
+                    let best_read = count_in(&best);
                     for head_probs in &probs[heads] {
                         let w = &head_probs[i];
                         let fixed: f64 = w[..sink_end]
@@ -143,14 +149,8 @@ pub fn evaluate_routing(
                         let mut idx_w: Vec<f64> =
                             w[sink_end..index_end].iter().map(|&x| x as f64).collect();
                         let idx_mass: f64 = idx_w.iter().sum();
-                        let got: f64 = (sink_end..index_end)
-                            .filter(|&j| probed[lab[j] as usize])
-                            .map(|j| w[j] as f64)
-                            .sum();
-                        let got_best: f64 = (sink_end..index_end)
-                            .filter(|&j| best[lab[j] as usize])
-                            .map(|j| w[j] as f64)
-                            .sum();
+                        let got = mass_in(&probed, w);
+                        let got_best = mass_in(&best, w);
                         idx_w.sort_by(|a, b| b.total_cmp(a));
                         let oracle: f64 = idx_w[..read].iter().sum();
                         let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
@@ -164,8 +164,7 @@ pub fn evaluate_routing(
                         sum.window_sinks_mass += fixed;
                         sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
                         sum.selectivity += (read + n - indexed) as f64 / n as f64;
-                        let keep =
-                            |j: usize| j < sink_end || j >= index_end || probed[lab[j] as usize];
+                        let keep = |j: usize| j < sink_end || j >= index_end || in_sel(&probed, j);
                         sum.output_rel_error += output_error(&w[..n], vals, keep);
                         sum.samples += 1;
                     }
