@@ -315,46 +315,46 @@ fn main() -> Res<()> {
             "prefill: {split} tokens in {:.1} s",
             start.elapsed().as_secs_f64()
         );
-    }
-    let base = model.snapshot_attention()?;
-    for mode in MODES.into_iter().filter(|_| runs("ppl")) {
-        model.restore_attention(&base)?;
-        apply_mode(&mut model, &index, mode, probe)?;
-        device.synchronize()?;
-        let (mut nll, mut reads) = (0.0, ReadStats::default());
-        // The first step grows the restored caches and loads kernels: timed apart.
-        let (mut start, mut first_step_s) = (Instant::now(), 0.0);
-        for t in split - 1..window.len() - 1 {
-            if t == split {
-                first_step_s = start.elapsed().as_secs_f64();
-                start = Instant::now();
+        let base = model.snapshot_attention()?;
+        for mode in MODES {
+            model.restore_attention(&base)?;
+            apply_mode(&mut model, &index, mode, probe)?;
+            device.synchronize()?;
+            let (mut nll, mut reads) = (0.0, ReadStats::default());
+            // The first step grows the restored caches and loads kernels: timed apart.
+            let (mut start, mut first_step_s) = (Instant::now(), 0.0);
+            for t in split - 1..window.len() - 1 {
+                if t == split {
+                    first_step_s = start.elapsed().as_secs_f64();
+                    start = Instant::now();
+                }
+                let logits = model.forward_last(
+                    &Tensor::new(&window[t..t + 1], &device)?.unsqueeze(0)?,
+                    &[1],
+                )?;
+                let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?.squeeze(0)?;
+                nll -= log_p.get(window[t + 1] as usize)?.to_scalar::<f32>()? as f64;
+                reads.add(&step_reads(&model));
             }
-            let logits = model.forward_last(
-                &Tensor::new(&window[t..t + 1], &device)?.unsqueeze(0)?,
-                &[1],
-            )?;
-            let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?.squeeze(0)?;
-            nll -= log_p.get(window[t + 1] as usize)?.to_scalar::<f32>()? as f64;
-            reads.add(&step_reads(&model));
+            let steps = (window.len() - split) as f64;
+            let timed_steps = (steps - 1.0).max(1.0);
+            decode.push(DecodeRow {
+                mode: format!("{mode:?}"),
+                perplexity: (nll / steps).exp(),
+                keys_read_share: reads.selectivity(),
+                indexed_keys_read_share: reads.indexed_selectivity(),
+                tokens_per_s: timed_steps / start.elapsed().as_secs_f64(),
+                first_step_s,
+                ..Default::default()
+            });
+            println!(
+                "{mode:?}: perplexity {:.3}, keys read {:.1}% ({:.1}% of indexed), first step {first_step_s:.2} s, then {:.1} tokens/s",
+                (nll / steps).exp(),
+                100.0 * reads.selectivity(),
+                100.0 * reads.indexed_selectivity(),
+                timed_steps / start.elapsed().as_secs_f64()
+            );
         }
-        let steps = (window.len() - split) as f64;
-        let timed_steps = (steps - 1.0).max(1.0);
-        decode.push(DecodeRow {
-            mode: format!("{mode:?}"),
-            perplexity: (nll / steps).exp(),
-            keys_read_share: reads.selectivity(),
-            indexed_keys_read_share: reads.indexed_selectivity(),
-            tokens_per_s: timed_steps / start.elapsed().as_secs_f64(),
-            first_step_s,
-            ..Default::default()
-        });
-        println!(
-            "{mode:?}: perplexity {:.3}, keys read {:.1}% ({:.1}% of indexed), first step {first_step_s:.2} s, then {:.1} tokens/s",
-            (nll / steps).exp(),
-            100.0 * reads.selectivity(),
-            100.0 * reads.indexed_selectivity(),
-            timed_steps / start.elapsed().as_secs_f64()
-        );
     }
 
     // 3. Passkey grid: greedy answers after a shared dense prefill of the haystack.
