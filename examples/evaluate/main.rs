@@ -25,6 +25,8 @@
 //!                           evaluation split over several runs)
 //!   --out DIR               default bench/results/eval-<model>-ctx<N>
 //!   --cuda                  GPU 0
+//!   --plots REPORT.json     only draw the PNGs of an existing report into its folder (e.g. one
+//!                           written on a machine that could not fetch the plot font)
 //! ```
 
 use candle_core::{Device, Tensor, D};
@@ -34,7 +36,7 @@ use saap::models::{GgufTokenizer, Llama};
 use saap::train::data::first_query_position;
 use saap::train::{evaluate_routing, RoutingEval};
 use saap::{ReadStats, Routing, SaapIndex};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,6 +62,7 @@ struct Args {
     skip: Vec<String>,
     out: Option<PathBuf>,
     cuda: bool,
+    plots_of: Option<PathBuf>,
 }
 
 fn list<T: std::str::FromStr>(s: &str) -> Res<Vec<T>>
@@ -89,6 +92,7 @@ fn parse_args() -> Res<Args> {
         skip: Vec::new(),
         out: None,
         cuda: false,
+        plots_of: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -133,8 +137,9 @@ fn parse_args() -> Res<Args> {
             }
             "--out" => a.out = Some(value()?.into()),
             "--cuda" => a.cuda = true,
+            "--plots" => a.plots_of = Some(value()?.into()),
             "-h" | "--help" => {
-                println!("see the header of examples/evaluate.rs for the options");
+                println!("see the header of examples/evaluate/main.rs for the options");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown option {other} (try --help)").into()),
@@ -178,7 +183,7 @@ fn step_reads(model: &Llama) -> ReadStats {
     total
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct LayerRow {
     layer: usize,
     routing: Routing,
@@ -186,7 +191,7 @@ struct LayerRow {
     nearest_centroid: RoutingEval,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct DecodeRow {
     mode: String,
     perplexity: f64,
@@ -196,11 +201,12 @@ struct DecodeRow {
     nih_total: usize,
     /// Decode steps after the first, per second.
     tokens_per_s: f64,
-    /// Seconds of the first decode step (cache growth, kernel loading).
+    /// Seconds of the first decode step (cache growth, kernel loading); absent from older reports.
+    #[serde(default)]
     first_step_s: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct NihCell {
     length: usize,
     depth: f64,
@@ -208,7 +214,7 @@ struct NihCell {
     answers: Vec<(String, String, bool)>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Report {
     model: String,
     text: String,
@@ -225,6 +231,17 @@ struct Report {
 
 fn main() -> Res<()> {
     let args = parse_args()?;
+    if let Some(path) = &args.plots_of {
+        let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let out = path.parent().unwrap_or(std::path::Path::new("."));
+        write_plots(&report, out)?;
+        println!(
+            "wrote the plots of {} into {}",
+            path.display(),
+            out.display()
+        );
+        return Ok(());
+    }
     let device = if args.cuda {
         Device::new_cuda(0)?
     } else {

@@ -72,14 +72,17 @@ pub fn recall_vs_keys_read(layers: &[LayerRow], title: &str, path: &Path) -> Res
         )?
         .label("nearest centroid (symmetric)")
         .legend(|p| Cross::new(p, 5, RED.stroke_width(2)));
-    chart
-        .draw_series(
-            perfect
-                .iter()
-                .map(|&p| TriangleMarker::new(p, 6, GREEN.filled())),
-        )?
-        .label("perfect classifier (best ℓ partitions)")
-        .legend(|p| TriangleMarker::new(p, 6, GREEN.filled()));
+    // Reports from before the perfect classifier was measured hold zeros there.
+    if perfect.iter().any(|p| p.0 > 0.0) {
+        chart
+            .draw_series(
+                perfect
+                    .iter()
+                    .map(|&p| TriangleMarker::new(p, 6, GREEN.filled())),
+            )?
+            .label("perfect classifier (best ℓ partitions)")
+            .legend(|p| TriangleMarker::new(p, 6, GREEN.filled()));
+    }
     chart
         .draw_series(top_k.iter().map(|&p| Circle::new(p, 3, gray.filled())))?
         .label("perfect top-k keys at Saap's budget")

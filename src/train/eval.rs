@@ -10,7 +10,7 @@ use candle_core::Device;
 use rayon::prelude::*;
 
 /// Means over held-out queries and heads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingEval {
     /// Share of the attention mass on indexed keys that falls in the keys read.
     pub indexed_recall: f64,
@@ -29,9 +29,11 @@ pub struct RoutingEval {
     /// Indexed-mass recall when every head of a group probes the ℓ partitions that hold most of
     /// its own indexed mass (read as their union, as decode does): a perfect classifier over the
     /// same partitions. Far above `indexed_recall`: the classifier is the gap; close to it: the
-    /// partitions are.
+    /// partitions are. (Reports written before it existed read back as 0.)
+    #[serde(default)]
     pub partition_oracle_indexed_recall: f64,
     /// Indexed keys that partition oracle reads / indexed keys.
+    #[serde(default)]
     pub partition_oracle_indexed_selectivity: f64,
     /// Relative L2 error of the attention output (exact softmax over the keys read) against
     /// dense attention.

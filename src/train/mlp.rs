@@ -43,22 +43,24 @@ impl MlpParams {
     }
 }
 
-fn init(shape: (usize, usize, usize), fan_in: usize, rng: &mut StdRng) -> Result<Var> {
+fn init(
+    shape: (usize, usize, usize),
+    fan_in: usize,
+    rng: &mut StdRng,
+    device: &Device,
+) -> Result<Var> {
     let std = (2.0 / fan_in as f64).sqrt() as f32;
     let normal = Normal::new(0.0f32, std).map_err(|e| SaapError::Training(e.to_string()))?;
     let data: Vec<f32> = (0..shape.0 * shape.1 * shape.2)
         .map(|_| normal.sample(rng))
         .collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(
-        data,
-        shape,
-        &Device::Cpu,
-    )?)?)
+    Ok(Var::from_tensor(&Tensor::from_vec(data, shape, device)?)?)
 }
 
 /// Trains one layer's classifier. `queries`: `[Hq, N, D]` pre-RoPE, `targets`: `[Hq, N, C]`
 /// rows summing to 1. Inputs are standardized per head and dimension during training and the
-/// standardization is folded into the first layer, so inference sees raw queries.
+/// standardization is folded into the first layer, so inference sees raw queries. Trains on the
+/// device of `queries` (where `targets` must be too); the weights stay there.
 pub fn train_classifier(
     queries: &Tensor,
     targets: &Tensor,
@@ -74,16 +76,17 @@ pub fn train_classifier(
             targets.dims()
         )));
     }
+    let device = queries.device();
     let queries = queries.to_dtype(DType::F32)?;
     let mean = queries.mean_keepdim(1)?;
     let std = (queries.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)? + 1e-6)?.sqrt()?;
     let x_all = queries.broadcast_sub(&mean)?.broadcast_div(&std)?;
     let h = params.hidden;
     let mut rng = StdRng::seed_from_u64(params.seed);
-    let w1 = init((hq, d, h), d, &mut rng)?;
-    let b1 = Var::zeros((hq, 1, h), DType::F32, &Device::Cpu)?;
-    let w2 = init((hq, h, c), h, &mut rng)?;
-    let b2 = Var::zeros((hq, 1, c), DType::F32, &Device::Cpu)?;
+    let w1 = init((hq, d, h), d, &mut rng, device)?;
+    let b1 = Var::zeros((hq, 1, h), DType::F32, device)?;
+    let w2 = init((hq, h, c), h, &mut rng, device)?;
+    let b2 = Var::zeros((hq, 1, c), DType::F32, device)?;
     let mut opt = AdamW::new(
         vec![w1.clone(), b1.clone(), w2.clone(), b2.clone()],
         ParamsAdamW {
@@ -100,7 +103,7 @@ pub fn train_classifier(
     for _ in 0..params.epochs {
         order.shuffle(&mut rng);
         for batch in order.chunks(params.batch_size.max(1)) {
-            let idx = Tensor::from_slice(batch, batch.len(), &Device::Cpu)?;
+            let idx = Tensor::from_slice(batch, batch.len(), device)?;
             let x = x_all.index_select(&idx, 1)?;
             let t = targets.index_select(&idx, 1)?;
             let logits = mlp_forward(&x, &w1, &b1, &w2, &b2)?;

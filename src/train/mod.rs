@@ -13,7 +13,7 @@ use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
 use crate::index::{LayerIndex, SaapIndex};
 use crate::partition::kmeans::{kmeans, KMeansInit, KMeansParams};
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
 pub use eval::{evaluate_routing, RoutingEval};
 use indicatif::ProgressBar;
@@ -38,8 +38,8 @@ pub struct TrainParams {
     pub min_indexed: usize,
     /// Seed of k-means.
     pub seed: u64,
-    /// Where k-means assignments and the true attention of calibration queries are computed
-    /// (the classifier itself trains on the CPU).
+    /// Where k-means assignments, the true attention of calibration queries and the classifier's
+    /// training are computed (the trained index is kept on the CPU).
     pub device: Device,
 }
 
@@ -142,7 +142,15 @@ pub fn train_layer(
     config.validate()?;
     let centroids = train_centroids(sequences, config, params)?;
     let (queries, targets) = bucket_targets(sequences, config, &centroids, params)?;
-    let classifier = train_classifier(&queries, &targets, &params.mlp, progress)?;
+    // A GPU trains the classifier in seconds where the CPU took most of a calibration's time.
+    let on_device = |t: &Tensor| t.to_device(&params.device);
+    let classifier = train_classifier(
+        &on_device(&queries)?,
+        &on_device(&targets)?,
+        &params.mlp,
+        progress,
+    )?
+    .prepared(DType::F32, &Device::Cpu)?;
     Ok(LayerIndex {
         centroids,
         classifier,
