@@ -15,8 +15,8 @@
 //!   --out PATH              default <cache>/indexes/<model>-ctx<N>.safetensors
 //!   --yarn F                YaRN RoPE scaling by F over the model's context (the index records
 //!                           it; decode with the same --yarn)
-//!   --cuda                  record, run k-means and compute attention targets on GPU 0 (the
-//!                           classifier itself trains on the CPU)
+//!   --cuda                  record, run k-means, compute attention targets and train the
+//!                           classifier on GPU 0
 //! ```
 
 use candle_core::Device;
