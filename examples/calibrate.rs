@@ -2,92 +2,93 @@
 //! safetensors. Training texts: three Austen novels; the per-layer dense decision is taken on the
 //! Jargon File; evaluate on other text (`--example evaluate` uses Shakespeare).
 //!
-//! ```text
-//! cargo run --release --example calibrate -- [options]
-//!   --model PATH | --qwen   model (default SmolLM2-135M, fetched on demand)
-//!   --context N             tokens per calibration sequence; sizes C, ℓ and the window through
-//!                           SaapConfig::for_context (default 4096)
-//!   --partitions C  --probe L  --window W  --sinks S  --hidden H   override the sized defaults
-//!   --seqs K                training sequences per text (default 2)
-//!   --epochs E              classifier epochs (default 30)
-//!   --queries Q             training queries per sequence (default 1024)
-//!   --min-recall R          layers below this held-out recall are served dense (default 0.9)
-//!   --out PATH              default <cache>/indexes/<model>-ctx<N>.safetensors
-//!   --yarn F                YaRN RoPE scaling by F over the model's context (the index records
-//!                           it; decode with the same --yarn)
-//!   --cuda                  record, run k-means, compute attention targets and train the
-//!                           classifier on GPU 0
-//! ```
+//! `cargo run --release --example calibrate -- --help` lists the options. C, ℓ and the window are
+//! sized from `--context` by `SaapConfig::for_context` unless overridden.
 
-use candle_core::Device;
+use clap::Parser;
+use common::{Loaded, ModelArgs};
 use saap::models::calibrate::{calibrate_model, CalibrationPlan};
 use saap::models::fetch;
-use saap::models::{GgufTokenizer, Llama};
 use saap::train::TrainParams;
 use saap::SaapConfig;
 use std::path::PathBuf;
 
+mod common;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+#[derive(Parser)]
+#[command(about = "Trains a Saap index for a model and saves it as safetensors")]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Tokens per calibration sequence; sizes C, ℓ and the window through SaapConfig::for_context
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Override C (partitions per KV head)
+    #[arg(long)]
+    partitions: Option<usize>,
+    /// Override ℓ (partitions probed per query head)
+    #[arg(long)]
+    probe: Option<usize>,
+    /// Override the recent window
+    #[arg(long)]
+    window: Option<usize>,
+    /// Override the attention sinks
+    #[arg(long)]
+    sinks: Option<usize>,
+    /// Override the classifier's hidden width
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Training sequences per text
+    #[arg(long, default_value_t = 2)]
+    seqs: usize,
+    /// Classifier epochs
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Training queries per sequence
+    #[arg(long, default_value_t = 1024)]
+    queries: usize,
+    /// Layers below this held-out recall are served dense
+    #[arg(long, default_value_t = 0.9)]
+    min_recall: f64,
+    /// Output path; default <cache>/indexes/<model>-ctx<N>.safetensors
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> Res<()> {
-    let mut model_path: Option<PathBuf> = None;
-    let (mut qwen, mut cuda) = (false, false);
-    let mut context = 4096;
-    let mut overrides: Vec<(String, usize)> = Vec::new();
-    let (mut seqs, mut epochs, mut min_recall, mut queries) = (2, 30, 0.9, 1024);
-    let mut out: Option<PathBuf> = None;
-    let mut yarn = None;
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => model_path = Some(value()?.into()),
-            "--qwen" => qwen = true,
-            "--cuda" => cuda = true,
-            "--yarn" => yarn = Some(value()?.parse::<f64>()?),
-            "--context" => context = value()?.parse()?,
-            "--partitions" | "--probe" | "--window" | "--sinks" | "--hidden" => {
-                overrides.push((flag.clone(), value()?.parse()?))
-            }
-            "--seqs" => seqs = value()?.parse()?,
-            "--epochs" => epochs = value()?.parse()?,
-            "--queries" => queries = value()?.parse()?,
-            "--min-recall" => min_recall = value()?.parse()?,
-            "--out" => out = Some(value()?.into()),
-            "-h" | "--help" => {
-                println!("see the header of examples/calibrate.rs for the options");
-                return Ok(());
-            }
-            other => return Err(format!("unknown option {other} (try --help)").into()),
-        }
-    }
-    let device = if cuda {
-        Device::new_cuda(0)?
-    } else {
-        Device::Cpu
-    };
-    let path = fetch::model_or_default(model_path.as_deref(), qwen)?;
-    let name = path
-        .file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-    let tok = GgufTokenizer::from_gguf(&path)?;
-    let mut model = Llama::from_gguf_auto(&path, &device)?;
-    if let Some(factor) = yarn {
-        model.set_yarn(factor)?;
-    }
+    let Args {
+        model: model_args,
+        context,
+        partitions,
+        probe,
+        window,
+        sinks,
+        hidden,
+        seqs,
+        epochs,
+        queries,
+        min_recall,
+        out,
+    } = Args::parse();
+    // With --cuda, k-means, the attention targets and the classifier's training run on the GPU.
+    let Loaded {
+        device,
+        name,
+        tok,
+        mut model,
+        ..
+    } = model_args.load()?;
     let mut config = SaapConfig::for_context(model.config().layout, model.config().rope, context)?;
-    for (flag, v) in overrides {
-        match flag.as_str() {
-            "--partitions" => {
-                config.n_partitions = v;
-                config.n_probe = config.n_probe.min(v);
-            }
-            "--probe" => config.n_probe = v,
-            "--window" => config.window = v,
-            "--sinks" => config.sinks = v,
-            _ => config.hidden = v,
-        }
+    if let Some(c) = partitions {
+        config.n_partitions = c;
+        config.n_probe = config.n_probe.min(c);
     }
+    config.n_probe = probe.unwrap_or(config.n_probe);
+    config.window = window.unwrap_or(config.window);
+    config.sinks = sinks.unwrap_or(config.sinks);
+    config.hidden = hidden.unwrap_or(config.hidden);
     config.validate()?;
     let mut params = TrainParams::new(&config);
     params.mlp.epochs = epochs;
@@ -103,10 +104,12 @@ fn main() -> Res<()> {
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;
     let out = match out {
         Some(p) => p,
-        None => fetch::cache_dir()?.join("indexes").join(match yarn {
-            Some(f) => format!("{name}-ctx{context}-yarn{f}.safetensors"),
-            None => format!("{name}-ctx{context}.safetensors"),
-        }),
+        None => fetch::cache_dir()?
+            .join("indexes")
+            .join(match model_args.yarn {
+                Some(f) => format!("{name}-ctx{context}-yarn{f}.safetensors"),
+                None => format!("{name}-ctx{context}.safetensors"),
+            }),
     };
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;

@@ -1,130 +1,83 @@
 //! Prompt → chunked prefill → Saap decode with a real model; prints the text, tokens/s and the
 //! keys read per step against dense attention.
 //!
-//! ```text
-//! cargo run --release --example llama_decode -- [options]
-//!   --model PATH        GGUF checkpoint (llama or qwen2); default SmolLM2-135M, fetched on demand
-//!   --qwen              use Qwen2.5-Coder-0.5B-Instruct (fetched on demand, 491 MB)
-//!   --index PATH        a trained SaapIndex for this model; without it, the index cached for the
-//!                       model (calibrated on first use, a few minutes on CPU) is used
-//!   --dense             read every key (no index)
-//!   --calib-context N   context the default index is calibrated for (default 4096)
-//!   --probe L           partitions read per query head (ℓ), overriding the index's
-//!   --context N         put the first N tokens of Pride and Prejudice before the prompt
-//!                       (default 3000: long enough that Saap reads a fraction of the keys)
-//!   --prompt TEXT       the user message (ChatML template applied unless --raw)
-//!   --raw               feed the prompt as is
-//!   --tokens N          tokens to generate (default 64)
-//!   --chunk N           prefill chunk (default 512)
-//!   --cuda              run on GPU 0 (build with --features cuda)
-//!   --yarn F            YaRN RoPE scaling by F over the model's context (e.g. 4: Qwen2.5 at
-//!                       128k); the index must have been calibrated with the same --yarn
-//!   --fast              no read statistics and no finite checks (each costs a device-to-host
-//!                       copy per layer and step): for timing tokens/s; keys read not reported
-//! ```
+//! `cargo run --release --example llama_decode -- --help` lists the options; with none it runs
+//! SmolLM2-135M (fetched on demand) with its cached index (calibrated on first use).
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
+use common::{Loaded, ModelArgs};
 use saap::models::calibrate;
 use saap::models::fetch::{self, Text};
-use saap::models::{GgufTokenizer, Llama};
 use saap::{ReadStats, SaapIndex};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod common;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+#[derive(Parser)]
+#[command(about = "Prompt → chunked prefill → Saap decode with a real model")]
 struct Args {
-    model: Option<PathBuf>,
-    qwen: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A trained SaapIndex for this model; without it the index cached for the model is used
+    /// (calibrated on first use, a few minutes on CPU)
+    #[arg(long)]
     index: Option<PathBuf>,
+    /// Read every key (no index)
+    #[arg(long)]
     dense: bool,
+    /// Context the default index is calibrated for
+    #[arg(long, default_value_t = 4096)]
     calib_context: usize,
+    /// Partitions read per query head (ℓ), overriding the index's
+    #[arg(long)]
     probe: Option<usize>,
+    /// Put the first N tokens of Pride and Prejudice before the prompt (long enough that Saap
+    /// reads a fraction of the keys)
+    #[arg(long, default_value_t = 3000)]
     context: usize,
+    /// The user message (ChatML template applied unless --raw)
+    #[arg(long)]
     prompt: Option<String>,
+    /// Feed the prompt as is
+    #[arg(long)]
     raw: bool,
+    /// Tokens to generate
+    #[arg(long, default_value_t = 64)]
     tokens: usize,
+    /// Prefill chunk
+    #[arg(long, default_value_t = 512, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     chunk: usize,
-    cuda: bool,
+    /// No read statistics and no finite checks (each costs a device-to-host copy per layer and
+    /// step): for timing tokens/s; keys read not reported
+    #[arg(long)]
     fast: bool,
-    yarn: Option<f64>,
-}
-
-fn parse_args() -> Res<Args> {
-    let mut a = Args {
-        model: None,
-        qwen: false,
-        index: None,
-        dense: false,
-        calib_context: 4096,
-        probe: None,
-        context: 3000,
-        prompt: None,
-        raw: false,
-        tokens: 64,
-        chunk: 512,
-        cuda: false,
-        fast: false,
-        yarn: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => a.model = Some(value()?.into()),
-            "--qwen" => a.qwen = true,
-            "--index" => a.index = Some(value()?.into()),
-            "--dense" => a.dense = true,
-            "--calib-context" => a.calib_context = value()?.parse()?,
-            "--probe" => a.probe = Some(value()?.parse()?),
-            "--context" => a.context = value()?.parse()?,
-            "--prompt" => a.prompt = Some(value()?),
-            "--raw" => a.raw = true,
-            "--tokens" => a.tokens = value()?.parse()?,
-            "--chunk" => a.chunk = value()?.parse::<usize>()?.max(1),
-            "--cuda" => a.cuda = true,
-            "--fast" => a.fast = true,
-            "--yarn" => a.yarn = Some(value()?.parse()?),
-            "-h" | "--help" => {
-                println!("see the header of examples/llama_decode.rs for the options");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown option {other} (try --help)").into()),
-        }
-    }
-    Ok(a)
 }
 
 fn main() -> Res<()> {
-    let args = parse_args()?;
-    let device = if args.cuda {
-        Device::new_cuda(0)?
-    } else {
-        Device::Cpu
-    };
-    let path = fetch::model_or_default(args.model.as_deref(), args.qwen)?;
-    let tok = GgufTokenizer::from_gguf(&path)?;
-    let mut model = Llama::from_gguf_auto(&path, &device)?;
-    if let Some(factor) = args.yarn {
-        model.set_yarn(factor)?;
-    }
+    let args = Args::parse();
+    let Loaded {
+        device,
+        name,
+        tok,
+        mut model,
+    } = args.model.load()?;
     let index = match (&args.index, args.dense) {
         (_, true) => None,
         (Some(index_path), false) => {
             Some((SaapIndex::load(index_path, &device)?, index_path.clone()))
         }
-        (None, false) => {
-            let name = path
-                .file_stem()
-                .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-            Some(calibrate::cached_or_trained_index(
-                &mut model,
-                &tok,
-                &name,
-                args.calib_context,
-            )?)
-        }
+        (None, false) => Some(calibrate::cached_or_trained_index(
+            &mut model,
+            &tok,
+            &name,
+            args.calib_context,
+        )?),
     };
     let mode = match &index {
         Some((index, index_path)) => {
@@ -152,7 +105,7 @@ fn main() -> Res<()> {
         }
         None => "DENSE (--dense: every key is read)".into(),
     };
-    println!("model {} — {mode}", path.display());
+    println!("model {name} — {mode}");
     if args.fast {
         for layer in 0..model.n_layers() {
             let attention = model.attention_mut(layer)?;

@@ -5,34 +5,14 @@
 //! (needle in a haystack) grid. Writes `report.json`, `report.md` and PNG plots (recall vs keys
 //! read per layer, the passkey grid; see `plots.rs`) into `--out`.
 //!
-//! ```text
-//! cargo run --release --example evaluate -- [options]
-//!   --model PATH | --qwen   model (default SmolLM2-135M, fetched on demand)
-//!   --index PATH            index to evaluate (default: the cached one, calibrated on first use)
-//!   --text NAME             held-out text: shakespeare (default), rustbook, jargon, pride
-//!   --context N             tokens per evaluation window (default 4096)
-//!   --seqs K                windows for the per-layer routing evaluation (default 2)
-//!   --ppl-tokens M          teacher-forced decode steps for perplexity (default 256)
-//!   --nih-lengths a,b,..    passkey prompt lengths in tokens (default 1024,2048,4096)
-//!   --nih-depths x,y,..     needle depths in 0..1 (default 0.1,0.5,0.9)
-//!   --haystack KIND         passkey haystack: `filler` (the classic repeated sentences, default:
-//!                           SmolLM2-135M fails the task even dense on real prose) or `text`
-//!                           (the held-out text)
-//!   --probe L               override ℓ
-//!   --yarn F                YaRN RoPE scaling by F (e.g. 4: Qwen2.5 at 128k); the index must
-//!                           have been calibrated with the same --yarn
-//!   --skip LIST             sections to leave out, comma-separated: routing, ppl, nih (a 128k
-//!                           evaluation split over several runs)
-//!   --out DIR               default bench/results/eval-<model>-ctx<N>
-//!   --cuda                  GPU 0
-//!   --plots REPORT.json     only draw the PNGs of an existing report into its folder (e.g. one
-//!                           written on a machine that could not fetch the plot font)
-//! ```
+//! `cargo run --release --example evaluate -- --help` lists the options.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
+use clap::{Parser, ValueEnum};
+use common::{Loaded, ModelArgs};
 use saap::models::calibrate::{cached_or_trained_index, record, windows};
 use saap::models::fetch::{self, Text};
-use saap::models::{GgufTokenizer, Llama};
+use saap::models::Llama;
 use saap::train::data::first_query_position;
 use saap::train::{evaluate_routing, RoutingEval};
 use saap::{ReadStats, Routing, SaapIndex};
@@ -41,111 +21,93 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[path = "../common/mod.rs"]
+mod common;
 mod plots;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+#[derive(Parser)]
+#[command(about = "Held-out evaluation of Saap on a real model: dense, Saap and nearest centroid")]
 struct Args {
-    model: Option<PathBuf>,
-    qwen: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Index to evaluate; default the cached one (calibrated on first use)
+    #[arg(long)]
     index: Option<PathBuf>,
-    text: Text,
-    text_flag: String,
+    /// Held-out text (never a calibration text)
+    #[arg(long, value_enum, default_value_t = HeldOut::Shakespeare)]
+    text: HeldOut,
+    /// Tokens per evaluation window
+    #[arg(long, default_value_t = 4096)]
     context: usize,
+    /// Windows for the per-layer routing evaluation
+    #[arg(long, default_value_t = 2)]
     seqs: usize,
+    /// Teacher-forced decode steps for perplexity
+    #[arg(long, default_value_t = 256)]
     ppl_tokens: usize,
+    /// Passkey prompt lengths in tokens
+    #[arg(long, value_delimiter = ',', default_values_t = [1024, 2048, 4096])]
     nih_lengths: Vec<usize>,
+    /// Needle depths in 0..1
+    #[arg(long, value_delimiter = ',', default_values_t = [0.1, 0.5, 0.9])]
     nih_depths: Vec<f64>,
-    filler: bool,
+    /// Passkey haystack: the classic repeated sentences (SmolLM2-135M fails the task even dense
+    /// on real prose) or the held-out text
+    #[arg(long, value_enum, default_value_t = Haystack::Filler)]
+    haystack: Haystack,
+    /// Override ℓ
+    #[arg(long)]
     probe: Option<usize>,
-    yarn: Option<f64>,
-    skip: Vec<String>,
+    /// Sections to leave out (a 128k evaluation split over several runs)
+    #[arg(long, value_enum, value_delimiter = ',')]
+    skip: Vec<Section>,
+    /// Output folder; default bench/results/eval-<model>-ctx<N>
+    #[arg(long)]
     out: Option<PathBuf>,
-    cuda: bool,
+    /// Only draw the PNGs of an existing report.json into its folder (e.g. one written on a
+    /// machine that could not fetch the plot font)
+    #[arg(long = "plots", value_name = "REPORT_JSON")]
     plots_of: Option<PathBuf>,
 }
 
-fn list<T: std::str::FromStr>(s: &str) -> Res<Vec<T>>
-where
-    T::Err: std::error::Error + 'static,
-{
-    Ok(s.split(',')
-        .map(|x| x.trim().parse())
-        .collect::<Result<_, _>>()?)
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum HeldOut {
+    Shakespeare,
+    Rustbook,
+    Jargon,
+    Pride,
 }
 
-fn parse_args() -> Res<Args> {
-    let mut a = Args {
-        model: None,
-        qwen: false,
-        index: None,
-        text: Text::Shakespeare,
-        text_flag: "shakespeare".into(),
-        context: 4096,
-        seqs: 2,
-        ppl_tokens: 256,
-        nih_lengths: vec![1024, 2048, 4096],
-        nih_depths: vec![0.1, 0.5, 0.9],
-        filler: true,
-        probe: None,
-        yarn: None,
-        skip: Vec::new(),
-        out: None,
-        cuda: false,
-        plots_of: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => a.model = Some(value()?.into()),
-            "--qwen" => a.qwen = true,
-            "--index" => a.index = Some(value()?.into()),
-            "--text" => {
-                a.text_flag = value()?;
-                a.text = match a.text_flag.as_str() {
-                    "shakespeare" => Text::Shakespeare,
-                    "rustbook" => Text::RustBook,
-                    "jargon" => Text::JargonFile,
-                    "pride" => Text::PrideAndPrejudice,
-                    other => return Err(format!("unknown text {other}").into()),
-                }
-            }
-            "--context" => a.context = value()?.parse()?,
-            "--seqs" => a.seqs = value()?.parse()?,
-            "--ppl-tokens" => a.ppl_tokens = value()?.parse()?,
-            "--nih-lengths" => a.nih_lengths = list(&value()?)?,
-            "--nih-depths" => a.nih_depths = list(&value()?)?,
-            "--haystack" => {
-                a.filler = match value()?.as_str() {
-                    "filler" => true,
-                    "text" => false,
-                    other => return Err(format!("unknown haystack {other}").into()),
-                }
-            }
-            "--probe" => a.probe = Some(value()?.parse()?),
-            "--yarn" => a.yarn = Some(value()?.parse()?),
-            "--skip" => {
-                a.skip = list(&value()?)?;
-                if let Some(bad) = a
-                    .skip
-                    .iter()
-                    .find(|s| !["routing", "ppl", "nih"].contains(&s.as_str()))
-                {
-                    return Err(format!("unknown section {bad} (routing, ppl, nih)").into());
-                }
-            }
-            "--out" => a.out = Some(value()?.into()),
-            "--cuda" => a.cuda = true,
-            "--plots" => a.plots_of = Some(value()?.into()),
-            "-h" | "--help" => {
-                println!("see the header of examples/evaluate/main.rs for the options");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown option {other} (try --help)").into()),
+impl HeldOut {
+    fn text(self) -> Text {
+        match self {
+            HeldOut::Shakespeare => Text::Shakespeare,
+            HeldOut::Rustbook => Text::RustBook,
+            HeldOut::Jargon => Text::JargonFile,
+            HeldOut::Pride => Text::PrideAndPrejudice,
         }
     }
-    Ok(a)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Haystack {
+    Filler,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, ValueEnum)]
+enum Section {
+    Routing,
+    Ppl,
+    Nih,
+}
+
+/// The name a value has on the command line.
+fn flag_value(v: impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or(String::new(), |p| p.get_name().to_string())
 }
 
 /// The three ways decode reads keys, compared on the same prefilled cache.
@@ -230,7 +192,7 @@ struct Report {
 }
 
 fn main() -> Res<()> {
-    let args = parse_args()?;
+    let args = Args::parse();
     if let Some(path) = &args.plots_of {
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         let out = path.parent().unwrap_or(std::path::Path::new("."));
@@ -242,21 +204,15 @@ fn main() -> Res<()> {
         );
         return Ok(());
     }
-    let device = if args.cuda {
-        Device::new_cuda(0)?
-    } else {
-        Device::Cpu
-    };
-    let path = fetch::model_or_default(args.model.as_deref(), args.qwen)?;
-    let name = path
-        .file_stem()
-        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-    let tok = GgufTokenizer::from_gguf(&path)?;
-    let mut model = Llama::from_gguf_auto(&path, &device)?;
-    if let Some(factor) = args.yarn {
-        model.set_yarn(factor)?;
-    }
-    let runs = |section: &str| !args.skip.iter().any(|s| s == section);
+    let Loaded {
+        device,
+        name,
+        tok,
+        mut model,
+        ..
+    } = args.model.load()?;
+    let runs = |section: Section| !args.skip.contains(&section);
+    let text = args.text.text();
     let (index, index_path) = match &args.index {
         Some(p) => (SaapIndex::load(p, &device)?, p.clone()),
         None => cached_or_trained_index(&mut model, &tok, &name, args.context)?,
@@ -270,16 +226,16 @@ fn main() -> Res<()> {
         config.n_partitions,
         config.window,
         config.sinks,
-        args.text
+        text
     );
-    let ids = tok.encode(&fetch::read_text(args.text)?)?;
+    let ids = tok.encode(&fetch::read_text(text)?)?;
 
     // 1. Per-layer routing quality on recorded held-out windows.
     let eval_windows = windows(&ids, args.context, args.seqs);
     if eval_windows.is_empty() {
-        return Err(format!("{:?} is shorter than {} tokens", args.text, args.context).into());
+        return Err(format!("{text:?} is shorter than {} tokens", args.context).into());
     }
-    let recorded = if runs("routing") {
+    let recorded = if runs(Section::Routing) {
         record(&mut model, &eval_windows, 512, None)?
     } else {
         Vec::new()
@@ -322,7 +278,7 @@ fn main() -> Res<()> {
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
     let mut decode = Vec::new();
-    if runs("ppl") {
+    if runs(Section::Ppl) {
         model.reset();
         let start = Instant::now();
         model.prefill_chunked(&window[..split], 512)?;
@@ -380,14 +336,14 @@ fn main() -> Res<()> {
         "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n",
     )?;
     let question = tok.encode("\nWhat is the pass key? The pass key is")?;
-    let haystack = if args.filler {
+    let haystack = if args.haystack == Haystack::Filler {
         tok.encode(&"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ".repeat(
             args.nih_lengths.iter().max().copied().unwrap_or(0) / 16 + 1,
         ))?
     } else {
         ids[ids.len() / 3..].to_vec()
     };
-    for &length in args.nih_lengths.iter().filter(|_| runs("nih")) {
+    for &length in args.nih_lengths.iter().filter(|_| runs(Section::Nih)) {
         for (d, &depth) in args.nih_depths.iter().enumerate() {
             let passkey = format!("{}", 10_000 + (length * 7919 + d * 104_729) % 90_000);
             let needle = tok.encode(&format!(
@@ -449,7 +405,7 @@ fn main() -> Res<()> {
 
     let report = Report {
         model: name.clone(),
-        text: format!("{:?}", args.text),
+        text: format!("{text:?}"),
         context: args.context,
         n_partitions: config.n_partitions,
         n_probe: probe,
@@ -504,28 +460,31 @@ fn command_line(args: &Args) -> String {
     let joined = |xs: &[String]| xs.join(",");
     let mut s = format!(
         "--text {} --context {} --seqs {} --ppl-tokens {} --nih-lengths {} --nih-depths {} --haystack {}",
-        args.text_flag,
+        flag_value(args.text),
         args.context,
         args.seqs,
         args.ppl_tokens,
         joined(&args.nih_lengths.iter().map(|x| x.to_string()).collect::<Vec<_>>()),
         joined(&args.nih_depths.iter().map(|x| x.to_string()).collect::<Vec<_>>()),
-        if args.filler { "filler" } else { "text" },
+        flag_value(args.haystack),
     );
     let file = |p: &PathBuf| {
         p.file_name()
             .map_or(String::new(), |f| f.to_string_lossy().into_owned())
     };
     for (flag, value) in [
-        ("--qwen", args.qwen.then(String::new)),
-        ("--cuda", args.cuda.then(String::new)),
-        ("--model", args.model.as_ref().map(file)),
+        ("--qwen", args.model.qwen.then(String::new)),
+        ("--cuda", args.model.cuda.then(String::new)),
+        ("--model", args.model.model.as_ref().map(file)),
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
-        ("--yarn", args.yarn.map(|f| f.to_string())),
+        ("--yarn", args.model.yarn.map(|f| f.to_string())),
         (
             "--skip",
-            (!args.skip.is_empty()).then(|| args.skip.join(",")),
+            (!args.skip.is_empty()).then(|| {
+                let names: Vec<String> = args.skip.iter().map(|&s| flag_value(s)).collect();
+                names.join(",")
+            }),
         ),
     ] {
         if let Some(value) = value {
