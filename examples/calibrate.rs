@@ -78,7 +78,6 @@ fn main() -> Res<()> {
         name,
         tok,
         mut model,
-        ..
     } = model_args.load()?;
     let mut config = SaapConfig::for_context(model.config().layout, model.config().rope, context)?;
     if let Some(c) = partitions {

@@ -209,7 +209,6 @@ fn main() -> Res<()> {
         name,
         tok,
         mut model,
-        ..
     } = args.model.load()?;
     let runs = |section: Section| !args.skip.contains(&section);
     let text = args.text.text();
