@@ -99,7 +99,8 @@ pub fn train_centroids(
     Ok(Tensor::stack(&per_head, 0)?)
 }
 
-/// Training queries `[Hq, N, D]` and their normalized bucket-mass targets `[Hq, N, C]`.
+/// Training queries `[Hq, N, D]` (on the CPU) and their normalized bucket-mass targets
+/// `[Hq, N, C]` (on `params.device`, where they are computed and the classifier trains).
 pub fn bucket_targets(
     sequences: &[Sequence],
     config: &SaapConfig,
@@ -115,7 +116,7 @@ pub fn bucket_targets(
             continue;
         }
         let qa = query_attention(seq, config, &positions, centroids, &params.device)?;
-        let mass = qa.bucket_mass(config)?.to_device(&Device::Cpu)?;
+        let mass = qa.bucket_mass(config)?;
         // A tiny uniform floor keeps rows with no indexed mass well defined (≈ uniform targets).
         let eps = 1e-9;
         let c = config.n_partitions as f64;
@@ -143,14 +144,9 @@ pub fn train_layer(
     let centroids = train_centroids(sequences, config, params)?;
     let (queries, targets) = bucket_targets(sequences, config, &centroids, params)?;
     // A GPU trains the classifier in seconds where the CPU took most of a calibration's time.
-    let on_device = |t: &Tensor| t.to_device(&params.device);
-    let classifier = train_classifier(
-        &on_device(&queries)?,
-        &on_device(&targets)?,
-        &params.mlp,
-        progress,
-    )?
-    .prepared(DType::F32, &Device::Cpu)?;
+    let queries = queries.to_device(&params.device)?;
+    let classifier = train_classifier(&queries, &targets, &params.mlp, progress)?
+        .prepared(DType::F32, &Device::Cpu)?;
     Ok(LayerIndex {
         centroids,
         classifier,
