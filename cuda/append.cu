@@ -3,7 +3,7 @@
 // the nearest centroid of each new pre-RoPE key (`saap_assign_*`). They replace a dozen candle
 // launches and two host-to-device table copies per decode step, and the host's f64 RoPE tables
 // that dominated a long `extend`.
-#include "common.cuh"
+#include "mma.cuh"
 
 // RoPE inverse frequencies, f64 as the host computes them, passed by value: head dim <= 256.
 #define ROPE_MAX_HALF 128
@@ -206,3 +206,91 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
 SAAP_ASSIGN(saap_assign_f32, float)
 SAAP_ASSIGN(saap_assign_bf16, __nv_bfloat16)
 SAAP_ASSIGN(saap_assign_f16, __half)
+
+// ---------------------------------------------------------------------------------------------
+// Nearest centroid of a prompt's keys on tensor cores (`saap_assign_mma_*`): the same rule,
+// label = argmax_c (k·c - |c|²/2), ties to the lower index, but k·c is an mma of the bf16/f16 key
+// with the centroid rounded to the key's type (f32 accumulation); the half norms stay those of the
+// f32 centroids. Near-ties may therefore pick another centroid than the f32 kernel above: the
+// parity test compares the inertia Σ|k - c|², not the labels bit for bit.
+//
+// A block labels 16·WARPS keys of one (item, head), held as A fragments, and streams the
+// centroids ([H, C, D] in T) through two shared-memory tiles of MMA_TILE rows (the next tile
+// loads while this one is scored). Grid: (ceil(T / (16·WARPS)), 1, items · H).
+#define ASSIGN_MMA_WARPS 4
+template <typename T, int D>
+__device__ __forceinline__ void assign_mma_impl(uint32_t* __restrict__ labels, const T* __restrict__ keys,
+                                                const T* __restrict__ centroids,
+                                                const float* __restrict__ half_norms,
+                                                const ItemTable& table, uint32_t H, uint32_t T_len,
+                                                uint32_t C, uint32_t cap) {
+    constexpr int THREADS = 32 * ASSIGN_MMA_WARPS, STRIDE = D + 8;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* tiles = reinterpret_cast<T*>(smem_raw);  // two tiles of MMA_TILE rows
+    const uint32_t row = blockIdx.z, b = row / H, h = row % H, len = table.b[b];
+    const uint32_t warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+    const uint32_t t0 = blockIdx.x * 16 * ASSIGN_MMA_WARPS + warp * 16;
+    if (blockIdx.x * 16 * ASSIGN_MMA_WARPS >= len) return;
+    // Rows past the item's keys score a copy of its last key and are not stored.
+    const uint32_t t_of[2] = {min(t0 + gid, len - 1), min(t0 + gid + 8, len - 1)};
+    const T* key_rows = keys + ((size_t)b * H + h) * T_len * D;
+    uint32_t a[D / 16][4];
+    load_a_fragments<T, D>(a, key_rows + (size_t)t_of[0] * D, key_rows + (size_t)t_of[1] * D);
+    const T* head_centroids = centroids + (size_t)h * C * D;
+    const float* norms = half_norms + (size_t)h * C;
+    float best[2] = {-INFINITY, -INFINITY};
+    uint32_t best_c[2] = {0xffffffffu, 0xffffffffu};
+    const uint32_t n_tiles = (C + MMA_TILE - 1) / MMA_TILE;
+    load_tile<T, D, THREADS>(tiles, head_centroids, 0, C);
+    cp_async_commit();
+    for (uint32_t j = 0; j < n_tiles; ++j) {
+        if (j + 1 < n_tiles) load_tile<T, D, THREADS>(tiles + ((j + 1) & 1) * MMA_TILE * STRIDE, head_centroids,
+                                      (j + 1) * MMA_TILE, C);
+        cp_async_commit();
+        cp_async_wait<1>();  // tile j
+        __syncthreads();
+        float s[MMA_TILE / 8][4];
+        tile_scores<T, D>(s, a, tiles + (j & 1) * MMA_TILE * STRIDE);
+#pragma unroll
+        for (int n = 0; n < MMA_TILE / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t c = j * MMA_TILE + n * 8 + tig * 2 + (e & 1);
+                if (c >= C) continue;
+                const float score = s[n][e] - __ldg(norms + c);
+                // Each thread meets its centroids in increasing order: strict > keeps the lower.
+                if (score > best[e >> 1] || best_c[e >> 1] == 0xffffffffu) {
+                    best[e >> 1] = score;
+                    best_c[e >> 1] = c;
+                }
+            }
+        }
+        __syncthreads();  // tile j is overwritten by the load of tile j + 2
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+            const float other = __shfl_xor_sync(0xffffffffu, best[i], o);
+            const uint32_t other_c = __shfl_xor_sync(0xffffffffu, best_c[i], o);
+            if (other > best[i] || (other == best[i] && other_c < best_c[i])) {
+                best[i] = other;
+                best_c[i] = other_c;
+            }
+        }
+        const uint32_t t = t0 + gid + 8 * i;
+        if (tig == 0 && t < len) labels[((size_t)b * H + h) * cap + table.a[b] + t] = best_c[i];
+    }
+}
+
+#define SAAP_ASSIGN_MMA(NAME, T, D)                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * ASSIGN_MMA_WARPS)                            \
+        NAME(uint32_t* labels, const T* keys, const T* centroids, const float* half_norms,        \
+             ItemTable table, uint32_t H, uint32_t T_len, uint32_t C, uint32_t cap) {             \
+        assign_mma_impl<T, D>(labels, keys, centroids, half_norms, table, H, T_len, C, cap);      \
+    }
+
+SAAP_ASSIGN_MMA(saap_assign_mma_bf16_d64, __nv_bfloat16, 64)
+SAAP_ASSIGN_MMA(saap_assign_mma_bf16_d128, __nv_bfloat16, 128)
+SAAP_ASSIGN_MMA(saap_assign_mma_f16_d64, __half, 64)
+SAAP_ASSIGN_MMA(saap_assign_mma_f16_d128, __half, 128)

@@ -12,8 +12,9 @@
 //!   whose group unions are as large as in `saap_step`.
 //! - `route` / `route_candle`: classifier + top-ℓ alone, with the CUDA kernels (bf16 weights) and
 //!   with the candle ops on f32 weights (the path before the kernels).
-//! - `index_build`: a fresh op's `extend` of n tokens (RoPE, append, assignment, partition-scan
-//!   merge) and `assign` alone.
+//! - `index_build`: a fresh op's `extend` of n tokens (RoPE, append, tensor-core assignment,
+//!   partition-scan merge), the f32 `assign` alone, the tensor-core assignment alone
+//!   (`assign_mma_us`) and the partition-scan merge alone.
 //!
 //! Bytes per step count everything read: K/V rows, selected ids, offsets of the probed
 //! partitions, probes, classifier weights, centroids (assignment of the new key), the new token.
@@ -29,7 +30,7 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use saap::attend::{DecodeOp, SeqExtent};
 use saap::classify::Classifier;
-use saap::partition::assign::assign;
+use saap::partition::assign::{assign, assign_into, prepare_centroids};
 use saap::partition::scan::{dir_len, merge, naive_partition, MergeOp};
 use saap::{
     HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapAttention, SaapConfig,
@@ -441,7 +442,10 @@ fn index_build(dev: &Device, index: &SaapIndex, n: usize) -> Res<()> {
     let mut best_extend = f64::MAX;
     let mut best_assign = f64::MAX;
     let mut best_merge = f64::MAX;
+    let mut best_assign_mma = f64::MAX;
     let labels = assign(&k.get(0)?, &centroids)?.unsqueeze(0)?;
+    let (centroids_t, half_norms) = prepare_centroids(&centroids)?;
+    let rounded = centroids.to_dtype(DType::BF16)?;
     for _ in 0..3 {
         let dir = Tensor::zeros((1, HKV, dir_len(C, n)), DType::U32, dev)?;
         let merge_op = MergeOp {
@@ -465,6 +469,18 @@ fn index_build(dev: &Device, index: &SaapIndex, n: usize) -> Res<()> {
         assign(&k.get(0)?, &centroids)?;
         dev.synchronize()?;
         best_assign = best_assign.min(t0.elapsed().as_secs_f64() * 1e6);
+        let t0 = Instant::now();
+        assign_into(
+            &labels,
+            &k,
+            &centroids_t,
+            &half_norms,
+            Some(&rounded),
+            &[0],
+            &[n],
+        )?;
+        dev.synchronize()?;
+        best_assign_mma = best_assign_mma.min(t0.elapsed().as_secs_f64() * 1e6);
     }
     emit(
         "index_build",
@@ -473,6 +489,7 @@ fn index_build(dev: &Device, index: &SaapIndex, n: usize) -> Res<()> {
         &[
             ("extend_us", best_extend),
             ("assign_us", best_assign),
+            ("assign_mma_us", best_assign_mma),
             ("merge_us", best_merge),
         ],
     );

@@ -50,9 +50,10 @@ struct Args {
     /// Tokens to generate
     #[arg(long, default_value_t = 64)]
     tokens: usize,
-    /// Prefill chunk
-    #[arg(long, default_value_t = 512, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
-    chunk: usize,
+    /// Prefill chunk in tokens [default: 512 on the CPU, 8192 on CUDA, where the prefill kernel
+    /// needs a few thousand queries per chunk to fill the GPU]
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    chunk: Option<usize>,
     /// No read statistics and no finite checks (each costs a device-to-host copy per layer and
     /// step): for timing tokens/s; keys read not reported
     #[arg(long)]
@@ -149,7 +150,8 @@ fn main() -> Res<()> {
 
     let start = Instant::now();
     let mut logits = None;
-    for chunk in prompt_ids.chunks(args.chunk) {
+    let chunk = args.chunk.unwrap_or(model.default_prefill_chunk());
+    for chunk in prompt_ids.chunks(chunk) {
         let t = Tensor::new(chunk, &device)?.unsqueeze(0)?;
         logits = Some(model.forward_last(&t, &[chunk.len()])?);
     }

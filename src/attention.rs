@@ -99,6 +99,9 @@ struct Trained {
     /// computed once rather than on every step.
     centroids_t: Tensor,
     half_norms: Tensor,
+    /// Centroids rounded to the op's bf16/f16 type, on CUDA: prompts are assigned on tensor
+    /// cores ([`assign_into`]).
+    centroids_rounded: Option<Tensor>,
     /// Weights rounded to bf16 for bf16/f16 ops (held as bf16 on CUDA, as f32 holding the same
     /// values on the CPU), f32 for f32 ops; the arithmetic is f32 either way.
     classifier: Classifier,
@@ -178,8 +181,12 @@ impl SaapAttention {
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
         let centroids = on_device(&entry.centroids)?;
         let (centroids_t, half_norms) = prepare_centroids(&centroids)?;
+        let centroids_rounded = (device.is_cuda() && dtype != DType::F32)
+            .then(|| centroids.to_dtype(dtype))
+            .transpose()?;
         op.index = Some(Trained {
             centroids,
+            centroids_rounded,
             centroids_t,
             half_norms,
             classifier: c.prepared(dtype, device)?,
@@ -258,6 +265,18 @@ impl SaapAttention {
             check_finite: self.check_finite,
             last_read: self.last_read,
         })
+    }
+
+    /// Drops the index and keeps the cache: from now on the op is exact dense attention over the
+    /// same sequences, with no per-step index upkeep (a dense baseline after one shared prefill,
+    /// or a fallback). The partition state is freed.
+    pub fn drop_index(&mut self) {
+        self.index = None;
+        self.routing = Routing::Dense;
+        if let Some(state) = &mut self.state {
+            state.labels = None;
+            state.dir = None;
+        }
     }
 
     /// Forgets the sequences.
@@ -465,6 +484,7 @@ impl SaapAttention {
                 &k,
                 &index.centroids_t,
                 &index.half_norms,
+                index.centroids_rounded.as_ref(),
                 &starts,
                 lens,
             )?;
@@ -581,28 +601,10 @@ impl SaapAttention {
         }
         let q_rot = self.append(Some(q), k, v, lens)?.expect("queries given");
         let state = self.state.as_ref().expect("appended");
-        let scale = 1.0 / (self.config.layout.head_dim as f64).sqrt();
-        let l = self.config.layout;
-        let mut outs = Vec::with_capacity(batch);
-        for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
-            let mut out =
-                Tensor::zeros((l.n_q_heads, t_len, l.head_dim), self.dtype, &self.device)?;
-            if len > 0 {
-                let cached = |x: &Tensor| x.get(b)?.narrow(1, 0, start + len);
-                let qb = q_rot.get(b)?.narrow(1, 0, len)?;
-                let attended =
-                    prefill_attention(&qb, &cached(&state.k)?, &cached(&state.v)?, start, scale)?
-                        .to_dtype(self.dtype)?;
-                out = if len == t_len {
-                    attended
-                } else {
-                    Tensor::cat(&[attended, out.narrow(1, len, t_len - len)?], 1)?
-                };
-            }
-            outs.push(out);
-        }
+        let scale = 1.0 / (self.config.layout.head_dim as f32).sqrt();
+        let out = prefill_attention(&q_rot, &state.k, &state.v, &starts, lens, scale)?;
         self.merge_window(0)?;
-        Ok(Tensor::stack(&outs, 0)?)
+        Ok(out)
     }
 
     /// One decode step: one new token per batch item (`T == 1`, shapes as in

@@ -1,7 +1,9 @@
 //! The CUDA backend against the CPU reference on random inputs, a fresh seed per run (printed;
 //! `SAAP_SEED=<seed>` replays one): merges give identical directories, decode agrees within
 //! rounding for sparse and dense, every dtype, head dims 64 and 128, GQA groups 1 to 8, ragged
-//! batches (more than one launch's worth too), and `SaapAttention` end to end routes identically.
+//! batches (more than one launch's worth too), and `SaapAttention` end to end routes identically;
+//! the tensor-core prefill agrees with the CPU's tiled prefill, and the tensor-core assignment of
+//! a prompt finds centroids as near as the CPU's (inertia).
 //! Skips, with a line saying so, when no CUDA device is present.
 #![cfg(feature = "cuda")]
 
@@ -466,12 +468,12 @@ fn assign_matches_cpu() {
             let fill = Tensor::full(sentinel, (b, h, cap), &Device::Cpu).unwrap();
             let labels_cpu = fill.copy().unwrap();
             let labels_gpu = fill.to_device(&dev).unwrap();
-            assign_into(&labels_cpu, &keys, &ct, &hn, &starts, &lens).unwrap();
+            assign_into(&labels_cpu, &keys, &ct, &hn, None, &starts, &lens).unwrap();
             let keys_g = keys.to_device(&dev).unwrap();
-            assign_into(&labels_gpu, &keys_g, &ct_g, &hn_g, &starts, &lens).unwrap();
+            assign_into(&labels_gpu, &keys_g, &ct_g, &hn_g, None, &starts, &lens).unwrap();
             // Twice on the GPU: the kernel's scratch and counters must be left zero.
             let again = fill.to_device(&dev).unwrap();
-            assign_into(&again, &keys_g, &ct_g, &hn_g, &starts, &lens).unwrap();
+            assign_into(&again, &keys_g, &ct_g, &hn_g, None, &starts, &lens).unwrap();
             let cpu = labels_cpu.to_vec3::<u32>().unwrap();
             let gpu = labels_gpu.to_vec3::<u32>().unwrap();
             assert_eq!(
@@ -553,5 +555,191 @@ fn route_ties_match_cpu() {
             .to_vec3::<u32>()
             .unwrap();
         assert_eq!(cpu, gpu, "ℓ = {n_probe}");
+    }
+}
+
+/// Tensor-core prefill against the CPU's tiled prefill: bf16 and f16 (f32 takes the GEMM path),
+/// head dims 64 and 128, G from 1 to 8 (7 as in Qwen2.5), a ragged batch whose items have cached
+/// prefixes of different lengths (tiles crossing the diagonal at every offset), lengths that are
+/// not multiples of the tiles, and an item with no queries. Rows past each length stay zero.
+#[test]
+fn prefill_matches_cpu() {
+    use saap::attend::prefill_attention;
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("prefill_matches_cpu"));
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 2e-2), (DType::F16, 4e-3)] {
+        for (d, hq, hkv) in [
+            (64, 14, 2),
+            (128, 32, 8),
+            (64, 4, 4),
+            (128, 8, 1),
+            (64, 6, 3),
+        ] {
+            let t = 150;
+            let starts = [0usize, 37, 200, 5];
+            let lens = [150usize, 1, 97, 0];
+            let cap = 512;
+            let b = starts.len();
+            let q = randn(&mut r, &[b, hq, t, d], 1.0).to_dtype(dtype).unwrap();
+            let k = randn(&mut r, &[b, hkv, cap, d], 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let v = randn(&mut r, &[b, hkv, cap, d], 1.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let scale = 1.0 / (d as f32).sqrt();
+            let cpu = prefill_attention(&q, &k, &v, &starts, &lens, scale).unwrap();
+            let on = |x: &Tensor| x.to_device(&dev).unwrap();
+            let gpu = prefill_attention(&on(&q), &on(&k), &on(&v), &starts, &lens, scale).unwrap();
+            assert_eq!(gpu.dtype(), dtype);
+            let gpu = gpu.to_device(&Device::Cpu).unwrap();
+            let diff = max_abs_diff(&cpu, &gpu);
+            assert!(
+                diff <= tol,
+                "prefill {dtype:?} d={d} G={}: max |cpu - gpu| = {diff}",
+                hq / hkv
+            );
+            for (i, &len) in lens.iter().enumerate() {
+                let padding = gpu.get(i).unwrap().narrow(1, len, t - len).unwrap();
+                let abs = padding.to_dtype(DType::F32).unwrap().abs().unwrap();
+                assert_eq!(abs.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            }
+        }
+    }
+}
+
+/// Chunked prefill through `SaapAttention` on the GPU (tensor-core kernel, chunks ending inside
+/// and on tile boundaries) equals one CPU prefill of the whole prompt.
+#[test]
+fn chunked_prefill_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("chunked_prefill_matches_cpu"));
+    let dtype = DType::BF16;
+    let (n, d) = (700, 64);
+    let mut cfg = config(7, 1, d, 32, RopeKind::Neox);
+    cfg.window = 64;
+    let q = randn(&mut r, &[1, 7, n, d], 1.0).to_dtype(dtype).unwrap();
+    let k = randn(&mut r, &[1, 1, n, d], 1.0).to_dtype(dtype).unwrap();
+    let v = randn(&mut r, &[1, 1, n, d], 1.0).to_dtype(dtype).unwrap();
+    let mut cpu = SaapAttention::dense(&cfg, &Device::Cpu, dtype).unwrap();
+    let whole = cpu.prefill(&q, &k, &v, &[n]).unwrap();
+    let mut gpu = SaapAttention::dense(&cfg, &dev, dtype).unwrap();
+    let mut outs = vec![];
+    let mut at = 0;
+    for chunk in [64, 100, 1, 255, 280] {
+        let part = |x: &Tensor| x.narrow(2, at, chunk).unwrap().to_device(&dev).unwrap();
+        outs.push(
+            gpu.prefill(&part(&q), &part(&k), &part(&v), &[chunk])
+                .unwrap(),
+        );
+        at += chunk;
+    }
+    assert_eq!(at, n);
+    let chunked = Tensor::cat(&outs, 2)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    let diff = max_abs_diff(&whole, &chunked);
+    assert!(diff <= 2e-2, "chunked GPU prefill vs CPU: {diff}");
+}
+
+/// The tensor-core assignment of a prompt (bf16/f16 keys, centroids rounded to the key type)
+/// against the CPU's f32 nearest centroid: labels valid and written only where they belong,
+/// nearly all equal, and where they differ the chosen centroid is as near to rounding (mean
+/// inertia within 0.1%, every key's distance within 1% of the CPU's best).
+#[test]
+fn assign_on_tensor_cores_matches_cpu_inertia() {
+    use saap::partition::assign::{assign_into, prepare_centroids, MMA_MIN_KEYS};
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("assign_on_tensor_cores_matches_cpu_inertia"));
+    for (h, d, c, t) in [(8, 128, 1024, 700), (2, 64, 1000, 3000), (3, 64, 40, 65)] {
+        assert!(t >= MMA_MIN_KEYS);
+        let centroids = randn(&mut r, &[h, c, d], 1.0);
+        let (ct, hn) = prepare_centroids(&centroids).unwrap();
+        let on = |x: &Tensor| x.to_device(&dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let rounded = on(&centroids.to_dtype(dtype).unwrap());
+            let (b, cap) = (2, 2 * t + 3);
+            let (starts, lens) = ([3usize, 0], [t, t - 1]);
+            // Keys near centroids, as real keys are: most assignments are clear-cut.
+            let keys = randn(&mut r, &[b, h, t, d], 0.3);
+            let picks: Vec<u32> = (0..b * h * t)
+                .map(|_| r.random_range(0..c as u32))
+                .collect();
+            let picks = Tensor::from_vec(picks, (b, h, t), &Device::Cpu).unwrap();
+            let near: Vec<Tensor> = (0..b)
+                .map(|i| {
+                    let rows: Vec<Tensor> = (0..h)
+                        .map(|head| {
+                            let ids = picks.get(i).unwrap().get(head).unwrap();
+                            centroids.get(head).unwrap().index_select(&ids, 0).unwrap()
+                        })
+                        .collect();
+                    Tensor::stack(&rows, 0).unwrap()
+                })
+                .collect();
+            let keys = (keys + Tensor::stack(&near, 0).unwrap())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let sentinel = c as u32 + 9;
+            let fill = Tensor::full(sentinel, (b, h, cap), &Device::Cpu).unwrap();
+            let labels_cpu = fill.copy().unwrap();
+            let labels_gpu = on(&fill);
+            assign_into(&labels_cpu, &keys, &ct, &hn, None, &starts, &lens).unwrap();
+            let (ct_g, hn_g) = (on(&ct), on(&hn));
+            assign_into(
+                &labels_gpu,
+                &on(&keys),
+                &ct_g,
+                &hn_g,
+                Some(&rounded),
+                &starts,
+                &lens,
+            )
+            .unwrap();
+            let cpu = labels_cpu.to_vec3::<u32>().unwrap();
+            let gpu = labels_gpu.to_vec3::<u32>().unwrap();
+            let keys32 = keys.to_dtype(DType::F32).unwrap();
+            let cents = centroids.to_vec3::<f32>().unwrap();
+            let (mut same, mut total, mut inertia_cpu, mut inertia_gpu) = (0, 0, 0f64, 0f64);
+            for i in 0..b {
+                let item = keys32.get(i).unwrap().to_vec3::<f32>().unwrap();
+                for head in 0..h {
+                    for row in 0..cap {
+                        let g = gpu[i][head][row];
+                        let Some(key) = row.checked_sub(starts[i]).filter(|&k| k < lens[i]) else {
+                            assert_eq!(g, sentinel, "{dtype:?} item {i} row {row} overwritten");
+                            continue;
+                        };
+                        assert!(g < c as u32, "{dtype:?} item {i} key {key}: label {g}");
+                        let a = cpu[i][head][row];
+                        let dist = |label: u32| -> f64 {
+                            let x = &item[head][key];
+                            let y = &cents[head][label as usize];
+                            x.iter().zip(y).map(|(p, q)| f64::from(p - q).powi(2)).sum()
+                        };
+                        let (da, dg) = (dist(a), dist(g));
+                        assert!(
+                            dg <= da * 1.01 + 1e-6,
+                            "key {key}: cpu {a} ({da}), gpu {g} ({dg})"
+                        );
+                        inertia_cpu += da;
+                        inertia_gpu += dg;
+                        same += usize::from(a == g);
+                        total += 1;
+                    }
+                }
+            }
+            let agree = same as f64 / total as f64;
+            assert!(
+                agree >= 0.98,
+                "{dtype:?} h{h} d{d} c{c}: labels agree on {agree}"
+            );
+            assert!(
+                inertia_gpu <= inertia_cpu * 1.001,
+                "{dtype:?}: inertia {inertia_gpu} vs cpu {inertia_cpu}"
+            );
+        }
     }
 }

@@ -280,7 +280,7 @@ fn main() -> Res<()> {
     if runs(Section::Ppl) {
         model.reset();
         let start = Instant::now();
-        model.prefill_chunked(&window[..split], 512)?;
+        model.prefill_chunked(&window[..split], model.default_prefill_chunk())?;
         // CUDA queues work: without a sync its tail would be billed to the first decode mode.
         device.synchronize()?;
         println!(
@@ -363,7 +363,7 @@ fn main() -> Res<()> {
                 .copied()
                 .collect();
             model.reset();
-            model.prefill_chunked(&prompt[..prompt.len() - 1], 512)?;
+            model.prefill_chunked(&prompt[..prompt.len() - 1], model.default_prefill_chunk())?;
             let base = model.snapshot_attention()?;
             let mut answers = Vec::new();
             for mode in MODES {

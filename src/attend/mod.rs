@@ -5,4 +5,4 @@ pub mod decode;
 pub mod prefill;
 
 pub use decode::{DecodeOp, SeqExtent};
-pub use prefill::prefill_attention;
+pub use prefill::{prefill_attention, PrefillOp};

@@ -225,6 +225,34 @@ pub(crate) fn assign(
         smem,
     };
     let dev = keys.device().clone();
+    if let Some(rounded) = &op.rounded {
+        return with_cuda(rounded, "rounded centroids", |rc, rc_l| {
+            with_cuda(&op.half_norms, "half norms", |hn, hn_l| {
+                let hn = view::<f32>(hn, hn_l)?;
+                match keys.dtype() {
+                    DType::BF16 => launch_assign_mma(
+                        &dev,
+                        op,
+                        &mut labels,
+                        &view::<bf16>(keys, keys_l)?,
+                        (&view::<bf16>(rc, rc_l)?, &hn),
+                        dims,
+                    ),
+                    DType::F16 => launch_assign_mma(
+                        &dev,
+                        op,
+                        &mut labels,
+                        &view::<f16>(keys, keys_l)?,
+                        (&view::<f16>(rc, rc_l)?, &hn),
+                        dims,
+                    ),
+                    other => candle_core::bail!(
+                        "saap cuda assign: tensor cores need bf16/f16 keys, got {other:?}"
+                    ),
+                }
+            })
+        });
+    }
     with_cuda(&op.centroids_t, "centroids", |ct, ct_l| {
         with_cuda(&op.half_norms, "half norms", |hn, hn_l| {
             let (ct, hn) = (view::<f32>(ct, ct_l)?, view::<f32>(hn, hn_l)?);
@@ -342,6 +370,70 @@ fn launch_assign<T: DeviceRepr + WithDType>(
                 Ok(())
             })
         })?;
+    }
+    Ok(())
+}
+
+/// Warps per block of the tensor-core assignment (`ASSIGN_MMA_WARPS` in `cuda/append.cu`).
+const ASSIGN_MMA_WARPS: usize = 4;
+/// Rows of a centroid tile (`MMA_TILE` in `cuda/mma.cuh`).
+const MMA_TILE: usize = 64;
+
+/// The tensor-core assignment of a prompt's keys (see [`crate::partition::assign::assign_into`]).
+fn launch_assign_mma<T: DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    op: &AssignOp,
+    labels: &mut CudaViewMut<'_, u32>,
+    keys: &CudaView<'_, T>,
+    (centroids, half_norms): (&CudaView<'_, T>, &CudaView<'_, f32>),
+    AssignDims {
+        b, h, t, d, c, cap, ..
+    }: AssignDims,
+) -> candle_core::Result<()> {
+    if d != 64 && d != 128 {
+        candle_core::bail!("saap cuda assign: tensor cores need head dim 64 or 128, got {d}");
+    }
+    if centroids.len() != h * c * d {
+        candle_core::bail!("saap cuda assign: rounded centroids do not hold [{h}, {c}, {d}]");
+    }
+    let tname = dtype_name(T::DTYPE, "assign")?;
+    let func = load(dev, &APPEND, &format!("saap_assign_mma_{tname}_d{d}"))?;
+    let stream = dev.cuda_stream();
+    let keys_per_block = 16 * ASSIGN_MMA_WARPS;
+    let smem = 2 * MMA_TILE * (d + 8) * std::mem::size_of::<T>();
+    let (h32, t32, c32, cap32) = (to_u32(h)?, to_u32(t)?, to_u32(c)?, to_u32(cap)?);
+    for i0 in (0..b).step_by(MAX_BATCH) {
+        let items = (b - i0).min(MAX_BATCH);
+        let longest = op.lens[i0..i0 + items].iter().max().copied().unwrap_or(0);
+        if longest == 0 {
+            continue;
+        }
+        let table = ItemTable::new((i0..i0 + items).map(|i| (op.starts[i], op.lens[i])))?;
+        let keys_chunk = keys.slice(i0 * h * t * d..(i0 + items) * h * t * d);
+        let mut labels_chunk = labels.slice_mut(i0 * h * cap..(i0 + items) * h * cap);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                to_u32(longest.div_ceil(keys_per_block))?,
+                1,
+                to_u32(items * h)?,
+            ),
+            block_dim: (to_u32(32 * ASSIGN_MMA_WARPS)?, 1, 1),
+            shared_mem_bytes: to_u32(smem)?,
+        };
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&mut labels_chunk)
+            .arg(&keys_chunk)
+            .arg(centroids)
+            .arg(half_norms)
+            .arg(&table)
+            .arg(&h32)
+            .arg(&t32)
+            .arg(&c32)
+            .arg(&cap32);
+        // SAFETY: argument types and order match `assign_mma_impl`; labels written below `cap`
+        // and keys read below `lens[b] <= T` (checked by `assign`), centroids below H·C·D.
+        unsafe { launch.launch(cfg) }.w()?;
     }
     Ok(())
 }

@@ -1,15 +1,17 @@
 //! CUDA backend: the kernels of `cuda/*.cu` (compiled to fatbins by `build.rs`, embedded here) and
-//! their launches for [`crate::attend::DecodeOp`] and [`crate::partition::scan::MergeOp`].
+//! their launches for [`crate::attend::DecodeOp`], [`crate::attend::PrefillOp`] and [`crate::partition::scan::MergeOp`].
 //! Modules are loaded once per device and kept in [`MODULES`].
 
 mod append;
 mod decode;
 mod merge;
+mod prefill;
 pub(crate) mod route;
 
 pub(crate) use append::{assign, rope_new, rope_write};
 pub(crate) use decode::decode;
 pub(crate) use merge::merge;
+pub(crate) use prefill::prefill;
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
@@ -68,6 +70,11 @@ const DECODE: Module = Module {
 const APPEND: Module = Module {
     name: "saap_append",
     fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/append.fatbin")),
+};
+
+const PREFILL: Module = Module {
+    name: "saap_prefill",
+    fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/prefill.fatbin")),
 };
 
 const MERGE: Module = Module {

@@ -53,6 +53,7 @@ pub fn assign_prepared(keys: &Tensor, centroids_t: &Tensor, half_norms: &Tensor)
             &keys.unsqueeze(0)?,
             centroids_t,
             half_norms,
+            None,
             &[0],
             &[n],
         )?;
@@ -73,22 +74,38 @@ pub fn assign_prepared(keys: &Tensor, centroids_t: &Tensor, half_norms: &Tensor)
     Ok(Tensor::cat(&labels, 1)?)
 }
 
+/// Prompt length from which CUDA assigns on tensor cores when given rounded centroids: one block
+/// of the tensor-core kernel labels 64 keys, and a decode step's single key is served better by
+/// the f32 kernel, which spreads the centroids over many blocks.
+pub const MMA_MIN_KEYS: usize = 64;
+
 /// Labels the new keys of a batch in place: for item `b`, the partitions of
 /// `keys[b, :, t]` (`[B, H, T, D]`, pre-RoPE), `t < lens[b]`, go to
 /// `labels[b, :, starts[b] + t]` (`[B, H, cap]` u32). One fused kernel on CUDA ([`AssignOp`]),
 /// [`assign_prepared`] per item on the CPU; the same nearest centroid up to f32 summation order.
+///
+/// `rounded`: the centroids `[H, C, D]` rounded to the keys' type (bf16/f16), or `None`. With it,
+/// CUDA labels a prompt of at least [`MMA_MIN_KEYS`] keys on tensor cores: `k·c` with the rounded
+/// centroids, f32 accumulation, minus the f32 half norms. Keys near a tie between two centroids
+/// may then go to the other one (the inertia is the same to rounding); the CPU ignores `rounded`.
+///
+/// # Errors
+/// Shapes that do not match, or backend failures.
 pub fn assign_into(
     labels: &Tensor,
     keys: &Tensor,
     centroids_t: &Tensor,
     half_norms: &Tensor,
+    rounded: Option<&Tensor>,
     starts: &[usize],
     lens: &[usize],
 ) -> Result<()> {
     if keys.device().is_cuda() {
+        let longest = lens.iter().max().copied().unwrap_or(0);
         let op = AssignOp {
             centroids_t: centroids_t.clone(),
             half_norms: half_norms.clone(),
+            rounded: rounded.filter(|_| longest >= MMA_MIN_KEYS).cloned(),
             starts: starts.to_vec(),
             lens: lens.to_vec(),
         };
@@ -113,6 +130,8 @@ pub struct AssignOp {
     pub centroids_t: Tensor,
     /// `[H, 1, C]` f32, from [`prepare_centroids`].
     pub half_norms: Tensor,
+    /// `[H, C, D]` in the keys' type: score on tensor cores (see [`assign_into`]).
+    pub rounded: Option<Tensor>,
     /// Per item, the label row of its first key.
     pub starts: Vec<usize>,
     /// Per item, its keys to label.
