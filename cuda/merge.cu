@@ -6,15 +6,18 @@
 
 // Old perm entries each thread holds per pass of the move step.
 #define MOVE_ITEMS 8
-// Labels each lane of the scatter warp loads ahead.
+// Labels each lane of a scatter warp loads ahead.
 #define SCATTER_ITEMS 8
+// Fewest new ids worth a scatter warp of their own.
+#define SCATTER_MIN (32 * SCATTER_ITEMS)
 
 // dir: [rows, C + 1 + cap], labels: [rows, cap]; row = item * n_heads + head.
 // ranges.a[item]..ranges.b[item] are the tokens of that item to merge (empty: untouched).
-// Dynamic shared memory: 2 * (C + 1) u32.
+// Up to `scatter_warps` warps scatter the new ids (segments of at least SCATTER_MIN ids each).
+// Dynamic shared memory: 2 * (C + 1) u32, plus scatter_warps * C u32 when scatter_warps > 1.
 extern "C" __global__ void saap_merge(uint32_t* __restrict__ dir, const uint32_t* __restrict__ labels,
                                       ItemTable ranges, uint32_t n_heads, uint32_t n_partitions,
-                                      uint32_t cap) {
+                                      uint32_t cap, uint32_t scatter_warps) {
     const uint32_t row = blockIdx.x;
     const uint32_t item = row / n_heads;
     const uint32_t start = ranges.a[item], end = ranges.b[item];
@@ -86,31 +89,61 @@ extern "C" __global__ void saap_merge(uint32_t* __restrict__ dir, const uint32_t
     for (uint32_t c = tid; c < C; c += blockDim.x) shift[c] += old_off[c + 1];
     __syncthreads();
 
-    // Stable scatter by one warp: ids in increasing order; lanes with the same label take
-    // consecutive slots in lane order, then the highest such lane advances the cursor.
-    if (tid >= 32) return;
-    const uint32_t lane = tid;
+    // Stable scatter: the new ids split into `warps` consecutive segments, one warp each (one
+    // warp alone took 1.4 ms for a 171k-token prompt's 8 rows). Warp w's cursor of partition c
+    // starts after the ids of c in segments < w, so slots still follow the ids' order.
+    const uint32_t n_new = end - start;
+    const uint32_t warps = max(1u, min(scatter_warps, (n_new + SCATTER_MIN - 1) / SCATTER_MIN));
+    const uint32_t segment = (n_new + warps - 1) / warps;
+    uint32_t* cursors = shift;  // one warp: the partitions' cursors themselves
+    if (warps > 1) {
+        cursors = shift + C + 1;  // [warps][C]
+        for (uint32_t i = tid; i < warps * C; i += blockDim.x) cursors[i] = 0;
+        __syncthreads();
+        for (uint32_t i = start + tid; i < end; i += blockDim.x) {
+            const uint32_t c = lab[i];
+            if (c < C) atomicAdd(&cursors[(i - start) / segment * C + c], 1u);
+        }
+        __syncthreads();
+        for (uint32_t c = tid; c < C; c += blockDim.x) {
+            uint32_t run = shift[c];
+            for (uint32_t w = 0; w < warps; ++w) {
+                const uint32_t count = cursors[w * C + c];
+                cursors[w * C + c] = run;
+                run += count;
+            }
+        }
+        __syncthreads();
+    }
+    const uint32_t warp = tid >> 5;
+    if (warp >= warps) return;
+    uint32_t* cursor = cursors + (warps > 1 ? warp * C : 0);
+    const uint32_t seg_start = start + warp * segment;
+    const uint32_t seg_end = min(end, seg_start + segment);
+    // Within a segment, ids in increasing order; lanes with the same label take consecutive
+    // slots in lane order, then the highest such lane advances the cursor.
+    const uint32_t lane = tid & 31;
     const uint32_t lanes_below = (1u << lane) - 1;
-    for (uint32_t base = start; base < end; base += 32 * SCATTER_ITEMS) {
+    for (uint32_t base = seg_start; base < seg_end; base += 32 * SCATTER_ITEMS) {
         uint32_t c[SCATTER_ITEMS];
 #pragma unroll
         for (int k = 0; k < SCATTER_ITEMS; ++k) {
             const uint32_t i = base + k * 32 + lane;
-            c[k] = i < end ? lab[i] : 0xffffffffu;
+            c[k] = i < seg_end ? lab[i] : 0xffffffffu;
         }
 #pragma unroll
         for (int k = 0; k < SCATTER_ITEMS; ++k) {
             const uint32_t i = base + k * 32 + lane;
-            const bool ok = i < end && c[k] < C;
+            const bool ok = i < seg_end && c[k] < C;
             const uint32_t key = ok ? c[k] : 0xffffffffu;
             const uint32_t peers = __match_any_sync(0xffffffffu, key);
             uint32_t slot = 0;
             if (ok) {
-                slot = shift[key] + __popc(peers & lanes_below);
+                slot = cursor[key] + __popc(peers & lanes_below);
                 perm[slot] = i;
             }
             __syncwarp();
-            if (ok && (peers >> lane) == 1u) shift[key] = slot + 1;
+            if (ok && (peers >> lane) == 1u) cursor[key] = slot + 1;
             __syncwarp();
         }
     }

@@ -1,4 +1,5 @@
-//! Launch of the partition-scan merge (`cuda/merge.cu`): one block per directory row.
+//! Launch of the partition-scan merge (`cuda/merge.cu`): one block per directory row, its new
+//! ids scattered by as many warps as shared memory holds cursors for.
 
 use super::{load, to_u32, view, ItemTable, MAX_BATCH, MERGE};
 use crate::partition::scan::MergeOp;
@@ -27,10 +28,20 @@ pub(crate) fn merge(
 ) -> candle_core::Result<()> {
     let dev = dst.device().clone();
     let c = op.n_partitions;
-    let smem = 2 * (c + 1) * std::mem::size_of::<u32>();
-    if smem > SMEM_LIMIT {
+    let word = std::mem::size_of::<u32>();
+    let base_smem = 2 * (c + 1) * word;
+    if base_smem > SMEM_LIMIT {
         candle_core::bail!("saap cuda merge: C = {c} partitions exceed the shared-memory budget");
     }
+    // As many scatter warps as their cursors (C each) fit beside the offsets.
+    let scatter_warps =
+        ((SMEM_LIMIT - base_smem) / (c.max(1) * word)).clamp(1, THREADS as usize / 32);
+    let smem = base_smem
+        + if scatter_warps > 1 {
+            scatter_warps * c * word
+        } else {
+            0
+        };
     let func = load(&dev, &MERGE, "saap_merge")?;
     let stream = dev.cuda_stream();
     let labels = view::<u32>(src, src_l)?;
@@ -40,6 +51,7 @@ pub(crate) fn merge(
     let mut dir = dst.as_cuda_slice_mut::<u32>()?.slice_mut(d0..d1);
     let heads = op.n_kv_heads;
     let (heads32, c32, cap32) = (to_u32(heads)?, to_u32(c)?, to_u32(cap)?);
+    let scatter_warps32 = to_u32(scatter_warps)?;
     for i0 in (0..op.ranges.len()).step_by(MAX_BATCH) {
         let ranges = &op.ranges[i0..(i0 + MAX_BATCH).min(op.ranges.len())];
         if ranges.iter().all(|&(s, e)| e <= s) {
@@ -61,7 +73,8 @@ pub(crate) fn merge(
             .arg(&table)
             .arg(&heads32)
             .arg(&c32)
-            .arg(&cap32);
+            .arg(&cap32)
+            .arg(&scatter_warps32);
         // SAFETY: argument types and order match `saap_merge`; every access is inside the row
         // and label views given (rows * row and rows * cap elements).
         unsafe { launch.launch(cfg) }.w()?;

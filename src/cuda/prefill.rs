@@ -5,7 +5,9 @@ use super::{load, to_u32, view, with_cuda, ItemTable, MAX_BATCH, PREFILL};
 use crate::attend::prefill::PrefillDims;
 use crate::attend::PrefillOp;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Shape};
 use half::{bf16, f16};
@@ -13,13 +15,16 @@ use half::{bf16, f16};
 /// Keys per shared-memory tile (`PREFILL_BC` in `cuda/prefill.cu`).
 const KEY_TILE: usize = 64;
 
-/// Warps per block: 16 query rows each. `SAAP_PREFILL_WARPS=4|8` overrides (tuning).
-fn warps() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| match std::env::var("SAAP_PREFILL_WARPS").as_deref() {
-        Ok("4") => 4,
-        _ => 8,
-    })
+/// Warps per block, 16 query rows each: 8 at d 128, 4 at d 64 (H200, `bench/NOTES.md` §14:
+/// 208 vs 193 TFLOP/s at d 128, 209 vs 178 at d 64). `SAAP_PREFILL_WARPS=4|8` overrides (tuning).
+fn warps(d: usize) -> usize {
+    static V: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *V.get_or_init(|| match std::env::var("SAAP_PREFILL_WARPS").as_deref() {
+        Ok("4") => Some(4),
+        Ok("8") => Some(8),
+        _ => None,
+    });
+    forced.unwrap_or(if d == 128 { 8 } else { 4 })
 }
 
 /// [`PrefillOp`] on CUDA for bf16/f16 rotated queries `q` (`[B, Hq, T, D]`, contiguous).
@@ -41,7 +46,7 @@ pub(crate) fn prefill(
     Ok((out, q_l.shape().clone()))
 }
 
-fn typed<T: CudaDType + DeviceRepr>(
+fn typed<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
     op: &PrefillOp,
     q: &CudaStorage,
     q_l: &Layout,
@@ -51,7 +56,7 @@ fn typed<T: CudaDType + DeviceRepr>(
     let dev = q.device().clone();
     let elem = std::mem::size_of::<T>();
     let q = view::<T>(q, q_l)?;
-    let warps = warps();
+    let warps = warps(d);
     let func = load(
         &dev,
         &PREFILL,
