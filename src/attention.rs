@@ -93,14 +93,14 @@ pub type IndexList = (Vec<u32>, Vec<u32>);
 /// The trained routing state an op owns.
 #[derive(Debug, Clone)]
 struct Trained {
-    /// `[Hkv, C, D]` f32.
+    /// `[Hkv, C, D]` f32, holding values rounded to the op's type for bf16/f16 ops.
     centroids: Tensor,
     /// `[Hkv, D, C]` f32 and `[Hkv, 1, C]` f32: what assignment derives from the centroids,
     /// computed once rather than on every step.
     centroids_t: Tensor,
     half_norms: Tensor,
-    /// Centroids rounded to the op's bf16/f16 type, on CUDA: prompts are assigned on tensor
-    /// cores ([`assign_into`]).
+    /// The centroids in the op's bf16/f16 type, on CUDA: prompts are assigned on tensor cores
+    /// ([`assign_into`]).
     centroids_rounded: Option<Tensor>,
     /// Weights rounded to bf16 for bf16/f16 ops (held as bf16 on CUDA, as f32 holding the same
     /// values on the CPU), f32 for f32 ops; the arithmetic is f32 either way.
@@ -179,7 +179,14 @@ impl SaapAttention {
         let c = &entry.classifier;
         let on_device =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(device)?.to_dtype(DType::F32)?) };
-        let centroids = on_device(&entry.centroids)?;
+        // A bf16/f16 op assigns keys to its centroids rounded to that type, on both backends and
+        // for prompts and decode tokens alike: the tensor-core assignment of prompts reads them
+        // in that type, and the same values in f32 everywhere else keep one rule (dot products
+        // then differ only in f32 summation order, as between the f32 kernels).
+        let centroids = match dtype {
+            DType::F32 => on_device(&entry.centroids)?,
+            half => on_device(&entry.centroids.to_dtype(half)?)?,
+        };
         let (centroids_t, half_norms) = prepare_centroids(&centroids)?;
         let centroids_rounded = (device.is_cuda() && dtype != DType::F32)
             .then(|| centroids.to_dtype(dtype))
