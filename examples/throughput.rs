@@ -148,8 +148,10 @@ fn prefill_batch(model: &mut Llama, prompts: &[&[u32]], chunk: usize) -> Res<Vec
             .map(|p| p.len().saturating_sub(at).min(width))
             .collect();
         let mut ids = vec![0u32; prompts.len() * width];
-        for (i, p) in prompts.iter().enumerate() {
-            ids[i * width..i * width + lens[i]].copy_from_slice(&p[at..at + lens[i]]);
+        for (i, (p, &len)) in prompts.iter().zip(&lens).enumerate() {
+            if len > 0 {
+                ids[i * width..i * width + len].copy_from_slice(&p[at..at + len]);
+            }
         }
         let tokens = Tensor::from_vec(ids, (prompts.len(), width), model.device())?;
         let logits = model.forward_last(&tokens, &lens)?;

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Prefill on the GPU machine, one call: parity of the new kernels against the CPU, the prefill
 # kernel against FlashAttention-2 (PyTorch SDPA flash) in the same run, the index build, and the
-# sanitizers on the new kernels. Binaries staged by ../shared/cuda/stage.sh into .device/;
-# results under $OUT. Usage: bash bench/device_prefill.sh PARITY_BINARY_NAME
+# sanitizers on the new kernels. Binaries staged by ../shared/cuda/stage.sh into $DEV (default
+# .device); results under $OUT. Usage: [DEV=.devA] bash bench/device_prefill.sh PARITY_BINARY_NAME
 set -uo pipefail
 parity=$1
-bin=.device/bin
-bash .device/run.sh "$parity" --list >/dev/null   # unpacks the staged binaries
+dev=${DEV:-.device}
+bin=$dev/bin
+bash "$dev/run.sh" "$parity" --list >/dev/null   # unpacks the staged binaries
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 "$bin/$parity" --test-threads=1 2>&1 | tee "$OUT/parity.txt"
 "$bin/bench_prefill" 8192,32768,131072 1,4 2>&1 | tee "$OUT/prefill.txt"
-SAAP_PREFILL_WARPS=4 "$bin/bench_prefill" 32768,131072 1 2>&1 | tee "$OUT/prefill_w4.txt"
+for warps in 4 8; do
+  SAAP_PREFILL_WARPS=$warps "$bin/bench_prefill" 32768 1 2>&1 | tee "$OUT/prefill_w$warps.txt"
+done
 python3 bench/fa2_prefill_anchor.py 8192,32768,131072 1,4 2>&1 | tee "$OUT/fa2.txt"
 SAAP_REPORT_ONLY=index "$bin/bench_report" 32768,171000 1 2>&1 | tee "$OUT/index_build.txt"
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool "$tool" "$bin/$parity" --test-threads=1 \
-    prefill_matches_cpu assign_on_tensor_cores 2>&1 | tail -25 > "$OUT/$tool.txt"
+    prefill_matches_cpu assign_on_tensor_cores merge_matches_cpu 2>&1 | tail -25 > "$OUT/$tool.txt"
   echo "$tool exit $?" | tee -a "$OUT/$tool.txt"
 done
