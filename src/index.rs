@@ -382,14 +382,13 @@ impl SaapIndex {
         }
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| format!("damaged tensors ({e})"))?;
-        let names = |i: usize| LAYER_TENSORS.map(|name| format!("layers.{i}.{name}"));
-        let expected: Vec<String> = (0..n_layers).flat_map(names).collect();
-        if st.len() != expected.len() || digests.len() != expected.len() {
+        // Each layer's tensors are looked up by name below: equal counts leave no extra one.
+        let expected = LAYER_TENSORS.len().saturating_mul(n_layers);
+        if st.len() != expected || digests.len() != expected {
             return Err(format!(
-                "{} tensors and {} digests, {n_layers} layers need {}",
+                "{} tensors and {} digests, {n_layers} layers need {expected}",
                 st.len(),
                 digests.len(),
-                expected.len()
             ));
         }
         let tensor = |name: &String| -> std::result::Result<Tensor, String> {
@@ -416,7 +415,8 @@ impl SaapIndex {
             .into_iter()
             .enumerate()
             .map(|(i, routing)| {
-                let [b1, b2, centroids, w1, w2] = names(i);
+                let [b1, b2, centroids, w1, w2] =
+                    LAYER_TENSORS.map(|name| format!("layers.{i}.{name}"));
                 Ok(LayerIndex {
                     centroids: tensor(&centroids)?,
                     classifier: Classifier {

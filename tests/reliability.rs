@@ -344,7 +344,8 @@ fn half_precision_keys_overflowing_after_rope_are_reported() {
 #[test]
 fn extreme_configurations_are_rejected_or_safe() {
     let base = config(4, 2, 16, 8, RopeKind::Neox);
-    let edits: [(&str, fn(&mut SaapConfig)); 7] = [
+    type Edit = (&'static str, fn(&mut SaapConfig));
+    let edits: [Edit; 7] = [
         ("window", |c| c.window = usize::MAX),
         ("merge_every", |c| c.merge_every = usize::MAX),
         ("sinks", |c| c.sinks = usize::MAX - 1),
