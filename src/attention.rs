@@ -4,8 +4,8 @@
 
 use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
 use crate::classify::{centroid_scores, top_probes, Classifier};
-use crate::config::{Routing, SaapConfig};
-use crate::error::{Result, SaapError};
+use crate::config::{Routing, SaapConfig, MAX_CONTEXT};
+use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
 use crate::partition::assign::{assign_into, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
@@ -87,6 +87,9 @@ impl Recorder {
     }
 }
 
+/// Extents and lengths of the sequences before a call (`None`: no state yet).
+type Undo = Option<(Vec<SeqExtent>, Vec<usize>)>;
+
 /// One (batch item, KV head)'s index on the host: `(perm, offsets)`.
 pub type IndexList = (Vec<u32>, Vec<u32>);
 
@@ -149,6 +152,10 @@ fn check_dtype(dtype: DType) -> Result<()> {
 
 impl SaapAttention {
     /// Exact attention with no index (for models run without one, and for calibration).
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for an invalid `config`; [`SaapError::UnsupportedDType`] unless `dtype`
+    /// is f32, bf16 or f16.
     pub fn dense(config: &SaapConfig, device: &Device, dtype: DType) -> Result<Self> {
         config.validate()?;
         check_dtype(dtype)?;
@@ -168,6 +175,11 @@ impl SaapAttention {
     }
 
     /// The op for layer `layer` of a trained index, with the layer's default routing.
+    ///
+    /// # Errors
+    /// [`SaapError::IndexMismatch`] when the index has no layer `layer`; as
+    /// [`SaapAttention::dense`] for the dtype; [`SaapError::Candle`] when the trained tensors cannot
+    /// be moved to `device`.
     pub fn from_index(
         index: &SaapIndex,
         layer: usize,
@@ -213,6 +225,9 @@ impl SaapAttention {
     }
 
     /// Switches routing; `Classifier` and `NearestCentroid` need an index.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for `Classifier` or `NearestCentroid` routing on an op built dense.
     pub fn set_routing(&mut self, routing: Routing) -> Result<()> {
         if routing != Routing::Dense && self.index.is_none() {
             return Err(SaapError::Config(format!(
@@ -224,6 +239,9 @@ impl SaapAttention {
     }
 
     /// Sets ℓ, the partitions probed per query head (`1..=C`).
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `1 <= n_probe <= C`.
     pub fn set_n_probe(&mut self, n_probe: usize) -> Result<()> {
         self.config = self.config.with_n_probe(n_probe)?;
         Ok(())
@@ -234,7 +252,10 @@ impl SaapAttention {
         self.track_reads = on;
     }
 
-    /// Whether inputs are checked for NaN/inf (one scalar read back per call).
+    /// Whether NaN and infinity are checked for (on by default): in the inputs, in queries and
+    /// new keys after RoPE (a finite f16/bf16 value can overflow once rotated), in routing scores
+    /// where they are computed apart from the fused CUDA routing kernel, and in the outputs. A few
+    /// scalars read back per call; a rejected call leaves the sequences as they were.
     pub fn set_check_finite(&mut self, on: bool) {
         self.check_finite = on;
     }
@@ -246,6 +267,9 @@ impl SaapAttention {
 
     /// A deep copy of the op and its sequences: decoding from the copy leaves this one untouched
     /// (e.g. to compare routings after one shared prefill).
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the state cannot be copied (device memory).
     pub fn snapshot(&self) -> Result<Self> {
         let state = match &self.state {
             None => None,
@@ -314,6 +338,9 @@ impl SaapAttention {
 
     /// Per batch item and KV head, the index `(perm, offsets)` on the host: `perm` holds the
     /// indexed positions grouped by partition, `offsets` has `C + 1` entries.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the directory cannot be read back from the device.
     pub fn index_lists(&self) -> Result<Vec<Vec<IndexList>>> {
         let (Some(state), Some(_)) = (&self.state, &self.index) else {
             return Ok(Vec::new());
@@ -360,15 +387,7 @@ impl SaapAttention {
                 got: x.device().location(),
             });
         }
-        if self.check_finite {
-            // inf·0 and NaN·0 are NaN, so the sum is finite exactly when every value is.
-            let probe = (x.to_dtype(DType::F32)? * 0.0)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
-            if !probe.is_finite() {
-                return Err(SaapError::NonFinite(name));
-            }
-        }
+        self.check(name, &[x])?;
         Ok((dims[0], dims[2]))
     }
 
@@ -400,6 +419,38 @@ impl SaapAttention {
         }
     }
 
+    /// [`SaapError::NonFinite`] naming `name` if `xs` hold a NaN or infinity, when checks are on.
+    fn check(&self, name: &'static str, xs: &[&Tensor]) -> Result<()> {
+        if self.check_finite {
+            ensure_finite(name, xs)?;
+        }
+        Ok(())
+    }
+
+    /// The extents before a call appends, for [`SaapAttention::or_rollback`].
+    fn undo_point(&self) -> Undo {
+        self.state
+            .as_ref()
+            .map(|s| (s.seqs.clone(), s.lens.clone()))
+    }
+
+    /// Passes `result` on; when it is an error, first forgets the tokens appended since `undo`
+    /// (rows past each length are never read), so a rejected call leaves the sequences as they
+    /// were. Only valid before `merge_window`, which changes the index itself.
+    fn or_rollback<T>(&mut self, result: Result<T>, undo: Undo) -> Result<T> {
+        if result.is_err() {
+            match (&mut self.state, undo) {
+                (Some(state), Some((seqs, lens))) => {
+                    state.seqs = seqs;
+                    state.lens = lens;
+                }
+                (state, None) => *state = None,
+                (None, Some(_)) => {}
+            }
+        }
+        result
+    }
+
     /// Makes room for `needed` tokens per sequence, growing the state geometrically.
     fn reserve(&mut self, batch: usize, needed: usize) -> Result<()> {
         let l = self.config.layout;
@@ -409,8 +460,17 @@ impl SaapAttention {
                 return Ok(());
             }
         }
+        if needed > MAX_CONTEXT {
+            return Err(SaapError::Config(format!(
+                "{needed} tokens per sequence exceed the index's {MAX_CONTEXT} positions"
+            )));
+        }
         let old_cap = self.state.as_ref().map_or(0, |s| s.cap);
-        let cap = needed.max(2 * old_cap).next_multiple_of(256);
+        let cap = needed.max(old_cap.saturating_mul(2)).min(MAX_CONTEXT);
+        let cap = cap
+            .checked_next_multiple_of(256)
+            .unwrap_or(cap)
+            .min(MAX_CONTEXT);
         let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &self.device);
         let kv_shape = [batch, l.n_kv_heads, cap, l.head_dim];
         let indexed = self.index.is_some();
@@ -449,8 +509,21 @@ impl SaapAttention {
     }
 
     /// Rotates k (and q, when given), appends k and v (and the keys' partitions) to the cache at
-    /// each sequence's end. Returns the rotated queries.
+    /// each sequence's end. Returns the rotated queries. On error nothing is appended.
     fn append(
+        &mut self,
+        q: Option<&Tensor>,
+        k: &Tensor,
+        v: &Tensor,
+        lens: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let undo = self.undo_point();
+        let appended = self.append_rows(q, k, v, lens);
+        self.or_rollback(appended, undo)
+    }
+
+    /// [`SaapAttention::append`], which undoes what this did before an error.
+    fn append_rows(
         &mut self,
         q: Option<&Tensor>,
         k: &Tensor,
@@ -465,7 +538,7 @@ impl SaapAttention {
         let needed = starts
             .iter()
             .zip(lens)
-            .map(|(s, l)| s + l)
+            .map(|(s, l)| s.checked_add(*l).unwrap_or(usize::MAX))
             .max()
             .unwrap_or(0);
         self.reserve(batch, needed)?;
@@ -477,6 +550,10 @@ impl SaapAttention {
                 q.contiguous()?.apply_op1_no_bwd(&rotate)
             })
             .transpose()?;
+        if let Some(q_rot) = &q_rot {
+            self.check("q after RoPE", &[q_rot])?;
+        }
+        let check_finite = self.check_finite;
         let state = self.state.as_mut().expect("reserved above");
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         state
@@ -495,6 +572,18 @@ impl SaapAttention {
                 &starts,
                 lens,
             )?;
+        }
+        if check_finite {
+            // Rotation preserves a pair's norm, so a component can grow by up to √2: a finite
+            // f16 or bf16 key near the type's maximum can overflow to infinity in the cache.
+            let written = starts
+                .iter()
+                .zip(lens)
+                .enumerate()
+                .filter(|(_, (_, &len))| len > 0)
+                .map(|(b, (&start, &len))| state.k.get(b)?.narrow(1, start, len))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            ensure_finite("k after RoPE", &written.iter().collect::<Vec<_>>())?;
         }
         for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
             if len == 0 {
@@ -516,11 +605,14 @@ impl SaapAttention {
             return Ok(());
         };
         let window = self.config.window;
+        // Saturating: a bound beyond any length merges nothing, where a wrapped one would merge
+        // past the cache.
+        let bound = window.saturating_add(slack);
         let ranges: Vec<(usize, usize)> = state
             .seqs
             .iter()
             .map(|s| {
-                if s.len - s.indexed_end > window + slack {
+                if s.len - s.indexed_end > bound {
                     (s.indexed_end, s.len - window)
                 } else {
                     (0, 0)
@@ -548,6 +640,13 @@ impl SaapAttention {
     /// Appends context without computing attention: pre-RoPE keys `k` and values `v`
     /// (`[B, Hkv, T, D]`, `lens[b]` valid per item), rotated, cached and indexed like prefill's.
     /// For models that run their own prefill kernel, and for loading a cache.
+    ///
+    /// # Errors
+    /// [`SaapError::Shape`], [`SaapError::DType`] or [`SaapError::Device`] for inputs that do
+    /// not fit the op or the cached batch; [`SaapError::EmptyContext`] when every length is 0;
+    /// [`SaapError::NonFinite`] for NaN or infinity in `k` or `v`, or in a key after RoPE (with
+    /// checks on); [`SaapError::Config`] beyond [`crate::config::MAX_CONTEXT`] tokens. The
+    /// sequences are unchanged after any of these.
     pub fn extend(&mut self, k: &Tensor, v: &Tensor, lens: &[usize]) -> Result<()> {
         let n_kv = self.config.layout.n_kv_heads;
         let (batch, t_len) = self.check_input("k", k, n_kv)?;
@@ -584,6 +683,10 @@ impl SaapAttention {
     /// them, positions continuing from each sequence's cached length). `lens[b] <= T` tokens of
     /// item `b` are valid (right padding). Returns `[B, Hq, T, D]`, zero past each length. May be
     /// called repeatedly (chunked prefill); tokens older than the window are indexed.
+    ///
+    /// # Errors
+    /// As [`SaapAttention::extend`], and [`SaapError::NonFinite`] for NaN or infinity in `q`, in the
+    /// rotated queries or in the output (with checks on): the sequences are then unchanged.
     pub fn prefill(
         &mut self,
         q: &Tensor,
@@ -593,6 +696,7 @@ impl SaapAttention {
     ) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
         self.check_lens(batch, t_len, lens)?;
+        let undo = self.undo_point();
         let starts: Vec<usize> = self
             .state
             .as_ref()
@@ -610,6 +714,8 @@ impl SaapAttention {
         let state = self.state.as_ref().expect("appended");
         let scale = 1.0 / (self.config.layout.head_dim as f32).sqrt();
         let out = prefill_attention(&q_rot, &state.k, &state.v, &starts, lens, scale)?;
+        let checked = self.check("output", &[&out]);
+        self.or_rollback(checked, undo)?;
         self.merge_window(0)?;
         Ok(out)
     }
@@ -617,6 +723,12 @@ impl SaapAttention {
     /// One decode step: one new token per batch item (`T == 1`, shapes as in
     /// [`SaapAttention::prefill`]). Reads sinks ∪ probed partitions ∪ window (or every key with
     /// dense routing). Returns `[B, Hq, 1, D]`.
+    ///
+    /// # Errors
+    /// As [`SaapAttention::prefill`]; also [`SaapError::Shape`] unless `T == 1`,
+    /// [`SaapError::EmptyContext`] for a batch item with no context, and [`SaapError::NonFinite`]
+    /// for non-finite routing scores (with checks on). The sequences are unchanged after any of
+    /// these.
     pub fn decode(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
         if t_len != 1 {
@@ -632,21 +744,33 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
+        let undo = self.undo_point();
+        let step = self.decode_step(q, k, v, batch);
+        let out = self.or_rollback(step, undo)?;
+        self.merge_window(self.config.merge_every - 1)?;
+        Ok(out.unsqueeze(2)?)
+    }
+
+    /// [`SaapAttention::decode`] up to the merge: append, route, attend, check; `[B, Hq, D]`.
+    fn decode_step(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, batch: usize) -> Result<Tensor> {
         let q_rot = self
             .append(Some(q), k, v, &vec![1; batch])?
             .expect("queries given");
-        let probes = match (&self.index, self.routing) {
-            (Some(index), Routing::Classifier) => Some(
-                index
-                    .classifier
-                    .probes(&q.squeeze(2)?, self.config.n_probe)?,
-            ),
+        let n_probe = self.config.n_probe;
+        let (probes, scores) = match (&self.index, self.routing) {
+            (Some(index), Routing::Classifier) => {
+                let (probes, scores) = index.classifier.route(&q.squeeze(2)?, n_probe)?;
+                (Some(probes), scores)
+            }
             (Some(index), Routing::NearestCentroid) => {
                 let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
-                Some(top_probes(&scores, self.config.n_probe)?)
+                (Some(top_probes(&scores, n_probe)?), Some(scores))
             }
-            _ => None,
+            _ => (None, None),
         };
+        if let Some(scores) = &scores {
+            self.check("routing scores", &[scores])?;
+        }
         let state = self.state.as_ref().expect("appended");
         let op = DecodeOp {
             k_cache: state.k.clone(),
@@ -659,13 +783,13 @@ impl SaapAttention {
             scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
         };
         let out = q_rot.squeeze(2)?.contiguous()?.apply_op1_no_bwd(&op)?;
+        self.check("output", &[&out])?;
         self.last_read = if self.track_reads {
             Some(read_stats(&op, self.config.layout.group_size())?)
         } else {
             None
         };
-        self.merge_window(self.config.merge_every - 1)?;
-        Ok(out.unsqueeze(2)?)
+        Ok(out)
     }
 }
 

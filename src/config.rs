@@ -3,6 +3,20 @@
 use crate::error::{Result, SaapError};
 use serde::{Deserialize, Serialize};
 
+/// Most query heads (and so KV heads) a layer may have; models have at most a few hundred.
+pub const MAX_HEADS: usize = 1024;
+/// Largest head dimension; models use 64 to 256.
+pub const MAX_HEAD_DIM: usize = 1024;
+/// Most key partitions C; the paper uses 1024.
+pub const MAX_PARTITIONS: usize = 1 << 16;
+/// Widest classifier hidden layer.
+pub const MAX_HIDDEN: usize = 1 << 16;
+/// Largest window, number of sinks and merge interval, in tokens (16 Mi). Together they stay far
+/// below the longest context, so position arithmetic on them cannot overflow.
+pub const MAX_SPAN: usize = 1 << 24;
+/// Longest context a sequence may hold: the index stores positions as u32.
+pub const MAX_CONTEXT: usize = u32::MAX as usize;
+
 /// Attention head layout of one model layer (grouped-query attention when `n_q_heads > n_kv_heads`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadLayout {
@@ -23,6 +37,11 @@ impl HeadLayout {
     fn validate(&self) -> Result<()> {
         if self.n_q_heads == 0 || self.n_kv_heads == 0 || self.head_dim == 0 {
             return Err(SaapError::Config(format!("empty head layout {self:?}")));
+        }
+        if self.n_q_heads > MAX_HEADS || self.head_dim > MAX_HEAD_DIM {
+            return Err(SaapError::Config(format!(
+                "head layout {self:?} beyond {MAX_HEADS} heads or head_dim {MAX_HEAD_DIM}"
+            )));
         }
         if self.n_q_heads % self.n_kv_heads != 0 {
             return Err(SaapError::Config(format!(
@@ -97,6 +116,12 @@ impl RopeConfig {
                 self.theta
             )));
         }
+        let bad = |why: &str| {
+            SaapError::Config(format!(
+                "RoPE scaling {:?}: {why} (all values finite)",
+                self.scaling
+            ))
+        };
         let factor = match self.scaling {
             RopeScaling::None => 1.0,
             RopeScaling::Llama3 {
@@ -105,14 +130,16 @@ impl RopeConfig {
                 high_freq_factor,
                 original_max_positions,
             } => {
-                if high_freq_factor.partial_cmp(&low_freq_factor)
-                    != Some(std::cmp::Ordering::Greater)
+                // A non-positive or infinite factor makes wavelength thresholds of 0 or ±inf.
+                if !(low_freq_factor.is_finite()
+                    && high_freq_factor.is_finite()
+                    && 0.0 < low_freq_factor
+                    && low_freq_factor < high_freq_factor)
                     || original_max_positions == 0
                 {
-                    return Err(SaapError::Config(format!(
-                        "Llama-3 RoPE scaling needs high_freq_factor > low_freq_factor and a training length: {:?}",
-                        self.scaling
-                    )));
+                    return Err(bad(
+                        "Llama-3 scaling needs 0 < low_freq_factor < high_freq_factor and a training length",
+                    ));
                 }
                 factor
             }
@@ -122,21 +149,20 @@ impl RopeConfig {
                 beta_fast,
                 beta_slow,
             } => {
-                if beta_fast.partial_cmp(&beta_slow) != Some(std::cmp::Ordering::Greater)
+                // beta_slow <= 0 puts the log of a non-positive number into the ramp: NaN
+                // frequencies, so NaN keys.
+                if !(beta_fast.is_finite() && 0.0 < beta_slow && beta_slow < beta_fast)
                     || original_max_positions == 0
                 {
-                    return Err(SaapError::Config(format!(
-                        "YaRN needs beta_fast > beta_slow and a training length: {:?}",
-                        self.scaling
-                    )));
+                    return Err(bad(
+                        "YaRN needs 0 < beta_slow < beta_fast and a training length",
+                    ));
                 }
                 factor
             }
         };
         if !(factor.is_finite() && factor >= 1.0) {
-            return Err(SaapError::Config(format!(
-                "RoPE scaling factor {factor} must be >= 1"
-            )));
+            return Err(bad("the factor must be >= 1"));
         }
         Ok(())
     }
@@ -166,6 +192,9 @@ pub struct SaapConfig {
 impl SaapConfig {
     /// A configuration with the paper's defaults scaled to `n_partitions`: ℓ = C/32, window 2048,
     /// 16 sinks, merges every 256 tokens, classifier hidden width 256.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] when the result fails [`SaapConfig::validate`].
     pub fn new(layout: HeadLayout, rope: RopeConfig, n_partitions: usize) -> Result<Self> {
         let config = Self {
             layout,
@@ -189,6 +218,10 @@ impl SaapConfig {
     ///   of the G heads' partitions, at most G·ℓ/C ≈ 6% of the indexed keys (overlapping heads
     ///   read less); C / 32 per head made Qwen2.5's 7-head groups read 13–22% at 32k;
     /// - window = `context / 16` in 64..=2048 and 4 sinks below 64k tokens, 16 above.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] when the result fails [`SaapConfig::validate`] (an invalid layout
+    /// or RoPE).
     pub fn for_context(layout: HeadLayout, rope: RopeConfig, context: usize) -> Result<Self> {
         let n_partitions = (context / 32).next_power_of_two().clamp(16, 1024);
         let mut config = Self::new(layout, rope, n_partitions)?;
@@ -201,33 +234,38 @@ impl SaapConfig {
     }
 
     /// Checks every field; called by every constructor that takes a config.
+    ///
+    /// Limits: heads `1..=`[`MAX_HEADS`], with `n_kv_heads` dividing `n_q_heads`; an even
+    /// `head_dim` in `2..=`[`MAX_HEAD_DIM`]; C in `1..=`[`MAX_PARTITIONS`]; ℓ in `1..=C`; hidden
+    /// width in `1..=`[`MAX_HIDDEN`]; `window` and `sinks` in `0..=`[`MAX_SPAN`] and `merge_every`
+    /// in `1..=`[`MAX_SPAN`]; RoPE theta finite and > 1, scaling factors finite and ordered.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] naming the first field out of range.
     pub fn validate(&self) -> Result<()> {
         self.layout.validate()?;
         self.rope.validate()?;
-        if self.n_partitions == 0 || self.n_partitions > u32::MAX as usize / 2 {
-            return Err(SaapError::Config(format!(
-                "n_partitions {} out of range",
-                self.n_partitions
-            )));
-        }
-        if self.n_probe == 0 || self.n_probe > self.n_partitions {
-            return Err(SaapError::Config(format!(
-                "n_probe (ℓ = {}) must be in 1..={} (C)",
-                self.n_probe, self.n_partitions
-            )));
-        }
-        if self.merge_every == 0 {
-            return Err(SaapError::Config("merge_every must be >= 1".into()));
-        }
-        if self.hidden == 0 {
-            return Err(SaapError::Config(
-                "classifier hidden width must be >= 1".into(),
-            ));
-        }
-        Ok(())
+        let range = |name: &str, value: usize, min: usize, max: usize| {
+            if (min..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(SaapError::Config(format!(
+                    "{name} = {value} is outside {min}..={max}"
+                )))
+            }
+        };
+        range("n_partitions (C)", self.n_partitions, 1, MAX_PARTITIONS)?;
+        range("n_probe (ℓ)", self.n_probe, 1, self.n_partitions)?;
+        range("classifier hidden width", self.hidden, 1, MAX_HIDDEN)?;
+        range("window", self.window, 0, MAX_SPAN)?;
+        range("sinks", self.sinks, 0, MAX_SPAN)?;
+        range("merge_every", self.merge_every, 1, MAX_SPAN)
     }
 
     /// The same configuration with another ℓ, validated.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `1 <= n_probe <= C`.
     pub fn with_n_probe(&self, n_probe: usize) -> Result<Self> {
         let config = Self {
             n_probe,

@@ -1,18 +1,26 @@
 //! `SaapIndex`: the trained artifact of one model (centroids and classifiers of every layer),
-//! saved as safetensors with JSON metadata.
+//! saved as safetensors with JSON metadata and sha256 digests (format documented on
+//! [`SaapIndex`]).
 
 use crate::classify::Classifier;
 use crate::config::{Routing, SaapConfig};
-use crate::error::{Result, SaapError};
-use candle_core::safetensors::Load;
+use crate::error::{all_finite, Result, SaapError};
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Format tag in the file's metadata.
 pub const FORMAT: &str = "saap-index";
-/// Version of the file layout this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the file layout this build reads and writes. Files of version 1 (no digests) are
+/// rejected: without digests their damage cannot be told apart from trained values.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Metadata key of the digest of every other metadata entry.
+const META_DIGEST: &str = "sha256";
+/// Metadata key of the JSON map from tensor name to the digest of its bytes.
+const TENSOR_DIGESTS: &str = "tensor_sha256";
 
 /// Trained routing state of one layer.
 #[derive(Debug, Clone)]
@@ -26,8 +34,54 @@ pub struct LayerIndex {
     pub routing: Routing,
 }
 
+/// Names of a layer's tensors in the file (`layers.{i}.{name}`), in name order.
+const LAYER_TENSORS: [&str; 5] = ["b1", "b2", "centroids", "w1", "w2"];
+
+impl LayerIndex {
+    /// The tensors with their names, in the order of [`LAYER_TENSORS`].
+    fn tensors(&self) -> [(&'static str, &Tensor); 5] {
+        let c = &self.classifier;
+        let tensors = [&c.b1, &c.b2, &self.centroids, &c.w1, &c.w2];
+        std::array::from_fn(|i| (LAYER_TENSORS[i], tensors[i]))
+    }
+}
+
 /// The trained artifact of one model: a [`LayerIndex`] per layer, plus the configuration and the
-/// name of the model it was trained for.
+/// name of the model it was trained for. Every tensor is finite and has the shape the
+/// configuration implies.
+///
+/// # File format, version 2
+///
+/// A [safetensors](https://github.com/huggingface/safetensors) file: an 8-byte little-endian
+/// header length, a JSON header padded with spaces to a multiple of 8 bytes, then the tensor
+/// data. For each layer `i` in `0..n_layers` it holds five F32 (little-endian, row-major)
+/// tensors, with `Hq`, `Hkv`, `D`, `C` and `hidden` from the configuration:
+///
+/// | name | shape |
+/// |---|---|
+/// | `layers.{i}.centroids` | `[Hkv, C, D]`, pre-RoPE key centroids |
+/// | `layers.{i}.w1` | `[Hq, D, hidden]` |
+/// | `layers.{i}.b1` | `[Hq, 1, hidden]` |
+/// | `layers.{i}.w2` | `[Hq, hidden, C]` |
+/// | `layers.{i}.b2` | `[Hq, 1, C]` |
+///
+/// and no other tensor. The header's `__metadata__` maps strings to strings:
+///
+/// | key | value |
+/// |---|---|
+/// | `format` | `saap-index` |
+/// | `version` | `2` ([`FORMAT_VERSION`]) |
+/// | `model` | name of the model the index was trained for |
+/// | `n_layers` | number of layers, decimal |
+/// | `config` | the [`SaapConfig`] as JSON |
+/// | `routing` | JSON array of each layer's [`Routing`] |
+/// | `tensor_sha256` | JSON object: tensor name → lowercase hex sha256 of its data bytes |
+/// | `sha256` | lowercase hex sha256 of every other metadata entry in key order, each as `key`, a NUL byte, `value`, a NUL byte |
+///
+/// Keys and tensors are written in sorted order and tensor data in the order of their names,
+/// so saving the same index twice gives the same bytes. Loading checks all of the above:
+/// digests, names, dtypes, shapes against the configuration (hidden width included), the
+/// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
 #[derive(Debug, Clone)]
 pub struct SaapIndex {
     config: SaapConfig,
@@ -35,8 +89,44 @@ pub struct SaapIndex {
     layers: Vec<LayerIndex>,
 }
 
+/// Lowercase hex sha256 of `parts`, each fed in turn.
+fn sha256_hex<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Digest of the metadata: every entry but the digest itself, as `key NUL value NUL`.
+fn metadata_digest(meta: &BTreeMap<String, String>) -> String {
+    sha256_hex(
+        meta.iter()
+            .filter(|(key, _)| *key != META_DIGEST)
+            .flat_map(|(k, v)| [k.as_bytes(), b"\0", v.as_bytes(), b"\0"]),
+    )
+}
+
+/// One tensor's entry in the safetensors header.
+#[derive(Serialize)]
+struct HeaderEntry<'a> {
+    dtype: &'static str,
+    shape: &'a [usize],
+    data_offsets: [usize; 2],
+}
+
 impl SaapIndex {
-    /// Assembles an index, checking every layer's shapes against `config`.
+    /// Assembles an index, checking every layer against `config`.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for an invalid configuration or no layers;
+    /// [`SaapError::Shape`] for a tensor whose shape does not follow from `config`;
+    /// [`SaapError::UnsupportedDType`] for a tensor that is not f32, bf16 or f16;
+    /// [`SaapError::NonFinite`] for a NaN or infinity in any tensor.
     pub fn new(
         config: SaapConfig,
         model: impl Into<String>,
@@ -60,7 +150,16 @@ impl SaapIndex {
             }
             layer
                 .classifier
-                .check(l.n_q_heads, l.head_dim, config.n_partitions)?;
+                .check(l.n_q_heads, l.head_dim, config.hidden, config.n_partitions)?;
+            for (name, tensor) in layer.tensors() {
+                if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+                    return Err(SaapError::UnsupportedDType(tensor.dtype()));
+                }
+                // NaN weights or centroids make NaN routing scores: arbitrary partitions read.
+                if !all_finite(&[tensor])? {
+                    return Err(SaapError::NonFinite(name));
+                }
+            }
         }
         Ok(Self {
             config,
@@ -85,6 +184,9 @@ impl SaapIndex {
     }
 
     /// One layer's routing state.
+    ///
+    /// # Errors
+    /// [`SaapError::IndexMismatch`] when the index has no layer `layer`.
     pub fn layer(&self, layer: usize) -> Result<&LayerIndex> {
         self.layers.get(layer).ok_or_else(|| {
             SaapError::IndexMismatch(format!(
@@ -95,6 +197,9 @@ impl SaapIndex {
     }
 
     /// Sets a layer's default routing (e.g. dense for layers calibration found unservable).
+    ///
+    /// # Errors
+    /// [`SaapError::IndexMismatch`] when the index has no layer `layer`.
     pub fn set_layer_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
         let n = self.layers.len();
         let entry = self
@@ -106,6 +211,9 @@ impl SaapIndex {
     }
 
     /// Checks that this index fits a model with `config`'s head layout and RoPE, and `n_layers`.
+    ///
+    /// # Errors
+    /// [`SaapError::IndexMismatch`] naming the first difference.
     pub fn check_model(&self, config: &SaapConfig, n_layers: usize) -> Result<()> {
         if config.layout != self.config.layout {
             return Err(SaapError::IndexMismatch(format!(
@@ -128,109 +236,207 @@ impl SaapIndex {
         Ok(())
     }
 
-    /// Writes the index as safetensors (f32 tensors) with JSON metadata.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    /// The file's bytes (see the format above): the same index always gives the same bytes.
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut data: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let c = &layer.classifier;
-            for (name, t) in [
-                ("centroids", &layer.centroids),
-                ("w1", &c.w1),
-                ("b1", &c.b1),
-                ("w2", &c.w2),
-                ("b2", &c.b2),
-            ] {
-                let t = t
-                    .to_device(&Device::Cpu)?
-                    .to_dtype(DType::F32)?
-                    .contiguous()?;
-                tensors.push((format!("layers.{i}.{name}"), t));
+            for (name, t) in layer.tensors() {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                data.insert(format!("layers.{i}.{name}"), (t.dims().to_vec(), bytes));
             }
         }
+        let digests: BTreeMap<&String, String> = data
+            .iter()
+            .map(|(name, (_, bytes))| (name, sha256_hex([bytes.as_slice()])))
+            .collect();
         let routing: Vec<Routing> = self.layers.iter().map(|l| l.routing).collect();
-        let metadata = HashMap::from([
+        let mut meta = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("version".to_string(), FORMAT_VERSION.to_string()),
             ("model".to_string(), self.model.clone()),
             ("n_layers".to_string(), self.layers.len().to_string()),
             ("config".to_string(), json(&self.config)?),
             ("routing".to_string(), json(&routing)?),
+            (TENSOR_DIGESTS.to_string(), json(&digests)?),
         ]);
-        safetensors::serialize_to_file(tensors, Some(metadata), path.as_ref())?;
+        meta.insert(META_DIGEST.to_string(), metadata_digest(&meta));
+        let mut header = BTreeMap::from([(
+            "__metadata__".to_string(),
+            serde_json::to_value(&meta).map_err(format_error)?,
+        )]);
+        let mut offset = 0;
+        for (name, (shape, bytes)) in &data {
+            let entry = HeaderEntry {
+                dtype: "F32",
+                shape,
+                data_offsets: [offset, offset + bytes.len()],
+            };
+            offset += bytes.len();
+            let entry = serde_json::to_value(&entry).map_err(format_error)?;
+            header.insert(name.clone(), entry);
+        }
+        let mut header = json(&header)?.into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut file = Vec::with_capacity(8 + header.len() + offset);
+        file.extend((header.len() as u64).to_le_bytes());
+        file.extend(header);
+        for (_, bytes) in data.values() {
+            file.extend(bytes);
+        }
+        Ok(file)
+    }
+
+    /// Writes the index as safetensors (f32 tensors) with JSON metadata and digests, in the
+    /// format documented on [`SaapIndex`]. The file is written next to `path` and renamed into
+    /// place, so a failed save leaves any previous file whole.
+    ///
+    /// # Errors
+    /// [`SaapError::Io`] when the file cannot be written; [`SaapError::Candle`] when a tensor
+    /// cannot be read back from its device.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        std::fs::write(&partial, bytes)?;
+        std::fs::rename(&partial, path)?;
         Ok(())
     }
 
-    /// Reads an index written by [`SaapIndex::save`], onto `device`. A damaged file, another
-    /// format version, or tensors that do not fit the stored configuration are
-    /// [`SaapError::IndexFormat`].
+    /// Reads an index written by [`SaapIndex::save`], onto `device`.
+    ///
+    /// # Errors
+    /// [`SaapError::IndexFormat`], its message starting with the path, when the file cannot be
+    /// read, is damaged (a digest differs, the container is malformed, a tensor is missing, extra,
+    /// not F32, of the wrong shape or not finite), has another format version, or holds an invalid
+    /// configuration. [`SaapError::Candle`] when the checked tensors cannot be moved to `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path.as_ref())?;
-        let bad =
-            |what: String| SaapError::IndexFormat(format!("{}: {what}", path.as_ref().display()));
+        let path = path.as_ref();
+        let index = Self::read(path)
+            .map_err(|why| SaapError::IndexFormat(format!("{}: {why}", path.display())))?;
+        let on_device = |t: &Tensor| t.to_device(device);
+        let layers = index
+            .layers
+            .iter()
+            .map(|l| {
+                let c = &l.classifier;
+                Ok(LayerIndex {
+                    centroids: on_device(&l.centroids)?,
+                    classifier: Classifier {
+                        w1: on_device(&c.w1)?,
+                        b1: on_device(&c.b1)?,
+                        w2: on_device(&c.w2)?,
+                        b2: on_device(&c.b2)?,
+                    },
+                    routing: l.routing,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { layers, ..index })
+    }
+
+    /// Reads and checks a file on the CPU; the error says why it was rejected.
+    fn read(path: &Path) -> std::result::Result<Self, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read ({e})"))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-        let meta = header
+            .map_err(|e| format!("not a safetensors file ({e})"))?;
+        let meta: BTreeMap<String, String> = header
             .metadata()
-            .as_ref()
-            .ok_or_else(|| bad("no metadata".into()))?;
+            .clone()
+            .ok_or("no metadata")?
+            .into_iter()
+            .collect();
         let field = |key: &str| {
             meta.get(key)
-                .ok_or_else(|| bad(format!("metadata lacks `{key}`")))
+                .map(String::as_str)
+                .ok_or_else(|| format!("metadata lacks `{key}`"))
         };
         if field("format")? != FORMAT {
-            return Err(bad(format!(
-                "format `{}` is not `{FORMAT}`",
-                field("format")?
-            )));
+            return Err(format!("format `{}` is not `{FORMAT}`", field("format")?));
         }
         let version = field("version")?;
-        if version != &FORMAT_VERSION.to_string() {
-            return Err(bad(format!(
-                "format version {version}, this build reads version {FORMAT_VERSION}"
-            )));
+        if version != FORMAT_VERSION.to_string() {
+            return Err(format!(
+                "format version {version}, this build reads version {FORMAT_VERSION} \
+                 (recalibrate to write one)"
+            ));
         }
+        if field(META_DIGEST)? != metadata_digest(&meta) {
+            return Err("metadata digest mismatch: the header was altered or damaged".into());
+        }
+        let parse = |key: &str| -> std::result::Result<serde_json::Value, String> {
+            serde_json::from_str(field(key)?).map_err(|e| format!("{key}: {e}"))
+        };
         let config: SaapConfig =
-            serde_json::from_str(field("config")?).map_err(|e| bad(format!("config: {e}")))?;
+            serde_json::from_value(parse("config")?).map_err(|e| format!("config: {e}"))?;
         let routing: Vec<Routing> =
-            serde_json::from_str(field("routing")?).map_err(|e| bad(format!("routing: {e}")))?;
+            serde_json::from_value(parse("routing")?).map_err(|e| format!("routing: {e}"))?;
+        let digests: BTreeMap<String, String> = serde_json::from_value(parse(TENSOR_DIGESTS)?)
+            .map_err(|e| format!("{TENSOR_DIGESTS}: {e}"))?;
         let n_layers: usize = field("n_layers")?
             .parse()
-            .map_err(|e| bad(format!("n_layers: {e}")))?;
+            .map_err(|e| format!("n_layers: {e}"))?;
         if routing.len() != n_layers {
-            return Err(bad(format!(
-                "{} routings for {n_layers} layers",
-                routing.len()
-            )));
+            return Err(format!("{} routings for {n_layers} layers", routing.len()));
         }
         let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| bad(format!("damaged tensors ({e})")))?;
-        let get = |name: String| -> Result<Tensor> {
-            let view = st.tensor(&name).map_err(|e| bad(format!("{name}: {e}")))?;
-            Ok(view.load(device)?)
+            .map_err(|e| format!("damaged tensors ({e})"))?;
+        // Each layer's tensors are looked up by name below: equal counts leave no extra one.
+        let expected = LAYER_TENSORS.len().saturating_mul(n_layers);
+        if st.len() != expected || digests.len() != expected {
+            return Err(format!(
+                "{} tensors and {} digests, {n_layers} layers need {expected}",
+                st.len(),
+                digests.len(),
+            ));
+        }
+        let tensor = |name: &String| -> std::result::Result<Tensor, String> {
+            let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(format!(
+                    "{name}: dtype {}, the format stores F32",
+                    view.dtype()
+                ));
+            }
+            if digests.get(name).map(String::as_str) != Some(&sha256_hex([view.data()])) {
+                return Err(format!(
+                    "{name}: data digest mismatch, the tensor is damaged"
+                ));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Tensor::from_vec(values, view.shape(), &Device::Cpu).map_err(|e| format!("{name}: {e}"))
         };
-        let layers = (0..n_layers)
-            .zip(routing)
+        let layers = routing
+            .into_iter()
+            .enumerate()
             .map(|(i, routing)| {
+                let [b1, b2, centroids, w1, w2] =
+                    LAYER_TENSORS.map(|name| format!("layers.{i}.{name}"));
                 Ok(LayerIndex {
-                    centroids: get(format!("layers.{i}.centroids"))?,
+                    centroids: tensor(&centroids)?,
                     classifier: Classifier {
-                        w1: get(format!("layers.{i}.w1"))?,
-                        b1: get(format!("layers.{i}.b1"))?,
-                        w2: get(format!("layers.{i}.w2"))?,
-                        b2: get(format!("layers.{i}.b2"))?,
+                        w1: tensor(&w1)?,
+                        b1: tensor(&b1)?,
+                        w2: tensor(&w2)?,
+                        b2: tensor(&b2)?,
                     },
                     routing,
                 })
             })
-            .collect::<Result<Vec<_>>>()?;
-        let model = field("model")?.clone();
-        Self::new(config, model, layers).map_err(|e| match e {
-            SaapError::Shape { .. } | SaapError::Config(_) => bad(e.to_string()),
-            other => other,
-        })
+            .collect::<std::result::Result<Vec<_>, String>>()?;
+        Self::new(config, field("model")?, layers).map_err(|e| e.to_string())
     }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| SaapError::IndexFormat(e.to_string()))
+fn format_error(e: serde_json::Error) -> SaapError {
+    SaapError::IndexFormat(e.to_string())
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(format_error)
 }

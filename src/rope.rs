@@ -111,6 +111,10 @@ impl Rope {
     }
 
     /// cos and sin tables, each `[B, T, D/2]`, for the positions `starts[b] + t`, `t < len`.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`](crate::SaapError::Candle) when the tables cannot be built on `device`
+    /// in `dtype`.
     pub fn tables(
         &self,
         starts: &[usize],
@@ -124,6 +128,10 @@ impl Rope {
 
     /// cos and sin tables, each `[B, T, D/2]` for `shape = (B, T)`, of `positions` listed in
     /// row-major order.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`](crate::SaapError::Candle) when `positions` do not fill `shape` or the
+    /// tables cannot be built on `device` in `dtype`.
     pub fn tables_at(
         &self,
         positions: &[usize],
@@ -148,6 +156,10 @@ impl Rope {
     }
 
     /// Rotates `x` of shape `[B, H, T, D]` with tables from [`Rope::tables`].
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`](crate::SaapError::Candle) when `x` and the tables do not fit
+    /// (`[B, H, T, D]` and `[B, T, D/2]`).
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let x = x.contiguous()?;
         Ok(match self.kind {

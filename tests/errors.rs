@@ -54,7 +54,7 @@ fn damaged_or_foreign_index_files_are_rejected() {
 
     // Same length header rewritten with another version number.
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    let needle = "\"version\":\"1\"";
+    let needle = "\"version\":\"2\"";
     assert!(text.contains(needle));
     let other = bytes
         .windows(needle.len())
@@ -71,7 +71,7 @@ fn damaged_or_foreign_index_files_are_rejected() {
 
     assert!(matches!(
         SaapIndex::load(dir.path().join("missing.safetensors"), &Device::Cpu),
-        Err(SaapError::Io(_))
+        Err(SaapError::IndexFormat(_))
     ));
 
     // An index for another head layout or another RoPE does not fit the model.

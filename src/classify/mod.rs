@@ -19,6 +19,10 @@ pub struct Classifier {
 
 /// The MLP on a batch of queries per head: `x` is `[Hq, N, D]`, the result `[Hq, N, C]`.
 /// Training and decoding share this function so they cannot drift apart.
+///
+/// # Errors
+/// [`SaapError::Candle`] when the shapes do not chain (`x` `[H, N, D]`, `w1` `[H, D, h]`, `b1`
+/// `[H, 1, h]`, `w2` `[H, h, C]`, `b2` `[H, 1, C]`).
 pub fn mlp_forward(
     x: &Tensor,
     w1: &Tensor,
@@ -31,21 +35,25 @@ pub fn mlp_forward(
 }
 
 impl Classifier {
-    /// Checks the weights against a layout.
-    pub fn check(&self, n_q_heads: usize, head_dim: usize, n_partitions: usize) -> Result<()> {
-        let hidden = self.w1.dim(2)?;
+    /// Checks the weights' shapes against a layout and hidden width.
+    ///
+    /// # Errors
+    /// [`SaapError::Shape`] naming the first weight whose shape differs.
+    pub fn check(
+        &self,
+        n_q_heads: usize,
+        head_dim: usize,
+        hidden: usize,
+        n_partitions: usize,
+    ) -> Result<()> {
         let expect = [
-            ("classifier w1", &self.w1, vec![n_q_heads, head_dim, hidden]),
-            ("classifier b1", &self.b1, vec![n_q_heads, 1, hidden]),
-            (
-                "classifier w2",
-                &self.w2,
-                vec![n_q_heads, hidden, n_partitions],
-            ),
-            ("classifier b2", &self.b2, vec![n_q_heads, 1, n_partitions]),
+            ("classifier w1", &self.w1, [n_q_heads, head_dim, hidden]),
+            ("classifier b1", &self.b1, [n_q_heads, 1, hidden]),
+            ("classifier w2", &self.w2, [n_q_heads, hidden, n_partitions]),
+            ("classifier b2", &self.b2, [n_q_heads, 1, n_partitions]),
         ];
         for (name, tensor, dims) in expect {
-            if tensor.dims() != dims.as_slice() {
+            if tensor.dims() != dims {
                 return Err(SaapError::Shape {
                     name,
                     expected: format!("{dims:?}"),
@@ -57,6 +65,9 @@ impl Classifier {
     }
 
     /// Partition scores for queries `q` (`[B, Hq, D]`, pre-RoPE): `[B, Hq, C]` f32.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when `q` does not fit the weights.
     pub fn scores(&self, q: &Tensor) -> Result<Tensor> {
         let x = q.to_dtype(self.w1.dtype())?.transpose(0, 1)?.contiguous()?;
         let logits = mlp_forward(&x, &self.w1, &self.b1, &self.w2, &self.b2)?;
@@ -67,6 +78,9 @@ impl Classifier {
     /// bf16 for bf16/f16 ops (held as bf16 on CUDA, where [`Classifier::probes`] widens them in
     /// its kernel, and as f32 with the same values elsewhere). They are read on every decode step
     /// (Hq · (D·h + h·C) values), so bf16 halves those bytes; the arithmetic stays f32.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the weights cannot be converted or moved to `device`.
     pub fn prepared(&self, dtype: DType, device: &candle_core::Device) -> Result<Self> {
         let weights = |t: &Tensor| -> Result<Tensor> {
             let t = t.to_dtype(DType::F32)?;
@@ -92,7 +106,17 @@ impl Classifier {
     /// → u32 `[B, Hq, ℓ]`. On CUDA two kernels (MLP with f32 accumulation, top-ℓ); elsewhere, or for
     /// shapes they do not cover, candle ops on f32 weights. Same values either way up to the order of
     /// f32 summation.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `1 <= n_probe <= C`; [`SaapError::Candle`] when `q` does not
+    /// fit the weights.
     pub fn probes(&self, q: &Tensor, n_probe: usize) -> Result<Tensor> {
+        Ok(self.route(q, n_probe)?.0)
+    }
+
+    /// [`Classifier::probes`], with the scores `[B, Hq, C]` f32 when they were computed apart
+    /// (not inside the fused CUDA kernel), so that the caller can check them.
+    pub(crate) fn route(&self, q: &Tensor, n_probe: usize) -> Result<(Tensor, Option<Tensor>)> {
         let classifier = self;
         #[cfg(feature = "cuda")]
         if q.device().is_cuda()
@@ -103,7 +127,7 @@ impl Classifier {
                 classifier,
                 n_probe,
             };
-            return Ok(q.contiguous()?.apply_op1_no_bwd(&op)?);
+            return Ok((q.contiguous()?.apply_op1_no_bwd(&op)?, None));
         }
         let scores = if classifier.w1.dtype() == DType::F32 {
             classifier.scores(q)?
@@ -117,7 +141,7 @@ impl Classifier {
             }
             .scores(q)?
         };
-        top_probes(&scores, n_probe)
+        Ok((top_probes(&scores, n_probe)?, Some(scores)))
     }
 
     /// Bytes of weights one decode step reads (every query head's MLP).
@@ -132,6 +156,10 @@ impl Classifier {
 /// Nearest-centroid routing scores (the symmetric baseline): for query head `h` of KV group
 /// `h / G`, `-||q - c||²/2` up to a constant, i.e. `q·c - ||c||²/2`. `q`: `[B, Hq, D]`,
 /// `centroids`: `[Hkv, C, D]` f32. Returns `[B, Hq, C]`.
+///
+/// # Errors
+/// [`SaapError::Candle`] when `q` is not `[B, Hq, D]` for centroids `[Hkv, C, D]` with `Hkv`
+/// dividing `Hq`.
 pub fn centroid_scores(q: &Tensor, centroids: &Tensor) -> Result<Tensor> {
     let (b, hq, dim) = q.dims3()?;
     let (hkv, _c, _) = centroids.dims3()?;
@@ -153,6 +181,13 @@ pub fn centroid_scores(q: &Tensor, centroids: &Tensor) -> Result<Tensor> {
 }
 
 /// The `n_probe` best partitions of each query head: `[B, Hq, C]` scores → u32 `[B, Hq, ℓ]`.
+///
+/// The order is total, so any scores give one answer: higher scores first (on the CPU, ties to
+/// the lower partition), and NaN ranks as −∞, last. A NaN must not reach the sort itself: it
+/// breaks the comparison's total order, and Rust's sort panics on that once C > 20.
+///
+/// # Errors
+/// [`SaapError::Config`] unless `1 <= n_probe <= C`.
 pub fn top_probes(scores: &Tensor, n_probe: usize) -> Result<Tensor> {
     let n_partitions = scores.dim(D::Minus1)?;
     if n_probe == 0 || n_probe > n_partitions {
@@ -160,6 +195,11 @@ pub fn top_probes(scores: &Tensor, n_probe: usize) -> Result<Tensor> {
             "n_probe (ℓ = {n_probe}) must be in 1..={n_partitions} (C)"
         )));
     }
+    let scores = scores.to_dtype(DType::F32)?;
+    // x != x exactly for NaN.
+    let nan = scores.ne(&scores)?;
+    let lowest = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?;
+    let scores = nan.where_cond(&lowest, &scores)?;
     let order = scores.contiguous()?.arg_sort_last_dim(false)?;
     Ok(order.narrow(D::Minus1, 0, n_probe)?.contiguous()?)
 }

@@ -6,6 +6,7 @@ use super::llama::Llama;
 use super::{Error, GgufTokenizer, Result};
 use crate::attention::Recorder;
 use crate::config::SaapConfig;
+use crate::error::SaapError;
 use crate::index::SaapIndex;
 use crate::train::data::{sequences_from_records, Sequence};
 use crate::train::{calibrate_index, LayerReport, TrainParams};
@@ -172,7 +173,8 @@ pub fn calibrate_model(
 
 /// The index `llama_decode` uses when given none: loaded from
 /// `<cache>/indexes/<name>-ctx<context>.safetensors`, or calibrated with the default plan and
-/// config ([`SaapConfig::for_context`]) and saved there first.
+/// config ([`SaapConfig::for_context`]) and saved there first (also when the cached file is
+/// rejected: another format version, or damaged).
 pub fn cached_or_trained_index(
     model: &mut Llama,
     tok: &GgufTokenizer,
@@ -182,7 +184,12 @@ pub fn cached_or_trained_index(
     let dir = fetch::cache_dir()?.join("indexes");
     let path = dir.join(format!("{name}-ctx{context}.safetensors"));
     if path.exists() {
-        return Ok((SaapIndex::load(&path, model.device())?, path));
+        match SaapIndex::load(&path, model.device()) {
+            Ok(index) => return Ok((index, path)),
+            // A cached index of an older format version, or damaged: replace it.
+            Err(SaapError::IndexFormat(why)) => eprintln!("{why}: calibrating it again"),
+            Err(e) => return Err(e.into()),
+        }
     }
     let layout = model.config().layout;
     let config = SaapConfig::for_context(layout, model.config().rope, context)?;

@@ -13,6 +13,10 @@ fn chunk_rows(heads: usize, n_partitions: usize) -> usize {
 ///
 /// `argmin ||k - c||² = argmax (k·c - ||c||²/2)`: the key norm is the same for every centroid,
 /// so the distance is a GEMM plus a per-centroid bias.
+///
+/// # Errors
+/// [`SaapError::Shape`] when the centroids' heads or dimension differ from the keys';
+/// [`SaapError::Candle`] for keys that are not `[H, N, D]`.
 pub fn assign(keys: &Tensor, centroids: &Tensor) -> Result<Tensor> {
     let (heads, n, dim) = keys.dims3()?;
     let (c_heads, _, c_dim) = centroids.dims3()?;
@@ -32,6 +36,9 @@ pub fn assign(keys: &Tensor, centroids: &Tensor) -> Result<Tensor> {
 
 /// What [`assign`] derives from the centroids `[H, C, D]`: their transpose `[H, D, C]` f32
 /// (contiguous) and half squared norms `[H, 1, C]` f32. Computed once per op, not per step.
+///
+/// # Errors
+/// [`SaapError::Candle`] for centroids that are not `[H, C, D]` floats.
 pub fn prepare_centroids(centroids: &Tensor) -> Result<(Tensor, Tensor)> {
     let centroids = centroids.to_dtype(DType::F32)?;
     let half_norms = (centroids.sqr()?.sum_keepdim(D::Minus1)? * 0.5)?
@@ -41,6 +48,9 @@ pub fn prepare_centroids(centroids: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// [`assign`] with centroids prepared by [`prepare_centroids`]; same result.
+///
+/// # Errors
+/// [`SaapError::Candle`] when the shapes do not fit (keys `[H, N, D]`).
 pub fn assign_prepared(keys: &Tensor, centroids_t: &Tensor, half_norms: &Tensor) -> Result<Tensor> {
     let (heads, n, _) = keys.dims3()?;
     if n == 0 {
@@ -90,7 +100,7 @@ pub const MMA_MIN_KEYS: usize = 64;
 /// may then go to the other one (the inertia is the same to rounding); the CPU ignores `rounded`.
 ///
 /// # Errors
-/// Shapes that do not match, or backend failures.
+/// [`SaapError::Candle`] when the shapes do not fit or a row falls outside `labels`.
 pub fn assign_into(
     labels: &Tensor,
     keys: &Tensor,

@@ -129,6 +129,10 @@ fn init_centroids(points: &[f32], dim: usize, params: &KMeansParams, rng: &mut S
 }
 
 /// Runs k-means on `points` (`[n, dim]` row-major f32); assignments run on `device`.
+///
+/// # Errors
+/// [`SaapError::Training`] when `points` do not form rows of `dim` or hold fewer than `k`
+/// rows; [`SaapError::NonFinite`] for NaN or infinity in `points`.
 pub fn kmeans(
     points: &[f32],
     dim: usize,

@@ -136,6 +136,10 @@ impl InplaceOp2 for MergeOp {
 }
 
 /// Merges `ranges[b]` of every KV head into the directory `dir` (in place).
+///
+/// # Errors
+/// [`SaapError::DType`] unless both tensors are u32; [`SaapError::Candle`] when the shapes do
+/// not match `op` or a range exceeds the capacity.
 pub fn merge(dir: &Tensor, labels: &Tensor, op: &MergeOp) -> Result<()> {
     if dir.dtype() != candle_core::DType::U32 || labels.dtype() != candle_core::DType::U32 {
         return Err(SaapError::DType {

@@ -33,6 +33,9 @@ impl Sequence {
 
 /// Reassembles whole sequences from a layer's recorded prefill calls: a batch item whose call
 /// starts at position 0 begins a new sequence, later chunks extend it.
+///
+/// # Errors
+/// [`SaapError::Candle`] when the chunks of one sequence do not concatenate (shapes differ).
 pub fn sequences_from_records(records: &[Recorded]) -> Result<Vec<Sequence>> {
     /// Chunks of one sequence, concatenated once at the end (not per chunk, which would copy
     /// the growing sequence again for every chunk).
@@ -116,6 +119,10 @@ pub struct QueryAttention {
 /// Computes the attention of the queries at `positions` over their causal context, with the
 /// rotation and `1/sqrt(D)` scale decode uses, and the keys' partitions under `centroids`.
 /// The work runs on `device` (a GPU makes long calibration contexts cheap); `q` stays on the CPU.
+///
+/// # Errors
+/// [`SaapError::Candle`] when a position is outside the sequence or the shapes do not fit
+/// `config`.
 pub fn query_attention(
     seq: &Sequence,
     config: &SaapConfig,
@@ -164,6 +171,9 @@ pub fn query_attention(
 impl QueryAttention {
     /// Attention mass per partition over the keys decode would find through the index
     /// (`sinks..=t - window` for the query at `t`): `[Hq, P, C]`, not normalized.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the stored attention does not fit `config`.
     pub fn bucket_mass(&self, config: &SaapConfig) -> Result<Tensor> {
         let (hq, p, n) = self.probs.dims3()?;
         let hkv = config.layout.n_kv_heads;

@@ -66,6 +66,11 @@ impl RoutingEval {
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
 /// placed after `first` (see [`crate::train::data::first_query_position`]); the true attention
 /// is computed on `device`.
+///
+/// # Errors
+/// [`SaapError::Config`](crate::SaapError::Config) for an ℓ outside `1..=C`;
+/// [`SaapError::Candle`](crate::SaapError::Candle) when the sequences or the layer do not fit
+/// `config`.
 pub fn evaluate_routing(
     sequences: &[Sequence],
     layer: &LayerIndex,

@@ -61,6 +61,10 @@ fn init(
 /// rows summing to 1. Inputs are standardized per head and dimension during training and the
 /// standardization is folded into the first layer, so inference sees raw queries. Trains on the
 /// device of `queries` (where `targets` must be too); the weights stay there.
+///
+/// # Errors
+/// [`SaapError::Training`] when queries and targets do not pair up or are empty;
+/// [`SaapError::Candle`] when training fails on the device.
 pub fn train_classifier(
     queries: &Tensor,
     targets: &Tensor,

@@ -62,6 +62,9 @@ impl TrainParams {
 
 /// k-means centroids `[Hkv, C, D]` of the keys of `sequences` (sinks left out: they are never
 /// indexed).
+///
+/// # Errors
+/// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys.
 pub fn train_centroids(
     sequences: &[Sequence],
     config: &SaapConfig,
@@ -101,6 +104,10 @@ pub fn train_centroids(
 
 /// Training queries `[Hq, N, D]` (on the CPU) and their normalized bucket-mass targets
 /// `[Hq, N, C]` (on `params.device`, where they are computed and the classifier trains).
+///
+/// # Errors
+/// [`SaapError::Training`] when no sequence is long enough to place a query;
+/// [`SaapError::Candle`] when the data do not fit `config`.
 pub fn bucket_targets(
     sequences: &[Sequence],
     config: &SaapConfig,
@@ -134,6 +141,10 @@ pub fn bucket_targets(
 }
 
 /// Trains one layer: centroids, then the classifier on bucket-mass targets.
+///
+/// # Errors
+/// [`SaapError::Config`] for an invalid `config`, and the errors of [`train_centroids`],
+/// [`bucket_targets`] and [`train_classifier`].
 pub fn train_layer(
     sequences: &[Sequence],
     config: &SaapConfig,
@@ -180,6 +191,11 @@ pub struct LayerReport {
 /// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
 /// dense the layers whose classifier recall stays below `min_recall`. `progress` shows each layer's
 /// classifier training; `on_layer` sees each layer's report as soon as it is measured.
+///
+/// # Errors
+/// [`SaapError::Training`] when the training and held-out layers differ in number or held-out
+/// sequences are too short; the errors of [`train_layer`], [`evaluate_routing`] and
+/// [`SaapIndex::new`].
 #[allow(clippy::too_many_arguments)]
 pub fn calibrate_index(
     train: &[Vec<Sequence>],

@@ -83,3 +83,126 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// An index file taken apart, to be edited as an attacker or a damaged disk would: the JSON
+/// header of the safetensors container and the tensor data after it.
+#[derive(Clone)]
+pub struct IndexFile {
+    pub header: serde_json::Map<String, serde_json::Value>,
+    pub data: Vec<u8>,
+}
+
+impl IndexFile {
+    pub fn parse(bytes: &[u8]) -> Self {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = serde_json::from_slice(bytes[8..8 + n].trim_ascii_end()).unwrap();
+        Self {
+            header,
+            data: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    pub fn metadata(&self, key: &str) -> String {
+        self.header["__metadata__"][key]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn set_metadata(&mut self, key: &str, value: impl Into<String>) {
+        self.header["__metadata__"][key] = serde_json::Value::String(value.into());
+    }
+
+    /// Names of the tensors whose data offsets are well formed, in data order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .header
+            .keys()
+            .filter(|k| *k != "__metadata__" && self.try_offsets(k).is_some())
+            .cloned()
+            .collect();
+        names.sort_by_key(|n| self.offsets(n).0);
+        names
+    }
+
+    /// A tensor's data range, if its header entry holds one inside the data.
+    fn try_offsets(&self, name: &str) -> Option<(usize, usize)> {
+        let o = &self.header[name]["data_offsets"];
+        let (a, b) = (o[0].as_u64()? as usize, o[1].as_u64()? as usize);
+        (a <= b && b <= self.data.len()).then_some((a, b))
+    }
+
+    pub fn offsets(&self, name: &str) -> (usize, usize) {
+        self.try_offsets(name).unwrap()
+    }
+
+    pub fn tensor_data(&mut self, name: &str) -> &mut [u8] {
+        let (a, b) = self.offsets(name);
+        &mut self.data[a..b]
+    }
+
+    /// Recomputes the digests the way the format documents them (independently of the crate's
+    /// code), so that only the loader's other checks stand between an edit and acceptance.
+    pub fn reseal(&mut self) {
+        use sha2::{Digest, Sha256};
+        let hex = |parts: &[&[u8]]| -> String {
+            let mut h = Sha256::new();
+            for p in parts {
+                h.update(p);
+            }
+            h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let digests: std::collections::BTreeMap<String, String> = self
+            .tensor_names()
+            .into_iter()
+            .map(|name| {
+                let (a, b) = self.offsets(&name);
+                let digest = hex(&[&self.data[a..b]]);
+                (name, digest)
+            })
+            .collect();
+        self.set_metadata("tensor_sha256", serde_json::to_string(&digests).unwrap());
+        let meta = self.header["__metadata__"].as_object().unwrap();
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for (k, v) in meta.iter().filter(|(k, _)| *k != "sha256") {
+            parts.extend([k.as_bytes(), b"\0", v.as_str().unwrap().as_bytes(), b"\0"]);
+        }
+        let digest = hex(&parts);
+        self.set_metadata("sha256", digest);
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut header = serde_json::to_vec(&self.header).unwrap();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header);
+        out.extend(&self.data);
+        out
+    }
+}
+
+/// Whether two indexes hold the same configuration, model, routings and tensor bits.
+pub fn same_index(a: &SaapIndex, b: &SaapIndex) -> bool {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    let layer_bits = |l: &LayerIndex| {
+        let c = &l.classifier;
+        [&l.centroids, &c.w1, &c.b1, &c.w2, &c.b2].map(|t| (t.dims().to_vec(), bits(t)))
+    };
+    a.config() == b.config()
+        && a.model() == b.model()
+        && a.n_layers() == b.n_layers()
+        && (0..a.n_layers()).all(|i| {
+            let (la, lb) = (a.layer(i).unwrap(), b.layer(i).unwrap());
+            la.routing == lb.routing && layer_bits(la) == layer_bits(lb)
+        })
+}
