@@ -19,6 +19,7 @@ python3 bench/fa2_prefill_anchor.py 8192,32768,131072 1,4 2>&1 | tee "$OUT/fa2.t
 SAAP_REPORT_ONLY=index "$bin/bench_report" 32768,171000 1 2>&1 | tee "$OUT/index_build.txt"
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool "$tool" "$bin/$parity" --test-threads=1 \
-    prefill_matches_cpu assign_on_tensor_cores merge_matches_cpu 2>&1 | tail -25 > "$OUT/$tool.txt"
-  echo "$tool exit $?" | tee -a "$OUT/$tool.txt"
+    prefill_matches_cpu assign_on_tensor_cores merge_matches_cpu > "$OUT/$tool.log" 2>&1
+  echo "$tool exit $?" >> "$OUT/$tool.log"
+  tail -3 "$OUT/$tool.log"
 done
