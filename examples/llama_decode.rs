@@ -296,7 +296,7 @@ fn decode(
     let mut tokens: Vec<u32> = Vec::new();
     let mut printed = 0;
     let mut reads = ReadStats::default();
-    let (mut steps, mut steady_s) = (0, 0.0);
+    let (mut steps, mut steady_s) = (0usize, 0.0);
     for _ in 0..args.tokens {
         let next = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0];
         if stops.contains(&next) {

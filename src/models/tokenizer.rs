@@ -1,7 +1,7 @@
 //! Byte-level BPE tokenizers rebuilt from a GGUF file's own vocabulary and merges
 //! (`tokenizer.ggml.*`), so no `tokenizer.json` is needed.
 
-use super::{io_err, Error, Result};
+use super::{Error, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
