@@ -15,7 +15,6 @@ use std::path::PathBuf;
 
 mod common;
 
-
 #[derive(Parser)]
 #[command(about = "Trains a Saap index for a model and saves it as safetensors")]
 struct Args {

@@ -105,8 +105,8 @@ fn run(args: Args) -> Res<()> {
         tok,
         mut model,
     } = args.model.load()?;
-    let trained_for = model.config().context_length
-        * args.model.yarn.map_or(1, |f| f.max(1.0).round() as usize);
+    let trained_for =
+        model.config().context_length * args.model.yarn.map_or(1, |f| f.max(1.0).round() as usize);
     let (prompt_ids, described) = prompt(&args, &tok)?;
     let needed = prompt_ids.len() + args.tokens;
     if needed > trained_for && !args.beyond_context {
@@ -245,7 +245,14 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
                 "Pride and Prejudice".to_string(),
             ),
         };
-        let text_ids = tok.encode(&text)?;
+        // Tokenize a prefix (a token is rarely more than 8 bytes), not the whole book.
+        let text_ids = match calibrate::prefix(&text, 8 * args.context) {
+            Some(head) => match tok.encode(head)? {
+                ids if ids.len() > args.context => ids,
+                _ => tok.encode(&text)?,
+            },
+            None => tok.encode(&text)?,
+        };
         if text_ids.len() < args.context {
             return Err(format!(
                 "--context {}: {source} has only {} tokens; pass --context {} or less, or a longer --text",
@@ -257,7 +264,10 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
         }
         (
             tok.decode(&text_ids[..args.context])? + "\n\n",
-            format!("the first {} tokens of {source}, then a question", args.context),
+            format!(
+                "the first {} tokens of {source}, then a question",
+                args.context
+            ),
         )
     } else {
         (String::new(), "a question".to_string())

@@ -96,7 +96,8 @@ impl TinyLm {
         for (block, attn) in self.blocks.iter().zip(self.attn.iter_mut()) {
             let h = block.norm1.forward(&x)?;
             // [1, T, heads·D] → [1, heads, T, D]; no RoPE here: the op rotates q and k itself.
-            let heads = |y: Tensor, n: usize| y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous();
+            let heads =
+                |y: Tensor, n: usize| y.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous();
             let q = heads(block.q.forward(&h)?, hq)?;
             let k = heads(block.k.forward(&h)?, hkv)?;
             let v = heads(block.v.forward(&h)?, hkv)?;
@@ -212,7 +213,10 @@ fn main() -> Res<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("tiny-lm.saap.safetensors");
     index.save(&path)?;
-    println!("calibrated {LAYERS} layers and saved the index ({} bytes)", std::fs::metadata(&path)?.len());
+    println!(
+        "calibrated {LAYERS} layers and saved the index ({} bytes)",
+        std::fs::metadata(&path)?.len()
+    );
 
     // 2. Inference: load the index, one op per layer from it.
     let index = SaapIndex::load(&path, &device)?;

@@ -402,8 +402,20 @@ fn long_context_split_decode_matches_reference() {
     let o_a = all.decode(&q1, &k1, &v1).unwrap();
     assert!(max_abs_diff(&o_d, &o_a) <= 1e-5);
     assert_eq!(dense.last_read().unwrap().keys_read, 2 * (n + 1));
-    let qv = q1.squeeze(2).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
-    let ov = o_d.squeeze(2).unwrap().get(0).unwrap().to_vec2::<f32>().unwrap();
+    let qv = q1
+        .squeeze(2)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let ov = o_d
+        .squeeze(2)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     for head in 0..6 {
         let expect = hist.attend(&qv[head], head, 3, n, &config);
         for (a, e) in ov[head].iter().zip(&expect) {
@@ -422,7 +434,11 @@ fn cpu_probes_match_candle_scores() {
     let mut r = rng(2);
     let q = randn(&mut r, &[3, 6, 16], 1.0);
     for n_probe in [1, 5, 32] {
-        let fast = classifier.probes(&q, n_probe).unwrap().to_vec3::<u32>().unwrap();
+        let fast = classifier
+            .probes(&q, n_probe)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
         let scores = classifier.scores(&q).unwrap();
         let slow = saap::classify::top_probes(&scores, n_probe)
             .unwrap()

@@ -91,6 +91,7 @@ impl ModelArgs {
 
 /// Progress of a long loop on stderr: one line updated in place on a terminal, plain lines (at
 /// most one per `every` of the total) in logs.
+#[allow(dead_code)] // not every example reports progress
 pub struct Progress {
     what: String,
     total: usize,
@@ -100,6 +101,7 @@ pub struct Progress {
     every: usize,
 }
 
+#[allow(dead_code)]
 impl Progress {
     pub fn new(what: &str, total: usize) -> Self {
         Self {

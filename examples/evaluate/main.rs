@@ -25,7 +25,6 @@ use std::time::Instant;
 mod common;
 mod plots;
 
-
 #[derive(Parser)]
 #[command(about = "Held-out evaluation of Saap on a real model: dense, Saap and nearest centroid")]
 struct Args {

@@ -42,12 +42,15 @@ pub(super) fn probes(c: &Classifier, q: &Tensor, n_probe: usize) -> Result<Optio
                             h.copy_from_slice(&b1[head * hidden..(head + 1) * hidden]);
                             let w1h = &w1[head * d * hidden..(head + 1) * d * hidden];
                             for (i, &xi) in xq.iter().enumerate() {
-                                for (a, &w) in h.iter_mut().zip(&w1h[i * hidden..(i + 1) * hidden]) {
+                                for (a, &w) in h.iter_mut().zip(&w1h[i * hidden..(i + 1) * hidden])
+                                {
                                     *a += xi * w;
                                 }
                             }
                             for a in h.iter_mut() {
-                                *a = (erf_f32(*a * std::f32::consts::FRAC_1_SQRT_2) + 1.0) * 0.5 * *a;
+                                *a = (erf_f32(*a * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                                    * 0.5
+                                    * *a;
                             }
                             scores.copy_from_slice(&b2[head * n_c..(head + 1) * n_c]);
                             let w2h = &w2[head * hidden * n_c..(head + 1) * hidden * n_c];

@@ -131,15 +131,27 @@ pub enum Plan {
 }
 
 /// Training settings of the quick plan: classifier hidden width 64 (its weights are read on
-/// every decode step), 384 training queries per sequence, 64 held-out ones, 12 epochs, 10 Lloyd
+/// every decode step), 256 training queries per sequence, 32 held-out ones, 8 epochs, 8 Lloyd
 /// iterations. `config.hidden` must already be the width wanted.
 pub fn quick_params(config: &SaapConfig) -> TrainParams {
     let mut params = TrainParams::new(config);
-    params.queries_per_seq = 384;
-    params.eval_queries_per_seq = 64;
-    params.mlp.epochs = 12;
-    params.kmeans_iters = 10;
+    params.queries_per_seq = 256;
+    params.eval_queries_per_seq = 32;
+    params.mlp.epochs = 8;
+    params.kmeans_iters = 8;
     params
+}
+
+/// The first `bytes` bytes of `text` (cut back to a character boundary), if it is longer.
+pub fn prefix(text: &str, bytes: usize) -> Option<&str> {
+    if text.len() <= bytes {
+        return None;
+    }
+    let mut end = bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(&text[..end])
 }
 
 fn token_windows(
@@ -150,7 +162,20 @@ fn token_windows(
 ) -> Result<Vec<Vec<u32>>> {
     let mut out = Vec::new();
     for &text in texts {
-        let ids = tok.encode(&fetch::read_text(text)?)?;
+        let content = fetch::read_text(text)?;
+        // One window starts at the text's beginning: tokenize a prefix (a token is rarely more
+        // than 8 bytes) instead of a whole novel, unless the prefix turns out too short.
+        let ids = match prefix(&content, len * 8) {
+            Some(head) if per_text == 1 => {
+                let ids = tok.encode(head)?;
+                if ids.len() > len {
+                    ids
+                } else {
+                    tok.encode(&content)?
+                }
+            }
+            _ => tok.encode(&content)?,
+        };
         out.extend(windows(&ids, len, per_text));
     }
     Ok(out)
@@ -281,4 +306,31 @@ pub fn cached_or_trained_index(
     index.save(&path)?;
     eprintln!("saved {}", path.display());
     Ok((index, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_cuts_at_a_character_boundary() {
+        assert_eq!(prefix("abc", 3), None);
+        assert_eq!(prefix("abcdef", 4), Some("abcd"));
+        // 'é' is two bytes: a cut inside it moves back before it.
+        assert_eq!(prefix("aébc", 2), Some("a"));
+        assert_eq!(prefix("aébc", 3), Some("aé"));
+    }
+
+    #[test]
+    fn windows_spread_over_the_text_and_stop_at_its_length() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let w = windows(&tokens, 30, 3);
+        assert_eq!(w.len(), 3);
+        assert_eq!((w[0][0], w[1][0], w[2][0]), (0, 35, 70));
+        assert!(w.iter().all(|x| x.len() == 30));
+        // Windows do not overlap: 40-token windows fit twice in 100 tokens.
+        assert_eq!(windows(&tokens, 40, 3).len(), 2);
+        assert!(windows(&tokens, 101, 1).is_empty());
+        assert_eq!(windows(&tokens, 60, 5).len(), 1);
+    }
 }
