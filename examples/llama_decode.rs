@@ -4,7 +4,7 @@
 //!
 //! `cargo run --release --example llama_decode -- --help` lists the options. With none it runs
 //! SmolLM2-135M (fetched on demand) on 7000 tokens of *Pride and Prejudice*, with the index
-//! cached for the model (calibrated on first use: about two minutes on a 2-core CPU).
+//! cached for the model (calibrated on first use: about 5 minutes on our busy 2-core VM).
 
 use candle_core::{Tensor, D};
 use clap::builder::RangedU64ValueParser;
@@ -29,7 +29,7 @@ struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// A trained SaapIndex for this model; without it the index cached for the model is used
-    /// (calibrated on first use: about two minutes for SmolLM2 on a 2-core CPU)
+    /// (calibrated on first use: about 5 minutes for SmolLM2 on our busy 2-core VM)
     #[arg(long)]
     index: Option<PathBuf>,
     /// Decode with dense attention only (every key is read; no index)
