@@ -62,6 +62,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    common::fix_thread_count();
     exit_code(run())
 }
 

@@ -95,6 +95,7 @@ impl Run {
 }
 
 fn main() -> ExitCode {
+    common::fix_thread_count();
     exit_code(run(Args::parse()))
 }
 

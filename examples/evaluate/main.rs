@@ -191,6 +191,7 @@ struct Report {
 }
 
 fn main() -> std::process::ExitCode {
+    common::fix_thread_count();
     exit_code(run())
 }
 

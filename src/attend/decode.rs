@@ -103,9 +103,17 @@ fn attend_part<T: Elem>(
     for block in ids.chunks(BLOCK) {
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            T::widen(&k[id * dim..(id + 1) * dim], &mut row);
+            let src = &k[id * dim..(id + 1) * dim];
+            // f32 caches are read in place; half types are widened into `row`.
+            let key = match T::as_f32(src) {
+                Some(key) => key,
+                None => {
+                    T::widen(src, &mut row);
+                    &row
+                }
+            };
             for h in 0..g {
-                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], &row) * scale;
+                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], key) * scale;
             }
         }
         for h in 0..g {
@@ -127,10 +135,17 @@ fn attend_part<T: Elem>(
         }
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            T::widen(&v[id * dim..(id + 1) * dim], &mut row);
+            let src = &v[id * dim..(id + 1) * dim];
+            let value = match T::as_f32(src) {
+                Some(value) => value,
+                None => {
+                    T::widen(src, &mut row);
+                    &row
+                }
+            };
             for h in 0..g {
                 let p = scores[h * BLOCK + j];
-                for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(&row) {
+                for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(value) {
                     *a += p * x;
                 }
             }
