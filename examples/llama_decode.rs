@@ -143,9 +143,17 @@ fn run(args: Args) -> Res<()> {
         } else {
             calibrate::Plan::Quick
         };
-        Some(calibrate::cached_or_trained_index(
-            &mut model, &tok, &name, context, plan,
-        )?)
+        Some(
+            calibrate::cached_or_trained_index(&mut model, &tok, &name, context, plan).map_err(
+                |e| {
+                    format!(
+                        "{e}\n(the first run calibrates an index on three Austen novels and the \
+                         Jargon File, Debian packages: fetch them once where apt-get exists with \
+                         scripts/fetch.sh and copy $SAAP_CACHE here, or pass --index FILE)"
+                    )
+                },
+            )?,
+        )
     };
     let device_name = if device.is_cpu() { "CPU" } else { "GPU" };
     match &index {
