@@ -6,16 +6,14 @@
 //! sized from `--context` by `SaapConfig::for_context` unless overridden.
 
 use clap::Parser;
-use common::{Loaded, ModelArgs};
-use saap::models::calibrate::{calibrate_model, CalibrationPlan};
+use common::{exit_code, Loaded, ModelArgs, Res};
+use saap::models::calibrate::{calibrate_model, quick_params, CalibrationPlan};
 use saap::models::fetch;
 use saap::train::TrainParams;
 use saap::SaapConfig;
 use std::path::PathBuf;
 
 mod common;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(about = "Trains a Saap index for a model and saves it as safetensors")]
@@ -52,12 +50,23 @@ struct Args {
     /// Layers below this held-out recall are served dense
     #[arg(long, default_value_t = 0.9)]
     min_recall: f64,
-    /// Output path; default <cache>/indexes/<model>-ctx<N>.safetensors
+    /// The quick plan `llama_decode` uses on first run: one sequence of at most 2048 tokens per
+    /// text, hidden width 64 unless --hidden, fewer queries, epochs and Lloyd iterations (minutes
+    /// on a CPU for SmolLM2); --seqs, --epochs and --queries are then ignored
+    #[arg(long)]
+    quick: bool,
+    /// Output path; default <cache>/indexes/<model>-ctx<N>[-quick].safetensors (where
+    /// llama_decode looks for it)
     #[arg(long)]
     out: Option<PathBuf>,
 }
 
-fn main() -> Res<()> {
+fn main() -> std::process::ExitCode {
+    common::fix_thread_count();
+    exit_code(run())
+}
+
+fn run() -> Res<()> {
     let Args {
         model: model_args,
         context,
@@ -70,8 +79,16 @@ fn main() -> Res<()> {
         epochs,
         queries,
         min_recall,
+        quick,
         out,
     } = Args::parse();
+    if context < 1024 {
+        return Err(format!(
+            "--context {context}: calibration needs sequences of at least 1024 tokens \
+             (sinks + window + C keys before its first query)"
+        )
+        .into());
+    }
     // With --cuda, k-means, the attention targets and the classifier's training run on the GPU.
     let Loaded {
         device,
@@ -87,27 +104,33 @@ fn main() -> Res<()> {
     config.n_probe = probe.unwrap_or(config.n_probe);
     config.window = window.unwrap_or(config.window);
     config.sinks = sinks.unwrap_or(config.sinks);
-    config.hidden = hidden.unwrap_or(config.hidden);
+    config.hidden = hidden.unwrap_or(if quick { 64 } else { config.hidden });
     config.validate()?;
-    let mut params = TrainParams::new(&config);
-    params.mlp.epochs = epochs;
-    params.queries_per_seq = queries;
+    let (mut plan, mut params) = if quick {
+        (CalibrationPlan::quick(context), quick_params(&config))
+    } else {
+        let mut params = TrainParams::new(&config);
+        params.mlp.epochs = epochs;
+        params.queries_per_seq = queries;
+        let mut plan = CalibrationPlan::new(context);
+        plan.train_seqs = seqs;
+        (plan, params)
+    };
     params.device = device.clone();
-    let mut plan = CalibrationPlan::new(context);
-    plan.train_seqs = seqs;
     plan.min_recall = min_recall;
     println!(
         "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}",
         config.n_partitions, config.n_probe, config.window, config.sinks, config.hidden
     );
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;
+    let suffix = if quick { "-quick" } else { "" };
     let out = match out {
         Some(p) => p,
         None => fetch::cache_dir()?
             .join("indexes")
             .join(match model_args.yarn {
-                Some(f) => format!("{name}-ctx{context}-yarn{f}.safetensors"),
-                None => format!("{name}-ctx{context}.safetensors"),
+                Some(f) => format!("{name}-ctx{context}-yarn{f}{suffix}.safetensors"),
+                None => format!("{name}-ctx{context}{suffix}.safetensors"),
             }),
     };
     if let Some(dir) = out.parent() {

@@ -9,18 +9,15 @@
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
 //! (ignoring the index's dense layers).
 
-#[path = "common/mod.rs"]
 mod common;
 
 use candle_core::{Tensor, D};
 use clap::Parser;
-use common::ModelArgs;
+use common::{exit_code, ModelArgs, Res};
 use saap::models::fetch::{self, Text};
 use saap::models::Llama;
 use saap::{ReadStats, Routing, SaapIndex};
 use std::time::Instant;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(about = "Batched decode throughput: dense vs Saap on the same prefilled caches")]
@@ -47,8 +44,12 @@ struct Args {
     chunk: Option<usize>,
 }
 
-fn main() -> Res<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    common::fix_thread_count();
+    exit_code(run(Args::parse()))
+}
+
+fn run(args: Args) -> Res<()> {
     let common::Loaded {
         device,
         name,

@@ -128,6 +128,37 @@ struct State {
 
 /// Sparse attention of one layer (see the crate docs). Create one per layer with
 /// [`SaapAttention::from_index`] (Saap) or [`SaapAttention::dense`] (exact attention, no index).
+///
+/// The model hands it **pre-RoPE** queries `[B, Hq, T, D]` and keys `[B, Hkv, T, D]` and values;
+/// the op rotates q and k (with the config's [`crate::RopeConfig`]) and keeps the KV cache.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use saap::{HeadLayout, RopeConfig, RopeKind, RopeScaling, SaapAttention, SaapConfig};
+///
+/// let dev = Device::Cpu;
+/// let layout = HeadLayout { n_q_heads: 4, n_kv_heads: 2, head_dim: 16 };
+/// let rope = RopeConfig { kind: RopeKind::Neox, theta: 10_000.0, scaling: RopeScaling::None };
+/// let config = SaapConfig::new(layout, rope, 16)?;
+/// let mut attn = SaapAttention::dense(&config, &dev, DType::F32)?;
+/// let qkv = |t: usize| -> candle_core::Result<[Tensor; 3]> {
+///     Ok([
+///         Tensor::randn(0f32, 1.0, (1, 4, t, 16), &dev)?,
+///         Tensor::randn(0f32, 1.0, (1, 2, t, 16), &dev)?,
+///         Tensor::randn(0f32, 1.0, (1, 2, t, 16), &dev)?,
+///     ])
+/// };
+/// let [q, k, v] = qkv(10)?;
+/// let out = attn.prefill(&q, &k, &v, &[10])?; // causal attention over the 10-token prompt
+/// assert_eq!(out.dims(), &[1, 4, 10, 16]);
+/// let [q, k, v] = qkv(1)?;
+/// let next = attn.decode(&q, &k, &v)?; // one new token, appended to the cache
+/// assert_eq!(next.dims(), &[1, 4, 1, 16]);
+/// assert_eq!(attn.seq_lens(), &[11]);
+/// // Without an index every key of both KV heads is read.
+/// assert_eq!(attn.last_read().unwrap().keys_read, 2 * 11);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct SaapAttention {
     config: SaapConfig,

@@ -169,6 +169,24 @@ impl RopeConfig {
 }
 
 /// Everything that defines how Saap indexes and reads one model's KV cache.
+///
+/// C (`n_partitions`) is the number of k-means partitions of each KV head's keys; ℓ (`n_probe`)
+/// the number of partitions each query head reads at a decode step, on top of the `window` most
+/// recent tokens and the first `sinks` tokens.
+///
+/// ```
+/// use saap::{HeadLayout, RopeConfig, RopeKind, RopeScaling, SaapConfig};
+///
+/// // SmolLM2-135M: 9 query heads, 3 KV heads of 64 dimensions, interleaved RoPE, θ = 1e5.
+/// let layout = HeadLayout { n_q_heads: 9, n_kv_heads: 3, head_dim: 64 };
+/// let rope = RopeConfig { kind: RopeKind::Interleaved, theta: 1e5, scaling: RopeScaling::None };
+/// let config = SaapConfig::for_context(layout, rope, 8192)?;
+/// assert_eq!(config.n_partitions, 256); // C
+/// assert_eq!(config.n_probe, 5); // ℓ
+/// assert_eq!((config.window, config.sinks), (512, 4));
+/// assert!(config.with_n_probe(257).is_err()); // ℓ > C is refused
+/// # Ok::<(), saap::SaapError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaapConfig {
     /// Head layout of every layer.

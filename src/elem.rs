@@ -16,6 +16,10 @@ pub trait Elem: Copy + Send + Sync + 'static {
             *d = s.to_f32();
         }
     }
+    /// The row itself when it already is f32 (no copy needed), else `None`.
+    fn as_f32(_src: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -29,6 +33,9 @@ impl Elem for f32 {
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 

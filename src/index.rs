@@ -82,6 +82,35 @@ impl LayerIndex {
 /// so saving the same index twice gives the same bytes. Loading checks all of the above:
 /// digests, names, dtypes, shapes against the configuration (hidden width included), the
 /// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
+///
+/// Usually made by calibration (`saap::train::calibrate_index`, or `train_layer` per layer);
+/// here by hand, with random weights, to show the shapes and a save/load round trip:
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use saap::classify::Classifier;
+/// use saap::{HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig, SaapIndex};
+///
+/// let dev = Device::Cpu;
+/// let layout = HeadLayout { n_q_heads: 4, n_kv_heads: 2, head_dim: 16 };
+/// let rope = RopeConfig { kind: RopeKind::Neox, theta: 10_000.0, scaling: RopeScaling::None };
+/// let mut config = SaapConfig::new(layout, rope, 8)?; // C = 8
+/// config.hidden = 12;
+/// let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+/// let layer = LayerIndex {
+///     centroids: r(&[2, 8, 16])?, // [Hkv, C, D]
+///     classifier: Classifier { w1: r(&[4, 16, 12])?, b1: r(&[4, 1, 12])?, w2: r(&[4, 12, 8])?, b2: r(&[4, 1, 8])? },
+///     routing: Routing::Classifier,
+/// };
+/// let index = SaapIndex::new(config, "my-model", vec![layer])?;
+/// let dir = tempfile::tempdir()?; // removed when dropped
+/// let path = dir.path().join("my-model.safetensors");
+/// index.save(&path)?;
+/// let loaded = SaapIndex::load(&path, &dev)?;
+/// assert_eq!((loaded.model(), loaded.n_layers()), ("my-model", 1));
+/// assert_eq!(loaded.config(), index.config());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct SaapIndex {
     config: SaapConfig,

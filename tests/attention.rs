@@ -373,3 +373,77 @@ fn rope_writer_equals_tables() {
         }
     }
 }
+
+/// A context long enough that the CPU kernel splits each KV head's keys into several pieces
+/// (merged by log-sum-exp): dense and sparse decode still match the plain reference, and ℓ = C
+/// still equals dense.
+#[test]
+fn long_context_split_decode_matches_reference() {
+    let config = config(6, 2, 16, 8, RopeKind::Neox);
+    let index = random_index(&config, 1, 3);
+    let dev = Device::Cpu;
+    let mut dense = SaapAttention::dense(&config, &dev, DType::F32).unwrap();
+    let mut all = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
+    all.set_n_probe(config.n_partitions).unwrap();
+    let mut r = rng(5);
+    let n = 1700;
+    let k = randn(&mut r, &[1, 2, n, 16], 1.0);
+    let v = randn(&mut r, &[1, 2, n, 16], 1.0);
+    let q = randn(&mut r, &[1, 6, n, 16], 1.0);
+    dense.prefill(&q, &k, &v, &[n]).unwrap();
+    all.prefill(&q, &k, &v, &[n]).unwrap();
+    let mut hist = History::default();
+    hist.push(&k, &v, 0, n);
+    let q1 = randn(&mut r, &[1, 6, 1, 16], 1.0);
+    let k1 = randn(&mut r, &[1, 2, 1, 16], 1.0);
+    let v1 = randn(&mut r, &[1, 2, 1, 16], 1.0);
+    hist.push(&k1, &v1, 0, 1);
+    let o_d = dense.decode(&q1, &k1, &v1).unwrap();
+    let o_a = all.decode(&q1, &k1, &v1).unwrap();
+    assert!(max_abs_diff(&o_d, &o_a) <= 1e-5);
+    assert_eq!(dense.last_read().unwrap().keys_read, 2 * (n + 1));
+    let qv = q1
+        .squeeze(2)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let ov = o_d
+        .squeeze(2)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for head in 0..6 {
+        let expect = hist.attend(&qv[head], head, 3, n, &config);
+        for (a, e) in ov[head].iter().zip(&expect) {
+            assert!((*a as f64 - e).abs() <= 1e-4, "head {head}: {a} vs {e}");
+        }
+    }
+}
+
+/// The CPU routing fast path (MLP and top-ℓ over the raw weights) picks the same partitions,
+/// best first, as top-ℓ of the candle MLP's scores.
+#[test]
+fn cpu_probes_match_candle_scores() {
+    let config = config(6, 2, 16, 32, RopeKind::Neox);
+    let index = random_index(&config, 1, 9);
+    let classifier = &index.layer(0).unwrap().classifier;
+    let mut r = rng(2);
+    let q = randn(&mut r, &[3, 6, 16], 1.0);
+    for n_probe in [1, 5, 32] {
+        let fast = classifier
+            .probes(&q, n_probe)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        let scores = classifier.scores(&q).unwrap();
+        let slow = saap::classify::top_probes(&scores, n_probe)
+            .unwrap()
+            .to_vec3::<u32>()
+            .unwrap();
+        assert_eq!(fast, slow, "ℓ = {n_probe}");
+    }
+}

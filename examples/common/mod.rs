@@ -1,9 +1,47 @@
-//! What the command-line examples share: which model to run, on which device, and loading it.
+//! What the command-line examples share: which model to run, on which device, loading it, and
+//! reporting errors to people.
 
 use candle_core::Device;
 use saap::models::fetch;
 use saap::models::{GgufTokenizer, Llama};
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Result of the examples' `run` functions.
+pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Prints an error with its `Display` message (and its causes), one line each, and turns it into
+/// the process exit code.
+pub fn exit_code(result: Res<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = e.source();
+            while let Some(cause) = source {
+                // thiserror's `transparent` and `{source}` variants repeat their cause's message.
+                if !e.to_string().contains(&cause.to_string()) {
+                    eprintln!("  caused by: {cause}");
+                }
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fixes candle's CPU thread count once. Without `RAYON_NUM_THREADS`, candle works it out again
+/// on every CPU matmul, which on Linux parses `/proc/cpuinfo`: `perf` put about 5% of a
+/// SmolLM2 decode step's samples there. Sets the variable, when unset, to the value candle would
+/// compute (physical cores); call first thing in `main`, before any thread starts.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
 
 /// The model options of every tool (flattened into each tool's own options).
 #[derive(clap::Args)]
@@ -34,9 +72,11 @@ pub struct Loaded {
 
 impl ModelArgs {
     /// Fetches the model if it is not cached, loads it on the chosen device and applies YaRN.
-    pub fn load(&self) -> Result<Loaded, Box<dyn std::error::Error>> {
+    pub fn load(&self) -> Res<Loaded> {
         let device = if self.cuda {
-            Device::new_cuda(0)?
+            Device::new_cuda(0).map_err(|e| {
+                format!("--cuda: no usable GPU 0 ({e}); build with `--features cuda` and check the driver")
+            })?
         } else {
             Device::Cpu
         };
@@ -44,8 +84,10 @@ impl ModelArgs {
         let name = path
             .file_stem()
             .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-        let tok = GgufTokenizer::from_gguf(&path)?;
+        // The weights first: a file that is not a checkpoint is reported as such, not as a
+        // tokenizer problem.
         let mut model = Llama::from_gguf_auto(&path, &device)?;
+        let tok = GgufTokenizer::from_gguf(&path)?;
         if let Some(factor) = self.yarn {
             model.set_yarn(factor)?;
         }
@@ -55,5 +97,47 @@ impl ModelArgs {
             tok,
             model,
         })
+    }
+}
+
+/// Progress of a long loop on stderr: one line updated in place on a terminal, plain lines (at
+/// most one per `every` of the total) in logs.
+#[allow(dead_code)] // not every example reports progress
+pub struct Progress {
+    what: String,
+    total: usize,
+    start: Instant,
+    terminal: bool,
+    next_line: usize,
+    every: usize,
+}
+
+#[allow(dead_code)]
+impl Progress {
+    pub fn new(what: &str, total: usize) -> Self {
+        Self {
+            what: what.into(),
+            total,
+            start: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+            next_line: 0,
+            every: total.div_ceil(8).max(1),
+        }
+    }
+
+    /// Reports `done` of the total (clamped to it).
+    pub fn set(&mut self, done: usize) {
+        let done = done.min(self.total);
+        let secs = self.start.elapsed().as_secs_f64();
+        let line = format!("{} {done}/{} ({secs:.0} s)", self.what, self.total);
+        if self.terminal {
+            eprint!("\r{line}   ");
+            if done == self.total {
+                eprintln!();
+            }
+        } else if done >= self.next_line || done == self.total {
+            eprintln!("{line}");
+            self.next_line = done + self.every;
+        }
     }
 }

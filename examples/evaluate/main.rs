@@ -9,8 +9,8 @@
 
 use candle_core::{Tensor, D};
 use clap::{Parser, ValueEnum};
-use common::{Loaded, ModelArgs};
-use saap::models::calibrate::{cached_or_trained_index, record, windows};
+use common::{exit_code, Loaded, ModelArgs, Res};
+use saap::models::calibrate::{cached_or_trained_index, record, windows, Plan};
 use saap::models::fetch::{self, Text};
 use saap::models::Llama;
 use saap::train::data::first_query_position;
@@ -24,8 +24,6 @@ use std::time::Instant;
 #[path = "../common/mod.rs"]
 mod common;
 mod plots;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(about = "Held-out evaluation of Saap on a real model: dense, Saap and nearest centroid")]
@@ -63,7 +61,8 @@ struct Args {
     /// Sections to leave out (a 128k evaluation split over several runs)
     #[arg(long, value_enum, value_delimiter = ',')]
     skip: Vec<Section>,
-    /// Output folder; default bench/results/eval-<model>-ctx<N>
+    /// Output folder; default <cache>/eval/eval-<model>-ctx<N> (pass bench/results/... to
+    /// update the committed results)
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only draw the PNGs of an existing report.json into its folder (e.g. one written on a
@@ -191,7 +190,12 @@ struct Report {
     nih: Vec<NihCell>,
 }
 
-fn main() -> Res<()> {
+fn main() -> std::process::ExitCode {
+    common::fix_thread_count();
+    exit_code(run())
+}
+
+fn run() -> Res<()> {
     let args = Args::parse();
     if let Some(path) = &args.plots_of {
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
@@ -214,7 +218,7 @@ fn main() -> Res<()> {
     let text = args.text.text();
     let (index, index_path) = match &args.index {
         Some(p) => (SaapIndex::load(p, &device)?, p.clone()),
-        None => cached_or_trained_index(&mut model, &tok, &name, args.context)?,
+        None => cached_or_trained_index(&mut model, &tok, &name, args.context, Plan::Full)?,
     };
     let config = index.config().clone();
     let probe = args.probe.unwrap_or(config.n_probe);
@@ -417,10 +421,12 @@ fn main() -> Res<()> {
         decode,
         nih,
     };
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("bench/results/eval-{name}-ctx{}", args.context)));
+    let out = match args.out.clone() {
+        Some(out) => out,
+        None => saap::models::fetch::cache_dir()?
+            .join("eval")
+            .join(format!("eval-{name}-ctx{}", args.context)),
+    };
     std::fs::create_dir_all(&out)?;
     std::fs::write(
         out.join("report.json"),

@@ -72,17 +72,28 @@ pub(crate) fn key_ids(
 /// Keys scored per block before the running max and sum are updated.
 const BLOCK: usize = 32;
 
+/// Keys one CPU task attends: a (batch item, KV head)'s list is split into pieces of this many
+/// keys, attended in parallel and merged by log-sum-exp, so that a few KV heads still fill
+/// every core (SmolLM2 has 3 KV heads; a 2-core machine left one core idle a third of the time).
+const SPLIT: usize = 512;
+
+/// Unnormalized online-softmax state of the `G` queries of a group over part of its keys.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
 /// Online-softmax attention of the `G` queries `q` (`[G, D]` f32) over rows `ids` of `k`, `v`
-/// (`[cap, D]`), into `out` (`[G, D]`).
-fn attend_group<T: Elem>(
+/// (`[cap, D]`).
+fn attend_part<T: Elem>(
     q: &[f32],
     k: &[T],
     v: &[T],
     ids: &[u32],
     dim: usize,
     scale: f32,
-    out: &mut [f32],
-) {
+) -> Partial {
     let g = q.len() / dim;
     let mut max = vec![f32::NEG_INFINITY; g];
     let mut sum = vec![0f32; g];
@@ -92,9 +103,17 @@ fn attend_group<T: Elem>(
     for block in ids.chunks(BLOCK) {
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            T::widen(&k[id * dim..(id + 1) * dim], &mut row);
+            let src = &k[id * dim..(id + 1) * dim];
+            // f32 caches are read in place; half types are widened into `row`.
+            let key = match T::as_f32(src) {
+                Some(key) => key,
+                None => {
+                    T::widen(src, &mut row);
+                    &row
+                }
+            };
             for h in 0..g {
-                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], &row) * scale;
+                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], key) * scale;
             }
         }
         for h in 0..g {
@@ -116,23 +135,49 @@ fn attend_group<T: Elem>(
         }
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
-            T::widen(&v[id * dim..(id + 1) * dim], &mut row);
+            let src = &v[id * dim..(id + 1) * dim];
+            let value = match T::as_f32(src) {
+                Some(value) => value,
+                None => {
+                    T::widen(src, &mut row);
+                    &row
+                }
+            };
             for h in 0..g {
                 let p = scores[h * BLOCK + j];
-                for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(&row) {
+                for (a, &x) in acc[h * dim..(h + 1) * dim].iter_mut().zip(value) {
                     *a += p * x;
                 }
             }
         }
     }
+    Partial { max, sum, acc }
+}
+
+/// Merges the partials of one group (log-sum-exp) and normalizes into `out` (`[G, D]`); no
+/// partial (no key) gives zeros.
+fn merge_parts(parts: &[Partial], dim: usize, out: &mut [f32]) {
+    let g = out.len() / dim;
     for h in 0..g {
-        let inv = if sum[h] > 0.0 { 1.0 / sum[h] } else { 0.0 };
-        for (o, &a) in out[h * dim..(h + 1) * dim]
-            .iter_mut()
-            .zip(&acc[h * dim..(h + 1) * dim])
-        {
-            *o = a * inv;
+        let m = parts
+            .iter()
+            .map(|p| p.max[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * dim..(h + 1) * dim];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        let mut sum = 0f32;
+        for p in parts {
+            if p.sum[h] == 0.0 {
+                continue;
+            }
+            let w = (p.max[h] - m).exp();
+            sum += p.sum[h] * w;
+            for (x, &a) in o.iter_mut().zip(&p.acc[h * dim..(h + 1) * dim]) {
+                *x += a * w;
+            }
         }
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        o.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -173,10 +218,10 @@ impl DecodeOp {
         let g = hq / hkv;
         let n_probe = probes.map_or(0, |p| p.len() / (b * hq));
         let row = self.n_partitions + 1 + cap;
-        let mut out = vec![0f32; b * hq * dim];
-        out.par_chunks_mut(g * dim)
-            .enumerate()
-            .for_each(|(i, out_group)| {
+        let groups = b * hkv;
+        let ids: Vec<Vec<u32>> = (0..groups)
+            .into_par_iter()
+            .map(|i| {
                 let (bi, h) = (i / hkv, i % hkv);
                 let sparse = dir.zip(probes).map(|(dir, probes)| {
                     (
@@ -184,22 +229,40 @@ impl DecodeOp {
                         &probes[(bi * hq + h * g) * n_probe..(bi * hq + (h + 1) * g) * n_probe],
                     )
                 });
-                let ids = key_ids(self.seqs[bi], self.sinks, sparse, self.n_partitions);
+                key_ids(self.seqs[bi], self.sinks, sparse, self.n_partitions)
+            })
+            .collect();
+        let tasks: Vec<(usize, usize)> = ids
+            .iter()
+            .enumerate()
+            .flat_map(|(i, ids)| (0..ids.len()).step_by(SPLIT).map(move |s| (i, s)))
+            .collect();
+        let parts: Vec<Partial> = tasks
+            .par_iter()
+            .map(|&(i, s)| {
                 let qg: Vec<f32> = q[i * g * dim..(i + 1) * g * dim]
                     .iter()
                     .map(|x| x.to_f32())
                     .collect();
                 let kv = i * cap * dim..(i + 1) * cap * dim;
-                attend_group(
+                let end = (s + SPLIT).min(ids[i].len());
+                attend_part(
                     &qg,
                     &k[kv.clone()],
                     &v[kv],
-                    &ids,
+                    &ids[i][s..end],
                     dim,
                     self.scale,
-                    out_group,
-                );
-            });
+                )
+            })
+            .collect();
+        let mut out = vec![0f32; b * hq * dim];
+        let mut first = 0;
+        for (i, out_group) in out.chunks_mut(g * dim).enumerate() {
+            let n = tasks[first..].iter().take_while(|t| t.0 == i).count();
+            merge_parts(&parts[first..first + n], dim, out_group);
+            first += n;
+        }
         out.into_iter().map(T::from_f32).collect()
     }
 }

@@ -4,6 +4,8 @@
 use crate::error::{Result, SaapError};
 use candle_core::{DType, Tensor, D};
 
+mod cpu;
+
 /// Classifier weights of one layer: for each query head an MLP `D → hidden → C` with GELU.
 #[derive(Debug, Clone)]
 pub struct Classifier {
@@ -128,6 +130,11 @@ impl Classifier {
                 n_probe,
             };
             return Ok((q.contiguous()?.apply_op1_no_bwd(&op)?, None));
+        }
+        if (1..=classifier.w2.dim(2)?).contains(&n_probe) {
+            if let Some((probes, scores)) = cpu::probes(classifier, q, n_probe)? {
+                return Ok((probes, Some(scores)));
+            }
         }
         let scores = if classifier.w1.dtype() == DType::F32 {
             classifier.scores(q)?

@@ -27,8 +27,23 @@ pub fn windows(tokens: &[u32], len: usize, count: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Where a progress bar is hidden (stderr is not a terminal: a log), prints its state as a plain
+/// line instead, so that long calibrations show progress in logs too.
+fn log_hidden(bar: &ProgressBar) {
+    if bar.is_hidden() {
+        eprintln!(
+            "{}: {}/{} ({:.0} s)",
+            bar.message(),
+            bar.position(),
+            bar.length().unwrap_or(0),
+            bar.elapsed().as_secs_f64()
+        );
+    }
+}
+
 /// Runs each token sequence through `model` (dense prefill in `chunk`-token pieces) and returns,
-/// per layer, the recorded pre-RoPE queries, keys and values of every sequence.
+/// per layer, the recorded pre-RoPE queries, keys and values of every sequence. `progress`
+/// advances by each sequence's tokens (its length is the caller's to set).
 pub fn record(
     model: &mut Llama,
     sequences: &[Vec<u32>],
@@ -43,14 +58,12 @@ pub fn record(
             .set_recorder(Some(recorder.clone()));
     }
     let mut per_layer: Vec<Vec<Sequence>> = vec![Vec::new(); model.n_layers()];
-    if let Some(bar) = progress {
-        bar.set_length(sequences.iter().map(|s| s.len() as u64).sum());
-    }
     for tokens in sequences {
         model.reset();
         model.prefill_chunked(tokens, chunk)?;
         if let Some(bar) = progress {
             bar.inc(tokens.len() as u64);
+            log_hidden(bar);
         }
         for (layer, recorder) in recorders.iter().enumerate() {
             per_layer[layer].extend(sequences_from_records(&recorder.take())?);
@@ -95,6 +108,51 @@ impl CalibrationPlan {
             min_recall: 0.9,
         }
     }
+
+    /// A plan that calibrates a small model in minutes on a CPU: one sequence of at most 2048
+    /// tokens per training text (three Austen novels) and one held-out sequence (the Jargon
+    /// File). The index is still sized for `context` by the caller's config.
+    pub fn quick(context: usize) -> Self {
+        Self {
+            context: context.min(2048),
+            train_seqs: 1,
+            held_out_seqs: 1,
+            ..Self::new(context)
+        }
+    }
+}
+
+/// How [`cached_or_trained_index`] calibrates an index it does not find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// [`CalibrationPlan::quick`] with [`quick_params`]: minutes on a CPU for SmolLM2-135M.
+    Quick,
+    /// [`CalibrationPlan::new`] with [`TrainParams::new`] (the `calibrate` example's defaults).
+    Full,
+}
+
+/// Training settings of the quick plan: classifier hidden width 64 (its weights are read on
+/// every decode step), 256 training queries per sequence, 32 held-out ones, 8 epochs, 8 Lloyd
+/// iterations. `config.hidden` must already be the width wanted.
+pub fn quick_params(config: &SaapConfig) -> TrainParams {
+    let mut params = TrainParams::new(config);
+    params.queries_per_seq = 256;
+    params.eval_queries_per_seq = 32;
+    params.mlp.epochs = 8;
+    params.kmeans_iters = 8;
+    params
+}
+
+/// The first `bytes` bytes of `text` (cut back to a character boundary), if it is longer.
+pub fn prefix(text: &str, bytes: usize) -> Option<&str> {
+    if text.len() <= bytes {
+        return None;
+    }
+    let mut end = bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(&text[..end])
 }
 
 fn token_windows(
@@ -105,7 +163,20 @@ fn token_windows(
 ) -> Result<Vec<Vec<u32>>> {
     let mut out = Vec::new();
     for &text in texts {
-        let ids = tok.encode(&fetch::read_text(text)?)?;
+        let content = fetch::read_text(text)?;
+        // One window starts at the text's beginning: tokenize a prefix (a token is rarely more
+        // than 8 bytes) instead of a whole novel, unless the prefix turns out too short.
+        let ids = match prefix(&content, len * 8) {
+            Some(head) if per_text == 1 => {
+                let ids = tok.encode(head)?;
+                if ids.len() > len {
+                    ids
+                } else {
+                    tok.encode(&content)?
+                }
+            }
+            _ => tok.encode(&content)?,
+        };
         out.extend(windows(&ids, len, per_text));
     }
     Ok(out)
@@ -136,10 +207,26 @@ pub fn calibrate_model(
             plan.context
         )));
     }
+    eprintln!(
+        "calibration: recording {} training and {} held-out sequences of {} tokens (dense prefill), \
+         then training {} layers",
+        train_tokens.len(),
+        held_tokens.len(),
+        plan.context,
+        model.n_layers()
+    );
     let recording = bar("recording (tokens)");
+    recording.set_length(
+        train_tokens
+            .iter()
+            .chain(&held_tokens)
+            .map(|s| s.len() as u64)
+            .sum(),
+    );
     let train = record(model, &train_tokens, plan.chunk, Some(&recording))?;
     let held_out = record(model, &held_tokens, plan.chunk, Some(&recording))?;
     recording.finish();
+    let started = std::time::Instant::now();
     let training = bar("training");
     let result = calibrate_index(
         &train,
@@ -151,13 +238,14 @@ pub fn calibrate_model(
         Some(&training),
         |r| {
             let line = format!(
-                "layer {:>2}: recall {:.3} (nearest centroid {:.3}, oracle {:.3}) reading {:.1}% of indexed keys → {:?}",
+                "layer {:>2}: recall {:.3} (nearest centroid {:.3}, oracle {:.3}) reading {:.1}% of indexed keys → {:?} ({:.0} s)",
                 r.layer,
                 r.classifier.recall,
                 r.nearest_centroid.recall,
                 r.classifier.oracle_recall,
                 100.0 * r.classifier.indexed_selectivity,
-                r.routing
+                r.routing,
+                started.elapsed().as_secs_f64()
             );
             // A hidden bar (stderr not a terminal) drops println: print the line anyway.
             if training.is_hidden() {
@@ -172,17 +260,23 @@ pub fn calibrate_model(
 }
 
 /// The index `llama_decode` uses when given none: loaded from
-/// `<cache>/indexes/<name>-ctx<context>.safetensors`, or calibrated with the default plan and
-/// config ([`SaapConfig::for_context`]) and saved there first (also when the cached file is
-/// rejected: another format version, or damaged).
+/// `<cache>/indexes/<name>-ctx<context>[-quick].safetensors`, or calibrated with `plan` and the
+/// config [`SaapConfig::for_context`] gives (classifier hidden width 64 for the quick plan) and
+/// saved there first (also when the cached file is rejected: another format version, or
+/// damaged).
 pub fn cached_or_trained_index(
     model: &mut Llama,
     tok: &GgufTokenizer,
     name: &str,
     context: usize,
+    plan: Plan,
 ) -> Result<(SaapIndex, std::path::PathBuf)> {
     let dir = fetch::cache_dir()?.join("indexes");
-    let path = dir.join(format!("{name}-ctx{context}.safetensors"));
+    let suffix = match plan {
+        Plan::Quick => "-quick",
+        Plan::Full => "",
+    };
+    let path = dir.join(format!("{name}-ctx{context}{suffix}.safetensors"));
     if path.exists() {
         match SaapIndex::load(&path, model.device()) {
             Ok(index) => return Ok((index, path)),
@@ -192,29 +286,58 @@ pub fn cached_or_trained_index(
         }
     }
     let layout = model.config().layout;
-    let config = SaapConfig::for_context(layout, model.config().rope, context)?;
-    let mut params = TrainParams::new(&config);
+    let mut config = SaapConfig::for_context(layout, model.config().rope, context)?;
+    let (calibration, mut params) = match plan {
+        Plan::Quick => {
+            config.hidden = 64;
+            (CalibrationPlan::quick(context), quick_params(&config))
+        }
+        Plan::Full => (CalibrationPlan::new(context), TrainParams::new(&config)),
+    };
     params.device = model.device().clone();
     eprintln!(
-        "no index for {name} at {} yet: calibrating one (C = {}, ℓ = {}, window {}, sinks {})",
+        "no index for {name} at {} yet: calibrating one ({plan:?} plan; C = {}, ℓ = {}, window {}, \
+         sinks {}, classifier hidden width {})",
         path.display(),
         config.n_partitions,
         config.n_probe,
         config.window,
-        config.sinks
+        config.sinks,
+        config.hidden
     );
-    let (index, _) = calibrate_model(
-        model,
-        tok,
-        &config,
-        &params,
-        &CalibrationPlan::new(context),
-        name,
-    )?;
+    let (index, _) = calibrate_model(model, tok, &config, &params, &calibration, name)?;
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
         path: dir.clone(),
         source,
     })?;
     index.save(&path)?;
+    eprintln!("saved {}", path.display());
     Ok((index, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_cuts_at_a_character_boundary() {
+        assert_eq!(prefix("abc", 3), None);
+        assert_eq!(prefix("abcdef", 4), Some("abcd"));
+        // 'é' is two bytes: a cut inside it moves back before it.
+        assert_eq!(prefix("aébc", 2), Some("a"));
+        assert_eq!(prefix("aébc", 3), Some("aé"));
+    }
+
+    #[test]
+    fn windows_spread_over_the_text_and_stop_at_its_length() {
+        let tokens: Vec<u32> = (0..100).collect();
+        let w = windows(&tokens, 30, 3);
+        assert_eq!(w.len(), 3);
+        assert_eq!((w[0][0], w[1][0], w[2][0]), (0, 35, 70));
+        assert!(w.iter().all(|x| x.len() == 30));
+        // Windows do not overlap: 40-token windows fit twice in 100 tokens.
+        assert_eq!(windows(&tokens, 40, 3).len(), 2);
+        assert!(windows(&tokens, 101, 1).is_empty());
+        assert_eq!(windows(&tokens, 60, 5).len(), 1);
+    }
 }

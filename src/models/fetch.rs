@@ -314,9 +314,18 @@ impl Drop for TempDir {
 /// Runs a command, turning a missing program or a failure (typically: offline) into an error
 /// that says what was tried.
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .map_err(|e| Error::Fetch(format!("{what}: cannot run `{:?}`: {e}", cmd.get_program())))?;
+    let out = cmd.output().map_err(|e| {
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let fix = match program.as_str() {
+            "python3" => "install Python 3 with pip (`python3 -m pip`)",
+            "apt-get" | "dpkg-deb" => {
+                "it fetches a Debian package: run on Debian/Ubuntu (apt-get and dpkg-deb), or give \
+                 the text as a file (llama_decode --text FILE)"
+            }
+            _ => "install it",
+        };
+        Error::Fetch(format!("{what}: cannot run `{program}` ({e}); {fix}"))
+    })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(4).collect();

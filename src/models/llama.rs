@@ -127,9 +127,7 @@ impl Llama {
     }
 
     fn load_gguf(path: &Path, device: &Device, dequantize: Option<DType>) -> Result<Self> {
-        let mut file = std::fs::File::open(path).map_err(io_err(path))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+        let (mut file, content) = super::read_gguf(path)?;
         let config = gguf_config(&content, &mut file, device)?;
         let mut src = GgufSource {
             content,
@@ -399,6 +397,19 @@ impl Llama {
         } else {
             512
         }
+    }
+
+    /// Puts `ops` (one per layer, e.g. from [`Llama::snapshot_attention`]) in place of the
+    /// current ones without copying them, and returns the ops it replaced.
+    pub fn replace_attention(&mut self, ops: Vec<SaapAttention>) -> Result<Vec<SaapAttention>> {
+        if ops.len() != self.attn.len() {
+            return Err(Error::Model(format!(
+                "{} attention ops for {} layers",
+                ops.len(),
+                self.attn.len()
+            )));
+        }
+        Ok(std::mem::replace(&mut self.attn, ops))
     }
 
     /// Runs `tokens` (one sequence) through the model in prefill chunks of `chunk` tokens,

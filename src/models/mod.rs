@@ -62,3 +62,32 @@ pub(crate) fn io_err(path: impl Into<std::path::PathBuf>) -> impl FnOnce(std::io
     let path = path.into();
     move |source| Error::Io { path, source }
 }
+
+/// Opens a GGUF checkpoint and parses its header, with errors that name the file and the fix:
+/// a missing file, a file that is not GGUF at all, or a damaged/truncated one.
+pub(crate) fn read_gguf(
+    path: &std::path::Path,
+) -> Result<(std::fs::File, candle_core::quantized::gguf_file::Content)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic).map_err(io_err(path))?;
+    if n < 4 || &magic != b"GGUF" {
+        return Err(Error::Model(format!(
+            "{} is not a GGUF file (it does not start with `GGUF`); pass a .gguf checkpoint of \
+             the llama or qwen2 architecture",
+            path.display()
+        )));
+    }
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+        // candle may append a backtrace after the message: keep the first line.
+        let e = e.to_string();
+        Error::Model(format!(
+            "{}: damaged or truncated GGUF file ({}); fetch it again",
+            path.display(),
+            e.lines().next().unwrap_or("")
+        ))
+    })?;
+    Ok((file, content))
+}

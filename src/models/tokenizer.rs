@@ -1,7 +1,7 @@
 //! Byte-level BPE tokenizers rebuilt from a GGUF file's own vocabulary and merges
 //! (`tokenizer.ggml.*`), so no `tokenizer.json` is needed.
 
-use super::{io_err, Error, Result};
+use super::{Error, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -35,9 +35,7 @@ impl GgufTokenizer {
     /// Reads the tokenizer of a GGUF file (its metadata only, not the weights).
     pub fn from_gguf(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut file = std::fs::File::open(path).map_err(io_err(path))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| Error::Tokenizer(format!("{}: not a GGUF file: {e}", path.display())))?;
+        let (_, content) = super::read_gguf(path)?;
         Self::from_metadata(&content.metadata)
     }
 
