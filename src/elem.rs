@@ -1,6 +1,6 @@
 //! Element types the CPU kernels read: f32, bf16 and f16, all computed in f32.
 
-use candle_core::Layout;
+use candle_core::{DType, Layout};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -65,6 +65,13 @@ impl Elem for f16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+}
+
+/// Whether the CUDA tensor-core kernels (prefill attention and prompt assignment, built on
+/// `cuda/mma.cuh`) cover an element type and head dim: bf16/f16 at 64 or 128. Other shapes take
+/// the GEMM prefill and the f32 assignment kernel.
+pub(crate) fn tensor_core_shape(dtype: DType, head_dim: usize) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16) && matches!(head_dim, 64 | 128)
 }
 
 /// The contiguous slice a layout addresses inside a CPU storage.

@@ -558,8 +558,8 @@ fn route_ties_match_cpu() {
     }
 }
 
-/// Tensor-core prefill against the CPU's tiled prefill: bf16 and f16 (f32 takes the GEMM path),
-/// head dims 64 and 128, G from 1 to 8 (7 as in Qwen2.5), a ragged batch whose items have cached
+/// Tensor-core prefill against the CPU's tiled prefill: bf16 and f16 (f32 and d 80 take the GEMM
+/// path), head dims 64 and 128, G from 1 to 8 (7 as in Qwen2.5), a ragged batch whose items have cached
 /// prefixes of different lengths (tiles crossing the diagonal at every offset), lengths that are
 /// not multiples of the tiles, and an item with no queries. Rows past each length stay zero.
 #[test]
@@ -574,6 +574,8 @@ fn prefill_matches_cpu() {
             (64, 4, 4),
             (128, 8, 1),
             (64, 6, 3),
+            // No tensor-core kernel at d 80: the GEMM path must agree too.
+            (80, 4, 2),
         ] {
             let t = 150;
             let starts = [0usize, 37, 200, 5];

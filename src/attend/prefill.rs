@@ -11,12 +11,12 @@
 //!   O(query tile × key tile) whatever the context length; f32 arithmetic.
 //! - CUDA, bf16/f16: the tensor-core kernel of `cuda/prefill.cu` (same tiling, f32 accumulation,
 //!   probabilities rounded to the input type before P·V as FlashAttention does).
-//! - CUDA, f32: candle GEMMs over query chunks (no f32 tensor-core path; f32 models are not where
-//!   prefill speed matters).
+//! - CUDA, f32 or another head dim than 64 and 128: candle GEMMs over query chunks (slower, but
+//!   every shape the op accepts runs).
 
-use crate::elem::{contiguous_slice, exp_shifted, Elem};
+use crate::elem::{contiguous_slice, exp_shifted, tensor_core_shape, Elem};
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
 /// Queries per CPU task (times G rows).
@@ -256,28 +256,30 @@ pub fn prefill_attention(
         scale,
     };
     let q = q.contiguous()?;
-    if q.device().is_cuda() && q.dtype() == DType::F32 {
+    if q.device().is_cuda() && !tensor_core_shape(q.dtype(), q.dim(D::Minus1)?) {
         return gemm_prefill(&op, &q);
     }
     Ok(q.apply_op1_no_bwd(&op)?)
 }
 
-/// The f32 path on CUDA: per item, candle GEMMs over query chunks sized to [`SCORE_BUDGET`].
+/// The CUDA path for what the tensor-core kernel does not cover (f32, other head dims): per item, candle GEMMs over query chunks sized to [`SCORE_BUDGET`].
 fn gemm_prefill(op: &PrefillOp, q: &Tensor) -> Result<Tensor> {
     let (b, hq, _, t_len, _, d) = op.dims(q.layout())?;
     let mut outs = Vec::with_capacity(b);
     for (bi, (&start, &len)) in op.starts.iter().zip(&op.lens).enumerate() {
         let mut out = Tensor::zeros((hq, t_len, d), q.dtype(), q.device())?;
         if len > 0 {
-            let cached = |x: &Tensor| x.get(bi)?.narrow(1, 0, start + len);
+            // f32 arithmetic whatever the storage type, as on the CPU.
+            let cached = |x: &Tensor| x.get(bi)?.narrow(1, 0, start + len)?.to_dtype(DType::F32);
             let attended = attention_in_chunks(
-                &q.get(bi)?.narrow(1, 0, len)?,
+                &q.get(bi)?.narrow(1, 0, len)?.to_dtype(DType::F32)?,
                 &cached(&op.k_cache)?,
                 &cached(&op.v_cache)?,
                 start,
                 f64::from(op.scale),
                 SCORE_BUDGET,
-            )?;
+            )?
+            .to_dtype(q.dtype())?;
             out = if len == t_len {
                 attended
             } else {
@@ -290,7 +292,7 @@ fn gemm_prefill(op: &PrefillOp, q: &Tensor) -> Result<Tensor> {
 }
 
 /// One item of [`gemm_prefill`]: `q` `[Hq, T, D]` at positions `start..start + T`, `k`, `v`
-/// `[Hkv, start + T, D]`. Returns `[Hq, T, D]` f32.
+/// `[Hkv, start + T, D]`, all f32. Returns `[Hq, T, D]` f32.
 fn attention_in_chunks(
     q: &Tensor,
     k: &Tensor,
@@ -390,6 +392,20 @@ mod tests {
                 assert!(max_abs_diff(a, &got) < 1e-6);
             }
         }
+        // bf16 storage: both paths compute in f32 from the same values and round once.
+        let half = |x: &Tensor| x.to_dtype(DType::BF16).unwrap();
+        let op16 = PrefillOp {
+            k_cache: half(&k),
+            v_cache: half(&v),
+            ..op.clone()
+        };
+        let tiled16 =
+            prefill_attention(&half(&q), &op16.k_cache, &op16.v_cache, &starts, &lens, 0.3)
+                .unwrap();
+        let gemm16 = gemm_prefill(&op16, &half(&q)).unwrap();
+        assert_eq!(gemm16.dtype(), DType::BF16);
+        let f32 = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+        assert!(max_abs_diff(&f32(&tiled16), &f32(&gemm16)) < 2e-2);
         let padding = tiled.get(1).unwrap().narrow(1, 40, t - 40).unwrap();
         assert_eq!(
             padding

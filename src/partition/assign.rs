@@ -1,5 +1,6 @@
 //! Nearest-centroid assignment of pre-RoPE keys: one GEMM and an argmax, on either backend.
 
+use crate::elem::tensor_core_shape;
 use crate::error::{Result, SaapError};
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, D};
 
@@ -95,7 +96,7 @@ pub const MMA_MIN_KEYS: usize = 64;
 /// [`assign_prepared`] per item on the CPU; the same nearest centroid up to f32 summation order.
 ///
 /// `rounded`: the centroids `[H, C, D]` rounded to the keys' type (bf16/f16), or `None`. With it,
-/// CUDA labels a prompt of at least [`MMA_MIN_KEYS`] keys on tensor cores: `k·c` with the rounded
+/// CUDA labels a prompt of at least [`MMA_MIN_KEYS`] bf16/f16 keys of dimension 64 or 128 on tensor cores: `k·c` with the rounded
 /// centroids, f32 accumulation, minus the f32 half norms. Keys near a tie between two centroids
 /// may then go to the other one (the inertia is the same to rounding); the CPU ignores `rounded`.
 ///
@@ -115,7 +116,12 @@ pub fn assign_into(
         let op = AssignOp {
             centroids_t: centroids_t.clone(),
             half_norms: half_norms.clone(),
-            rounded: rounded.filter(|_| longest >= MMA_MIN_KEYS).cloned(),
+            rounded: rounded
+                .filter(|_| longest >= MMA_MIN_KEYS)
+                .filter(|_| {
+                    tensor_core_shape(keys.dtype(), keys.dims().last().copied().unwrap_or(0))
+                })
+                .cloned(),
             starts: starts.to_vec(),
             lens: lens.to_vec(),
         };
