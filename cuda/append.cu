@@ -25,13 +25,16 @@ struct RopeFreqs {
 template <typename T>
 __device__ __forceinline__ void rope_write_impl(T* __restrict__ dst, const T* __restrict__ src,
                                                 const RopeFreqs& freqs, const ItemTable& table,
+                                                const uint32_t* __restrict__ advance,
                                                 uint32_t H, uint32_t T_len, uint32_t D,
                                                 uint32_t dst_rows, uint32_t rotation,
                                                 uint32_t at_position, double mscale) {
     const uint32_t t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, i = threadIdx.x;
     const uint32_t half = D / 2;
     if (t >= table.b[b] || i >= half) return;
-    const uint32_t pos = table.a[b] + t;
+    const uint32_t pos = table.a[b] + replayed_steps(advance, b) + t;
+    // A replayed step past the rows reserved for it writes nothing (the host plans within them).
+    if (at_position && pos >= dst_rows) return;
     const T* x = src + (((size_t)b * H + h) * T_len + t) * D;
     T* y = dst + (((size_t)b * H + h) * dst_rows + (at_position ? pos : t)) * D;
     const uint32_t i1 = rotation == ROTATE_INTERLEAVED ? 2 * i : i;
@@ -54,15 +57,23 @@ __device__ __forceinline__ void rope_write_impl(T* __restrict__ dst, const T* __
 
 #define SAAP_ROPE_WRITE(NAME, T)                                                                  \
     extern "C" __global__ void NAME(T* dst, const T* src, RopeFreqs freqs, ItemTable table,      \
-                                    uint32_t H, uint32_t T_len, uint32_t D, uint32_t dst_rows,    \
-                                    uint32_t rotation, uint32_t at_position, double mscale) {     \
-        rope_write_impl<T>(dst, src, freqs, table, H, T_len, D, dst_rows, rotation, at_position,  \
-                           mscale);                                                               \
+                                    const uint32_t* advance, uint32_t H, uint32_t T_len,          \
+                                    uint32_t D, uint32_t dst_rows, uint32_t rotation,             \
+                                    uint32_t at_position, double mscale) {                        \
+        rope_write_impl<T>(dst, src, freqs, table, advance, H, T_len, D, dst_rows, rotation,      \
+                           at_position, mscale);                                                  \
     }
 
 SAAP_ROPE_WRITE(saap_rope_write_f32, float)
 SAAP_ROPE_WRITE(saap_rope_write_bf16, __nv_bfloat16)
 SAAP_ROPE_WRITE(saap_rope_write_f16, __half)
+
+// One decode step replayed: every item's count of replayed steps moves on by one (the step's last
+// launch, after every kernel that read the count).
+extern "C" __global__ void saap_advance(uint32_t* advance, uint32_t items) {
+    const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < items) advance[i] += 1;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Nearest centroid: label = argmax_c (k·c - |c|²/2), ties to the lower index, f32 arithmetic.
@@ -98,8 +109,9 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
                                             const float* __restrict__ centroids_t,
                                             const float* __restrict__ half_norms,
                                             unsigned long long* scratch, uint32_t* counters,
-                                            const ItemTable& table, uint32_t H, uint32_t T_len,
-                                            uint32_t D, uint32_t C, uint32_t cap,
+                                            const ItemTable& table,
+                                            const uint32_t* __restrict__ advance, uint32_t H,
+                                            uint32_t T_len, uint32_t D, uint32_t C, uint32_t cap,
                                             uint32_t slices_per_block) {
     extern __shared__ __align__(16) float smem[];
     // Keys dimension-major, [D][ASSIGN_KEYS]: the 16 keys' values of one dimension are four
@@ -188,8 +200,8 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
     __threadfence();
     if (tid < n) {
         const unsigned long long packed = atomicExch(scratch + key0 + tid, 0ull);
-        labels[((size_t)b * H + h) * cap + table.a[b] + t0 + tid] =
-            0xffffffffu - (uint32_t)(packed & 0xffffffffu);
+        const uint32_t at = table.a[b] + replayed_steps(advance, b) + t0 + tid;
+        if (at < cap) labels[((size_t)b * H + h) * cap + at] = 0xffffffffu - (uint32_t)(packed & 0xffffffffu);
     }
     if (tid == 0) *counter = 0;
 }
@@ -197,10 +209,11 @@ __device__ __forceinline__ void assign_impl(uint32_t* __restrict__ labels, const
 #define SAAP_ASSIGN(NAME, T)                                                                       \
     extern "C" __global__ void __launch_bounds__(ASSIGN_THREADS)                                   \
         NAME(uint32_t* labels, const T* keys, const float* centroids_t, const float* half_norms,  \
-             unsigned long long* scratch, uint32_t* counters, ItemTable table, uint32_t H,        \
-             uint32_t T_len, uint32_t D, uint32_t C, uint32_t cap, uint32_t slices_per_block) {    \
-        assign_impl<T>(labels, keys, centroids_t, half_norms, scratch, counters, table, H, T_len, \
-                       D, C, cap, slices_per_block);                                               \
+             unsigned long long* scratch, uint32_t* counters, ItemTable table,                    \
+             const uint32_t* advance, uint32_t H, uint32_t T_len, uint32_t D, uint32_t C,          \
+             uint32_t cap, uint32_t slices_per_block) {                                            \
+        assign_impl<T>(labels, keys, centroids_t, half_norms, scratch, counters, table, advance,  \
+                       H, T_len, D, C, cap, slices_per_block);                                     \
     }
 
 SAAP_ASSIGN(saap_assign_f32, float)

@@ -25,6 +25,13 @@ struct ItemTable {
     uint32_t b[SAAP_MAX_BATCH];
 };
 
+// Decode steps replayed from a CUDA graph since it was captured, per batch item (`advance`, null
+// outside replay): a captured launch keeps the ItemTable it was recorded with, so the decode
+// kernels add this device count to the positions the table gives.
+__device__ __forceinline__ uint32_t replayed_steps(const uint32_t* advance, uint32_t item) {
+    return advance ? advance[item] : 0u;
+}
+
 // In-place exclusive prefix sum of a[0..n) by the whole block (blockDim.x a multiple of 32).
 // Each thread scans a contiguous run, then the runs' totals are scanned across warps.
 // Ends with __syncthreads(), so a[] is visible to every thread afterwards.

@@ -109,8 +109,9 @@ __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
     float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
-    uint32_t* __restrict__ counters, const ItemTable& seqs, uint32_t hq, uint32_t hkv,
-    uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks, float scale_log2) {
+    uint32_t* __restrict__ counters, const ItemTable& seqs, const uint32_t* __restrict__ advance,
+    uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe,
+    uint32_t sinks, float scale_log2) {
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
@@ -118,7 +119,9 @@ __device__ __forceinline__ void decode_impl(
     static_assert(LPK <= 32 && 32 % LPK == 0, "a key row must fit a warp evenly");
     const uint32_t n_splits = gridDim.x, split = blockIdx.x, row = blockIdx.y;
     const uint32_t item = row / hkv, head = row % hkv, G = hq / hkv;
-    const uint32_t len = seqs.a[item], iend = seqs.b[item];
+    // Never past the cache, even if a replay outran the rows planned for it.
+    const uint32_t len = min(seqs.a[item] + replayed_steps(advance, item), cap);
+    const uint32_t iend = min(seqs.b[item], len);
     const uint32_t tid = threadIdx.x, grp = tid / LPK, gl = tid % LPK;
     const uint32_t C = n_partitions;
     const bool sparse = dir != nullptr;
@@ -334,12 +337,12 @@ __device__ __forceinline__ void decode_impl(
 #define SAAP_DECODE(NAME, T, D, GB, KB, FUSED)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
-        float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs, uint32_t hq, \
-        uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe, uint32_t sinks,    \
-        float scale_log2) {                                                                     \
+        float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs,              \
+        const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
+        uint32_t n_probe, uint32_t sinks, float scale_log2) {                                   \
         decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, part_o, part_ml, out, counters,  \
-                                         seqs, hq, hkv, cap, n_partitions, n_probe, sinks,      \
-                                         scale_log2);                                           \
+                                         seqs, advance, hq, hkv, cap, n_partitions, n_probe,    \
+                                         sinks, scale_log2);                                    \
     }
 
 // Two variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last

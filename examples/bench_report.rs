@@ -8,6 +8,8 @@
 //!   `us` = device time per step with the queue kept full, `wall_us` = time per step of steps
 //!   issued back to back from an idle GPU (host launch work included), `host_us` = host time to
 //!   enqueue one step. Layers (ops) are rotated so that L2 does not serve repeated reads.
+//!   `graph_us`, `graph_wall_us`, `graph_host_us`: the same step recorded once per op as a CUDA
+//!   graph (`SaapAttention::begin_replay`) and replayed, one launch per step.
 //! - `saap_kernel` / `dense_kernel`: the attention kernel alone (`DecodeOp`) on a random index
 //!   whose group unions are as large as in `saap_step`.
 //! - `route` / `route_candle`: classifier + top-ℓ alone, with the CUDA kernels (bf16 weights) and
@@ -330,6 +332,7 @@ fn kernels(dev: &Device, rng: &mut StdRng, n: usize, b: usize) -> Res<()> {
                 sinks: 16,
                 n_partitions: C,
                 scale: 1.0 / (D as f32).sqrt(),
+                advance: None,
             })
             .collect();
         let (us, wall, host) = time(dev, |i| {
@@ -429,9 +432,51 @@ fn steps(
             }
             fields.push(("wall_us_defaults", wall_defaults));
         }
+        let (us, wall, host) = replayed_steps(dev, &mut ops, &q, &kv)?;
+        fields.extend([
+            ("graph_us", us),
+            ("graph_wall_us", wall),
+            ("graph_host_us", host),
+        ]);
         emit(kind, n, b, &fields);
     }
     Ok(())
+}
+
+/// Each op's decode step recorded as a CUDA graph and replayed: `time`'s triple per step.
+fn replayed_steps(
+    dev: &Device,
+    ops: &mut [SaapAttention],
+    q: &Tensor,
+    kv: &Tensor,
+) -> Res<(f64, f64, f64)> {
+    let Device::Cuda(cuda) = dev else {
+        return Err("not a CUDA device".into());
+    };
+    // One stream: cross-stream event tracking would make the capture wait on outside events.
+    unsafe { cuda.disable_event_tracking() };
+    let stream = cuda.cuda_stream();
+    let mut graphs = Vec::with_capacity(ops.len());
+    for op in ops.iter_mut() {
+        if op.begin_replay(SLACK)? == 0 {
+            return Err("no room to replay".into());
+        }
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        // The output is dropped inside the capture: the graph frees what it allocates.
+        let recorded = op.decode(q, kv, kv).map(drop);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+        recorded?;
+        graphs.push(graph.ok_or("nothing was recorded")?);
+    }
+    let timed = time(dev, |i| {
+        let l = i % ops.len();
+        graphs[l].launch()?;
+        ops[l].replayed()?;
+        Ok(())
+    });
+    dev.synchronize()?;
+    ops.iter_mut().for_each(SaapAttention::end_replay);
+    timed
 }
 
 /// Index build of one layer at batch 1: `extend` of n tokens (allocation, RoPE, append,

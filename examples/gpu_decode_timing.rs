@@ -80,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     sinks: SINKS,
                     n_partitions: C,
                     scale: 1.0 / (D as f32).sqrt(),
+                    advance: None,
                 })
                 .collect()
         };

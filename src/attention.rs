@@ -2,15 +2,17 @@
 //! the time-ordered K/V cache and the partition index — and runs prefill (dense, causal) and
 //! decode (sparse through the index, or dense).
 
+use crate::attend::decode::AdvanceReplay;
 use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
 use crate::classify::{centroid_scores, top_probes, Classifier};
 use crate::config::{Routing, SaapConfig, MAX_CONTEXT};
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
-use crate::partition::assign::{assign_into, prepare_centroids};
+use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Keys read by one decode call, summed over batch items and KV heads. Each key read is one K row
@@ -110,6 +112,24 @@ struct Trained {
     classifier: Classifier,
 }
 
+/// Decode steps recorded once (into a CUDA graph) and replayed; see
+/// [`SaapAttention::begin_replay`].
+#[derive(Debug)]
+struct Replay {
+    /// Distinguishes this replay from every other one (of any op) in the process.
+    id: u64,
+    /// `[B]` u32 on the device: steps replayed so far, added to the positions the recorded
+    /// kernels were given (the host's view of the sequences stays at the start of the replay).
+    advance: Tensor,
+    /// Steps replayed so far (the host's count of `advance`).
+    steps: usize,
+    /// Steps the cache has rows for, with no window merge due.
+    room: usize,
+}
+
+/// Source of [`Replay::id`].
+static NEXT_REPLAY: AtomicU64 = AtomicU64::new(1);
+
 /// Per-sequence state of one layer.
 #[derive(Debug)]
 struct State {
@@ -172,6 +192,7 @@ pub struct SaapAttention {
     track_reads: bool,
     check_finite: bool,
     last_read: Option<ReadStats>,
+    replay: Option<Replay>,
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -202,6 +223,7 @@ impl SaapAttention {
             track_reads: true,
             check_finite: true,
             last_read: None,
+            replay: None,
         })
     }
 
@@ -266,6 +288,7 @@ impl SaapAttention {
             )));
         }
         self.routing = routing;
+        self.replay = None;
         Ok(())
     }
 
@@ -275,6 +298,7 @@ impl SaapAttention {
     /// [`SaapError::Config`] unless `1 <= n_probe <= C`.
     pub fn set_n_probe(&mut self, n_probe: usize) -> Result<()> {
         self.config = self.config.with_n_probe(n_probe)?;
+        self.replay = None;
         Ok(())
     }
 
@@ -300,8 +324,10 @@ impl SaapAttention {
     /// (e.g. to compare routings after one shared prefill).
     ///
     /// # Errors
-    /// [`SaapError::Candle`] when the state cannot be copied (device memory).
+    /// [`SaapError::Candle`] when the state cannot be copied (device memory);
+    /// [`SaapError::Config`] while replaying (see [`SaapAttention::begin_replay`]).
     pub fn snapshot(&self) -> Result<Self> {
+        self.not_replaying("snapshot")?;
         let state = match &self.state {
             None => None,
             Some(s) => Some(State {
@@ -326,6 +352,7 @@ impl SaapAttention {
             track_reads: self.track_reads,
             check_finite: self.check_finite,
             last_read: self.last_read,
+            replay: None,
         })
     }
 
@@ -333,6 +360,7 @@ impl SaapAttention {
     /// same sequences, with no per-step index upkeep (a dense baseline after one shared prefill,
     /// or a fallback). The partition state is freed.
     pub fn drop_index(&mut self) {
+        self.replay = None;
         self.index = None;
         self.routing = Routing::Dense;
         if let Some(state) = &mut self.state {
@@ -343,6 +371,7 @@ impl SaapAttention {
 
     /// Forgets the sequences.
     pub fn reset(&mut self) {
+        self.replay = None;
         self.state = None;
         self.last_read = None;
     }
@@ -452,7 +481,8 @@ impl SaapAttention {
 
     /// [`SaapError::NonFinite`] naming `name` if `xs` hold a NaN or infinity, when checks are on.
     fn check(&self, name: &'static str, xs: &[&Tensor]) -> Result<()> {
-        if self.check_finite {
+        // A recorded step must not synchronize with the host; NaN reaches the model's output.
+        if self.check_finite && self.replay.is_none() {
             ensure_finite(name, xs)?;
         }
         Ok(())
@@ -577,32 +607,30 @@ impl SaapAttention {
         // values: the valid rows written into the cache at each sequence's end.
         let q_rot = q
             .map(|q| {
-                let rotate = self.rope.writer(&starts, &vec![t_len; batch], true, false);
+                let mut rotate = self.rope.writer(&starts, &vec![t_len; batch], true, false);
+                rotate.advance = self.replay.as_ref().map(|r| r.advance.clone());
                 q.contiguous()?.apply_op1_no_bwd(&rotate)
             })
             .transpose()?;
         if let Some(q_rot) = &q_rot {
             self.check("q after RoPE", &[q_rot])?;
         }
-        let check_finite = self.check_finite;
+        let check_finite = self.check_finite && self.replay.is_none();
+        let advance = self.replay.as_ref().map(|r| r.advance.clone());
         let state = self.state.as_mut().expect("reserved above");
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        state
-            .k
-            .inplace_op2(&k, &self.rope.writer(&starts, lens, true, true))?;
-        state
-            .v
-            .inplace_op2(&v, &self.rope.writer(&starts, lens, false, true))?;
+        for (cache, x, rotate) in [(&state.k, &k, true), (&state.v, &v, false)] {
+            let mut write = self.rope.writer(&starts, lens, rotate, true);
+            write.advance.clone_from(&advance);
+            cache.inplace_op2(x, &write)?;
+        }
         if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
-            assign_into(
-                labels,
-                &k,
+            let centroids = (
                 &index.centroids_t,
                 &index.half_norms,
                 index.centroids_rounded.as_ref(),
-                &starts,
-                lens,
-            )?;
+            );
+            assign_rows(labels, &k, centroids, &starts, lens, advance.as_ref())?;
         }
         if check_finite {
             // Rotation preserves a pair's norm, so a component can grow by up to √2: a finite
@@ -689,6 +717,7 @@ impl SaapAttention {
             });
         }
         self.check_lens(batch, t_len, lens)?;
+        self.not_replaying("extend")?;
         self.append(None, k, v, lens)?;
         self.merge_window(0)
     }
@@ -727,6 +756,7 @@ impl SaapAttention {
     ) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
         self.check_lens(batch, t_len, lens)?;
+        self.not_replaying("prefill")?;
         let undo = self.undo_point();
         let starts: Vec<usize> = self
             .state
@@ -777,9 +807,138 @@ impl SaapAttention {
         }
         let undo = self.undo_point();
         let step = self.decode_step(q, k, v, batch);
+        if let Some(replay) = &self.replay {
+            // A recorded step: the host's view stays where the replay began (positions move
+            // on through the device count); `replayed` counts each execution.
+            let out =
+                step.and_then(|out| Ok(replay.advance.inplace_op1(&AdvanceReplay).map(|_| out)?));
+            let state = self.state.as_mut().expect("replaying has a state");
+            (state.seqs, state.lens) = undo.expect("replaying has a state");
+            return Ok(out?.unsqueeze(2)?);
+        }
         let out = self.or_rollback(step, undo)?;
         self.merge_window(self.config.merge_every - 1)?;
         Ok(out.unsqueeze(2)?)
+    }
+
+    /// Prepares up to `steps` decode steps that are recorded once and replayed, typically as a
+    /// CUDA graph (see [`crate::graph::DecodeGraph`]): a replayed step cannot pass new positions
+    /// to its kernels, so while replaying they add a device-side count of replayed steps to
+    /// the positions they were recorded with. Reserves cache rows for the steps and returns how
+    /// many may run before an ordinary [`SaapAttention::decode`] is due (the window must be merged
+    /// into the index, or the cache grow): `min(steps, room)`, 0 when none (then nothing
+    /// changes).
+    ///
+    /// While replaying, each [`SaapAttention::decode`] records one step: its kernels are
+    /// enqueued (into a capture, or run once), the host's view of the sequences
+    /// ([`SaapAttention::seq_lens`]) stays at the start of the replay, nothing is synchronized
+    /// with the host (no finite checks, no read tracking), and no window is merged. Every
+    /// execution of a recorded step must be followed by [`SaapAttention::replayed`];
+    /// [`SaapAttention::end_replay`] brings the host's view up to date. Changing the routing,
+    /// ℓ, the index or the sequences ends the replay (a graph recorded before then must not be
+    /// launched again).
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] off CUDA, for `steps == 0`, or while already replaying;
+    /// [`SaapError::EmptyContext`] without a prefilled context; [`SaapError::Config`] or
+    /// [`SaapError::Candle`] when the rows cannot be reserved.
+    pub fn begin_replay(&mut self, steps: usize) -> Result<usize> {
+        if !self.device.is_cuda() {
+            return Err(SaapError::Config(
+                "replaying recorded decode steps needs a CUDA device".into(),
+            ));
+        }
+        if steps == 0 {
+            return Err(SaapError::Config("a replay of 0 steps".into()));
+        }
+        self.not_replaying("begin_replay")?;
+        let Some(state) = &self.state else {
+            return Err(SaapError::EmptyContext(0));
+        };
+        if let Some(b) = state.lens.iter().position(|&l| l == 0) {
+            return Err(SaapError::EmptyContext(b));
+        }
+        // Steps until a window outgrows `window + merge_every - 1`, which `decode` would merge.
+        let room = match self.index {
+            None => steps,
+            Some(_) => state
+                .seqs
+                .iter()
+                .map(|s| {
+                    (self.config.window + self.config.merge_every - 1)
+                        .saturating_sub(s.len - s.indexed_end)
+                })
+                .min()
+                .unwrap_or(0)
+                .min(steps),
+        };
+        if room == 0 {
+            return Ok(0);
+        }
+        let (batch, longest) = (
+            state.lens.len(),
+            state.lens.iter().copied().max().unwrap_or(0),
+        );
+        self.reserve(batch, longest.saturating_add(room))?;
+        self.replay = Some(Replay {
+            id: NEXT_REPLAY.fetch_add(1, Ordering::Relaxed),
+            advance: Tensor::zeros(batch, DType::U32, &self.device)?,
+            steps: 0,
+            room,
+        });
+        Ok(room)
+    }
+
+    /// Counts one execution of the recorded step (a graph launch, or the recording call itself
+    /// when it ran eagerly).
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] when not replaying, or past the steps [`SaapAttention::begin_replay`]
+    /// planned (the device count would then have outrun the reserved rows).
+    pub fn replayed(&mut self) -> Result<()> {
+        let Some(replay) = &mut self.replay else {
+            return Err(SaapError::Config("replayed: not replaying".into()));
+        };
+        if replay.steps >= replay.room {
+            return Err(SaapError::Config(format!(
+                "replayed: {} steps were planned",
+                replay.room
+            )));
+        }
+        replay.steps += 1;
+        Ok(())
+    }
+
+    /// Ends a replay: the sequences now hold the replayed steps' tokens, and
+    /// [`SaapAttention::decode`] runs step by step again. Nothing happens when not replaying.
+    pub fn end_replay(&mut self) {
+        let (Some(replay), Some(state)) = (self.replay.take(), &mut self.state) else {
+            return;
+        };
+        for (seq, len) in state.seqs.iter_mut().zip(&mut state.lens) {
+            seq.len += replay.steps;
+            *len += replay.steps;
+        }
+    }
+
+    /// Steps replayed so far and the steps planned, while replaying.
+    pub fn replay_progress(&self) -> Option<(usize, usize)> {
+        self.replay.as_ref().map(|r| (r.steps, r.room))
+    }
+
+    /// Identifies the current replay: a recorded graph stays valid while every op it ran still
+    /// reports the id it had at recording.
+    pub fn replay_id(&self) -> Option<u64> {
+        self.replay.as_ref().map(|r| r.id)
+    }
+
+    fn not_replaying(&self, what: &str) -> Result<()> {
+        match self.replay {
+            Some(_) => Err(SaapError::Config(format!(
+                "{what} while replaying recorded decode steps; call end_replay first"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// [`SaapAttention::decode`] up to the merge: append, route, attend, check; `[B, Hq, D]`.
@@ -812,10 +971,11 @@ impl SaapAttention {
             sinks: self.config.sinks,
             n_partitions: self.config.n_partitions,
             scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
+            advance: self.replay.as_ref().map(|r| r.advance.clone()),
         };
         let out = q_rot.squeeze(2)?.contiguous()?.apply_op1_no_bwd(&op)?;
         self.check("output", &[&out])?;
-        self.last_read = if self.track_reads {
+        self.last_read = if self.track_reads && self.replay.is_none() {
             Some(read_stats(&op, self.config.layout.group_size())?)
         } else {
             None

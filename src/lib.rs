@@ -9,6 +9,7 @@ pub mod config;
 mod cuda;
 mod elem;
 pub mod error;
+pub mod graph;
 pub mod index;
 #[cfg(feature = "models")]
 pub mod models;

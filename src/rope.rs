@@ -107,6 +107,7 @@ impl Rope {
             starts: starts.to_vec(),
             lens: lens.to_vec(),
             at_position,
+            advance: None,
         }
     }
 
@@ -188,6 +189,8 @@ pub struct RopeWrite {
     pub(crate) starts: Vec<usize>,
     pub(crate) lens: Vec<usize>,
     pub(crate) at_position: bool,
+    /// Replayed decode steps per item (`[B]` u32 on CUDA), added to `starts` on the device.
+    pub(crate) advance: Option<Tensor>,
 }
 
 impl RopeWrite {
@@ -299,6 +302,9 @@ fn write_cpu(
     src: &CpuStorage,
     src_l: &Layout,
 ) -> candle_core::Result<()> {
+    if op.advance.is_some() {
+        candle_core::bail!("rope write: replayed decode steps run on CUDA only");
+    }
     let (dims, rows) = op.check(src_l, op.at_position.then_some(dst_l))?;
     fn run<T: WithDType>(
         op: &RopeWrite,

@@ -173,6 +173,7 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
             sinks: t.sinks,
             n_partitions: c,
             scale: 1.0 / (d as f32).sqrt(),
+            advance: None,
         };
         let cpu = q.apply_op1_no_bwd(&op(&Device::Cpu)).unwrap();
         let gpu = q

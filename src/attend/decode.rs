@@ -10,7 +10,7 @@
 //! per group. Without probes (dense) the list is `0..len`. Softmax is exact over the list.
 
 use crate::elem::{contiguous_slice, dot, Elem};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Extent of one sequence of the batch.
@@ -43,6 +43,9 @@ pub struct DecodeOp {
     pub n_partitions: usize,
     /// Softmax scale, usually `1/sqrt(D)`.
     pub scale: f32,
+    /// Decode steps replayed from a CUDA graph since it was captured, per item (`[B]` u32 on
+    /// CUDA): added on the device to each `seqs[b].len`. `None` outside replay (and on the CPU).
+    pub advance: Option<Tensor>,
 }
 
 /// Ids of keys read for one (batch item, KV head), in kernel order.
@@ -288,6 +291,9 @@ impl CustomOp1 for DecodeOp {
     }
 
     fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.advance.is_some() {
+            candle_core::bail!("decode: replayed decode steps run on CUDA only");
+        }
         let dims = self.dims(q_l)?;
         let shape = q_l.shape().clone();
         let (k_st, k_l) = self.k_cache.storage_and_layout();
@@ -336,5 +342,34 @@ impl CustomOp1 for DecodeOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.dims(q_l)?;
         crate::cuda::decode(self, q, q_l, dims)
+    }
+}
+
+/// The last launch of a decode step recorded for replay: each batch item's count of replayed
+/// steps (`[B]` u32, [`DecodeOp::advance`]) moves on by one, after every kernel that read it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdvanceReplay;
+
+impl InplaceOp1 for AdvanceReplay {
+    fn name(&self) -> &'static str {
+        "saap-advance-replay"
+    }
+
+    fn cpu_fwd(&self, counts: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::U32(counts), Some((start, end))) = (counts, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("advance: counts must be contiguous u32");
+        };
+        counts[start..end].iter_mut().for_each(|c| *c += 1);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        counts: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::advance_replay(counts, layout)
     }
 }

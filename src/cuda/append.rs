@@ -2,7 +2,10 @@
 //! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is four launches
 //! (queries, keys, values, labels) with nothing copied from the host.
 
-use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH};
+use super::{
+    advance_chunk, load, sm_count, to_u32, view, with_advance, with_cuda, ItemTable, ZeroedBuffers,
+    APPEND, MAX_BATCH, NULL_PTR,
+};
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
 use crate::rope::RopeWrite;
@@ -145,35 +148,44 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
     let (h32, t32, d32, rows32) = (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(rows)?);
     let at_position = u32::from(op.at_position);
     let stream = dev.cuda_stream();
-    for i0 in (0..b).step_by(MAX_BATCH) {
-        let items = (b - i0).min(MAX_BATCH);
-        let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
-        let table = ItemTable::new(pairs)?;
-        let src_chunk = src.slice(i0 * h * t * d..(i0 + items) * h * t * d);
-        let mut dst_chunk = dst.slice_mut(i0 * h * rows * d..(i0 + items) * h * rows * d);
-        let cfg = LaunchConfig {
-            grid_dim: (t32, h32, to_u32(items)?),
-            block_dim: (to_u32(half.max(32))?, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&mut dst_chunk)
-            .arg(&src_chunk)
-            .arg(&freqs)
-            .arg(&table)
-            .arg(&h32)
-            .arg(&t32)
-            .arg(&d32)
-            .arg(&rows32)
-            .arg(&rotation)
-            .arg(&at_position)
-            .arg(&op.mscale);
-        // SAFETY: argument types and order match `rope_write_impl`; rows written are below
-        // `rows` (checked by `RopeWrite::check`), reads inside the source chunk.
-        unsafe { launch.launch(cfg) }.w()?;
-    }
-    Ok(())
+    with_advance(op.advance.as_ref(), |advance| {
+        for i0 in (0..b).step_by(MAX_BATCH) {
+            let items = (b - i0).min(MAX_BATCH);
+            let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
+            let table = ItemTable::new(pairs)?;
+            let advance = advance_chunk(advance, i0, items);
+            let src_chunk = src.slice(i0 * h * t * d..(i0 + items) * h * t * d);
+            let mut dst_chunk = dst.slice_mut(i0 * h * rows * d..(i0 + items) * h * rows * d);
+            let cfg = LaunchConfig {
+                grid_dim: (t32, h32, to_u32(items)?),
+                block_dim: (to_u32(half.max(32))?, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&mut dst_chunk)
+                .arg(&src_chunk)
+                .arg(&freqs)
+                .arg(&table);
+            match &advance {
+                Some(counts) => launch.arg(counts),
+                None => launch.arg(&NULL_PTR),
+            };
+            launch
+                .arg(&h32)
+                .arg(&t32)
+                .arg(&d32)
+                .arg(&rows32)
+                .arg(&rotation)
+                .arg(&at_position)
+                .arg(&op.mscale);
+            // SAFETY: argument types and order match `rope_write_impl`; rows written are below
+            // `rows` (checked by `RopeWrite::check`, and on the device for replayed steps),
+            // reads inside the source chunk.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        Ok(())
+    })
 }
 
 /// [`AssignOp`]: labels `[B, H, cap]` u32 (in place), keys `[B, H, T, D]`.
@@ -226,6 +238,9 @@ pub(crate) fn assign(
     };
     let dev = keys.device().clone();
     if let Some(rounded) = &op.rounded {
+        if op.advance.is_some() {
+            candle_core::bail!("saap cuda assign: a replayed decode step labels on the f32 kernel");
+        }
         return with_cuda(rounded, "rounded centroids", |rc, rc_l| {
             with_cuda(&op.half_norms, "half norms", |hn, hn_l| {
                 let hn = view::<f32>(hn, hn_l)?;
@@ -327,51 +342,60 @@ fn launch_assign<T: DeviceRepr + WithDType>(
     let (h32, t32, d32, c32, cap32) =
         (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(c)?, to_u32(cap)?);
     let target_blocks = 4 * sm_count(dev)?;
-    for i0 in (0..b).step_by(MAX_BATCH) {
-        let items = (b - i0).min(MAX_BATCH);
-        // Split the centroids over blocks only as far as needed to fill the GPU: every extra
-        // split reloads the keys and adds an atomic per key.
-        let splits = target_blocks.div_ceil(tiles * items * h).clamp(1, slices);
-        let per_block = slices.div_ceil(splits);
-        let per_block32 = to_u32(per_block)?;
-        let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
-        let table = ItemTable::new(pairs)?;
-        let keys_chunk = keys.slice(i0 * h * t * d..(i0 + items) * h * t * d);
-        let mut labels_chunk = labels.slice_mut(i0 * h * cap..(i0 + items) * h * cap);
-        SCRATCH.with(dev, items * h * t, |scratch| {
-            TILE_COUNTERS.with(dev, items * h * tiles, |counters| {
-                let cfg = LaunchConfig {
-                    grid_dim: (
-                        to_u32(tiles)?,
-                        to_u32(slices.div_ceil(per_block))?,
-                        to_u32(items * h)?,
-                    ),
-                    block_dim: (ASSIGN_THREADS, 1, 1),
-                    shared_mem_bytes: to_u32(smem)?,
-                };
-                let mut launch = stream.launch_builder(&func);
-                launch
-                    .arg(&mut labels_chunk)
-                    .arg(&keys_chunk)
-                    .arg(centroids_t)
-                    .arg(half_norms)
-                    .arg(scratch)
-                    .arg(counters)
-                    .arg(&table)
-                    .arg(&h32)
-                    .arg(&t32)
-                    .arg(&d32)
-                    .arg(&c32)
-                    .arg(&cap32)
-                    .arg(&per_block32);
-                // SAFETY: argument types and order match `assign_impl`; labels written below
-                // `cap` (checked above), scratch and counters sized for this chunk and left zero.
-                unsafe { launch.launch(cfg) }.w()?;
-                Ok(())
-            })
-        })?;
-    }
-    Ok(())
+    with_advance(op.advance.as_ref(), |advance| {
+        for i0 in (0..b).step_by(MAX_BATCH) {
+            let items = (b - i0).min(MAX_BATCH);
+            // Split the centroids over blocks only as far as needed to fill the GPU: every extra
+            // split reloads the keys and adds an atomic per key.
+            let splits = target_blocks.div_ceil(tiles * items * h).clamp(1, slices);
+            let per_block = slices.div_ceil(splits);
+            let per_block32 = to_u32(per_block)?;
+            let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
+            let table = ItemTable::new(pairs)?;
+            let advance = advance_chunk(advance, i0, items);
+            let keys_chunk = keys.slice(i0 * h * t * d..(i0 + items) * h * t * d);
+            let mut labels_chunk = labels.slice_mut(i0 * h * cap..(i0 + items) * h * cap);
+            SCRATCH.with(dev, items * h * t, |scratch| {
+                TILE_COUNTERS.with(dev, items * h * tiles, |counters| {
+                    let cfg = LaunchConfig {
+                        grid_dim: (
+                            to_u32(tiles)?,
+                            to_u32(slices.div_ceil(per_block))?,
+                            to_u32(items * h)?,
+                        ),
+                        block_dim: (ASSIGN_THREADS, 1, 1),
+                        shared_mem_bytes: to_u32(smem)?,
+                    };
+                    let mut launch = stream.launch_builder(&func);
+                    launch
+                        .arg(&mut labels_chunk)
+                        .arg(&keys_chunk)
+                        .arg(centroids_t)
+                        .arg(half_norms)
+                        .arg(scratch)
+                        .arg(counters)
+                        .arg(&table);
+                    match &advance {
+                        Some(counts) => launch.arg(counts),
+                        None => launch.arg(&NULL_PTR),
+                    };
+                    launch
+                        .arg(&h32)
+                        .arg(&t32)
+                        .arg(&d32)
+                        .arg(&c32)
+                        .arg(&cap32)
+                        .arg(&per_block32);
+                    // SAFETY: argument types and order match `assign_impl`; labels written below
+                    // `cap` (checked above, and on the device for replayed steps), scratch and
+                    // counters sized for this chunk and left zero.
+                    unsafe { launch.launch(cfg) }.w()?;
+                    Ok(())
+                })
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// Warps per block of the tensor-core assignment (`ASSIGN_MMA_WARPS` in `cuda/append.cu`).

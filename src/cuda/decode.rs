@@ -6,7 +6,10 @@
 //! needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
-use super::{load, sm_count, to_u32, view, with_cuda, ItemTable, ZeroedBuffers, DECODE, MAX_BATCH};
+use super::{
+    advance_chunk, load, sm_count, to_u32, view, with_advance, with_cuda, ItemTable, ZeroedBuffers,
+    DECODE, MAX_BATCH, NULL_PTR,
+};
 use crate::attend::DecodeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -197,94 +200,103 @@ fn launch<T: DeviceRepr>(
     let n_probe32 = to_u32(sparse.as_ref().map_or(0, |s| s.2))?;
     let scale_log2 = op.scale * std::f32::consts::LOG2_E;
     let row = c + 1 + cap;
-    for i0 in (0..b).step_by(MAX_BATCH) {
-        let items = (b - i0).min(MAX_BATCH);
-        let seqs = &op.seqs[i0..i0 + items];
-        let rows = items * hkv;
-        // Fill every SM slot at batch 1; never split a row into pieces of a few keys. Sparse
-        // rows are sized by an upper estimate of their selection (sinks + window + the share
-        // G·ℓ/C of the indexed keys), not by their length.
-        let longest = seqs
-            .iter()
-            .map(|s| match &sparse {
-                None => s.len,
-                Some((_, _, n_probe)) => {
-                    let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
-                    let indexed = s.len - fixed.min(s.len);
-                    fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1))
-                }
-            })
-            .max()
-            .unwrap_or(0);
-        // Whole waves: rows · splits at most one block per SM slot (rounding up left a second,
-        // mostly idle wave at batch 8: 64 rows × 5 splits = 320 blocks on 264 slots).
-        let splits = (slots / rows)
-            .min(longest.div_ceil(min_keys_per_split()))
-            .clamp(1, MAX_SPLITS);
-        // SAFETY: every block writes its whole partial, empty splits included.
-        let part_o = unsafe { dev.alloc::<f32>(rows * splits * g * d) }?;
-        let part_ml = unsafe { dev.alloc::<f32>(rows * splits * g * 2) }?;
-        let table = ItemTable::new(seqs.iter().map(|s| (s.len, s.indexed_end)))?;
-        let qc = io.q.slice(i0 * hq * d..(i0 + items) * hq * d);
-        let kv_range = i0 * hkv * cap * d..(i0 + items) * hkv * cap * d;
-        let (kc, vc) = (io.k.slice(kv_range.clone()), io.v.slice(kv_range));
-        let index = sparse.as_ref().map(|(dir, probes, n_probe)| {
-            (
-                dir.slice(i0 * hkv * row..(i0 + items) * hkv * row),
-                probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
-            )
-        });
-        let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
-        let (splits32, rows32) = (to_u32(splits)?, to_u32(rows)?);
-        COUNTERS.with(dev, rows, |counters| {
-            let mut attend = stream.launch_builder(&func);
-            attend.arg(&qc).arg(&kc).arg(&vc);
-            match &index {
-                Some((dir, probes)) => attend.arg(dir).arg(probes),
-                None => attend.arg(&null).arg(&null),
-            };
-            attend
+    with_advance(op.advance.as_ref(), |advance| {
+        for i0 in (0..b).step_by(MAX_BATCH) {
+            let items = (b - i0).min(MAX_BATCH);
+            let seqs = &op.seqs[i0..i0 + items];
+            let rows = items * hkv;
+            // Fill every SM slot at batch 1; never split a row into pieces of a few keys. Sparse
+            // rows are sized by an upper estimate of their selection (sinks + window + the share
+            // G·ℓ/C of the indexed keys), not by their length.
+            let longest = seqs
+                .iter()
+                .map(|s| match &sparse {
+                    None => s.len,
+                    Some((_, _, n_probe)) => {
+                        let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
+                        let indexed = s.len - fixed.min(s.len);
+                        fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1))
+                    }
+                })
+                .max()
+                .unwrap_or(0);
+            // Whole waves: rows · splits at most one block per SM slot (rounding up left a second,
+            // mostly idle wave at batch 8: 64 rows × 5 splits = 320 blocks on 264 slots).
+            let splits = (slots / rows)
+                .min(longest.div_ceil(min_keys_per_split()))
+                .clamp(1, MAX_SPLITS);
+            // SAFETY: every block writes its whole partial, empty splits included.
+            let part_o = unsafe { dev.alloc::<f32>(rows * splits * g * d) }?;
+            let part_ml = unsafe { dev.alloc::<f32>(rows * splits * g * 2) }?;
+            let table = ItemTable::new(seqs.iter().map(|s| (s.len, s.indexed_end)))?;
+            let advance = advance_chunk(advance, i0, items);
+            let qc = io.q.slice(i0 * hq * d..(i0 + items) * hq * d);
+            let kv_range = i0 * hkv * cap * d..(i0 + items) * hkv * cap * d;
+            let (kc, vc) = (io.k.slice(kv_range.clone()), io.v.slice(kv_range));
+            let index = sparse.as_ref().map(|(dir, probes, n_probe)| {
+                (
+                    dir.slice(i0 * hkv * row..(i0 + items) * hkv * row),
+                    probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
+                )
+            });
+            let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
+            let (splits32, rows32) = (to_u32(splits)?, to_u32(rows)?);
+            COUNTERS.with(dev, rows, |counters| {
+                let mut attend = stream.launch_builder(&func);
+                attend.arg(&qc).arg(&kc).arg(&vc);
+                match &index {
+                    Some((dir, probes)) => attend.arg(dir).arg(probes),
+                    None => attend.arg(&null).arg(&null),
+                };
+                attend
+                    .arg(&part_o)
+                    .arg(&part_ml)
+                    .arg(&mut oc)
+                    .arg(&*counters)
+                    .arg(&table);
+                match &advance {
+                    Some(counts) => attend.arg(counts),
+                    None => attend.arg(&NULL_PTR),
+                };
+                attend
+                    .arg(&hq32)
+                    .arg(&hkv32)
+                    .arg(&cap32)
+                    .arg(&c32)
+                    .arg(&n_probe32)
+                    .arg(&sinks32)
+                    .arg(&scale_log2);
+                let cfg = LaunchConfig {
+                    grid_dim: (splits32, rows32, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
+                // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
+                // (ids are checked against cap on the device), writes inside the partials, the output
+                // chunk and the first `rows` counters.
+                unsafe { attend.launch(cfg) }.w()?;
+                Ok(())
+            })?;
+            if fused {
+                continue;
+            }
+            let mut merge = stream.launch_builder(&combine);
+            merge
                 .arg(&part_o)
                 .arg(&part_ml)
                 .arg(&mut oc)
-                .arg(&*counters)
-                .arg(&table)
                 .arg(&hq32)
                 .arg(&hkv32)
-                .arg(&cap32)
-                .arg(&c32)
-                .arg(&n_probe32)
-                .arg(&sinks32)
-                .arg(&scale_log2);
+                .arg(&splits32);
             let cfg = LaunchConfig {
-                grid_dim: (splits32, rows32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
+                grid_dim: (to_u32(items * hq)?, 1, 1),
+                block_dim: (to_u32(d)?, 1, 1),
+                shared_mem_bytes: 2 * 4 * splits32,
             };
-            // SAFETY: argument types and order match `decode_impl`; reads stay inside the views
-            // (ids are checked against cap on the device), writes inside the partials, the output
-            // chunk and the first `rows` counters.
-            unsafe { attend.launch(cfg) }.w()?;
-            Ok(())
-        })?;
-        if fused {
-            continue;
+            // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
+            unsafe { merge.launch(cfg) }.w()?;
         }
-        let mut merge = stream.launch_builder(&combine);
-        merge
-            .arg(&part_o)
-            .arg(&part_ml)
-            .arg(&mut oc)
-            .arg(&hq32)
-            .arg(&hkv32)
-            .arg(&splits32);
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(items * hq)?, 1, 1),
-            block_dim: (to_u32(d)?, 1, 1),
-            shared_mem_bytes: 2 * 4 * splits32,
-        };
-        // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
-        unsafe { merge.launch(cfg) }.w()?;
-    }
+        Ok(())
+    })?;
     Ok(out)
 }

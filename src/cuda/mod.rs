@@ -4,6 +4,7 @@
 
 mod append;
 mod decode;
+pub(crate) mod graph;
 mod merge;
 mod prefill;
 pub(crate) mod route;
@@ -14,7 +15,8 @@ pub(crate) use merge::merge;
 pub(crate) use prefill::prefill;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
+    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
@@ -149,10 +151,56 @@ fn with_cuda<R>(
     }
 }
 
+/// A null device pointer: the `advance` argument of a launch outside replay.
+static NULL_PTR: u64 = 0;
+
+/// Runs `f` with a view of the replayed-step counts `advance` (`[B]` u32, see `replayed_steps`
+/// in `cuda/common.cuh`), or with `None` outside replay.
+fn with_advance<R>(
+    advance: Option<&Tensor>,
+    f: impl FnOnce(Option<&CudaView<'_, u32>>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match advance {
+        None => f(None),
+        Some(t) => with_cuda(t, "replayed steps", |st, l| f(Some(&view::<u32>(st, l)?))),
+    }
+}
+
+/// The `advance` argument of a launch for items `i0..i0 + items`.
+fn advance_chunk<'a>(
+    advance: Option<&CudaView<'a, u32>>,
+    i0: usize,
+    items: usize,
+) -> Option<CudaView<'a, u32>> {
+    advance.map(|a| a.slice(i0..i0 + items))
+}
+
+/// One replayed decode step is over: every item's count moves on by one (`saap_advance`).
+pub(crate) fn advance_replay(counts: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "saap advance" })?;
+    let dev = counts.device.clone();
+    let mut counts = counts.as_cuda_slice_mut::<u32>()?.slice_mut(start..end);
+    let items = to_u32(end - start)?;
+    let func = load(&dev, &APPEND, "saap_advance")?;
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&func);
+    launch.arg(&mut counts).arg(&items);
+    let cfg = LaunchConfig {
+        grid_dim: (items.div_ceil(256).max(1), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument types and order match `saap_advance`; `items` counts are written.
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(())
+}
+
 /// Device buffers that kernels leave all-zero after each launch (split counters, assignment
 /// scratch), one per device, allocated zeroed once and grown on demand. Launches on one device
-/// run in stream order, so they can share it; a grown buffer's old allocation is freed in
-/// stream order too.
+/// run in stream order, so they can share it. A grown buffer's old allocation is kept, not freed:
+/// a captured CUDA graph may still point at it.
 pub(crate) struct ZeroedBuffers<T>(Mutex<Vec<(DeviceId, CudaSlice<T>)>>);
 
 impl<T: DeviceRepr + ValidAsZeroBits> ZeroedBuffers<T> {
@@ -169,13 +217,19 @@ impl<T: DeviceRepr + ValidAsZeroBits> ZeroedBuffers<T> {
     ) -> candle_core::Result<R> {
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let id = dev.id();
-        if !all.iter().any(|(d, b)| *d == id && b.len() >= len) {
-            let buf = dev.alloc_zeros::<T>(len.max(1024))?;
-            all.retain(|(d, _)| *d != id);
+        // The newest buffer of a device is its largest (doubling keeps the retired ones few).
+        let largest = all
+            .iter()
+            .rev()
+            .find(|(d, _)| *d == id)
+            .map_or(0, |(_, b)| b.len());
+        if largest < len {
+            let buf = dev.alloc_zeros::<T>(len.max(2 * largest).max(1024))?;
             all.push((id, buf));
         }
         let (_, buf) = all
             .iter_mut()
+            .rev()
             .find(|(d, _)| *d == id)
             .expect("inserted above");
         f(buf)

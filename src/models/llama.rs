@@ -13,6 +13,7 @@
 
 use super::{io_err, Error, Result};
 use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
+use crate::graph::GraphDecoder;
 use crate::{ReadStats, SaapAttention, SaapIndex};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -492,6 +493,13 @@ impl Llama {
                 self.config.vocab_size
             )));
         }
+        self.layers_forward(&tokens, lens)
+    }
+
+    /// [`Llama::hidden`] after its checks: no host synchronization for a decode step (a
+    /// [`crate::graph::DecodeGraph`] records it).
+    fn layers_forward(&mut self, tokens: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
         let decode = t == 1 && lens.iter().all(|&n| n == 1);
         let l = self.config.layout;
         let (nq, nkv, d) = (l.n_q_heads, l.n_kv_heads, l.head_dim);
@@ -853,5 +861,23 @@ fn hf_shards(dir: &Path) -> Result<Vec<PathBuf>> {
             "{} holds neither model.safetensors nor model.safetensors.index.json",
             dir.display()
         )))
+    }
+}
+
+impl GraphDecoder for Llama {
+    type Error = Error;
+
+    fn attention_ops(&mut self) -> &mut [SaapAttention] {
+        &mut self.attn
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn decode_logits(&mut self, tokens: &Tensor) -> Result<Tensor> {
+        let batch = tokens.dim(0)?;
+        let h = self.layers_forward(tokens, &vec![1; batch])?;
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?.squeeze(1)?)
     }
 }

@@ -111,6 +111,26 @@ pub fn assign_into(
     starts: &[usize],
     lens: &[usize],
 ) -> Result<()> {
+    assign_rows(
+        labels,
+        keys,
+        (centroids_t, half_norms, rounded),
+        starts,
+        lens,
+        None,
+    )
+}
+
+/// [`assign_into`], and for a decode step recorded into a CUDA graph, `advance`: the replayed
+/// steps per item (`[B]` u32), added to `starts` on the device.
+pub(crate) fn assign_rows(
+    labels: &Tensor,
+    keys: &Tensor,
+    (centroids_t, half_norms, rounded): (&Tensor, &Tensor, Option<&Tensor>),
+    starts: &[usize],
+    lens: &[usize],
+    advance: Option<&Tensor>,
+) -> Result<()> {
     if keys.device().is_cuda() {
         let longest = lens.iter().max().copied().unwrap_or(0);
         let op = AssignOp {
@@ -124,8 +144,14 @@ pub fn assign_into(
                 .cloned(),
             starts: starts.to_vec(),
             lens: lens.to_vec(),
+            advance: advance.cloned(),
         };
         return Ok(labels.inplace_op2(&keys.contiguous()?, &op)?);
+    }
+    if advance.is_some() {
+        return Err(crate::SaapError::Config(
+            "replayed decode steps run on CUDA only".into(),
+        ));
     }
     for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
         if len == 0 {
@@ -152,6 +178,9 @@ pub struct AssignOp {
     pub starts: Vec<usize>,
     /// Per item, its keys to label.
     pub lens: Vec<usize>,
+    /// Decode steps replayed from a CUDA graph per item (`[B]` u32), added to `starts` on the
+    /// device; `None` outside replay.
+    pub advance: Option<Tensor>,
 }
 
 impl InplaceOp2 for AssignOp {
