@@ -288,7 +288,7 @@ impl SaapAttention {
             )));
         }
         self.routing = routing;
-        self.replay = None;
+        self.end_replay();
         Ok(())
     }
 
@@ -298,7 +298,7 @@ impl SaapAttention {
     /// [`SaapError::Config`] unless `1 <= n_probe <= C`.
     pub fn set_n_probe(&mut self, n_probe: usize) -> Result<()> {
         self.config = self.config.with_n_probe(n_probe)?;
-        self.replay = None;
+        self.end_replay();
         Ok(())
     }
 
@@ -360,7 +360,7 @@ impl SaapAttention {
     /// same sequences, with no per-step index upkeep (a dense baseline after one shared prefill,
     /// or a fallback). The partition state is freed.
     pub fn drop_index(&mut self) {
-        self.replay = None;
+        self.end_replay();
         self.index = None;
         self.routing = Routing::Dense;
         if let Some(state) = &mut self.state {

@@ -205,6 +205,15 @@ impl DecodeGraph {
             .attention_ops()
             .iter_mut()
             .for_each(SaapAttention::end_replay);
+        // Candle uploads small host data (a layout's dims and strides) for some kernels. A
+        // capture would record copies from host memory that is gone by the replay; with this
+        // cache the eager step uploads each once and the capture reuses the device copies (and
+        // fails, rather than record a host copy, for anything not cached).
+        #[cfg(feature = "cuda")]
+        let _uploads = match &self.device {
+            Device::Cuda(dev) if self.enabled => Some(dev.enable_cuda_graph_htod_cache()),
+            _ => None,
+        };
         let logits = model.decode_logits(input)?;
         ensure_finite("logits", &[&logits])?;
         self.stats.eager += 1;

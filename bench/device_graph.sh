@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# CUDA-graph decode on the GPU machine (session of 2026-11-26, second half): Qwen2.5-Coder-0.5B
+# (Q4_K_M GGUF sent in pieces to /tmp/q), texts in .qwen/texts, binaries staged in .devA/.devB and
+# copied to /tmp/bin as they arrive (carried folders do not outlive their call).
+# Usage: bash bench/device_graph.sh STEP   (setup | calib32 | calib128 | tests | steps | e2e32 | e2e128)
+set -uo pipefail
+step=$1
+M=/tmp/saap/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+I=/tmp/saap/indexes
+export SAAP_CACHE=/tmp/saap LD_LIBRARY_PATH=/usr/local/cuda/lib64 RUST_BACKTRACE=0
+bin=/tmp/bin
+run() { echo "\$ $*" | tee -a "$OUT/$step.txt"; "$@" 2>&1 | tee -a "$OUT/$step.txt"; }
+unpack() { mkdir -p "$bin"; for d in .devA .devB .devC; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done; gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*; }
+case $step in
+setup)
+  mkdir -p /tmp/saap/models "$I" && cp -r .qwen/texts /tmp/saap/
+  cat /tmp/q/p0* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt"
+  unpack
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/setup.txt" ;;
+calib32)
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 1 --queries 128 --epochs 10 --hidden 64 --out "$I/q32k.safetensors" ;;
+calib128)
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 32768 --seqs 1 --queries 128 --epochs 10 --hidden 64 --out "$I/q128k.safetensors" ;;
+tests)
+  unpack
+  run "$bin/graph" --test-threads 1
+  run "$bin/cuda_parity" --test-threads 1 ;;
+steps)
+  unpack
+  SAAP_REPORT_ONLY=steps run "$bin/bench_report" 32768,131072,171008 1,8 ;;
+e2e32)
+  unpack
+  run "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64
+  run "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse ;;
+e2e128)
+  unpack
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 ;;
+esac
