@@ -115,7 +115,10 @@ fn run(args: Args) -> Res<()> {
             (0..model.n_layers()).try_for_each(|l| model.set_routing(l, Routing::Classifier))?;
         }
         let start = Instant::now();
-        let first = prefill_batch(&mut model, &prompts, chunk)?;
+        let first = model
+            .prefill_batch(&prompts, chunk)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?;
         device.synchronize()?;
         let prefill_s = start.elapsed().as_secs_f64();
         let snapshot = model.snapshot_attention()?;
@@ -162,35 +165,6 @@ fn run(args: Args) -> Res<()> {
         }
     }
     Ok(())
-}
-
-/// Prefills ragged prompts as one batch, chunk by chunk (items that have run out of tokens take
-/// part with length 0). Returns each item's next token (greedy).
-fn prefill_batch(model: &mut Llama, prompts: &[&[u32]], chunk: usize) -> Res<Vec<u32>> {
-    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let mut next = vec![0u32; prompts.len()];
-    for at in (0..longest).step_by(chunk) {
-        let width = chunk.min(longest - at);
-        let lens: Vec<usize> = prompts
-            .iter()
-            .map(|p| p.len().saturating_sub(at).min(width))
-            .collect();
-        let mut ids = vec![0u32; prompts.len() * width];
-        for (i, (p, &len)) in prompts.iter().zip(&lens).enumerate() {
-            if len > 0 {
-                ids[i * width..i * width + len].copy_from_slice(&p[at..at + len]);
-            }
-        }
-        let tokens = Tensor::from_vec(ids, (prompts.len(), width), model.device())?;
-        let logits = model.forward_last(&tokens, &lens)?;
-        let argmax = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        for (i, &len) in lens.iter().enumerate() {
-            if len > 0 {
-                next[i] = argmax[i];
-            }
-        }
-    }
-    Ok(next)
 }
 
 /// A timed greedy decode.

@@ -178,6 +178,56 @@ fn saap_reading_every_partition_matches_dense() {
     assert!(model.attach_index(Some(&plain)).is_err());
 }
 
+/// Ragged prompts prefilled as one batch give each item the logits it gets alone, and a
+/// `DecodeGraph` (eager on the CPU) then decodes the batch as `forward` does item by item.
+#[test]
+fn ragged_batch_prefill_and_graph_decode_match_single_items() {
+    use saap::graph::DecodeGraph;
+    let path = smollm2();
+    let tok = GgufTokenizer::from_gguf(&path).unwrap();
+    let mut model = Llama::from_gguf_dequantized(&path, &Device::Cpu, DType::F32).unwrap();
+    model
+        .attach_index(Some(&random_index(&model, 8, 2)))
+        .unwrap();
+    let text = pride_tokens(&tok, 260);
+    let prompts: [&[u32]; 2] = [&text[..150], &text[150..260]];
+    let steps = [7u32, 1000, 42];
+    // Alone: chunked prefill then forward, per item.
+    let mut alone = Vec::new();
+    for prompt in prompts {
+        model.reset();
+        let mut logits = vec![model.prefill_chunked(prompt, 64).unwrap()];
+        for &id in &steps {
+            let t = Tensor::new(&[[id]], &Device::Cpu).unwrap();
+            logits.push(model.forward(&t, &[1]).unwrap().i((0, 0)).unwrap());
+        }
+        alone.push(logits);
+    }
+    // Together: chunks of 64 (the shorter prompt runs out first), then graph steps.
+    model.reset();
+    let first = model.prefill_batch(&prompts, 64).unwrap();
+    assert_eq!(model.seq_lens(), &[150, 110]);
+    let mut graph = DecodeGraph::new(&Device::Cpu, 2, 16).unwrap();
+    let mut together = vec![first];
+    for &id in &steps {
+        together.push(graph.step(&mut model, &[id, id]).unwrap());
+    }
+    assert_eq!(graph.stats().eager, steps.len());
+    for (step, batch) in together.iter().enumerate() {
+        for (item, logits) in alone.iter().enumerate() {
+            let diff = common::max_abs_diff(&batch.get(item).unwrap(), &logits[step]);
+            assert!(
+                diff < 1e-3,
+                "step {step}, item {item}: logits differ by {diff}"
+            );
+        }
+    }
+    assert!(matches!(
+        model.prefill_batch(&[&text[..5], &[]], 64),
+        Err(saap::models::Error::Model(_))
+    ));
+}
+
 /// Writes SmolLM2 as a Hugging Face checkpoint: weights dequantized to f32, q/k rows un-permuted
 /// from GGUF's interleaved-RoPE order to NEOX order, two shards plus an index, and a config.json.
 fn write_hf_checkpoint(gguf: &Path, dir: &Path) {

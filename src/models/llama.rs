@@ -415,14 +415,52 @@ impl Llama {
 
     /// Runs `tokens` (one sequence) through the model in prefill chunks of `chunk` tokens,
     /// appending to the caches; returns the logits of the last token, `[vocab]` (f32).
+    ///
+    /// # Errors
+    /// [`Error::Model`] for no tokens or a token outside the vocabulary; errors of the ops.
     pub fn prefill_chunked(&mut self, tokens: &[u32], chunk: usize) -> Result<Tensor> {
-        let mut last = None;
-        for piece in tokens.chunks(chunk.max(1)) {
-            let t = Tensor::new(piece, &self.device)?.unsqueeze(0)?;
-            last = Some(self.forward_last(&t, &[piece.len()])?);
+        Ok(self.prefill_batch(&[tokens], chunk)?.squeeze(0)?)
+    }
+
+    /// Prefills a batch of prompts of different lengths (one sequence each, right padded) in
+    /// chunks of `chunk` tokens: an item whose prompt has run out takes part in later chunks
+    /// with length 0. Returns the logits of each item's last prompt token, `[B, vocab]` (f32).
+    ///
+    /// # Errors
+    /// [`Error::Model`] for an empty batch or an empty prompt, or a token outside the
+    /// vocabulary; errors of the ops.
+    pub fn prefill_batch(&mut self, prompts: &[&[u32]], chunk: usize) -> Result<Tensor> {
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(Error::Model("prefill of no tokens".into()));
         }
-        let last = last.ok_or_else(|| Error::Model("prefill of no tokens".into()))?;
-        Ok(last.squeeze(0)?)
+        let chunk = chunk.max(1);
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut last: Vec<Option<Tensor>> = vec![None; prompts.len()];
+        for at in (0..longest).step_by(chunk) {
+            let width = chunk.min(longest - at);
+            let lens: Vec<usize> = prompts
+                .iter()
+                .map(|p| p.len().saturating_sub(at).min(width))
+                .collect();
+            let mut ids = vec![0u32; prompts.len() * width];
+            for (i, (p, &len)) in prompts
+                .iter()
+                .zip(&lens)
+                .enumerate()
+                .filter(|(_, (_, &l))| l > 0)
+            {
+                ids[i * width..i * width + len].copy_from_slice(&p[at..at + len]);
+            }
+            let tokens = Tensor::from_vec(ids, (prompts.len(), width), &self.device)?;
+            let logits = self.forward_last(&tokens, &lens)?;
+            for (i, &len) in lens.iter().enumerate() {
+                if len > 0 {
+                    last[i] = Some(logits.get(i)?);
+                }
+            }
+        }
+        let last: Vec<Tensor> = last.into_iter().flatten().collect();
+        Ok(Tensor::stack(&last, 0)?)
     }
 
     /// How layer `layer` chooses the keys it reads at decode.
