@@ -2,7 +2,7 @@
 # CUDA-graph decode on the GPU machine (session of 2026-11-26, second half): Qwen2.5-Coder-0.5B
 # (Q4_K_M GGUF sent in pieces to /tmp/q), texts in .qwen/texts, binaries staged in .devA/.devB and
 # copied to /tmp/bin as they arrive (carried folders do not outlive their call).
-# Usage: bash bench/device_graph.sh STEP   (setup | calib32 | calib128 | tests | steps | e2e32 | e2e128)
+# Usage: bash bench/device_graph.sh STEP   (setup | calib32 | calib128 | tests | steps | e2e32 | e2e128 | sweep128)
 set -uo pipefail
 step=$1
 M=/tmp/saap/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -36,4 +36,9 @@ e2e128)
   unpack
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 ;;
+sweep128)
+  # Teacher-forced on the text's continuation: tokens/s, keys read, perplexity and top-1 vs dense
+  # for several ℓ, every layer sparse, graphs on.
+  unpack
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 8 --tokens 64 --chunk 32768 --all-sparse --graph on --n-probe 9,24,64 ;;
 esac

@@ -1,18 +1,21 @@
-//! Batched decode throughput, dense vs Saap, in one process: for each batch size, ragged prompts
-//! of held-out text (Shakespeare; item i starts elsewhere in the text and is a little shorter
-//! than item i − 1) are prefilled as one batch with the index attached; then the same caches are
-//! decoded greedily — dense (the index dropped: the op's dense kernel over all keys, no index
-//! upkeep) and with Saap's routing, each step by step (eager) and as one CUDA graph per step
-//! (`saap::graph::DecodeGraph`) — and the tool prints time to first token, tokens/s of each,
-//! keys read (window and sinks included) and how far the greedy continuations agree.
+//! Batched decode throughput and quality, dense vs Saap, in one process: for each batch size,
+//! ragged prompts of held-out text (Shakespeare; item i starts elsewhere in the text and is a
+//! little shorter than item i − 1) are prefilled as one batch with the index attached; then the
+//! same caches are decoded — dense (the index dropped: the op's dense kernel over all keys, no
+//! index upkeep) and with Saap's routing at each ℓ asked for — each step by step (eager) and as
+//! one CUDA graph per step (`saap::graph::DecodeGraph`). Decoding is teacher-forced on the text's
+//! own continuation, so every mode sees the same inputs: the tool prints time to first token,
+//! tokens/s, keys read (window and sinks included), perplexity relative to dense on those
+//! tokens, and how often Saap's top-1 token is dense's.
 //!
 //! `cargo run --release --features cuda --example throughput -- --qwen --cuda --index I
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
-//! (ignoring the index's dense layers); `--graph on|off|both` picks the step modes.
+//! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ; `--graph on|off|both` picks
+//! the step modes.
 
 mod common;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use clap::Parser;
 use common::{exit_code, ModelArgs, Res};
 use saap::graph::DecodeGraph;
@@ -47,6 +50,9 @@ struct Args {
     /// Decode steps as CUDA graphs (on), step by step (off), or both, each timed
     #[arg(long, value_enum, default_value = "both")]
     graph: GraphMode,
+    /// ℓ values to run Saap with, comma-separated [default: the index's]
+    #[arg(long, value_delimiter = ',')]
+    n_probe: Vec<usize>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -84,11 +90,14 @@ fn run(args: Args) -> Res<()> {
     let text = tokenizer.encode(&fetch::read_text(Text::Shakespeare)?)?;
     let longest_batch = args.batch.iter().max().copied().unwrap_or(1);
     let stride = 4099;
-    if args.context == 0 || text.len() < args.context + stride * longest_batch {
+    if args.tokens < 2 {
+        return Err("--tokens must be at least 2 (one step and the token it predicts)".into());
+    }
+    let needed = args.context + stride * longest_batch + args.tokens;
+    if args.context == 0 || args.batch.contains(&0) || text.len() < needed {
         return Err(format!(
-            "--context {} with batch {longest_batch} needs {} tokens of text; Shakespeare has {}",
+            "--context {} with batch {longest_batch} needs {needed} tokens of text; Shakespeare has {}",
             args.context,
-            args.context + stride * longest_batch,
             text.len()
         )
         .into());
@@ -101,111 +110,153 @@ fn run(args: Args) -> Res<()> {
         args.tokens,
         args.all_sparse
     );
-    println!("batch | graph | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | greedy agreement");
+    println!("batch | graph | ℓ | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | perplexity vs dense | top-1 as dense");
+    let index_probe = index.config().n_probe;
+    let probes = if args.n_probe.is_empty() {
+        vec![index_probe]
+    } else {
+        args.n_probe.clone()
+    };
     for &batch in &args.batch {
-        // Item i: ~1.5% shorter than item i − 1, from its own place in the text.
-        let prompts: Vec<&[u32]> = (0..batch)
+        // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
+        // its own continuation.
+        let (prompts, continuations): (Vec<&[u32]>, Vec<&[u32]>) = (0..batch)
             .map(|i| {
-                let len = args.context - i * args.context / 64;
-                &text[i * stride..i * stride + len]
+                let (start, len) = (i * stride, args.context - i * args.context / 64);
+                (
+                    &text[start..start + len],
+                    &text[start + len..start + len + args.tokens],
+                )
             })
-            .collect();
+            .unzip();
         model.attach_index(Some(&index))?;
         if args.all_sparse {
             (0..model.n_layers()).try_for_each(|l| model.set_routing(l, Routing::Classifier))?;
         }
         let start = Instant::now();
-        let first = model
-            .prefill_batch(&prompts, chunk)?
-            .argmax(D::Minus1)?
-            .to_vec1::<u32>()?;
+        model.prefill_batch(&prompts, chunk)?;
         device.synchronize()?;
         let prefill_s = start.elapsed().as_secs_f64();
         let snapshot = model.snapshot_attention()?;
-        // Keys read: a few tracked steps (tracking syncs every layer, so they are not timed).
-        let reads = keys_read(&mut model, &first, 8)?;
         for graph in args.graph.runs() {
             // Dense: the same caches without the index (no per-step assignment or merges).
             model.restore_attention(&snapshot)?;
             for layer in 0..model.n_layers() {
                 model.attention_mut(layer)?.drop_index();
             }
-            let dense = decode(&mut model, &first, args.tokens, graph)?;
-            model.restore_attention(&snapshot)?;
-            let saap = decode(&mut model, &first, args.tokens, graph)?;
-            let steps = (batch * args.tokens) as f64;
-            let agree: Vec<usize> = dense
-                .tokens
-                .iter()
-                .zip(&saap.tokens)
-                .map(|(d, s)| d.iter().zip(s).take_while(|(a, b)| a == b).count())
-                .collect();
-            let identical = agree.iter().filter(|&&n| n == args.tokens).count();
-            let mean_agree = agree.iter().sum::<usize>() as f64 / batch as f64;
-            let mode = if graph { "on" } else { "off" };
-            println!(
-                "{batch} | {mode} | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}% | {identical}/{batch} identical, {mean_agree:.1} of {} tokens before the first divergence (launches: dense {}, Saap {})",
-                steps / dense.seconds,
-                steps / saap.seconds,
-                dense.seconds / saap.seconds,
-                100.0 * reads.selectivity(),
-                args.tokens,
-                dense.launches,
-                saap.launches,
-            );
-            println!(
-                "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"mean_agree\":{mean_agree:.2},\"tokens\":{}}}",
-                args.context,
-                args.all_sparse,
-                steps / dense.seconds,
-                steps / saap.seconds,
-                reads.selectivity(),
-                args.tokens
-            );
+            let dense = decode(&mut model, &continuations, graph)?;
+            for &n_probe in &probes {
+                model.restore_attention(&snapshot)?;
+                for layer in 0..model.n_layers() {
+                    model.attention_mut(layer)?.set_n_probe(n_probe)?;
+                }
+                let saap = decode(&mut model, &continuations, graph)?;
+                // Keys read: a few tracked steps (tracking syncs every layer: not timed).
+                model.restore_attention(&snapshot)?;
+                for layer in 0..model.n_layers() {
+                    model.attention_mut(layer)?.set_n_probe(n_probe)?;
+                }
+                let reads = keys_read(&mut model, &continuations, 8)?;
+                let steps = (batch * (args.tokens - 1)) as f64;
+                let ppl_ratio = (saap.nll - dense.nll).exp();
+                let top1 = agreement(&dense.top1, &saap.top1);
+                let mode = if graph { "on" } else { "off" };
+                println!(
+                    "{batch} | {mode} | {n_probe} | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}% | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
+                    steps / dense.seconds,
+                    steps / saap.seconds,
+                    dense.seconds / saap.seconds,
+                    100.0 * reads.selectivity(),
+                    100.0 * top1,
+                    dense.launches,
+                    saap.launches,
+                );
+                println!(
+                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    args.context,
+                    args.all_sparse,
+                    steps / dense.seconds,
+                    steps / saap.seconds,
+                    reads.selectivity(),
+                    dense.nll,
+                    saap.nll,
+                    args.tokens
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// A timed greedy decode.
+/// Share of positions where two runs' top-1 tokens agree.
+fn agreement(a: &[Vec<u32>], b: &[Vec<u32>]) -> f64 {
+    let (same, all) = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y))
+        .fold((0, 0), |(same, all), (x, y)| {
+            (same + usize::from(x == y), all + 1)
+        });
+    same as f64 / all.max(1) as f64
+}
+
+/// A timed teacher-forced decode.
 struct Decoded {
-    /// Per item, the tokens produced.
-    tokens: Vec<Vec<u32>>,
     seconds: f64,
+    /// Mean negative log-likelihood of each next continuation token, over items and steps.
+    nll: f64,
+    /// Per item and step, the top-1 next token.
+    top1: Vec<Vec<u32>>,
     /// How the steps ran: eager steps, recordings, graph launches.
     launches: String,
 }
 
-/// Greedy decode of `steps` tokens per item from `first` through a [`DecodeGraph`] (graphs on
-/// or off), read statistics and the ops' finite checks off (each would sync the host every
-/// layer; the graph checks the logits of every step instead).
-fn decode(model: &mut Llama, first: &[u32], steps: usize, graph: bool) -> Res<Decoded> {
+/// Feeds each item its continuation (`inputs[b][s]` at step `s`, the last one only predicted)
+/// through a [`DecodeGraph`] (graphs on or off), read statistics and the ops' finite checks off
+/// (each would sync the host every layer; the graph checks the logits of every step instead).
+/// The log-likelihoods are computed after the clock stops.
+fn decode(model: &mut Llama, inputs: &[&[u32]], graph: bool) -> Res<Decoded> {
     for layer in 0..model.n_layers() {
         let op = model.attention_mut(layer)?;
         op.set_track_reads(false);
         op.set_check_finite(false);
     }
     let device = model.device().clone();
-    let mut stepper = DecodeGraph::new(&device, first.len(), 256)?;
+    let (batch, steps) = (inputs.len(), inputs[0].len() - 1);
+    let mut stepper = DecodeGraph::new(&device, batch, 256)?;
     if !graph {
         stepper.disable();
     }
-    let mut next = first.to_vec();
-    let mut tokens = vec![Vec::with_capacity(steps); first.len()];
+    let mut logits = Vec::with_capacity(steps);
     device.synchronize()?;
     let start = Instant::now();
-    for _ in 0..steps {
-        let logits = stepper.step(model, &next)?;
-        next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
-        for (item, &token) in tokens.iter_mut().zip(&next) {
-            item.push(token);
-        }
+    for step in 0..steps {
+        let tokens: Vec<u32> = inputs.iter().map(|item| item[step]).collect();
+        logits.push(stepper.step(model, &tokens)?);
     }
     device.synchronize()?;
+    let seconds = start.elapsed().as_secs_f64();
     let stats = stepper.stats();
+    // [steps, B, vocab] → per step the log-probability of the true next token.
+    let logits = Tensor::stack(&logits, 0)?;
+    let targets: Vec<u32> = (1..=steps)
+        .flat_map(|s| inputs.iter().map(move |item| item[s]))
+        .collect();
+    let targets = Tensor::from_vec(targets, (steps, batch, 1), &device)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let nll = -logp
+        .gather(&targets, D::Minus1)?
+        .to_dtype(DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    let by_step = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+    let top1 = (0..batch)
+        .map(|b| by_step.iter().map(|row| row[b]).collect())
+        .collect();
     Ok(Decoded {
-        tokens,
-        seconds: start.elapsed().as_secs_f64(),
+        seconds,
+        nll,
+        top1,
         launches: format!(
             "{} eager, {} recorded, {} replayed",
             stats.eager, stats.recordings, stats.replays
@@ -213,17 +264,17 @@ fn decode(model: &mut Llama, first: &[u32], steps: usize, graph: bool) -> Res<De
     })
 }
 
-/// Keys read over `steps` greedy steps from `first`, window and sinks included.
-fn keys_read(model: &mut Llama, first: &[u32], steps: usize) -> Res<ReadStats> {
+/// Keys read over `steps` teacher-forced steps, window and sinks included.
+fn keys_read(model: &mut Llama, inputs: &[&[u32]], steps: usize) -> Res<ReadStats> {
     for layer in 0..model.n_layers() {
         model.attention_mut(layer)?.set_track_reads(true);
     }
     let device = model.device().clone();
-    let batch = first.len();
-    let mut next = Tensor::from_vec(first.to_vec(), (batch, 1), &device)?;
     let mut reads = ReadStats::default();
-    for _ in 0..steps {
-        next = model.forward(&next, &vec![1; batch])?.argmax(D::Minus1)?;
+    for step in 0..steps.min(inputs[0].len()) {
+        let tokens: Vec<u32> = inputs.iter().map(|item| item[step]).collect();
+        let tokens = Tensor::from_vec(tokens, (inputs.len(), 1), &device)?;
+        model.forward(&tokens, &vec![1; inputs.len()])?;
         model
             .read_stats()
             .iter()
