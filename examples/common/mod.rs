@@ -66,6 +66,9 @@ pub struct Loaded {
     pub device: Device,
     /// File stem of the checkpoint: names cached indexes and reports.
     pub name: String,
+    /// The checkpoint file.
+    #[allow(dead_code)] // not every example needs it
+    pub path: PathBuf,
     pub tok: GgufTokenizer,
     pub model: Llama,
 }
@@ -94,6 +97,7 @@ impl ModelArgs {
         Ok(Loaded {
             device,
             name,
+            path,
             tok,
             model,
         })
