@@ -189,7 +189,7 @@ fn run(args: Args) -> Res<()> {
             calibrate::cached_or_trained_index(&mut model, &tok, &name, context, plan, &sources)
                 .map_err(|e| {
                     format!(
-                        "{e}\n(calibrating an index reads three Austen novels and the Jargon File, \
+                        "{e} (calibrating an index reads three Austen novels and the Jargon File, \
                          Debian packages: fetch them once where apt-get exists with \
                          scripts/fetch.sh and copy $SAAP_CACHE here, or pass --index FILE)"
                     )
@@ -293,7 +293,7 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
             ),
             None => (
                 fetch::read_text(Text::PrideAndPrejudice).map_err(|e| {
-                    format!("{e}\n(the context text is Pride and Prejudice; pass --text FILE to use another)")
+                    format!("{e} (the context text is Pride and Prejudice; pass --text FILE to use another)")
                 })?,
                 "Pride and Prejudice".to_string(),
             ),

@@ -563,3 +563,95 @@ fn format_error(e: serde_json::Error) -> SaapError {
 fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(format_error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling};
+
+    fn layer(config: &SaapConfig, value: f32) -> LayerIndex {
+        let l = config.layout;
+        let (c, h) = (config.n_partitions, config.hidden);
+        let full = |shape: &[usize]| Tensor::full(value, shape, &Device::Cpu).unwrap();
+        LayerIndex {
+            centroids: full(&[l.n_kv_heads, c, l.head_dim]),
+            classifier: Classifier {
+                w1: full(&[l.n_q_heads, l.head_dim, h]),
+                b1: full(&[l.n_q_heads, 1, h]),
+                w2: full(&[l.n_q_heads, h, c]),
+                b2: full(&[l.n_q_heads, 1, c]),
+            },
+            routing: Routing::Classifier,
+        }
+    }
+
+    fn config() -> SaapConfig {
+        let layout = HeadLayout {
+            n_q_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let rope = RopeConfig {
+            kind: RopeKind::Neox,
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
+        let mut config = SaapConfig::new(layout, rope, 8).unwrap();
+        config.hidden = 4;
+        config
+    }
+
+    #[test]
+    fn tensors_are_kept_and_stored_at_bf16_precision() {
+        let config = config();
+        // 1 + 2⁻⁹ lies halfway between two bf16 values: ties go to the even one, 1.0;
+        // 1 + 3·2⁻⁹ rounds up to 1 + 2⁻⁷.
+        let tie = 1.0 + 2f32.powi(-9);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, tie)]).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let l = index.layer(0).unwrap();
+        assert!(values(&l.centroids).iter().all(|&x| x == 1.0));
+        assert!(values(&l.classifier.w2).iter().all(|&x| x == 1.0));
+        let up = 1.0 + 3.0 * 2f32.powi(-9);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, up)]).unwrap();
+        let w1 = values(&index.layer(0).unwrap().classifier.w1);
+        assert!(w1.iter().all(|&x| x == 1.0 + 2f32.powi(-7)), "{w1:?}");
+        // Beyond bf16's largest finite value, rounding makes infinity: refused.
+        assert!(matches!(
+            SaapIndex::new(config.clone(), "m", vec![layer(&config, f32::MAX)]),
+            Err(SaapError::NonFinite(_))
+        ));
+    }
+
+    #[test]
+    fn file_holds_two_bytes_per_value_and_the_model_digest() {
+        let config = config();
+        let sha = "ab".repeat(32);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, 0.5)])
+            .unwrap()
+            .with_model_sha256(sha.clone())
+            .unwrap();
+        let bytes = index.to_bytes().unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // centroids 2·8·8, w1 4·8·4, b1 4·4, w2 4·4·8, b2 4·8 values.
+        let values = 128 + 128 + 16 + 128 + 32;
+        assert_eq!(bytes.len(), 8 + header + 2 * values);
+        let dir = std::env::temp_dir().join(format!("saap-index-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("i.safetensors");
+        index.save(&path).unwrap();
+        let loaded = SaapIndex::load(&path, &Device::Cpu);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.model_sha256(), Some(sha.as_str()));
+        loaded.check_model_sha256(&sha).unwrap();
+        assert!(matches!(
+            loaded.check_model_sha256(&"cd".repeat(32)),
+            Err(SaapError::IndexMismatch(msg)) if msg.contains(&sha)
+        ));
+        assert!(matches!(
+            index.clone().with_model_sha256("ABCD"),
+            Err(SaapError::Config(_))
+        ));
+    }
+}
