@@ -27,7 +27,9 @@ const MODEL_SHA256: &str = "model_sha256";
 
 /// Whether `s` is a lowercase hex sha256 (64 digits).
 fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `t` as f32 holding its values rounded to bf16 (round to nearest even): the precision an index
@@ -355,7 +357,10 @@ impl SaapIndex {
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, t) in layer.tensors() {
                 // Exact: the tensors already hold bf16 values.
-                let values = t.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<half::bf16>()?;
+                let values = t
+                    .to_dtype(DType::BF16)?
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?;
                 let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
                 data.insert(format!("layers.{i}.{name}"), (t.dims().to_vec(), bytes));
             }

@@ -86,7 +86,13 @@ fn tiny_gguf(path: &Path) {
         let t = Tensor::from_vec(values, shape, &dev).unwrap();
         QTensor::quantize(&t, GgmlDType::F32).unwrap()
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &dev).unwrap(), GgmlDType::F32).unwrap();
+    let ones = |n: usize| {
+        QTensor::quantize(
+            &Tensor::ones(n, candle_core::DType::F32, &dev).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap()
+    };
     let tensors = vec![
         ("token_embd.weight", w(&[vocab, hidden], 1.0)),
         ("blk.0.attn_norm.weight", ones(hidden)),
@@ -177,7 +183,10 @@ fn bad_invocations_get_one_line_errors() {
         &cache,
         None,
     );
-    one_line_error(&err, &["--index", "no-such-index.safetensors", "no such file"]);
+    one_line_error(
+        &err,
+        &["--index", "no-such-index.safetensors", "no such file"],
+    );
     let err = fails(
         &["--model", model_arg, "--text", "no-such-text.txt"],
         &cache,
@@ -187,14 +196,29 @@ fn bad_invocations_get_one_line_errors() {
 
     // A context beyond the 64 tokens the model was trained for.
     let err = fails(
-        &["--model", model_arg, "--text", text_arg, "--context", "100", "--dense"],
+        &[
+            "--model",
+            model_arg,
+            "--text",
+            text_arg,
+            "--context",
+            "100",
+            "--dense",
+        ],
         &cache,
         None,
     );
-    one_line_error(&err, &["exceed the 64 tokens", "--context", "--beyond-context"]);
+    one_line_error(
+        &err,
+        &["exceed the 64 tokens", "--context", "--beyond-context"],
+    );
 
     // No calibration on sequences too short to hold sinks, window and C keys.
-    let err = fails(&["--model", model_arg, "--calib-context", "0"], &cache, None);
+    let err = fails(
+        &["--model", model_arg, "--calib-context", "0"],
+        &cache,
+        None,
+    );
     one_line_error(&err, &["--calib-context 0", "at least 1024 tokens"]);
 
     // No apt-get (an empty PATH) for the default text: the way out is --text FILE.

@@ -10,9 +10,9 @@
 
 mod common;
 
-use half::bf16;
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use half::bf16;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};

@@ -68,8 +68,7 @@ fn non_finite_tensors_are_rejected() {
     ] {
         // Resealed: the digests agree, only the finiteness check is left to catch it.
         let mut edited = file.clone();
-        edited.tensor_data(name)[8..10]
-            .copy_from_slice(&half::bf16::from_f32(value).to_le_bytes());
+        edited.tensor_data(name)[8..10].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes());
         edited.reseal();
         let msg = rejected(dir.path(), &edited.to_bytes(), "a non-finite value");
         assert!(msg.contains("non-finite"), "{msg}");
@@ -231,7 +230,9 @@ fn version_2_files_are_refused_with_advice_to_recalibrate() {
     assert_eq!(v2.data.len(), 2 * file.data.len());
     let msg = rejected(dir.path(), &v2.to_bytes(), "a version-2 file");
     assert!(
-        msg.contains("format version 2") && msg.contains("version 3") && msg.contains("recalibrate"),
+        msg.contains("format version 2")
+            && msg.contains("version 3")
+            && msg.contains("recalibrate"),
         "{msg}"
     );
 }

@@ -277,12 +277,7 @@ pub struct IndexSources {
 /// Why an index loaded from `path` cannot serve `model`, if it cannot: another head layout,
 /// RoPE or depth, or another model file (when both sha256 are known; `strict` also refuses an
 /// index that recorded none).
-fn unfit(
-    index: &SaapIndex,
-    model: &Llama,
-    sha: Option<&str>,
-    strict: bool,
-) -> Option<String> {
+fn unfit(index: &SaapIndex, model: &Llama, sha: Option<&str>, strict: bool) -> Option<String> {
     let config = SaapConfig {
         layout: model.config().layout,
         rope: model.config().rope,
