@@ -10,6 +10,10 @@
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use saap::classify::Classifier;
+use saap::{
+    HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig, SaapIndex,
+};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -226,4 +230,104 @@ fn bad_invocations_get_one_line_errors() {
     std::fs::create_dir(&empty).unwrap();
     let err = fails(&["--model", model_arg, "--dense"], &cache, Some(&empty));
     one_line_error(&err, &["apt-get", "--text FILE"]);
+}
+
+/// An index for the tiny model's shape (2 query heads, 1 KV head of 8 dims, interleaved RoPE
+/// θ = 10⁴, one layer; C = 8, window 4, 1 sink), recording `model_sha256`.
+fn tiny_index(path: &Path, model_sha256: &str) {
+    let layout = HeadLayout {
+        n_q_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+    };
+    let rope = RopeConfig {
+        kind: RopeKind::Interleaved,
+        theta: 10_000.0,
+        scaling: RopeScaling::None,
+    };
+    let mut config = SaapConfig::new(layout, rope, 8).unwrap();
+    (
+        config.hidden,
+        config.window,
+        config.sinks,
+        config.merge_every,
+    ) = (4, 4, 1, 2);
+    let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap();
+    let layer = LayerIndex {
+        centroids: r(&[1, 8, 8]),
+        classifier: Classifier {
+            w1: r(&[2, 8, 4]),
+            b1: r(&[2, 1, 4]),
+            w2: r(&[2, 4, 8]),
+            b2: r(&[2, 1, 8]),
+        },
+        routing: Routing::Classifier,
+    };
+    SaapIndex::new(config, "tiny", vec![layer])
+        .unwrap()
+        .with_model_sha256(model_sha256)
+        .unwrap()
+        .save(path)
+        .unwrap();
+}
+
+#[test]
+fn an_index_of_another_model_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let model = dir.path().join("tiny.gguf");
+    tiny_gguf(&model);
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(20)).unwrap();
+    let index = dir.path().join("index.safetensors");
+    let args = |index: &Path| -> Vec<String> {
+        [
+            "--model",
+            model.to_str().unwrap(),
+            "--index",
+            index.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--context",
+            "24",
+            "--tokens",
+            "4",
+            "--raw",
+            "--prompt",
+            "Hi",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // Same head layout, RoPE and depth, but calibrated on another file: refused, both named.
+    let other = "ab".repeat(32);
+    tiny_index(&index, &other);
+    let args_other = args(&index);
+    let args_other: Vec<&str> = args_other.iter().map(String::as_str).collect();
+    let err = fails(&args_other, &cache, None);
+    one_line_error(
+        &err,
+        &["--index", "index.safetensors", &other, "calibrated on"],
+    );
+
+    // The same index recorded for this model file: Saap and dense run side by side.
+    let own = saap::models::fetch::sha256_file(&model).unwrap();
+    tiny_index(&index, &own);
+    let out = Command::new(llama_decode())
+        .args(args(&index))
+        .env("SAAP_CACHE", &cache)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Saap decodes") && stdout.contains("keys read"),
+        "{stdout}"
+    );
 }

@@ -321,10 +321,16 @@ pub fn cached_or_trained_index(
             match SaapIndex::load(&path, model.device()) {
                 Ok(index) => match unfit(&index, model, sha, false) {
                     None => return Ok((index, path)),
-                    Some(why) => eprintln!("{}: {why}: calibrating it again", path.display()),
+                    Some(why) => eprintln!(
+                        "{}: {why}; not used (a calibration replaces it)",
+                        path.display()
+                    ),
                 },
-                // A cached index of an older format version, or damaged: replace it.
-                Err(SaapError::IndexFormat(why)) => eprintln!("{why}: calibrating it again"),
+                // A cached index of an older format version, or damaged: a calibration
+                // replaces it.
+                Err(SaapError::IndexFormat(why)) => {
+                    eprintln!("index file rejected: {why}; not used (a calibration replaces it)")
+                }
                 Err(e) => return Err(e.into()),
             }
         }
