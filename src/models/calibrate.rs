@@ -300,6 +300,12 @@ fn unfit(index: &SaapIndex, model: &Llama, sha: Option<&str>, strict: bool) -> O
 /// the config [`SaapConfig::for_context`] gives (classifier hidden width 64 for the quick plan)
 /// and saved into the cache first. A cached file that is rejected (another format version,
 /// damaged, or made for another model) is calibrated again and replaced.
+///
+/// # Errors
+/// [`Error::Fetch`] or [`Error::Io`] when the cache folder or the calibration texts cannot be
+/// had; [`Error::Model`] when the texts are too short; [`Error::Saap`] from calibration or
+/// saving (a cached index that fails to load for another reason than its file, e.g. a device
+/// error, too).
 pub fn cached_or_trained_index(
     model: &mut Llama,
     tok: &GgufTokenizer,
