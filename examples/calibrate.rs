@@ -93,6 +93,7 @@ fn run() -> Res<()> {
     let Loaded {
         device,
         name,
+        path: model_path,
         tok,
         mut model,
     } = model_args.load()?;
@@ -123,6 +124,8 @@ fn run() -> Res<()> {
         config.n_partitions, config.n_probe, config.window, config.sinks, config.hidden
     );
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;
+    // Recorded so that tools can refuse the index for another model of the same shape.
+    let index = index.with_model_sha256(fetch::sha256_file(&model_path)?)?;
     let suffix = if quick { "-quick" } else { "" };
     let out = match out {
         Some(p) => p,

@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release --example llama_decode -- --help` lists the options. With none it runs
 //! SmolLM2-135M (fetched on demand) on 7000 tokens of *Pride and Prejudice*, with the index
-//! cached for the model (calibrated on first use: about 5 minutes on our busy 2-core VM).
+//! cached for the model, else the one shipped in `indexes/` (pre-calibrated for this model file),
+//! else calibrated on first use (about 4 minutes on our 2-core VM; `--recalibrate` forces it).
 
 use candle_core::{Tensor, D};
 use clap::builder::RangedU64ValueParser;
@@ -28,10 +29,15 @@ mod common;
 struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// A trained SaapIndex for this model; without it the index cached for the model is used
-    /// (calibrated on first use: about 5 minutes for SmolLM2 on our busy 2-core VM)
+    /// A trained SaapIndex for this model; without it the index cached for the model is used,
+    /// else the one shipped in the repository's indexes/ if it was calibrated on this model file,
+    /// else one is calibrated (about 4 minutes for SmolLM2 on our 2-core VM)
     #[arg(long)]
     index: Option<PathBuf>,
+    /// Calibrate the default index even if one is cached or shipped (replaces the cached one;
+    /// progress on stderr)
+    #[arg(long, conflicts_with_all = ["index", "dense"])]
+    recalibrate: bool,
     /// Decode with dense attention only (every key is read; no index)
     #[arg(long, conflicts_with = "saap")]
     dense: bool,
@@ -100,10 +106,39 @@ fn main() -> ExitCode {
     exit_code(run(Args::parse()))
 }
 
+/// Where the repository keeps pre-calibrated indexes.
+fn shipped_indexes() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("indexes")
+}
+
+/// Checks of the options that need no model, so that a mistake is reported in one line before
+/// minutes of loading.
+fn check_args(args: &Args) -> Res<()> {
+    if let Some(context) = args.calib_context {
+        if context < 1024 {
+            return Err(format!(
+                "--calib-context {context}: calibration needs sequences of at least 1024 tokens \
+                 (sinks + window + C keys before its first query)"
+            )
+            .into());
+        }
+    }
+    for (option, path) in [("--index", &args.index), ("--text", &args.text)] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(format!("{option} {}: no such file", path.display()).into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> Res<()> {
+    check_args(&args)?;
     let Loaded {
         device,
         name,
+        path: model_path,
         tok,
         mut model,
     } = args.model.load()?;
@@ -127,39 +162,46 @@ fn run(args: Args) -> Res<()> {
     } else if let Some(path) = &args.index {
         let index = SaapIndex::load(path, &device)
             .map_err(|e| format!("--index {}: {e}", path.display()))?;
+        let sha = fetch::sha256_file(&model_path)?;
+        index.check_model_sha256(&sha).map_err(|e| {
+            format!(
+                "--index {}: {e}; pass the model it was calibrated on (--model), or drop --index \
+                 to use or calibrate one for this model",
+                path.display()
+            )
+        })?;
         Some((index, path.clone()))
     } else {
         let context = args
             .calib_context
             .unwrap_or(model.config().context_length.min(32_768));
-        if context < 1024 {
-            return Err(format!(
-                "--calib-context {context}: calibration needs sequences of at least 1024 tokens \
-                 (sinks + window + C keys before its first query)"
-            )
-            .into());
-        }
         let plan = if args.full_calibration {
             calibrate::Plan::Full
         } else {
             calibrate::Plan::Quick
         };
+        let sources = calibrate::IndexSources {
+            model_sha256: Some(fetch::sha256_file(&model_path)?),
+            shipped: Some(shipped_indexes()),
+            recalibrate: args.recalibrate,
+        };
         Some(
-            calibrate::cached_or_trained_index(&mut model, &tok, &name, context, plan).map_err(
-                |e| {
+            calibrate::cached_or_trained_index(&mut model, &tok, &name, context, plan, &sources)
+                .map_err(|e| {
                     format!(
-                        "{e}\n(the first run calibrates an index on three Austen novels and the \
-                         Jargon File, Debian packages: fetch them once where apt-get exists with \
+                        "{e} (calibrating an index reads three Austen novels and the Jargon File, \
+                         Debian packages: fetch them once where apt-get exists with \
                          scripts/fetch.sh and copy $SAAP_CACHE here, or pass --index FILE)"
                     )
-                },
-            )?,
+                })?,
         )
     };
     let device_name = if device.is_cpu() { "CPU" } else { "GPU" };
     match &index {
         Some((index, index_path)) => {
-            model.attach_index(Some(index))?;
+            model
+                .attach_index(Some(index))
+                .map_err(|e| format!("{}: {e}", index_path.display()))?;
             let c = index.config();
             let probe = args.probe.unwrap_or(c.n_probe);
             for layer in 0..model.n_layers() {
@@ -251,7 +293,7 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
             ),
             None => (
                 fetch::read_text(Text::PrideAndPrejudice).map_err(|e| {
-                    format!("{e}\n(the context text is Pride and Prejudice; pass --text FILE to use another)")
+                    format!("{e} (the context text is Pride and Prejudice; pass --text FILE to use another)")
                 })?,
                 "Pride and Prejudice".to_string(),
             ),

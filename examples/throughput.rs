@@ -83,6 +83,7 @@ fn run(args: Args) -> Res<()> {
         device,
         name,
         tok: tokenizer,
+        path: _,
         mut model,
     } = args.model.load()?;
     let index = SaapIndex::load(&args.index, &device)?;

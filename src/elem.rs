@@ -109,6 +109,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// shift)·log2 e` split as `n + f`, `n` the nearest integer (by the 1.5·2²³ rounding trick, no
 /// `floor` needed), `|f| <= 1/2`, and a degree-6 Taylor polynomial of `e^(f ln 2)` (relative error
 /// below 2e-6 for `x - shift >= -16`, where f32 rounding of `y` adds to it further down); inputs more than 126 octaves below `shift` give 2⁻¹²⁶ instead of 0 or a denormal.
+#[inline(always)] // into the AVX2 version of the prefill tile
 pub(crate) fn exp_shifted(x: &mut [f32], shift: f32) {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
     const LN2: f32 = std::f32::consts::LN_2;

@@ -13,16 +13,33 @@ use std::path::Path;
 
 /// Format tag in the file's metadata.
 pub const FORMAT: &str = "saap-index";
-/// Version of the file layout this build reads and writes. Files of version 1 (no digests) are
-/// rejected: without digests their damage cannot be told apart from trained values.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the file layout this build reads and writes. Older files are rejected with a
+/// message saying to recalibrate: version 1 had no digests (damage could not be told apart from
+/// trained values), version 2 stored every tensor in f32 (twice the bytes of version 3's bf16).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Metadata key of the digest of every other metadata entry.
 const META_DIGEST: &str = "sha256";
 /// Metadata key of the JSON map from tensor name to the digest of its bytes.
 const TENSOR_DIGESTS: &str = "tensor_sha256";
+/// Metadata key of the sha256 of the model file the index was calibrated for (optional).
+const MODEL_SHA256: &str = "model_sha256";
 
-/// Trained routing state of one layer.
+/// Whether `s` is a lowercase hex sha256 (64 digits).
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `t` as f32 holding its values rounded to bf16 (round to nearest even): the precision an index
+/// keeps.
+fn bf16_precision(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?)
+}
+
+/// Trained routing state of one layer. In a [`SaapIndex`] every tensor is f32 holding values of
+/// bf16 precision ([`SaapIndex::new`] rounds them).
 #[derive(Debug, Clone)]
 pub struct LayerIndex {
     /// Key centroids per KV head, `[Hkv, C, D]` f32, in pre-RoPE key space.
@@ -47,14 +64,25 @@ impl LayerIndex {
 }
 
 /// The trained artifact of one model: a [`LayerIndex`] per layer, plus the configuration and the
-/// name of the model it was trained for. Every tensor is finite and has the shape the
-/// configuration implies.
+/// name of the model it was trained for (and, optionally, the sha256 of that model's file). Every
+/// tensor is finite and has the shape the configuration implies.
 ///
-/// # File format, version 2
+/// # Precision
+///
+/// An index keeps its tensors at **bf16 precision**: [`SaapIndex::new`] rounds every centroid
+/// and classifier weight to the nearest bf16 (round to nearest even) and holds the result as
+/// f32, and the file stores those bf16 values, so a saved and loaded index is the index that was
+/// built, bit for bit. Every op uses these values: bf16/f16 ops would round the classifier to
+/// bf16 and the centroids to their type anyway; f32 ops widen them to f32 exactly, so an f32 op
+/// routes with the bf16-rounded weights and assigns keys to the bf16-rounded centroids (the
+/// arithmetic stays f32). Calibration trains in f32 and measures its held-out recall before the
+/// rounding; the rounding moves a weight by at most 2⁻⁹ of its magnitude.
+///
+/// # File format, version 3
 ///
 /// A [safetensors](https://github.com/huggingface/safetensors) file: an 8-byte little-endian
 /// header length, a JSON header padded with spaces to a multiple of 8 bytes, then the tensor
-/// data. For each layer `i` in `0..n_layers` it holds five F32 (little-endian, row-major)
+/// data. For each layer `i` in `0..n_layers` it holds five BF16 (little-endian, row-major)
 /// tensors, with `Hq`, `Hkv`, `D`, `C` and `hidden` from the configuration:
 ///
 /// | name | shape |
@@ -72,6 +100,7 @@ impl LayerIndex {
 /// | `format` | `saap-index` |
 /// | `version` | `2` ([`FORMAT_VERSION`]) |
 /// | `model` | name of the model the index was trained for |
+/// | `model_sha256` | optional: lowercase hex sha256 of the model file it was calibrated on |
 /// | `n_layers` | number of layers, decimal |
 /// | `config` | the [`SaapConfig`] as JSON |
 /// | `routing` | JSON array of each layer's [`Routing`] |
@@ -82,6 +111,7 @@ impl LayerIndex {
 /// so saving the same index twice gives the same bytes. Loading checks all of the above:
 /// digests, names, dtypes, shapes against the configuration (hidden width included), the
 /// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
+/// Version 2 differed only in storing F32 tensors and had no `model_sha256`.
 ///
 /// Usually made by calibration (`saap::train::calibrate_index`, or `train_layer` per layer);
 /// here by hand, with random weights, to show the shapes and a save/load round trip:
@@ -115,6 +145,7 @@ impl LayerIndex {
 pub struct SaapIndex {
     config: SaapConfig,
     model: String,
+    model_sha256: Option<String>,
     layers: Vec<LayerIndex>,
 }
 
@@ -149,13 +180,15 @@ struct HeaderEntry<'a> {
 }
 
 impl SaapIndex {
-    /// Assembles an index, checking every layer against `config`.
+    /// Assembles an index, checking every layer against `config`, and rounds every tensor to
+    /// bf16 precision (held as f32 on the tensor's device; see *Precision* above).
     ///
     /// # Errors
     /// [`SaapError::Config`] for an invalid configuration or no layers;
     /// [`SaapError::Shape`] for a tensor whose shape does not follow from `config`;
     /// [`SaapError::UnsupportedDType`] for a tensor that is not f32, bf16 or f16;
-    /// [`SaapError::NonFinite`] for a NaN or infinity in any tensor.
+    /// [`SaapError::NonFinite`] for a NaN or infinity in any tensor, also one that rounding to
+    /// bf16 makes (a magnitude above bf16's largest finite value, about 3.39e38).
     pub fn new(
         config: SaapConfig,
         model: impl Into<String>,
@@ -168,7 +201,8 @@ impl SaapIndex {
             ));
         }
         let l = config.layout;
-        for layer in &layers {
+        let mut rounded = Vec::with_capacity(layers.len());
+        for layer in layers {
             let expected = [l.n_kv_heads, config.n_partitions, l.head_dim];
             if layer.centroids.dims() != expected {
                 return Err(SaapError::Shape {
@@ -180,21 +214,57 @@ impl SaapIndex {
             layer
                 .classifier
                 .check(l.n_q_heads, l.head_dim, config.hidden, config.n_partitions)?;
-            for (name, tensor) in layer.tensors() {
+            for (_, tensor) in layer.tensors() {
                 if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16) {
                     return Err(SaapError::UnsupportedDType(tensor.dtype()));
                 }
+            }
+            let c = &layer.classifier;
+            let layer = LayerIndex {
+                centroids: bf16_precision(&layer.centroids)?,
+                classifier: Classifier {
+                    w1: bf16_precision(&c.w1)?,
+                    b1: bf16_precision(&c.b1)?,
+                    w2: bf16_precision(&c.w2)?,
+                    b2: bf16_precision(&c.b2)?,
+                },
+                routing: layer.routing,
+            };
+            for (name, tensor) in layer.tensors() {
                 // NaN weights or centroids make NaN routing scores: arbitrary partitions read.
                 if !all_finite(&[tensor])? {
                     return Err(SaapError::NonFinite(name));
                 }
             }
+            rounded.push(layer);
         }
         Ok(Self {
             config,
             model: model.into(),
-            layers,
+            model_sha256: None,
+            layers: rounded,
         })
+    }
+
+    /// Records the sha256 of the model file the index was calibrated on (saved with it), so that
+    /// a tool can refuse the index for another model of the same shape.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `sha256` is 64 lowercase hex digits.
+    pub fn with_model_sha256(mut self, sha256: impl Into<String>) -> Result<Self> {
+        let sha256 = sha256.into();
+        if !is_sha256_hex(&sha256) {
+            return Err(SaapError::Config(format!(
+                "model sha256 `{sha256}` is not 64 lowercase hex digits"
+            )));
+        }
+        self.model_sha256 = Some(sha256);
+        Ok(self)
+    }
+
+    /// The sha256 of the model file the index was calibrated on, if it was recorded.
+    pub fn model_sha256(&self) -> Option<&str> {
+        self.model_sha256.as_deref()
     }
 
     /// The configuration the index was trained with.
@@ -265,12 +335,32 @@ impl SaapIndex {
         Ok(())
     }
 
+    /// Checks that this index was calibrated on the model file whose sha256 is `sha256`, when the
+    /// index recorded one (an index without a recorded sha256 passes).
+    ///
+    /// # Errors
+    /// [`SaapError::IndexMismatch`] naming both digests when they differ.
+    pub fn check_model_sha256(&self, sha256: &str) -> Result<()> {
+        match &self.model_sha256 {
+            Some(own) if own != sha256 => Err(SaapError::IndexMismatch(format!(
+                "index calibrated on model `{}` (file sha256 {own}), this model file has sha256 \
+                 {sha256}",
+                self.model
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The file's bytes (see the format above): the same index always gives the same bytes.
     fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut data: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
             for (name, t) in layer.tensors() {
-                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                // Exact: the tensors already hold bf16 values.
+                let values = t
+                    .to_dtype(DType::BF16)?
+                    .flatten_all()?
+                    .to_vec1::<half::bf16>()?;
                 let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
                 data.insert(format!("layers.{i}.{name}"), (t.dims().to_vec(), bytes));
             }
@@ -289,6 +379,9 @@ impl SaapIndex {
             ("routing".to_string(), json(&routing)?),
             (TENSOR_DIGESTS.to_string(), json(&digests)?),
         ]);
+        if let Some(sha) = &self.model_sha256 {
+            meta.insert(MODEL_SHA256.to_string(), sha.clone());
+        }
         meta.insert(META_DIGEST.to_string(), metadata_digest(&meta));
         let mut header = BTreeMap::from([(
             "__metadata__".to_string(),
@@ -297,7 +390,7 @@ impl SaapIndex {
         let mut offset = 0;
         for (name, (shape, bytes)) in &data {
             let entry = HeaderEntry {
-                dtype: "F32",
+                dtype: "BF16",
                 shape,
                 data_offsets: [offset, offset + bytes.len()],
             };
@@ -316,7 +409,7 @@ impl SaapIndex {
         Ok(file)
     }
 
-    /// Writes the index as safetensors (f32 tensors) with JSON metadata and digests, in the
+    /// Writes the index as safetensors (bf16 tensors) with JSON metadata and digests, in the
     /// format documented on [`SaapIndex`]. The file is written next to `path` and renamed into
     /// place, so a failed save leaves any previous file whole.
     ///
@@ -338,8 +431,8 @@ impl SaapIndex {
     /// # Errors
     /// [`SaapError::IndexFormat`], its message starting with the path, when the file cannot be
     /// read, is damaged (a digest differs, the container is malformed, a tensor is missing, extra,
-    /// not F32, of the wrong shape or not finite), has another format version, or holds an invalid
-    /// configuration. [`SaapError::Candle`] when the checked tensors cannot be moved to `device`.
+    /// not BF16, of the wrong shape or not finite), has another format version (the message then
+    /// says to recalibrate), or holds an invalid configuration or model sha256. [`SaapError::Candle`] when the checked tensors cannot be moved to `device`.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let index = Self::read(path)
@@ -422,9 +515,9 @@ impl SaapIndex {
         }
         let tensor = |name: &String| -> std::result::Result<Tensor, String> {
             let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
-            if view.dtype() != safetensors::Dtype::F32 {
+            if view.dtype() != safetensors::Dtype::BF16 {
                 return Err(format!(
-                    "{name}: dtype {}, the format stores F32",
+                    "{name}: dtype {}, the format stores BF16",
                     view.dtype()
                 ));
             }
@@ -435,8 +528,8 @@ impl SaapIndex {
             }
             let values: Vec<f32> = view
                 .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect();
             Tensor::from_vec(values, view.shape(), &Device::Cpu).map_err(|e| format!("{name}: {e}"))
         };
@@ -458,7 +551,13 @@ impl SaapIndex {
                 })
             })
             .collect::<std::result::Result<Vec<_>, String>>()?;
-        Self::new(config, field("model")?, layers).map_err(|e| e.to_string())
+        let index = Self::new(config, field("model")?, layers).map_err(|e| e.to_string())?;
+        match meta.get(MODEL_SHA256) {
+            Some(sha) => index
+                .with_model_sha256(sha.as_str())
+                .map_err(|e| format!("{MODEL_SHA256}: {e}")),
+            None => Ok(index),
+        }
     }
 }
 
@@ -468,4 +567,96 @@ fn format_error(e: serde_json::Error) -> SaapError {
 
 fn json<T: Serialize>(value: &T) -> Result<String> {
     serde_json::to_string(value).map_err(format_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling};
+
+    fn layer(config: &SaapConfig, value: f32) -> LayerIndex {
+        let l = config.layout;
+        let (c, h) = (config.n_partitions, config.hidden);
+        let full = |shape: &[usize]| Tensor::full(value, shape, &Device::Cpu).unwrap();
+        LayerIndex {
+            centroids: full(&[l.n_kv_heads, c, l.head_dim]),
+            classifier: Classifier {
+                w1: full(&[l.n_q_heads, l.head_dim, h]),
+                b1: full(&[l.n_q_heads, 1, h]),
+                w2: full(&[l.n_q_heads, h, c]),
+                b2: full(&[l.n_q_heads, 1, c]),
+            },
+            routing: Routing::Classifier,
+        }
+    }
+
+    fn config() -> SaapConfig {
+        let layout = HeadLayout {
+            n_q_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let rope = RopeConfig {
+            kind: RopeKind::Neox,
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
+        let mut config = SaapConfig::new(layout, rope, 8).unwrap();
+        config.hidden = 4;
+        config
+    }
+
+    #[test]
+    fn tensors_are_kept_and_stored_at_bf16_precision() {
+        let config = config();
+        // 1 + 2⁻⁹ lies halfway between two bf16 values: ties go to the even one, 1.0;
+        // 1 + 3·2⁻⁹ rounds up to 1 + 2⁻⁷.
+        let tie = 1.0 + 2f32.powi(-9);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, tie)]).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let l = index.layer(0).unwrap();
+        assert!(values(&l.centroids).iter().all(|&x| x == 1.0));
+        assert!(values(&l.classifier.w2).iter().all(|&x| x == 1.0));
+        let up = 1.0 + 3.0 * 2f32.powi(-9);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, up)]).unwrap();
+        let w1 = values(&index.layer(0).unwrap().classifier.w1);
+        assert!(w1.iter().all(|&x| x == 1.0 + 2f32.powi(-7)), "{w1:?}");
+        // Beyond bf16's largest finite value, rounding makes infinity: refused.
+        assert!(matches!(
+            SaapIndex::new(config.clone(), "m", vec![layer(&config, f32::MAX)]),
+            Err(SaapError::NonFinite(_))
+        ));
+    }
+
+    #[test]
+    fn file_holds_two_bytes_per_value_and_the_model_digest() {
+        let config = config();
+        let sha = "ab".repeat(32);
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, 0.5)])
+            .unwrap()
+            .with_model_sha256(sha.clone())
+            .unwrap();
+        let bytes = index.to_bytes().unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // centroids 2·8·8, w1 4·8·4, b1 4·4, w2 4·4·8, b2 4·8 values.
+        let values = 128 + 128 + 16 + 128 + 32;
+        assert_eq!(bytes.len(), 8 + header + 2 * values);
+        let dir = std::env::temp_dir().join(format!("saap-index-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("i.safetensors");
+        index.save(&path).unwrap();
+        let loaded = SaapIndex::load(&path, &Device::Cpu);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let loaded = loaded.unwrap();
+        assert_eq!(loaded.model_sha256(), Some(sha.as_str()));
+        loaded.check_model_sha256(&sha).unwrap();
+        assert!(matches!(
+            loaded.check_model_sha256(&"cd".repeat(32)),
+            Err(SaapError::IndexMismatch(msg)) if msg.contains(&sha)
+        ));
+        assert!(matches!(
+            index.clone().with_model_sha256("ABCD"),
+            Err(SaapError::Config(_))
+        ));
+    }
 }

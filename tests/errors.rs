@@ -54,7 +54,7 @@ fn damaged_or_foreign_index_files_are_rejected() {
 
     // Same length header rewritten with another version number.
     let text = String::from_utf8_lossy(&bytes).into_owned();
-    let needle = "\"version\":\"2\"";
+    let needle = "\"version\":\"3\"";
     assert!(text.contains(needle));
     let other = bytes
         .windows(needle.len())

@@ -12,6 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use half::bf16;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
@@ -312,31 +313,31 @@ fn mutate(rng: &mut StdRng, bytes: &[u8]) -> Mutant {
             let value = pick(
                 rng,
                 &[
-                    f32::NAN,
-                    f32::INFINITY,
-                    f32::NEG_INFINITY,
-                    f32::MAX,
-                    -1e38,
-                    1e30,
-                    f32::MIN_POSITIVE / 2.0,
-                    -0.0,
+                    bf16::NAN,
+                    bf16::INFINITY,
+                    bf16::NEG_INFINITY,
+                    bf16::MAX,
+                    bf16::from_f32(-1e38),
+                    bf16::from_f32(1e30),
+                    bf16::MIN_POSITIVE_SUBNORMAL,
+                    bf16::NEG_ZERO,
                 ],
             );
             let count = rng.random_range(1..=4);
             for _ in 0..count {
-                let at = 4 * rng.random_range(0..data.len() / 4);
-                data[at..at + 4].copy_from_slice(&value.to_le_bytes());
+                let at = 2 * rng.random_range(0..data.len() / 2);
+                data[at..at + 2].copy_from_slice(&value.to_le_bytes());
             }
             (format!("{count} values of {name} set to {value}"), true)
         }
         8 => {
-            // The smallest change to one value: the next float.
+            // The smallest change to one value: the next bf16.
             let name = pick(rng, &names.iter().collect::<Vec<_>>()).clone();
             let data = file.tensor_data(&name);
-            let at = 4 * rng.random_range(0..data.len() / 4);
-            let x = f32::from_le_bytes(data[at..at + 4].try_into().unwrap());
-            data[at..at + 4].copy_from_slice(&f32::from_bits(x.to_bits() + 1).to_le_bytes());
-            (format!("one ulp added to {name}[{}]", at / 4), false)
+            let at = 2 * rng.random_range(0..data.len() / 2);
+            let x = bf16::from_le_bytes([data[at], data[at + 1]]);
+            data[at..at + 2].copy_from_slice(&bf16::from_bits(x.to_bits() + 1).to_le_bytes());
+            (format!("one ulp added to {name}[{}]", at / 2), false)
         }
         9 => {
             // A tensor removed, or renamed.

@@ -47,7 +47,8 @@ fn bit_flips_in_tensor_data_are_rejected() {
     let (_, bytes) = saved_index(dir.path());
     let file = IndexFile::parse(&bytes);
     for name in file.tensor_names() {
-        // The lowest mantissa bit: a finite value that looks like any trained one.
+        // The lowest mantissa bit of the third bf16 value: a finite value that looks like any
+        // trained one.
         let mut edited = file.clone();
         edited.tensor_data(&name)[4] ^= 1;
         let msg = rejected(dir.path(), &edited.to_bytes(), "a flipped bit");
@@ -67,7 +68,7 @@ fn non_finite_tensors_are_rejected() {
     ] {
         // Resealed: the digests agree, only the finiteness check is left to catch it.
         let mut edited = file.clone();
-        edited.tensor_data(name)[8..12].copy_from_slice(&value.to_le_bytes());
+        edited.tensor_data(name)[8..10].copy_from_slice(&half::bf16::from_f32(value).to_le_bytes());
         edited.reseal();
         let msg = rejected(dir.path(), &edited.to_bytes(), "a non-finite value");
         assert!(msg.contains("non-finite"), "{msg}");
@@ -118,13 +119,19 @@ fn dtype_relabels_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (_, bytes) = saved_index(dir.path());
     let file = IndexFile::parse(&bytes);
-    for dtype in ["I32", "U32"] {
+    // Types of the same width: the bytes would be read as other numbers.
+    for dtype in ["F16", "I16"] {
         let mut edited = file.clone();
         edited.header["layers.1.centroids"]["dtype"] = dtype.into();
         edited.reseal();
         let msg = rejected(dir.path(), &edited.to_bytes(), "relabelled data");
-        assert!(msg.contains(dtype) && msg.contains("F32"), "{msg}");
+        assert!(msg.contains(dtype) && msg.contains("BF16"), "{msg}");
     }
+    // A wider type no longer fits the data: the container itself is damaged.
+    let mut edited = file.clone();
+    edited.header["layers.1.centroids"]["dtype"] = "F32".into();
+    edited.reseal();
+    rejected(dir.path(), &edited.to_bytes(), "data relabelled as F32");
 }
 
 #[test]
@@ -164,21 +171,30 @@ fn header_edits_are_rejected() {
         let msg = rejected(dir.path(), &edited.to_bytes(), "an edited header");
         assert!(msg.contains("metadata digest"), "{msg}");
     }
+    for old in ["1", "2"] {
+        let mut edited = file.clone();
+        edited.set_metadata("version", old);
+        edited.reseal();
+        let msg = rejected(dir.path(), &edited.to_bytes(), "an old version");
+        assert!(
+            msg.contains(&format!("version {old}")) && msg.contains("recalibrate"),
+            "{msg}"
+        );
+    }
+    // A model sha256 that is not one.
     let mut edited = file.clone();
-    edited.set_metadata("version", "1");
-    let msg = rejected(dir.path(), &edited.to_bytes(), "an old version");
-    assert!(
-        msg.contains("version 1") && msg.contains("recalibrate"),
-        "{msg}"
-    );
+    edited.set_metadata("model_sha256", "not a digest");
+    edited.reseal();
+    let msg = rejected(dir.path(), &edited.to_bytes(), "a malformed model sha256");
+    assert!(msg.contains("model_sha256"), "{msg}");
     // An extra tensor, even one with a digest.
     let mut edited = file.clone();
     let end = edited.data.len();
     edited.header.insert(
         "layers.2.w1".into(),
-        serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]}),
+        serde_json::json!({"dtype": "BF16", "shape": [1], "data_offsets": [end, end + 2]}),
     );
-    edited.data.extend(1f32.to_le_bytes());
+    edited.data.extend(half::bf16::ONE.to_le_bytes());
     edited.reseal();
     rejected(dir.path(), &edited.to_bytes(), "an extra tensor");
     // Unreadable: named too.
@@ -187,6 +203,38 @@ fn header_edits_are_rejected() {
         Err(SaapError::IndexFormat(msg)) => assert!(msg.contains("missing.safetensors"), "{msg}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// A file of the previous format, version 2, as its code wrote it: the same layout with F32
+/// tensors and no `model_sha256`. It must be refused naming the path and saying to recalibrate
+/// (`llama_decode` then recalibrates a cached one), not read as damaged data.
+#[test]
+fn version_2_files_are_refused_with_advice_to_recalibrate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes) = saved_index(dir.path());
+    let file = IndexFile::parse(&bytes);
+    let mut v2 = file.clone();
+    v2.data.clear();
+    for name in file.tensor_names() {
+        let (a, b) = file.offsets(&name);
+        let start = v2.data.len();
+        for pair in file.data[a..b].chunks_exact(2) {
+            let x = half::bf16::from_le_bytes([pair[0], pair[1]]).to_f32();
+            v2.data.extend(x.to_le_bytes());
+        }
+        v2.header[&name]["dtype"] = "F32".into();
+        v2.header[&name]["data_offsets"] = serde_json::json!([start, v2.data.len()]);
+    }
+    v2.set_metadata("version", "2");
+    v2.reseal();
+    assert_eq!(v2.data.len(), 2 * file.data.len());
+    let msg = rejected(dir.path(), &v2.to_bytes(), "a version-2 file");
+    assert!(
+        msg.contains("format version 2")
+            && msg.contains("version 3")
+            && msg.contains("recalibrate"),
+        "{msg}"
+    );
 }
 
 #[test]

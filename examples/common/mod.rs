@@ -18,18 +18,27 @@ pub fn exit_code(result: Res<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", without_backtrace(&e.to_string()));
             let mut source = e.source();
             while let Some(cause) = source {
                 // thiserror's `transparent` and `{source}` variants repeat their cause's message.
                 if !e.to_string().contains(&cause.to_string()) {
-                    eprintln!("  caused by: {cause}");
+                    eprintln!("  caused by: {}", without_backtrace(&cause.to_string()));
                 }
                 source = cause.source();
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// A message without the backtrace candle appends to its errors when `RUST_BACKTRACE` is set
+/// (lines from `   0: ` on): people get the message, not the stack.
+fn without_backtrace(message: &str) -> &str {
+    message
+        .find("\n   0: ")
+        .map_or(message, |at| &message[..at])
+        .trim_end()
 }
 
 /// Fixes candle's CPU thread count once. Without `RAYON_NUM_THREADS`, candle works it out again
@@ -66,6 +75,9 @@ pub struct Loaded {
     pub device: Device,
     /// File stem of the checkpoint: names cached indexes and reports.
     pub name: String,
+    /// The checkpoint file.
+    #[allow(dead_code)] // not every example needs it
+    pub path: PathBuf,
     pub tok: GgufTokenizer,
     pub model: Llama,
 }
@@ -94,6 +106,7 @@ impl ModelArgs {
         Ok(Loaded {
             device,
             name,
+            path,
             tok,
             model,
         })

@@ -10,7 +10,7 @@
 use candle_core::{Tensor, D};
 use clap::{Parser, ValueEnum};
 use common::{exit_code, Loaded, ModelArgs, Res};
-use saap::models::calibrate::{cached_or_trained_index, record, windows, Plan};
+use saap::models::calibrate::{cached_or_trained_index, record, windows, IndexSources, Plan};
 use saap::models::fetch::{self, Text};
 use saap::models::Llama;
 use saap::train::data::first_query_position;
@@ -211,6 +211,7 @@ fn run() -> Res<()> {
     let Loaded {
         device,
         name,
+        path: model_path,
         tok,
         mut model,
     } = args.model.load()?;
@@ -218,7 +219,14 @@ fn run() -> Res<()> {
     let text = args.text.text();
     let (index, index_path) = match &args.index {
         Some(p) => (SaapIndex::load(p, &device)?, p.clone()),
-        None => cached_or_trained_index(&mut model, &tok, &name, args.context, Plan::Full)?,
+        None => {
+            // The full plan's cache only: the shipped index is a quick one.
+            let sources = IndexSources {
+                model_sha256: Some(saap::models::fetch::sha256_file(&model_path)?),
+                ..IndexSources::default()
+            };
+            cached_or_trained_index(&mut model, &tok, &name, args.context, Plan::Full, &sources)?
+        }
     };
     let config = index.config().clone();
     let probe = args.probe.unwrap_or(config.n_probe);

@@ -80,6 +80,30 @@ const BLOCK: usize = 32;
 /// every core (SmolLM2 has 3 KV heads; a 2-core machine left one core idle a third of the time).
 const SPLIT: usize = 512;
 
+/// Asks the CPU to start loading row `id` of `data` (`[rows, dim]`) into its caches, without
+/// waiting for it (no effect on results; a no-op off x86-64 and for a row past the end).
+///
+/// Partition lists name rows scattered over the cache, which the hardware prefetcher cannot
+/// guess: `perf` put about 40% of a SmolLM2 Saap decode's attention samples on the first load of
+/// each gathered K or V row (against 5% for dense attention's streamed rows). Issuing the loads
+/// of a block's rows one block ahead lets them overlap.
+#[inline(always)]
+fn prefetch_row<T>(data: &[T], id: usize, dim: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(row) = data.get(id * dim..(id + 1) * dim) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(row);
+        let base = row.as_ptr().cast::<i8>();
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: `base + offset` lies inside `row` (offset < its size in bytes); a prefetch
+            // only hints the cache, it never faults, reads into a register nor writes.
+            unsafe { _mm_prefetch(base.add(offset), _MM_HINT_T0) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, id, dim);
+}
+
 /// Unnormalized online-softmax state of the `G` queries of a group over part of its keys.
 struct Partial {
     max: Vec<f32>,
@@ -103,7 +127,21 @@ fn attend_part<T: Elem>(
     let mut acc = vec![0f32; g * dim];
     let mut row = vec![0f32; dim];
     let mut scores = vec![0f32; g * BLOCK];
-    for block in ids.chunks(BLOCK) {
+    let prefetch = |block: &[u32]| {
+        for &id in block {
+            prefetch_row(k, id as usize, dim);
+            prefetch_row(v, id as usize, dim);
+        }
+    };
+    let mut blocks = ids.chunks(BLOCK).peekable();
+    if let Some(first) = blocks.peek() {
+        prefetch(first);
+    }
+    while let Some(block) = blocks.next() {
+        // The next block's rows arrive while this one is computed.
+        if let Some(next) = blocks.peek() {
+            prefetch(next);
+        }
         for (j, &id) in block.iter().enumerate() {
             let id = id as usize;
             let src = &k[id * dim..(id + 1) * dim];

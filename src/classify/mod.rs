@@ -79,7 +79,9 @@ impl Classifier {
     /// The weights as a decode op of `dtype` keeps them on `device`: f32 for f32 ops; rounded to
     /// bf16 for bf16/f16 ops (held as bf16 on CUDA, where [`Classifier::probes`] widens them in
     /// its kernel, and as f32 with the same values elsewhere). They are read on every decode step
-    /// (Hq · (D·h + h·C) values), so bf16 halves those bytes; the arithmetic stays f32.
+    /// (Hq · (D·h + h·C) values), so bf16 halves those bytes; the arithmetic stays f32. The
+    /// weights of a [`crate::SaapIndex`] are already of bf16 precision, so for them the rounding
+    /// changes nothing and ops of every dtype route with the same weights.
     ///
     /// # Errors
     /// [`SaapError::Candle`] when the weights cannot be converted or moved to `device`.

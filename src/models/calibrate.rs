@@ -259,30 +259,106 @@ pub fn calibrate_model(
     Ok(result)
 }
 
-/// The index `llama_decode` uses when given none: loaded from
-/// `<cache>/indexes/<name>-ctx<context>[-quick].safetensors`, or calibrated with `plan` and the
-/// config [`SaapConfig::for_context`] gives (classifier hidden width 64 for the quick plan) and
-/// saved there first (also when the cached file is rejected: another format version, or
-/// damaged).
+/// Where [`cached_or_trained_index`] may find an index before calibrating one, and what it
+/// checks.
+#[derive(Debug, Clone, Default)]
+pub struct IndexSources {
+    /// sha256 of the model file: recorded in a calibrated index, and required to match before a
+    /// shipped or cached index that recorded one is used.
+    pub model_sha256: Option<String>,
+    /// A folder of pre-calibrated indexes (the repository's `indexes/`), looked up by the same
+    /// file name as the cache. A shipped index is used only when it recorded a model sha256 equal
+    /// to [`IndexSources::model_sha256`].
+    pub shipped: Option<std::path::PathBuf>,
+    /// Calibrate even when a cached or shipped index exists (the result replaces the cached one).
+    pub recalibrate: bool,
+}
+
+/// Why an index loaded from `path` cannot serve `model`, if it cannot: another head layout,
+/// RoPE or depth, or another model file (when both sha256 are known; `strict` also refuses an
+/// index that recorded none).
+fn unfit(index: &SaapIndex, model: &Llama, sha: Option<&str>, strict: bool) -> Option<String> {
+    let config = SaapConfig {
+        layout: model.config().layout,
+        rope: model.config().rope,
+        ..index.config().clone()
+    };
+    if let Err(e) = index.check_model(&config, model.n_layers()) {
+        return Some(e.to_string());
+    }
+    match (sha, index.model_sha256()) {
+        (Some(sha), Some(_)) => index.check_model_sha256(sha).err().map(|e| e.to_string()),
+        (_, None) if strict => Some("it records no model sha256".into()),
+        (None, Some(_)) if strict => Some("the model file's sha256 is unknown".into()),
+        _ => None,
+    }
+}
+
+/// The index `llama_decode` uses when given none, named
+/// `<name>-ctx<context>[-quick].safetensors`: loaded from `<cache>/indexes/`, else from the
+/// shipped folder (if it fits the model, see [`IndexSources`]), else calibrated with `plan` and
+/// the config [`SaapConfig::for_context`] gives (classifier hidden width 64 for the quick plan)
+/// and saved into the cache first. A cached file that is rejected (another format version,
+/// damaged, or made for another model) is calibrated again and replaced.
+///
+/// # Errors
+/// [`Error::Fetch`] or [`Error::Io`] when the cache folder or the calibration texts cannot be
+/// had; [`Error::Model`] when the texts are too short; [`Error::Saap`] from calibration or
+/// saving (a cached index that fails to load for another reason than its file, e.g. a device
+/// error, too).
 pub fn cached_or_trained_index(
     model: &mut Llama,
     tok: &GgufTokenizer,
     name: &str,
     context: usize,
     plan: Plan,
+    sources: &IndexSources,
 ) -> Result<(SaapIndex, std::path::PathBuf)> {
     let dir = fetch::cache_dir()?.join("indexes");
     let suffix = match plan {
         Plan::Quick => "-quick",
         Plan::Full => "",
     };
-    let path = dir.join(format!("{name}-ctx{context}{suffix}.safetensors"));
-    if path.exists() {
-        match SaapIndex::load(&path, model.device()) {
-            Ok(index) => return Ok((index, path)),
-            // A cached index of an older format version, or damaged: replace it.
-            Err(SaapError::IndexFormat(why)) => eprintln!("{why}: calibrating it again"),
-            Err(e) => return Err(e.into()),
+    let file = format!("{name}-ctx{context}{suffix}.safetensors");
+    let path = dir.join(&file);
+    let sha = sources.model_sha256.as_deref();
+    if !sources.recalibrate {
+        if path.exists() {
+            match SaapIndex::load(&path, model.device()) {
+                Ok(index) => match unfit(&index, model, sha, false) {
+                    None => return Ok((index, path)),
+                    Some(why) => eprintln!(
+                        "{}: {why}; not used (a calibration replaces it)",
+                        path.display()
+                    ),
+                },
+                // A cached index of an older format version, or damaged: a calibration
+                // replaces it.
+                Err(SaapError::IndexFormat(why)) => {
+                    eprintln!("index file rejected: {why}; not used (a calibration replaces it)")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(shipped) = sources.shipped.as_ref().map(|d| d.join(&file)) {
+            if shipped.exists() {
+                match SaapIndex::load(&shipped, model.device()) {
+                    Ok(index) => match unfit(&index, model, sha, true) {
+                        None => {
+                            eprintln!(
+                                "using the pre-calibrated index {} (--recalibrate to make your own)",
+                                shipped.display()
+                            );
+                            return Ok((index, shipped));
+                        }
+                        Some(why) => eprintln!(
+                            "{} does not fit this model ({why}): calibrating one",
+                            shipped.display()
+                        ),
+                    },
+                    Err(e) => eprintln!("{e}: calibrating one instead"),
+                }
+            }
         }
     }
     let layout = model.config().layout;
@@ -296,8 +372,13 @@ pub fn cached_or_trained_index(
     };
     params.device = model.device().clone();
     eprintln!(
-        "no index for {name} at {} yet: calibrating one ({plan:?} plan; C = {}, ℓ = {}, window {}, \
-         sinks {}, classifier hidden width {})",
+        "{} {name} into {}: {plan:?} plan; C = {}, ℓ = {}, window {}, sinks {}, classifier hidden \
+         width {}",
+        if sources.recalibrate {
+            "calibrating an index for"
+        } else {
+            "no index yet: calibrating one for"
+        },
         path.display(),
         config.n_partitions,
         config.n_probe,
@@ -305,7 +386,10 @@ pub fn cached_or_trained_index(
         config.sinks,
         config.hidden
     );
-    let (index, _) = calibrate_model(model, tok, &config, &params, &calibration, name)?;
+    let (mut index, _) = calibrate_model(model, tok, &config, &params, &calibration, name)?;
+    if let Some(sha) = sha {
+        index = index.with_model_sha256(sha)?;
+    }
     std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
         path: dir.clone(),
         source,

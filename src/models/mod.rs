@@ -89,5 +89,24 @@ pub(crate) fn read_gguf(
             e.lines().next().unwrap_or("")
         ))
     })?;
+    // A file cut short keeps a whole header: check that every tensor's data is there before
+    // candle reads one and fails with a message that names neither file nor fix.
+    let len = file.metadata().map_err(io_err(path))?.len();
+    for (name, info) in &content.tensor_infos {
+        let dtype = info.ggml_dtype;
+        let bytes = ((info.shape.elem_count() / dtype.block_size().max(1)) as u64)
+            .saturating_mul(dtype.type_size() as u64);
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
+        if end > len {
+            return Err(Error::Model(format!(
+                "{}: damaged or truncated GGUF file (tensor `{name}` ends at byte {end}, the file \
+                 has {len}); fetch it again",
+                path.display()
+            )));
+        }
+    }
     Ok((file, content))
 }
