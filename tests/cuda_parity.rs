@@ -17,16 +17,6 @@ use saap::attend::{DecodeOp, SeqExtent};
 use saap::partition::scan::{dir_len, merge, naive_partition, MergeOp};
 use saap::{RopeKind, SaapAttention};
 
-fn cuda() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(dev) => Some(dev),
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
 fn seed(test: &str) -> u64 {
     let seed = std::env::var("SAAP_SEED")
         .ok()

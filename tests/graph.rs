@@ -144,16 +144,6 @@ fn tokens_for_step(seed: u64, step: usize, batch: usize) -> Vec<u32> {
         .collect()
 }
 
-fn cuda() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(dev) => Some(dev),
-        Err(e) => {
-            println!("skipping: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
 /// One op: replay mode (each recorded step run once, eagerly) against step-by-step decoding
 /// of the same prefilled sequences, through several window merges.
 fn replay_case(dev: &Device, dtype: DType, tol: f32) {

@@ -3,8 +3,8 @@
 //! (queries, keys, values, labels) with nothing copied from the host.
 
 use super::{
-    advance_chunk, load, sm_count, to_u32, view, with_advance, with_cuda, ItemTable, ZeroedBuffers,
-    APPEND, MAX_BATCH, NULL_PTR,
+    advance_chunk, load, push_advance, sm_count, to_u32, view, with_advance, with_cuda, ItemTable,
+    ZeroedBuffers, APPEND, MAX_BATCH,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -167,10 +167,7 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
                 .arg(&src_chunk)
                 .arg(&freqs)
                 .arg(&table);
-            match &advance {
-                Some(counts) => launch.arg(counts),
-                None => launch.arg(&NULL_PTR),
-            };
+            push_advance(&mut launch, &advance);
             launch
                 .arg(&h32)
                 .arg(&t32)
@@ -375,10 +372,7 @@ fn launch_assign<T: DeviceRepr + WithDType>(
                         .arg(scratch)
                         .arg(counters)
                         .arg(&table);
-                    match &advance {
-                        Some(counts) => launch.arg(counts),
-                        None => launch.arg(&NULL_PTR),
-                    };
+                    push_advance(&mut launch, &advance);
                     launch
                         .arg(&h32)
                         .arg(&t32)

@@ -7,8 +7,8 @@
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
 use super::{
-    advance_chunk, load, sm_count, to_u32, view, with_advance, with_cuda, ItemTable, ZeroedBuffers,
-    DECODE, MAX_BATCH, NULL_PTR,
+    advance_chunk, load, push_advance, sm_count, to_u32, view, with_advance, with_cuda, ItemTable,
+    ZeroedBuffers, DECODE, MAX_BATCH,
 };
 use crate::attend::DecodeOp;
 use candle_core::backend::BackendStorage;
@@ -254,10 +254,7 @@ fn launch<T: DeviceRepr>(
                     .arg(&mut oc)
                     .arg(&*counters)
                     .arg(&table);
-                match &advance {
-                    Some(counts) => attend.arg(counts),
-                    None => attend.arg(&NULL_PTR),
-                };
+                push_advance(&mut attend, &advance);
                 attend
                     .arg(&hq32)
                     .arg(&hkv32)

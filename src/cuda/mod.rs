@@ -15,8 +15,8 @@ pub(crate) use merge::merge;
 pub(crate) use prefill::prefill;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
@@ -173,6 +173,15 @@ fn advance_chunk<'a>(
     items: usize,
 ) -> Option<CudaView<'a, u32>> {
     advance.map(|a| a.slice(i0..i0 + items))
+}
+
+/// Pushes a launch's `advance` argument: the counts of its items, or a null pointer outside
+/// replay.
+fn push_advance<'a>(launch: &mut LaunchArgs<'a>, advance: &'a Option<CudaView<'_, u32>>) {
+    match advance {
+        Some(counts) => launch.arg(counts),
+        None => launch.arg(&NULL_PTR),
+    };
 }
 
 /// One replayed decode step is over: every item's count moves on by one (`saap_advance`).

@@ -71,6 +71,17 @@ pub fn random_index(config: &SaapConfig, n_layers: usize, seed: u64) -> SaapInde
     SaapIndex::new(config.clone(), "synthetic", layers).unwrap()
 }
 
+/// GPU 0, or `None` with a line saying the test skips (no CUDA device or no `cuda` feature).
+pub fn cuda() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            println!("skipping: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()
