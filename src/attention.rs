@@ -830,7 +830,8 @@ impl SaapAttention {
     /// changes).
     ///
     /// While replaying, each [`SaapAttention::decode`] records one step: its kernels are
-    /// enqueued (into a capture, or run once), the host's view of the sequences
+    /// enqueued (into a capture, or run once; on the CPU they run once, reading the count), the
+    /// host's view of the sequences
     /// ([`SaapAttention::seq_lens`]) stays at the start of the replay, nothing is synchronized
     /// with the host (no finite checks, no read tracking), and no window is merged. Every
     /// execution of a recorded step must be followed by [`SaapAttention::replayed`];
@@ -839,15 +840,10 @@ impl SaapAttention {
     /// launched again).
     ///
     /// # Errors
-    /// [`SaapError::Config`] off CUDA, for `steps == 0`, or while already replaying;
+    /// [`SaapError::Config`] for `steps == 0`, or while already replaying;
     /// [`SaapError::EmptyContext`] without a prefilled context; [`SaapError::Config`] or
     /// [`SaapError::Candle`] when the rows cannot be reserved.
     pub fn begin_replay(&mut self, steps: usize) -> Result<usize> {
-        if !self.device.is_cuda() {
-            return Err(SaapError::Config(
-                "replaying recorded decode steps needs a CUDA device".into(),
-            ));
-        }
         if steps == 0 {
             return Err(SaapError::Config("a replay of 0 steps".into()));
         }

@@ -189,7 +189,7 @@ pub struct RopeWrite {
     pub(crate) starts: Vec<usize>,
     pub(crate) lens: Vec<usize>,
     pub(crate) at_position: bool,
-    /// Replayed decode steps per item (`[B]` u32 on CUDA), added to `starts` on the device.
+    /// Replayed decode steps per item (`[B]` u32), added to `starts` by the kernel.
     pub(crate) advance: Option<Tensor>,
 }
 
@@ -303,7 +303,14 @@ fn write_cpu(
     src_l: &Layout,
 ) -> candle_core::Result<()> {
     if op.advance.is_some() {
-        candle_core::bail!("rope write: replayed decode steps run on CUDA only");
+        // The positions the recorded step was given, moved on by the replayed steps.
+        let steps = crate::attend::decode::replayed_steps(op.advance.as_ref(), op.starts.len())?;
+        let mut op = op.clone();
+        op.advance = None;
+        for (start, n) in op.starts.iter_mut().zip(steps) {
+            *start += n;
+        }
+        return write_cpu(&op, dst, dst_l, src, src_l);
     }
     let (dims, rows) = op.check(src_l, op.at_position.then_some(dst_l))?;
     fn run<T: WithDType>(

@@ -1,8 +1,8 @@
 //! Decode steps recorded once and replayed (`SaapAttention::begin_replay`, `DecodeGraph`):
-//! on CUDA, replayed steps give what step-by-step decoding gives — outputs within rounding,
-//! the same sequences and index afterwards, window merges in between — and a whole toy
+//! replayed steps give what step-by-step decoding gives — outputs within rounding, the same
+//! sequences and index afterwards, window merges in between — on the CPU and on CUDA; a whole toy
 //! model's step recorded as a CUDA graph gives the eager logits; on the CPU the graph runs every
-//! step eagerly and bad input is refused. GPU tests skip, with a line saying so, without CUDA.
+//! step eagerly and bad input is refused. GPU parts skip, with a line saying so, without CUDA.
 
 mod common;
 
@@ -200,6 +200,9 @@ fn replay_case(dev: &Device, dtype: DType, tol: f32) {
 
 #[test]
 fn replayed_steps_match_step_by_step() {
+    // The CPU kernels read the same count: the host's bookkeeping is checked without a GPU too.
+    replay_case(&Device::Cpu, DType::F32, 1e-5);
+    replay_case(&Device::Cpu, DType::BF16, 2e-2);
     let Some(dev) = cuda() else { return };
     replay_case(&dev, DType::F32, 1e-5);
     replay_case(&dev, DType::BF16, 2e-2);
@@ -267,8 +270,8 @@ fn decode_graph_rerecords_after_a_change() {
     assert_eq!(graph.stats().recordings, 2, "{:?}", graph.stats());
 }
 
-/// Without CUDA every step is eager and equals the model's own step; replay is refused with a
-/// typed error, and so are a wrong number of tokens and a token outside the vocabulary.
+/// Without CUDA every step is eager and equals the model's own step; a replay of 0 steps, a
+/// wrong number of tokens and a token outside the vocabulary are refused with typed errors.
 #[test]
 fn decode_graph_on_cpu_runs_eagerly_and_checks_input() {
     let dev = Device::Cpu;
@@ -278,7 +281,7 @@ fn decode_graph_on_cpu_runs_eagerly_and_checks_input() {
     eager.forward(&prompts(43, &lens, &dev), &lens).unwrap();
     let mut other = eager.snapshot();
     assert!(matches!(
-        other.ops[0].begin_replay(4),
+        other.ops[0].begin_replay(0),
         Err(SaapError::Config(_))
     ));
     let mut graph = DecodeGraph::new(&dev, 2, 8).unwrap();
@@ -307,4 +310,52 @@ fn decode_graph_on_cpu_runs_eagerly_and_checks_input() {
         DecodeGraph::new(&dev, 0, 8),
         Err(SaapError::Config(_))
     ));
+}
+
+/// Replay misuse gets typed errors and leaves the sequences right: counting past the planned
+/// steps, prefill, extend or snapshot while replaying, replayed() outside a replay; changing ℓ
+/// ends the replay and keeps the replayed tokens.
+#[test]
+fn replay_misuse_is_refused() {
+    let dev = Device::Cpu;
+    let config = toy_config();
+    let mut op =
+        SaapAttention::from_index(&random_index(&config, 1, 51), 0, &dev, DType::F32).unwrap();
+    let mut r = rng(52);
+    let mut qkv = |t: usize| {
+        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[1, h, t, 64], 1.0));
+        (q, k, v)
+    };
+    let (q, k, v) = qkv(100);
+    op.prefill(&q, &k, &v, &[100]).unwrap();
+    assert!(matches!(op.replayed(), Err(SaapError::Config(_))));
+    let room = op.begin_replay(3).unwrap();
+    assert_eq!(room, 3);
+    assert!(matches!(op.begin_replay(3), Err(SaapError::Config(_))));
+    assert!(matches!(op.snapshot(), Err(SaapError::Config(_))));
+    assert!(matches!(
+        op.extend(&k, &v, &[100]),
+        Err(SaapError::Config(_))
+    ));
+    assert!(matches!(
+        op.prefill(&q, &k, &v, &[100]),
+        Err(SaapError::Config(_))
+    ));
+    for _ in 0..room {
+        let (q, k, v) = qkv(1);
+        op.decode(&q, &k, &v).unwrap();
+        op.replayed().unwrap();
+    }
+    assert_eq!(
+        op.seq_lens(),
+        &[100],
+        "the host view stays at the start of the replay"
+    );
+    assert!(matches!(op.replayed(), Err(SaapError::Config(_))));
+    op.set_n_probe(2).unwrap();
+    assert_eq!(op.replay_progress(), None);
+    assert_eq!(op.seq_lens(), &[103]);
+    let (q, k, v) = qkv(1);
+    op.decode(&q, &k, &v).unwrap();
+    assert_eq!(op.seq_lens(), &[104]);
 }

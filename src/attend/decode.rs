@@ -43,8 +43,8 @@ pub struct DecodeOp {
     pub n_partitions: usize,
     /// Softmax scale, usually `1/sqrt(D)`.
     pub scale: f32,
-    /// Decode steps replayed from a CUDA graph since it was captured, per item (`[B]` u32 on
-    /// CUDA): added on the device to each `seqs[b].len`. `None` outside replay (and on the CPU).
+    /// Decode steps replayed since the step was recorded (e.g. into a CUDA graph), per item
+    /// (`[B]` u32), added to each `seqs[b].len` by the kernel. `None` outside replay.
     pub advance: Option<Tensor>,
 }
 
@@ -330,7 +330,14 @@ impl CustomOp1 for DecodeOp {
 
     fn cpu_fwd(&self, q: &CpuStorage, q_l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         if self.advance.is_some() {
-            candle_core::bail!("decode: replayed decode steps run on CUDA only");
+            // The extents the recorded step was given, moved on by the replayed steps.
+            let steps = replayed_steps(self.advance.as_ref(), self.seqs.len())?;
+            let mut op = self.clone();
+            op.advance = None;
+            for (seq, n) in op.seqs.iter_mut().zip(steps) {
+                seq.len += n;
+            }
+            return op.cpu_fwd(q, q_l);
         }
         let dims = self.dims(q_l)?;
         let shape = q_l.shape().clone();
@@ -380,6 +387,24 @@ impl CustomOp1 for DecodeOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = self.dims(q_l)?;
         crate::cuda::decode(self, q, q_l, dims)
+    }
+}
+
+/// Per item, the replayed steps of `advance` (`[B]` u32; zeros without), for the CPU kernels: they
+/// read the count the CUDA kernels read on the device.
+pub(crate) fn replayed_steps(
+    advance: Option<&Tensor>,
+    items: usize,
+) -> candle_core::Result<Vec<usize>> {
+    match advance {
+        None => Ok(vec![0; items]),
+        Some(counts) => {
+            let counts = counts.to_vec1::<u32>()?;
+            if counts.len() != items {
+                candle_core::bail!("replayed steps: {} counts for {items} items", counts.len());
+            }
+            Ok(counts.into_iter().map(|c| c as usize).collect())
+        }
     }
 }
 

@@ -121,8 +121,8 @@ pub fn assign_into(
     )
 }
 
-/// [`assign_into`], and for a decode step recorded into a CUDA graph, `advance`: the replayed
-/// steps per item (`[B]` u32), added to `starts` on the device.
+/// [`assign_into`], and for a decode step recorded for replay, `advance`: the replayed steps per
+/// item (`[B]` u32), added to `starts` by the kernel.
 pub(crate) fn assign_rows(
     labels: &Tensor,
     keys: &Tensor,
@@ -148,11 +148,9 @@ pub(crate) fn assign_rows(
         };
         return Ok(labels.inplace_op2(&keys.contiguous()?, &op)?);
     }
-    if advance.is_some() {
-        return Err(crate::SaapError::Config(
-            "replayed decode steps run on CUDA only".into(),
-        ));
-    }
+    // The rows the recorded step was given, moved on by the replayed steps.
+    let steps = crate::attend::decode::replayed_steps(advance, starts.len())?;
+    let starts: Vec<usize> = starts.iter().zip(steps).map(|(s, n)| s + n).collect();
     for (b, (&start, &len)) in starts.iter().zip(lens).enumerate() {
         if len == 0 {
             continue;
