@@ -53,8 +53,12 @@ struct Args {
     #[arg(long)]
     full_calibration: bool,
     /// Partitions read per query head (ℓ), overriding the index's
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keys_budget")]
     probe: Option<usize>,
+    /// Keys read per step as a share of the context (window and sinks included), e.g. 0.1: ℓ is
+    /// chosen at every step to fit it (layers the index serves dense still read everything)
+    #[arg(long)]
+    keys_budget: Option<f64>,
     /// Put the first N tokens of the context text before the question (long enough that Saap
     /// reads a small fraction of the keys); 0 for none
     #[arg(long, default_value_t = 7000)]
@@ -207,6 +211,7 @@ fn run(args: Args) -> Res<()> {
             for layer in 0..model.n_layers() {
                 model.attention_mut(layer)?.set_n_probe(probe)?;
             }
+            model.set_keys_budget(args.keys_budget)?;
             let dense_layers = (0..index.n_layers())
                 .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
                 .count();

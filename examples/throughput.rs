@@ -10,8 +10,8 @@
 //!
 //! `cargo run --release --features cuda --example throughput -- --qwen --cuda --index I
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
-//! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ; `--graph on|off|both` picks
-//! the step modes.
+//! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1`
+//! budgets of keys read (ℓ chosen per step to fit); `--graph on|off|both` picks the step modes.
 
 mod common;
 
@@ -51,8 +51,41 @@ struct Args {
     #[arg(long, value_enum, default_value = "both")]
     graph: GraphMode,
     /// ℓ values to run Saap with, comma-separated [default: the index's]
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "keys_budget")]
     n_probe: Vec<usize>,
+    /// Budgets of keys read per step (share of the context, window and sinks included) to run
+    /// Saap with, comma-separated: ℓ is then chosen per step to fit each
+    #[arg(long, value_delimiter = ',')]
+    keys_budget: Vec<f64>,
+}
+
+/// How a Saap run sets ℓ.
+#[derive(Clone, Copy)]
+enum Setting {
+    Probe(usize),
+    Budget(f64),
+}
+
+impl Setting {
+    fn apply(self, model: &mut Llama) -> Res<()> {
+        match self {
+            Setting::Probe(n_probe) => {
+                model.set_keys_budget(None)?;
+                for layer in 0..model.n_layers() {
+                    model.attention_mut(layer)?.set_n_probe(n_probe)?;
+                }
+            }
+            Setting::Budget(budget) => model.set_keys_budget(Some(budget))?,
+        }
+        Ok(())
+    }
+
+    fn label(self) -> String {
+        match self {
+            Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
+            Setting::Budget(budget) => format!("budget {budget}"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -113,10 +146,15 @@ fn run(args: Args) -> Res<()> {
     );
     println!("batch | graph | ℓ | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | perplexity vs dense | top-1 as dense");
     let index_probe = index.config().n_probe;
-    let probes = if args.n_probe.is_empty() {
-        vec![index_probe]
+    let settings: Vec<Setting> = if !args.keys_budget.is_empty() {
+        args.keys_budget
+            .iter()
+            .map(|&b| Setting::Budget(b))
+            .collect()
+    } else if !args.n_probe.is_empty() {
+        args.n_probe.iter().map(|&l| Setting::Probe(l)).collect()
     } else {
-        args.n_probe.clone()
+        vec![Setting::Probe(index_probe)]
     };
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
@@ -146,24 +184,25 @@ fn run(args: Args) -> Res<()> {
                 model.attention_mut(layer)?.drop_index();
             }
             let dense = decode(&mut model, &continuations, graph)?;
-            for &n_probe in &probes {
+            for &setting in &settings {
                 model.restore_attention(&snapshot)?;
-                for layer in 0..model.n_layers() {
-                    model.attention_mut(layer)?.set_n_probe(n_probe)?;
-                }
+                setting.apply(&mut model)?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
-                for layer in 0..model.n_layers() {
-                    model.attention_mut(layer)?.set_n_probe(n_probe)?;
-                }
+                setting.apply(&mut model)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
+                let n_probe = model.attention_mut(0)?.config().n_probe;
+                let (label, budget) = match setting {
+                    Setting::Budget(b) => (setting.label(), b),
+                    Setting::Probe(_) => (setting.label(), 0.0),
+                };
                 let steps = (batch * (args.tokens - 1)) as f64;
                 let ppl_ratio = (saap.nll - dense.nll).exp();
                 let top1 = agreement(&dense.top1, &saap.top1);
                 let mode = if graph { "on" } else { "off" };
                 println!(
-                    "{batch} | {mode} | {n_probe} | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}% | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
+                    "{batch} | {mode} | {label} (ℓ now {n_probe}) | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}% | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
                     steps / dense.seconds,
                     steps / saap.seconds,
                     dense.seconds / saap.seconds,
@@ -173,7 +212,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     args.context,
                     args.all_sparse,
                     steps / dense.seconds,

@@ -193,6 +193,8 @@ pub struct SaapAttention {
     check_finite: bool,
     last_read: Option<ReadStats>,
     replay: Option<Replay>,
+    /// Share of the context's keys a decode step may read; ℓ follows it (`None`: ℓ fixed).
+    keys_budget: Option<f64>,
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -224,6 +226,7 @@ impl SaapAttention {
             check_finite: true,
             last_read: None,
             replay: None,
+            keys_budget: None,
         })
     }
 
@@ -302,6 +305,61 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// Sets a budget of keys read per decode step as a share of the keys in the context (window
+    /// and sinks included, as [`ReadStats::selectivity`] counts them), or `None` to keep ℓ fixed.
+    /// Before each step, and when a replay is planned, ℓ becomes the largest value whose upper
+    /// estimate of the keys read fits the budget for every batch item: sinks, window, and the
+    /// indexed keys in G·ℓ of the C partitions (a group's G query heads probe at most that many
+    /// between them). Partitions differ in size, so a step may read somewhat more or less than
+    /// the estimate. At least one partition is probed: where sinks and window alone exceed the
+    /// budget, ℓ = 1 and steps read more than asked. Dense routing reads everything regardless.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless the budget is finite and in (0, 1].
+    pub fn set_keys_budget(&mut self, budget: Option<f64>) -> Result<()> {
+        if let Some(b) = budget {
+            if !(b.is_finite() && b > 0.0 && b <= 1.0) {
+                return Err(SaapError::Config(format!(
+                    "a keys budget is a share of the context in (0, 1], got {b}"
+                )));
+            }
+        }
+        self.end_replay();
+        self.keys_budget = budget;
+        Ok(())
+    }
+
+    /// The budget of keys read per step, if any ([`SaapAttention::set_keys_budget`]).
+    pub fn keys_budget(&self) -> Option<f64> {
+        self.keys_budget
+    }
+
+    /// ℓ for the keys budget at the current lengths, counting the token the next step appends;
+    /// `None` without a budget, an index or a state.
+    fn budget_n_probe(&self) -> Option<usize> {
+        let (budget, Some(state), Some(_)) = (self.keys_budget?, &self.state, &self.index) else {
+            return None;
+        };
+        let c = self.config.n_partitions;
+        let group = self.config.layout.group_size();
+        let n_probe = state
+            .seqs
+            .iter()
+            .filter_map(|s| {
+                let len = s.len + 1;
+                let fixed = self.config.sinks.min(len) + (len - s.indexed_end.min(len));
+                let indexed = len.saturating_sub(fixed);
+                // Nothing indexed yet: this item sets no bound.
+                (indexed > 0).then(|| {
+                    let allowed = (budget * len as f64).floor() - fixed as f64;
+                    (allowed.max(0.0) * c as f64 / (group * indexed) as f64).floor() as usize
+                })
+            })
+            .min()
+            .unwrap_or(c);
+        Some(n_probe.clamp(1, c))
+    }
+
     /// Whether decode counts the keys it reads (one small device-to-host copy per step on GPU).
     pub fn set_track_reads(&mut self, on: bool) {
         self.track_reads = on;
@@ -353,6 +411,7 @@ impl SaapAttention {
             check_finite: self.check_finite,
             last_read: self.last_read,
             replay: None,
+            keys_budget: self.keys_budget,
         })
     }
 
@@ -805,6 +864,11 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
+        if self.replay.is_none() {
+            if let Some(n_probe) = self.budget_n_probe() {
+                self.config.n_probe = n_probe;
+            }
+        }
         let undo = self.undo_point();
         let step = self.decode_step(q, k, v, batch);
         if let Some(replay) = &self.replay {
@@ -854,6 +918,13 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
+        // ℓ stays as recorded for the whole replay: set it for the budget now.
+        if let Some(n_probe) = self.budget_n_probe() {
+            self.config.n_probe = n_probe;
+        }
+        let Some(state) = &self.state else {
+            return Err(SaapError::EmptyContext(0));
+        };
         // Steps until a window outgrows `window + merge_every - 1`, which `decode` would merge.
         let room = match self.index {
             None => steps,

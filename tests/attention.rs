@@ -447,3 +447,55 @@ fn cpu_probes_match_candle_scores() {
         assert_eq!(fast, slow, "ℓ = {n_probe}");
     }
 }
+
+/// A keys budget sets ℓ per step: the keys read stay near the budget as the context grows
+/// (window and sinks included), ℓ grows with the budget, a budget of 1 lets a group's heads
+/// probe C partitions between them, one below the window's share falls back to ℓ = 1, and bad
+/// budgets are refused.
+#[test]
+fn keys_budget_sets_n_probe() {
+    let mut config = config(8, 2, 32, 64, RopeKind::Neox);
+    config.window = 32;
+    config.merge_every = 16;
+    let index = random_index(&config, 1, 61);
+    let mut r = rng(62);
+    let mut qkv = |t: usize| {
+        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, t, 32], 1.0));
+        (q, k, v)
+    };
+    let (q, k, v) = qkv(2000);
+    let mut base = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
+    base.prefill(&q, &k, &v, &[2000, 1500]).unwrap();
+    for bad in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
+        assert!(base.set_keys_budget(Some(bad)).is_err(), "{bad}");
+    }
+    let steps = qkv(1);
+    let mut probes = Vec::new();
+    for budget in [0.1, 0.3, 1.0] {
+        let mut op = base.snapshot().unwrap();
+        op.set_keys_budget(Some(budget)).unwrap();
+        let mut reads = saap::ReadStats::default();
+        for _ in 0..40 {
+            op.decode(&steps.0, &steps.1, &steps.2).unwrap();
+            reads.add(&op.last_read().unwrap());
+        }
+        probes.push(op.config().n_probe);
+        let share = reads.selectivity();
+        println!(
+            "budget {budget}: ℓ {}, keys read {share:.3}",
+            op.config().n_probe
+        );
+        // The estimate bounds the union by G·ℓ whole partitions: reads stay at or under the
+        // budget up to the spread of partition sizes.
+        assert!(share <= budget * 1.25, "budget {budget}: read {share}");
+        assert!(share >= budget * 0.3, "budget {budget}: read only {share}");
+    }
+    assert!(probes[0] < probes[1] && probes[1] < probes[2], "{probes:?}");
+    // A budget of 1 allows G·ℓ = C: each of the 4 heads of a group may probe a quarter.
+    assert_eq!(probes[2], 64 / 4);
+    // Sinks and window alone are 36 of the ~1540 keys of the shorter item: 1% cannot be met.
+    let mut op = base.snapshot().unwrap();
+    op.set_keys_budget(Some(0.01)).unwrap();
+    op.decode(&steps.0, &steps.1, &steps.2).unwrap();
+    assert_eq!(op.config().n_probe, 1);
+}

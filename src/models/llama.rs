@@ -463,6 +463,18 @@ impl Llama {
         Ok(Tensor::stack(&last, 0)?)
     }
 
+    /// Sets every layer's budget of keys read per decode step (a share of the context, window and
+    /// sinks included; see [`SaapAttention::set_keys_budget`]), or `None` for fixed ℓ.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] unless the budget is finite and in (0, 1].
+    pub fn set_keys_budget(&mut self, budget: Option<f64>) -> Result<()> {
+        for op in &mut self.attn {
+            op.set_keys_budget(budget)?;
+        }
+        Ok(())
+    }
+
     /// How layer `layer` chooses the keys it reads at decode.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
         Ok(self.attention_mut(layer)?.set_routing(routing)?)
