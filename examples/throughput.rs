@@ -11,7 +11,8 @@
 //! `cargo run --release --features cuda --example throughput -- --qwen --cuda --index I
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
 //! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1`
-//! budgets of keys read (ℓ chosen per step to fit); `--graph on|off|both` picks the step modes.
+//! budgets of keys read (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
+//! (top-p); `--graph on|off|both` picks the step modes.
 
 mod common;
 
@@ -57,6 +58,13 @@ struct Args {
     /// Saap with, comma-separated: ℓ is then chosen per step to fit each
     #[arg(long, value_delimiter = ',')]
     keys_budget: Vec<f64>,
+    /// Probe masses (top-p) to run Saap with as well, comma-separated: each head probes until
+    /// the classifier's predicted mass reaches it, at most --mass-cap partitions
+    #[arg(long, value_delimiter = ',')]
+    probe_mass: Vec<f64>,
+    /// Most partitions a head probes with --probe-mass [default: 4 × the index's ℓ, at most C]
+    #[arg(long)]
+    mass_cap: Option<usize>,
 }
 
 /// How a Saap run sets ℓ.
@@ -64,12 +72,14 @@ struct Args {
 enum Setting {
     Probe(usize),
     Budget(f64),
+    /// Probe mass, with at most this many partitions per head.
+    Mass(f64, usize),
 }
 
 impl Setting {
     fn apply(self, model: &mut Llama) -> Res<()> {
         match self {
-            Setting::Probe(n_probe) => {
+            Setting::Probe(n_probe) | Setting::Mass(_, n_probe) => {
                 model.set_keys_budget(None)?;
                 for layer in 0..model.n_layers() {
                     model.attention_mut(layer)?.set_n_probe(n_probe)?;
@@ -77,6 +87,11 @@ impl Setting {
             }
             Setting::Budget(budget) => model.set_keys_budget(Some(budget))?,
         }
+        let mass = match self {
+            Setting::Mass(mass, _) => Some(mass),
+            _ => None,
+        };
+        model.set_probe_mass(mass)?;
         Ok(())
     }
 
@@ -84,6 +99,7 @@ impl Setting {
         match self {
             Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
             Setting::Budget(budget) => format!("budget {budget}"),
+            Setting::Mass(mass, cap) => format!("mass {mass}, at most {cap}"),
         }
     }
 }
@@ -146,7 +162,7 @@ fn run(args: Args) -> Res<()> {
     );
     println!("batch | graph | ℓ | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | perplexity vs dense | top-1 as dense");
     let index_probe = index.config().n_probe;
-    let settings: Vec<Setting> = if !args.keys_budget.is_empty() {
+    let mut settings: Vec<Setting> = if !args.keys_budget.is_empty() {
         args.keys_budget
             .iter()
             .map(|&b| Setting::Budget(b))
@@ -156,6 +172,11 @@ fn run(args: Args) -> Res<()> {
     } else {
         vec![Setting::Probe(index_probe)]
     };
+    let cap = args
+        .mass_cap
+        .unwrap_or(4 * index_probe)
+        .min(index.config().n_partitions);
+    settings.extend(args.probe_mass.iter().map(|&m| Setting::Mass(m, cap)));
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
         // its own continuation.
@@ -193,9 +214,10 @@ fn run(args: Args) -> Res<()> {
                 setting.apply(&mut model)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 let n_probe = model.attention_mut(0)?.config().n_probe;
-                let (label, budget) = match setting {
-                    Setting::Budget(b) => (setting.label(), b),
-                    Setting::Probe(_) => (setting.label(), 0.0),
+                let (label, budget, mass) = match setting {
+                    Setting::Budget(b) => (setting.label(), b, 0.0),
+                    Setting::Probe(_) => (setting.label(), 0.0, 0.0),
+                    Setting::Mass(m, _) => (setting.label(), 0.0, m),
                 };
                 let steps = (batch * (args.tokens - 1)) as f64;
                 let ppl_ratio = (saap.nll - dense.nll).exp();
@@ -212,7 +234,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     args.context,
                     args.all_sparse,
                     steps / dense.seconds,

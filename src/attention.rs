@@ -195,6 +195,9 @@ pub struct SaapAttention {
     replay: Option<Replay>,
     /// Share of the context's keys a decode step may read; ℓ follows it (`None`: ℓ fixed).
     keys_budget: Option<f64>,
+    /// Classifier routing probes each head's partitions until their predicted mass reaches this
+    /// (at most ℓ); `None`: always ℓ.
+    probe_mass: Option<f64>,
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -227,6 +230,7 @@ impl SaapAttention {
             last_read: None,
             replay: None,
             keys_budget: None,
+            probe_mass: None,
         })
     }
 
@@ -329,6 +333,31 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// Adaptive probing (top-p): with classifier routing each query head probes its partitions
+    /// in the classifier's order until their predicted share of its attention mass (the softmax
+    /// of its scores) reaches `mass`, at least one and at most ℓ of them; `None` probes ℓ
+    /// always. Other routings ignore it. Unused probe slots hold C, which the kernels skip.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `mass` is finite and in (0, 1].
+    pub fn set_probe_mass(&mut self, mass: Option<f64>) -> Result<()> {
+        if let Some(p) = mass {
+            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
+                return Err(SaapError::Config(format!(
+                    "a probe mass is a share in (0, 1], got {p}"
+                )));
+            }
+        }
+        self.end_replay();
+        self.probe_mass = mass;
+        Ok(())
+    }
+
+    /// The probe mass of adaptive probing, if any ([`SaapAttention::set_probe_mass`]).
+    pub fn probe_mass(&self) -> Option<f64> {
+        self.probe_mass
+    }
+
     /// The budget of keys read per step, if any ([`SaapAttention::set_keys_budget`]).
     pub fn keys_budget(&self) -> Option<f64> {
         self.keys_budget
@@ -412,6 +441,7 @@ impl SaapAttention {
             last_read: self.last_read,
             replay: None,
             keys_budget: self.keys_budget,
+            probe_mass: self.probe_mass,
         })
     }
 
@@ -1015,10 +1045,17 @@ impl SaapAttention {
             .expect("queries given");
         let n_probe = self.config.n_probe;
         let (probes, scores) = match (&self.index, self.routing) {
-            (Some(index), Routing::Classifier) => {
-                let (probes, scores) = index.classifier.route(&q.squeeze(2)?, n_probe)?;
-                (Some(probes), scores)
-            }
+            (Some(index), Routing::Classifier) => match self.probe_mass {
+                None => {
+                    let (probes, scores) = index.classifier.route(&q.squeeze(2)?, n_probe)?;
+                    (Some(probes), scores)
+                }
+                Some(mass) => {
+                    let scores = index.classifier.scores(&q.squeeze(2)?)?;
+                    let probes = probes_to_mass(&scores, n_probe, mass)?;
+                    (Some(probes), Some(scores))
+                }
+            },
             (Some(index), Routing::NearestCentroid) => {
                 let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
                 (Some(top_probes(&scores, n_probe)?), Some(scores))
@@ -1051,6 +1088,20 @@ impl SaapAttention {
     }
 }
 
+/// Top-p probes: each head's `n_probe` best partitions (`[B, Hq, ℓ]`), those after the first whose
+/// predicted masses before them (softmax of `scores`, in probe order) already reach `mass`
+/// replaced by C, which the decode kernels skip.
+fn probes_to_mass(scores: &Tensor, n_probe: usize, mass: f64) -> Result<Tensor> {
+    let c = scores.dim(candle_core::D::Minus1)?;
+    let probes = top_probes(scores, n_probe)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.gather(&probes, 2)?;
+    // Mass of the partitions probed before each one (exclusive prefix sum along ℓ).
+    let before = (probs.cumsum(2)? - &probs)?;
+    let keep = before.lt(mass)?;
+    let skipped = Tensor::full(c as u32, probes.shape(), probes.device())?;
+    Ok(keep.where_cond(&probes, &skipped)?)
+}
+
 /// Counts the keys a decode op reads, from its probes and the index offsets.
 fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
     let (_, hkv, _, _) = op.k_cache.dims4()?;
@@ -1072,7 +1123,8 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
         for h in 0..hkv {
             let mut probed = vec![false; c];
             for head in &probes[b][h * group..(h + 1) * group] {
-                for &p in head {
+                // C marks a slot adaptive probing left empty.
+                for &p in head.iter().filter(|&&p| (p as usize) < c) {
                     probed[p as usize] = true;
                 }
             }

@@ -499,3 +499,52 @@ fn keys_budget_sets_n_probe() {
     op.decode(&steps.0, &steps.1, &steps.2).unwrap();
     assert_eq!(op.config().n_probe, 1);
 }
+
+/// Adaptive probing (top-p): reads grow with the probe mass, a mass of 1 probes ℓ partitions and
+/// matches fixed ℓ exactly, a tiny mass probes one partition per head, and bad masses are
+/// refused.
+#[test]
+fn probe_mass_adapts_partitions_probed() {
+    let mut config = config(8, 2, 32, 64, RopeKind::Neox);
+    config.window = 32;
+    config.n_probe = 8;
+    let index = random_index(&config, 1, 71);
+    let mut r = rng(72);
+    let mut qkv = |t: usize| {
+        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, t, 32], 1.0));
+        (q, k, v)
+    };
+    let (q, k, v) = qkv(1500);
+    let mut base = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
+    base.prefill(&q, &k, &v, &[1500, 1200]).unwrap();
+    for bad in [0.0, 1.01, f64::NAN] {
+        assert!(base.set_probe_mass(Some(bad)).is_err(), "{bad}");
+    }
+    let step = qkv(1);
+    let run = |mass: Option<f64>, n_probe: usize| {
+        let mut op = base.snapshot().unwrap();
+        op.set_n_probe(n_probe).unwrap();
+        op.set_probe_mass(mass).unwrap();
+        let out = op.decode(&step.0, &step.1, &step.2).unwrap();
+        (out, op.last_read().unwrap())
+    };
+    let (fixed_out, fixed) = run(None, 8);
+    let (all_out, all) = run(Some(1.0), 8);
+    assert_eq!(fixed, all);
+    assert_eq!(max_abs_diff(&fixed_out, &all_out), 0.0);
+    let (_, one) = run(None, 1);
+    let (_, tiny) = run(Some(1e-6), 8);
+    assert_eq!(
+        one, tiny,
+        "a tiny mass probes only each head's best partition"
+    );
+    let reads: Vec<usize> = [0.2, 0.5, 0.9]
+        .iter()
+        .map(|&m| run(Some(m), 8).1.keys_read)
+        .collect();
+    assert!(
+        tiny.keys_read <= reads[0] && reads[0] <= reads[1] && reads[1] <= reads[2],
+        "{reads:?}"
+    );
+    assert!(reads[2] <= fixed.keys_read && tiny.keys_read < fixed.keys_read);
+}

@@ -33,7 +33,8 @@ pub struct DecodeOp {
     pub v_cache: Tensor,
     /// Directory `[B, Hkv, C + 1 + cap]` (offsets then perm); unused when `probes` is `None`.
     pub dir: Option<Tensor>,
-    /// Probed partitions `[B, Hq, ℓ]` u32; `None` reads every position (dense).
+    /// Probed partitions `[B, Hq, ℓ]` u32 (C in an unused slot); `None` reads every position
+    /// (dense).
     pub probes: Option<Tensor>,
     /// Per batch item.
     pub seqs: Vec<SeqExtent>,
@@ -61,7 +62,8 @@ pub(crate) fn key_ids(
     let sink_end = sinks.min(seq.len);
     let (offsets, perm) = dir.split_at(n_partitions + 1);
     let mut probed = vec![false; n_partitions];
-    for &c in probes {
+    // C marks a slot adaptive probing left empty (the CUDA kernel skips it too).
+    for &c in probes.iter().filter(|&&c| (c as usize) < n_partitions) {
         probed[c as usize] = true;
     }
     let mut ids: Vec<u32> = (0..sink_end as u32).collect();

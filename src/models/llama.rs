@@ -475,6 +475,18 @@ impl Llama {
         Ok(())
     }
 
+    /// Sets every layer's adaptive probing (top-p; see [`SaapAttention::set_probe_mass`]), or
+    /// `None` for ℓ partitions per head.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] unless the mass is finite and in (0, 1].
+    pub fn set_probe_mass(&mut self, mass: Option<f64>) -> Result<()> {
+        for op in &mut self.attn {
+            op.set_probe_mass(mass)?;
+        }
+        Ok(())
+    }
+
     /// How layer `layer` chooses the keys it reads at decode.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
         Ok(self.attention_mut(layer)?.set_routing(routing)?)
