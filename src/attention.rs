@@ -317,6 +317,8 @@ impl SaapAttention {
     /// between them). Partitions differ in size, so a step may read somewhat more or less than
     /// the estimate. At least one partition is probed: where sinks and window alone exceed the
     /// budget, ℓ = 1 and steps read more than asked. Dense routing reads everything regardless.
+    /// Removing the budget leaves ℓ where the last step put it ([`SaapAttention::set_n_probe`]
+    /// sets it again).
     ///
     /// # Errors
     /// [`SaapError::Config`] unless the budget is finite and in (0, 1].
