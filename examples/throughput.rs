@@ -214,10 +214,11 @@ fn run(args: Args) -> Res<()> {
                 setting.apply(&mut model)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 let n_probe = model.attention_mut(0)?.config().n_probe;
-                let (label, budget, mass) = match setting {
-                    Setting::Budget(b) => (setting.label(), b, 0.0),
-                    Setting::Probe(_) => (setting.label(), 0.0, 0.0),
-                    Setting::Mass(m, _) => (setting.label(), 0.0, m),
+                let label = setting.label();
+                let (budget, mass) = match setting {
+                    Setting::Budget(b) => (b, 0.0),
+                    Setting::Probe(_) => (0.0, 0.0),
+                    Setting::Mass(m, _) => (0.0, m),
                 };
                 let steps = (batch * (args.tokens - 1)) as f64;
                 let ppl_ratio = (saap.nll - dense.nll).exp();

@@ -4,7 +4,7 @@
 
 use crate::attend::decode::AdvanceReplay;
 use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
-use crate::classify::{centroid_scores, top_probes, Classifier};
+use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
 use crate::config::{Routing, SaapConfig, MAX_CONTEXT};
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
@@ -200,6 +200,16 @@ pub struct SaapAttention {
     probe_mass: Option<f64>,
 }
 
+/// [`SaapError::Config`] naming `what` unless `share` is absent or finite and in (0, 1].
+fn check_share(what: &str, share: Option<f64>) -> Result<()> {
+    match share {
+        Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => Err(SaapError::Config(format!(
+            "{what} must be in (0, 1], got {x}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 => Ok(()),
@@ -323,13 +333,7 @@ impl SaapAttention {
     /// # Errors
     /// [`SaapError::Config`] unless the budget is finite and in (0, 1].
     pub fn set_keys_budget(&mut self, budget: Option<f64>) -> Result<()> {
-        if let Some(b) = budget {
-            if !(b.is_finite() && b > 0.0 && b <= 1.0) {
-                return Err(SaapError::Config(format!(
-                    "a keys budget is a share of the context in (0, 1], got {b}"
-                )));
-            }
-        }
+        check_share("a keys budget (share of the context's keys)", budget)?;
         self.end_replay();
         self.keys_budget = budget;
         Ok(())
@@ -343,13 +347,10 @@ impl SaapAttention {
     /// # Errors
     /// [`SaapError::Config`] unless `mass` is finite and in (0, 1].
     pub fn set_probe_mass(&mut self, mass: Option<f64>) -> Result<()> {
-        if let Some(p) = mass {
-            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-                return Err(SaapError::Config(format!(
-                    "a probe mass is a share in (0, 1], got {p}"
-                )));
-            }
-        }
+        check_share(
+            "a probe mass (share of a head's predicted attention mass)",
+            mass,
+        )?;
         self.end_replay();
         self.probe_mass = mass;
         Ok(())
@@ -950,13 +951,6 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
-        // ℓ stays as recorded for the whole replay: set it for the budget now.
-        if let Some(n_probe) = self.budget_n_probe() {
-            self.config.n_probe = n_probe;
-        }
-        let Some(state) = &self.state else {
-            return Err(SaapError::EmptyContext(0));
-        };
         // Steps until a window outgrows `window + merge_every - 1`, which `decode` would merge.
         let room = match self.index {
             None => steps,
@@ -978,6 +972,10 @@ impl SaapAttention {
             state.lens.len(),
             state.lens.iter().copied().max().unwrap_or(0),
         );
+        // ℓ stays as recorded for the whole replay: set it for the budget now.
+        if let Some(n_probe) = self.budget_n_probe() {
+            self.config.n_probe = n_probe;
+        }
         self.reserve(batch, longest.saturating_add(room))?;
         self.replay = Some(Replay {
             id: NEXT_REPLAY.fetch_add(1, Ordering::Relaxed),
@@ -1088,20 +1086,6 @@ impl SaapAttention {
         };
         Ok(out)
     }
-}
-
-/// Top-p probes: each head's `n_probe` best partitions (`[B, Hq, ℓ]`), those after the first whose
-/// predicted masses before them (softmax of `scores`, in probe order) already reach `mass`
-/// replaced by C, which the decode kernels skip.
-fn probes_to_mass(scores: &Tensor, n_probe: usize, mass: f64) -> Result<Tensor> {
-    let c = scores.dim(candle_core::D::Minus1)?;
-    let probes = top_probes(scores, n_probe)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.gather(&probes, 2)?;
-    // Mass of the partitions probed before each one (exclusive prefix sum along ℓ).
-    let before = (probs.cumsum(2)? - &probs)?;
-    let keep = before.lt(mass)?;
-    let skipped = Tensor::full(c as u32, probes.shape(), probes.device())?;
-    Ok(keep.where_cond(&probes, &skipped)?)
 }
 
 /// Counts the keys a decode op reads, from its probes and the index offsets.

@@ -448,6 +448,25 @@ fn cpu_probes_match_candle_scores() {
     }
 }
 
+/// An op of a random index (seed `seed`) with two prompts of `lens` tokens prefilled (f32, CPU,
+/// 8 query / 2 KV heads, d 32), and the q, k, v of one decode step.
+fn prefilled_pair(
+    config: &SaapConfig,
+    seed: u64,
+    lens: [usize; 2],
+) -> (SaapAttention, (Tensor, Tensor, Tensor)) {
+    let index = random_index(config, 1, seed);
+    let mut r = rng(seed + 1);
+    let mut qkv = |t: usize| {
+        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, t, 32], 1.0));
+        (q, k, v)
+    };
+    let (q, k, v) = qkv(lens[0]);
+    let mut op = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
+    op.prefill(&q, &k, &v, &lens).unwrap();
+    (op, qkv(1))
+}
+
 /// A keys budget sets ℓ per step: the keys read stay near the budget as the context grows
 /// (window and sinks included), ℓ grows with the budget, a budget of 1 lets a group's heads
 /// probe C partitions between them, one below the window's share falls back to ℓ = 1, and bad
@@ -457,19 +476,10 @@ fn keys_budget_sets_n_probe() {
     let mut config = config(8, 2, 32, 64, RopeKind::Neox);
     config.window = 32;
     config.merge_every = 16;
-    let index = random_index(&config, 1, 61);
-    let mut r = rng(62);
-    let mut qkv = |t: usize| {
-        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, t, 32], 1.0));
-        (q, k, v)
-    };
-    let (q, k, v) = qkv(2000);
-    let mut base = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
-    base.prefill(&q, &k, &v, &[2000, 1500]).unwrap();
+    let (mut base, steps) = prefilled_pair(&config, 61, [2000, 1500]);
     for bad in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
         assert!(base.set_keys_budget(Some(bad)).is_err(), "{bad}");
     }
-    let steps = qkv(1);
     let mut probes = Vec::new();
     for budget in [0.1, 0.3, 1.0] {
         let mut op = base.snapshot().unwrap();
@@ -508,19 +518,10 @@ fn probe_mass_adapts_partitions_probed() {
     let mut config = config(8, 2, 32, 64, RopeKind::Neox);
     config.window = 32;
     config.n_probe = 8;
-    let index = random_index(&config, 1, 71);
-    let mut r = rng(72);
-    let mut qkv = |t: usize| {
-        let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, t, 32], 1.0));
-        (q, k, v)
-    };
-    let (q, k, v) = qkv(1500);
-    let mut base = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
-    base.prefill(&q, &k, &v, &[1500, 1200]).unwrap();
+    let (mut base, step) = prefilled_pair(&config, 71, [1500, 1200]);
     for bad in [0.0, 1.01, f64::NAN] {
         assert!(base.set_probe_mass(Some(bad)).is_err(), "{bad}");
     }
-    let step = qkv(1);
     let run = |mass: Option<f64>, n_probe: usize| {
         let mut op = base.snapshot().unwrap();
         op.set_n_probe(n_probe).unwrap();

@@ -212,3 +212,17 @@ pub fn top_probes(scores: &Tensor, n_probe: usize) -> Result<Tensor> {
     let order = scores.contiguous()?.arg_sort_last_dim(false)?;
     Ok(order.narrow(D::Minus1, 0, n_probe)?.contiguous()?)
 }
+
+/// Top-p probes: each head's `n_probe` best partitions (`[B, Hq, ℓ]`), those after the first whose
+/// predicted masses before them (softmax of `scores`, in probe order) already reach `mass`
+/// replaced by C, which the decode kernels skip.
+pub(crate) fn probes_to_mass(scores: &Tensor, n_probe: usize, mass: f64) -> Result<Tensor> {
+    let c = scores.dim(D::Minus1)?;
+    let probes = top_probes(scores, n_probe)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.contiguous()?)?.gather(&probes, 2)?;
+    // Mass of the partitions probed before each one (exclusive prefix sum along ℓ).
+    let before = (probs.cumsum(2)? - &probs)?;
+    let keep = before.lt(mass)?;
+    let skipped = Tensor::full(c as u32, probes.shape(), probes.device())?;
+    Ok(keep.where_cond(&probes, &skipped)?)
+}
