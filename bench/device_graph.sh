@@ -2,7 +2,8 @@
 # CUDA-graph decode on the GPU machine (session of 2026-11-26, second half): Qwen2.5-Coder-0.5B
 # (Q4_K_M GGUF sent in pieces to /tmp/q), texts in .qwen/texts, binaries staged in .devA/.devB and
 # copied to /tmp/bin as they arrive (carried folders do not outlive their call).
-# Usage: bash bench/device_graph.sh STEP   (setup | calib32 | calib128 | tests | steps | e2e32 | e2e128 | sweep128)
+# Usage: bash bench/device_graph.sh STEP   (setup | calib32 | calib128 | tests | steps | e2e32 | e2e128 | sweep128
+#        | sanitize | profile | smol)
 set -uo pipefail
 step=$1
 M=/tmp/saap/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -41,4 +42,30 @@ sweep128)
   # for several ℓ, every layer sparse, graphs on.
   unpack
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 8 --tokens 64 --chunk 32768 --all-sparse --graph on --n-probe 9,24,64 ;;
+sanitize)
+  # Parity, then memcheck over both suites and racecheck over the replay kernels.
+  unpack
+  run "$bin/graph" --test-threads 1
+  run "$bin/cuda_parity" --test-threads 1
+  run compute-sanitizer --tool memcheck "$bin/graph" --test-threads 1
+  run compute-sanitizer --tool memcheck "$bin/cuda_parity" --test-threads 1
+  run compute-sanitizer --tool racecheck "$bin/graph" --test-threads 1 replayed_steps decode_graph_matches ;;
+profile)
+  # Kernels of one Llama-3.1-8B layer step at 171k, batch 1 (graphs traced per node).
+  unpack
+  command -v nsys | tee "$OUT/profile.txt"
+  SAAP_REPORT_ONLY=steps nsys profile --cuda-graph-trace=node -o /tmp/steps --force-overwrite true "$bin/bench_report" 171008 1 > /dev/null 2>&1
+  nsys stats -q -r cuda_gpu_kern_sum /tmp/steps.nsys-rep 2>&1 | tee -a "$OUT/profile.txt" ;;
+smol)
+  # SmolLM2 decode at batch 1 and 8 under nsys: kernels per token of the whole model (GGUF sent
+  # in pieces .smol/pN to /tmp/s, Shakespeare in .smol/texts).
+  unpack
+  mkdir -p /tmp/saap/models /tmp/s && cp -r .smol/texts /tmp/saap/ && cp .smol/p* /tmp/s/
+  cat /tmp/s/p* > /tmp/saap/models/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/saap/models/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/smol.txt"
+  for graph in off on; do
+    nsys profile --cuda-graph-trace=node -o /tmp/smol-$graph --force-overwrite true "$bin/throughput" --cuda --index indexes/SmolLM2-135M-Instruct.Q4_1-ctx8192-quick.safetensors --context 7000 --batch 1 --tokens 32 --all-sparse --graph $graph 2>&1 | tee -a "$OUT/smol.txt"
+    nsys stats -q -r cuda_gpu_kern_sum /tmp/smol-$graph.nsys-rep 2>&1 | tee -a "$OUT/smol-$graph-kern.txt"
+  done
+  run "$bin/throughput" --cuda --index indexes/SmolLM2-135M-Instruct.Q4_1-ctx8192-quick.safetensors --context 7000 --batch 1,8 --tokens 64 --all-sparse ;;
 esac

@@ -246,9 +246,19 @@ fn decode_large_batch_matches_cpu() {
     decode_case(&dev, &mut r, &case);
 }
 
+/// How a decode step chooses ℓ in [`end_to_end`].
+#[derive(Clone, Copy, Debug)]
+enum Probing {
+    Fixed,
+    /// `set_keys_budget`: ℓ follows the context's length.
+    Budget(f64),
+    /// `set_probe_mass`: top-p over the classifier's scores.
+    Mass(f64),
+}
+
 /// Prefill, then 300 decode steps with window merges, on both backends: identical reads and
 /// index, outputs within rounding.
-fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
+fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32, probing: Probing) {
     let mut config = config(8, 2, 64, 32, RopeKind::Neox);
     config.window = 48;
     config.merge_every = 16;
@@ -257,6 +267,11 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
     let mut gpu = SaapAttention::from_index(&index, 0, dev, dtype).unwrap();
     for op in [&mut cpu, &mut gpu] {
         op.set_n_probe(4).unwrap();
+        match probing {
+            Probing::Fixed => {}
+            Probing::Budget(share) => op.set_keys_budget(Some(share)).unwrap(),
+            Probing::Mass(mass) => op.set_probe_mass(Some(mass)).unwrap(),
+        }
     }
     let mut r = rng(seed ^ 0x5eed);
     let (b, t) = (3, 300);
@@ -286,10 +301,13 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
         assert_eq!(
             cpu.last_read(),
             gpu.last_read(),
-            "{dtype:?} step {i}: reads differ"
+            "{dtype:?} {probing:?} step {i}: reads differ"
         );
         let diff = max_abs_diff(&out_c, &out_g.to_device(&Device::Cpu).unwrap());
-        assert!(diff <= tol, "{dtype:?} step {i}: outputs differ by {diff}");
+        assert!(
+            diff <= tol,
+            "{dtype:?} {probing:?} step {i}: outputs differ by {diff}"
+        );
     }
     assert_eq!(cpu.extents(), gpu.extents());
     assert_eq!(cpu.index_lists().unwrap(), gpu.index_lists().unwrap());
@@ -299,8 +317,18 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32) {
 fn attention_end_to_end_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("attention_end_to_end_matches_cpu");
-    end_to_end(&dev, s, DType::F32, 1e-4);
-    end_to_end(&dev, s, DType::BF16, 3e-2);
+    end_to_end(&dev, s, DType::F32, 1e-4, Probing::Fixed);
+    end_to_end(&dev, s, DType::BF16, 3e-2, Probing::Fixed);
+}
+
+/// The keys budget (ℓ chosen per step from the index's counts) and top-p probing (probes chosen
+/// from the classifier's scores with candle ops) read the same keys on both backends.
+#[test]
+fn budget_and_probe_mass_match_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("budget_and_probe_mass_match_cpu");
+    end_to_end(&dev, s, DType::F32, 1e-4, Probing::Budget(0.5));
+    end_to_end(&dev, s, DType::F32, 1e-4, Probing::Mass(0.3));
 }
 
 /// Classifier routing: the CUDA kernels (MLP with f32 accumulation, top-ℓ) pick the CPU's
