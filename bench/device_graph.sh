@@ -11,7 +11,9 @@ I=/tmp/saap/indexes
 export SAAP_CACHE=/tmp/saap LD_LIBRARY_PATH=/usr/local/cuda/lib64 RUST_BACKTRACE=0
 bin=/tmp/bin
 run() { echo "\$ $*" | tee -a "$OUT/$step.txt"; "$@" 2>&1 | tee -a "$OUT/$step.txt"; }
-unpack() { mkdir -p "$bin"; for d in .devA .devB .devC; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done; gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*; }
+unpack() { mkdir -p "$bin"; for d in .devA .devB .devC; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done; gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*
+  # Test binaries carry cargo's hash suffix.
+  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done; }
 case $step in
 setup)
   mkdir -p /tmp/saap/models "$I" && cp -r .qwen/texts /tmp/saap/

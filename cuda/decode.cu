@@ -622,6 +622,8 @@ extern "C" __global__ void saap_route_top(const float* __restrict__ scores,
                 if (tid >= (uint32_t)o) incl += v;
             }
             const uint32_t w = want;
+            // Every lane has read `want` before the one lane that finds the digit rewrites it.
+            __syncwarp();
             uint32_t above = incl - sum;
             if (above < w && w <= incl) {
                 for (int j = 0; j < 8; ++j) {

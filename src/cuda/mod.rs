@@ -6,6 +6,8 @@ mod append;
 mod decode;
 pub(crate) mod graph;
 mod merge;
+#[cfg(feature = "models")]
+pub(crate) mod norm;
 mod prefill;
 pub(crate) mod route;
 

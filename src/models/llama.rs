@@ -11,13 +11,13 @@
 //! that permutation inside each head, so an index trained on one layout does not fit the other
 //! ([`Llama::saap_config`] records the RoPE kind, which an index checks).
 
+use super::norm::RmsNorm;
 use super::{io_err, Error, Result};
 use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 use crate::graph::GraphDecoder;
 use crate::{ReadStats, SaapAttention, SaapIndex};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::RmsNorm;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -71,17 +71,96 @@ impl Linear {
     }
 }
 
+/// Projections of one input: a single matmul over the concatenated weights when all are plain
+/// with the same kind of bias (a decode step at batch 1 is a chain of small launches, so one
+/// matmul instead of three counts), else one per weight. Outputs come back in order.
+#[derive(Debug)]
+enum Projections {
+    /// The fused projection and each part's output width.
+    Fused(candle_nn::Linear, Vec<usize>),
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let plain: Vec<&candle_nn::Linear> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Linear::Plain(l) => Some(l),
+                Linear::Quantized(..) => None,
+            })
+            .collect();
+        let uniform = plain.len() == parts.len()
+            && plain.windows(2).all(|w| {
+                w[0].weight().dtype() == w[1].weight().dtype()
+                    && w[0].bias().is_some() == w[1].bias().is_some()
+            });
+        if !uniform {
+            return Ok(Self::Separate(parts));
+        }
+        let widths = plain
+            .iter()
+            .map(|l| l.weight().dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = plain.iter().map(|l| l.weight()).collect();
+        let biases: Option<Vec<&Tensor>> = plain.iter().map(|l| l.bias()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Self::Fused(
+            candle_nn::Linear::new(Tensor::cat(&weights, 0)?, bias),
+            widths,
+        ))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused(linear, widths) => {
+                let y = linear.forward(x)?;
+                let mut at = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        at += w;
+                        Ok(y.narrow(D::Minus1, at - w, w)?)
+                    })
+                    .collect()
+            }
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Layer {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Queries, keys, values.
+    qkv: Projections,
     o: Linear,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    /// Gate, up.
+    gate_up: Projections,
     down: Linear,
+}
+
+impl Layer {
+    /// A layer from its weights, fusing the projections that share an input.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        attn_norm: RmsNorm,
+        [q, k, v]: [Linear; 3],
+        o: Linear,
+        ffn_norm: RmsNorm,
+        [gate, up]: [Linear; 2],
+        down: Linear,
+    ) -> Result<Self> {
+        Ok(Self {
+            attn_norm,
+            qkv: Projections::new(vec![q, k, v])?,
+            o,
+            ffn_norm,
+            gate_up: Projections::new(vec![gate, up])?,
+            down,
+        })
+    }
 }
 
 /// A Llama-family decoder with one [`SaapAttention`] (and its KV cache) per layer.
@@ -153,17 +232,21 @@ impl Llama {
             .map(|i| {
                 let p = format!("blk.{i}");
                 let b = |s: &str| bias.then(|| format!("{p}.{s}.bias"));
-                Ok(Layer {
-                    attn_norm: src.norm(&format!("{p}.attn_norm.weight"), config.rms_eps)?,
-                    q: src.linear(&format!("{p}.attn_q.weight"), b("attn_q").as_deref())?,
-                    k: src.linear(&format!("{p}.attn_k.weight"), b("attn_k").as_deref())?,
-                    v: src.linear(&format!("{p}.attn_v.weight"), b("attn_v").as_deref())?,
-                    o: src.linear(&format!("{p}.attn_output.weight"), None)?,
-                    ffn_norm: src.norm(&format!("{p}.ffn_norm.weight"), config.rms_eps)?,
-                    gate: src.linear(&format!("{p}.ffn_gate.weight"), None)?,
-                    up: src.linear(&format!("{p}.ffn_up.weight"), None)?,
-                    down: src.linear(&format!("{p}.ffn_down.weight"), None)?,
-                })
+                Layer::new(
+                    src.norm(&format!("{p}.attn_norm.weight"), config.rms_eps)?,
+                    [
+                        src.linear(&format!("{p}.attn_q.weight"), b("attn_q").as_deref())?,
+                        src.linear(&format!("{p}.attn_k.weight"), b("attn_k").as_deref())?,
+                        src.linear(&format!("{p}.attn_v.weight"), b("attn_v").as_deref())?,
+                    ],
+                    src.linear(&format!("{p}.attn_output.weight"), None)?,
+                    src.norm(&format!("{p}.ffn_norm.weight"), config.rms_eps)?,
+                    [
+                        src.linear(&format!("{p}.ffn_gate.weight"), None)?,
+                        src.linear(&format!("{p}.ffn_up.weight"), None)?,
+                    ],
+                    src.linear(&format!("{p}.ffn_down.weight"), None)?,
+                )
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = src.norm("output_norm.weight", config.rms_eps)?;
@@ -220,23 +303,20 @@ impl Llama {
                 linear("mlp.up_proj", false)?,
                 linear("mlp.down_proj", false)?,
             );
-            layers.push(Layer {
-                attn_norm: RmsNorm::new(
+            layers.push(Layer::new(
+                RmsNorm::new(
                     take(&format!("{p}.input_layernorm.weight"))?,
                     config.rms_eps,
                 ),
-                ffn_norm: RmsNorm::new(
+                [q, k, v],
+                o,
+                RmsNorm::new(
                     take(&format!("{p}.post_attention_layernorm.weight"))?,
                     config.rms_eps,
                 ),
-                q,
-                k,
-                v,
-                o,
-                gate,
-                up,
+                [gate, up],
                 down,
-            });
+            )?);
         }
         let norm = RmsNorm::new(take("model.norm.weight")?, config.rms_eps);
         let lm_head = Linear::Plain(candle_nn::Linear::new(lm_head, None));
@@ -569,27 +649,40 @@ impl Llama {
             .embed
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
-        for (layer, attn) in self.layers.iter().zip(self.attn.iter_mut()) {
-            let h = layer.attn_norm.forward(&x)?;
-            let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        let Some(first) = self.layers.first() else {
+            return Ok(self.norm.forward(&x)?);
+        };
+        // Each residual add is fused with the norm that reads its sum: the next layer's
+        // attention norm, or the final norm after the last layer.
+        let mut h = first.attn_norm.forward(&x)?;
+        for (i, (layer, attn)) in self.layers.iter().zip(self.attn.iter_mut()).enumerate() {
+            let heads = |y: &Tensor, n: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
             };
-            let q = heads(layer.q.forward(&h)?, nq)?;
-            let k = heads(layer.k.forward(&h)?, nkv)?;
-            let v = heads(layer.v.forward(&h)?, nkv)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let (q, k, v) = (
+                heads(&qkv[0], nq)?,
+                heads(&qkv[1], nkv)?,
+                heads(&qkv[2], nkv)?,
+            );
             let o = if decode {
                 attn.decode(&q, &k, &v)?
             } else {
                 attn.prefill(&q, &k, &v, lens)?
             };
             let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
-            x = (x + layer.o.forward(&o)?)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let gate = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let mlp = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            (x, h) = layer.ffn_norm.add_forward(&x, &layer.o.forward(&o)?)?;
+            let gate_up = layer.gate_up.forward(&h)?;
+            let mlp = layer
+                .down
+                .forward(&(candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?)?;
+            let next_norm = match self.layers.get(i + 1) {
+                Some(next) => &next.attn_norm,
+                None => &self.norm,
+            };
+            (x, h) = next_norm.add_forward(&x, &mlp)?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(h)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod llama;
 pub mod tokenizer;
 
 mod html;
+mod norm;
 mod rdata;
 
 pub use llama::{Architecture, Llama, LlamaConfig};
