@@ -364,20 +364,24 @@ SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_DECODE_GROUPS(f16, __half, 64)
 SAAP_DECODE_GROUPS(f16, __half, 128)
 
-// Log-sum-exp merge of the splits. Grid: items * Hq blocks of D threads; out: [items, Hq, D].
-// Dynamic shared memory: 2 * n_splits floats. The splits' (max, sum) pairs are staged in shared
-// memory in one round of loads, so the loop over splits issues independent loads only (a loop
-// that waited on each split's max before loading its output was latency-bound: ~20 us).
+// Log-sum-exp merge of the splits. Grid: items * Hq blocks of (D, COMBINE_LANES) threads; out:
+// [items, Hq, D]. Dynamic shared memory: 2 * n_splits + (COMBINE_LANES - 1) * (D + 1) floats.
+// The splits' (max, sum) pairs are staged in shared memory in one round of loads, then each of
+// the COMBINE_LANES lanes of a dimension folds every COMBINE_LANES-th split and the lanes' sums
+// are added: one lane per dimension walked all ~40 splits of a batch-1 step with its loads
+// barely overlapped (10.7 µs for SmolLM2's 9 heads, ncu, H200).
+#define COMBINE_LANES 4
 template <typename T>
 __device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
                                              const float* __restrict__ part_ml, T* __restrict__ out,
                                              uint32_t hq, uint32_t hkv, uint32_t n_splits) {
-    extern __shared__ float ml[];  // maxima [n_splits], then sums [n_splits]
-    const uint32_t D = blockDim.x, d = threadIdx.x;
+    extern __shared__ float ml[];  // maxima [n_splits], sums [n_splits], lanes' partials
+    const uint32_t D = blockDim.x, d = threadIdx.x, lane = threadIdx.y;
+    const uint32_t tid = lane * D + d, nt = D * COMBINE_LANES;
     const uint32_t item = blockIdx.x / hq, h = blockIdx.x % hq, G = hq / hkv;
     const uint32_t row = item * hkv + h / G, g = h % G;
     const size_t p0 = (size_t)row * n_splits * G + g;
-    for (uint32_t s = d; s < n_splits; s += D) {
+    for (uint32_t s = tid; s < n_splits; s += nt) {
         ml[s] = part_ml[(p0 + (size_t)s * G) * 2];
         ml[n_splits + s] = part_ml[(p0 + (size_t)s * G) * 2 + 1];
     }
@@ -387,12 +391,23 @@ __device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
     float L = 0.f, o = 0.f;
     if (M != -INFINITY) {
         // Empty splits have max -inf (weight 0) and a zero output, so no branch is needed.
-#pragma unroll 8
-        for (uint32_t s = 0; s < n_splits; ++s) {
+#pragma unroll 4
+        for (uint32_t s = lane; s < n_splits; s += COMBINE_LANES) {
             const float w = exp2f(ml[s] - M);
             L = fmaf(w, ml[n_splits + s], L);
             o = fmaf(w, part_o[(p0 + (size_t)s * G) * D + d], o);
         }
+    }
+    float* lanes = ml + 2 * n_splits;  // [COMBINE_LANES - 1][D + 1]: outputs, then the sum
+    if (lane > 0) {
+        lanes[(lane - 1) * (D + 1) + d] = o;
+        if (d == 0) lanes[(lane - 1) * (D + 1) + D] = L;
+    }
+    __syncthreads();
+    if (lane > 0) return;
+    for (uint32_t j = 0; j + 1 < COMBINE_LANES; ++j) {
+        o += lanes[j * (D + 1) + d];
+        L += lanes[j * (D + 1) + D];
     }
     out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
 }

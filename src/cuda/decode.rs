@@ -23,6 +23,8 @@ use half::{bf16, f16};
 const THREADS: u32 = 256;
 /// Key ids a block holds in shared memory per pass (`IDS_CAP` in `cuda/decode.cu`).
 const IDS_CAP: usize = 2048;
+/// Threads per output dimension of the combine kernel (`COMBINE_LANES` in `cuda/decode.cu`).
+const COMBINE_LANES: u32 = 4;
 /// Upper bound on splits per row: the merge reads every split's partial.
 const MAX_SPLITS: usize = 128;
 /// Fewer keys than this per split cost more in fixed work than they save in parallelism.
@@ -287,8 +289,10 @@ fn launch<T: DeviceRepr>(
                 .arg(&splits32);
             let cfg = LaunchConfig {
                 grid_dim: (to_u32(items * hq)?, 1, 1),
-                block_dim: (to_u32(d)?, 1, 1),
-                shared_mem_bytes: 2 * 4 * splits32,
+                block_dim: (to_u32(d)?, COMBINE_LANES, 1),
+                shared_mem_bytes: to_u32(
+                    (2 * splits + (COMBINE_LANES as usize - 1) * (d + 1)) * 4,
+                )?,
             };
             // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
             unsafe { merge.launch(cfg) }.w()?;
