@@ -497,6 +497,24 @@ impl Llama {
         self.config.n_layers
     }
 
+    /// Keeps the batch items whose `keep` flag is set in every layer and drops the others (e.g.
+    /// sequences that reached their end of text; see [`SaapAttention::retain`]): later calls
+    /// carry one row per kept item, in order, and decode them as if the dropped ones had never
+    /// been in the batch. Keeping none forgets every sequence, as [`Llama::reset`] does. Decoding
+    /// through a [`crate::graph::DecodeGraph`], retain through
+    /// [`crate::graph::DecodeGraph::retain`] instead.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] as [`SaapAttention::retain`]: while replaying, before any prefill, or
+    /// unless `keep` has one flag per item. Every layer holds the same batch, so these come from
+    /// the first layer with nothing changed.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        for op in &mut self.attn {
+            op.retain(keep)?;
+        }
+        Ok(())
+    }
+
     /// Forgets the sequence(s) in every layer.
     pub fn reset(&mut self) {
         self.attn.iter_mut().for_each(SaapAttention::reset);
