@@ -430,12 +430,27 @@ impl Llama {
     /// [`Error::Model`] for an empty batch or an empty prompt, or a token outside the
     /// vocabulary; errors of the ops.
     pub fn prefill_batch(&mut self, prompts: &[&[u32]], chunk: usize) -> Result<Tensor> {
+        self.prefill_batch_with_progress(prompts, chunk, &mut |_| {})
+    }
+
+    /// [`Llama::prefill_batch`], calling `progress` after each chunk with the prompt tokens
+    /// prefilled so far (over all items).
+    ///
+    /// # Errors
+    /// As [`Llama::prefill_batch`].
+    pub fn prefill_batch_with_progress(
+        &mut self,
+        prompts: &[&[u32]],
+        chunk: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::Model("prefill of no tokens".into()));
         }
         let chunk = chunk.max(1);
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut last: Vec<Option<Tensor>> = vec![None; prompts.len()];
+        let mut done = 0;
         for at in (0..longest).step_by(chunk) {
             let width = chunk.min(longest - at);
             let lens: Vec<usize> = prompts
@@ -458,6 +473,8 @@ impl Llama {
                     last[i] = Some(logits.get(i)?);
                 }
             }
+            done += lens.iter().sum::<usize>();
+            progress(done);
         }
         let last: Vec<Tensor> = last.into_iter().flatten().collect();
         Ok(Tensor::stack(&last, 0)?)
