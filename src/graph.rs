@@ -11,7 +11,8 @@
 //! for, and the next step is recorded. The following steps copy the input tokens into the
 //! graph's input buffer, launch the graph and read its logits. When the room is used up, or
 //! any op changed (routing, ℓ, index, sequences), the recording is dropped and the cycle
-//! starts again. Without CUDA, or where a capture fails, every step runs eagerly.
+//! starts again; so it is when finished sequences leave the batch ([`DecodeGraph::retain`]).
+//! Without CUDA, or where a capture fails, every step runs eagerly.
 
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::SaapAttention;
