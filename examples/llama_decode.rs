@@ -6,6 +6,7 @@
 //! SmolLM2-135M (fetched on demand) on 7000 tokens of *Pride and Prejudice*, with the index
 //! cached for the model, else the one shipped in `indexes/` (pre-calibrated for this model file),
 //! else calibrated on first use (about 4 minutes on our 2-core VM; `--recalibrate` forces it).
+//! `--batch N` decodes N prompts together: the text cut at N lengths, each with the question.
 
 use candle_core::{Tensor, D};
 use clap::builder::RangedU64ValueParser;
@@ -72,9 +73,14 @@ struct Args {
     /// Feed the prompt as is
     #[arg(long)]
     raw: bool,
-    /// Tokens to generate
+    /// Tokens to generate (per sequence)
     #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     tokens: usize,
+    /// Decode N prompts together, ragged: the first --context tokens of the text, then the first
+    /// (N−1)/N of them, …, 1/N, each followed by the question. Each sequence stops at its end of
+    /// text or after --tokens and leaves the batch; tokens/s counts every sequence's tokens
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Prefill chunk in tokens [default: 512 on the CPU, 8192 on CUDA, where the prefill kernel
     /// needs a few thousand queries per chunk to fill the GPU]
     #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
@@ -88,20 +94,31 @@ struct Args {
     beyond_context: bool,
 }
 
-/// One greedy continuation and what it cost.
+/// One prompt of the batch.
+struct Prompt {
+    ids: Vec<u32>,
+    /// Tokens of the context text it holds.
+    context: usize,
+}
+
+/// The greedy continuations of the batch and what they cost.
 struct Run {
     label: &'static str,
-    tokens: Vec<u32>,
+    /// Per prompt, the tokens generated.
+    tokens: Vec<Vec<u32>>,
+    /// Per prompt, whether it stopped at an end-of-text token (else at --tokens).
+    ended: Vec<bool>,
     /// Seconds of the decode steps after the first (the first one also copies the restored
-    /// caches), and their number.
+    /// caches), their number, and the tokens they decoded (one per sequence still running).
     steady_s: f64,
     steady_steps: usize,
+    steady_tokens: usize,
     reads: ReadStats,
 }
 
 impl Run {
     fn tokens_per_s(&self) -> f64 {
-        self.steady_steps as f64 / self.steady_s.max(1e-9)
+        self.steady_tokens as f64 / self.steady_s.max(1e-9)
     }
 }
 
@@ -118,6 +135,9 @@ fn shipped_indexes() -> PathBuf {
 /// Checks of the options that need no model, so that a mistake is reported in one line before
 /// minutes of loading.
 fn check_args(args: &Args) -> Res<()> {
+    if args.batch == 0 {
+        return Err("--batch 0: decode at least one prompt (the default is --batch 1)".into());
+    }
     if let Some(context) = args.calib_context {
         if context < 1024 {
             return Err(format!(
@@ -148,13 +168,14 @@ fn run(args: Args) -> Res<()> {
     } = args.model.load()?;
     let trained_for =
         model.config().context_length * args.model.yarn.map_or(1, |f| f.max(1.0).round() as usize);
-    let (prompt_ids, described) = prompt(&args, &tok)?;
-    let needed = prompt_ids.len() + args.tokens;
+    let (prompts, described) = prompts(&args, &tok)?;
+    // The first prompt holds the most context.
+    let longest = prompts[0].ids.len();
+    let needed = longest + args.tokens;
     if needed > trained_for && !args.beyond_context {
         return Err(format!(
-            "{} prompt tokens + {} to generate = {needed} exceed the {trained_for} tokens {name} was \
-             trained for; pass a smaller --context (at most about {}) or --beyond-context",
-            prompt_ids.len(),
+            "{longest} prompt tokens + {} to generate = {needed} exceed the {trained_for} tokens \
+             {name} was trained for; pass a smaller --context (at most about {}) or --beyond-context",
             args.tokens,
             args.context.saturating_sub(needed - trained_for)
         )
@@ -234,28 +255,27 @@ fn run(args: Args) -> Res<()> {
             attention.set_check_finite(false);
         }
     }
-    println!("prompt: {} tokens ({described})", prompt_ids.len());
-
-    // One prefill (dense attention; with an index it also builds the partition lists).
-    let start = Instant::now();
-    let mut progress = Progress::new("prefill (tokens)", prompt_ids.len());
-    let mut logits = None;
-    let mut done = 0;
-    let chunk = args.chunk.unwrap_or(model.default_prefill_chunk());
-    for chunk in prompt_ids.chunks(chunk) {
-        let t = Tensor::new(chunk, &device)?.unsqueeze(0)?;
-        logits = Some(model.forward_last(&t, &[chunk.len()])?);
-        done += chunk.len();
-        progress.set(done);
+    let lens: Vec<String> = prompts.iter().map(|p| p.ids.len().to_string()).collect();
+    match lens.as_slice() {
+        [one] => println!("prompt: {one} tokens ({described})"),
+        _ => println!("prompts: {} tokens ({described})", lens.join(", ")),
     }
-    let logits = logits.ok_or("empty prompt")?;
+
+    // One prefill of the batch (dense attention; with an index it also builds the partition
+    // lists).
+    let start = Instant::now();
+    let total: usize = prompts.iter().map(|p| p.ids.len()).sum();
+    let mut progress = Progress::new("prefill (tokens)", total);
+    let chunk = args.chunk.unwrap_or(model.default_prefill_chunk());
+    let prompt_ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let logits =
+        model.prefill_batch_with_progress(&prompt_ids, chunk, &mut |done| progress.set(done))?;
     // CUDA queues work: sync so the prefill's tail is not billed to the decode.
     device.synchronize()?;
     let prefill_s = start.elapsed().as_secs_f64();
     println!(
-        "prefill: {} tokens in {prefill_s:.1} s ({:.0} tokens/s)",
-        prompt_ids.len(),
-        prompt_ids.len() as f64 / prefill_s
+        "prefill: {total} tokens in {prefill_s:.1} s ({:.0} tokens/s)",
+        total as f64 / prefill_s
     );
 
     let stops: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
@@ -279,17 +299,18 @@ fn run(args: Args) -> Res<()> {
     } else {
         runs.push(decode(&mut model, &tok, &logits, &stops, &args, "dense")?);
     }
-    summary(&runs, &args);
+    summary(&runs, &prompts, &args);
     Ok(())
 }
 
-/// The prompt's token ids and a description of them.
-fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
-    let mut ids = Vec::new();
-    if tok.add_bos() {
-        ids.extend(tok.bos());
-    }
-    let (context, described) = if args.context > 0 {
+/// The batch's prompts, the first holding the most context, and a description of them.
+fn prompts(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<Prompt>, String)> {
+    let bos: Vec<u32> = if tok.add_bos() {
+        tok.bos().into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    let (text_ids, source) = if args.context > 0 {
         let (text, source) = match &args.text {
             Some(path) => (
                 std::fs::read_to_string(path)
@@ -320,15 +341,9 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
             )
             .into());
         }
-        (
-            tok.decode(&text_ids[..args.context])? + "\n\n",
-            format!(
-                "the first {} tokens of {source}, then a question",
-                args.context
-            ),
-        )
+        (text_ids, source)
     } else {
-        (String::new(), "a question".to_string())
+        (Vec::new(), String::new())
     };
     let question = args.prompt.clone().unwrap_or_else(|| {
         if args.context > 0 {
@@ -338,18 +353,50 @@ fn prompt(args: &Args, tok: &GgufTokenizer) -> Res<(Vec<u32>, String)> {
                 .into()
         }
     });
-    let user = format!("{context}{question}");
-    let text = if args.raw {
-        user
-    } else {
-        format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    let n = args.batch;
+    // Prompt i holds (n - i)/n of the context: the story cut at n points.
+    let contexts: Vec<usize> = (0..n).map(|i| args.context * (n - i) / n).collect();
+    let prompts = contexts
+        .iter()
+        .map(|&context| {
+            let context_text = if context > 0 {
+                tok.decode(&text_ids[..context])? + "\n\n"
+            } else {
+                String::new()
+            };
+            let user = format!("{context_text}{question}");
+            let text = if args.raw {
+                user
+            } else {
+                format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+            };
+            let mut ids = bos.clone();
+            ids.extend(tok.encode(&text)?);
+            Ok(Prompt { ids, context })
+        })
+        .collect::<Res<Vec<_>>>()?;
+    let described = match (args.context, n) {
+        (0, 1) => "a question".to_string(),
+        (0, _) => format!("the same question {n} times"),
+        (_, 1) => format!(
+            "the first {} tokens of {source}, then a question",
+            args.context
+        ),
+        _ => {
+            let cuts: Vec<String> = contexts.iter().map(usize::to_string).collect();
+            format!(
+                "the first {} tokens of {source}, each then the question",
+                cuts.join(", ")
+            )
+        }
     };
-    ids.extend(tok.encode(&text)?);
-    Ok((ids, described))
+    Ok((prompts, described))
 }
 
-/// Greedy decoding from the model's current cache, the first token taken from `logits`; prints
-/// the text as it comes.
+/// Greedy decoding of the batch from the model's current cache, the first tokens taken from
+/// `logits` (`[B, vocab]`). A sequence stops at a token of `stops` or after `--tokens`, and
+/// leaves the batch (`Llama::retain`). One sequence's text is printed as it comes, a batch's
+/// answers at the end.
 fn decode(
     model: &mut Llama,
     tok: &GgufTokenizer,
@@ -360,54 +407,117 @@ fn decode(
 ) -> Res<Run> {
     let device = model.device().clone();
     println!("\n── {label} ──");
+    let batch = logits.dim(0)?;
     let mut logits = logits.clone();
-    let mut tokens: Vec<u32> = Vec::new();
+    let mut run = Run {
+        label,
+        tokens: vec![Vec::new(); batch],
+        ended: vec![false; batch],
+        steady_s: 0.0,
+        steady_steps: 0,
+        steady_tokens: 0,
+        reads: ReadStats::default(),
+    };
+    // The prompt each row of the batch decodes; rows leave as their sequences finish.
+    let mut rows: Vec<usize> = (0..batch).collect();
     let mut printed = 0;
-    let mut reads = ReadStats::default();
-    let (mut steps, mut steady_s) = (0usize, 0.0);
-    for _ in 0..args.tokens {
-        let next = logits.argmax(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0];
-        if stops.contains(&next) {
+    let mut steps = 0usize;
+    loop {
+        let mut next = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let mut keep = vec![true; rows.len()];
+        for ((&item, &id), keep) in rows.iter().zip(&next).zip(&mut keep) {
+            if stops.contains(&id) {
+                run.ended[item] = true;
+                *keep = false;
+                continue;
+            }
+            run.tokens[item].push(id);
+            // At the limit: its logits would not be used.
+            *keep = run.tokens[item].len() < args.tokens;
+        }
+        if batch == 1 && !run.tokens[0].is_empty() {
+            let text = tok.decode(&run.tokens[0])?;
+            // Print whole characters only: a token may end inside a multi-byte one.
+            if !text.ends_with('\u{fffd}') {
+                print!("{}", &text[printed..]);
+                std::io::stdout().flush()?;
+                printed = text.len();
+            }
+        }
+        if !keep.contains(&true) {
             break;
         }
-        tokens.push(next);
-        let text = tok.decode(&tokens)?;
-        // Print whole characters only: a token may end inside a multi-byte one.
-        if !text.ends_with('\u{fffd}') {
-            print!("{}", &text[printed..]);
-            std::io::stdout().flush()?;
-            printed = text.len();
-        }
-        if tokens.len() == args.tokens {
-            break; // its logits would not be used
-        }
         let start = Instant::now();
-        let t = Tensor::new(&[[next]], &device)?;
-        logits = model.forward(&t, &[1])?.squeeze(1)?;
+        if keep.contains(&false) {
+            model.retain(&keep)?;
+        }
+        (rows, next) = (kept(&rows, &keep), kept(&next, &keep));
+        let t = Tensor::new(next.as_slice(), &device)?.unsqueeze(1)?;
+        logits = model.forward(&t, &vec![1; rows.len()])?.squeeze(1)?;
         device.synchronize()?;
         if steps > 0 {
-            steady_s += start.elapsed().as_secs_f64();
+            run.steady_s += start.elapsed().as_secs_f64();
+            run.steady_tokens += rows.len();
         }
         steps += 1;
         model
             .read_stats()
             .iter()
             .flatten()
-            .for_each(|s| reads.add(s));
+            .for_each(|s| run.reads.add(s));
     }
-    println!();
-    Ok(Run {
-        label,
-        tokens,
-        steady_s,
-        steady_steps: steps.saturating_sub(1),
-        reads,
-    })
+    run.steady_steps = steps.saturating_sub(1);
+    if batch == 1 {
+        println!();
+    } else {
+        for (i, (tokens, &ended)) in run.tokens.iter().zip(&run.ended).enumerate() {
+            let stop = if ended { "end of text" } else { "--tokens" };
+            println!(
+                "[{}] {} tokens, stopped at {stop}: {}",
+                i + 1,
+                tokens.len(),
+                tok.decode(tokens)?.trim()
+            );
+        }
+    }
+    Ok(run)
+}
+
+/// The entries of `xs` whose `keep` flag is set.
+fn kept<T: Copy>(xs: &[T], keep: &[bool]) -> Vec<T> {
+    xs.iter()
+        .zip(keep)
+        .filter(|(_, &k)| k)
+        .map(|(&x, _)| x)
+        .collect()
+}
+
+/// How far two greedy continuations agree.
+fn agreement(a: &[u32], b: &[u32]) -> String {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    if common == a.len() && common == b.len() {
+        format!("identical ({common} tokens)")
+    } else {
+        format!(
+            "identical for the first {common} tokens; first divergent token: #{} (1-based)",
+            common + 1
+        )
+    }
 }
 
 /// The table at the end: tokens/s, keys read, agreement.
-fn summary(runs: &[Run], args: &Args) {
+fn summary(runs: &[Run], prompts: &[Prompt], args: &Args) {
     println!();
+    if prompts.len() > 1 {
+        let contexts: Vec<String> = prompts.iter().map(|p| p.context.to_string()).collect();
+        println!(
+            "batch of {} prompts ([1]..[{}] hold {} tokens of context); tokens/s counts every \
+             sequence's tokens, and a sequence leaves the batch when it stops",
+            prompts.len(),
+            prompts.len(),
+            contexts.join(", ")
+        );
+    }
     let col = |f: &dyn Fn(&Run) -> String| -> String {
         runs.iter().map(|r| format!("{:>16}", f(r))).collect()
     };
@@ -439,7 +549,7 @@ fn summary(runs: &[Run], args: &Args) {
     println!(
         "{:<34}{}",
         "tokens generated",
-        col(&|r| r.tokens.len().to_string())
+        col(&|r| r.tokens.iter().map(Vec::len).sum::<usize>().to_string())
     );
     if let [saap, dense] = runs {
         if saap.steady_steps > 0 && dense.steady_steps > 0 {
@@ -449,20 +559,13 @@ fn summary(runs: &[Run], args: &Args) {
                 saap.steady_steps.min(dense.steady_steps)
             );
         }
-        let common = saap
-            .tokens
-            .iter()
-            .zip(&dense.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if common == saap.tokens.len() && common == dense.tokens.len() {
-            println!("greedy continuations: identical ({common} tokens)");
-        } else {
-            println!(
-                "greedy continuations: identical for the first {common} tokens; first divergent \
-                 token: #{} (1-based)",
-                common + 1
-            );
+        match (saap.tokens.as_slice(), dense.tokens.as_slice()) {
+            ([s], [d]) => println!("greedy continuations: {}", agreement(s, d)),
+            _ => {
+                for (i, (s, d)) in saap.tokens.iter().zip(&dense.tokens).enumerate() {
+                    println!("greedy continuations of [{}]: {}", i + 1, agreement(s, d));
+                }
+            }
         }
     }
     if args.fast {

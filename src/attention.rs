@@ -461,6 +461,56 @@ impl SaapAttention {
         }
     }
 
+    /// Keeps the batch items whose `keep` flag is set and drops the others (e.g. sequences that
+    /// reached their end of text), in order: item `b` of the new batch is the `b`-th kept one.
+    /// Their caches, partition lists and lengths are copied as they were, so decoding the kept
+    /// items from here gives what it gives in a batch that never held the dropped ones; later
+    /// calls carry the smaller batch. Keeping every item changes nothing; keeping none forgets
+    /// the sequences as [`SaapAttention::reset`] does (the next prefill starts a new batch).
+    /// The cache keeps its capacity. Not while replaying: a [`crate::graph::DecodeGraph`]
+    /// retains through [`crate::graph::DecodeGraph::retain`], which ends the replay first.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] while replaying (see [`SaapAttention::begin_replay`]);
+    /// [`SaapError::EmptyContext`] with no sequences cached; [`SaapError::Shape`] unless `keep`
+    /// has one flag per cached sequence; [`SaapError::Candle`] when the kept rows cannot be
+    /// copied (device memory). The sequences are unchanged after any of these.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        self.not_replaying("retain")?;
+        let Some(state) = &mut self.state else {
+            return Err(SaapError::EmptyContext(0));
+        };
+        if keep.len() != state.lens.len() {
+            return Err(SaapError::Shape {
+                name: "keep",
+                expected: format!("{} flags, one per cached sequence", state.lens.len()),
+                got: vec![keep.len()],
+            });
+        }
+        let kept: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&b| keep[b as usize])
+            .collect();
+        if kept.len() == keep.len() {
+            return Ok(());
+        }
+        if kept.is_empty() {
+            self.reset();
+            return Ok(());
+        }
+        let rows = Tensor::new(kept.as_slice(), &self.device)?;
+        let select = |t: &Tensor| t.index_select(&rows, 0);
+        // Every copy is made before any is stored: a failed one leaves the state whole.
+        let (k, v) = (select(&state.k)?, select(&state.v)?);
+        let labels = state.labels.as_ref().map(select).transpose()?;
+        let dir = state.dir.as_ref().map(select).transpose()?;
+        (state.k, state.v, state.labels, state.dir) = (k, v, labels, dir);
+        state.seqs = kept.iter().map(|&b| state.seqs[b as usize]).collect();
+        state.lens = kept.iter().map(|&b| state.lens[b as usize]).collect();
+        // The counts of the last step include the dropped items.
+        self.last_read = None;
+        Ok(())
+    }
+
     /// Forgets the sequences.
     pub fn reset(&mut self) {
         self.replay = None;

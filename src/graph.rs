@@ -11,7 +11,8 @@
 //! for, and the next step is recorded. The following steps copy the input tokens into the
 //! graph's input buffer, launch the graph and read its logits. When the room is used up, or
 //! any op changed (routing, ℓ, index, sequences), the recording is dropped and the cycle
-//! starts again. Without CUDA, or where a capture fails, every step runs eagerly.
+//! starts again; so it is when finished sequences leave the batch ([`DecodeGraph::retain`]).
+//! Without CUDA, or where a capture fails, every step runs eagerly.
 
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::SaapAttention;
@@ -86,8 +87,10 @@ pub struct DecodeGraph {
     device: Device,
     /// Steps one recording is planned for, at most.
     steps: usize,
-    /// `[B, 1]` u32: the tokens a launch reads.
-    tokens: Tensor,
+    /// Sequences decoded together (one token each per step).
+    batch: usize,
+    /// `[B, 1]` u32: the tokens a launch reads (allocated when a step is recorded).
+    tokens: Option<Tensor>,
     /// `[B, vocab]` f32: the logits a launch writes (shaped by the first eager step).
     logits: Option<Tensor>,
     recording: Option<Recording>,
@@ -102,8 +105,7 @@ impl DecodeGraph {
     /// eagerly.
     ///
     /// # Errors
-    /// [`SaapError::Config`] for `batch == 0` or `steps == 0`; [`SaapError::Candle`] when the
-    /// input buffer cannot be allocated.
+    /// [`SaapError::Config`] for `batch == 0` or `steps == 0`.
     pub fn new(device: &Device, batch: usize, steps: usize) -> Result<Self> {
         if batch == 0 || steps == 0 {
             return Err(SaapError::Config(format!(
@@ -117,7 +119,8 @@ impl DecodeGraph {
         Ok(Self {
             device: device.clone(),
             steps,
-            tokens: Tensor::zeros((batch, 1), DType::U32, device)?,
+            batch,
+            tokens: None,
             logits: None,
             recording: None,
             enabled: device.is_cuda(),
@@ -141,6 +144,37 @@ impl DecodeGraph {
         self.stats
     }
 
+    /// Sequences decoded together: the tokens each step takes.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Keeps the batch items whose `keep` flag is set in every attention op of `model` and drops
+    /// the others (see [`SaapAttention::retain`]), e.g. sequences that reached their end of text;
+    /// from the next step on, [`DecodeGraph::step`] takes one token per kept item. The ops leave
+    /// their replay first and the recording is dropped (it was recorded for the old batch): the
+    /// next step runs eagerly and records again. Keeping none leaves a batch of 0, which no step
+    /// decodes. The ops are the model's per-sequence state here, as for [`GraphDecoder`].
+    ///
+    /// # Errors
+    /// As [`SaapAttention::retain`], e.g. [`SaapError::Shape`] unless `keep` has one flag per
+    /// item. The ops hold the same batch, so such an error comes from the first op, before any
+    /// sequence changed.
+    pub fn retain<M: GraphDecoder>(
+        &mut self,
+        model: &mut M,
+        keep: &[bool],
+    ) -> std::result::Result<(), M::Error> {
+        self.recording = None;
+        let ops = model.attention_ops();
+        ops.iter_mut().for_each(SaapAttention::end_replay);
+        for op in ops.iter_mut() {
+            op.retain(keep)?;
+        }
+        self.batch = keep.iter().filter(|&&k| k).count();
+        Ok(())
+    }
+
     /// One decode step of `model` for `tokens` (one per batch item); returns the logits
     /// `[B, vocab]` (f32). NaN or infinity in the logits is an error (in a replayed step this
     /// is the only check: the ops' own checks need the host).
@@ -155,7 +189,7 @@ impl DecodeGraph {
         model: &mut M,
         tokens: &[u32],
     ) -> std::result::Result<Tensor, M::Error> {
-        let batch = self.tokens.dim(0)?;
+        let batch = self.batch;
         if tokens.len() != batch {
             return Err(SaapError::Shape {
                 name: "tokens",
@@ -175,7 +209,10 @@ impl DecodeGraph {
         if !self.recording_valid(model) {
             return self.plan(model, &input);
         }
-        self.tokens.slice_set(&input, 0, 0)?;
+        self.tokens
+            .as_ref()
+            .expect("allocated when recorded")
+            .slice_set(&input, 0, 0)?;
         self.launch(model)
     }
 
@@ -242,8 +279,12 @@ impl DecodeGraph {
                 .for_each(SaapAttention::end_replay);
             return Ok(());
         }
+        // Shaped by the batch, which retain can shrink.
         if self.logits.as_ref().map(Tensor::dims) != Some(shape_of.dims()) {
             self.logits = Some(Tensor::zeros(shape_of.dims(), DType::F32, &self.device)?);
+        }
+        if self.tokens.as_ref().map(Tensor::dims) != Some(&[self.batch, 1][..]) {
+            self.tokens = Some(Tensor::zeros((self.batch, 1), DType::U32, &self.device)?);
         }
         let ids = model
             .attention_ops()
@@ -284,9 +325,10 @@ impl DecodeGraph {
             return Ok(None);
         };
         let logits = self.logits.as_ref().expect("allocated before recording");
+        let tokens = self.tokens.as_ref().expect("allocated before recording");
         graph::begin(dev).map_err(|e| e.to_string())?;
         let recorded = model
-            .decode_logits(&self.tokens)
+            .decode_logits(tokens)
             .map_err(|_| "the model's decode step failed while recording".to_string())
             .and_then(|step| {
                 // Into the buffer allocated before the capture: every allocation made inside it

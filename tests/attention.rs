@@ -1,13 +1,13 @@
 //! The op end to end on the CPU: ℓ = C equals dense equals a plain reference, over prefill and
-//! many decode steps with window merges, ragged batches, GQA and every dtype; and the index
-//! invariant after thousands of steps.
+//! many decode steps with window merges, ragged batches, GQA and every dtype; the index
+//! invariant after thousands of steps; and batch items dropped by `retain`.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use saap::partition::assign::assign;
-use saap::{RopeKind, Routing, SaapAttention, SaapConfig};
+use saap::{RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
 
 /// Plain f64 RoPE of one head vector at `pos`.
 fn rope_ref(x: &[f32], pos: usize, kind: RopeKind, theta: f64) -> Vec<f64> {
@@ -548,4 +548,98 @@ fn probe_mass_adapts_partitions_probed() {
         "{reads:?}"
     );
     assert!(reads[2] <= fixed.keys_read && tiny.keys_read < fixed.keys_read);
+}
+
+/// Retaining items 0 and 2 of a ragged batch of 3 leaves an op that decodes exactly as one that
+/// only ever held those two: the same cache rows, index and outputs, through classifier routing
+/// (ℓ < C) and window merges after the retain. Keeping every item changes nothing, keeping none
+/// forgets the batch, and bad calls are refused with the sequences left as they were.
+#[test]
+fn retain_decodes_as_if_dropped_items_were_never_batched() {
+    let mut config = config(8, 2, 32, 16, RopeKind::Neox);
+    config.n_probe = 3;
+    let index = random_index(&config, 1, 81);
+    let dev = Device::Cpu;
+    let mut r = rng(82);
+    let mut qkv =
+        |batch: usize, t: usize| [8, 2, 2].map(|h| randn(&mut r, &[batch, h, t, 32], 1.0));
+    let kept_rows = Tensor::new(&[0u32, 2], &dev).unwrap();
+    let kept = |x: &Tensor| x.index_select(&kept_rows, 0).unwrap();
+    let lens = [90, 140, 61];
+    let mut three = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
+    assert!(matches!(
+        three.retain(&[true, false, true]),
+        Err(SaapError::EmptyContext(0))
+    ));
+    let mut two = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
+    let [q, k, v] = qkv(3, 140);
+    three.prefill(&q, &k, &v, &lens).unwrap();
+    two.prefill(&kept(&q), &kept(&k), &kept(&v), &[90, 61])
+        .unwrap();
+    // A few steps of the whole batch first, so that the retained state holds decoded tokens.
+    for _ in 0..5 {
+        let [q, k, v] = qkv(3, 1);
+        three.decode(&q, &k, &v).unwrap();
+        two.decode(&kept(&q), &kept(&k), &kept(&v)).unwrap();
+    }
+
+    // Refused calls change nothing.
+    let before = three.seq_lens().to_vec();
+    assert!(matches!(
+        three.retain(&[true, false]),
+        Err(SaapError::Shape { name: "keep", .. })
+    ));
+    assert!(three.begin_replay(4).unwrap() > 0);
+    assert!(matches!(
+        three.retain(&[true, false, true]),
+        Err(SaapError::Config(_))
+    ));
+    three.end_replay();
+    three.retain(&[true; 3]).unwrap();
+    assert_eq!(three.seq_lens(), before);
+    assert!(three.last_read().is_some());
+
+    three.retain(&[true, false, true]).unwrap();
+    assert_eq!(three.seq_lens(), &[95, 66]);
+    assert_eq!(three.seq_lens(), two.seq_lens());
+    assert_eq!(three.extents(), two.extents());
+    assert_eq!(three.index_lists().unwrap(), two.index_lists().unwrap());
+    assert_eq!(three.last_read(), None, "the last counts included item 1");
+    let (k3, _) = three.cache().unwrap();
+    let (k2, _) = two.cache().unwrap();
+    for (b, &len) in two.seq_lens().iter().enumerate() {
+        let rows = |c: &Tensor| c.get(b).unwrap().narrow(1, 0, len).unwrap();
+        assert_eq!(max_abs_diff(&rows(k3), &rows(k2)), 0.0, "item {b}'s keys");
+    }
+    let merged_before = two.extents().to_vec();
+    for step in 0..40 {
+        let [q, k, v] = qkv(2, 1);
+        let got = three.decode(&q, &k, &v).unwrap();
+        let want = two.decode(&q, &k, &v).unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "step {step}");
+        assert_eq!(three.last_read(), two.last_read(), "step {step}");
+        assert!(three.last_read().unwrap().partitions_probed > 0);
+    }
+    assert_eq!(three.index_lists().unwrap(), two.index_lists().unwrap());
+    assert!(
+        three
+            .extents()
+            .iter()
+            .zip(&merged_before)
+            .all(|(now, then)| now.indexed_end > then.indexed_end),
+        "windows merged after the retain: {:?}",
+        three.extents()
+    );
+
+    // Keeping none forgets the batch; a new prefill starts another of any size.
+    three.retain(&[false, false]).unwrap();
+    assert!(three.seq_lens().is_empty() && three.cache().is_none());
+    let [q, k, v] = qkv(1, 1);
+    assert!(matches!(
+        three.decode(&q, &k, &v),
+        Err(SaapError::EmptyContext(0))
+    ));
+    let [q, k, v] = qkv(1, 30);
+    three.prefill(&q, &k, &v, &[30]).unwrap();
+    assert_eq!(three.seq_lens(), &[30]);
 }

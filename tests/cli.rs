@@ -78,8 +78,8 @@ fn byte_chars() -> Vec<char> {
 }
 
 /// A one-layer llama checkpoint (hidden 16, 2 query heads and 1 KV head of 8 dims) with a
-/// 256-token byte-level vocabulary and a 64-token context, in f32.
-fn tiny_gguf(path: &Path) {
+/// 256-token byte-level vocabulary, end-of-text token `eos` and a 64-token context, in f32.
+fn tiny_gguf(path: &Path, eos: u32) {
     let dev = Device::Cpu;
     let (vocab, hidden, ffn) = (256, 16, 32);
     let w = |shape: &[usize], seed: f64| -> QTensor {
@@ -129,7 +129,7 @@ fn tiny_gguf(path: &Path) {
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", tokens),
         ("tokenizer.ggml.merges", Value::Array(Vec::new())),
-        ("tokenizer.ggml.eos_token_id", Value::U32(0)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(eos)),
     ];
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
@@ -143,7 +143,7 @@ fn bad_invocations_get_one_line_errors() {
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     let model = dir.path().join("tiny.gguf");
-    tiny_gguf(&model);
+    tiny_gguf(&model, 0);
     let model_arg = model.to_str().unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(20)).unwrap();
@@ -217,6 +217,10 @@ fn bad_invocations_get_one_line_errors() {
         &["exceed the 64 tokens", "--context", "--beyond-context"],
     );
 
+    // A batch of no prompts.
+    let err = fails(&["--model", model_arg, "--batch", "0"], &cache, None);
+    one_line_error(&err, &["--batch 0", "at least one prompt"]);
+
     // No calibration on sequences too short to hold sinks, window and C keys.
     let err = fails(
         &["--model", model_arg, "--calib-context", "0"],
@@ -277,7 +281,7 @@ fn an_index_of_another_model_file_is_refused() {
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
     let model = dir.path().join("tiny.gguf");
-    tiny_gguf(&model);
+    tiny_gguf(&model, 0);
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(20)).unwrap();
     let index = dir.path().join("index.safetensors");
@@ -330,4 +334,87 @@ fn an_index_of_another_model_file_is_refused() {
         stdout.contains("Saap decodes") && stdout.contains("keys read"),
         "{stdout}"
     );
+}
+
+/// `--batch 2`: two prompts (the text cut at 24 and 12 tokens) decoded together with Saap and
+/// dense; each prints its answer, one leaves the batch at its end of text while the other goes
+/// on, and each answer is the one its prompt gets alone.
+#[test]
+fn a_batch_of_two_prompts_answers_each_as_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let model = dir.path().join("tiny.gguf");
+    // The byte `4` ends the text: the dense run of the shorter prompt writes it as its fifth
+    // token, so that sequence leaves the batch while the other one goes on.
+    tiny_gguf(&model, u32::from(b'4'));
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "It is a truth universally acknowledged. ".repeat(20)).unwrap();
+    let index = dir.path().join("index.safetensors");
+    tiny_index(&index, &saap::models::fetch::sha256_file(&model).unwrap());
+    let run = |extra: &[&str]| -> String {
+        let out = Command::new(llama_decode())
+            .args(["--model", model.to_str().unwrap()])
+            .args(["--index", index.to_str().unwrap()])
+            .args(["--text", text.to_str().unwrap()])
+            .args(["--tokens", "6", "--raw", "--prompt", "Hi"])
+            .args(extra)
+            .env("SAAP_CACHE", &cache)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let batch = run(&["--context", "24", "--batch", "2"]);
+    for needle in [
+        "prompts: 28, 16 tokens (the first 24, 12 tokens of",
+        "batch of 2 prompts",
+        "Saap decodes",
+        "[2] 4 tokens, stopped at end of text",
+        "[1] 6 tokens, stopped at --tokens",
+    ] {
+        assert!(batch.contains(needle), "`{needle}` missing:\n{batch}");
+    }
+    for (item, context) in [(1, "24"), (2, "12")] {
+        let alone = run(&["--context", context]);
+        for label in ["Saap", "dense"] {
+            let (in_batch, by_itself) = (
+                answer(&batch, label, Some(item)),
+                answer(&alone, label, None),
+            );
+            // Streaming stops before a character cut short; the batch prints the whole answer.
+            assert!(
+                !in_batch.is_empty() && in_batch.starts_with(&by_itself),
+                "{label} [{item}]: `{in_batch}` in the batch, `{by_itself}` alone"
+            );
+        }
+        let agreement = |stdout: &str, prefix: &str| {
+            let line = stdout.lines().find(|l| l.starts_with(prefix)).unwrap();
+            line[prefix.len()..].to_string()
+        };
+        assert_eq!(
+            agreement(&batch, &format!("greedy continuations of [{item}]: ")),
+            agreement(&alone, "greedy continuations: ")
+        );
+    }
+}
+
+/// The `label` run's answer in `llama_decode`'s output: item `item` (1-based) of a batch, or
+/// the text a single prompt streamed (its first line, trimmed).
+fn answer(stdout: &str, label: &str, item: Option<usize>) -> String {
+    let section = stdout.split(&format!("── {label} ──\n")).nth(1).unwrap();
+    let line = match item {
+        Some(i) => {
+            let tag = format!("[{i}] ");
+            let line = section.lines().find(|l| l.starts_with(&tag)).unwrap();
+            line.split_once(": ").unwrap().1
+        }
+        None => section.lines().next().unwrap(),
+    };
+    line.trim().to_string()
 }

@@ -1,8 +1,9 @@
 //! Decode steps recorded once and replayed (`SaapAttention::begin_replay`, `DecodeGraph`):
 //! replayed steps give what step-by-step decoding gives — outputs within rounding, the same
 //! sequences and index afterwards, window merges in between — on the CPU and on CUDA; a whole toy
-//! model's step recorded as a CUDA graph gives the eager logits; on the CPU the graph runs every
-//! step eagerly and bad input is refused. GPU parts skip, with a line saying so, without CUDA.
+//! model's step recorded as a CUDA graph gives the eager logits, also after batch items are
+//! dropped (`DecodeGraph::retain`); on the CPU the graph runs every step eagerly and bad input is
+//! refused. GPU parts skip, with a line saying so, without CUDA.
 
 mod common;
 
@@ -358,4 +359,68 @@ fn replay_misuse_is_refused() {
     let (q, k, v) = qkv(1);
     op.decode(&q, &k, &v).unwrap();
     assert_eq!(op.seq_lens(), &[104]);
+}
+
+/// `DecodeGraph::retain` drops batch items mid-decode: the ops leave their replay, the next step
+/// records again for the smaller batch, and every step's logits match eager decoding of a model
+/// whose ops retained the same items; a step with the old batch's tokens is refused. On the CPU
+/// every step is eager; with CUDA the steps before and after the retain are graph launches.
+fn graph_retain_case(dev: &Device) {
+    let config = toy_config();
+    let index = random_index(&config, 2, 61);
+    let mut eager = Toy::new(&index, dev, DType::F32, 62);
+    for op in &mut eager.ops {
+        op.set_n_probe(4).unwrap();
+    }
+    let lens = [110, 70, 95];
+    eager.forward(&prompts(63, &lens, dev), &lens).unwrap();
+    let mut graphed = eager.snapshot();
+    let mut graph = DecodeGraph::new(dev, lens.len(), 16).unwrap();
+    let keep = [true, false, true];
+    let mut at_retain = graph.stats();
+    for step in 0..40 {
+        if step == 10 {
+            at_retain = graph.stats();
+            for op in &mut eager.ops {
+                op.retain(&keep).unwrap();
+            }
+            graph.retain(&mut graphed, &keep).unwrap();
+            assert_eq!(graph.batch(), 2);
+            assert!(graphed.ops.iter().all(|op| op.replay_id().is_none()));
+            assert!(matches!(
+                graph.step(&mut graphed, &[1, 2, 3]),
+                Err(SaapError::Shape { .. })
+            ));
+        }
+        let tokens = tokens_for_step(64, step, graph.batch());
+        let input = Tensor::from_slice(&tokens, (tokens.len(), 1), dev).unwrap();
+        let want = eager.decode_logits(&input).unwrap();
+        let got = graph.step(&mut graphed, &tokens).unwrap();
+        let diff = max_abs_diff(&want, &got);
+        assert!(diff <= 1e-4, "step {step}: logits differ by {diff}");
+    }
+    let stats = graph.stats();
+    if graph.enabled() {
+        assert!(at_retain.replays > 0, "{at_retain:?}");
+        assert!(
+            stats.recordings > at_retain.recordings && stats.replays > stats.eager,
+            "{stats:?}, at the retain {at_retain:?}"
+        );
+    } else {
+        assert_eq!(stats.eager, 40, "{stats:?}");
+    }
+    for op in &mut graphed.ops {
+        op.end_replay();
+    }
+    for (a, b) in eager.ops.iter().zip(&graphed.ops) {
+        assert_eq!(a.extents(), b.extents());
+        assert_eq!(a.index_lists().unwrap(), b.index_lists().unwrap());
+    }
+}
+
+#[test]
+fn decode_graph_retain_matches_eager() {
+    graph_retain_case(&Device::Cpu);
+    let Some(dev) = cuda() else { return };
+    graph_retain_case(&dev);
 }

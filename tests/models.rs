@@ -228,6 +228,69 @@ fn ragged_batch_prefill_and_graph_decode_match_single_items() {
     ));
 }
 
+/// `Llama::retain` drops a finished item from a ragged batch: the kept items then decode, through
+/// Saap routing (ℓ < C) and window merges, with the logits of a batch that never held it.
+#[test]
+fn retained_items_decode_as_a_batch_without_the_dropped_one() {
+    let path = smollm2();
+    let tok = GgufTokenizer::from_gguf(&path).unwrap();
+    let mut model = Llama::from_gguf_dequantized(&path, &Device::Cpu, DType::F32).unwrap();
+    model
+        .attach_index(Some(&random_index(&model, 8, 2)))
+        .unwrap();
+    let text = pride_tokens(&tok, 300);
+    let prompts: [&[u32]; 3] = [&text[..120], &text[120..220], &text[220..]];
+    let before: [u32; 2] = [7, 42];
+    let after: Vec<u32> = (0..12).map(|i| 100 + 37 * i).collect();
+    let step = |model: &mut Llama, id: u32, batch: usize| {
+        let t = Tensor::new(vec![id; batch], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap();
+        model
+            .forward(&t, &vec![1; batch])
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+    };
+
+    // Items 0 and 2 alone, as a batch of 2 from the start.
+    model.prefill_batch(&[prompts[0], prompts[2]], 64).unwrap();
+    let mut want = Vec::new();
+    for &id in before.iter().chain(&after) {
+        want.push(step(&mut model, id, 2));
+    }
+
+    model.reset();
+    model.prefill_batch(&prompts, 64).unwrap();
+    for &id in &before {
+        step(&mut model, id, 3);
+    }
+    assert!(model.retain(&[true, false]).is_err());
+    model.retain(&[true, false, true]).unwrap();
+    assert_eq!(model.seq_lens(), &[122, 82]);
+    let mut read = saap::ReadStats::default();
+    for (i, &id) in after.iter().enumerate() {
+        let got = step(&mut model, id, 2);
+        let diff = common::max_abs_diff(&got, &want[before.len() + i]);
+        // 0 on our machine; the margin allows another CPU's matmul blocking for 2 rows vs 3.
+        assert!(
+            diff <= 1e-4,
+            "step {i} after the retain: logits differ by {diff}"
+        );
+        model
+            .read_stats()
+            .iter()
+            .for_each(|s| read.add(&s.unwrap()));
+    }
+    assert!(
+        read.partitions_probed > 0 && read.keys_read < read.keys_in_context,
+        "{read:?}"
+    );
+    model.retain(&[false, false]).unwrap();
+    assert!(model.seq_lens().is_empty());
+}
+
 /// Writes SmolLM2 as a Hugging Face checkpoint: weights dequantized to f32, q/k rows un-permuted
 /// from GGUF's interleaved-RoPE order to NEOX order, two shards plus an index, and a config.json.
 fn write_hf_checkpoint(gguf: &Path, dir: &Path) {

@@ -510,12 +510,27 @@ impl Llama {
     /// [`Error::Model`] for an empty batch or an empty prompt, or a token outside the
     /// vocabulary; errors of the ops.
     pub fn prefill_batch(&mut self, prompts: &[&[u32]], chunk: usize) -> Result<Tensor> {
+        self.prefill_batch_with_progress(prompts, chunk, &mut |_| {})
+    }
+
+    /// [`Llama::prefill_batch`], calling `progress` after each chunk with the prompt tokens
+    /// prefilled so far (over all items).
+    ///
+    /// # Errors
+    /// As [`Llama::prefill_batch`].
+    pub fn prefill_batch_with_progress(
+        &mut self,
+        prompts: &[&[u32]],
+        chunk: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Tensor> {
         if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
             return Err(Error::Model("prefill of no tokens".into()));
         }
         let chunk = chunk.max(1);
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let mut last: Vec<Option<Tensor>> = vec![None; prompts.len()];
+        let mut done = 0;
         for at in (0..longest).step_by(chunk) {
             let width = chunk.min(longest - at);
             let lens: Vec<usize> = prompts
@@ -538,6 +553,8 @@ impl Llama {
                     last[i] = Some(logits.get(i)?);
                 }
             }
+            done += lens.iter().sum::<usize>();
+            progress(done);
         }
         let last: Vec<Tensor> = last.into_iter().flatten().collect();
         Ok(Tensor::stack(&last, 0)?)
@@ -575,6 +592,24 @@ impl Llama {
     /// Number of decoder layers.
     pub fn n_layers(&self) -> usize {
         self.config.n_layers
+    }
+
+    /// Keeps the batch items whose `keep` flag is set in every layer and drops the others (e.g.
+    /// sequences that reached their end of text; see [`SaapAttention::retain`]): later calls
+    /// carry one row per kept item, in order, and decode them as if the dropped ones had never
+    /// been in the batch. Keeping none forgets every sequence, as [`Llama::reset`] does. Decoding
+    /// through a [`crate::graph::DecodeGraph`], retain through
+    /// [`crate::graph::DecodeGraph::retain`] instead.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] as [`SaapAttention::retain`]: while replaying, before any prefill, or
+    /// unless `keep` has one flag per item. Every layer holds the same batch, so these come from
+    /// the first layer with nothing changed.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        for op in &mut self.attn {
+            op.retain(keep)?;
+        }
+        Ok(())
     }
 
     /// Forgets the sequence(s) in every layer.
