@@ -1040,9 +1040,10 @@ impl SaapAttention {
     ///
     /// # Errors
     /// As [`SaapAttention::prefill`]; also [`SaapError::Shape`] unless `T == 1`,
-    /// [`SaapError::EmptyContext`] for a batch item with no context, and [`SaapError::NonFinite`]
-    /// for non-finite routing scores (with checks on). The sequences are unchanged after any of
-    /// these.
+    /// [`SaapError::EmptyContext`] for a batch item with no context, [`SaapError::NonFinite`]
+    /// for non-finite routing scores (with checks on), and [`SaapError::Config`] with
+    /// [`Routing::Quest`] over more than [`MAX_QUEST_PAGES`] pages. The sequences are unchanged
+    /// after any of these.
     pub fn decode(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
         if t_len != 1 {
@@ -1097,7 +1098,8 @@ impl SaapAttention {
     /// launched again).
     ///
     /// # Errors
-    /// [`SaapError::Config`] for `steps == 0`, or while already replaying;
+    /// [`SaapError::Config`] for `steps == 0`, while already replaying, or with
+    /// [`Routing::Quest`] over more than [`MAX_QUEST_PAGES`] pages;
     /// [`SaapError::EmptyContext`] without a prefilled context; [`SaapError::Config`] or
     /// [`SaapError::Candle`] when the rows cannot be reserved.
     pub fn begin_replay(&mut self, steps: usize) -> Result<usize> {
