@@ -53,12 +53,15 @@ fn pages_of(seq: SeqExtent, sinks: usize) -> usize {
     seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
 }
 
-/// Brute-force bounds `[b][h][p] -> (min, max)` of each item's own pages.
+/// `(min, max)` of one page.
+type Bounds = (Vec<f32>, Vec<f32>);
+
+/// Brute-force bounds `[b][h][p]` of each item's own pages.
 fn bounds_ref(
     keys: &[Vec<Vec<Vec<f32>>>],
     seqs: &[SeqExtent],
     sinks: usize,
-) -> Vec<Vec<Vec<(Vec<f32>, Vec<f32>)>>> {
+) -> Vec<Vec<Vec<Bounds>>> {
     seqs.iter()
         .enumerate()
         .map(|(b, &seq)| {
@@ -252,11 +255,9 @@ fn quest_matches_brute_force_reference() {
         let out = op.decode(&q, &k, &v).unwrap();
         let expect = reference(&op, &q, &routed, n_pages);
         let out = host(&out);
-        for b in 0..2 {
-            for h in 0..HQ {
-                for (a, e) in out[b][h][0].iter().zip(&expect.out[b][h]) {
-                    assert!((*a as f64 - e).abs() <= 1e-4, "step {step}: {a} vs {e}");
-                }
+        for (got, want) in out.iter().flatten().zip(expect.out.iter().flatten()) {
+            for (a, e) in got[0].iter().zip(want) {
+                assert!((*a as f64 - e).abs() <= 1e-4, "step {step}: {a} vs {e}");
             }
         }
         let read = op.last_read().unwrap();
@@ -290,8 +291,7 @@ fn page_scores_bound_every_key() {
     let mut checked = 0;
     for (b, &seq) in op.extents().iter().enumerate() {
         for head in 0..HQ {
-            for p in 0..pages_of(seq, sinks) {
-                let score = scores[b][head][p];
+            for (p, &score) in scores[b][head][..pages_of(seq, sinks)].iter().enumerate() {
                 for pos in page_positions(seq, sinks, p) {
                     let dot: f32 = q[b][head]
                         .iter()
