@@ -5,11 +5,14 @@
 use crate::attend::decode::AdvanceReplay;
 use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
 use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
-use crate::config::{Routing, SaapConfig, MAX_CONTEXT};
+use crate::config::{
+    Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES, QUEST_PAGE,
+};
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
+use crate::quest::{pages_of, QuestPages};
 use crate::rope::Rope;
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,6 +144,8 @@ struct State {
     labels: Option<Tensor>,
     /// `[B, Hkv, C + 1 + cap]` u32: offsets then perm (with an index).
     dir: Option<Tensor>,
+    /// Page bounds and directory, kept while the routing is [`Routing::Quest`].
+    quest: Option<QuestPages>,
     seqs: Vec<SeqExtent>,
     lens: Vec<usize>,
     cap: usize,
@@ -198,6 +203,8 @@ pub struct SaapAttention {
     /// Classifier routing probes each head's partitions until their predicted mass reaches this
     /// (at most ℓ); `None`: always ℓ.
     probe_mass: Option<f64>,
+    /// Pages a KV group reads per step with Quest routing (set by the keys budget, if any).
+    quest_pages: usize,
 }
 
 /// [`SaapError::Config`] naming `what` unless `share` is absent or finite and in (0, 1].
@@ -241,6 +248,7 @@ impl SaapAttention {
             replay: None,
             keys_budget: None,
             probe_mass: None,
+            quest_pages: DEFAULT_QUEST_PAGES,
         })
     }
 
@@ -294,19 +302,57 @@ impl SaapAttention {
         self.routing
     }
 
-    /// Switches routing; `Classifier` and `NearestCentroid` need an index.
+    /// Switches routing; `Classifier` and `NearestCentroid` need an index, `Quest` does not.
+    /// Switching to `Quest` computes the page bounds of the indexed keys. An op built dense
+    /// indexes nothing until then: it first merges the tokens older than the window (as a decode
+    /// step of an indexed op would), and from then on merges as an indexed op does, with
+    /// whatever routing. Switching away from `Quest` drops the pages.
     ///
     /// # Errors
-    /// [`SaapError::Config`] for `Classifier` or `NearestCentroid` routing on an op built dense.
+    /// [`SaapError::Config`] for `Classifier` or `NearestCentroid` routing on an op built dense;
+    /// [`SaapError::Candle`] when the page bounds cannot be computed.
     pub fn set_routing(&mut self, routing: Routing) -> Result<()> {
-        if routing != Routing::Dense && self.index.is_none() {
+        if matches!(routing, Routing::Classifier | Routing::NearestCentroid) && self.index.is_none()
+        {
             return Err(SaapError::Config(format!(
                 "{routing:?} routing needs an index; this op was built dense"
             )));
         }
-        self.routing = routing;
         self.end_replay();
+        self.routing = routing;
+        self.merge_window(self.config.merge_every - 1)
+    }
+
+    /// Sets the pages a KV group reads per decode step with [`Routing::Quest`], `1..=`
+    /// [`MAX_QUEST_PAGES`] (default [`DEFAULT_QUEST_PAGES`]); a step reads all P pages when
+    /// there are fewer. A keys budget ([`SaapAttention::set_keys_budget`]) replaces it at every
+    /// step. Other routings ignore it.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless `1 <= n_pages <= MAX_QUEST_PAGES`.
+    pub fn set_quest_pages(&mut self, n_pages: usize) -> Result<()> {
+        if !(1..=MAX_QUEST_PAGES).contains(&n_pages) {
+            return Err(SaapError::Config(format!(
+                "Quest pages per step = {n_pages} is outside 1..={MAX_QUEST_PAGES}"
+            )));
+        }
+        self.end_replay();
+        self.quest_pages = n_pages;
         Ok(())
+    }
+
+    /// Pages a KV group reads per step with [`Routing::Quest`] (where the keys budget put it).
+    pub fn quest_pages(&self) -> usize {
+        self.quest_pages
+    }
+
+    /// With [`Routing::Quest`], the page bounds `(min, max)`, each `[B, Hkv, P, D]` f32: the
+    /// elementwise min and max of the post-RoPE keys of page `p`, positions
+    /// `sinks + 16p .. min(sinks + 16(p + 1), indexed_end)` of each item (zeros for a page
+    /// holding no key of its item); P pages cover the batch's longest indexed region.
+    pub fn page_bounds(&self) -> Option<(&Tensor, &Tensor)> {
+        let pages = self.state.as_ref()?.quest.as_ref()?;
+        Some((&pages.min, &pages.max))
     }
 
     /// Sets ℓ, the partitions probed per query head (`1..=C`).
@@ -321,6 +367,10 @@ impl SaapAttention {
 
     /// Sets a budget of keys read per decode step as a share of the keys in the context (window
     /// and sinks included, as [`ReadStats::selectivity`] counts them), or `None` to keep ℓ fixed.
+    /// With [`Routing::Quest`] it sets the pages per step instead: the most whole pages that fit
+    /// the budget beside sinks and window for every batch item (all pages where the budget covers
+    /// the indexed keys), at least one; a group reads exactly those pages, so a step reads the
+    /// budget, less the part of a page that does not fit, or a partial last page.
     /// Before each step, and when a replay is planned, ℓ becomes the largest value whose upper
     /// estimate of the keys read fits the budget for every batch item: sinks, window, and the
     /// indexed keys in G·ℓ of the C partitions (a group's G query heads probe at most that many
@@ -366,15 +416,20 @@ impl SaapAttention {
         self.keys_budget
     }
 
-    /// ℓ for the keys budget at the current lengths, counting the token the next step appends;
-    /// `None` without a budget, an index or a state.
-    fn budget_n_probe(&self) -> Option<usize> {
-        let (budget, Some(state), Some(_)) = (self.keys_budget?, &self.state, &self.index) else {
-            return None;
+    /// Sets ℓ, or with Quest routing the pages per step, for the keys budget at the current
+    /// lengths, counting the token the next step appends. Nothing changes without a budget or a
+    /// state, nor for ℓ without an index.
+    fn apply_keys_budget(&mut self) {
+        let (Some(budget), Some(state)) = (self.keys_budget, &self.state) else {
+            return;
         };
+        let quest = self.routing == Routing::Quest;
+        if !quest && self.index.is_none() {
+            return;
+        }
         let c = self.config.n_partitions;
         let group = self.config.layout.group_size();
-        let n_probe = state
+        let bound = state
             .seqs
             .iter()
             .filter_map(|s| {
@@ -383,13 +438,46 @@ impl SaapAttention {
                 let indexed = len.saturating_sub(fixed);
                 // Nothing indexed yet: this item sets no bound.
                 (indexed > 0).then(|| {
-                    let allowed = (budget * len as f64).floor() - fixed as f64;
-                    (allowed.max(0.0) * c as f64 / (group * indexed) as f64).floor() as usize
+                    let allowed = ((budget * len as f64).floor() - fixed as f64).max(0.0);
+                    if !quest {
+                        (allowed * c as f64 / (group * indexed) as f64).floor() as usize
+                    } else if allowed >= indexed as f64 {
+                        // Every page of the item fits (its last may be partial): no bound.
+                        MAX_QUEST_PAGES
+                    } else {
+                        allowed as usize / QUEST_PAGE
+                    }
                 })
             })
-            .min()
-            .unwrap_or(c);
-        Some(n_probe.clamp(1, c))
+            .min();
+        if quest {
+            if let Some(pages) = bound {
+                self.quest_pages = pages.clamp(1, MAX_QUEST_PAGES);
+            }
+        } else {
+            self.config.n_probe = bound.unwrap_or(c).clamp(1, c);
+        }
+    }
+
+    /// [`SaapError::Config`] when Quest routing would rank more pages than [`MAX_QUEST_PAGES`].
+    fn check_quest_pages(&self) -> Result<()> {
+        let (Routing::Quest, Some(state)) = (self.routing, &self.state) else {
+            return Ok(());
+        };
+        let pages = state
+            .seqs
+            .iter()
+            .map(|s| pages_of(s, self.config.sinks))
+            .max()
+            .unwrap_or(0);
+        if pages > MAX_QUEST_PAGES {
+            return Err(SaapError::Config(format!(
+                "Quest routing over {pages} pages of {QUEST_PAGE} tokens; at most \
+                 {MAX_QUEST_PAGES} ({} indexed tokens) are supported",
+                MAX_QUEST_PAGES * QUEST_PAGE
+            )));
+        }
+        Ok(())
     }
 
     /// Whether decode counts the keys it reads (one small device-to-host copy per step on GPU).
@@ -425,6 +513,7 @@ impl SaapAttention {
                 v: s.v.copy()?,
                 labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
                 dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
+                quest: s.quest.as_ref().map(QuestPages::copy).transpose()?,
                 seqs: s.seqs.clone(),
                 lens: s.lens.clone(),
                 cap: s.cap,
@@ -445,6 +534,7 @@ impl SaapAttention {
             replay: None,
             keys_budget: self.keys_budget,
             probe_mass: self.probe_mass,
+            quest_pages: self.quest_pages,
         })
     }
 
@@ -458,6 +548,7 @@ impl SaapAttention {
         if let Some(state) = &mut self.state {
             state.labels = None;
             state.dir = None;
+            state.quest = None;
         }
     }
 
@@ -503,7 +594,8 @@ impl SaapAttention {
         let (k, v) = (select(&state.k)?, select(&state.v)?);
         let labels = state.labels.as_ref().map(select).transpose()?;
         let dir = state.dir.as_ref().map(select).transpose()?;
-        (state.k, state.v, state.labels, state.dir) = (k, v, labels, dir);
+        let quest = state.quest.as_ref().map(|q| q.select(&rows)).transpose()?;
+        (state.k, state.v, state.labels, state.dir, state.quest) = (k, v, labels, dir, quest);
         state.seqs = kept.iter().map(|&b| state.seqs[b as usize]).collect();
         state.lens = kept.iter().map(|&b| state.lens[b as usize]).collect();
         // The counts of the last step include the dropped items.
@@ -686,6 +778,7 @@ impl SaapAttention {
             dir: indexed
                 .then(|| zeros(&[batch, l.n_kv_heads, dir_len(c, cap)], DType::U32))
                 .transpose()?,
+            quest: None,
             seqs: vec![
                 SeqExtent {
                     len: 0,
@@ -704,6 +797,10 @@ impl SaapAttention {
                     new.slice_set(old, 2, 0)?;
                 }
             }
+            next.quest = old
+                .quest
+                .map(|pages| pages.with_capacity(&old.seqs, self.config.sinks, cap))
+                .transpose()?;
             next.seqs = old.seqs;
             next.lens = old.lens;
         }
@@ -799,12 +896,48 @@ impl SaapAttention {
         Ok(q_rot)
     }
 
-    /// Moves tokens that left the window into the index, for sequences whose window exceeds
-    /// `window + slack` tokens.
-    fn merge_window(&mut self, slack: usize) -> Result<()> {
-        let (Some(state), Some(_)) = (self.state.as_mut(), &self.index) else {
+    /// Whether tokens leaving the window are merged into the indexed region: with an index, or
+    /// for Quest's pages.
+    fn merges(&self) -> bool {
+        self.index.is_some() || self.routing == Routing::Quest
+    }
+
+    /// Quest's routing runs candle kernels whose shapes follow the page count, which changes at
+    /// merges: routing a zero query once, eagerly, lets a CUDA graph capture of the next step
+    /// find their launch parameters already uploaded (see [`crate::graph`]).
+    fn warm_up_quest_routing(&self, batch: usize) -> Result<()> {
+        let (Routing::Quest, Some(state), true) =
+            (self.routing, &self.state, self.device.is_cuda())
+        else {
             return Ok(());
         };
+        if let Some(pages) = state.quest.as_ref().filter(|p| p.n_pages() > 0) {
+            let l = self.config.layout;
+            let q = Tensor::zeros((batch, l.n_q_heads, l.head_dim), self.dtype, &self.device)?;
+            pages.route(&q, self.quest_pages)?;
+        }
+        Ok(())
+    }
+
+    /// Moves tokens that left the window into the indexed region (the index, and Quest's pages),
+    /// for sequences whose window exceeds `window + slack` tokens. Builds Quest's pages when the
+    /// routing is Quest and has none yet, and drops them when it is not.
+    fn merge_window(&mut self, slack: usize) -> Result<()> {
+        let quest = self.routing == Routing::Quest;
+        let sinks = self.config.sinks;
+        let Some(state) = self.state.as_mut() else {
+            return Ok(());
+        };
+        match (quest, &state.quest) {
+            (true, None) => {
+                state.quest = Some(QuestPages::refresh(None, 0, &state.k, &state.seqs, sinks)?);
+            }
+            (false, Some(_)) => state.quest = None,
+            _ => {}
+        }
+        if !quest && self.index.is_none() {
+            return Ok(());
+        }
         let window = self.config.window;
         // Saturating: a bound beyond any length merges nothing, where a wrapped one would merge
         // past the cache.
@@ -823,17 +956,46 @@ impl SaapAttention {
         if ranges.iter().all(|(s, e)| s == e) {
             return Ok(());
         }
-        let op = MergeOp {
-            ranges: ranges.clone(),
-            n_partitions: self.config.n_partitions,
-            n_kv_heads: self.config.layout.n_kv_heads,
-        };
-        let (dir, labels) = (state.dir.as_ref(), state.labels.as_ref());
-        merge(dir.expect("indexed"), labels.expect("indexed"), &op)?;
-        for (seq, (s, e)) in state.seqs.iter_mut().zip(ranges) {
-            if e > s {
-                seq.indexed_end = e;
+        let merged: Vec<SeqExtent> = state
+            .seqs
+            .iter()
+            .zip(&ranges)
+            .map(|(seq, &(s, e))| SeqExtent {
+                indexed_end: if e > s { e } else { seq.indexed_end },
+                ..*seq
+            })
+            .collect();
+        // Pages first: nothing has changed yet if they cannot be computed.
+        let pages = match &state.quest {
+            Some(old) => {
+                // Pages before the one holding the earliest merged position keep their keys.
+                let first = ranges
+                    .iter()
+                    .filter(|(s, e)| e > s)
+                    .map(|(s, _)| s.saturating_sub(sinks) / QUEST_PAGE)
+                    .min()
+                    .unwrap_or(0);
+                Some(QuestPages::refresh(
+                    Some(old),
+                    first,
+                    &state.k,
+                    &merged,
+                    sinks,
+                )?)
             }
+            None => None,
+        };
+        if let (Some(dir), Some(labels)) = (state.dir.as_ref(), state.labels.as_ref()) {
+            let op = MergeOp {
+                ranges,
+                n_partitions: self.config.n_partitions,
+                n_kv_heads: self.config.layout.n_kv_heads,
+            };
+            merge(dir, labels, &op)?;
+        }
+        state.seqs = merged;
+        if pages.is_some() {
+            state.quest = pages;
         }
         Ok(())
     }
@@ -929,9 +1091,10 @@ impl SaapAttention {
     ///
     /// # Errors
     /// As [`SaapAttention::prefill`]; also [`SaapError::Shape`] unless `T == 1`,
-    /// [`SaapError::EmptyContext`] for a batch item with no context, and [`SaapError::NonFinite`]
-    /// for non-finite routing scores (with checks on). The sequences are unchanged after any of
-    /// these.
+    /// [`SaapError::EmptyContext`] for a batch item with no context, [`SaapError::NonFinite`]
+    /// for non-finite routing scores (with checks on), and [`SaapError::Config`] with
+    /// [`Routing::Quest`] over more than [`MAX_QUEST_PAGES`] pages. The sequences are unchanged
+    /// after any of these.
     pub fn decode(&mut self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (batch, t_len) = self.check_inputs(q, k, v)?;
         if t_len != 1 {
@@ -947,10 +1110,9 @@ impl SaapAttention {
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
         }
+        self.check_quest_pages()?;
         if self.replay.is_none() {
-            if let Some(n_probe) = self.budget_n_probe() {
-                self.config.n_probe = n_probe;
-            }
+            self.apply_keys_budget();
         }
         let undo = self.undo_point();
         let step = self.decode_step(q, k, v, batch);
@@ -987,7 +1149,8 @@ impl SaapAttention {
     /// launched again).
     ///
     /// # Errors
-    /// [`SaapError::Config`] for `steps == 0`, or while already replaying;
+    /// [`SaapError::Config`] for `steps == 0`, while already replaying, or with
+    /// [`Routing::Quest`] over more than [`MAX_QUEST_PAGES`] pages;
     /// [`SaapError::EmptyContext`] without a prefilled context; [`SaapError::Config`] or
     /// [`SaapError::Candle`] when the rows cannot be reserved.
     pub fn begin_replay(&mut self, steps: usize) -> Result<usize> {
@@ -1002,9 +1165,9 @@ impl SaapAttention {
             return Err(SaapError::EmptyContext(b));
         }
         // Steps until a window outgrows `window + merge_every - 1`, which `decode` would merge.
-        let room = match self.index {
-            None => steps,
-            Some(_) => state
+        let room = match self.merges() {
+            false => steps,
+            true => state
                 .seqs
                 .iter()
                 .map(|s| {
@@ -1022,11 +1185,11 @@ impl SaapAttention {
             state.lens.len(),
             state.lens.iter().copied().max().unwrap_or(0),
         );
-        // ℓ stays as recorded for the whole replay: set it for the budget now.
-        if let Some(n_probe) = self.budget_n_probe() {
-            self.config.n_probe = n_probe;
-        }
+        self.check_quest_pages()?;
+        // ℓ (or Quest's pages) stays as recorded for the whole replay: set it for the budget now.
+        self.apply_keys_budget();
         self.reserve(batch, longest.saturating_add(room))?;
+        self.warm_up_quest_routing(batch)?;
         self.replay = Some(Replay {
             id: NEXT_REPLAY.fetch_add(1, Ordering::Relaxed),
             advance: Tensor::zeros(batch, DType::U32, &self.device)?,
@@ -1094,6 +1257,12 @@ impl SaapAttention {
             .append(Some(q), k, v, &vec![1; batch])?
             .expect("queries given");
         let n_probe = self.config.n_probe;
+        let state = self.state.as_ref().expect("appended");
+        // With no page yet (nothing indexed) sinks and window are every key: read them all.
+        let quest_pages = match (self.routing, &state.quest) {
+            (Routing::Quest, Some(pages)) if pages.n_pages() > 0 => Some(pages),
+            _ => None,
+        };
         let (probes, scores) = match (&self.index, self.routing) {
             (Some(index), Routing::Classifier) => match self.probe_mass {
                 None => {
@@ -1110,20 +1279,31 @@ impl SaapAttention {
                 let scores = centroid_scores(&q.squeeze(2)?, &index.centroids)?;
                 (Some(top_probes(&scores, n_probe)?), Some(scores))
             }
+            (_, Routing::Quest) => match quest_pages {
+                Some(pages) => {
+                    let (probes, scores) = pages.route(&q_rot.squeeze(2)?, self.quest_pages)?;
+                    (Some(probes), Some(scores))
+                }
+                None => (None, None),
+            },
             _ => (None, None),
         };
         if let Some(scores) = &scores {
             self.check("routing scores", &[scores])?;
         }
-        let state = self.state.as_ref().expect("appended");
+        // Quest's pages are the partitions of their own directory.
+        let (dir, n_partitions) = match quest_pages {
+            Some(pages) => (Some(pages.dir.clone()), pages.n_pages()),
+            None => (state.dir.clone(), self.config.n_partitions),
+        };
         let op = DecodeOp {
             k_cache: state.k.clone(),
             v_cache: state.v.clone(),
-            dir: probes.as_ref().and(state.dir.clone()),
+            dir: probes.as_ref().and(dir),
             probes,
             seqs: state.seqs.clone(),
             sinks: self.config.sinks,
-            n_partitions: self.config.n_partitions,
+            n_partitions,
             scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
             advance: self.replay.as_ref().map(|r| r.advance.clone()),
         };

@@ -16,6 +16,17 @@ pub const MAX_HIDDEN: usize = 1 << 16;
 pub const MAX_SPAN: usize = 1 << 24;
 /// Longest context a sequence may hold: the index stores positions as u32.
 pub const MAX_CONTEXT: usize = u32::MAX as usize;
+/// Consecutive indexed tokens per page of [`Routing::Quest`] (the Quest paper's page size).
+pub const QUEST_PAGE: usize = 16;
+/// Most pages [`Routing::Quest`] ranks in one step, i.e. at most 131,072 indexed tokens
+/// (sinks and window come on top). Both backends refuse more, so that they agree; the limit is
+/// the CUDA side's: the decode kernel keeps one slot per partition (here, page) in 48 KiB of
+/// shared memory (at most 10,237), and candle's CUDA `arg_sort` sorts a row padded to a power of
+/// two in shared memory (at most 8192 columns).
+pub const MAX_QUEST_PAGES: usize = 8192;
+/// Pages a KV group reads per [`Routing::Quest`] step without a keys budget: 64 pages, 1024
+/// indexed tokens, a token budget of the size the Quest paper evaluates.
+pub const DEFAULT_QUEST_PAGES: usize = 64;
 
 /// Attention head layout of one model layer (grouped-query attention when `n_q_heads > n_kv_heads`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,4 +314,13 @@ pub enum Routing {
     Classifier,
     /// Ablation of the paper: a query goes to the partitions whose centroids are nearest to it.
     NearestCentroid,
+    /// Quest (Tang et al. 2024), training-free, needing no index: the indexed keys are cut into
+    /// pages of [`QUEST_PAGE`] consecutive tokens, each with the elementwise min and max of its
+    /// post-RoPE keys; a page's score for a post-RoPE query q is `Σ_d max(q_d·min_d, q_d·max_d)`,
+    /// an upper bound of `q·k` over its keys ([`crate::quest::page_scores`]). A KV group reads
+    /// the pages with the highest score of any of its G query heads (the bound of the group's
+    /// best `q·k`), as many as [`crate::SaapAttention::set_quest_pages`] or the keys budget
+    /// says, besides sinks and window: with one selection per group the keys read follow the
+    /// budget (per-head top pages would read between one and G times as many).
+    Quest,
 }

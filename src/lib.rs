@@ -14,6 +14,7 @@ pub mod index;
 #[cfg(feature = "models")]
 pub mod models;
 pub mod partition;
+pub mod quest;
 pub mod rope;
 pub mod train;
 

@@ -9,23 +9,6 @@ use common::*;
 use saap::partition::assign::assign;
 use saap::{RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
 
-/// Plain f64 RoPE of one head vector at `pos`.
-fn rope_ref(x: &[f32], pos: usize, kind: RopeKind, theta: f64) -> Vec<f64> {
-    let d = x.len();
-    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    for i in 0..d / 2 {
-        let angle = pos as f64 * theta.powf(-(2.0 * i as f64) / d as f64);
-        let (a, b) = match kind {
-            RopeKind::Interleaved => (2 * i, 2 * i + 1),
-            RopeKind::Neox => (i, i + d / 2),
-        };
-        let (x0, x1) = (x[a] as f64, x[b] as f64);
-        out[a] = x0 * angle.cos() - x1 * angle.sin();
-        out[b] = x0 * angle.sin() + x1 * angle.cos();
-    }
-    out
-}
-
 /// Host copy of one sequence's pre-RoPE keys and values, per KV head.
 #[derive(Default, Clone)]
 struct History {
@@ -642,4 +625,51 @@ fn retain_decodes_as_if_dropped_items_were_never_batched() {
     let [q, k, v] = qkv(1, 30);
     three.prefill(&q, &k, &v, &[30]).unwrap();
     assert_eq!(three.seq_lens(), &[30]);
+}
+
+/// `retain` under Quest routing (no index): the kept items' page bounds go with them, so the op
+/// reads and answers as one that only ever held those items, through merges that add pages.
+#[test]
+fn retain_keeps_quest_pages_of_the_kept_items() {
+    let mut config = config(8, 2, 32, 16, RopeKind::Neox);
+    config.window = 24;
+    config.merge_every = 8;
+    let dev = Device::Cpu;
+    let mut r = rng(83);
+    let mut qkv =
+        |batch: usize, t: usize| [8, 2, 2].map(|h| randn(&mut r, &[batch, h, t, 32], 1.0));
+    let kept_rows = Tensor::new(&[0u32, 2], &dev).unwrap();
+    let kept = |x: &Tensor| x.index_select(&kept_rows, 0).unwrap();
+    let mut three = SaapAttention::dense(&config, &dev, DType::F32).unwrap();
+    let mut two = SaapAttention::dense(&config, &dev, DType::F32).unwrap();
+    let [q, k, v] = qkv(3, 200);
+    three.prefill(&q, &k, &v, &[120, 200, 90]).unwrap();
+    two.prefill(&kept(&q), &kept(&k), &kept(&v), &[120, 90])
+        .unwrap();
+    for op in [&mut three, &mut two] {
+        op.set_routing(Routing::Quest).unwrap();
+        op.set_quest_pages(2).unwrap();
+    }
+    let [q, k, v] = qkv(3, 1);
+    three.decode(&q, &k, &v).unwrap();
+    two.decode(&kept(&q), &kept(&k), &kept(&v)).unwrap();
+    three.retain(&[true, false, true]).unwrap();
+    let merged_before = two.extents().to_vec();
+    for step in 0..30 {
+        let [q, k, v] = qkv(2, 1);
+        let got = three.decode(&q, &k, &v).unwrap();
+        let want = two.decode(&q, &k, &v).unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "step {step}");
+        assert_eq!(three.last_read(), two.last_read(), "step {step}");
+        assert!(three.last_read().unwrap().keys_read < three.last_read().unwrap().keys_in_context);
+    }
+    assert_eq!(three.extents(), two.extents());
+    assert!(
+        three
+            .extents()
+            .iter()
+            .zip(&merged_before)
+            .all(|(now, then)| now.indexed_end > then.indexed_end),
+        "windows merged after the retain"
+    );
 }

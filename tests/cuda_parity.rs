@@ -331,6 +331,64 @@ fn budget_and_probe_mass_match_cpu() {
     end_to_end(&dev, s, DType::F32, 1e-4, Probing::Mass(0.3));
 }
 
+/// Quest routing on both backends from the same cache (keys appended with `extend`): identical
+/// page bounds, the same keys read and pages probed at every step, outputs within rounding.
+fn quest_case(dev: &Device, seed: u64, dtype: DType, tol: f32, lens: &[usize], steps: usize) {
+    let mut config = config(8, 2, 64, 32, RopeKind::Neox);
+    config.window = 48;
+    config.merge_every = 16;
+    let mut cpu = SaapAttention::dense(&config, &Device::Cpu, dtype).unwrap();
+    let mut gpu = SaapAttention::dense(&config, dev, dtype).unwrap();
+    let mut r = rng(seed ^ 0x9e57);
+    let b = lens.len();
+    let mut rows = |heads: usize, t: usize| {
+        randn(&mut r, &[b, heads, t, 64], 1.0)
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let on = |x: &Tensor| x.to_device(dev).unwrap();
+    let t = lens.iter().copied().max().unwrap();
+    let (k, v) = (rows(2, t), rows(2, t));
+    cpu.extend(&k, &v, lens).unwrap();
+    gpu.extend(&on(&k), &on(&v), lens).unwrap();
+    for op in [&mut cpu, &mut gpu] {
+        op.set_routing(saap::Routing::Quest).unwrap();
+        op.set_quest_pages(3).unwrap();
+    }
+    let same_bounds = |cpu: &SaapAttention, gpu: &SaapAttention| {
+        let (c, g) = (cpu.page_bounds().unwrap(), gpu.page_bounds().unwrap());
+        let to_cpu = |x: &Tensor| x.to_device(&Device::Cpu).unwrap();
+        max_abs_diff(c.0, &to_cpu(g.0)) + max_abs_diff(c.1, &to_cpu(g.1)) == 0.0
+    };
+    assert!(same_bounds(&cpu, &gpu), "{dtype:?}: page bounds differ");
+    for i in 0..steps {
+        let (q, k, v) = (rows(8, 1), rows(2, 1), rows(2, 1));
+        let out_c = cpu.decode(&q, &k, &v).unwrap();
+        let out_g = gpu.decode(&on(&q), &on(&k), &on(&v)).unwrap();
+        // Same keys read and pages probed: the same pages chosen, barring exact near-ties.
+        assert_eq!(cpu.last_read(), gpu.last_read(), "{dtype:?} step {i}");
+        let diff = max_abs_diff(&out_c, &out_g.to_device(&Device::Cpu).unwrap());
+        assert!(diff <= tol, "{dtype:?} step {i}: outputs differ by {diff}");
+    }
+    assert_eq!(cpu.extents(), gpu.extents());
+    assert!(
+        same_bounds(&cpu, &gpu),
+        "{dtype:?}: page bounds differ after merges"
+    );
+}
+
+#[test]
+fn quest_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("quest_matches_cpu");
+    quest_case(&dev, s, DType::F32, 1e-4, &[300, 211, 97], 100);
+    quest_case(&dev, s, DType::BF16, 3e-2, &[300, 211, 97], 100);
+    // MAX_QUEST_PAGES pages (no merge within 8 steps): candle's CUDA arg_sort and the decode
+    // kernel's shared memory at their largest.
+    let pages = saap::config::MAX_QUEST_PAGES * saap::config::QUEST_PAGE;
+    quest_case(&dev, s, DType::BF16, 3e-2, &[pages + 4 + 48], 8);
+}
+
 /// Classifier routing: the CUDA kernels (MLP with f32 accumulation, top-ℓ) pick the CPU's
 /// partitions, in its order, for f32 and bf16-rounded weights and every query dtype, at Llama
 /// shapes and a ragged batch; the only tolerated differences are near-ties at the ℓ-th score.

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 use saap::graph::{DecodeGraph, GraphDecoder};
-use saap::{RopeKind, SaapAttention, SaapError, SaapIndex};
+use saap::{RopeKind, Routing, SaapAttention, SaapError, SaapIndex};
 
 /// A decoder of a few layers around the op: embedding, per layer q/k/v/o projections and a
 /// residual, then an output projection. Enough for every launch of a step to be recorded.
@@ -147,11 +147,13 @@ fn tokens_for_step(seed: u64, step: usize, batch: usize) -> Vec<u32> {
 
 /// One op: replay mode (each recorded step run once, eagerly) against step-by-step decoding
 /// of the same prefilled sequences, through several window merges.
-fn replay_case(dev: &Device, dtype: DType, tol: f32) {
+fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing) {
     let config = toy_config();
     let index = random_index(&config, 1, 11);
     let mut eager = SaapAttention::from_index(&index, 0, dev, dtype).unwrap();
     eager.set_n_probe(4).unwrap();
+    eager.set_routing(routing).unwrap();
+    eager.set_quest_pages(2).unwrap();
     let mut r = rng(12);
     let lens = [200, 131, 57];
     let b = lens.len();
@@ -197,16 +199,22 @@ fn replay_case(dev: &Device, dtype: DType, tol: f32) {
     assert_eq!(eager.seq_lens(), replay.seq_lens());
     assert_eq!(eager.extents(), replay.extents());
     assert_eq!(eager.index_lists().unwrap(), replay.index_lists().unwrap());
+    if let (Some(a), Some(b)) = (eager.page_bounds(), replay.page_bounds()) {
+        assert_eq!(max_abs_diff(a.0, b.0) + max_abs_diff(a.1, b.1), 0.0);
+    }
+    assert_eq!(eager.page_bounds().is_some(), routing == Routing::Quest);
 }
 
 #[test]
 fn replayed_steps_match_step_by_step() {
     // The CPU kernels read the same count: the host's bookkeeping is checked without a GPU too.
-    replay_case(&Device::Cpu, DType::F32, 1e-5);
-    replay_case(&Device::Cpu, DType::BF16, 2e-2);
-    let Some(dev) = cuda() else { return };
-    replay_case(&dev, DType::F32, 1e-5);
-    replay_case(&dev, DType::BF16, 2e-2);
+    for routing in [Routing::Classifier, Routing::Quest] {
+        replay_case(&Device::Cpu, DType::F32, 1e-5, routing);
+        replay_case(&Device::Cpu, DType::BF16, 2e-2, routing);
+        let Some(dev) = cuda() else { continue };
+        replay_case(&dev, DType::F32, 1e-5, routing);
+        replay_case(&dev, DType::BF16, 2e-2, routing);
+    }
 }
 
 /// A toy model's whole step as a CUDA graph: the logits of every step match eager decoding of

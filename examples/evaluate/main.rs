@@ -1,8 +1,11 @@
 //! Held-out evaluation of Saap on a real model, dense and Saap and the symmetric
-//! nearest-centroid ablation side by side, through the same op and kernels that decode:
+//! nearest-centroid ablation and the training-free Quest side by side, through the same op and
+//! kernels that decode:
 //! per-layer attention-mass recall, attention-output error and keys read (with the recall of a
 //! perfect selector reading as many keys), perplexity of teacher-forced decoding, and a passkey
-//! (needle in a haystack) grid. Writes `report.json`, `report.md` and PNG plots (recall vs keys
+//! (needle in a haystack) grid. Quest decodes at Saap's keys read: its keys budget is the share
+//! Saap's routed layers read in the perplexity run (per-layer recall needs post-RoPE keys and is
+//! left out for it). Writes `report.json`, `report.md` and PNG plots (recall vs keys
 //! read per layer, the passkey grid; see `plots.rs`) into `--out`.
 //!
 //! `cargo run --release --example evaluate -- --help` lists the options.
@@ -58,6 +61,10 @@ struct Args {
     /// Override ℓ
     #[arg(long)]
     probe: Option<usize>,
+    /// Quest's keys budget (share of the context read per step); default: the share Saap's
+    /// routed layers read in the perplexity section
+    #[arg(long)]
+    quest_budget: Option<f64>,
     /// Sections to leave out (a 128k evaluation split over several runs)
     #[arg(long, value_enum, value_delimiter = ',')]
     skip: Vec<Section>,
@@ -109,30 +116,61 @@ fn flag_value(v: impl ValueEnum) -> String {
         .map_or(String::new(), |p| p.get_name().to_string())
 }
 
-/// The three ways decode reads keys, compared on the same prefilled cache.
+/// The four ways decode reads keys, compared on the same prefilled cache. Saap comes before
+/// Quest: Quest's budget is what Saap read.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 enum Mode {
     Dense,
     Saap,
     NearestCentroid,
+    Quest,
 }
 
-const MODES: [Mode; 3] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid];
+const MODES: [Mode; 4] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid, Mode::Quest];
 
-/// Sets every layer's routing for `mode`; layers the index serves dense stay dense.
-fn apply_mode(model: &mut Llama, index: &SaapIndex, mode: Mode, probe: usize) -> Res<()> {
+/// Sets every layer's routing for `mode`; layers the index serves dense stay dense (for Quest
+/// too, so that every mode reads the same layers sparsely). Quest reads `quest_budget` of the
+/// keys of each routed layer.
+fn apply_mode(
+    model: &mut Llama,
+    index: &SaapIndex,
+    mode: Mode,
+    probe: usize,
+    quest_budget: Option<f64>,
+) -> Res<()> {
     for layer in 0..model.n_layers() {
         let trained = index.layer(layer)?.routing;
         let routing = match (mode, trained) {
             (Mode::Dense, _) | (_, Routing::Dense) => Routing::Dense,
             (Mode::Saap, r) => r,
             (Mode::NearestCentroid, _) => Routing::NearestCentroid,
+            (Mode::Quest, _) => Routing::Quest,
         };
         let attn = model.attention_mut(layer)?;
         attn.set_routing(routing)?;
         attn.set_n_probe(probe)?;
+        if routing == Routing::Quest {
+            let budget = quest_budget.ok_or(
+                "Quest needs a keys budget: run the perplexity section or pass --quest-budget",
+            )?;
+            attn.set_keys_budget(Some(budget))?;
+        }
     }
     Ok(())
+}
+
+/// Keys read in one decode step by the layers the index routes (those it serves dense left out).
+fn routed_reads(model: &Llama, index: &SaapIndex) -> ReadStats {
+    let mut total = ReadStats::default();
+    for (layer, stats) in model.read_stats().into_iter().enumerate() {
+        let routed = index
+            .layer(layer)
+            .is_ok_and(|l| l.routing != Routing::Dense);
+        if let (true, Some(stats)) = (routed, stats) {
+            total.add(&stats);
+        }
+    }
+    total
 }
 
 /// Keys read in one decode step, over all layers.
@@ -182,6 +220,9 @@ struct Report {
     context: usize,
     n_partitions: usize,
     n_probe: usize,
+    /// Quest's keys budget (absent from reports written before Quest).
+    #[serde(default)]
+    quest_keys_budget: Option<f64>,
     window: usize,
     sinks: usize,
     dense_layers: Vec<usize>,
@@ -289,6 +330,7 @@ fn run() -> Res<()> {
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
     let mut decode = Vec::new();
+    let mut quest_budget = args.quest_budget;
     if runs(Section::Ppl) {
         model.reset();
         let start = Instant::now();
@@ -302,9 +344,10 @@ fn run() -> Res<()> {
         let base = model.snapshot_attention()?;
         for mode in MODES {
             model.restore_attention(&base)?;
-            apply_mode(&mut model, &index, mode, probe)?;
+            apply_mode(&mut model, &index, mode, probe, quest_budget)?;
             device.synchronize()?;
-            let (mut nll, mut reads) = (0.0, ReadStats::default());
+            let (mut nll, mut reads, mut routed) =
+                (0.0, ReadStats::default(), ReadStats::default());
             // The first step grows the restored caches and loads kernels: timed apart.
             let (mut start, mut first_step_s) = (Instant::now(), 0.0);
             for t in split - 1..window.len() - 1 {
@@ -319,6 +362,10 @@ fn run() -> Res<()> {
                 let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?.squeeze(0)?;
                 nll -= log_p.get(window[t + 1] as usize)?.to_scalar::<f32>()? as f64;
                 reads.add(&step_reads(&model));
+                routed.add(&routed_reads(&model, &index));
+            }
+            if mode == Mode::Saap {
+                quest_budget = quest_budget.or(Some(routed.selectivity()));
             }
             let steps = (window.len() - split) as f64;
             let timed_steps = (steps - 1.0).max(1.0);
@@ -332,10 +379,11 @@ fn run() -> Res<()> {
                 ..Default::default()
             });
             println!(
-                "{mode:?}: perplexity {:.3}, keys read {:.1}% ({:.1}% of indexed), first step {first_step_s:.2} s, then {:.1} tokens/s",
+                "{mode:?}: perplexity {:.3}, keys read {:.1}% ({:.1}% of indexed; routed layers {:.1}%), first step {first_step_s:.2} s, then {:.1} tokens/s",
                 (nll / steps).exp(),
                 100.0 * reads.selectivity(),
                 100.0 * reads.indexed_selectivity(),
+                100.0 * routed.selectivity(),
                 timed_steps / start.elapsed().as_secs_f64()
             );
         }
@@ -380,7 +428,7 @@ fn run() -> Res<()> {
             let mut answers = Vec::new();
             for mode in MODES {
                 model.restore_attention(&base)?;
-                apply_mode(&mut model, &index, mode, probe)?;
+                apply_mode(&mut model, &index, mode, probe, quest_budget)?;
                 let mut next = *prompt.last().expect("prompt");
                 let mut out = Vec::new();
                 for _ in 0..8 {
@@ -420,6 +468,7 @@ fn run() -> Res<()> {
         context: args.context,
         n_partitions: config.n_partitions,
         n_probe: probe,
+        quest_keys_budget: quest_budget,
         window: config.window,
         sinks: config.sinks,
         dense_layers: (0..index.n_layers())
@@ -491,6 +540,7 @@ fn command_line(args: &Args) -> String {
         ("--model", args.model.model.as_ref().map(file)),
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
+        ("--quest-budget", args.quest_budget.map(|b| b.to_string())),
         ("--yarn", args.model.yarn.map(|f| f.to_string())),
         (
             "--skip",
@@ -522,6 +572,13 @@ fn markdown(r: &Report, args: &Args) -> String {
         "C = {}, ℓ = {}, window {}, sinks {}; layers served dense: {:?}.\n\nCommand: `cargo run --release --example evaluate -- {}`\n",
         r.n_partitions, r.n_probe, r.window, r.sinks, r.dense_layers, command_line(args)
     );
+    if let Some(budget) = r.quest_keys_budget {
+        let _ = writeln!(
+            s,
+            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (Saap's share there); not in the per-layer tables (they replay recorded pre-RoPE queries).\n",
+            100.0 * budget
+        );
+    }
     // Sections left out with --skip have no rows and no table.
     if !r.decode.is_empty() {
         let _ = writeln!(s, "## Decoding (same prefill, same op)\n\n| mode | perplexity | keys read (all) | keys read (indexed only) | passkey | first step | tokens/s after |\n|---|---|---|---|---|---|---|");
@@ -577,7 +634,7 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     if !r.nih.is_empty() {
-        let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid |\n|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid | Quest |\n|---|---|---|---|---|---|---|");
     }
     for c in &r.nih {
         let cell = |m: &str| {
@@ -594,13 +651,14 @@ fn markdown(r: &Report, args: &Args) -> String {
         };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             c.length,
             c.depth,
             c.passkey,
             cell("Dense"),
             cell("Saap"),
-            cell("NearestCentroid")
+            cell("NearestCentroid"),
+            cell("Quest")
         );
     }
     s

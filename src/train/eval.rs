@@ -3,7 +3,7 @@
 
 use crate::classify::{centroid_scores, top_probes};
 use crate::config::{Routing, SaapConfig};
-use crate::error::Result;
+use crate::error::{Result, SaapError};
 use crate::index::LayerIndex;
 use crate::train::data::{query_attention, query_positions, Sequence};
 use candle_core::Device;
@@ -68,7 +68,8 @@ impl RoutingEval {
 /// is computed on `device`.
 ///
 /// # Errors
-/// [`SaapError::Config`](crate::SaapError::Config) for an ℓ outside `1..=C`;
+/// [`SaapError::Config`](crate::SaapError::Config) for an ℓ outside `1..=C`, or for
+/// [`Routing::Quest`], which these recorded pre-RoPE queries cannot evaluate;
 /// [`SaapError::Candle`](crate::SaapError::Candle) when the sequences or the layer do not fit
 /// `config`.
 pub fn evaluate_routing(
@@ -102,6 +103,11 @@ pub fn evaluate_routing(
                 config.n_probe,
             )?),
             Routing::Dense => None,
+            Routing::Quest => {
+                return Err(SaapError::Config(
+                    "Quest needs post-RoPE keys and pages: it is evaluated by decoding".into(),
+                ))
+            }
         }
         .map(|t| t.to_vec3::<u32>())
         .transpose()?;

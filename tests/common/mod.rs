@@ -217,3 +217,20 @@ pub fn same_index(a: &SaapIndex, b: &SaapIndex) -> bool {
             la.routing == lb.routing && layer_bits(la) == layer_bits(lb)
         })
 }
+
+/// Plain f64 RoPE of one head vector at `pos`.
+pub fn rope_ref(x: &[f32], pos: usize, kind: RopeKind, theta: f64) -> Vec<f64> {
+    let d = x.len();
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for i in 0..d / 2 {
+        let angle = pos as f64 * theta.powf(-(2.0 * i as f64) / d as f64);
+        let (a, b) = match kind {
+            RopeKind::Interleaved => (2 * i, 2 * i + 1),
+            RopeKind::Neox => (i, i + d / 2),
+        };
+        let (x0, x1) = (x[a] as f64, x[b] as f64);
+        out[a] = x0 * angle.cos() - x1 * angle.sin();
+        out[b] = x0 * angle.sin() + x1 * angle.cos();
+    }
+    out
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Model glue and combine changes on the GPU machine (session of 2026-11-26, third part):
+# Qwen2.5-Coder-0.5B (Q4_K_M GGUF sent in 45 MB pieces .qwen/qNN to /tmp/q), Shakespeare in
+# .smol/texts, binaries staged in .devA/.devB/.devC and copied to /tmp/bin as they arrive (carried
+# folders do not outlive their call). `throughput_old` is the binary of the session's first commit.
+# Usage: bash bench/device_glue.sh STEP   (tests | setup | calib32 | calib128 | e2e32 | e2e128 |
+#        batch32 | passkey32)
+set -uo pipefail
+step=$1
+M=/tmp/saap/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+I=/tmp/saap/indexes
+export SAAP_CACHE=/tmp/saap LD_LIBRARY_PATH=/usr/local/cuda/lib64 RUST_BACKTRACE=0
+bin=/tmp/bin
+run() { echo "\$ $*" | tee -a "$OUT/$step.txt"; "$@" 2>&1 | tee -a "$OUT/$step.txt"; }
+unpack() {
+  mkdir -p "$bin"
+  for d in .devA .devB .devC; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done
+  gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*
+  # Test binaries carry cargo's hash suffix.
+  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
+}
+piece() { mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; }
+tp() { "$bin/$1" --model "$M" --cuda "${@:2}"; }
+case $step in
+tests)
+  unpack
+  run "$bin/saap" --test-threads 1 fused_norm
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1 ;;
+piece)
+  unpack; piece ;;
+setup)
+  unpack; piece
+  mkdir -p /tmp/saap/models "$I" && cp -r .smol/texts /tmp/saap/
+  cat /tmp/q/q* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/setup.txt" ;;
+calib32)
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 1 --queries 128 --epochs 10 --hidden 64 --out "$I/q32k.safetensors" ;;
+calib128)
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 32768 --seqs 1 --queries 128 --epochs 10 --hidden 64 --out "$I/q128k.safetensors" ;;
+e2e32)
+  for b in throughput_old throughput; do
+    run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
+  done ;;
+e2e128)
+  for b in throughput_old throughput; do
+    run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on
+  done ;;
+batch32)
+  # 32 prompts of up to 32k in chunks of 8192 (262k rows per forward, as batch 8 × 32768).
+  run timeout 300 "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 32 --tokens 32 --chunk 8192 --all-sparse --graph on ;;
+passkey32)
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32" ;;
+esac

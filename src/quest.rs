@@ -1,0 +1,273 @@
+//! Quest (Tang et al. 2024), a training-free selector run through the same decode op and kernels
+//! as Saap ([`crate::Routing::Quest`]).
+//!
+//! The indexed positions `sinks..indexed_end` of each sequence are cut into pages of
+//! [`QUEST_PAGE`] tokens, page `p` holding positions `sinks + 16p ..` up to the next page or the
+//! item's `indexed_end`. Per (batch item, KV head, page) the op keeps the elementwise min and max
+//! of the page's post-RoPE keys, recomputed only for the pages a window merge touches. The pages
+//! are handed to the decode kernel as the partitions of a second directory: offsets are the page
+//! starts, perm the identity, so the kernel reads sinks ∪ chosen pages ∪ window exactly as it
+//! reads Saap's partitions.
+
+use crate::attend::SeqExtent;
+use crate::classify::top_probes;
+use crate::config::QUEST_PAGE;
+use crate::error::{Result, SaapError};
+use candle_core::{DType, Device, Tensor};
+
+/// Pages whose bounds are computed in one pass: bounds the temporaries of a long prompt to
+/// 8192 rows of f32 keys per KV head.
+const PAGES_PER_PASS: usize = 512;
+
+/// Pages over an item's indexed region (the last one may be partial).
+pub(crate) fn pages_of(seq: &SeqExtent, sinks: usize) -> usize {
+    seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
+}
+
+/// Quest page scores of post-RoPE queries: for query head `h` (of KV group `h / G`) and page
+/// `p`, `Σ_d max(q_d·min_d, q_d·max_d)`, which is at least `q·k` for every key `k` of the page
+/// since `min_d <= k_d <= max_d`.
+///
+/// `q`: `[B, Hq, D]`; `min`, `max`: `[B, Hkv, P, D]` f32 (see
+/// [`crate::SaapAttention::page_bounds`]). Returns `[B, Hq, P]` f32.
+///
+/// # Errors
+/// [`SaapError::Shape`] unless the shapes fit (`Hkv` dividing `Hq`, same `B` and `D`);
+/// [`SaapError::Candle`] when a tensor operation fails.
+pub fn page_scores(q: &Tensor, min: &Tensor, max: &Tensor) -> Result<Tensor> {
+    let (b, hq, d) = q.dims3()?;
+    let (mb, hkv, p, md) = min.dims4()?;
+    if mb != b || md != d || hkv == 0 || hq % hkv != 0 || max.dims() != min.dims() {
+        return Err(SaapError::Shape {
+            name: "page bounds",
+            expected: format!("min and max [{b}, Hkv dividing {hq}, P, {d}]"),
+            got: min.dims().to_vec(),
+        });
+    }
+    let q = q.to_dtype(DType::F32)?.reshape((b, hkv, hq / hkv, d))?;
+    // max(q·lo, q·hi) per dimension is q·hi where q > 0 and q·lo elsewhere: two GEMMs.
+    let positive = q.relu()?;
+    let negative = (&q - &positive)?;
+    let scores =
+        (positive.matmul(&max.transpose(2, 3)?)? + negative.matmul(&min.transpose(2, 3)?)?)?;
+    Ok(scores.reshape((b, hq, p))?)
+}
+
+/// The page state of one op: bounds of every page and the directory the decode kernel reads
+/// the pages through.
+#[derive(Debug)]
+pub(crate) struct QuestPages {
+    /// `[B, Hkv, P, D]` f32: elementwise min of each page's post-RoPE keys; P pages cover the
+    /// longest indexed region of the batch, and a page past an item's indexed end holds zeros.
+    pub(crate) min: Tensor,
+    /// `[B, Hkv, P, D]` f32: elementwise max, likewise.
+    pub(crate) max: Tensor,
+    /// `[B, Hkv, P]` u8: whether the page holds keys of its item (ragged batches).
+    filled: Tensor,
+    /// `[B, Hkv, P + 1 + cap]` u32: page starts (offsets, clamped to each item's indexed end),
+    /// then the identity positions `0..cap` (perm).
+    pub(crate) dir: Tensor,
+}
+
+impl QuestPages {
+    /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`): those before page
+    /// `first` are taken from `old` (unchanged keys), the others computed. Without `old`, all.
+    pub(crate) fn refresh(
+        old: Option<&Self>,
+        first: usize,
+        k: &Tensor,
+        seqs: &[SeqExtent],
+        sinks: usize,
+    ) -> Result<Self> {
+        let (b, hkv, cap, d) = k.dims4()?;
+        let dev = k.device();
+        let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
+        let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
+        let (mut lows, mut highs) = (Vec::new(), Vec::new());
+        if let (Some(old), true) = (old, kept > 0) {
+            lows.push(old.min.narrow(2, 0, kept)?);
+            highs.push(old.max.narrow(2, 0, kept)?);
+        }
+        for from in (kept..n_pages).step_by(PAGES_PER_PASS) {
+            let (lo, hi) = bounds(k, seqs, sinks, from, PAGES_PER_PASS.min(n_pages - from))?;
+            lows.push(lo);
+            highs.push(hi);
+        }
+        let join = |parts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(match parts.len() {
+                0 => Tensor::zeros((b, hkv, 0, d), DType::F32, dev)?,
+                _ => Tensor::cat(&parts, 2)?,
+            })
+        };
+        Ok(Self {
+            min: join(lows)?,
+            max: join(highs)?,
+            filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
+            dir: directory(seqs, sinks, n_pages, hkv, cap, dev)?,
+        })
+    }
+
+    /// The same pages for a cache grown to `cap` rows (the directory's perm spans the cache).
+    pub(crate) fn with_capacity(
+        &self,
+        seqs: &[SeqExtent],
+        sinks: usize,
+        cap: usize,
+    ) -> Result<Self> {
+        let hkv = self.min.dim(1)?;
+        Ok(Self {
+            min: self.min.clone(),
+            max: self.max.clone(),
+            filled: self.filled.clone(),
+            dir: directory(seqs, sinks, self.n_pages(), hkv, cap, self.min.device())?,
+        })
+    }
+
+    /// A deep copy.
+    pub(crate) fn copy(&self) -> Result<Self> {
+        Ok(Self {
+            min: self.min.copy()?,
+            max: self.max.copy()?,
+            filled: self.filled.copy()?,
+            dir: self.dir.copy()?,
+        })
+    }
+
+    /// The pages of batch items `rows` (`[n]` u32), in that order (P stays: a page past a kept
+    /// item's indexed end is marked empty, as in any ragged batch).
+    pub(crate) fn select(&self, rows: &Tensor) -> Result<Self> {
+        let select = |t: &Tensor| t.index_select(rows, 0);
+        Ok(Self {
+            min: select(&self.min)?,
+            max: select(&self.max)?,
+            filled: select(&self.filled)?,
+            dir: select(&self.dir)?,
+        })
+    }
+
+    /// P, the pages of the longest indexed region.
+    pub(crate) fn n_pages(&self) -> usize {
+        self.min.dims()[2]
+    }
+
+    /// The `n_pages` best pages of each KV group for rotated queries `q` (`[B, Hq, D]`), each
+    /// group's list repeated for its G query heads: `[B, Hq, min(n_pages, P)]` u32, P in a slot
+    /// whose page holds no key of its item (the kernels skip it). Also the group scores
+    /// `[B, Hkv, P]` f32 before masking, for the finite check. Device work only: nothing is
+    /// read back, so the step can be recorded for replay.
+    pub(crate) fn route(&self, q: &Tensor, n_pages: usize) -> Result<(Tensor, Tensor)> {
+        let (b, hq, _) = q.dims3()?;
+        let (_, hkv, p, _) = self.min.dims4()?;
+        let g = hq / hkv;
+        let dev = q.device();
+        let scores = page_scores(q, &self.min, &self.max)?
+            .reshape((b, hkv, g, p))?
+            .max(2)?;
+        let unread = Tensor::full(f32::NEG_INFINITY, (b, hkv, p), dev)?;
+        let ranked = self.filled.where_cond(&scores, &unread)?;
+        let top = top_probes(&ranked, n_pages.min(p))?;
+        let empty = Tensor::full(p as u32, top.shape(), dev)?;
+        let top = self.filled.gather(&top, 2)?.where_cond(&top, &empty)?;
+        let k = top.dim(2)?;
+        let probes = top
+            .unsqueeze(2)?
+            .broadcast_as((b, hkv, g, k))?
+            .contiguous()?
+            .reshape((b, hq, k))?;
+        Ok((probes, scores))
+    }
+}
+
+/// `[B, Hkv, n, D]` f32 min and max of pages `first..first + n` of every item of `k`
+/// (`[B, Hkv, cap, D]`); positions at or past an item's indexed end are left out, and a page
+/// with none of its item's keys holds zeros.
+fn bounds(
+    k: &Tensor,
+    seqs: &[SeqExtent],
+    sinks: usize,
+    first: usize,
+    n: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hkv, cap, d) = k.dims4()?;
+    let dev = k.device();
+    let start = sinks + QUEST_PAGE * first;
+    let span = QUEST_PAGE * n;
+    // The last page may run past the cache: its missing rows are padding, masked below.
+    let rows = cap.saturating_sub(start).min(span);
+    let mut keys = k.narrow(2, start, rows)?.to_dtype(DType::F32)?;
+    if rows < span {
+        keys = keys.pad_with_zeros(2, 0, span - rows)?;
+    }
+    let valid: Vec<u8> = seqs
+        .iter()
+        .flat_map(|s| (start..start + span).map(move |pos| u8::from(pos < s.indexed_end)))
+        .collect();
+    let shape = keys.shape().clone();
+    let valid = Tensor::from_vec(valid, (b, 1, span, 1), dev)?.broadcast_as(&shape)?;
+    let fill = |x: f32| Tensor::full(x, (), dev)?.broadcast_as(&shape);
+    let paged = (b, hkv, n, QUEST_PAGE, d);
+    let lo = valid
+        .where_cond(&keys, &fill(f32::INFINITY)?)?
+        .reshape(paged)?
+        .min(3)?;
+    let hi = valid
+        .where_cond(&keys, &fill(f32::NEG_INFINITY)?)?
+        .reshape(paged)?
+        .max(3)?;
+    // An empty page would keep ±inf, and 0·inf is NaN in a score: zeros (its score is masked).
+    let filled = page_mask(seqs, sinks, first, n, 1, dev)?
+        .unsqueeze(3)?
+        .broadcast_as(lo.shape())?;
+    let zeros = lo.zeros_like()?;
+    Ok((
+        filled.where_cond(&lo, &zeros)?,
+        filled.where_cond(&hi, &zeros)?,
+    ))
+}
+
+/// `[B, heads, n]` u8: whether page `first + i` holds keys of item `b`.
+fn page_mask(
+    seqs: &[SeqExtent],
+    sinks: usize,
+    first: usize,
+    n: usize,
+    heads: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<u8> = seqs
+        .iter()
+        .flat_map(|s| {
+            let pages = pages_of(s, sinks);
+            (0..heads).flat_map(move |_| (first..first + n).map(move |p| u8::from(p < pages)))
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (seqs.len(), heads, n), dev)?)
+}
+
+/// The pages as a decode directory `[B, Hkv, P + 1 + cap]`: offsets `min(sinks + 16p,
+/// indexed_end)` (positions, since perm is the identity), then perm `0..cap`.
+fn directory(
+    seqs: &[SeqExtent],
+    sinks: usize,
+    n_pages: usize,
+    hkv: usize,
+    cap: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let b = seqs.len();
+    let offsets: Vec<u32> = seqs
+        .iter()
+        .flat_map(|s| {
+            // Positions fit u32: the cache holds at most MAX_CONTEXT = u32::MAX rows.
+            (0..=n_pages).map(move |p| (sinks + QUEST_PAGE * p).min(s.indexed_end) as u32)
+        })
+        .collect();
+    let offsets = Tensor::from_vec(offsets, (b, 1, n_pages + 1), dev)?
+        .broadcast_as((b, hkv, n_pages + 1))?
+        .contiguous()?;
+    let perm = Tensor::arange(0u32, cap as u32, dev)?
+        .reshape((1, 1, cap))?
+        .broadcast_as((b, hkv, cap))?
+        .contiguous()?;
+    Ok(Tensor::cat(&[offsets, perm], 2)?)
+}

@@ -1,0 +1,396 @@
+//! Quest routing on the CPU: every page read equals dense attention; page bounds, scores, chosen
+//! pages, outputs and keys read against a brute-force f64 reference over a ragged batch and
+//! window merges; page scores bound every key of their page; bad input is refused.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use saap::attend::SeqExtent;
+use saap::config::{MAX_QUEST_PAGES, QUEST_PAGE};
+use saap::quest::page_scores;
+use saap::{HeadLayout, RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
+
+const HQ: usize = 6;
+const HKV: usize = 2;
+const DIM: usize = 16;
+const G: usize = HQ / HKV;
+
+/// Window 16, 4 sinks, merges every 8 steps.
+fn quest_config() -> SaapConfig {
+    config(HQ, HKV, DIM, 8, RopeKind::Neox)
+}
+
+fn qkv(r: &mut rand::rngs::StdRng, b: usize, t: usize) -> [Tensor; 3] {
+    [HQ, HKV, HKV].map(|h| randn(r, &[b, h, t, DIM], 1.0))
+}
+
+/// A dense op prefilled with `lens`, switched to Quest.
+fn quest_op(lens: &[usize], seed: u64) -> (SaapAttention, rand::rngs::StdRng) {
+    let mut r = rng(seed);
+    let mut op = SaapAttention::dense(&quest_config(), &Device::Cpu, DType::F32).unwrap();
+    let t = lens.iter().copied().max().unwrap();
+    let [q, k, v] = qkv(&mut r, lens.len(), t);
+    op.prefill(&q, &k, &v, lens).unwrap();
+    op.set_routing(Routing::Quest).unwrap();
+    (op, r)
+}
+
+/// `[B][Hkv][pos][D]` host copy of a cache tensor.
+fn host(cache: &Tensor) -> Vec<Vec<Vec<Vec<f32>>>> {
+    (0..cache.dim(0).unwrap())
+        .map(|b| cache.get(b).unwrap().to_vec3::<f32>().unwrap())
+        .collect()
+}
+
+/// Positions of page `p` of an item.
+fn page_positions(seq: SeqExtent, sinks: usize, p: usize) -> std::ops::Range<usize> {
+    let start = sinks + QUEST_PAGE * p;
+    start..(start + QUEST_PAGE).min(seq.indexed_end)
+}
+
+fn pages_of(seq: SeqExtent, sinks: usize) -> usize {
+    seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
+}
+
+/// `(min, max)` of one page.
+type Bounds = (Vec<f32>, Vec<f32>);
+
+/// Brute-force bounds `[b][h][p]` of each item's own pages.
+fn bounds_ref(
+    keys: &[Vec<Vec<Vec<f32>>>],
+    seqs: &[SeqExtent],
+    sinks: usize,
+) -> Vec<Vec<Vec<Bounds>>> {
+    seqs.iter()
+        .enumerate()
+        .map(|(b, &seq)| {
+            (0..HKV)
+                .map(|h| {
+                    (0..pages_of(seq, sinks))
+                        .map(|p| {
+                            let mut lo = vec![f32::INFINITY; DIM];
+                            let mut hi = vec![f32::NEG_INFINITY; DIM];
+                            for pos in page_positions(seq, sinks, p) {
+                                for d in 0..DIM {
+                                    lo[d] = lo[d].min(keys[b][h][pos][d]);
+                                    hi[d] = hi[d].max(keys[b][h][pos][d]);
+                                }
+                            }
+                            (lo, hi)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The op's bounds equal the brute-force ones; pages past an item's own hold zeros.
+fn check_bounds(op: &SaapAttention, sinks: usize) {
+    let (min, max) = op.page_bounds().expect("Quest keeps pages");
+    let seqs = op.extents();
+    let expect = bounds_ref(&host(op.cache().unwrap().0), seqs, sinks);
+    let longest = seqs.iter().map(|&s| pages_of(s, sinks)).max().unwrap();
+    assert_eq!(min.dims(), &[seqs.len(), HKV, longest, DIM]);
+    let (min, max) = (host(min), host(max));
+    for (b, heads) in expect.iter().enumerate() {
+        for (h, pages) in heads.iter().enumerate() {
+            for p in 0..longest {
+                let (lo, hi) = pages
+                    .get(p)
+                    .cloned()
+                    .unwrap_or((vec![0.0; DIM], vec![0.0; DIM]));
+                assert_eq!(min[b][h][p], lo, "min of item {b} head {h} page {p}");
+                assert_eq!(max[b][h][p], hi, "max of item {b} head {h} page {p}");
+            }
+        }
+    }
+}
+
+/// One decode step as the reference sees it: the pages each KV group reads, the output
+/// `[b][hq][d]` and the keys read, from the cache after the step and the extents it routed with.
+struct Step {
+    pages: Vec<Vec<Vec<usize>>>,
+    out: Vec<Vec<Vec<f64>>>,
+    keys_read: usize,
+}
+
+fn reference(op: &SaapAttention, q: &Tensor, routed: &[SeqExtent], n_pages: usize) -> Step {
+    let c = op.config();
+    let (sinks, theta) = (c.sinks, c.rope.theta);
+    let (keys, values) = op.cache().unwrap();
+    let (keys, values) = (host(keys), host(values));
+    let bounds = bounds_ref(&keys, routed, sinks);
+    let q = q.squeeze(2).unwrap();
+    let mut step = Step {
+        pages: Vec::new(),
+        out: Vec::new(),
+        keys_read: 0,
+    };
+    for (b, &seq) in routed.iter().enumerate() {
+        let pos = seq.len - 1;
+        let q_rot: Vec<Vec<f64>> = q
+            .get(b)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| rope_ref(x, pos, RopeKind::Neox, theta))
+            .collect();
+        let (mut item_pages, mut item_out) = (Vec::new(), Vec::new());
+        for h in 0..HKV {
+            let score = |p: usize| {
+                let (lo, hi) = &bounds[b][h][p];
+                (0..G)
+                    .map(|g| {
+                        let qh = &q_rot[h * G + g];
+                        (0..DIM)
+                            .map(|d| (qh[d] * lo[d] as f64).max(qh[d] * hi[d] as f64))
+                            .sum::<f64>()
+                    })
+                    .fold(f64::NEG_INFINITY, f64::max)
+            };
+            let mut ranked: Vec<usize> = (0..pages_of(seq, sinks)).collect();
+            ranked.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
+            ranked.truncate(n_pages);
+            let mut ids: Vec<usize> = (0..sinks.min(seq.len)).collect();
+            let mut chosen = ranked.clone();
+            chosen.sort_unstable();
+            for &p in &chosen {
+                ids.extend(page_positions(seq, sinks, p));
+            }
+            ids.extend(seq.indexed_end..seq.len);
+            step.keys_read += ids.len();
+            for g in 0..G {
+                let qh = &q_rot[h * G + g];
+                let logits: Vec<f64> = ids
+                    .iter()
+                    .map(|&j| {
+                        let k = &keys[b][h][j];
+                        qh.iter().zip(k).map(|(a, &x)| a * x as f64).sum::<f64>()
+                            / (DIM as f64).sqrt()
+                    })
+                    .collect();
+                let top = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+                let total: f64 = w.iter().sum();
+                let mut o = vec![0.0; DIM];
+                for (&j, wj) in ids.iter().zip(&w) {
+                    for (x, &v) in o.iter_mut().zip(&values[b][h][j]) {
+                        *x += wj / total * v as f64;
+                    }
+                }
+                item_out.push(o);
+            }
+            item_pages.push(chosen);
+        }
+        step.pages.push(item_pages);
+        step.out.push(item_out);
+    }
+    step
+}
+
+#[test]
+fn quest_over_every_page_equals_dense() {
+    let config = quest_config();
+    let index = random_index(&config, 1, 3);
+    let lens = [90, 41];
+    // Without an index (a dense op switched to Quest) and with one.
+    for indexed in [false, true] {
+        let dev = Device::Cpu;
+        let mut dense = match indexed {
+            false => SaapAttention::dense(&config, &dev, DType::F32).unwrap(),
+            true => SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap(),
+        };
+        dense.set_routing(Routing::Dense).unwrap();
+        let mut r = rng(4);
+        let [q, k, v] = qkv(&mut r, 2, 90);
+        dense.prefill(&q, &k, &v, &lens).unwrap();
+        let mut by_budget = dense.snapshot().unwrap();
+        by_budget.set_routing(Routing::Quest).unwrap();
+        by_budget.set_keys_budget(Some(1.0)).unwrap();
+        // More pages than exist: every page.
+        let mut by_count = by_budget.snapshot().unwrap();
+        by_count.set_keys_budget(None).unwrap();
+        by_count.set_quest_pages(MAX_QUEST_PAGES).unwrap();
+        for step in 0..40 {
+            let [q, k, v] = qkv(&mut r, 2, 1);
+            let want = dense.decode(&q, &k, &v).unwrap();
+            for quest in [&mut by_budget, &mut by_count] {
+                let got = quest.decode(&q, &k, &v).unwrap();
+                let diff = max_abs_diff(&want, &got);
+                assert!(diff <= 1e-5, "indexed {indexed}, step {step}: {diff}");
+                let read = quest.last_read().unwrap();
+                assert_eq!(read.keys_read, read.keys_in_context, "step {step}");
+                assert!(read.partitions_probed > 0, "pages were probed");
+            }
+        }
+        assert!(
+            by_budget.extents()[1].indexed_end > 41 - config.window,
+            "merged"
+        );
+    }
+}
+
+#[test]
+fn quest_matches_brute_force_reference() {
+    let sinks = quest_config().sinks;
+    let (mut op, mut r) = quest_op(&[90, 40], 5);
+    let n_pages = 3;
+    op.set_quest_pages(n_pages).unwrap();
+    check_bounds(&op, sinks);
+    let mut merges = 0;
+    for step in 0..30 {
+        let before = op.extents().to_vec();
+        // The step routes with its token appended, before any merge.
+        let routed: Vec<SeqExtent> = before
+            .iter()
+            .map(|s| SeqExtent {
+                len: s.len + 1,
+                ..*s
+            })
+            .collect();
+        let [q, k, v] = qkv(&mut r, 2, 1);
+        let out = op.decode(&q, &k, &v).unwrap();
+        let expect = reference(&op, &q, &routed, n_pages);
+        let out = host(&out);
+        for (got, want) in out.iter().flatten().zip(expect.out.iter().flatten()) {
+            for (a, e) in got[0].iter().zip(want) {
+                assert!((*a as f64 - e).abs() <= 1e-4, "step {step}: {a} vs {e}");
+            }
+        }
+        let read = op.last_read().unwrap();
+        assert_eq!(read.keys_read, expect.keys_read, "step {step}");
+        let probed: usize = expect.pages.iter().flatten().map(Vec::len).sum();
+        assert_eq!(read.partitions_probed, probed, "step {step}");
+        // The short item has fewer pages than asked for at first: its empty slots read nothing.
+        if step == 0 {
+            assert!(expect.pages[1][0].len() < n_pages, "{:?}", expect.pages);
+        }
+        if op.extents() != routed.as_slice() {
+            merges += 1;
+            check_bounds(&op, sinks);
+        }
+    }
+    assert!(merges >= 3, "{merges} merges");
+}
+
+#[test]
+fn page_scores_bound_every_key() {
+    let sinks = quest_config().sinks;
+    let (op, mut r) = quest_op(&[120, 77], 6);
+    let (min, max) = op.page_bounds().unwrap();
+    // Any query: the bound does not depend on RoPE.
+    let q = randn(&mut r, &[2, HQ, DIM], 2.0);
+    let scores = page_scores(&q, min, max).unwrap();
+    assert_eq!(scores.dims(), &[2, HQ, min.dim(2).unwrap()]);
+    let scores: Vec<Vec<Vec<f32>>> = scores.to_vec3().unwrap();
+    let keys = host(op.cache().unwrap().0);
+    let q: Vec<Vec<Vec<f32>>> = q.to_vec3().unwrap();
+    let mut checked = 0;
+    for (b, &seq) in op.extents().iter().enumerate() {
+        for head in 0..HQ {
+            for (p, &score) in scores[b][head][..pages_of(seq, sinks)].iter().enumerate() {
+                for pos in page_positions(seq, sinks, p) {
+                    let dot: f32 = q[b][head]
+                        .iter()
+                        .zip(&keys[b][head / G][pos])
+                        .map(|(a, k)| a * k)
+                        .sum();
+                    assert!(
+                        score >= dot - 1e-4 * (1.0 + dot.abs()),
+                        "item {b} head {head} page {p}: score {score} < q·k {dot} at {pos}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 900, "{checked} keys checked");
+}
+
+#[test]
+fn quest_bad_inputs_are_refused() {
+    let config = quest_config();
+    let mut op = SaapAttention::dense(&config, &Device::Cpu, DType::F32).unwrap();
+    for n in [0, MAX_QUEST_PAGES + 1] {
+        assert!(matches!(op.set_quest_pages(n), Err(SaapError::Config(_))));
+    }
+    assert!(matches!(
+        op.set_keys_budget(Some(f64::NAN)),
+        Err(SaapError::Config(_))
+    ));
+    // Quest needs no index; the trained routings still do.
+    op.set_routing(Routing::Quest).unwrap();
+    assert!(matches!(
+        op.set_routing(Routing::Classifier),
+        Err(SaapError::Config(_))
+    ));
+    let bounds = Tensor::zeros((1, 4, 3, DIM), DType::F32, &Device::Cpu).unwrap();
+    let q = Tensor::zeros((1, HQ, DIM), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        page_scores(&q, &bounds, &bounds),
+        Err(SaapError::Shape { .. })
+    ));
+
+    // More pages than the kernels rank: a typed error, the sequence unchanged.
+    let mut tiny = config.clone();
+    tiny.layout = HeadLayout {
+        n_q_heads: 1,
+        n_kv_heads: 1,
+        head_dim: 2,
+    };
+    let mut long = SaapAttention::dense(&tiny, &Device::Cpu, DType::F32).unwrap();
+    let t = tiny.sinks + tiny.window + MAX_QUEST_PAGES * QUEST_PAGE + 1;
+    let mut r = rng(7);
+    let kv = randn(&mut r, &[1, 1, t, 2], 1.0);
+    long.extend(&kv, &kv, &[t]).unwrap();
+    long.set_routing(Routing::Quest).unwrap();
+    let one = randn(&mut r, &[1, 1, 1, 2], 1.0);
+    let err = long.decode(&one, &one, &one).unwrap_err();
+    assert!(
+        matches!(&err, SaapError::Config(m) if m.contains("pages")),
+        "{err}"
+    );
+    assert_eq!(long.seq_lens(), &[t]);
+    assert!(matches!(long.begin_replay(4), Err(SaapError::Config(_))));
+}
+
+#[test]
+fn quest_keys_budget_sets_pages_and_read_stats() {
+    let config = quest_config();
+    let (mut op, mut r) = quest_op(&[300, 260], 8);
+    let budget = 0.3;
+    op.set_keys_budget(Some(budget)).unwrap();
+    for step in 0..20 {
+        let before = op.extents().to_vec();
+        let [q, k, v] = qkv(&mut r, 2, 1);
+        op.decode(&q, &k, &v).unwrap();
+        let read = op.last_read().unwrap();
+        // Sinks, window and K whole pages of every group, K the largest that fits every item.
+        let fixed: Vec<usize> = before
+            .iter()
+            .map(|s| config.sinks + s.len + 1 - s.indexed_end)
+            .collect();
+        let pages = before
+            .iter()
+            .zip(&fixed)
+            .map(|(s, f)| ((budget * (s.len + 1) as f64).floor() as usize - f) / QUEST_PAGE)
+            .min()
+            .unwrap();
+        assert_eq!(op.quest_pages(), pages, "step {step}");
+        assert_eq!(read.partitions_probed, 2 * HKV * pages, "step {step}");
+        let context: usize = before.iter().map(|s| s.len + 1).sum();
+        let most = HKV * (fixed.iter().sum::<usize>() + 2 * QUEST_PAGE * pages);
+        // At most one page per group is the partial last one.
+        let least = most - 2 * HKV * (QUEST_PAGE - 1);
+        assert!(
+            (least..=most).contains(&read.keys_read),
+            "step {step}: {read:?}"
+        );
+        assert_eq!(read.keys_in_context, HKV * context);
+        assert_eq!(read.window_and_sinks, HKV * fixed.iter().sum::<usize>());
+        assert!(read.selectivity() <= budget, "{read:?}");
+    }
+}
