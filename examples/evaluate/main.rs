@@ -65,6 +65,9 @@ struct Args {
     /// routed layers read in the perplexity section
     #[arg(long)]
     quest_budget: Option<f64>,
+    /// Route every layer (ignoring the layers the index serves dense)
+    #[arg(long)]
+    all_sparse: bool,
     /// Sections to leave out (a 128k evaluation split over several runs)
     #[arg(long, value_enum, value_delimiter = ',')]
     skip: Vec<Section>,
@@ -128,18 +131,35 @@ enum Mode {
 
 const MODES: [Mode; 4] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid, Mode::Quest];
 
-/// Sets every layer's routing for `mode`; layers the index serves dense stay dense (for Quest
+/// How each layer is routed: as the index says, or every layer by the classifier.
+#[derive(Clone, Copy)]
+struct Policy<'a> {
+    index: &'a SaapIndex,
+    all_sparse: bool,
+}
+
+impl Policy<'_> {
+    fn routing(self, layer: usize) -> Res<Routing> {
+        Ok(if self.all_sparse {
+            Routing::Classifier
+        } else {
+            self.index.layer(layer)?.routing
+        })
+    }
+}
+
+/// Sets every layer's routing for `mode`; layers the policy serves dense stay dense (for Quest
 /// too, so that every mode reads the same layers sparsely). Quest reads `quest_budget` of the
 /// keys of each routed layer.
 fn apply_mode(
     model: &mut Llama,
-    index: &SaapIndex,
+    policy: Policy,
     mode: Mode,
     probe: usize,
     quest_budget: Option<f64>,
 ) -> Res<()> {
     for layer in 0..model.n_layers() {
-        let trained = index.layer(layer)?.routing;
+        let trained = policy.routing(layer)?;
         let routing = match (mode, trained) {
             (Mode::Dense, _) | (_, Routing::Dense) => Routing::Dense,
             (Mode::Saap, r) => r,
@@ -160,12 +180,10 @@ fn apply_mode(
 }
 
 /// Keys read in one decode step by the layers the index routes (those it serves dense left out).
-fn routed_reads(model: &Llama, index: &SaapIndex) -> ReadStats {
+fn routed_reads(model: &Llama, policy: Policy) -> ReadStats {
     let mut total = ReadStats::default();
     for (layer, stats) in model.read_stats().into_iter().enumerate() {
-        let routed = index
-            .layer(layer)
-            .is_ok_and(|l| l.routing != Routing::Dense);
+        let routed = policy.routing(layer).is_ok_and(|r| r != Routing::Dense);
         if let (true, Some(stats)) = (routed, stats) {
             total.add(&stats);
         }
@@ -327,6 +345,10 @@ fn run() -> Res<()> {
 
     // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
     model.attach_index(Some(&index))?;
+    let policy = Policy {
+        index: &index,
+        all_sparse: args.all_sparse,
+    };
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
     let mut decode = Vec::new();
@@ -344,7 +366,7 @@ fn run() -> Res<()> {
         let base = model.snapshot_attention()?;
         for mode in MODES {
             model.restore_attention(&base)?;
-            apply_mode(&mut model, &index, mode, probe, quest_budget)?;
+            apply_mode(&mut model, policy, mode, probe, quest_budget)?;
             device.synchronize()?;
             let (mut nll, mut reads, mut routed) =
                 (0.0, ReadStats::default(), ReadStats::default());
@@ -362,7 +384,7 @@ fn run() -> Res<()> {
                 let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1)?.squeeze(0)?;
                 nll -= log_p.get(window[t + 1] as usize)?.to_scalar::<f32>()? as f64;
                 reads.add(&step_reads(&model));
-                routed.add(&routed_reads(&model, &index));
+                routed.add(&routed_reads(&model, policy));
             }
             if mode == Mode::Saap {
                 quest_budget = quest_budget.or(Some(routed.selectivity()));
@@ -428,7 +450,7 @@ fn run() -> Res<()> {
             let mut answers = Vec::new();
             for mode in MODES {
                 model.restore_attention(&base)?;
-                apply_mode(&mut model, &index, mode, probe, quest_budget)?;
+                apply_mode(&mut model, policy, mode, probe, quest_budget)?;
                 let mut next = *prompt.last().expect("prompt");
                 let mut out = Vec::new();
                 for _ in 0..8 {
