@@ -14,7 +14,7 @@ bin=/tmp/bin
 run() { echo "\$ $*" | tee -a "$OUT/$step.txt"; "$@" 2>&1 | tee -a "$OUT/$step.txt"; }
 unpack() {
   mkdir -p "$bin"
-  for d in .devA .devB .devC; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done
+  for d in .devA .devB .devC .devD; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done
   gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*
   # Test binaries carry cargo's hash suffix.
   for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
@@ -39,16 +39,15 @@ calib32)
 calib128)
   run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 32768 --seqs 1 --queries 128 --epochs 10 --hidden 64 --out "$I/q128k.safetensors" ;;
 e2e32)
-  for b in throughput_old throughput; do
-    run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
-  done ;;
+  # The first commit's binary, then this one (with Quest at about Saap's keys read).
+  run tp throughput_old --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
+  run tp throughput --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --quest-budget 0.13 ;;
 e2e128)
-  for b in throughput_old throughput; do
-    run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on
-  done ;;
+  run tp throughput_old --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on
+  run tp throughput --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --quest-budget 0.08 ;;
 batch32)
   # 32 prompts of up to 32k in chunks of 8192 (262k rows per forward, as batch 8 × 32768).
   run timeout 300 "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 32 --tokens 32 --chunk 8192 --all-sparse --graph on ;;
 passkey32)
-  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32" ;;
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --quest-budget 0.13 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32" ;;
 esac

@@ -12,7 +12,8 @@
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
 //! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1`
 //! budgets of keys read (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
-//! (top-p); `--graph on|off|both` picks the step modes.
+//! (top-p), `--quest-budget 0.1` Quest (training-free page bounds) in every layer at that keys
+//! budget; `--graph on|off|both` picks the step modes.
 
 mod common;
 
@@ -65,6 +66,10 @@ struct Args {
     /// Most partitions a head probes with --probe-mass [default: 4 × the index's ℓ, at most C]
     #[arg(long)]
     mass_cap: Option<usize>,
+    /// Keys budgets to run Quest with as well (every layer, training-free page bounds),
+    /// comma-separated
+    #[arg(long, value_delimiter = ',')]
+    quest_budget: Vec<f64>,
 }
 
 /// How a Saap run sets ℓ.
@@ -74,6 +79,8 @@ enum Setting {
     Budget(f64),
     /// Probe mass, with at most this many partitions per head.
     Mass(f64, usize),
+    /// Quest in every layer, pages chosen per step to fit this keys budget.
+    Quest(f64),
 }
 
 impl Setting {
@@ -86,6 +93,12 @@ impl Setting {
                 }
             }
             Setting::Budget(budget) => model.set_keys_budget(Some(budget))?,
+            Setting::Quest(budget) => {
+                for layer in 0..model.n_layers() {
+                    model.set_routing(layer, Routing::Quest)?;
+                }
+                model.set_keys_budget(Some(budget))?;
+            }
         }
         let mass = match self {
             Setting::Mass(mass, _) => Some(mass),
@@ -100,6 +113,7 @@ impl Setting {
             Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
             Setting::Budget(budget) => format!("budget {budget}"),
             Setting::Mass(mass, cap) => format!("mass {mass}, at most {cap}"),
+            Setting::Quest(budget) => format!("Quest, budget {budget}"),
         }
     }
 }
@@ -177,6 +191,7 @@ fn run(args: Args) -> Res<()> {
         .unwrap_or(4 * index_probe)
         .min(index.config().n_partitions);
     settings.extend(args.probe_mass.iter().map(|&m| Setting::Mass(m, cap)));
+    settings.extend(args.quest_budget.iter().map(|&b| Setting::Quest(b)));
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
         // its own continuation.
@@ -216,7 +231,7 @@ fn run(args: Args) -> Res<()> {
                 let n_probe = model.attention_mut(0)?.config().n_probe;
                 let label = setting.label();
                 let (budget, mass) = match setting {
-                    Setting::Budget(b) => (b, 0.0),
+                    Setting::Budget(b) | Setting::Quest(b) => (b, 0.0),
                     Setting::Probe(_) => (0.0, 0.0),
                     Setting::Mass(m, _) => (0.0, m),
                 };
@@ -235,7 +250,8 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
                     steps / dense.seconds,
