@@ -355,21 +355,34 @@ fn quest_case(dev: &Device, seed: u64, dtype: DType, tol: f32, lens: &[usize], s
         op.set_routing(saap::Routing::Quest).unwrap();
         op.set_quest_pages(3).unwrap();
     }
+    // The caches' RoPE rows may differ by a rounding step in bf16 (`rope_writer_matches_cpu`),
+    // and the bounds with them; f32 bounds are identical.
+    let bound_tol = if dtype == DType::F32 { 0.0 } else { 2.0 * tol };
     let same_bounds = |cpu: &SaapAttention, gpu: &SaapAttention| {
         let (c, g) = (cpu.page_bounds().unwrap(), gpu.page_bounds().unwrap());
         let to_cpu = |x: &Tensor| x.to_device(&Device::Cpu).unwrap();
-        max_abs_diff(c.0, &to_cpu(g.0)) + max_abs_diff(c.1, &to_cpu(g.1)) == 0.0
+        max_abs_diff(c.0, &to_cpu(g.0)).max(max_abs_diff(c.1, &to_cpu(g.1))) <= bound_tol
     };
     assert!(same_bounds(&cpu, &gpu), "{dtype:?}: page bounds differ");
+    let mut other_pages = 0;
     for i in 0..steps {
         let (q, k, v) = (rows(8, 1), rows(2, 1), rows(2, 1));
         let out_c = cpu.decode(&q, &k, &v).unwrap();
         let out_g = gpu.decode(&on(&q), &on(&k), &on(&v)).unwrap();
-        // Same keys read and pages probed: the same pages chosen, barring exact near-ties.
-        assert_eq!(cpu.last_read(), gpu.last_read(), "{dtype:?} step {i}");
+        // Same keys read and pages probed: the same pages chosen, barring near-ties (in bf16
+        // the bounds may differ by a rounding step, so a few steps may pick another page).
+        if cpu.last_read() != gpu.last_read() {
+            assert_ne!(dtype, DType::F32, "step {i}: reads differ");
+            other_pages += 1;
+            continue;
+        }
         let diff = max_abs_diff(&out_c, &out_g.to_device(&Device::Cpu).unwrap());
         assert!(diff <= tol, "{dtype:?} step {i}: outputs differ by {diff}");
     }
+    assert!(
+        other_pages * 20 <= steps.max(20),
+        "{dtype:?}: {other_pages} of {steps} steps read other pages"
+    );
     assert_eq!(cpu.extents(), gpu.extents());
     assert!(
         same_bounds(&cpu, &gpu),
