@@ -7,18 +7,7 @@
 #        batch32 | passkey32)
 set -uo pipefail
 step=$1
-M=/tmp/saap/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
-I=/tmp/saap/indexes
-export SAAP_CACHE=/tmp/saap LD_LIBRARY_PATH=/usr/local/cuda/lib64 RUST_BACKTRACE=0
-bin=/tmp/bin
-run() { echo "\$ $*" | tee -a "$OUT/$step.txt"; "$@" 2>&1 | tee -a "$OUT/$step.txt"; }
-unpack() {
-  mkdir -p "$bin"
-  for d in .devA .devB .devC .devD; do [ -d $d ] && cp $d/bin/*.gz "$bin/"; done
-  gunzip -f "$bin"/*.gz 2>/dev/null; chmod +x "$bin"/*
-  # Test binaries carry cargo's hash suffix.
-  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
-}
+source "$(dirname "$0")/device_common.sh"
 piece() { mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; }
 tp() { "$bin/$1" --model "$M" --cuda "${@:2}"; }
 case $step in

@@ -244,13 +244,7 @@ fn decode_graph_matches_eager() {
     let stats = graph.stats();
     assert_eq!(stats.eager + stats.replays, steps, "{stats:?}");
     assert!(stats.replays >= steps * 3 / 4, "{stats:?}");
-    for op in &mut graphed.ops {
-        op.end_replay();
-    }
-    for (a, b) in eager.ops.iter().zip(&graphed.ops) {
-        assert_eq!(a.extents(), b.extents());
-        assert_eq!(a.index_lists().unwrap(), b.index_lists().unwrap());
-    }
+    same_state_after_replay(&eager, &mut graphed);
 }
 
 /// Changing an op between steps (here ℓ) drops the recording: the next step runs eagerly and
@@ -417,13 +411,7 @@ fn graph_retain_case(dev: &Device) {
     } else {
         assert_eq!(stats.eager, 40, "{stats:?}");
     }
-    for op in &mut graphed.ops {
-        op.end_replay();
-    }
-    for (a, b) in eager.ops.iter().zip(&graphed.ops) {
-        assert_eq!(a.extents(), b.extents());
-        assert_eq!(a.index_lists().unwrap(), b.index_lists().unwrap());
-    }
+    same_state_after_replay(&eager, &mut graphed);
 }
 
 #[test]
@@ -431,4 +419,16 @@ fn decode_graph_retain_matches_eager() {
     graph_retain_case(&Device::Cpu);
     let Some(dev) = cuda() else { return };
     graph_retain_case(&dev);
+}
+
+/// Ends `graphed`'s replays and checks that its ops hold the sequences and index lists of
+/// `eager`'s.
+fn same_state_after_replay(eager: &Toy, graphed: &mut Toy) {
+    for op in &mut graphed.ops {
+        op.end_replay();
+    }
+    for (a, b) in eager.ops.iter().zip(&graphed.ops) {
+        assert_eq!(a.extents(), b.extents());
+        assert_eq!(a.index_lists().unwrap(), b.index_lists().unwrap());
+    }
 }

@@ -178,18 +178,24 @@ fn saap_reading_every_partition_matches_dense() {
     assert!(model.attach_index(Some(&plain)).is_err());
 }
 
-/// Ragged prompts prefilled as one batch give each item the logits it gets alone, and a
-/// `DecodeGraph` (eager on the CPU) then decodes the batch as `forward` does item by item.
-#[test]
-fn ragged_batch_prefill_and_graph_decode_match_single_items() {
-    use saap::graph::DecodeGraph;
+/// SmolLM2 in f32 on the CPU with a random index (C = 8, ℓ = 2), and the first `n` tokens of
+/// *Pride and Prejudice*.
+fn smollm2_indexed(n: usize) -> (Llama, Vec<u32>) {
     let path = smollm2();
     let tok = GgufTokenizer::from_gguf(&path).unwrap();
     let mut model = Llama::from_gguf_dequantized(&path, &Device::Cpu, DType::F32).unwrap();
     model
         .attach_index(Some(&random_index(&model, 8, 2)))
         .unwrap();
-    let text = pride_tokens(&tok, 260);
+    (model, pride_tokens(&tok, n))
+}
+
+/// Ragged prompts prefilled as one batch give each item the logits it gets alone, and a
+/// `DecodeGraph` (eager on the CPU) then decodes the batch as `forward` does item by item.
+#[test]
+fn ragged_batch_prefill_and_graph_decode_match_single_items() {
+    use saap::graph::DecodeGraph;
+    let (mut model, text) = smollm2_indexed(260);
     let prompts: [&[u32]; 2] = [&text[..150], &text[150..260]];
     let steps = [7u32, 1000, 42];
     // Alone: chunked prefill then forward, per item.
@@ -232,13 +238,7 @@ fn ragged_batch_prefill_and_graph_decode_match_single_items() {
 /// Saap routing (ℓ < C) and window merges, with the logits of a batch that never held it.
 #[test]
 fn retained_items_decode_as_a_batch_without_the_dropped_one() {
-    let path = smollm2();
-    let tok = GgufTokenizer::from_gguf(&path).unwrap();
-    let mut model = Llama::from_gguf_dequantized(&path, &Device::Cpu, DType::F32).unwrap();
-    model
-        .attach_index(Some(&random_index(&model, 8, 2)))
-        .unwrap();
-    let text = pride_tokens(&tok, 300);
+    let (mut model, text) = smollm2_indexed(300);
     let prompts: [&[u32]; 3] = [&text[..120], &text[120..220], &text[220..]];
     let before: [u32; 2] = [7, 42];
     let after: Vec<u32> = (0..12).map(|i| 100 + 37 * i).collect();
