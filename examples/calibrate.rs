@@ -38,6 +38,10 @@ struct Args {
     /// Override the classifier's hidden width
     #[arg(long)]
     hidden: Option<usize>,
+    /// Default keys budget saved in the index (share of the context read per decode step,
+    /// window and sinks included): ops built from it choose ℓ per step to fit it
+    #[arg(long)]
+    keys_budget: Option<f64>,
     /// Training sequences per text
     #[arg(long, default_value_t = 2)]
     seqs: usize,
@@ -75,6 +79,7 @@ fn run() -> Res<()> {
         window,
         sinks,
         hidden,
+        keys_budget,
         seqs,
         epochs,
         queries,
@@ -106,6 +111,7 @@ fn run() -> Res<()> {
     config.window = window.unwrap_or(config.window);
     config.sinks = sinks.unwrap_or(config.sinks);
     config.hidden = hidden.unwrap_or(if quick { 64 } else { config.hidden });
+    config.keys_budget = keys_budget;
     config.validate()?;
     let (mut plan, mut params) = if quick {
         (CalibrationPlan::quick(context), quick_params(&config))

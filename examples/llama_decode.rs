@@ -58,6 +58,7 @@ struct Args {
     probe: Option<usize>,
     /// Keys read per step as a share of the context (window and sinks included), e.g. 0.1: ℓ is
     /// chosen at every step to fit it (layers the index serves dense still read everything)
+    /// [default: the index's budget, if it was calibrated with one]
     #[arg(long)]
     keys_budget: Option<f64>,
     /// Put the first N tokens of the context text before the question (long enough that Saap
@@ -232,7 +233,12 @@ fn run(args: Args) -> Res<()> {
             for layer in 0..model.n_layers() {
                 model.attention_mut(layer)?.set_n_probe(probe)?;
             }
-            model.set_keys_budget(args.keys_budget)?;
+            // --probe fixes ℓ; otherwise a budget given here, else the index's own, if any.
+            let budget = match args.probe {
+                Some(_) => None,
+                None => args.keys_budget.or(c.keys_budget),
+            };
+            model.set_keys_budget(budget)?;
             let dense_layers = (0..index.n_layers())
                 .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
                 .count();
@@ -245,6 +251,9 @@ fn run(args: Args) -> Res<()> {
                 c.sinks,
                 index.n_layers()
             );
+            if let Some(budget) = budget {
+                println!("  keys budget {budget}: ℓ chosen at every step to fit it");
+            }
         }
         None => println!("model {name} on the {device_name}; dense attention only (--dense)"),
     }

@@ -6,7 +6,7 @@ use crate::attend::decode::AdvanceReplay;
 use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
 use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
 use crate::config::{
-    Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES, QUEST_PAGE,
+    check_share, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES, QUEST_PAGE,
 };
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
@@ -207,16 +207,6 @@ pub struct SaapAttention {
     quest_pages: usize,
 }
 
-/// [`SaapError::Config`] naming `what` unless `share` is absent or finite and in (0, 1].
-fn check_share(what: &str, share: Option<f64>) -> Result<()> {
-    match share {
-        Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => Err(SaapError::Config(format!(
-            "{what} must be in (0, 1], got {x}"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 fn check_dtype(dtype: DType) -> Result<()> {
     match dtype {
         DType::F32 | DType::BF16 | DType::F16 => Ok(()),
@@ -246,7 +236,7 @@ impl SaapAttention {
             check_finite: true,
             last_read: None,
             replay: None,
-            keys_budget: None,
+            keys_budget: config.keys_budget,
             probe_mass: None,
             quest_pages: DEFAULT_QUEST_PAGES,
         })

@@ -216,6 +216,12 @@ pub struct SaapConfig {
     pub merge_every: usize,
     /// Hidden width of the per-query-head classifier MLP (D → hidden → C).
     pub hidden: usize,
+    /// Default budget of keys read per decode step, a share of the context in (0, 1] with
+    /// window and sinks included: an op built from this config picks ℓ (or Quest's pages) at
+    /// every step to fit it (see `SaapAttention::set_keys_budget`, which overrides it). `None`:
+    /// ℓ stays `n_probe`. Saved with an index; absent from older files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_budget: Option<f64>,
 }
 
 impl SaapConfig {
@@ -234,6 +240,7 @@ impl SaapConfig {
             sinks: 16,
             merge_every: 256,
             hidden: 256,
+            keys_budget: None,
         };
         config.validate()?;
         Ok(config)
@@ -267,7 +274,8 @@ impl SaapConfig {
     /// Limits: heads `1..=`[`MAX_HEADS`], with `n_kv_heads` dividing `n_q_heads`; an even
     /// `head_dim` in `2..=`[`MAX_HEAD_DIM`]; C in `1..=`[`MAX_PARTITIONS`]; ℓ in `1..=C`; hidden
     /// width in `1..=`[`MAX_HIDDEN`]; `window` and `sinks` in `0..=`[`MAX_SPAN`] and `merge_every`
-    /// in `1..=`[`MAX_SPAN`]; RoPE theta finite and > 1, scaling factors finite and ordered.
+    /// in `1..=`[`MAX_SPAN`]; RoPE theta finite and > 1, scaling factors finite and ordered; a keys
+    /// budget finite in (0, 1].
     ///
     /// # Errors
     /// [`SaapError::Config`] naming the first field out of range.
@@ -288,7 +296,11 @@ impl SaapConfig {
         range("classifier hidden width", self.hidden, 1, MAX_HIDDEN)?;
         range("window", self.window, 0, MAX_SPAN)?;
         range("sinks", self.sinks, 0, MAX_SPAN)?;
-        range("merge_every", self.merge_every, 1, MAX_SPAN)
+        range("merge_every", self.merge_every, 1, MAX_SPAN)?;
+        check_share(
+            "keys_budget (share of the context's keys)",
+            self.keys_budget,
+        )
     }
 
     /// The same configuration with another ℓ, validated.
@@ -302,6 +314,17 @@ impl SaapConfig {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// [`SaapError::Config`] naming `what` unless `share` is absent or finite and in (0, 1] (a keys
+/// budget, a probe mass).
+pub(crate) fn check_share(what: &str, share: Option<f64>) -> Result<()> {
+    match share {
+        Some(x) if !(x.is_finite() && x > 0.0 && x <= 1.0) => Err(SaapError::Config(format!(
+            "{what} must be in (0, 1], got {x}"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -112,6 +112,14 @@ fn bad_configurations_are_typed_errors() {
     let mut bad = config.clone();
     bad.rope.theta = f64::NAN;
     assert!(matches!(bad.validate(), Err(SaapError::Config(_))));
+    for budget in [0.0, -0.5, 1.01, f64::NAN, f64::INFINITY] {
+        let mut bad = config.clone();
+        bad.keys_budget = Some(budget);
+        assert!(
+            matches!(bad.validate(), Err(SaapError::Config(_))),
+            "keys budget {budget}"
+        );
+    }
     let index = random_index(&config, 1, 1);
     let mut op = SaapAttention::from_index(&index, 0, &Device::Cpu, DType::F32).unwrap();
     assert!(matches!(op.set_n_probe(100), Err(SaapError::Config(_))));
@@ -218,4 +226,25 @@ fn bad_inputs_are_typed_errors() {
     );
     op.reset();
     assert!(op.seq_lens().is_empty());
+}
+
+/// A keys budget in the config travels with a saved index and becomes the default of every op
+/// built from it; the op's setter still overrides it.
+#[test]
+fn index_carries_its_keys_budget() {
+    let mut config = config(6, 2, 16, 8, RopeKind::Neox);
+    config.keys_budget = Some(0.25);
+    let index = random_index(&config, 2, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("budget.safetensors");
+    index.save(&path).unwrap();
+    let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config().keys_budget, Some(0.25));
+    let mut op = SaapAttention::from_index(&loaded, 1, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(op.keys_budget(), Some(0.25));
+    op.set_keys_budget(None).unwrap();
+    assert_eq!(op.keys_budget(), None);
+    config.keys_budget = None;
+    let plain = SaapAttention::dense(&config, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(plain.keys_budget(), None);
 }

@@ -580,6 +580,7 @@ fn fuzz_configs(seed: u64, cases: usize) -> Tally {
             sinks,
             merge_every,
             hidden,
+            keys_budget: extreme.then(|| pick(&mut rng, &[0.0, -0.1, 1.5, f64::NAN, 0.05, 1.0])),
         };
         let what = format!("case {case}: {config:?}");
         let valid = match guarded(&what, || config.validate()) {
