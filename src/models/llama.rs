@@ -143,7 +143,6 @@ struct Layer {
 
 impl Layer {
     /// A layer from its weights, fusing the projections that share an input.
-    #[allow(clippy::too_many_arguments)]
     fn new(
         attn_norm: RmsNorm,
         [q, k, v]: [Linear; 3],
