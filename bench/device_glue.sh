@@ -4,7 +4,7 @@
 # .smol/texts, binaries staged in .devA/.devB/.devC and copied to /tmp/bin as they arrive (carried
 # folders do not outlive their call). `throughput_old` is the binary of the session's first commit.
 # Usage: bash bench/device_glue.sh STEP   (tests | setup | calib32 | calib128 | e2e32 | e2e128 |
-#        batch32 | passkey32)
+#        batch32 | passkey32 | more)
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -39,4 +39,13 @@ batch32)
   run timeout 300 "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 32 --tokens 32 --chunk 8192 --all-sparse --graph on ;;
 passkey32)
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --quest-budget 0.13 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32" ;;
+more)
+  # Indexes trained on more data (2 sequences × 512 queries × 30 epochs), then passkey and
+  # quality with every layer sparse.
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k-more.safetensors"
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k-more.safetensors" --all-sparse --quest-budget 0.13 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-more"
+  run tp throughput --index "$I/q32k-more.safetensors" --context 32000 --batch 8 --tokens 64 --all-sparse --graph on
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q128k-more.safetensors"
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$I/q128k-more.safetensors" --all-sparse --quest-budget 0.08 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey128-more"
+  run tp throughput --yarn 4 --index "$I/q128k-more.safetensors" --context 120000 --batch 8 --tokens 64 --chunk 32768 --all-sparse --graph on ;;
 esac

@@ -46,21 +46,24 @@ sanitize)
   run compute-sanitizer --tool memcheck "$bin/cuda_parity" --test-threads 1
   run compute-sanitizer --tool racecheck "$bin/graph" --test-threads 1 replayed_steps decode_graph_matches ;;
 profile)
-  # Kernels of one Llama-3.1-8B layer step at 171k, batch 1 (graphs traced per node).
+  # Kernels of the Llama-3.1-8B layer steps at 171k, batch 1 (no nsys on the machine: ncu, our
+  # kernels only, one duration per launch).
   unpack
-  command -v nsys | tee "$OUT/profile.txt"
-  SAAP_REPORT_ONLY=steps nsys profile --cuda-graph-trace=node -o /tmp/steps --force-overwrite true "$bin/bench_report" 171008 1 > /dev/null 2>&1
-  nsys stats -q -r cuda_gpu_kern_sum /tmp/steps.nsys-rep 2>&1 | tee -a "$OUT/profile.txt" ;;
+  SAAP_REPORT_ONLY=steps ncu --clock-control none -k regex:saap_ --launch-count 700 \
+    --metrics gpu__time_duration.sum --csv "$bin/bench_report" 171008 1 > "$OUT/ncu_steps.csv" ;;
 smol)
-  # SmolLM2 decode at batch 1 and 8 under nsys: kernels per token of the whole model (GGUF sent
-  # in pieces .smol/pN to /tmp/s, Shakespeare in .smol/texts).
+  # SmolLM2 decode at batch 1 and 8, then every launch of an eager run under ncu (GGUF sent in
+  # pieces .smol/pN to /tmp/s, Shakespeare in .smol/texts). SMOL_BINS names the throughput
+  # binaries to time in turn (e.g. "throughput_old throughput throughput_old throughput").
   unpack
   mkdir -p /tmp/saap/models /tmp/s && cp -r .smol/texts /tmp/saap/ && cp .smol/p* /tmp/s/
   cat /tmp/s/p* > /tmp/saap/models/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/saap/models/SmolLM2-135M-Instruct.Q4_1.gguf | tee "$OUT/smol.txt"
-  for graph in off on; do
-    nsys profile --cuda-graph-trace=node -o /tmp/smol-$graph --force-overwrite true "$bin/throughput" --cuda --index indexes/SmolLM2-135M-Instruct.Q4_1-ctx8192-quick.safetensors --context 7000 --batch 1 --tokens 32 --all-sparse --graph $graph 2>&1 | tee -a "$OUT/smol.txt"
-    nsys stats -q -r cuda_gpu_kern_sum /tmp/smol-$graph.nsys-rep 2>&1 | tee -a "$OUT/smol-$graph-kern.txt"
+  smol_index=indexes/SmolLM2-135M-Instruct.Q4_1-ctx8192-quick.safetensors
+  for b in ${SMOL_BINS:-throughput}; do
+    run "$bin/$b" --cuda --index $smol_index --context 7000 --batch 1,8 --tokens 64 --all-sparse
   done
-  run "$bin/throughput" --cuda --index indexes/SmolLM2-135M-Instruct.Q4_1-ctx8192-quick.safetensors --context 7000 --batch 1,8 --tokens 64 --all-sparse ;;
+  ncu --clock-control none --launch-skip "${SMOL_SKIP:-0}" --launch-count "${SMOL_COUNT:-2800}" \
+    --metrics gpu__time_duration.sum --csv "$bin/throughput" --cuda --index $smol_index \
+    --context 7000 --batch 1 --tokens 2 --all-sparse --graph off > "$OUT/ncu_smol.csv" ;;
 esac
