@@ -17,19 +17,28 @@ struct RopeFreqs {
 #define ROTATE_INTERLEAVED 1
 #define ROTATE_NEOX 2
 
-// src: [items, H, T, D]; dst: [items, H, dst_rows, D]. Grid: (T, H, items); block: D/2 threads,
-// one rotation pair each. Item b writes its rows t < table.b[b] at dst row table.a[b] + t
+// src: [items, H, T, D]; dst: [items, H, dst_rows, D]. Grid: (T, H, items), or (T, 2H, items)
+// with `src_v`: blocks y >= H copy the values src_v (unrotated) into dst + v_offset, the V cache
+// beside the K cache (one launch appends both). Block: D/2 threads, one rotation pair each. Item b writes its rows t < table.b[b] at dst row table.a[b] + t
 // (`at_position`, a cache) or t (a fresh tensor), rotated to position table.a[b] + t.
 // cos and sin: the f64 angle's cosine and sine times `mscale`, rounded to f32 then to T (the
 // host's tables); every product and sum rounded to T, as candle's CPU rope computes in T.
 template <typename T>
 __device__ __forceinline__ void rope_write_impl(T* __restrict__ dst, const T* __restrict__ src,
+                                                const T* __restrict__ src_v, size_t v_offset,
                                                 const RopeFreqs& freqs, const ItemTable& table,
                                                 const uint32_t* __restrict__ advance,
                                                 uint32_t H, uint32_t T_len, uint32_t D,
                                                 uint32_t dst_rows, uint32_t rotation,
                                                 uint32_t at_position, double mscale) {
-    const uint32_t t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, i = threadIdx.x;
+    const uint32_t t = blockIdx.x, b = blockIdx.z, i = threadIdx.x;
+    uint32_t h = blockIdx.y;
+    if (h >= H) {
+        h -= H;
+        src = src_v;
+        dst += v_offset;
+        rotation = ROTATE_NONE;
+    }
     const uint32_t half = D / 2;
     if (t >= table.b[b] || i >= half) return;
     const uint32_t pos = table.a[b] + replayed_steps(advance, b) + t;
@@ -56,12 +65,12 @@ __device__ __forceinline__ void rope_write_impl(T* __restrict__ dst, const T* __
 }
 
 #define SAAP_ROPE_WRITE(NAME, T)                                                                  \
-    extern "C" __global__ void NAME(T* dst, const T* src, RopeFreqs freqs, ItemTable table,      \
-                                    const uint32_t* advance, uint32_t H, uint32_t T_len,          \
-                                    uint32_t D, uint32_t dst_rows, uint32_t rotation,             \
-                                    uint32_t at_position, double mscale) {                        \
-        rope_write_impl<T>(dst, src, freqs, table, advance, H, T_len, D, dst_rows, rotation,      \
-                           at_position, mscale);                                                  \
+    extern "C" __global__ void NAME(T* dst, const T* src, const T* src_v, size_t v_offset,      \
+                                    RopeFreqs freqs, ItemTable table, const uint32_t* advance,    \
+                                    uint32_t H, uint32_t T_len, uint32_t D, uint32_t dst_rows,    \
+                                    uint32_t rotation, uint32_t at_position, double mscale) {     \
+        rope_write_impl<T>(dst, src, src_v, v_offset, freqs, table, advance, H, T_len, D,         \
+                           dst_rows, rotation, at_position, mscale);                              \
     }
 
 SAAP_ROPE_WRITE(saap_rope_write_f32, float)

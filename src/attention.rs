@@ -13,7 +13,7 @@ use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::quest::{pages_of, QuestPages};
-use crate::rope::Rope;
+use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,10 +124,48 @@ struct Replay {
     /// `[B]` u32 on the device: steps replayed so far, added to the positions the recorded
     /// kernels were given (the host's view of the sequences stays at the start of the replay).
     advance: Tensor,
+    /// Whether this op advances `advance` after its step; not when the count is a
+    /// [`ReplayClock`] shared by several ops, which its owner advances once per step.
+    ticks: bool,
     /// Steps replayed so far (the host's count of `advance`).
     steps: usize,
     /// Steps the cache has rows for, with no window merge due.
     room: usize,
+}
+
+/// A device-side count of replayed decode steps shared by every op of a model (see
+/// [`SaapAttention::begin_shared_replay`]): the model's step advances it once with
+/// [`ReplayClock::tick`] instead of each layer's op launching its own advance.
+#[derive(Debug, Clone)]
+pub struct ReplayClock {
+    /// `[B]` u32: steps replayed so far, per batch item.
+    counts: Tensor,
+}
+
+impl ReplayClock {
+    /// A clock at 0 for `batch` items on `device`.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the count cannot be allocated.
+    pub fn new(batch: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            counts: Tensor::zeros(batch, DType::U32, device)?,
+        })
+    }
+
+    /// Enqueues one step's advance: the last launch of a recorded model step, after every op
+    /// that read the count.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the launch fails.
+    pub fn tick(&self) -> Result<()> {
+        Ok(self.counts.inplace_op1(&AdvanceReplay)?)
+    }
+
+    /// Batch items counted.
+    pub fn batch(&self) -> usize {
+        self.counts.elem_count()
+    }
 }
 
 /// Source of [`Replay::id`].
@@ -136,9 +174,12 @@ static NEXT_REPLAY: AtomicU64 = AtomicU64::new(1);
 /// Per-sequence state of one layer.
 #[derive(Debug)]
 struct State {
-    /// `[B, Hkv, cap, D]`, post-RoPE keys in time order.
+    /// `[2, B, Hkv, cap, D]`: the K cache, then the V cache, in one tensor so that one launch
+    /// appends a step's keys and values.
+    kv: Tensor,
+    /// `[B, Hkv, cap, D]`, post-RoPE keys in time order: the first half of `kv`.
     k: Tensor,
-    /// `[B, Hkv, cap, D]`.
+    /// `[B, Hkv, cap, D]`: the second half of `kv`.
     v: Tensor,
     /// `[B, Hkv, cap]` u32: partition of every key (with an index).
     labels: Option<Tensor>,
@@ -149,6 +190,11 @@ struct State {
     seqs: Vec<SeqExtent>,
     lens: Vec<usize>,
     cap: usize,
+}
+
+/// The K and V caches of a joint `[2, B, Hkv, cap, D]` cache (views of it) and the cache.
+fn split_kv(kv: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((kv.get(0)?, kv.get(1)?, kv))
 }
 
 /// Sparse attention of one layer (see the crate docs). Create one per layer with
@@ -498,15 +544,19 @@ impl SaapAttention {
         self.not_replaying("snapshot")?;
         let state = match &self.state {
             None => None,
-            Some(s) => Some(State {
-                k: s.k.copy()?,
-                v: s.v.copy()?,
-                labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
-                dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
-                quest: s.quest.as_ref().map(QuestPages::copy).transpose()?,
-                seqs: s.seqs.clone(),
-                lens: s.lens.clone(),
-                cap: s.cap,
+            Some(s) => Some({
+                let (k, v, kv) = split_kv(s.kv.copy()?)?;
+                State {
+                    kv,
+                    k,
+                    v,
+                    labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
+                    dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
+                    quest: s.quest.as_ref().map(QuestPages::copy).transpose()?,
+                    seqs: s.seqs.clone(),
+                    lens: s.lens.clone(),
+                    cap: s.cap,
+                }
             }),
         };
         Ok(Self {
@@ -581,11 +631,12 @@ impl SaapAttention {
         let rows = Tensor::new(kept.as_slice(), &self.device)?;
         let select = |t: &Tensor| t.index_select(&rows, 0);
         // Every copy is made before any is stored: a failed one leaves the state whole.
-        let (k, v) = (select(&state.k)?, select(&state.v)?);
+        let (k, v, kv) = split_kv(state.kv.index_select(&rows, 1)?)?;
         let labels = state.labels.as_ref().map(select).transpose()?;
         let dir = state.dir.as_ref().map(select).transpose()?;
         let quest = state.quest.as_ref().map(|q| q.select(&rows)).transpose()?;
-        (state.k, state.v, state.labels, state.dir, state.quest) = (k, v, labels, dir, quest);
+        (state.kv, state.k, state.v) = (kv, k, v);
+        (state.labels, state.dir, state.quest) = (labels, dir, quest);
         state.seqs = kept.iter().map(|&b| state.seqs[b as usize]).collect();
         state.lens = kept.iter().map(|&b| state.lens[b as usize]).collect();
         // The counts of the last step include the dropped items.
@@ -757,11 +808,15 @@ impl SaapAttention {
             .unwrap_or(cap)
             .min(MAX_CONTEXT);
         let zeros = |shape: &[usize], dtype| Tensor::zeros(shape, dtype, &self.device);
-        let kv_shape = [batch, l.n_kv_heads, cap, l.head_dim];
+        let (k, v, kv) = split_kv(zeros(
+            &[2, batch, l.n_kv_heads, cap, l.head_dim],
+            self.dtype,
+        )?)?;
         let indexed = self.index.is_some();
         let mut next = State {
-            k: zeros(&kv_shape, self.dtype)?,
-            v: zeros(&kv_shape, self.dtype)?,
+            kv,
+            k,
+            v,
             labels: indexed
                 .then(|| zeros(&[batch, l.n_kv_heads, cap], DType::U32))
                 .transpose()?,
@@ -780,8 +835,7 @@ impl SaapAttention {
             cap,
         };
         if let Some(old) = self.state.take() {
-            next.k.slice_set(&old.k, 2, 0)?;
-            next.v.slice_set(&old.v, 2, 0)?;
+            next.kv.slice_set(&old.kv, 3, 0)?;
             for (new, old) in [(&next.labels, &old.labels), (&next.dir, &old.dir)] {
                 if let (Some(new), Some(old)) = (new, old) {
                     new.slice_set(old, 2, 0)?;
@@ -848,11 +902,9 @@ impl SaapAttention {
         let advance = self.replay.as_ref().map(|r| r.advance.clone());
         let state = self.state.as_mut().expect("reserved above");
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        for (cache, x, rotate) in [(&state.k, &k, true), (&state.v, &v, false)] {
-            let mut write = self.rope.writer(&starts, lens, rotate, true);
-            write.advance.clone_from(&advance);
-            cache.inplace_op2(x, &write)?;
-        }
+        let mut write = self.rope.writer(&starts, lens, true, true);
+        write.advance.clone_from(&advance);
+        state.kv.inplace_op3(&k, &v, &KvWrite(write))?;
         if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
             let centroids = (
                 &index.centroids_t,
@@ -1109,8 +1161,11 @@ impl SaapAttention {
         if let Some(replay) = &self.replay {
             // A recorded step: the host's view stays where the replay began (positions move
             // on through the device count); `replayed` counts each execution.
-            let out =
-                step.and_then(|out| Ok(replay.advance.inplace_op1(&AdvanceReplay).map(|_| out)?));
+            let out = match replay.ticks {
+                true => step
+                    .and_then(|out| Ok(replay.advance.inplace_op1(&AdvanceReplay).map(|_| out)?)),
+                false => step,
+            };
             let state = self.state.as_mut().expect("replaying has a state");
             (state.seqs, state.lens) = undo.expect("replaying has a state");
             return Ok(out?.unsqueeze(2)?);
@@ -1144,6 +1199,22 @@ impl SaapAttention {
     /// [`SaapError::EmptyContext`] without a prefilled context; [`SaapError::Config`] or
     /// [`SaapError::Candle`] when the rows cannot be reserved.
     pub fn begin_replay(&mut self, steps: usize) -> Result<usize> {
+        self.start_replay(steps, None)
+    }
+
+    /// [`SaapAttention::begin_replay`] on a count shared with other ops: the recorded steps do
+    /// not advance it; the caller enqueues [`ReplayClock::tick`] once after every op's step (one
+    /// launch per model step rather than one per layer). The clock must be at 0 when the replay
+    /// begins, and ticked once per recorded step.
+    ///
+    /// # Errors
+    /// As [`SaapAttention::begin_replay`]; also [`SaapError::Shape`] unless the clock counts
+    /// this op's batch, and [`SaapError::Device`] for a clock on another device.
+    pub fn begin_shared_replay(&mut self, steps: usize, clock: &ReplayClock) -> Result<usize> {
+        self.start_replay(steps, Some(clock))
+    }
+
+    fn start_replay(&mut self, steps: usize, clock: Option<&ReplayClock>) -> Result<usize> {
         if steps == 0 {
             return Err(SaapError::Config("a replay of 0 steps".into()));
         }
@@ -1153,6 +1224,22 @@ impl SaapAttention {
         };
         if let Some(b) = state.lens.iter().position(|&l| l == 0) {
             return Err(SaapError::EmptyContext(b));
+        }
+        if let Some(clock) = clock {
+            if clock.batch() != state.lens.len() {
+                return Err(SaapError::Shape {
+                    name: "replay clock",
+                    expected: format!("{} batch items", state.lens.len()),
+                    got: vec![clock.batch()],
+                });
+            }
+            if !clock.counts.device().same_device(&self.device) {
+                return Err(SaapError::Device {
+                    name: "replay clock",
+                    expected: self.device.location(),
+                    got: clock.counts.device().location(),
+                });
+            }
         }
         // Steps until a window outgrows `window + merge_every - 1`, which `decode` would merge.
         let room = match self.merges() {
@@ -1180,9 +1267,14 @@ impl SaapAttention {
         self.apply_keys_budget();
         self.reserve(batch, longest.saturating_add(room))?;
         self.warm_up_quest_routing(batch)?;
+        let (advance, ticks) = match clock {
+            Some(clock) => (clock.counts.clone(), false),
+            None => (Tensor::zeros(batch, DType::U32, &self.device)?, true),
+        };
         self.replay = Some(Replay {
             id: NEXT_REPLAY.fetch_add(1, Ordering::Relaxed),
-            advance: Tensor::zeros(batch, DType::U32, &self.device)?,
+            advance,
+            ticks,
             steps: 0,
             room,
         });

@@ -15,7 +15,7 @@
 //! Without CUDA, or where a capture fails, every step runs eagerly.
 
 use crate::error::{ensure_finite, Result, SaapError};
-use crate::SaapAttention;
+use crate::{ReplayClock, SaapAttention};
 use candle_core::{DType, Device, Tensor};
 
 /// A model whose decode step a [`DecodeGraph`] can record.
@@ -267,9 +267,11 @@ impl DecodeGraph {
         model: &mut M,
         shape_of: &Tensor,
     ) -> std::result::Result<(), M::Error> {
+        // One count for every op, advanced once at the end of the recorded step.
+        let clock = ReplayClock::new(self.batch, &self.device)?;
         let mut room = self.steps;
         for op in model.attention_ops().iter_mut() {
-            room = room.min(op.begin_replay(self.steps)?);
+            room = room.min(op.begin_shared_replay(self.steps, &clock)?);
         }
         if room == 0 {
             // A merge is due at the next step: leave it to an eager one.
@@ -291,7 +293,7 @@ impl DecodeGraph {
             .iter()
             .map(SaapAttention::replay_id)
             .collect();
-        match self.capture(model) {
+        match self.capture(model, &clock) {
             Ok(recording) => {
                 self.recording = recording.map(|graph| Recording {
                     graph,
@@ -319,6 +321,7 @@ impl DecodeGraph {
     fn capture<M: GraphDecoder>(
         &self,
         model: &mut M,
+        clock: &ReplayClock,
     ) -> std::result::Result<Option<Graph>, String> {
         use crate::cuda::graph;
         let Device::Cuda(dev) = &self.device else {
@@ -334,7 +337,8 @@ impl DecodeGraph {
                 // Into the buffer allocated before the capture: every allocation made inside it
                 // is freed inside it, so the graph owns no memory across launches.
                 let step = step.reshape(logits.dims()).map_err(|e| e.to_string())?;
-                logits.slice_set(&step, 0, 0).map_err(|e| e.to_string())
+                logits.slice_set(&step, 0, 0).map_err(|e| e.to_string())?;
+                clock.tick().map_err(|e| e.to_string())
             });
         let ended = graph::end(dev).map_err(|e| e.to_string());
         recorded?;
@@ -342,7 +346,11 @@ impl DecodeGraph {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn capture<M: GraphDecoder>(&self, _: &mut M) -> std::result::Result<Option<Graph>, String> {
+    fn capture<M: GraphDecoder>(
+        &self,
+        _: &mut M,
+        _: &ReplayClock,
+    ) -> std::result::Result<Option<Graph>, String> {
         Ok(None)
     }
 

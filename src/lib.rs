@@ -18,7 +18,7 @@ pub mod quest;
 pub mod rope;
 pub mod train;
 
-pub use attention::{ReadStats, Recorded, Recorder, SaapAttention};
+pub use attention::{ReadStats, Recorded, Recorder, ReplayClock, SaapAttention};
 pub use config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 pub use error::{Result, SaapError};
 pub use index::{LayerIndex, SaapIndex};

@@ -7,7 +7,7 @@ use crate::config::{RopeConfig, RopeKind, RopeScaling};
 use crate::error::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, InplaceOp2, Layout, Shape, Tensor, WithDType,
+    CpuStorage, CustomOp1, DType, Device, InplaceOp2, InplaceOp3, Layout, Shape, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -362,6 +362,68 @@ impl InplaceOp2 for RopeWrite {
         src_l: &Layout,
     ) -> candle_core::Result<()> {
         crate::cuda::rope_write(self, dst, dst_l, src, src_l)
+    }
+}
+
+/// [`RopeWrite`] of keys and values into a joint cache `[2, B, H, rows, D]`
+/// ([`Tensor::inplace_op3`] with the keys, then the values): keys rotated into the first half
+/// (the K cache), values copied into the second (the V cache), one launch on CUDA.
+#[derive(Debug, Clone)]
+pub(crate) struct KvWrite(pub(crate) RopeWrite);
+
+impl InplaceOp3 for KvWrite {
+    fn name(&self) -> &'static str {
+        "saap-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let dims = dst_l.shape().dims();
+        let (Some((d0, _)), [2, b, h, rows, d]) = (dst_l.contiguous_offsets(), dims) else {
+            candle_core::bail!(
+                "kv write: a contiguous joint cache [2, B, H, rows, D], got {dims:?}"
+            )
+        };
+        let half = Shape::from((*b, *h, *rows, *d));
+        let n = half.elem_count();
+        let values = RopeWrite {
+            kind: None,
+            ..self.0.clone()
+        };
+        write_cpu(
+            &self.0,
+            dst,
+            &Layout::contiguous_with_offset(&half, d0),
+            k,
+            k_l,
+        )?;
+        write_cpu(
+            &values,
+            dst,
+            &Layout::contiguous_with_offset(&half, d0 + n),
+            v,
+            v_l,
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::kv_write(&self.0, dst, dst_l, (k, k_l), (v, v_l))
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 use saap::graph::{DecodeGraph, GraphDecoder};
-use saap::{RopeKind, Routing, SaapAttention, SaapError, SaapIndex};
+use saap::{ReplayClock, RopeKind, Routing, SaapAttention, SaapError, SaapIndex};
 
 /// A decoder of a few layers around the op: embedding, per layer q/k/v/o projections and a
 /// residual, then an output projection. Enough for every launch of a step to be recorded.
@@ -147,7 +147,9 @@ fn tokens_for_step(seed: u64, step: usize, batch: usize) -> Vec<u32> {
 
 /// One op: replay mode (each recorded step run once, eagerly) against step-by-step decoding
 /// of the same prefilled sequences, through several window merges.
-fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing) {
+/// `shared`: the replays count on a [`ReplayClock`] the test ticks after each step, as
+/// `DecodeGraph` does for a model's layers, instead of the op's own count.
+fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing, shared: bool) {
     let config = toy_config();
     let index = random_index(&config, 1, 11);
     let mut eager = SaapAttention::from_index(&index, 0, dev, dtype).unwrap();
@@ -171,14 +173,27 @@ fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing) {
     eager.prefill(&q, &k, &v, &lens).unwrap();
     let mut replay = eager.snapshot().unwrap();
     let (mut plans, mut replayed) = (0, 0);
+    let mut clock = None;
     for step in 0..120 {
         let (q, k, v) = qkv(1);
         let want = eager.decode(&q, &k, &v).unwrap();
-        if replay.replay_progress().is_none() && replay.begin_replay(16).unwrap() > 0 {
-            plans += 1;
+        if replay.replay_progress().is_none() {
+            let room = match shared {
+                true => {
+                    let fresh = ReplayClock::new(b, dev).unwrap();
+                    let room = replay.begin_shared_replay(16, &fresh).unwrap();
+                    clock = Some(fresh);
+                    room
+                }
+                false => replay.begin_replay(16).unwrap(),
+            };
+            plans += usize::from(room > 0);
         }
         let got = replay.decode(&q, &k, &v).unwrap();
         if let Some((done, room)) = replay.replay_progress() {
+            if let Some(clock) = &clock {
+                clock.tick().unwrap();
+            }
             replay.replayed().unwrap();
             replayed += 1;
             if done + 1 == room {
@@ -209,11 +224,13 @@ fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing) {
 fn replayed_steps_match_step_by_step() {
     // The CPU kernels read the same count: the host's bookkeeping is checked without a GPU too.
     for routing in [Routing::Classifier, Routing::Quest] {
-        replay_case(&Device::Cpu, DType::F32, 1e-5, routing);
-        replay_case(&Device::Cpu, DType::BF16, 2e-2, routing);
-        let Some(dev) = cuda() else { continue };
-        replay_case(&dev, DType::F32, 1e-5, routing);
-        replay_case(&dev, DType::BF16, 2e-2, routing);
+        for shared in [false, true] {
+            replay_case(&Device::Cpu, DType::F32, 1e-5, routing, shared);
+            replay_case(&Device::Cpu, DType::BF16, 2e-2, routing, shared);
+            let Some(dev) = cuda() else { continue };
+            replay_case(&dev, DType::F32, 1e-5, routing, shared);
+            replay_case(&dev, DType::BF16, 2e-2, routing, shared);
+        }
     }
 }
 
@@ -332,6 +349,13 @@ fn replay_misuse_is_refused() {
     let (q, k, v) = qkv(100);
     op.prefill(&q, &k, &v, &[100]).unwrap();
     assert!(matches!(op.replayed(), Err(SaapError::Config(_))));
+    // A shared clock counts the op's batch (here 1 item).
+    let clock = ReplayClock::new(2, &dev).unwrap();
+    assert!(matches!(
+        op.begin_shared_replay(3, &clock),
+        Err(SaapError::Shape { .. })
+    ));
+    assert_eq!(op.replay_progress(), None);
     let room = op.begin_replay(3).unwrap();
     assert_eq!(room, 3);
     assert!(matches!(op.begin_replay(3), Err(SaapError::Config(_))));

@@ -1,10 +1,10 @@
 //! Launches of the cache append (`cuda/append.cu`): RoPE + row writes ([`RopeWrite`]) and the
-//! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is four launches
-//! (queries, keys, values, labels) with nothing copied from the host.
+//! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is three launches
+//! (queries; keys and values; labels) with nothing copied from the host.
 
 use super::{
     advance_chunk, load, push_advance, sm_count, to_u32, view, with_advance, with_cuda, ItemTable,
-    ZeroedBuffers, APPEND, MAX_BATCH,
+    ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -66,15 +66,15 @@ pub(crate) fn rope_write(
     match dst.dtype() {
         DType::F32 => {
             let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
-            launch_rope::<f32>(op, &mut out, src, src_l, dims, rows)
+            launch_rope::<f32>(op, &mut out, (src, src_l), None, dims, rows)
         }
         DType::BF16 => {
             let mut out = dst.as_cuda_slice_mut::<bf16>()?.slice_mut(d0..d1);
-            launch_rope::<bf16>(op, &mut out, src, src_l, dims, rows)
+            launch_rope::<bf16>(op, &mut out, (src, src_l), None, dims, rows)
         }
         DType::F16 => {
             let mut out = dst.as_cuda_slice_mut::<f16>()?.slice_mut(d0..d1);
-            launch_rope::<f16>(op, &mut out, src, src_l, dims, rows)
+            launch_rope::<f16>(op, &mut out, (src, src_l), None, dims, rows)
         }
         other => candle_core::bail!("rope write: dtype {other:?}"),
     }
@@ -101,7 +101,7 @@ pub(crate) fn rope_new(
         let dev = src.device().clone();
         // SAFETY: every row is written (lens == T, checked above).
         let mut out = unsafe { dev.alloc::<T>(n) }?;
-        launch_rope::<T>(op, &mut out.slice_mut(..), src, src_l, dims, dims.2)?;
+        launch_rope::<T>(op, &mut out.slice_mut(..), (src, src_l), None, dims, dims.2)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
     let out = match src.dtype() {
@@ -113,11 +113,63 @@ pub(crate) fn rope_new(
     Ok((out, src_l.shape().clone()))
 }
 
+/// [`RopeWrite`] of keys `k` and values `v` into a joint cache `[2, B, H, rows, D]` (`dst`, in
+/// place): keys rotated into the first half, values copied into the second, in one launch.
+pub(crate) fn kv_write(
+    op: &RopeWrite,
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+) -> candle_core::Result<()> {
+    let half_l = kv_half(dst_l)?;
+    let (dims, rows) = op.check(k.1, Some(&half_l))?;
+    if v.1.shape() != k.1.shape() || v.0.dtype() != k.0.dtype() || dst.dtype() != k.0.dtype() {
+        candle_core::bail!(
+            "kv write: values {:?} {:?} beside keys {:?} {:?} into {:?}",
+            v.1.shape(),
+            v.0.dtype(),
+            k.1.shape(),
+            k.0.dtype(),
+            dst.dtype()
+        );
+    }
+    let (d0, d1) = dst_l
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "kv write" })?;
+    match dst.dtype() {
+        DType::F32 => {
+            let mut out = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+            launch_rope::<f32>(op, &mut out, k, Some(v), dims, rows)
+        }
+        DType::BF16 => {
+            let mut out = dst.as_cuda_slice_mut::<bf16>()?.slice_mut(d0..d1);
+            launch_rope::<bf16>(op, &mut out, k, Some(v), dims, rows)
+        }
+        DType::F16 => {
+            let mut out = dst.as_cuda_slice_mut::<f16>()?.slice_mut(d0..d1);
+            launch_rope::<f16>(op, &mut out, k, Some(v), dims, rows)
+        }
+        other => candle_core::bail!("kv write: dtype {other:?}"),
+    }
+}
+
+/// The layout of one half (`[B, H, rows, D]`, at offset 0) of a joint cache `[2, B, H, rows, D]`.
+fn kv_half(dst_l: &Layout) -> candle_core::Result<Layout> {
+    let dims = dst_l.shape().dims();
+    let [2, b, h, rows, d] = dims else {
+        candle_core::bail!("kv write: a joint cache [2, B, H, rows, D], got {dims:?}")
+    };
+    Ok(Layout::contiguous((*b, *h, *rows, *d)))
+}
+
+/// One launch of the RoPE write kernel: `src` into `dst`, and with `values` those (unrotated)
+/// into the second half of a joint cache that `dst` begins.
 fn launch_rope<T: CudaDType + DeviceRepr>(
     op: &RopeWrite,
     dst: &mut CudaViewMut<'_, T>,
-    src: &CudaStorage,
-    src_l: &Layout,
+    (src, src_l): (&CudaStorage, &Layout),
+    values: Option<(&CudaStorage, &Layout)>,
     (b, h, t, d): (usize, usize, usize, usize),
     rows: usize,
 ) -> candle_core::Result<()> {
@@ -138,6 +190,9 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
         &format!("saap_rope_write_{}", dtype_name(src.dtype(), "rope")?),
     )?;
     let src = view::<T>(src, src_l)?;
+    let values = values.map(|(v, v_l)| view::<T>(v, v_l)).transpose()?;
+    // From a K row of the joint cache to the same row of V.
+    let v_offset = b * h * rows * d;
     let mut freqs = RopeFreqs([0.0; ROPE_MAX_HALF]);
     freqs.0[..half].copy_from_slice(&op.inv_freq);
     let rotation: u32 = match op.kind {
@@ -154,19 +209,28 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
             let pairs = (i0..i0 + items).map(|i| (op.starts[i], op.lens[i]));
             let table = ItemTable::new(pairs)?;
             let advance = advance_chunk(advance, i0, items);
-            let src_chunk = src.slice(i0 * h * t * d..(i0 + items) * h * t * d);
-            let mut dst_chunk = dst.slice_mut(i0 * h * rows * d..(i0 + items) * h * rows * d);
+            let chunk = i0 * h * t * d..(i0 + items) * h * t * d;
+            let src_chunk = src.slice(chunk.clone());
+            let values_chunk = values.as_ref().map(|v| v.slice(chunk));
+            // With values, the chunk runs on into the V half (read at `v_offset`).
+            let dst_end = match values {
+                Some(_) => dst.len(),
+                None => (i0 + items) * h * rows * d,
+            };
+            let mut dst_chunk = dst.slice_mut(i0 * h * rows * d..dst_end);
+            let heads = if values.is_some() { 2 * h32 } else { h32 };
             let cfg = LaunchConfig {
-                grid_dim: (t32, h32, to_u32(items)?),
+                grid_dim: (t32, heads, to_u32(items)?),
                 block_dim: (to_u32(half.max(32))?, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&mut dst_chunk)
-                .arg(&src_chunk)
-                .arg(&freqs)
-                .arg(&table);
+            launch.arg(&mut dst_chunk).arg(&src_chunk);
+            match &values_chunk {
+                Some(v) => launch.arg(v),
+                None => launch.arg(&NULL_PTR),
+            };
+            launch.arg(&v_offset).arg(&freqs).arg(&table);
             push_advance(&mut launch, &advance);
             launch
                 .arg(&h32)
@@ -177,8 +241,9 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
                 .arg(&at_position)
                 .arg(&op.mscale);
             // SAFETY: argument types and order match `rope_write_impl`; rows written are below
-            // `rows` (checked by `RopeWrite::check`, and on the device for replayed steps),
-            // reads inside the source chunk.
+            // `rows` (checked by `RopeWrite::check`, and on the device for replayed steps), V
+            // rows `v_offset` further inside the joint cache (`kv_half`), reads inside the
+            // source chunks.
             unsafe { launch.launch(cfg) }.w()?;
         }
         Ok(())

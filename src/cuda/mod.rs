@@ -4,14 +4,14 @@
 
 mod append;
 mod decode;
+#[cfg(feature = "models")]
+pub(crate) mod glue;
 pub(crate) mod graph;
 mod merge;
-#[cfg(feature = "models")]
-pub(crate) mod norm;
 mod prefill;
 pub(crate) mod route;
 
-pub(crate) use append::{assign, rope_new, rope_write};
+pub(crate) use append::{assign, kv_write, rope_new, rope_write};
 pub(crate) use decode::decode;
 pub(crate) use merge::merge;
 pub(crate) use prefill::prefill;

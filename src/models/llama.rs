@@ -12,6 +12,7 @@
 //! ([`Llama::saap_config`] records the RoPE kind, which an index checks).
 
 use super::norm::RmsNorm;
+use super::swiglu;
 use super::{io_err, Error, Result};
 use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 use crate::graph::GraphDecoder;
@@ -126,6 +127,25 @@ impl Projections {
             }
             Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
         }
+    }
+
+    /// `silu(gate) * up` of a gate/up pair: fused, the product reads the one matmul's output
+    /// (one launch on CUDA).
+    fn swiglu(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Fused(linear, widths) if widths.len() == 2 && widths[0] == widths[1] => {
+                swiglu::silu_mul_halves(&linear.forward(x)?)?
+            }
+            _ => match &self.forward(x)?[..] {
+                [gate, up] => swiglu::silu_mul(gate, up)?,
+                other => {
+                    return Err(Error::Model(format!(
+                        "swiglu of {} projections, not a gate/up pair",
+                        other.len()
+                    )))
+                }
+            },
+        })
     }
 }
 
@@ -706,10 +726,7 @@ impl Llama {
             };
             let o = o.transpose(1, 2)?.reshape((b, t, nq * d))?;
             (x, h) = layer.ffn_norm.add_forward(&x, &layer.o.forward(&o)?)?;
-            let gate_up = layer.gate_up.forward(&h)?;
-            let mlp = layer
-                .down
-                .forward(&(candle_nn::ops::silu(&gate_up[0])? * &gate_up[1])?)?;
+            let mlp = layer.down.forward(&layer.gate_up.swiglu(&h)?)?;
             let next_norm = match self.layers.get(i + 1) {
                 Some(next) => &next.attn_norm,
                 None => &self.norm,

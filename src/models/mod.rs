@@ -11,6 +11,7 @@ pub mod tokenizer;
 mod html;
 mod norm;
 mod rdata;
+mod swiglu;
 
 pub use llama::{Architecture, Llama, LlamaConfig};
 pub use tokenizer::GgufTokenizer;

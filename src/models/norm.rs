@@ -1,5 +1,5 @@
 //! RMS normalization of the decoders' hidden states, optionally fused with the residual add
-//! before it. On CUDA one kernel (`cuda/norm.cu`) replaces candle's add and `rms_norm`, whose
+//! before it. On CUDA one kernel (`cuda/glue.cu`) replaces candle's add and `rms_norm`, whose
 //! one-warp rows made the two norms of a layer a third of a small model's decode step; elsewhere
 //! the same arithmetic runs as candle ops.
 
@@ -89,7 +89,7 @@ impl CustomOp2 for Fused {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::norm::rms_norm((x, x_l), None, (w, w_l), self.eps)
+        crate::cuda::glue::rms_norm((x, x_l), None, (w, w_l), self.eps)
     }
 }
 
@@ -120,7 +120,7 @@ impl CustomOp3 for Fused {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        crate::cuda::norm::rms_norm((x, x_l), Some((delta, delta_l)), (w, w_l), self.eps)
+        crate::cuda::glue::rms_norm((x, x_l), Some((delta, delta_l)), (w, w_l), self.eps)
     }
 }
 

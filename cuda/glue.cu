@@ -1,4 +1,6 @@
-// RMS normalization for the model glue (`src/models/norm.rs`), optionally fused with the residual
+// Kernels of the model glue: the RMS norm and the SwiGLU product of a decoder layer.
+//
+// RMS normalization (`src/models/norm.rs`), optionally fused with the residual
 // add before it: x = round(x + delta), y = round(w * x * rsqrt(mean(x²) + eps)), in f32 as
 // candle's `rms_norm`. candle's kernel gives a row shorter than 1024 columns a single warp whose
 // loop of dependent loads took ~14 µs per row on an H200: two rows per layer and decode step were
@@ -58,3 +60,29 @@ __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out, const T* __re
 SAAP_RMS_NORM(saap_rms_norm_f32, float)
 SAAP_RMS_NORM(saap_rms_norm_bf16, __nv_bfloat16)
 SAAP_RMS_NORM(saap_rms_norm_f16, __half)
+
+// SwiGLU (`src/models/swiglu.rs`): out = round(round(silu(gate)) * up), as candle's `silu` then
+// `mul` (two launches, and a copy of each half, before). gate_up: [rows, 2 * width], the gate
+// then the up projection of each row (one matmul over concatenated weights); out: [rows, width].
+#define SWIGLU_THREADS 256
+
+template <typename T>
+__device__ __forceinline__ void silu_mul_impl(T* __restrict__ out, const T* __restrict__ gate_up,
+                                              uint32_t rows, uint32_t width) {
+    const size_t i = (size_t)blockIdx.x * SWIGLU_THREADS + threadIdx.x;
+    if (i >= (size_t)rows * width) return;
+    const size_t row = i / width, col = i % width;
+    const float g = to_f32(gate_up[row * 2 * width + col]);
+    const float silu = to_f32(from_f32<T>(g / (1.0f + expf(-g))));
+    out[i] = from_f32<T>(silu * to_f32(gate_up[row * 2 * width + width + col]));
+}
+
+#define SAAP_SILU_MUL(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)                                 \
+        NAME(T* out, const T* gate_up, uint32_t rows, uint32_t width) {                          \
+        silu_mul_impl<T>(out, gate_up, rows, width);                                             \
+    }
+
+SAAP_SILU_MUL(saap_silu_mul_f32, float)
+SAAP_SILU_MUL(saap_silu_mul_bf16, __nv_bfloat16)
+SAAP_SILU_MUL(saap_silu_mul_f16, __half)
