@@ -1,7 +1,10 @@
-# FlashAttention-2 anchor for causal prefill attention: torch SDPA with the FLASH backend
-# (FlashAttention-2 inside PyTorch), bf16, the shapes of `examples/bench_prefill.rs`.
-# Prints one `JSON {...}` line per (shape, n, batch): median time and TFLOP/s, counting the
-# causal half of 4·B·Hq·n²·D as FlashAttention's papers do.
+# FlashAttention-2 anchor: torch SDPA with the FLASH backend (FlashAttention-2 inside PyTorch),
+# bf16. Causal prefill at the shapes of `examples/bench_prefill.rs`: one `JSON {...}` line per
+# (shape, n, batch), median time and TFLOP/s, counting the causal half of 4·B·Hq·n²·D as
+# FlashAttention's papers do. With a third argument `decode`: one decode step (one query per
+# sequence over n cached keys) of the Llama-3.1-8B layer of `examples/bench_report.rs`, median
+# time and the K/V bytes read per second.
+# Usage: python3 fa2_prefill_anchor.py [LENGTHS] [BATCHES] [decode]
 import json, sys
 import torch
 from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -21,10 +24,40 @@ def median_ms(fn, iters, warm=2):
     times.sort()
     return times[len(times) // 2]
 
+def sdpa(q, k, v, causal):
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=causal, enable_gqa=True)
+
+def decode(lens, batches):
+    hq, hkv, d = SHAPES["llama3.1-8b"]
+    for n in lens:
+        for b in batches:
+            # Enough layers that L2 (50 MB) never holds the next step's K/V.
+            layers = max(2, -(-200_000_000 // (2 * b * hkv * n * d * 2)))
+            q = torch.randn(b, hq, 1, d, dtype=torch.bfloat16, device="cuda")
+            kv = [(torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device="cuda"),
+                   torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device="cuda"))
+                  for _ in range(layers)]
+            step = [0]
+            def run():
+                k, v = kv[step[0] % layers]
+                step[0] += 1
+                return sdpa(q, k, v, False)
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                us = 1000 * median_ms(run, iters=50)
+            tbs = 2 * b * hkv * n * d * 2 / us / 1e6
+            print("JSON " + json.dumps({"kind": "fa2_decode", "shape": "llama3.1-8b", "n": n,
+                                        "batch": b, "us": round(us, 1), "tb_s": round(tbs, 2)}),
+                  flush=True)
+            del q, kv
+            torch.cuda.empty_cache()
+
 def main():
     lens = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
     batches = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "1,4").split(",")]
     torch.manual_seed(0)
+    if len(sys.argv) > 3 and sys.argv[3] == "decode":
+        return decode(lens, batches)
     for name, (hq, hkv, d) in SHAPES.items():
         for n in lens:
             for b in batches:
@@ -32,8 +65,7 @@ def main():
                 k = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device="cuda")
                 v = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device="cuda")
                 def run():
-                    return torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, is_causal=True, enable_gqa=True)
+                    return sdpa(q, k, v, True)
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                     try:
                         ms = median_ms(run, iters=3 if n >= 65536 else 10)

@@ -61,6 +61,10 @@ struct Args {
     /// Override ℓ
     #[arg(long)]
     probe: Option<usize>,
+    /// Keys budget of Saap and nearest centroid (share of the context read per step, window and
+    /// sinks included), instead of a fixed ℓ
+    #[arg(long, conflicts_with = "probe")]
+    keys_budget: Option<f64>,
     /// Quest's keys budget (share of the context read per step); default: the share Saap's
     /// routed layers read in the perplexity section
     #[arg(long)]
@@ -136,6 +140,8 @@ const MODES: [Mode; 4] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid, Mode::
 struct Policy<'a> {
     index: &'a SaapIndex,
     all_sparse: bool,
+    /// Keys budget of the trained routings (Saap, nearest centroid), else their ℓ.
+    keys_budget: Option<f64>,
 }
 
 impl Policy<'_> {
@@ -169,6 +175,9 @@ fn apply_mode(
         let attn = model.attention_mut(layer)?;
         attn.set_routing(routing)?;
         attn.set_n_probe(probe)?;
+        if policy.keys_budget.is_some() {
+            attn.set_keys_budget(policy.keys_budget)?;
+        }
         if routing == Routing::Quest {
             let budget = quest_budget.ok_or(
                 "Quest needs a keys budget: run the perplexity section or pass --quest-budget",
@@ -348,6 +357,7 @@ fn run() -> Res<()> {
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
+        keys_budget: args.keys_budget,
     };
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
@@ -562,6 +572,7 @@ fn command_line(args: &Args) -> String {
         ("--model", args.model.model.as_ref().map(file)),
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
+        ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--quest-budget", args.quest_budget.map(|b| b.to_string())),
         ("--yarn", args.model.yarn.map(|f| f.to_string())),
         (

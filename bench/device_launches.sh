@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Fewer launches per decode step (session of 2026-11-26, fourth part) on the GPU machine:
+# Qwen2.5-Coder-0.5B (Q4_K_M GGUF sent in 45 MB pieces .qwen/qNN to /tmp/q), texts in .qwen/texts,
+# binaries staged in .devA–.devD and copied to /tmp/bin as they arrive (carried folders do not
+# outlive their call). `throughput_old` is the binary of the session's first commit (d1ebc80).
+# Usage: bash bench/device_launches.sh STEP
+#   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps)
+set -uo pipefail
+step=$1
+source "$(dirname "$0")/device_common.sh"
+tp() { "$bin/$1" --model "$M" --cuda "${@:2}"; }
+ev() { "$bin/evaluate" --model "$M" --cuda "$@"; }
+case $step in
+tests)
+  unpack
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  run "$bin/saap" --test-threads 1 fused_
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1
+  run "$bin/attention" --test-threads 1 ;;
+piece)
+  unpack; mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; ls /tmp/q | tr '\n' ' ' ;;
+setup)
+  unpack
+  mkdir -p /tmp/saap/models /tmp/saap/texts "$I" && cp .qwen/texts/* /tmp/saap/texts/
+  cat /tmp/q/q* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt" ;;
+calib)
+  # Indexes trained as the better ones of the session before (2 sequences × 512 queries ×
+  # 30 epochs), at 32k and with YaRN ×4 for 128k.
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k.safetensors"
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q128k.safetensors" ;;
+e2e32)
+  # The first commit's binary, then this one, twice each, every layer sparse, graphs on.
+  for b in throughput_old throughput throughput_old throughput; do
+    run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
+  done ;;
+e2e128)
+  for b in throughput_old throughput; do
+    run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on
+  done ;;
+budget)
+  # The issue's keys-read targets (10% at 32k, 4% at 128k, window and sinks included), Saap and
+  # Quest at the same budget.
+  run tp throughput --index "$I/q32k.safetensors" --context 32000 --batch 8 --tokens 64 --all-sparse --graph on --keys-budget 0.10 --quest-budget 0.10
+  run tp throughput --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04 --quest-budget 0.04 ;;
+passkey)
+  run ev --index "$I/q32k.safetensors" --all-sparse --keys-budget 0.10 --quest-budget 0.10 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-budget"
+  run ev --yarn 4 --index "$I/q128k.safetensors" --all-sparse --keys-budget 0.04 --quest-budget 0.04 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey128-budget" ;;
+steps)
+  # Llama-3.1-8B layer step (bench_report) and FlashAttention-2 in the same call.
+  unpack
+  SAAP_REPORT_ONLY=steps run "$bin/bench_report" 32768,131072,171008 1,8
+  run python3 bench/fa2_prefill_anchor.py 32768,131072,171008 1,8 decode ;;
+esac
