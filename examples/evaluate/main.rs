@@ -608,7 +608,7 @@ fn markdown(r: &Report, args: &Args) -> String {
     if let Some(budget) = r.quest_keys_budget {
         let _ = writeln!(
             s,
-            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (Saap's share there); not in the per-layer tables (they replay recorded pre-RoPE queries).\n",
+            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (the --quest-budget given, else the share Saap's routed layers read); not in the per-layer tables (they replay recorded pre-RoPE queries).\n",
             100.0 * budget
         );
     }
