@@ -192,6 +192,50 @@ struct State {
     cap: usize,
 }
 
+/// Launches of a step that run beside its routing on CUDA (the append of keys and values, the
+/// new key's assignment; see `crate::cuda::Side`), joined back before the attention reads the
+/// cache. Elsewhere they run in order and there is nothing to join.
+struct SideLaunches(#[cfg(feature = "cuda")] Option<crate::cuda::Side>);
+
+impl SideLaunches {
+    fn fork(device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        return Ok(Self(match device {
+            Device::Cuda(dev) => Some(crate::cuda::Side::fork(dev)?),
+            _ => None,
+        }));
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            Ok(Self())
+        }
+    }
+
+    /// Nothing left to join.
+    fn joined() -> Self {
+        Self(
+            #[cfg(feature = "cuda")]
+            None,
+        )
+    }
+
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "cuda")]
+        if let Some(side) = &self.0 {
+            return side.run(f);
+        }
+        f()
+    }
+
+    fn join(self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(side) = self.0 {
+            side.join()?;
+        }
+        Ok(())
+    }
+}
+
 /// The K and V caches of a joint `[2, B, Hkv, cap, D]` cache (views of it) and the cache.
 fn split_kv(kv: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((kv.get(0)?, kv.get(1)?, kv))
@@ -853,14 +897,15 @@ impl SaapAttention {
     }
 
     /// Rotates k (and q, when given), appends k and v (and the keys' partitions) to the cache at
-    /// each sequence's end. Returns the rotated queries. On error nothing is appended.
+    /// each sequence's end. Returns the rotated queries and the append's launches, which the
+    /// caller joins before reading the cache. On error nothing is appended.
     fn append(
         &mut self,
         q: Option<&Tensor>,
         k: &Tensor,
         v: &Tensor,
         lens: &[usize],
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<(Option<Tensor>, SideLaunches)> {
         let undo = self.undo_point();
         let appended = self.append_rows(q, k, v, lens);
         self.or_rollback(appended, undo)
@@ -873,7 +918,7 @@ impl SaapAttention {
         k: &Tensor,
         v: &Tensor,
         lens: &[usize],
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<(Option<Tensor>, SideLaunches)> {
         let (batch, t_len) = (k.dim(0)?, k.dim(2)?);
         let starts: Vec<usize> = self
             .state
@@ -904,15 +949,29 @@ impl SaapAttention {
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let mut write = self.rope.writer(&starts, lens, true, true);
         write.advance.clone_from(&advance);
-        state.kv.inplace_op3(&k, &v, &KvWrite(write))?;
-        if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
-            let centroids = (
-                &index.centroids_t,
-                &index.half_norms,
-                index.centroids_rounded.as_ref(),
-            );
-            assign_rows(labels, &k, centroids, &starts, lens, advance.as_ref())?;
-        }
+        // Nothing before the attention reads what these write: on CUDA they run beside the
+        // routing, on a second stream.
+        let side = SideLaunches::fork(&self.device)?;
+        side.run(|| -> Result<()> {
+            state.kv.inplace_op3(&k, &v, &KvWrite(write))?;
+            if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
+                let centroids = (
+                    &index.centroids_t,
+                    &index.half_norms,
+                    index.centroids_rounded.as_ref(),
+                );
+                assign_rows(labels, &k, centroids, &starts, lens, advance.as_ref())?;
+            }
+            Ok(())
+        })?;
+        // The finite check reads the cache now.
+        let side = match check_finite {
+            true => {
+                side.join()?;
+                SideLaunches::joined()
+            }
+            false => side,
+        };
         if check_finite {
             // Rotation preserves a pair's norm, so a component can grow by up to √2: a finite
             // f16 or bf16 key near the type's maximum can overflow to infinity in the cache.
@@ -935,7 +994,7 @@ impl SaapAttention {
             // Sinks are never indexed: the indexed region starts after them.
             seq.indexed_end = seq.indexed_end.max(self.config.sinks.min(seq.len));
         }
-        Ok(q_rot)
+        Ok((q_rot, side))
     }
 
     /// Whether tokens leaving the window are merged into the indexed region: with an index, or
@@ -1064,7 +1123,7 @@ impl SaapAttention {
         }
         self.check_lens(batch, t_len, lens)?;
         self.not_replaying("extend")?;
-        self.append(None, k, v, lens)?;
+        self.append(None, k, v, lens)?.1.join()?;
         self.merge_window(0)
     }
 
@@ -1117,7 +1176,9 @@ impl SaapAttention {
                 starts: starts.clone(),
             });
         }
-        let q_rot = self.append(Some(q), k, v, lens)?.expect("queries given");
+        let (q_rot, side) = self.append(Some(q), k, v, lens)?;
+        side.join()?;
+        let q_rot = q_rot.expect("queries given");
         let state = self.state.as_ref().expect("appended");
         let scale = 1.0 / (self.config.layout.head_dim as f32).sqrt();
         let out = prefill_attention(&q_rot, &state.k, &state.v, &starts, lens, scale)?;
@@ -1335,9 +1396,8 @@ impl SaapAttention {
 
     /// [`SaapAttention::decode`] up to the merge: append, route, attend, check; `[B, Hq, D]`.
     fn decode_step(&mut self, q: &Tensor, k: &Tensor, v: &Tensor, batch: usize) -> Result<Tensor> {
-        let q_rot = self
-            .append(Some(q), k, v, &vec![1; batch])?
-            .expect("queries given");
+        let (q_rot, side) = self.append(Some(q), k, v, &vec![1; batch])?;
+        let q_rot = q_rot.expect("queries given");
         let n_probe = self.config.n_probe;
         let state = self.state.as_ref().expect("appended");
         // With no page yet (nothing indexed) sinks and window are every key: read them all.
@@ -1389,7 +1449,10 @@ impl SaapAttention {
             scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
             advance: self.replay.as_ref().map(|r| r.advance.clone()),
         };
-        let out = q_rot.squeeze(2)?.contiguous()?.apply_op1_no_bwd(&op)?;
+        let q_rot = q_rot.squeeze(2)?.contiguous()?;
+        // The attention reads the cache the append wrote.
+        side.join()?;
+        let out = q_rot.apply_op1_no_bwd(&op)?;
         self.check("output", &[&out])?;
         self.last_read = if self.track_reads && self.replay.is_none() {
             Some(read_stats(&op, self.config.layout.group_size())?)

@@ -3,8 +3,8 @@
 //! (queries; keys and values; labels) with nothing copied from the host.
 
 use super::{
-    advance_chunk, load, push_advance, sm_count, to_u32, view, with_advance, with_cuda, ItemTable,
-    ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
+    advance_chunk, launch_stream, load, push_advance, sm_count, to_u32, view, with_advance,
+    with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -202,7 +202,7 @@ fn launch_rope<T: CudaDType + DeviceRepr>(
     };
     let (h32, t32, d32, rows32) = (to_u32(h)?, to_u32(t)?, to_u32(d)?, to_u32(rows)?);
     let at_position = u32::from(op.at_position);
-    let stream = dev.cuda_stream();
+    let stream = launch_stream(&dev)?;
     with_advance(op.advance.as_ref(), |advance| {
         for i0 in (0..b).step_by(MAX_BATCH) {
             let items = (b - i0).min(MAX_BATCH);
@@ -398,7 +398,7 @@ fn launch_assign<T: DeviceRepr + WithDType>(
         &APPEND,
         &format!("saap_assign_{}", dtype_name(T::DTYPE, "assign")?),
     )?;
-    let stream = dev.cuda_stream();
+    let stream = launch_stream(dev)?;
     let tiles = t.div_ceil(ASSIGN_KEYS);
     let slices = c.div_ceil(ASSIGN_SLICE);
     let (h32, t32, d32, c32, cap32) =
@@ -481,7 +481,7 @@ fn launch_assign_mma<T: DeviceRepr + WithDType>(
     }
     let tname = dtype_name(T::DTYPE, "assign")?;
     let func = load(dev, &APPEND, &format!("saap_assign_mma_{tname}_d{d}"))?;
-    let stream = dev.cuda_stream();
+    let stream = launch_stream(dev)?;
     let keys_per_block = 16 * ASSIGN_MMA_WARPS;
     let smem = 2 * MMA_TILE * (d + 8) * std::mem::size_of::<T>();
     let (h32, t32, c32, cap32) = (to_u32(h)?, to_u32(t)?, to_u32(c)?, to_u32(cap)?);

@@ -10,11 +10,14 @@ pub(crate) mod graph;
 mod merge;
 mod prefill;
 pub(crate) mod route;
+mod side;
 
 pub(crate) use append::{assign, kv_write, rope_new, rope_write};
 pub(crate) use decode::decode;
 pub(crate) use merge::merge;
 pub(crate) use prefill::prefill;
+pub(crate) use side::Side;
+use side::{after_main_work, launch_stream};
 
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaModule, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
@@ -237,6 +240,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> ZeroedBuffers<T> {
         if largest < len {
             let buf = dev.alloc_zeros::<T>(len.max(2 * largest).max(1024))?;
             all.push((id, buf));
+            after_main_work(dev)?;
         }
         let (_, buf) = all
             .iter_mut()
