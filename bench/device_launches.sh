@@ -4,7 +4,8 @@
 # binaries staged in .devA–.devD and copied to /tmp/bin as they arrive (carried folders do not
 # outlive their call). `throughput_old` is the binary of the session's first commit (d1ebc80).
 # Usage: bash bench/device_launches.sh STEP
-#   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps)
+#   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps | side)
+# `side` compares ce60e3c (`throughput_mid`) with the second-stream append (`throughput`).
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -51,4 +52,9 @@ steps)
   unpack
   SAAP_REPORT_ONLY=steps run "$bin/bench_report" 32768,131072,171008 1,8
   run python3 bench/fa2_prefill_anchor.py 32768,131072,171008 1,8 decode ;;
+side)
+  for b in throughput_mid throughput throughput_mid throughput; do
+    run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1 --tokens 64 --chunk 32768 --all-sparse --graph on
+    run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
+  done ;;
 esac
