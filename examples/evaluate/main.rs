@@ -333,11 +333,12 @@ fn run() -> Res<()> {
             layers[layer].saap.oracle_recall,
         );
         println!(
-            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | perfect classifier {:.3} reading {:.1}% | top-k oracle {:.3}",
+            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | perfect classifier {:.3} reading {:.1}%, {:.3} at Saap's keys | top-k oracle {:.3}",
             layers[layer].saap.indexed_recall,
             layers[layer].nearest_centroid.indexed_recall,
             layers[layer].saap.partition_oracle_indexed_recall,
             100.0 * layers[layer].saap.partition_oracle_indexed_selectivity,
+            layers[layer].saap.partition_oracle_matched_indexed_recall,
             layers[layer].saap.oracle_indexed_recall,
         );
     }
@@ -641,19 +642,42 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     if !r.layers.is_empty() {
-        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). Top-k: the best keys, as many as Saap reads.\n\n| layer | Saap | nearest centroid | perfect classifier | its indexed keys read | top-k at Saap's budget |\n|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). At Saap's keys: each head takes its partitions by mass until it has as many keys as Saap read (the last one pro rata). Top-k: the best keys, as many as Saap reads.\n\n| layer | Saap | Saap indexed keys read | nearest centroid | perfect classifier | its indexed keys read | perfect classifier at Saap's keys | top-k at Saap's keys |\n|---|---|---|---|---|---|---|---|");
     }
+    let row = |e: &RoutingEval, nc: &RoutingEval| {
+        format!(
+            "{:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} |",
+            e.indexed_recall,
+            100.0 * e.indexed_selectivity,
+            nc.indexed_recall,
+            e.partition_oracle_indexed_recall,
+            100.0 * e.partition_oracle_indexed_selectivity,
+            e.partition_oracle_matched_indexed_recall,
+            e.oracle_indexed_recall
+        )
+    };
     for l in &r.layers {
-        let _ = writeln!(
-            s,
-            "| {} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.3} |",
-            l.layer,
-            l.saap.indexed_recall,
-            l.nearest_centroid.indexed_recall,
-            l.saap.partition_oracle_indexed_recall,
-            100.0 * l.saap.partition_oracle_indexed_selectivity,
-            l.saap.oracle_indexed_recall
-        );
+        let _ = writeln!(s, "| {} | {}", l.layer, row(&l.saap, &l.nearest_centroid));
+    }
+    if !r.layers.is_empty() {
+        let n = r.layers.len() as f64;
+        let mean = |f: &dyn Fn(&LayerRow) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
+        let m = |get: fn(&RoutingEval) -> f64, nc: bool| {
+            mean(&|l: &LayerRow| get(if nc { &l.nearest_centroid } else { &l.saap }))
+        };
+        let avg = |nc: bool| RoutingEval {
+            indexed_recall: m(|e| e.indexed_recall, nc),
+            indexed_selectivity: m(|e| e.indexed_selectivity, nc),
+            partition_oracle_indexed_recall: m(|e| e.partition_oracle_indexed_recall, nc),
+            partition_oracle_indexed_selectivity: m(|e| e.partition_oracle_indexed_selectivity, nc),
+            partition_oracle_matched_indexed_recall: m(
+                |e| e.partition_oracle_matched_indexed_recall,
+                nc,
+            ),
+            oracle_indexed_recall: m(|e| e.oracle_indexed_recall, nc),
+            ..RoutingEval::default()
+        };
+        let _ = writeln!(s, "| mean | {}", row(&avg(false), &avg(true)));
     }
     if !r.nih.is_empty() {
         let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid | Quest |\n|---|---|---|---|---|---|---|");

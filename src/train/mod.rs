@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod eval;
+pub mod key_dims;
 pub mod mlp;
 
 use crate::config::{Routing, SaapConfig};
@@ -17,6 +18,7 @@ use candle_core::{DType, Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
 pub use eval::{evaluate_routing, RoutingEval};
 use indicatif::ProgressBar;
+pub use key_dims::KeyDims;
 pub use mlp::{train_classifier, MlpParams};
 
 /// Settings of one layer's training.
@@ -28,6 +30,8 @@ pub struct TrainParams {
     pub max_points_per_centroid: usize,
     /// k-means initialization.
     pub kmeans_init: KMeansInit,
+    /// Dimensions of the pre-RoPE keys k-means clusters on (the centroids are zero elsewhere).
+    pub key_dims: KeyDims,
     /// Classifier optimization.
     pub mlp: MlpParams,
     /// Training queries taken per sequence.
@@ -44,12 +48,14 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    /// Defaults for `config`: 25 Lloyd iterations, 256 keys per centroid, random init.
+    /// Defaults for `config`: 25 Lloyd iterations, 256 keys per centroid, random init, every
+    /// key dimension.
     pub fn new(config: &SaapConfig) -> Self {
         Self {
             kmeans_iters: 25,
             max_points_per_centroid: 256,
             kmeans_init: KMeansInit::Random,
+            key_dims: KeyDims::All,
             mlp: MlpParams::new(config.hidden),
             queries_per_seq: 1024,
             eval_queries_per_seq: 128,
@@ -61,16 +67,21 @@ impl TrainParams {
 }
 
 /// k-means centroids `[Hkv, C, D]` of the keys of `sequences` (sinks left out: they are never
-/// indexed).
+/// indexed), clustered on the dimensions `params.key_dims` keeps; the centroids are zero in the
+/// others, so that assignment (nearest centroid) follows the kept dimensions only.
 ///
 /// # Errors
-/// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys.
+/// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys;
+/// [`SaapError::Config`] for invalid `params.key_dims` ([`KeyDims::kept`]).
 pub fn train_centroids(
     sequences: &[Sequence],
     config: &SaapConfig,
     params: &TrainParams,
 ) -> Result<Tensor> {
     let layout = config.layout;
+    let d = layout.head_dim;
+    let kept = params.key_dims.kept(config)?;
+    let all = kept.len() == d;
     let mut per_head = Vec::with_capacity(layout.n_kv_heads);
     for h in 0..layout.n_kv_heads {
         let mut points = Vec::new();
@@ -78,12 +89,19 @@ pub fn train_centroids(
             let n = seq.len();
             if n > config.sinks {
                 let keys = seq.k.get(h)?.narrow(0, config.sinks, n - config.sinks)?;
-                points.extend(keys.flatten_all()?.to_vec1::<f32>()?);
+                let keys = keys.flatten_all()?.to_vec1::<f32>()?;
+                if all {
+                    points.extend(keys);
+                } else {
+                    for row in keys.chunks_exact(d) {
+                        points.extend(kept.iter().map(|&i| row[i]));
+                    }
+                }
             }
         }
         let km = kmeans(
             &points,
-            layout.head_dim,
+            kept.len(),
             &KMeansParams {
                 k: config.n_partitions,
                 iters: params.kmeans_iters,
@@ -93,9 +111,23 @@ pub fn train_centroids(
             },
             &params.device,
         )?;
+        let centroids = if all {
+            km.centroids
+        } else {
+            let mut full = vec![0f32; config.n_partitions * d];
+            for (row, c) in full
+                .chunks_exact_mut(d)
+                .zip(km.centroids.chunks_exact(kept.len()))
+            {
+                for (&i, &x) in kept.iter().zip(c) {
+                    row[i] = x;
+                }
+            }
+            full
+        };
         per_head.push(Tensor::from_vec(
-            km.centroids,
-            (config.n_partitions, layout.head_dim),
+            centroids,
+            (config.n_partitions, d),
             &Device::Cpu,
         )?);
     }
