@@ -45,6 +45,17 @@ pub struct RoutingEval {
     /// Relative L2 error of the attention output (exact softmax over the keys read) against
     /// dense attention.
     pub output_rel_error: f64,
+    /// `output_rel_error` when the softmax also counts the partitions not read, each estimated
+    /// from a summary: its count of indexed keys `n_p`, the mean of its post-RoPE keys `k̄_p`
+    /// and of its values `v̄_p`, adding `n_p·exp(q·k̄_p/√D)` to the denominator and that times
+    /// `v̄_p` to the numerator (Jensen: at most the partition's true exp-mass). Offline only
+    /// (issue 14 item 3c); 0 in older reports.
+    #[serde(default)]
+    pub output_rel_error_summary: f64,
+    /// The same correction with each unread partition's true attention mass and its mean value:
+    /// the best any estimate of the mass alone can do.
+    #[serde(default)]
+    pub output_rel_error_exact_mass: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -67,6 +78,9 @@ impl RoutingEval {
             partition_oracle_matched_indexed_recall: self.partition_oracle_matched_indexed_recall
                 + o.partition_oracle_matched_indexed_recall,
             output_rel_error: self.output_rel_error + o.output_rel_error,
+            output_rel_error_summary: self.output_rel_error_summary + o.output_rel_error_summary,
+            output_rel_error_exact_mass: self.output_rel_error_exact_mass
+                + o.output_rel_error_exact_mass,
             samples: self.samples + o.samples,
         }
     }
@@ -151,6 +165,7 @@ pub fn evaluate_routing(
                             .sum()
                     };
                     let read = count_in(&probed);
+                    let unread = unread_summaries(lab, vals, sink_end..index_end, &probed);
                     let indexed = index_end - sink_end;
                     let best = best_partitions(
                         probs[heads.clone()]
@@ -198,6 +213,9 @@ pub fn evaluate_routing(
                         sum.selectivity += (read + n - indexed) as f64 / n as f64;
                         let keep = |j: usize| j < sink_end || j >= index_end || in_sel(&probed, j);
                         sum.output_rel_error += output_error(&w[..n], vals, keep);
+                        let (est, exact) = corrected_output_errors(&w[..n], vals, keep, &unread);
+                        sum.output_rel_error_summary += est;
+                        sum.output_rel_error_exact_mass += exact;
                         sum.samples += 1;
                     }
                 }
@@ -219,6 +237,8 @@ pub fn evaluate_routing(
         partition_oracle_indexed_selectivity: sum.partition_oracle_indexed_selectivity / k,
         partition_oracle_matched_indexed_recall: sum.partition_oracle_matched_indexed_recall / k,
         output_rel_error: sum.output_rel_error / k,
+        output_rel_error_summary: sum.output_rel_error_summary / k,
+        output_rel_error_exact_mass: sum.output_rel_error_exact_mass / k,
         samples: sum.samples,
     })
 }
@@ -244,6 +264,97 @@ fn best_partitions<'a>(
         }
     }
     best
+}
+
+/// Per partition not read (over the indexed keys `range`): the ids of its keys and its mean
+/// value.
+fn unread_summaries(
+    labels: &[u32],
+    values: &[Vec<f32>],
+    range: std::ops::Range<usize>,
+    probed: &[bool],
+) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let dim = values.first().map_or(0, Vec::len);
+    let mut slot = vec![usize::MAX; probed.len()];
+    let mut out: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
+    for j in range {
+        let p = labels[j] as usize;
+        if probed[p] {
+            continue;
+        }
+        if slot[p] == usize::MAX {
+            slot[p] = out.len();
+            out.push((Vec::new(), vec![0.0; dim]));
+        }
+        let (ids, sum) = &mut out[slot[p]];
+        ids.push(j);
+        for (s, &x) in sum.iter_mut().zip(&values[j]) {
+            *s += x as f64;
+        }
+    }
+    for (ids, sum) in &mut out {
+        let inv = 1.0 / ids.len() as f64;
+        sum.iter_mut().for_each(|s| *s *= inv);
+    }
+    out
+}
+
+/// Output errors against dense attention when the keys `keep` are read exactly and every
+/// unread partition of `unread` adds an estimated mass `m_p` with its mean value: `m_p` from the
+/// summary (`n_p·exp(mean of the keys' scores)`, i.e. the geometric mean of their weights times
+/// `n_p`, since `w_j = exp(s_j − lse)`), and `m_p` exact (the partition's true mass).
+fn corrected_output_errors(
+    w: &[f32],
+    values: &[Vec<f32>],
+    keep: impl Fn(usize) -> bool,
+    unread: &[(Vec<usize>, Vec<f64>)],
+) -> (f64, f64) {
+    let dim = values.first().map_or(0, Vec::len);
+    let mut dense = vec![0f64; dim];
+    let mut kept = vec![0f64; dim];
+    let mut kept_mass = 0f64;
+    for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
+        let wj = wj as f64;
+        let on = keep(j);
+        if on {
+            kept_mass += wj;
+        }
+        for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
+            *d += wj * x as f64;
+            if on {
+                *k += wj * x as f64;
+            }
+        }
+    }
+    let norm: f64 = dense.iter().map(|d| d * d).sum::<f64>().max(1e-30);
+    let error = |mass: &dyn Fn(&[usize]) -> f64| {
+        let mut num = kept.clone();
+        let mut den = kept_mass;
+        for (ids, mean_v) in unread {
+            let m = mass(ids);
+            den += m;
+            for (a, &v) in num.iter_mut().zip(mean_v) {
+                *a += m * v;
+            }
+        }
+        let inv = if den > 0.0 { 1.0 / den } else { 0.0 };
+        let err: f64 = num
+            .iter()
+            .zip(&dense)
+            .map(|(a, d)| (a * inv - d).powi(2))
+            .sum();
+        (err / norm).sqrt()
+    };
+    let summary = error(&|ids| {
+        let mean_ln = ids
+            .iter()
+            .map(|&j| (w[j].max(f32::MIN_POSITIVE) as f64).ln())
+            .sum::<f64>()
+            / ids.len() as f64;
+        ids.len() as f64 * mean_ln.exp()
+    });
+    let exact = error(&|ids| ids.iter().map(|&j| w[j] as f64).sum());
+    (summary, exact)
 }
 
 /// Mass of the partitions a head reads in order of its own mass `w` (over the indexed keys, with
