@@ -435,4 +435,35 @@ mod tests {
         assert!((at(6) - 1.0).abs() < 1e-6);
         assert!((at(60) - 1.0).abs() < 1e-6);
     }
+
+    #[test]
+    fn unread_partition_summaries_correct_the_softmax() {
+        // Keys 0..6; partition 0 = keys 0, 1 (read), partition 1 = keys 2, 3, partition 2 =
+        // keys 4, 5 (unread). Values are constant within partitions 1 and 2, weights equal within
+        // partition 1: its summary estimate is exact.
+        let w = [0.3f32, 0.2, 0.1, 0.1, 0.25, 0.05];
+        let labels = [0u32, 0, 1, 1, 2, 2];
+        let values: Vec<Vec<f32>> = vec![
+            vec![1.0, 0.0],
+            vec![0.0, 1.0],
+            vec![2.0, 2.0],
+            vec![2.0, 2.0],
+            vec![-1.0, 3.0],
+            vec![-1.0, 3.0],
+        ];
+        let probed = [true, false, false];
+        let unread = unread_summaries(&labels, &values, 0..6, &probed);
+        assert_eq!(unread.len(), 2);
+        assert_eq!(unread[0].0, vec![2, 3]);
+        assert_eq!(unread[0].1, vec![2.0, 2.0]);
+        let keep = |j: usize| probed[labels[j] as usize];
+        let plain = output_error(&w, &values, keep);
+        let (summary, exact) = corrected_output_errors(&w, &values, keep, &unread);
+        assert!(plain > 0.1, "{plain}");
+        // Exact masses with exact mean values: dense attention back.
+        assert!(exact < 1e-6, "{exact}");
+        // Partition 2's weights differ: the geometric mean under-counts its mass (Jensen), yet
+        // the estimate still beats reading nothing of it.
+        assert!(summary > 1e-4 && summary < plain, "{summary} vs {plain}");
+    }
 }
