@@ -44,7 +44,8 @@ struct Args {
     keys_budget: Option<f64>,
     /// Key dimensions k-means clusters on: `all`, `slowest:<share>` (the share of rotary pairs
     /// that rotate slowest) or `turns:<t>` (the pairs turning less than t times over --context
-    /// tokens); centroids are zero in the other dimensions
+    /// tokens); centroids are zero in the other dimensions; or `queries:<share>` (that share of
+    /// the head dimension as the top directions of the rotation-averaged query second moment)
     #[arg(long, default_value = "all")]
     key_dims: String,
     /// Training sequences per text
@@ -133,7 +134,7 @@ fn run() -> Res<()> {
     };
     params.device = device.clone();
     params.key_dims = dims;
-    let kept = params.key_dims.kept(&config)?;
+    let kept = params.key_dims.rank(&config)?;
     plan.min_recall = min_recall;
     println!(
         "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}, \
@@ -143,7 +144,7 @@ fn run() -> Res<()> {
         config.window,
         config.sinks,
         config.hidden,
-        kept.len(),
+        kept,
         config.layout.head_dim
     );
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;

@@ -176,3 +176,60 @@ fn invalid_key_dims_are_config_errors() {
         );
     }
 }
+
+#[test]
+fn query_directions_span_where_the_queries_live() {
+    // Queries only in dimensions 0..4 (interleaved pairs 0 and 1): rotations keep them there,
+    // so the top half of the directions is span(e0..e3) and the keys' dimensions 4..8 must not
+    // matter.
+    let config = config(4, 2, D, 16, RopeKind::Interleaved);
+    let mut seqs = sequences(11);
+    let mask = Tensor::from_vec(
+        (0..D).map(|i| if i < 4 { 1f32 } else { 0.0 }).collect(),
+        (1, 1, D),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    for s in &mut seqs {
+        s.q = s.q.broadcast_mul(&mask).unwrap();
+    }
+    let mut params = TrainParams::new(&config);
+    params.kmeans_iters = 6;
+    params.key_dims = KeyDims::parse("queries:0.5", 300).unwrap();
+    assert_eq!(params.key_dims.rank(&config).unwrap(), 4);
+    assert!(matches!(
+        params.key_dims.kept(&config),
+        Err(SaapError::Config(_))
+    ));
+    let centroids = train_centroids(&seqs, &config, &params).unwrap();
+    let outside = columns(&centroids, &[4, 5, 6, 7])
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(outside < 1e-5, "centroids leave the query span: {outside}");
+    let inside = columns(&centroids, &[0, 1, 2, 3])
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(inside > 0.1);
+    let keys = seqs[0].k.clone();
+    let mut r = rng(5);
+    let shaken = (&keys
+        + randn(&mut r, &[2, 300, D], 50.0)
+            .broadcast_mul(&(1.0 - &mask).unwrap())
+            .unwrap())
+    .unwrap();
+    assert_eq!(
+        assign(&keys, &centroids).unwrap().to_vec2::<u32>().unwrap(),
+        assign(&shaken, &centroids)
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    );
+}

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
 pub use eval::{evaluate_routing, RoutingEval};
 use indicatif::ProgressBar;
+use key_dims::Basis;
 pub use key_dims::KeyDims;
 pub use mlp::{train_classifier, MlpParams};
 
@@ -72,7 +73,8 @@ impl TrainParams {
 ///
 /// # Errors
 /// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys;
-/// [`SaapError::Config`] for invalid `params.key_dims` ([`KeyDims::kept`]).
+/// [`SaapError::Config`] for invalid `params.key_dims` ([`KeyDims::kept`]);
+/// [`SaapError::Training`] when [`KeyDims::Queries`] finds no query.
 pub fn train_centroids(
     sequences: &[Sequence],
     config: &SaapConfig,
@@ -80,28 +82,43 @@ pub fn train_centroids(
 ) -> Result<Tensor> {
     let layout = config.layout;
     let d = layout.head_dim;
-    let kept = params.key_dims.kept(config)?;
-    let all = kept.len() == d;
+    params.key_dims.validate()?;
     let mut per_head = Vec::with_capacity(layout.n_kv_heads);
     for h in 0..layout.n_kv_heads {
+        let basis = params.key_dims.basis(config, sequences, h)?;
+        let rank = match &basis {
+            Basis::Axes(kept) => kept.len(),
+            Basis::Directions { rank, .. } => *rank,
+        };
         let mut points = Vec::new();
         for seq in sequences {
             let n = seq.len();
             if n > config.sinks {
                 let keys = seq.k.get(h)?.narrow(0, config.sinks, n - config.sinks)?;
                 let keys = keys.flatten_all()?.to_vec1::<f32>()?;
-                if all {
-                    points.extend(keys);
-                } else {
-                    for row in keys.chunks_exact(d) {
-                        points.extend(kept.iter().map(|&i| row[i]));
+                match &basis {
+                    Basis::Axes(kept) if kept.len() == d => points.extend(keys),
+                    Basis::Axes(kept) => {
+                        for row in keys.chunks_exact(d) {
+                            points.extend(kept.iter().map(|&i| row[i]));
+                        }
+                    }
+                    Basis::Directions { u, rank } => {
+                        for row in keys.chunks_exact(d) {
+                            points.extend((0..*rank).map(|j| {
+                                row.iter()
+                                    .enumerate()
+                                    .map(|(i, &x)| x as f64 * u[i * rank + j])
+                                    .sum::<f64>() as f32
+                            }));
+                        }
                     }
                 }
             }
         }
         let km = kmeans(
             &points,
-            kept.len(),
+            rank,
             &KMeansParams {
                 k: config.n_partitions,
                 iters: params.kmeans_iters,
@@ -111,19 +128,32 @@ pub fn train_centroids(
             },
             &params.device,
         )?;
-        let centroids = if all {
-            km.centroids
-        } else {
-            let mut full = vec![0f32; config.n_partitions * d];
-            for (row, c) in full
-                .chunks_exact_mut(d)
-                .zip(km.centroids.chunks_exact(kept.len()))
-            {
-                for (&i, &x) in kept.iter().zip(c) {
-                    row[i] = x;
+        let centroids = match &basis {
+            Basis::Axes(kept) if kept.len() == d => km.centroids,
+            Basis::Axes(kept) => {
+                let mut full = vec![0f32; config.n_partitions * d];
+                for (row, c) in full
+                    .chunks_exact_mut(d)
+                    .zip(km.centroids.chunks_exact(rank))
+                {
+                    for (&i, &x) in kept.iter().zip(c) {
+                        row[i] = x;
+                    }
                 }
+                full
             }
-            full
+            Basis::Directions { u, rank } => km
+                .centroids
+                .chunks_exact(*rank)
+                .flat_map(|c| {
+                    (0..d).map(move |i| {
+                        c.iter()
+                            .enumerate()
+                            .map(|(j, &x)| x as f64 * u[i * rank + j])
+                            .sum::<f64>() as f32
+                    })
+                })
+                .collect(),
         };
         per_head.push(Tensor::from_vec(
             centroids,
