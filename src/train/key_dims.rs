@@ -481,6 +481,8 @@ mod tests {
             "slowest:2",
             "turns:-1",
             "all:1",
+            "queries:0",
+            "queries:x",
         ] {
             assert!(
                 matches!(KeyDims::parse(spec, 8192), Err(SaapError::Config(_))),
