@@ -48,6 +48,10 @@ struct Args {
     /// the head dimension as the top directions of the rotation-averaged query second moment)
     #[arg(long, default_value = "all")]
     key_dims: String,
+    /// k-means weighs each key by (its attention mass from the training queries / the mean)^P:
+    /// centroids gather where attention goes
+    #[arg(long, value_name = "P")]
+    attention_weight: Option<f64>,
     /// Training sequences per text
     #[arg(long, default_value_t = 2)]
     seqs: usize,
@@ -87,6 +91,7 @@ fn run() -> Res<()> {
         hidden,
         keys_budget,
         key_dims,
+        attention_weight,
         seqs,
         epochs,
         queries,
@@ -103,6 +108,9 @@ fn run() -> Res<()> {
     }
     // Checked before the model loads.
     let dims = KeyDims::parse(&key_dims, context)?;
+    if let Some(p) = attention_weight.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        return Err(format!("--attention-weight {p}: must be finite and > 0").into());
+    }
     // With --cuda, k-means, the attention targets and the classifier's training run on the GPU.
     let Loaded {
         device,
@@ -134,11 +142,12 @@ fn run() -> Res<()> {
     };
     params.device = device.clone();
     params.key_dims = dims;
+    params.attention_weight = attention_weight;
     let kept = params.key_dims.rank(&config)?;
     plan.min_recall = min_recall;
     println!(
         "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}, \
-         k-means on {} of {} key dimensions ({key_dims})",
+         k-means on {} of {} key dimensions ({key_dims}), attention weight {attention_weight:?}",
         config.n_partitions,
         config.n_probe,
         config.window,

@@ -233,3 +233,67 @@ fn query_directions_span_where_the_queries_live() {
             .unwrap()
     );
 }
+
+#[test]
+fn weighted_kmeans_follows_the_weights() {
+    use saap::partition::kmeans::kmeans_weighted;
+    // Two well separated groups on a line; one centroid: its position is the weighted mean.
+    let points: Vec<f32> = vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0];
+    let params = KMeansParams {
+        k: 1,
+        iters: 3,
+        ..KMeansParams::new(1, 0)
+    };
+    let cpu = candle_core::Device::Cpu;
+    let plain = kmeans(&points, 1, &params, &cpu).unwrap();
+    assert!((plain.centroids[0] - 6.0).abs() < 1e-5);
+    let ones = kmeans_weighted(&points, Some(&[1.0; 6]), 1, &params, &cpu).unwrap();
+    assert_eq!(ones.centroids, plain.centroids);
+    let w = [0.0, 0.0, 0.0, 1.0, 1.0, 2.0];
+    let heavy = kmeans_weighted(&points, Some(&w), 1, &params, &cpu).unwrap();
+    assert!(
+        (heavy.centroids[0] - 11.25).abs() < 1e-5,
+        "{:?}",
+        heavy.centroids
+    );
+    for bad in [
+        vec![1.0; 5],
+        vec![1.0, 1.0, 1.0, -1.0, 1.0, 1.0],
+        vec![f32::NAN; 6],
+    ] {
+        assert!(matches!(
+            kmeans_weighted(&points, Some(&bad), 1, &params, &cpu),
+            Err(SaapError::Training(_))
+        ));
+    }
+}
+
+#[test]
+fn attention_weighted_centroids_train_and_reject_bad_exponents() {
+    let config = config(4, 2, D, 16, RopeKind::Interleaved);
+    let seqs = sequences(13);
+    let mut params = TrainParams::new(&config);
+    params.kmeans_iters = 4;
+    params.queries_per_seq = 32;
+    params.min_indexed = 16;
+    let plain = train_centroids(&seqs, &config, &params).unwrap();
+    params.attention_weight = Some(1.0);
+    let weighted = train_centroids(&seqs, &config, &params).unwrap();
+    assert_eq!(weighted.dims(), plain.dims());
+    let diff = (&weighted - &plain)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 1e-3, "weights changed nothing");
+    for p in [0.0, -1.0, f64::NAN] {
+        params.attention_weight = Some(p);
+        assert!(matches!(
+            train_centroids(&seqs, &config, &params),
+            Err(SaapError::Config(_))
+        ));
+    }
+}
