@@ -347,6 +347,11 @@ fn run() -> Res<()> {
             layers[layer].saap.oracle_indexed_recall,
         );
         println!(
+            "         perfect classifier at Saap's keys over partitions × blocks of {} positions: {:.3}",
+            saap::train::eval::AGE_BLOCK,
+            layers[layer].saap.partition_block_oracle_matched_indexed_recall,
+        );
+        println!(
             "         output error with unread partitions estimated: Saap {:.3} → {:.3} from summaries, {:.3} with their exact mass",
             layers[layer].saap.output_rel_error,
             layers[layer].saap.output_rel_error_summary,

@@ -9,6 +9,9 @@ use crate::train::data::{query_attention, query_positions, Sequence};
 use candle_core::Device;
 use rayon::prelude::*;
 
+/// Positions per time block of [`RoutingEval::partition_block_oracle_matched_indexed_recall`].
+pub const AGE_BLOCK: usize = 1024;
+
 /// Means over held-out queries and heads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingEval {
@@ -42,6 +45,11 @@ pub struct RoutingEval {
     /// group want different partitions; this one compares at equal keys. (0 in older reports.)
     #[serde(default)]
     pub partition_oracle_matched_indexed_recall: f64,
+    /// The same at Saap's keys over finer partitions: each partition cut into blocks of
+    /// [`AGE_BLOCK`] positions (partition × block, as an index that also splits by time would
+    /// have): does position, which pre-RoPE partitions ignore, decide where the mass is?
+    #[serde(default)]
+    pub partition_block_oracle_matched_indexed_recall: f64,
     /// Relative L2 error of the attention output (exact softmax over the keys read) against
     /// dense attention.
     pub output_rel_error: f64,
@@ -77,6 +85,9 @@ impl RoutingEval {
                 + o.partition_oracle_indexed_selectivity,
             partition_oracle_matched_indexed_recall: self.partition_oracle_matched_indexed_recall
                 + o.partition_oracle_matched_indexed_recall,
+            partition_block_oracle_matched_indexed_recall: self
+                .partition_block_oracle_matched_indexed_recall
+                + o.partition_block_oracle_matched_indexed_recall,
             output_rel_error: self.output_rel_error + o.output_rel_error,
             output_rel_error_summary: self.output_rel_error_summary + o.output_rel_error_summary,
             output_rel_error_exact_mass: self.output_rel_error_exact_mass
@@ -180,6 +191,14 @@ pub fn evaluate_routing(
                     for &p in &lab[sink_end..index_end] {
                         sizes[p as usize] += 1;
                     }
+                    let blocks = index_end.div_ceil(AGE_BLOCK).max(1);
+                    let block_lab: Vec<u32> = (sink_end..index_end)
+                        .map(|j| (lab[j] as usize * blocks + j / AGE_BLOCK) as u32)
+                        .collect();
+                    let mut block_sizes = vec![0usize; c * blocks];
+                    for &p in &block_lab {
+                        block_sizes[p as usize] += 1;
+                    }
                     for head_probs in &probs[heads] {
                         let w = &head_probs[i];
                         let fixed: f64 = w[..sink_end]
@@ -202,6 +221,12 @@ pub fn evaluate_routing(
                             &w[sink_end..index_end],
                             &lab[sink_end..index_end],
                             &sizes,
+                            read,
+                        ));
+                        sum.partition_block_oracle_matched_indexed_recall += share(mass_at_keys(
+                            &w[sink_end..index_end],
+                            &block_lab,
+                            &block_sizes,
                             read,
                         ));
                         sum.partition_oracle_indexed_selectivity +=
@@ -236,6 +261,9 @@ pub fn evaluate_routing(
         partition_oracle_indexed_recall: sum.partition_oracle_indexed_recall / k,
         partition_oracle_indexed_selectivity: sum.partition_oracle_indexed_selectivity / k,
         partition_oracle_matched_indexed_recall: sum.partition_oracle_matched_indexed_recall / k,
+        partition_block_oracle_matched_indexed_recall: sum
+            .partition_block_oracle_matched_indexed_recall
+            / k,
         output_rel_error: sum.output_rel_error / k,
         output_rel_error_summary: sum.output_rel_error_summary / k,
         output_rel_error_exact_mass: sum.output_rel_error_exact_mass / k,

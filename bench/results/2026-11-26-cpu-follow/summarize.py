@@ -4,8 +4,8 @@ columns, and perplexity x dense. Usage: summarize.py DIR... (each holding a repo
 import json
 import sys
 
-print("| setting | C | ℓ | cap (perfect classifier, top-ℓ) | its keys read | cap at Saap's keys | top-k at Saap's keys | Saap indexed recall | Saap keys read | Saap / cap at its keys | NC indexed recall | ppl Saap × dense |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| setting | C | ℓ | cap (perfect classifier, top-ℓ) | its keys read | cap at Saap's keys | top-k at Saap's keys | Saap indexed recall | Saap keys read | Saap / cap at its keys | NC indexed recall | ppl Saap × dense | cap at Saap's keys, partitions × 1024-position blocks |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for d in sys.argv[1:]:
     r = json.load(open(f"{d}/report.json"))
     L = r["layers"]
@@ -19,4 +19,5 @@ for d in sys.argv[1:]:
           f"| {cap_m:.3f} | {s('oracle_indexed_recall'):.3f} "
           f"| {s('indexed_recall'):.3f} | {100 * s('indexed_selectivity'):.1f}% "
           f"| {s('indexed_recall') / max(cap_m, 1e-9):.2f} "
-          f"| {m(lambda l: l['nearest_centroid']['indexed_recall']):.3f} | {ratio} |")
+          f"| {m(lambda l: l['nearest_centroid']['indexed_recall']):.3f} | {ratio} "
+          f"| {s('partition_block_oracle_matched_indexed_recall'):.3f} |")
