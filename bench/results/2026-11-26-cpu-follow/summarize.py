@@ -14,10 +14,12 @@ for d in sys.argv[1:]:
     ppl = {x["mode"]: x["perplexity"] for x in r["decode"]}
     ratio = f"{ppl['Saap'] / ppl['Dense']:.3f}" if "Saap" in ppl else "-"
     cap_m = s("partition_oracle_matched_indexed_recall")
+    b = s("partition_block_oracle_matched_indexed_recall")
+    blk = f"{b:.3f}" if b else "-"
     print(f"| {d.rstrip('/').split('/')[-1]} | {r['n_partitions']} | {r['n_probe']} "
           f"| {s('partition_oracle_indexed_recall'):.3f} | {100 * s('partition_oracle_indexed_selectivity'):.1f}% "
           f"| {cap_m:.3f} | {s('oracle_indexed_recall'):.3f} "
           f"| {s('indexed_recall'):.3f} | {100 * s('indexed_selectivity'):.1f}% "
           f"| {s('indexed_recall') / max(cap_m, 1e-9):.2f} "
           f"| {m(lambda l: l['nearest_centroid']['indexed_recall']):.3f} | {ratio} "
-          f"| {s('partition_block_oracle_matched_indexed_recall'):.3f} |")
+          f"| {blk} |")
