@@ -9,7 +9,7 @@ use clap::Parser;
 use common::{exit_code, Loaded, ModelArgs, Res};
 use saap::models::calibrate::{calibrate_model, quick_params, CalibrationPlan};
 use saap::models::fetch;
-use saap::train::TrainParams;
+use saap::train::{KeyDims, TrainParams};
 use saap::SaapConfig;
 use std::path::PathBuf;
 
@@ -42,6 +42,16 @@ struct Args {
     /// window and sinks included): ops built from it choose ℓ per step to fit it
     #[arg(long)]
     keys_budget: Option<f64>,
+    /// Key dimensions k-means clusters on: `all`, `slowest:<share>` (the share of rotary pairs
+    /// that rotate slowest) or `turns:<t>` (the pairs turning less than t times over --context
+    /// tokens); centroids are zero in the other dimensions; or `queries:<share>` (that share of
+    /// the head dimension as the top directions of the rotation-averaged query second moment)
+    #[arg(long, default_value = "all")]
+    key_dims: String,
+    /// k-means weighs each key by (its attention mass from the training queries / the mean)^P:
+    /// centroids gather where attention goes
+    #[arg(long, value_name = "P")]
+    attention_weight: Option<f64>,
     /// Training sequences per text
     #[arg(long, default_value_t = 2)]
     seqs: usize,
@@ -80,6 +90,8 @@ fn run() -> Res<()> {
         sinks,
         hidden,
         keys_budget,
+        key_dims,
+        attention_weight,
         seqs,
         epochs,
         queries,
@@ -93,6 +105,11 @@ fn run() -> Res<()> {
              (sinks + window + C keys before its first query)"
         )
         .into());
+    }
+    // Checked before the model loads.
+    let dims = KeyDims::parse(&key_dims, context)?;
+    if let Some(p) = attention_weight.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        return Err(format!("--attention-weight {p}: must be finite and > 0").into());
     }
     // With --cuda, k-means, the attention targets and the classifier's training run on the GPU.
     let Loaded {
@@ -124,10 +141,20 @@ fn run() -> Res<()> {
         (plan, params)
     };
     params.device = device.clone();
+    params.key_dims = dims;
+    params.attention_weight = attention_weight;
+    let kept = params.key_dims.rank(&config)?;
     plan.min_recall = min_recall;
     println!(
-        "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}",
-        config.n_partitions, config.n_probe, config.window, config.sinks, config.hidden
+        "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}, \
+         k-means on {} of {} key dimensions ({key_dims}), attention weight {attention_weight:?}",
+        config.n_partitions,
+        config.n_probe,
+        config.window,
+        config.sinks,
+        config.hidden,
+        kept,
+        config.layout.head_dim
     );
     let (index, reports) = calibrate_model(&mut model, &tok, &config, &params, &plan, &name)?;
     // Recorded so that tools can refuse the index for another model of the same shape.

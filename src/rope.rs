@@ -91,6 +91,13 @@ impl Rope {
         }
     }
 
+    /// Angular frequency (radians per position) of each rotary pair `i < D/2`, scaling applied.
+    /// Pair `i` is dimensions `(2i, 2i+1)` for [`RopeKind::Interleaved`] and `(i, i + D/2)` for
+    /// [`RopeKind::Neox`].
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
     /// The op that rotates rows of `[B, H, T, D]` to positions `starts[b] + t` and writes the
     /// first `lens[b]` of each item (see [`RopeWrite`]); `rotate: false` copies them unrotated.
     pub fn writer(

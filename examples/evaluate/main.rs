@@ -72,6 +72,11 @@ struct Args {
     /// Route every layer (ignoring the layers the index serves dense)
     #[arg(long)]
     all_sparse: bool,
+    /// The per-layer routing evaluation places its queries where at least this many keys lie
+    /// outside sinks and window; default C (pass the same value to compare indexes of different
+    /// C on the same queries)
+    #[arg(long)]
+    min_indexed: Option<usize>,
     /// Sections to leave out (a 128k evaluation split over several runs)
     #[arg(long, value_enum, value_delimiter = ',')]
     skip: Vec<Section>,
@@ -319,7 +324,7 @@ fn run() -> Res<()> {
     } else {
         Vec::new()
     };
-    let first = first_query_position(&config, config.n_partitions);
+    let first = first_query_position(&config, args.min_indexed.unwrap_or(config.n_partitions));
     let mut layers = Vec::new();
     for (layer, seqs) in recorded.iter().enumerate() {
         let trained = index.layer(layer)?;
@@ -342,12 +347,24 @@ fn run() -> Res<()> {
             layers[layer].saap.oracle_recall,
         );
         println!(
-            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | perfect classifier {:.3} reading {:.1}% | top-k oracle {:.3}",
+            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | perfect classifier {:.3} reading {:.1}%, {:.3} at Saap's keys | top-k oracle {:.3}",
             layers[layer].saap.indexed_recall,
             layers[layer].nearest_centroid.indexed_recall,
             layers[layer].saap.partition_oracle_indexed_recall,
             100.0 * layers[layer].saap.partition_oracle_indexed_selectivity,
+            layers[layer].saap.partition_oracle_matched_indexed_recall,
             layers[layer].saap.oracle_indexed_recall,
+        );
+        println!(
+            "         perfect classifier at Saap's keys over partitions × blocks of {} positions: {:.3}",
+            saap::train::eval::AGE_BLOCK,
+            layers[layer].saap.partition_block_oracle_matched_indexed_recall,
+        );
+        println!(
+            "         output error with unread partitions estimated: Saap {:.3} → {:.3} from summaries, {:.3} with their exact mass",
+            layers[layer].saap.output_rel_error,
+            layers[layer].saap.output_rel_error_summary,
+            layers[layer].saap.output_rel_error_exact_mass,
         );
     }
     drop(recorded);
@@ -652,18 +669,68 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     if !r.layers.is_empty() {
-        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). Top-k: the best keys, as many as Saap reads.\n\n| layer | Saap | nearest centroid | perfect classifier | its indexed keys read | top-k at Saap's budget |\n|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). At Saap's keys: each head takes its partitions by mass until it has as many keys as Saap read (the last one pro rata). Top-k: the best keys, as many as Saap reads.\n\n| layer | Saap | Saap indexed keys read | nearest centroid | perfect classifier | its indexed keys read | perfect classifier at Saap's keys | top-k at Saap's keys |\n|---|---|---|---|---|---|---|---|");
     }
+    let row = |e: &RoutingEval, nc: &RoutingEval| {
+        format!(
+            "{:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} |",
+            e.indexed_recall,
+            100.0 * e.indexed_selectivity,
+            nc.indexed_recall,
+            e.partition_oracle_indexed_recall,
+            100.0 * e.partition_oracle_indexed_selectivity,
+            e.partition_oracle_matched_indexed_recall,
+            e.oracle_indexed_recall
+        )
+    };
     for l in &r.layers {
+        let _ = writeln!(s, "| {} | {}", l.layer, row(&l.saap, &l.nearest_centroid));
+    }
+    if !r.layers.is_empty() {
+        let n = r.layers.len() as f64;
+        let mean = |f: &dyn Fn(&LayerRow) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
+        let m = |get: fn(&RoutingEval) -> f64, nc: bool| {
+            mean(&|l: &LayerRow| get(if nc { &l.nearest_centroid } else { &l.saap }))
+        };
+        let avg = |nc: bool| RoutingEval {
+            indexed_recall: m(|e| e.indexed_recall, nc),
+            indexed_selectivity: m(|e| e.indexed_selectivity, nc),
+            partition_oracle_indexed_recall: m(|e| e.partition_oracle_indexed_recall, nc),
+            partition_oracle_indexed_selectivity: m(|e| e.partition_oracle_indexed_selectivity, nc),
+            partition_oracle_matched_indexed_recall: m(
+                |e| e.partition_oracle_matched_indexed_recall,
+                nc,
+            ),
+            oracle_indexed_recall: m(|e| e.oracle_indexed_recall, nc),
+            ..RoutingEval::default()
+        };
+        let _ = writeln!(s, "| mean | {}", row(&avg(false), &avg(true)));
+    }
+    if r.layers
+        .iter()
+        .any(|l| l.saap.output_rel_error_summary > 0.0)
+    {
+        let _ = writeln!(s, "\n## Saap's output error with the unread partitions estimated (offline)\n\nEach unread partition adds n_p·exp(q·k̄_p/√D) (k̄_p: mean post-RoPE key of its indexed keys) with its mean value to the softmax; \"exact mass\" adds its true mass instead.\n\n| layer | Saap output error | with summaries | with exact mass |\n|---|---|---|---|");
+        for l in &r.layers {
+            let e = &l.saap;
+            let _ = writeln!(
+                s,
+                "| {} | {:.4} | {:.4} | {:.4} |",
+                l.layer,
+                e.output_rel_error,
+                e.output_rel_error_summary,
+                e.output_rel_error_exact_mass
+            );
+        }
+        let n = r.layers.len() as f64;
+        let mean =
+            |f: fn(&RoutingEval) -> f64| r.layers.iter().map(|l| f(&l.saap)).sum::<f64>() / n;
         let _ = writeln!(
             s,
-            "| {} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.3} |",
-            l.layer,
-            l.saap.indexed_recall,
-            l.nearest_centroid.indexed_recall,
-            l.saap.partition_oracle_indexed_recall,
-            100.0 * l.saap.partition_oracle_indexed_selectivity,
-            l.saap.oracle_indexed_recall
+            "| mean | {:.4} | {:.4} | {:.4} |",
+            mean(|e| e.output_rel_error),
+            mean(|e| e.output_rel_error_summary),
+            mean(|e| e.output_rel_error_exact_mass)
         );
     }
     if !r.nih.is_empty() {

@@ -139,6 +139,23 @@ pub fn kmeans(
     params: &KMeansParams,
     device: &Device,
 ) -> Result<KMeans> {
+    kmeans_weighted(points, None, dim, params, device)
+}
+
+/// [`kmeans`] where each point counts with a weight in the centroid updates (and the
+/// inertia): centroids gather where the weight is. Subsampling and initialization ignore the
+/// weights.
+///
+/// # Errors
+/// As [`kmeans`]; [`SaapError::Training`] when `weights` are not one finite, non-negative value
+/// per point.
+pub fn kmeans_weighted(
+    points: &[f32],
+    weights: Option<&[f32]>,
+    dim: usize,
+    params: &KMeansParams,
+    device: &Device,
+) -> Result<KMeans> {
     if dim == 0 || points.len() % dim != 0 {
         return Err(SaapError::Training(format!(
             "{} values do not form rows of dimension {dim}",
@@ -155,39 +172,53 @@ pub fn kmeans(
     if points.iter().any(|x| !x.is_finite()) {
         return Err(SaapError::NonFinite("k-means training points"));
     }
+    if let Some(w) = weights {
+        if w.len() != n_all || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(SaapError::Training(format!(
+                "k-means needs one finite weight >= 0 per point ({n_all}), got {} values",
+                w.len()
+            )));
+        }
+    }
     let mut rng = StdRng::seed_from_u64(params.seed);
     let cap = params.k * params.max_points_per_centroid.max(1);
     let sampled: Vec<f32>;
-    let points = if n_all > cap {
+    let sampled_w: Vec<f32>;
+    let (points, weights) = if n_all > cap {
         let mut ids = sample(&mut rng, n_all, cap).into_vec();
         ids.sort_unstable();
         sampled = ids
             .iter()
             .flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied())
             .collect();
-        &sampled[..]
+        sampled_w = weights.map_or(Vec::new(), |w| ids.iter().map(|&i| w[i]).collect());
+        (&sampled[..], weights.map(|_| &sampled_w[..]))
     } else {
-        points
+        (points, weights)
     };
+    let weight = |i: usize| weights.map_or(1.0, |w| w[i] as f64);
     let n = points.len() / dim;
     let mut centroids = init_centroids(points, dim, params, &mut rng);
     let mut inertia = Vec::with_capacity(params.iters);
     for iter in 0..params.iters.max(1) {
         let (labels, dists) = nearest(points, &centroids, dim, device)?;
-        inertia.push(dists.iter().sum());
+        inertia.push(dists.iter().enumerate().map(|(i, d)| weight(i) * d).sum());
         if iter + 1 == params.iters.max(1) {
             break;
         }
         let mut sums = vec![0f64; params.k * dim];
         let mut counts = vec![0usize; params.k];
+        let mut mass = vec![0f64; params.k];
         for (i, &l) in labels.iter().enumerate() {
             let l = l as usize;
             counts[l] += 1;
+            let w = weight(i);
+            mass[l] += w;
             for (s, &x) in sums[l * dim..(l + 1) * dim]
                 .iter_mut()
                 .zip(&points[i * dim..(i + 1) * dim])
             {
-                *s += x as f64;
+                *s += w * x as f64;
             }
         }
         // Empty clusters take the points worst served by the current assignment: moving a centroid
@@ -197,9 +228,18 @@ pub fn kmeans(
         let mut worst = worst.into_iter();
         for c in 0..params.k {
             let centroid = &mut centroids[c * dim..(c + 1) * dim];
-            if counts[c] > 0 {
+            if counts[c] > 0 && mass[c] > 0.0 {
                 for (x, s) in centroid.iter_mut().zip(&sums[c * dim..(c + 1) * dim]) {
-                    *x = (*s / counts[c] as f64) as f32;
+                    *x = (*s / mass[c]) as f32;
+                }
+            } else if counts[c] > 0 {
+                // Only weightless points: the plain mean keeps the centroid among them.
+                let rows = labels.iter().enumerate().filter(|(_, &l)| l as usize == c);
+                centroid.iter_mut().for_each(|x| *x = 0.0);
+                for (i, _) in rows {
+                    for (x, &p) in centroid.iter_mut().zip(&points[i * dim..(i + 1) * dim]) {
+                        *x += p / counts[c] as f32;
+                    }
                 }
             } else if let Some(p) = worst.next() {
                 centroid.copy_from_slice(&points[p * dim..(p + 1) * dim]);

@@ -9,6 +9,9 @@ use crate::train::data::{query_attention, query_positions, Sequence};
 use candle_core::Device;
 use rayon::prelude::*;
 
+/// Positions per time block of [`RoutingEval::partition_block_oracle_matched_indexed_recall`].
+pub const AGE_BLOCK: usize = 1024;
+
 /// Means over held-out queries and heads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoutingEval {
@@ -35,9 +38,32 @@ pub struct RoutingEval {
     /// Indexed keys that partition oracle reads / indexed keys.
     #[serde(default)]
     pub partition_oracle_indexed_selectivity: f64,
+    /// The perfect classifier at the keys this routing reads: each head takes its partitions in
+    /// order of its own indexed mass until it has as many keys as the routing read (the last
+    /// partition credited pro rata), like the top-k oracle, which reads as many single keys.
+    /// `partition_oracle_indexed_selectivity` reads more than the routing when the heads of a
+    /// group want different partitions; this one compares at equal keys. (0 in older reports.)
+    #[serde(default)]
+    pub partition_oracle_matched_indexed_recall: f64,
+    /// The same at Saap's keys over finer partitions: each partition cut into blocks of
+    /// [`AGE_BLOCK`] positions (partition × block, as an index that also splits by time would
+    /// have): does position, which pre-RoPE partitions ignore, decide where the mass is?
+    #[serde(default)]
+    pub partition_block_oracle_matched_indexed_recall: f64,
     /// Relative L2 error of the attention output (exact softmax over the keys read) against
     /// dense attention.
     pub output_rel_error: f64,
+    /// `output_rel_error` when the softmax also counts the partitions not read, each estimated
+    /// from a summary: its count of indexed keys `n_p`, the mean of its post-RoPE keys `k̄_p`
+    /// and of its values `v̄_p`, adding `n_p·exp(q·k̄_p/√D)` to the denominator and that times
+    /// `v̄_p` to the numerator (Jensen: at most the partition's true exp-mass). Offline only
+    /// (issue 14 item 3c); 0 in older reports.
+    #[serde(default)]
+    pub output_rel_error_summary: f64,
+    /// The same correction with each unread partition's true attention mass and its mean value:
+    /// the best any estimate of the mass alone can do.
+    #[serde(default)]
+    pub output_rel_error_exact_mass: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -57,7 +83,15 @@ impl RoutingEval {
                 + o.partition_oracle_indexed_recall,
             partition_oracle_indexed_selectivity: self.partition_oracle_indexed_selectivity
                 + o.partition_oracle_indexed_selectivity,
+            partition_oracle_matched_indexed_recall: self.partition_oracle_matched_indexed_recall
+                + o.partition_oracle_matched_indexed_recall,
+            partition_block_oracle_matched_indexed_recall: self
+                .partition_block_oracle_matched_indexed_recall
+                + o.partition_block_oracle_matched_indexed_recall,
             output_rel_error: self.output_rel_error + o.output_rel_error,
+            output_rel_error_summary: self.output_rel_error_summary + o.output_rel_error_summary,
+            output_rel_error_exact_mass: self.output_rel_error_exact_mass
+                + o.output_rel_error_exact_mass,
             samples: self.samples + o.samples,
         }
     }
@@ -142,6 +176,7 @@ pub fn evaluate_routing(
                             .sum()
                     };
                     let read = count_in(&probed);
+                    let unread = unread_summaries(lab, vals, sink_end..index_end, &probed);
                     let indexed = index_end - sink_end;
                     let best = best_partitions(
                         probs[heads.clone()]
@@ -152,6 +187,18 @@ pub fn evaluate_routing(
                         config.n_probe,
                     );
                     let best_read = count_in(&best);
+                    let mut sizes = vec![0usize; c];
+                    for &p in &lab[sink_end..index_end] {
+                        sizes[p as usize] += 1;
+                    }
+                    let blocks = index_end.div_ceil(AGE_BLOCK).max(1);
+                    let block_lab: Vec<u32> = (sink_end..index_end)
+                        .map(|j| (lab[j] as usize * blocks + j / AGE_BLOCK) as u32)
+                        .collect();
+                    let mut block_sizes = vec![0usize; c * blocks];
+                    for &p in &block_lab {
+                        block_sizes[p as usize] += 1;
+                    }
                     for head_probs in &probs[heads] {
                         let w = &head_probs[i];
                         let fixed: f64 = w[..sink_end]
@@ -170,6 +217,18 @@ pub fn evaluate_routing(
                         sum.indexed_recall += share(got);
                         sum.oracle_indexed_recall += share(oracle);
                         sum.partition_oracle_indexed_recall += share(got_best);
+                        sum.partition_oracle_matched_indexed_recall += share(mass_at_keys(
+                            &w[sink_end..index_end],
+                            &lab[sink_end..index_end],
+                            &sizes,
+                            read,
+                        ));
+                        sum.partition_block_oracle_matched_indexed_recall += share(mass_at_keys(
+                            &w[sink_end..index_end],
+                            &block_lab,
+                            &block_sizes,
+                            read,
+                        ));
                         sum.partition_oracle_indexed_selectivity +=
                             best_read as f64 / indexed.max(1) as f64;
                         sum.recall += fixed + got;
@@ -179,6 +238,9 @@ pub fn evaluate_routing(
                         sum.selectivity += (read + n - indexed) as f64 / n as f64;
                         let keep = |j: usize| j < sink_end || j >= index_end || in_sel(&probed, j);
                         sum.output_rel_error += output_error(&w[..n], vals, keep);
+                        let (est, exact) = corrected_output_errors(&w[..n], vals, keep, &unread);
+                        sum.output_rel_error_summary += est;
+                        sum.output_rel_error_exact_mass += exact;
                         sum.samples += 1;
                     }
                 }
@@ -198,7 +260,13 @@ pub fn evaluate_routing(
         oracle_recall: sum.oracle_recall / k,
         partition_oracle_indexed_recall: sum.partition_oracle_indexed_recall / k,
         partition_oracle_indexed_selectivity: sum.partition_oracle_indexed_selectivity / k,
+        partition_oracle_matched_indexed_recall: sum.partition_oracle_matched_indexed_recall / k,
+        partition_block_oracle_matched_indexed_recall: sum
+            .partition_block_oracle_matched_indexed_recall
+            / k,
         output_rel_error: sum.output_rel_error / k,
+        output_rel_error_summary: sum.output_rel_error_summary / k,
+        output_rel_error_exact_mass: sum.output_rel_error_exact_mass / k,
         samples: sum.samples,
     })
 }
@@ -224,6 +292,119 @@ fn best_partitions<'a>(
         }
     }
     best
+}
+
+/// Per partition not read (over the indexed keys `range`): the ids of its keys and its mean
+/// value.
+fn unread_summaries(
+    labels: &[u32],
+    values: &[Vec<f32>],
+    range: std::ops::Range<usize>,
+    probed: &[bool],
+) -> Vec<(Vec<usize>, Vec<f64>)> {
+    let dim = values.first().map_or(0, Vec::len);
+    let mut slot = vec![usize::MAX; probed.len()];
+    let mut out: Vec<(Vec<usize>, Vec<f64>)> = Vec::new();
+    for j in range {
+        let p = labels[j] as usize;
+        if probed[p] {
+            continue;
+        }
+        if slot[p] == usize::MAX {
+            slot[p] = out.len();
+            out.push((Vec::new(), vec![0.0; dim]));
+        }
+        let (ids, sum) = &mut out[slot[p]];
+        ids.push(j);
+        for (s, &x) in sum.iter_mut().zip(&values[j]) {
+            *s += x as f64;
+        }
+    }
+    for (ids, sum) in &mut out {
+        let inv = 1.0 / ids.len() as f64;
+        sum.iter_mut().for_each(|s| *s *= inv);
+    }
+    out
+}
+
+/// Output errors against dense attention when the keys `keep` are read exactly and every
+/// unread partition of `unread` adds an estimated mass `m_p` with its mean value: `m_p` from the
+/// summary (`n_p·exp(mean of the keys' scores)`, i.e. the geometric mean of their weights times
+/// `n_p`, since `w_j = exp(s_j − lse)`), and `m_p` exact (the partition's true mass).
+fn corrected_output_errors(
+    w: &[f32],
+    values: &[Vec<f32>],
+    keep: impl Fn(usize) -> bool,
+    unread: &[(Vec<usize>, Vec<f64>)],
+) -> (f64, f64) {
+    let dim = values.first().map_or(0, Vec::len);
+    let mut dense = vec![0f64; dim];
+    let mut kept = vec![0f64; dim];
+    let mut kept_mass = 0f64;
+    for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
+        let wj = wj as f64;
+        let on = keep(j);
+        if on {
+            kept_mass += wj;
+        }
+        for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
+            *d += wj * x as f64;
+            if on {
+                *k += wj * x as f64;
+            }
+        }
+    }
+    let norm: f64 = dense.iter().map(|d| d * d).sum::<f64>().max(1e-30);
+    let error = |mass: &dyn Fn(&[usize]) -> f64| {
+        let mut num = kept.clone();
+        let mut den = kept_mass;
+        for (ids, mean_v) in unread {
+            let m = mass(ids);
+            den += m;
+            for (a, &v) in num.iter_mut().zip(mean_v) {
+                *a += m * v;
+            }
+        }
+        let inv = if den > 0.0 { 1.0 / den } else { 0.0 };
+        let err: f64 = num
+            .iter()
+            .zip(&dense)
+            .map(|(a, d)| (a * inv - d).powi(2))
+            .sum();
+        (err / norm).sqrt()
+    };
+    let summary = error(&|ids| {
+        let mean_ln = ids
+            .iter()
+            .map(|&j| (w[j].max(f32::MIN_POSITIVE) as f64).ln())
+            .sum::<f64>()
+            / ids.len() as f64;
+        ids.len() as f64 * mean_ln.exp()
+    });
+    let exact = error(&|ids| ids.iter().map(|&j| w[j] as f64).sum());
+    (summary, exact)
+}
+
+/// Mass of the partitions a head reads in order of its own mass `w` (over the indexed keys, with
+/// their `labels`; `sizes` counts the keys per partition) until it has `budget` keys, the last
+/// partition credited for the share of its keys that fits.
+fn mass_at_keys(w: &[f32], labels: &[u32], sizes: &[usize], budget: usize) -> f64 {
+    let mut mass = vec![0f64; sizes.len()];
+    for (&x, &p) in w.iter().zip(labels) {
+        mass[p as usize] += x as f64;
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).filter(|&p| sizes[p] > 0).collect();
+    order.sort_by(|&a, &b| mass[b].total_cmp(&mass[a]));
+    let (mut left, mut got) = (budget, 0.0);
+    for p in order {
+        if left == 0 {
+            break;
+        }
+        let take = sizes[p].min(left);
+        got += mass[p] * take as f64 / sizes[p] as f64;
+        left -= take;
+    }
+    got
 }
 
 /// `||o_kept - o|| / ||o||` where `o = Σ w_j v_j` and `o_kept` is the softmax restricted to the
@@ -258,4 +439,59 @@ fn output_error(w: &[f32], values: &[Vec<f32>], keep: impl Fn(usize) -> bool) ->
         .sum();
     let norm: f64 = dense.iter().map(|d| d * d).sum();
     (err / norm.max(1e-30)).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mass_at_keys_fills_the_budget_by_partition_mass() {
+        // Partition 0: keys 0, 1 (mass 0.1 + 0.1); partition 1: keys 2..5 (0.5 in all);
+        // partition 2: key 5 (0.3).
+        let w = [0.1, 0.1, 0.2, 0.2, 0.1, 0.3];
+        let labels = [0, 0, 1, 1, 1, 2];
+        let sizes = [2, 3, 1];
+        let at = |budget| mass_at_keys(&w, &labels, &sizes, budget);
+        assert!((at(0) - 0.0).abs() < 1e-9);
+        // Partition 1 first (0.5), pro rata: 2 of its 3 keys.
+        assert!((at(2) - 0.5 * 2.0 / 3.0).abs() < 1e-6);
+        assert!((at(3) - 0.5).abs() < 1e-6);
+        // Then partition 2 (0.3), then partition 0.
+        assert!((at(4) - 0.8).abs() < 1e-6);
+        assert!((at(5) - 0.9).abs() < 1e-6);
+        assert!((at(6) - 1.0).abs() < 1e-6);
+        assert!((at(60) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn unread_partition_summaries_correct_the_softmax() {
+        // Keys 0..6; partition 0 = keys 0, 1 (read), partition 1 = keys 2, 3, partition 2 =
+        // keys 4, 5 (unread). Values are constant within partitions 1 and 2, weights equal within
+        // partition 1: its summary estimate is exact.
+        let w = [0.3f32, 0.2, 0.1, 0.1, 0.25, 0.05];
+        let labels = [0u32, 0, 1, 1, 2, 2];
+        let values: Vec<Vec<f32>> = vec![
+            vec![1.0, 0.0],
+            vec![0.0, 1.0],
+            vec![2.0, 2.0],
+            vec![2.0, 2.0],
+            vec![-1.0, 3.0],
+            vec![-1.0, 3.0],
+        ];
+        let probed = [true, false, false];
+        let unread = unread_summaries(&labels, &values, 0..6, &probed);
+        assert_eq!(unread.len(), 2);
+        assert_eq!(unread[0].0, vec![2, 3]);
+        assert_eq!(unread[0].1, vec![2.0, 2.0]);
+        let keep = |j: usize| probed[labels[j] as usize];
+        let plain = output_error(&w, &values, keep);
+        let (summary, exact) = corrected_output_errors(&w, &values, keep, &unread);
+        assert!(plain > 0.1, "{plain}");
+        // Exact masses with exact mean values: dense attention back.
+        assert!(exact < 1e-6, "{exact}");
+        // Partition 2's weights differ: the geometric mean under-counts its mass (Jensen), yet
+        // the estimate still beats reading nothing of it.
+        assert!(summary > 1e-4 && summary < plain, "{summary} vs {plain}");
+    }
 }

@@ -7,16 +7,19 @@
 
 pub mod data;
 pub mod eval;
+pub mod key_dims;
 pub mod mlp;
 
 use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
 use crate::index::{LayerIndex, SaapIndex};
-use crate::partition::kmeans::{kmeans, KMeansInit, KMeansParams};
+use crate::partition::kmeans::{kmeans_weighted, KMeansInit, KMeansParams};
 use candle_core::{DType, Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
 pub use eval::{evaluate_routing, RoutingEval};
 use indicatif::ProgressBar;
+use key_dims::Basis;
+pub use key_dims::KeyDims;
 pub use mlp::{train_classifier, MlpParams};
 
 /// Settings of one layer's training.
@@ -28,6 +31,12 @@ pub struct TrainParams {
     pub max_points_per_centroid: usize,
     /// k-means initialization.
     pub kmeans_init: KMeansInit,
+    /// Dimensions of the pre-RoPE keys k-means clusters on (the centroids are zero elsewhere).
+    pub key_dims: KeyDims,
+    /// When set to p, k-means weighs each key by `(m / mean m + 0.001)^p`, m the attention mass
+    /// it receives (while indexed) from the training queries of its KV group: centroids gather
+    /// where attention goes. Finite and > 0.
+    pub attention_weight: Option<f64>,
     /// Classifier optimization.
     pub mlp: MlpParams,
     /// Training queries taken per sequence.
@@ -44,12 +53,15 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    /// Defaults for `config`: 25 Lloyd iterations, 256 keys per centroid, random init.
+    /// Defaults for `config`: 25 Lloyd iterations, 256 keys per centroid, random init, every
+    /// key dimension.
     pub fn new(config: &SaapConfig) -> Self {
         Self {
             kmeans_iters: 25,
             max_points_per_centroid: 256,
             kmeans_init: KMeansInit::Random,
+            key_dims: KeyDims::All,
+            attention_weight: None,
             mlp: MlpParams::new(config.hidden),
             queries_per_seq: 1024,
             eval_queries_per_seq: 128,
@@ -61,29 +73,69 @@ impl TrainParams {
 }
 
 /// k-means centroids `[Hkv, C, D]` of the keys of `sequences` (sinks left out: they are never
-/// indexed).
+/// indexed), clustered on the dimensions `params.key_dims` keeps; the centroids are zero in the
+/// others, so that assignment (nearest centroid) follows the kept dimensions only.
 ///
 /// # Errors
-/// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys.
+/// As [`crate::partition::kmeans::kmeans`]: too few keys outside the sinks, or non-finite keys;
+/// [`SaapError::Config`] for invalid `params.key_dims` ([`KeyDims::kept`]);
+/// [`SaapError::Training`] when [`KeyDims::Queries`] finds no query.
 pub fn train_centroids(
     sequences: &[Sequence],
     config: &SaapConfig,
     params: &TrainParams,
 ) -> Result<Tensor> {
     let layout = config.layout;
+    let d = layout.head_dim;
+    params.key_dims.validate()?;
+    let weights = match params.attention_weight {
+        None => None,
+        Some(p) if p.is_finite() && p > 0.0 => {
+            Some(attention_weights(sequences, config, params, p)?)
+        }
+        Some(p) => {
+            return Err(SaapError::Config(format!(
+                "attention weight exponent must be finite and > 0, got {p}"
+            )))
+        }
+    };
     let mut per_head = Vec::with_capacity(layout.n_kv_heads);
     for h in 0..layout.n_kv_heads {
+        let basis = params.key_dims.basis(config, sequences, h)?;
+        let rank = match &basis {
+            Basis::Axes(kept) => kept.len(),
+            Basis::Directions { rank, .. } => *rank,
+        };
         let mut points = Vec::new();
         for seq in sequences {
             let n = seq.len();
             if n > config.sinks {
                 let keys = seq.k.get(h)?.narrow(0, config.sinks, n - config.sinks)?;
-                points.extend(keys.flatten_all()?.to_vec1::<f32>()?);
+                let keys = keys.flatten_all()?.to_vec1::<f32>()?;
+                match &basis {
+                    Basis::Axes(kept) if kept.len() == d => points.extend(keys),
+                    Basis::Axes(kept) => {
+                        for row in keys.chunks_exact(d) {
+                            points.extend(kept.iter().map(|&i| row[i]));
+                        }
+                    }
+                    Basis::Directions { u, rank } => {
+                        for row in keys.chunks_exact(d) {
+                            points.extend((0..*rank).map(|j| {
+                                row.iter()
+                                    .enumerate()
+                                    .map(|(i, &x)| x as f64 * u[i * rank + j])
+                                    .sum::<f64>() as f32
+                            }));
+                        }
+                    }
+                }
             }
         }
-        let km = kmeans(
+        let km = kmeans_weighted(
             &points,
-            layout.head_dim,
+            weights.as_ref().map(|w| &w[h][..]),
+            rank,
             &KMeansParams {
                 k: config.n_partitions,
                 iters: params.kmeans_iters,
@@ -93,13 +145,90 @@ pub fn train_centroids(
             },
             &params.device,
         )?;
+        let centroids = match &basis {
+            Basis::Axes(kept) if kept.len() == d => km.centroids,
+            Basis::Axes(kept) => {
+                let mut full = vec![0f32; config.n_partitions * d];
+                for (row, c) in full
+                    .chunks_exact_mut(d)
+                    .zip(km.centroids.chunks_exact(rank))
+                {
+                    for (&i, &x) in kept.iter().zip(c) {
+                        row[i] = x;
+                    }
+                }
+                full
+            }
+            Basis::Directions { u, rank } => km
+                .centroids
+                .chunks_exact(*rank)
+                .flat_map(|c| {
+                    (0..d).map(move |i| {
+                        c.iter()
+                            .enumerate()
+                            .map(|(j, &x)| x as f64 * u[i * rank + j])
+                            .sum::<f64>() as f32
+                    })
+                })
+                .collect(),
+        };
         per_head.push(Tensor::from_vec(
-            km.centroids,
-            (config.n_partitions, layout.head_dim),
+            centroids,
+            (config.n_partitions, d),
             &Device::Cpu,
         )?);
     }
     Ok(Tensor::stack(&per_head, 0)?)
+}
+
+/// Per KV head, one weight per indexed key of `sequences` (sinks left out, in order):
+/// `(m / mean m + 0.001)^power`, m the attention mass the key receives from the training
+/// queries of the head's group while it is indexed (outside sinks and window).
+fn attention_weights(
+    sequences: &[Sequence],
+    config: &SaapConfig,
+    params: &TrainParams,
+    power: f64,
+) -> Result<Vec<Vec<f32>>> {
+    let layout = config.layout;
+    let (hkv, g) = (layout.n_kv_heads, layout.group_size());
+    let first = first_query_position(config, params.min_indexed);
+    let none = Tensor::zeros((hkv, 1, layout.head_dim), DType::F32, &Device::Cpu)?;
+    let mut mass: Vec<Vec<f64>> = vec![Vec::new(); hkv];
+    for seq in sequences {
+        let n = seq.len();
+        if n <= config.sinks {
+            continue;
+        }
+        let mut seq_mass = vec![vec![0f64; n]; hkv];
+        let positions = query_positions(n, first, params.queries_per_seq);
+        if !positions.is_empty() {
+            let qa = query_attention(seq, config, &positions, &none, &params.device)?;
+            let probs = qa.probs.to_vec3::<f32>()?;
+            for (hq, per_query) in probs.iter().enumerate() {
+                let m = &mut seq_mass[hq / g];
+                for (&t, w) in positions.iter().zip(per_query) {
+                    let end = (t + 1).saturating_sub(config.window);
+                    for j in config.sinks..end.max(config.sinks) {
+                        m[j] += w[j] as f64;
+                    }
+                }
+            }
+        }
+        for (all, m) in mass.iter_mut().zip(seq_mass) {
+            all.extend_from_slice(&m[config.sinks..]);
+        }
+    }
+    Ok(mass
+        .into_iter()
+        .map(|m| {
+            let mean = m.iter().sum::<f64>() / m.len().max(1) as f64;
+            let mean = if mean > 0.0 { mean } else { 1.0 };
+            m.iter()
+                .map(|&x| (x / mean + 1e-3).powf(power) as f32)
+                .collect()
+        })
+        .collect())
 }
 
 /// Training queries `[Hq, N, D]` (on the CPU) and their normalized bucket-mass targets
