@@ -312,51 +312,14 @@ fn rotation_average(config: &SaapConfig, s: &[f64], from: usize, to: usize) -> V
 }
 
 /// Eigenvalues and eigenvectors (columns of a `[D, D]` row-major matrix) of the symmetric
-/// `[D, D]` matrix `a`, by cyclic Jacobi rotations.
-fn symmetric_eigen(mut a: Vec<f64>, d: usize) -> (Vec<f64>, Vec<f64>) {
-    let mut v = vec![0f64; d * d];
-    for i in 0..d {
-        v[i * d + i] = 1.0;
-    }
-    let scale: f64 = a.iter().map(|x| x * x).sum::<f64>().max(1e-300);
-    for _sweep in 0..100 {
-        let off: f64 = (0..d)
-            .flat_map(|i| (0..d).filter(move |&j| j != i).map(move |j| (i, j)))
-            .map(|(i, j)| a[i * d + j] * a[i * d + j])
-            .sum();
-        if off <= 1e-24 * scale {
-            break;
-        }
-        for p in 0..d {
-            for q in p + 1..d {
-                let apq = a[p * d + q];
-                if apq.abs() < 1e-300 {
-                    continue;
-                }
-                let theta = (a[q * d + q] - a[p * d + p]) / (2.0 * apq);
-                let sign = if theta >= 0.0 { 1.0 } else { -1.0 };
-                let t = sign / (theta.abs() + (theta * theta + 1.0).sqrt());
-                let c = 1.0 / (t * t + 1.0).sqrt();
-                let s = t * c;
-                for k in 0..d {
-                    let (akp, akq) = (a[k * d + p], a[k * d + q]);
-                    a[k * d + p] = c * akp - s * akq;
-                    a[k * d + q] = s * akp + c * akq;
-                }
-                for k in 0..d {
-                    let (apk, aqk) = (a[p * d + k], a[q * d + k]);
-                    a[p * d + k] = c * apk - s * aqk;
-                    a[q * d + k] = s * apk + c * aqk;
-                }
-                for k in 0..d {
-                    let (vkp, vkq) = (v[k * d + p], v[k * d + q]);
-                    v[k * d + p] = c * vkp - s * vkq;
-                    v[k * d + q] = s * vkp + c * vkq;
-                }
-            }
-        }
-    }
-    ((0..d).map(|i| a[i * d + i]).collect(), v)
+/// `[D, D]` matrix `a` (nalgebra's symmetric QR).
+fn symmetric_eigen(a: Vec<f64>, d: usize) -> (Vec<f64>, Vec<f64>) {
+    let eigen = nalgebra::DMatrix::from_row_slice(d, d, &a).symmetric_eigen();
+    let vectors = (0..d)
+        .flat_map(|i| (0..d).map(move |j| (i, j)))
+        .map(|(i, j)| eigen.eigenvectors[(i, j)])
+        .collect();
+    (eigen.eigenvalues.iter().copied().collect(), vectors)
 }
 
 #[cfg(test)]
@@ -504,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn jacobi_diagonalizes_a_symmetric_matrix() {
+    fn eigen_diagonalizes_a_symmetric_matrix() {
         let d = 5;
         let a: Vec<f64> = (0..d * d)
             .map(|k| {
