@@ -15,7 +15,7 @@ use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::quest::{pages_of, QuestPages};
 use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Keys read by one decode call, summed over batch items and KV heads. Each key read is one K row
@@ -140,6 +140,8 @@ struct Replay {
 pub struct ReplayClock {
     /// `[B]` u32: steps replayed so far, per batch item.
     counts: Tensor,
+    /// Whether a tick was ever enqueued: a replay must begin on a clock at 0.
+    ticked: Arc<AtomicBool>,
 }
 
 impl ReplayClock {
@@ -150,6 +152,7 @@ impl ReplayClock {
     pub fn new(batch: usize, device: &Device) -> Result<Self> {
         Ok(Self {
             counts: Tensor::zeros(batch, DType::U32, device)?,
+            ticked: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -159,6 +162,7 @@ impl ReplayClock {
     /// # Errors
     /// [`SaapError::Candle`] when the launch fails.
     pub fn tick(&self) -> Result<()> {
+        self.ticked.store(true, Ordering::Relaxed);
         Ok(self.counts.inplace_op1(&AdvanceReplay)?)
     }
 
@@ -1276,8 +1280,9 @@ impl SaapAttention {
     /// begins, and ticked once per recorded step.
     ///
     /// # Errors
-    /// As [`SaapAttention::begin_replay`]; also [`SaapError::Shape`] unless the clock counts
-    /// this op's batch, and [`SaapError::Device`] for a clock on another device.
+    /// As [`SaapAttention::begin_replay`]; also [`SaapError::Config`] for a clock that was ever
+    /// ticked, [`SaapError::Shape`] unless the clock counts this op's batch, and
+    /// [`SaapError::Device`] for a clock on another device.
     pub fn begin_shared_replay(&mut self, steps: usize, clock: &ReplayClock) -> Result<usize> {
         self.start_replay(steps, Some(clock))
     }
@@ -1294,6 +1299,12 @@ impl SaapAttention {
             return Err(SaapError::EmptyContext(b));
         }
         if let Some(clock) = clock {
+            if clock.ticked.load(Ordering::Relaxed) {
+                return Err(SaapError::Config(
+                    "begin_shared_replay: the clock has been ticked; a replay begins on a new one"
+                        .into(),
+                ));
+            }
             if clock.batch() != state.lens.len() {
                 return Err(SaapError::Shape {
                     name: "replay clock",

@@ -355,6 +355,13 @@ fn replay_misuse_is_refused() {
         op.begin_shared_replay(3, &clock),
         Err(SaapError::Shape { .. })
     ));
+    // A replay begins on a clock at 0: one ever ticked is refused.
+    let clock = ReplayClock::new(1, &dev).unwrap();
+    clock.tick().unwrap();
+    assert!(matches!(
+        op.begin_shared_replay(3, &clock),
+        Err(SaapError::Config(_))
+    ));
     assert_eq!(op.replay_progress(), None);
     let room = op.begin_replay(3).unwrap();
     assert_eq!(room, 3);
