@@ -37,6 +37,16 @@ fn columns(x: &Tensor, dims: &[usize]) -> Tensor {
     x.index_select(&idx, 2).unwrap()
 }
 
+/// Largest absolute value of `x`.
+fn max_abs(x: &Tensor) -> f32 {
+    x.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn masked_centroids_are_kmeans_on_the_kept_dims() {
     for kind in [RopeKind::Interleaved, RopeKind::Neox] {
@@ -55,24 +65,11 @@ fn masked_centroids_are_kmeans_on_the_kept_dims() {
         let dropped: Vec<usize> = (0..D).filter(|i| !kept.contains(i)).collect();
         let centroids = train_centroids(&seqs, &config, &params).unwrap();
         assert_eq!(centroids.dims(), &[2, 16, D]);
-        let zeros = columns(&centroids, &dropped)
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let zeros = max_abs(&columns(&centroids, &dropped));
         assert_eq!(zeros, 0.0, "{kind:?}: dropped dimensions not zero");
         let kept_c = columns(&centroids, &kept);
         assert!(
-            kept_c
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                > 0.1,
+            max_abs(&kept_c) > 0.1,
             "kept dimensions should hold the centroids"
         );
 
@@ -202,21 +199,9 @@ fn query_directions_span_where_the_queries_live() {
         Err(SaapError::Config(_))
     ));
     let centroids = train_centroids(&seqs, &config, &params).unwrap();
-    let outside = columns(&centroids, &[4, 5, 6, 7])
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let outside = max_abs(&columns(&centroids, &[4, 5, 6, 7]));
     assert!(outside < 1e-5, "centroids leave the query span: {outside}");
-    let inside = columns(&centroids, &[0, 1, 2, 3])
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let inside = max_abs(&columns(&centroids, &[0, 1, 2, 3]));
     assert!(inside > 0.1);
     let keys = seqs[0].k.clone();
     let mut r = rng(5);
@@ -280,14 +265,7 @@ fn attention_weighted_centroids_train_and_reject_bad_exponents() {
     params.attention_weight = Some(1.0);
     let weighted = train_centroids(&seqs, &config, &params).unwrap();
     assert_eq!(weighted.dims(), plain.dims());
-    let diff = (&weighted - &plain)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs(&(&weighted - &plain).unwrap());
     assert!(diff > 1e-3, "weights changed nothing");
     for p in [0.0, -1.0, f64::NAN] {
         params.attention_weight = Some(p);

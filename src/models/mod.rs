@@ -112,3 +112,24 @@ pub(crate) fn read_gguf(
     }
     Ok((file, content))
 }
+
+/// Largest `|a - b| / (1 + |b|)` of two tensors on any device (the CUDA kernel tests of the
+/// glue): bf16 results differ by an ulp of values up to ~16.
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) fn max_rel_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    use candle_core::{DType, Device, Tensor};
+    let cpu = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let (a, b) = (cpu(a), cpu(b));
+    let err = ((&a - &b).unwrap().abs().unwrap() / (b.abs().unwrap() + 1.0).unwrap()).unwrap();
+    err.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}

@@ -127,25 +127,8 @@ impl CustomOp3 for Fused {
 #[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::RmsNorm;
+    use crate::models::max_rel_diff;
     use candle_core::{DType, Device, Tensor};
-
-    /// Largest `|a - b| / (1 + |b|)`: bf16 results differ by an ulp of values up to ~16.
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let cpu = |t: &Tensor| {
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-        };
-        let (a, b) = (cpu(a), cpu(b));
-        let err = ((&a - &b).unwrap().abs().unwrap() / (b.abs().unwrap() + 1.0).unwrap()).unwrap();
-        err.flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     /// The CUDA kernel against candle's CPU add and `rms_norm`, in f32 and bf16, for rows shorter
     /// than a warp, of a ragged width, and longer than the block.

@@ -53,6 +53,7 @@ impl CustomOp1 for SiluMul {
 #[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::silu_mul_halves;
+    use crate::models::max_rel_diff;
     use candle_core::{DType, Device, Tensor, D};
 
     /// The CUDA kernel against candle's ops on the CPU in f32 with the kernel's two roundings to
@@ -83,22 +84,7 @@ mod tests {
                 let want = (silu * half(width)).unwrap().to_dtype(dtype).unwrap();
                 let got = silu_mul_halves(&x.to_device(&gpu).unwrap()).unwrap();
                 assert_eq!(got.dims(), [3, width]);
-                let f32_cpu = |t: &Tensor| {
-                    t.to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                };
-                let (got, want) = (f32_cpu(&got), f32_cpu(&want));
-                let err = ((&got - &want).unwrap().abs().unwrap()
-                    / (want.abs().unwrap() + 1.0).unwrap())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+                let err = max_rel_diff(&got, &want);
                 assert!(err <= tol, "{dtype:?} width {width}: differs by {err}");
             }
         }

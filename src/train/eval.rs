@@ -337,41 +337,13 @@ fn corrected_output_errors(
     keep: impl Fn(usize) -> bool,
     unread: &[(Vec<usize>, Vec<f64>)],
 ) -> (f64, f64) {
-    let dim = values.first().map_or(0, Vec::len);
-    let mut dense = vec![0f64; dim];
-    let mut kept = vec![0f64; dim];
-    let mut kept_mass = 0f64;
-    for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
-        let wj = wj as f64;
-        let on = keep(j);
-        if on {
-            kept_mass += wj;
-        }
-        for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
-            *d += wj * x as f64;
-            if on {
-                *k += wj * x as f64;
-            }
-        }
-    }
-    let norm: f64 = dense.iter().map(|d| d * d).sum::<f64>().max(1e-30);
+    let sums = OutputSums::new(w, values, keep);
     let error = |mass: &dyn Fn(&[usize]) -> f64| {
-        let mut num = kept.clone();
-        let mut den = kept_mass;
-        for (ids, mean_v) in unread {
-            let m = mass(ids);
-            den += m;
-            for (a, &v) in num.iter_mut().zip(mean_v) {
-                *a += m * v;
-            }
-        }
-        let inv = if den > 0.0 { 1.0 / den } else { 0.0 };
-        let err: f64 = num
-            .iter()
-            .zip(&dense)
-            .map(|(a, d)| (a * inv - d).powi(2))
-            .sum();
-        (err / norm).sqrt()
+        sums.error(
+            unread
+                .iter()
+                .map(|(ids, mean_v)| (mass(ids), mean_v.as_slice())),
+        )
     };
     let summary = error(&|ids| {
         let mean_ln = ids
@@ -383,6 +355,61 @@ fn corrected_output_errors(
     });
     let exact = error(&|ids| ids.iter().map(|&j| w[j] as f64).sum());
     (summary, exact)
+}
+
+/// The dense output `o = Σ w_j v_j`, the same sum over the kept keys, and their mass.
+struct OutputSums {
+    dense: Vec<f64>,
+    kept: Vec<f64>,
+    kept_mass: f64,
+}
+
+impl OutputSums {
+    fn new(w: &[f32], values: &[Vec<f32>], keep: impl Fn(usize) -> bool) -> Self {
+        let dim = values.first().map_or(0, Vec::len);
+        let mut dense = vec![0f64; dim];
+        let mut kept = vec![0f64; dim];
+        let mut kept_mass = 0f64;
+        for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
+            let wj = wj as f64;
+            let on = keep(j);
+            if on {
+                kept_mass += wj;
+            }
+            for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
+                *d += wj * x as f64;
+                if on {
+                    *k += wj * x as f64;
+                }
+            }
+        }
+        Self {
+            dense,
+            kept,
+            kept_mass,
+        }
+    }
+
+    /// `||o' - o|| / ||o||`, `o'` the softmax over the kept keys plus `extra` (mass, mean value)
+    /// pairs, renormalized.
+    fn error<'a>(&self, extra: impl Iterator<Item = (f64, &'a [f64])>) -> f64 {
+        let mut num = self.kept.clone();
+        let mut den = self.kept_mass;
+        for (m, mean_v) in extra {
+            den += m;
+            for (a, &v) in num.iter_mut().zip(mean_v) {
+                *a += m * v;
+            }
+        }
+        let inv = if den > 0.0 { 1.0 / den } else { 0.0 };
+        let err: f64 = num
+            .iter()
+            .zip(&self.dense)
+            .map(|(a, d)| (a * inv - d).powi(2))
+            .sum();
+        let norm: f64 = self.dense.iter().map(|d| d * d).sum();
+        (err / norm.max(1e-30)).sqrt()
+    }
 }
 
 /// Mass of the partitions a head reads in order of its own mass `w` (over the indexed keys, with
@@ -410,35 +437,7 @@ fn mass_at_keys(w: &[f32], labels: &[u32], sizes: &[usize], budget: usize) -> f6
 /// `||o_kept - o|| / ||o||` where `o = Σ w_j v_j` and `o_kept` is the softmax restricted to the
 /// kept keys (renormalized), as sparse decode computes it.
 fn output_error(w: &[f32], values: &[Vec<f32>], keep: impl Fn(usize) -> bool) -> f64 {
-    let dim = values.first().map_or(0, Vec::len);
-    let mut dense = vec![0f64; dim];
-    let mut kept = vec![0f64; dim];
-    let mut kept_mass = 0f64;
-    for (j, (&wj, v)) in w.iter().zip(values).enumerate() {
-        let wj = wj as f64;
-        let on = keep(j);
-        if on {
-            kept_mass += wj;
-        }
-        for ((d, k), &x) in dense.iter_mut().zip(kept.iter_mut()).zip(v) {
-            *d += wj * x as f64;
-            if on {
-                *k += wj * x as f64;
-            }
-        }
-    }
-    let inv = if kept_mass > 0.0 {
-        1.0 / kept_mass
-    } else {
-        0.0
-    };
-    let err: f64 = dense
-        .iter()
-        .zip(&kept)
-        .map(|(d, k)| (k * inv - d).powi(2))
-        .sum();
-    let norm: f64 = dense.iter().map(|d| d * d).sum();
-    (err / norm.max(1e-30)).sqrt()
+    OutputSums::new(w, values, keep).error(std::iter::empty())
 }
 
 #[cfg(test)]
