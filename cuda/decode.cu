@@ -10,6 +10,9 @@
 // the groups are merged at the end and the block writes one partial (max, sum, out[G][D]).
 // The last block of a row to finish (a per-row counter, reset by that block) merges the row's
 // splits by log-sum-exp and writes the output: one launch per step, no separate combine kernel.
+// With partition means (kmean/vmean non-null, sparse only) the list ends with one pseudo-key per
+// partition the union leaves unread and that holds keys: its mean key and value, the logit
+// raised by log2(n_c) (id cap + c in the key list).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
@@ -99,7 +102,8 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
 }
 
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
-// probes: [items, Hq, n_probe] (ignored when dense); part_o: [rows, splits, G, D];
+// probes: [items, Hq, n_probe] (ignored when dense); kmean, vmean: [items, Hkv, C, D] or null
+// (no estimate of the unread partitions); part_o: [rows, splits, G, D];
 // part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
@@ -108,7 +112,7 @@ template <typename T, int D, int GB, int KB, bool FUSED>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
-    float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
+    const T* __restrict__ kmean, const T* __restrict__ vmean, float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
     uint32_t* __restrict__ counters, const ItemTable& seqs, const uint32_t* __restrict__ advance,
     uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe,
     uint32_t sinks, float scale_log2) {
@@ -125,16 +129,19 @@ __device__ __forceinline__ void decode_impl(
     const uint32_t tid = threadIdx.x, grp = tid / LPK, gl = tid % LPK;
     const uint32_t C = n_partitions;
     const bool sparse = dir != nullptr;
+    const bool estimate = sparse && kmean != nullptr;
+    // Segments: sinks, partitions 0..C, window, [unread partitions 0..C,] end.
+    const uint32_t n_seg = estimate ? 2 * C + 3 : C + 3;
 
     extern __shared__ __align__(16) uint32_t smem[];
-    uint32_t* pos = smem;          // C + 3 segment starts: sinks, partitions 0..C, window, end
-    uint32_t* ids = smem + C + 3;  // IDS_CAP key ids of the current pass
+    uint32_t* pos = smem;          // n_seg segment starts
+    uint32_t* ids = smem + n_seg;  // IDS_CAP key ids of the current pass
 
     const uint32_t* offsets = sparse ? dir + (size_t)row * (C + 1 + cap) : nullptr;
     const uint32_t* perm = sparse ? offsets + C + 1 : nullptr;
     uint32_t total = len;
     if (sparse) {
-        for (uint32_t i = tid; i < C + 3; i += THREADS) pos[i] = 0;
+        for (uint32_t i = tid; i < n_seg; i += THREADS) pos[i] = 0;
         __syncthreads();
         // Union over the group's query heads: mark probed partitions.
         const uint32_t* pr = probes + ((size_t)item * hq + (size_t)head * G) * n_probe;
@@ -144,9 +151,11 @@ __device__ __forceinline__ void decode_impl(
         }
         __syncthreads();
         for (uint32_t c = tid; c < C; c += THREADS) {
-            if (pos[1 + c]) {
+            if (pos[1 + c] || estimate) {
                 const uint32_t a = min(offsets[c], cap), b = min(offsets[c + 1], cap);
-                pos[1 + c] = b > a ? b - a : 0;
+                const uint32_t n = b > a ? b - a : 0;
+                if (pos[1 + c]) pos[1 + c] = n;
+                else pos[C + 2 + c] = n > 0;  // one pseudo-key per unread partition with keys
             }
         }
         if (tid == 0) {
@@ -154,8 +163,8 @@ __device__ __forceinline__ void decode_impl(
             pos[C + 1] = len > iend ? len - iend : 0;
         }
         __syncthreads();
-        block_exclusive_scan(pos, C + 3);
-        total = pos[C + 2];
+        block_exclusive_scan(pos, n_seg);
+        total = pos[n_seg - 1];
     }
     const uint32_t chunk = (total + n_splits - 1) / n_splits;
     const uint32_t j0 = min(split * chunk, total), j1 = min(j0 + chunk, total);
@@ -179,25 +188,29 @@ __device__ __forceinline__ void decode_impl(
     }
     const T* krow = k + (size_t)row * cap * D + gl * VEC;
     const T* vrow = v + (size_t)row * cap * D + gl * VEC;
+    const T* kmrow = estimate ? kmean + (size_t)row * C * D + gl * VEC : nullptr;
+    const T* vmrow = estimate ? vmean + (size_t)row * C * D + gl * VEC : nullptr;
 
     for (uint32_t p0 = j0; p0 < j1; p0 += IDS_CAP) {
         const uint32_t n = min((uint32_t)IDS_CAP, j1 - p0);
         if (sparse) {
             for (uint32_t t = tid; t < n; t += THREADS) {
                 const uint32_t j = p0 + t;
-                const uint32_t s = upper_bound(pos, C + 3, j) - 1;
+                const uint32_t s = upper_bound(pos, n_seg, j) - 1;
                 uint32_t id;
                 if (s == 0) id = j;
                 else if (s == C + 1) id = iend + (j - pos[C + 1]);
+                else if (s > C + 1) id = cap + (s - (C + 2));  // a partition's means
                 else id = perm[min(offsets[s - 1], cap) + (j - pos[s])];
                 // A corrupt directory must not send loads outside the cache.
-                ids[t] = id < cap ? id : NO_KEY;
+                ids[t] = id < cap || s > C + 1 ? id : NO_KEY;
             }
             __syncthreads();
         }
         // Trip count is uniform over the block: every lane reaches the shuffles below.
         for (uint32_t t0 = 0; t0 < n; t0 += NG * KB) {
             bool ok[KB];
+            float raise[KB];  // log2(n_c) for a partition's means, else 0
             uint4 kr[KB], vr[KB];
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) {
@@ -205,9 +218,17 @@ __device__ __forceinline__ void decode_impl(
                 uint32_t id = NO_KEY;
                 if (t < n) id = sparse ? ids[t] : p0 + t;
                 ok[kk] = id != NO_KEY;
+                raise[kk] = 0.f;
                 if (ok[kk]) {
-                    kr[kk] = __ldg(reinterpret_cast<const uint4*>(krow + (size_t)id * D));
-                    vr[kk] = __ldg(reinterpret_cast<const uint4*>(vrow + (size_t)id * D));
+                    // Ids from cap on name partition c = id - cap's means.
+                    const bool mean = id >= cap;
+                    const size_t at = (size_t)(mean ? id - cap : id) * D;
+                    kr[kk] = __ldg(reinterpret_cast<const uint4*>((mean ? kmrow : krow) + at));
+                    vr[kk] = __ldg(reinterpret_cast<const uint4*>((mean ? vmrow : vrow) + at));
+                    if (mean) {
+                        const uint32_t a = min(offsets[id - cap], cap);
+                        raise[kk] = log2f((float)(min(offsets[id - cap + 1], cap) - a));
+                    }
                 } else {
                     kr[kk] = make_uint4(0, 0, 0, 0);
                     vr[kk] = make_uint4(0, 0, 0, 0);
@@ -234,6 +255,10 @@ __device__ __forceinline__ void decode_impl(
                     for (int g = 0; g < GB; ++g)
                         s[kk][g] += __shfl_xor_sync(0xffffffffu, s[kk][g], o);
             }
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+                for (int g = 0; g < GB; ++g) s[kk][g] += raise[kk];
             float vf[KB][VEC];
 #pragma unroll
             for (int kk = 0; kk < KB; ++kk) E::widen(vr[kk], vf[kk]);
@@ -337,10 +362,12 @@ __device__ __forceinline__ void decode_impl(
 #define SAAP_DECODE(NAME, T, D, GB, KB, FUSED)                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
-        float* part_o, float* part_ml, T* out, uint32_t* counters, ItemTable seqs,              \
+        const T* kmean, const T* vmean, float* part_o, float* part_ml, T* out,                  \
+        uint32_t* counters, ItemTable seqs,                                                     \
         const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
         uint32_t n_probe, uint32_t sinks, float scale_log2) {                                   \
-        decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, part_o, part_ml, out, counters,  \
+        decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, kmean, vmean, part_o, part_ml,   \
+                                         out, counters,                                         \
                                          seqs, advance, hq, hkv, cap, n_partitions, n_probe,    \
                                          sinks, scale_log2);                                    \
     }

@@ -148,3 +148,72 @@ extern "C" __global__ void saap_merge(uint32_t* __restrict__ dir, const uint32_t
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-partition summaries (src/partition/summary.rs): f32 sums of each partition's post-RoPE keys
+// and values, and their means in the cache's type, for estimating the partitions a decode step
+// does not read. One thread per (partition, row, keys|values, dimension): grid (C, rows, 2),
+// block D threads.
+
+// sums += the rows new to partition c's list after a merge: the ids at or after the merged
+// range's start (lists are sorted by position), added in position order so that the f32 sums are
+// the CPU's to the bit. sums: [2, rows_all, C, D] (`sums_half` = rows_all * C * D), kv: [2,
+// rows_all, cap, D] (`kv_half`); both offset to this launch's first row. ranges as in saap_merge.
+template <typename T>
+__device__ __forceinline__ void summary_sums_impl(float* __restrict__ sums, const T* __restrict__ kv,
+                                                  const uint32_t* __restrict__ dir, ItemTable ranges,
+                                                  uint32_t n_heads, uint32_t C, uint32_t cap,
+                                                  uint32_t D, size_t sums_half, size_t kv_half) {
+    const uint32_t c = blockIdx.x, row = blockIdx.y, half = blockIdx.z, d = threadIdx.x;
+    const uint32_t item = row / n_heads, start = ranges.a[item];
+    if (ranges.b[item] <= start || d >= D) return;
+    const uint32_t* offsets = dir + (size_t)row * (C + 1 + cap);
+    const uint32_t* perm = offsets + C + 1;
+    const uint32_t a = min(offsets[c], cap), b = max(min(offsets[c + 1], cap), a);
+    uint32_t lo = a, hi = b;  // first id >= start
+    while (lo < hi) {
+        const uint32_t mid = lo + (hi - lo) / 2;
+        if (perm[mid] < start) lo = mid + 1;
+        else hi = mid;
+    }
+    float* s = sums + half * sums_half + ((size_t)row * C + c) * D + d;
+    const T* x = kv + half * kv_half + (size_t)row * cap * D + d;
+    float acc = *s;
+    for (uint32_t i = lo; i < b; ++i) {
+        const uint32_t id = perm[i];
+        if (id < cap) acc += to_f32(x[(size_t)id * D]);
+    }
+    *s = acc;
+}
+
+// means = sums / n_c, n_c the length of partition c's list (0 for an empty one). means, sums:
+// [2, rows, C, D].
+template <typename T>
+__device__ __forceinline__ void summary_means_impl(T* __restrict__ means, const float* __restrict__ sums,
+                                                   const uint32_t* __restrict__ dir, uint32_t C,
+                                                   uint32_t cap, uint32_t D, uint32_t rows) {
+    const uint32_t c = blockIdx.x, row = blockIdx.y, half = blockIdx.z, d = threadIdx.x;
+    if (d >= D) return;
+    const uint32_t* offsets = dir + (size_t)row * (C + 1 + cap);
+    const uint32_t a = min(offsets[c], cap), b = min(offsets[c + 1], cap);
+    const uint32_t n = b > a ? b - a : 0;
+    const size_t i = (((size_t)half * rows + row) * C + c) * D + d;
+    means[i] = from_f32<T>(n > 0 ? sums[i] / (float)n : 0.f);
+}
+
+#define SAAP_SUMMARY(TN, T)                                                                          \
+    extern "C" __global__ void saap_summary_sums_##TN(float* sums, const T* kv, const uint32_t* dir, \
+                                                      ItemTable ranges, uint32_t n_heads,            \
+                                                      uint32_t C, uint32_t cap, uint32_t D,          \
+                                                      size_t sums_half, size_t kv_half) {            \
+        summary_sums_impl<T>(sums, kv, dir, ranges, n_heads, C, cap, D, sums_half, kv_half);         \
+    }                                                                                                \
+    extern "C" __global__ void saap_summary_means_##TN(T* means, const float* sums,                 \
+                                                       const uint32_t* dir, uint32_t C,              \
+                                                       uint32_t cap, uint32_t D, uint32_t rows) {    \
+        summary_means_impl<T>(means, sums, dir, C, cap, D, rows);                                    \
+    }
+
+SAAP_SUMMARY(f32, float)
+SAAP_SUMMARY(bf16, __nv_bfloat16)
+SAAP_SUMMARY(f16, __half)

@@ -333,6 +333,7 @@ fn kernels(dev: &Device, rng: &mut StdRng, n: usize, b: usize) -> Res<()> {
                 n_partitions: C,
                 scale: 1.0 / (D as f32).sqrt(),
                 advance: None,
+                means: None,
             })
             .collect();
         let (us, wall, host) = time(dev, |i| {

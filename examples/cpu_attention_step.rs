@@ -92,6 +92,7 @@ fn main() -> candle_core::Result<()> {
                 n_partitions: C,
                 scale: 1.0 / (D as f32).sqrt(),
                 advance: None,
+                means: None,
             };
             std::hint::black_box(q.apply_op1_no_bwd(&op)?);
         }

@@ -81,6 +81,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     n_partitions: C,
                     scale: 1.0 / (D as f32).sqrt(),
                     advance: None,
+                    means: None,
                 })
                 .collect()
         };

@@ -12,6 +12,7 @@ use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
+use crate::partition::summary::Summaries;
 use crate::quest::{pages_of, QuestPages};
 use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
@@ -30,6 +31,9 @@ pub struct ReadStats {
     pub keys_in_context: usize,
     /// Partitions probed (union over a group's query heads, summed).
     pub partitions_probed: usize,
+    /// Unread partitions estimated from their means (with
+    /// [`SaapAttention::set_estimate_unread`]): one K and one V row each, read beside the keys.
+    pub partitions_estimated: usize,
 }
 
 impl ReadStats {
@@ -50,6 +54,7 @@ impl ReadStats {
         self.window_and_sinks += other.window_and_sinks;
         self.keys_in_context += other.keys_in_context;
         self.partitions_probed += other.partitions_probed;
+        self.partitions_estimated += other.partitions_estimated;
     }
 }
 
@@ -189,6 +194,9 @@ struct State {
     labels: Option<Tensor>,
     /// `[B, Hkv, C + 1 + cap]` u32: offsets then perm (with an index).
     dir: Option<Tensor>,
+    /// Sums and means of every partition's indexed keys and values (with an index), kept at
+    /// each merge so that the unread partitions can be estimated whenever asked.
+    summaries: Option<Summaries>,
     /// Page bounds and directory, kept while the routing is [`Routing::Quest`].
     quest: Option<QuestPages>,
     seqs: Vec<SeqExtent>,
@@ -299,6 +307,8 @@ pub struct SaapAttention {
     probe_mass: Option<f64>,
     /// Pages a KV group reads per step with Quest routing (set by the keys budget, if any).
     quest_pages: usize,
+    /// Whether partition-routed steps estimate the unread partitions from their means.
+    estimate_unread: bool,
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -333,6 +343,7 @@ impl SaapAttention {
             keys_budget: config.keys_budget,
             probe_mass: None,
             quest_pages: DEFAULT_QUEST_PAGES,
+            estimate_unread: false,
         })
     }
 
@@ -490,6 +501,25 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// Whether a decode step routed through partitions (classifier or nearest centroid, with an
+    /// index) also estimates the partitions it does not read: each unread partition holding
+    /// `n` keys enters every query's softmax as one pseudo-key, the mean of its post-RoPE keys
+    /// with logit `scale·q·k̄ + ln n` and the mean of its values (see
+    /// `crate::partition::summary`). Exact keys are still read exactly; the estimate adds one K
+    /// and one V row per unread partition to what a step reads
+    /// ([`ReadStats::partitions_estimated`]), outside the keys budget. Dense and Quest steps
+    /// ignore it. The means are kept up to date at every merge whether or not this is on, so it
+    /// can be switched at any time.
+    pub fn set_estimate_unread(&mut self, on: bool) {
+        self.end_replay();
+        self.estimate_unread = on;
+    }
+
+    /// Whether decode estimates the unread partitions ([`SaapAttention::set_estimate_unread`]).
+    pub fn estimate_unread(&self) -> bool {
+        self.estimate_unread
+    }
+
     /// The probe mass of adaptive probing, if any ([`SaapAttention::set_probe_mass`]).
     pub fn probe_mass(&self) -> Option<f64> {
         self.probe_mass
@@ -600,6 +630,7 @@ impl SaapAttention {
                     v,
                     labels: s.labels.as_ref().map(Tensor::copy).transpose()?,
                     dir: s.dir.as_ref().map(Tensor::copy).transpose()?,
+                    summaries: s.summaries.as_ref().map(Summaries::copy).transpose()?,
                     quest: s.quest.as_ref().map(QuestPages::copy).transpose()?,
                     seqs: s.seqs.clone(),
                     lens: s.lens.clone(),
@@ -623,6 +654,7 @@ impl SaapAttention {
             keys_budget: self.keys_budget,
             probe_mass: self.probe_mass,
             quest_pages: self.quest_pages,
+            estimate_unread: self.estimate_unread,
         })
     }
 
@@ -636,6 +668,7 @@ impl SaapAttention {
         if let Some(state) = &mut self.state {
             state.labels = None;
             state.dir = None;
+            state.summaries = None;
             state.quest = None;
         }
     }
@@ -682,9 +715,15 @@ impl SaapAttention {
         let (k, v, kv) = split_kv(state.kv.index_select(&rows, 1)?)?;
         let labels = state.labels.as_ref().map(select).transpose()?;
         let dir = state.dir.as_ref().map(select).transpose()?;
+        let summaries = state
+            .summaries
+            .as_ref()
+            .map(|s| s.select(&rows))
+            .transpose()?;
         let quest = state.quest.as_ref().map(|q| q.select(&rows)).transpose()?;
         (state.kv, state.k, state.v) = (kv, k, v);
         (state.labels, state.dir, state.quest) = (labels, dir, quest);
+        state.summaries = summaries;
         state.seqs = kept.iter().map(|&b| state.seqs[b as usize]).collect();
         state.lens = kept.iter().map(|&b| state.lens[b as usize]).collect();
         // The counts of the last step include the dropped items.
@@ -871,6 +910,12 @@ impl SaapAttention {
             dir: indexed
                 .then(|| zeros(&[batch, l.n_kv_heads, dir_len(c, cap)], DType::U32))
                 .transpose()?,
+            summaries: indexed
+                .then(|| {
+                    let shape = (batch, l.n_kv_heads, c, l.head_dim);
+                    Summaries::new(shape, self.dtype, &self.device)
+                })
+                .transpose()?,
             quest: None,
             seqs: vec![
                 SeqExtent {
@@ -893,6 +938,10 @@ impl SaapAttention {
                 .quest
                 .map(|pages| pages.with_capacity(&old.seqs, self.config.sinks, cap))
                 .transpose()?;
+            // Per partition, not per position: the capacity does not change them.
+            if old.summaries.is_some() {
+                next.summaries = old.summaries;
+            }
             next.seqs = old.seqs;
             next.lens = old.lens;
         }
@@ -1103,6 +1152,9 @@ impl SaapAttention {
                 n_kv_heads: self.config.layout.n_kv_heads,
             };
             merge(dir, labels, &op)?;
+            if let Some(summaries) = &state.summaries {
+                summaries.add(&state.kv, dir, &op.ranges)?;
+            }
         }
         state.seqs = merged;
         if pages.is_some() {
@@ -1461,6 +1513,10 @@ impl SaapAttention {
             Some(pages) => (Some(pages.dir.clone()), pages.n_pages()),
             None => (state.dir.clone(), self.config.n_partitions),
         };
+        let means = match (self.estimate_unread, quest_pages, &state.summaries) {
+            (true, None, Some(summaries)) if probes.is_some() => Some(summaries.means.clone()),
+            _ => None,
+        };
         let op = DecodeOp {
             k_cache: state.k.clone(),
             v_cache: state.v.clone(),
@@ -1471,6 +1527,7 @@ impl SaapAttention {
             n_partitions,
             scale: 1.0 / (self.config.layout.head_dim as f32).sqrt(),
             advance: self.replay.as_ref().map(|r| r.advance.clone()),
+            means,
         };
         let q_rot = q_rot.squeeze(2)?.contiguous()?;
         // The attention reads the cache the append wrote.
@@ -1513,9 +1570,14 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
                 }
             }
             let off = &offsets[b][h];
-            for (p, _) in probed.iter().enumerate().filter(|(_, &x)| x) {
-                stats.keys_read += (off[p + 1] - off[p]) as usize;
-                stats.partitions_probed += 1;
+            for (p, &probed) in probed.iter().enumerate() {
+                let n = (off[p + 1] - off[p]) as usize;
+                if probed {
+                    stats.keys_read += n;
+                    stats.partitions_probed += 1;
+                } else if op.means.is_some() && n > 0 {
+                    stats.partitions_estimated += 1;
+                }
             }
             stats.keys_read += fixed;
             stats.window_and_sinks += fixed;

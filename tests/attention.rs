@@ -555,6 +555,9 @@ fn retain_decodes_as_if_dropped_items_were_never_batched() {
         Err(SaapError::EmptyContext(0))
     ));
     let mut two = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
+    // The unread partitions' means are per item too: retained with the rest.
+    three.set_estimate_unread(true);
+    two.set_estimate_unread(true);
     let [q, k, v] = qkv(3, 140);
     three.prefill(&q, &k, &v, &lens).unwrap();
     two.prefill(&kept(&q), &kept(&k), &kept(&v), &[90, 61])

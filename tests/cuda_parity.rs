@@ -164,6 +164,7 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
             n_partitions: c,
             scale: 1.0 / (d as f32).sqrt(),
             advance: None,
+            means: None,
         };
         let cpu = q.apply_op1_no_bwd(&op(&Device::Cpu)).unwrap();
         let gpu = q
@@ -254,6 +255,8 @@ enum Probing {
     Budget(f64),
     /// `set_probe_mass`: top-p over the classifier's scores.
     Mass(f64),
+    /// ℓ fixed, the unread partitions estimated from their means (`set_estimate_unread`).
+    Estimate,
 }
 
 /// Prefill, then 300 decode steps with window merges, on both backends: identical reads and
@@ -271,6 +274,7 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32, probing: Probing)
             Probing::Fixed => {}
             Probing::Budget(share) => op.set_keys_budget(Some(share)).unwrap(),
             Probing::Mass(mass) => op.set_probe_mass(Some(mass)).unwrap(),
+            Probing::Estimate => op.set_estimate_unread(true),
         }
     }
     let mut r = rng(seed ^ 0x5eed);
@@ -311,6 +315,9 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32, probing: Probing)
     }
     assert_eq!(cpu.extents(), gpu.extents());
     assert_eq!(cpu.index_lists().unwrap(), gpu.index_lists().unwrap());
+    if matches!(probing, Probing::Estimate) {
+        assert!(gpu.last_read().unwrap().partitions_estimated > 0);
+    }
 }
 
 #[test]
@@ -329,6 +336,16 @@ fn budget_and_probe_mass_match_cpu() {
     let s = seed("budget_and_probe_mass_match_cpu");
     end_to_end(&dev, s, DType::F32, 1e-4, Probing::Budget(0.5));
     end_to_end(&dev, s, DType::F32, 1e-4, Probing::Mass(0.3));
+}
+
+/// The unread partitions' means (sums kept at every merge, decode's pseudo-keys) agree across
+/// backends: same reads and partitions estimated, outputs within rounding.
+#[test]
+fn estimate_unread_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("estimate_unread_matches_cpu");
+    end_to_end(&dev, s, DType::F32, 1e-4, Probing::Estimate);
+    end_to_end(&dev, s, DType::BF16, 3e-2, Probing::Estimate);
 }
 
 /// Quest routing on both backends from the same cache (keys appended with `extend`): identical

@@ -8,6 +8,11 @@
 //!
 //! Every query head of the group attends over that whole union, so each K/V row is read once
 //! per group. Without probes (dense) the list is `0..len`. Softmax is exact over the list.
+//!
+//! With partition means (`DecodeOp::means`, see [`crate::SaapAttention::set_estimate_unread`]) a
+//! sparse step also attends, after the window, to one pseudo-key per partition the union leaves
+//! unread and that holds keys: the partition's mean key and value, its logit raised by `ln n_p`
+//! (`n_p` keys), in ascending partition order.
 
 use crate::elem::{contiguous_slice, dot, Elem};
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Storage, Tensor};
@@ -47,6 +52,20 @@ pub struct DecodeOp {
     /// Decode steps replayed since the step was recorded (e.g. into a CUDA graph), per item
     /// (`[B]` u32), added to each `seqs[b].len` by the kernel. `None` outside replay.
     pub advance: Option<Tensor>,
+    /// `[2, B, Hkv, C, D]` in the cache's type: each partition's mean post-RoPE key, then its mean
+    /// value. When given, a sparse step estimates the unread partitions from them (see the module
+    /// docs); ignored when dense.
+    pub means: Option<Tensor>,
+}
+
+/// Which partitions the union over a group's probes covers (C marks a slot adaptive probing
+/// left empty; the CUDA kernel skips it too).
+fn probed_set(probes: &[u32], n_partitions: usize) -> Vec<bool> {
+    let mut probed = vec![false; n_partitions];
+    for &c in probes.iter().filter(|&&c| (c as usize) < n_partitions) {
+        probed[c as usize] = true;
+    }
+    probed
 }
 
 /// Ids of keys read for one (batch item, KV head), in kernel order.
@@ -61,17 +80,39 @@ pub(crate) fn key_ids(
     };
     let sink_end = sinks.min(seq.len);
     let (offsets, perm) = dir.split_at(n_partitions + 1);
-    let mut probed = vec![false; n_partitions];
-    // C marks a slot adaptive probing left empty (the CUDA kernel skips it too).
-    for &c in probes.iter().filter(|&&c| (c as usize) < n_partitions) {
-        probed[c as usize] = true;
-    }
     let mut ids: Vec<u32> = (0..sink_end as u32).collect();
-    for (c, _) in probed.iter().enumerate().filter(|(_, &p)| p) {
+    for (c, _) in probed_set(probes, n_partitions)
+        .iter()
+        .enumerate()
+        .filter(|(_, &p)| p)
+    {
         ids.extend_from_slice(&perm[offsets[c] as usize..offsets[c + 1] as usize]);
     }
     ids.extend(seq.indexed_end as u32..seq.len as u32);
     ids
+}
+
+/// The partitions a group's union leaves unread and that hold keys, ascending, with `ln n_p`:
+/// what a step with partition means estimates.
+pub(crate) fn unread_partitions(
+    dir: &[u32],
+    probes: &[u32],
+    n_partitions: usize,
+    cap: usize,
+) -> (Vec<u32>, Vec<f32>) {
+    let offsets = &dir[..=n_partitions];
+    probed_set(probes, n_partitions)
+        .iter()
+        .enumerate()
+        .filter_map(|(c, &probed)| {
+            // Clamped to the capacity, as the kernels clamp them.
+            let (a, b) = (
+                (offsets[c] as usize).min(cap),
+                (offsets[c + 1] as usize).min(cap),
+            );
+            (!probed && b > a).then(|| (c as u32, ((b - a) as f32).ln()))
+        })
+        .unzip()
 }
 
 /// Keys scored per block before the running max and sum are updated.
@@ -114,12 +155,12 @@ struct Partial {
 }
 
 /// Online-softmax attention of the `G` queries `q` (`[G, D]` f32) over rows `ids` of `k`, `v`
-/// (`[cap, D]`).
+/// (`[rows, D]`), row `ids[j]`'s logit raised by `bias[j]` when given.
 fn attend_part<T: Elem>(
     q: &[f32],
-    k: &[T],
-    v: &[T],
+    (k, v): (&[T], &[T]),
     ids: &[u32],
+    bias: Option<&[f32]>,
     dim: usize,
     scale: f32,
 ) -> Partial {
@@ -139,7 +180,9 @@ fn attend_part<T: Elem>(
     if let Some(first) = blocks.peek() {
         prefetch(first);
     }
+    let mut bias_blocks = bias.map(|b| b.chunks(BLOCK));
     while let Some(block) = blocks.next() {
+        let block_bias = bias_blocks.as_mut().and_then(Iterator::next);
         // The next block's rows arrive while this one is computed.
         if let Some(next) = blocks.peek() {
             prefetch(next);
@@ -155,8 +198,9 @@ fn attend_part<T: Elem>(
                     &row
                 }
             };
+            let raise = block_bias.map_or(0.0, |b| b[j]);
             for h in 0..g {
-                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], key) * scale;
+                scores[h * BLOCK + j] = dot(&q[h * dim..(h + 1) * dim], key) * scale + raise;
             }
         }
         for h in 0..g {
@@ -235,6 +279,17 @@ impl DecodeOp {
                 self.k_cache.shape()
             );
         }
+        if let Some(means) = &self.means {
+            let expect = [2, b, hkv, self.n_partitions, dim];
+            if means.dims() != expect || means.dtype() != self.k_cache.dtype() {
+                candle_core::bail!(
+                    "decode: partition means {:?} {:?}, expected {expect:?} {:?}",
+                    means.dims(),
+                    means.dtype(),
+                    self.k_cache.dtype()
+                );
+            }
+        }
         if self.seqs.len() != b
             || self
                 .seqs
@@ -249,54 +304,70 @@ impl DecodeOp {
         Ok((b, hq, hkv, cap, dim))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn cpu_typed<T: Elem>(
         &self,
         q: &[T],
-        k: &[T],
-        v: &[T],
+        (k, v): (&[T], &[T]),
         dir: Option<&[u32]>,
         probes: Option<&[u32]>,
+        means: Option<&[T]>,
         (b, hq, hkv, cap, dim): (usize, usize, usize, usize, usize),
     ) -> Vec<T> {
         let g = hq / hkv;
+        let c = self.n_partitions;
         let n_probe = probes.map_or(0, |p| p.len() / (b * hq));
-        let row = self.n_partitions + 1 + cap;
+        let row = c + 1 + cap;
         let groups = b * hkv;
+        // Group i's directory row and its G heads' probes.
+        let sparse = |i: usize| {
+            let (bi, h) = (i / hkv, i % hkv);
+            dir.zip(probes).map(|(dir, probes)| {
+                (
+                    &dir[i * row..(i + 1) * row],
+                    &probes[(bi * hq + h * g) * n_probe..(bi * hq + (h + 1) * g) * n_probe],
+                )
+            })
+        };
         let ids: Vec<Vec<u32>> = (0..groups)
             .into_par_iter()
-            .map(|i| {
-                let (bi, h) = (i / hkv, i % hkv);
-                let sparse = dir.zip(probes).map(|(dir, probes)| {
-                    (
-                        &dir[i * row..(i + 1) * row],
-                        &probes[(bi * hq + h * g) * n_probe..(bi * hq + (h + 1) * g) * n_probe],
-                    )
-                });
-                key_ids(self.seqs[bi], self.sinks, sparse, self.n_partitions)
-            })
+            .map(|i| key_ids(self.seqs[i / hkv], self.sinks, sparse(i), c))
             .collect();
-        let tasks: Vec<(usize, usize)> = ids
+        // Per group: its key list in pieces of SPLIT (`Some(start)`), then the unread partitions'
+        // means (`None`) when estimated.
+        let estimate = means.is_some() && dir.is_some() && probes.is_some();
+        let tasks: Vec<(usize, Option<usize>)> = ids
             .iter()
             .enumerate()
-            .flat_map(|(i, ids)| (0..ids.len()).step_by(SPLIT).map(move |s| (i, s)))
+            .flat_map(|(i, ids)| {
+                let keys = (0..ids.len()).step_by(SPLIT).map(move |s| (i, Some(s)));
+                keys.chain(estimate.then_some((i, None)))
+            })
             .collect();
         let parts: Vec<Partial> = tasks
             .par_iter()
-            .map(|&(i, s)| {
+            .map(|&(i, task)| {
                 let qg: Vec<f32> = q[i * g * dim..(i + 1) * g * dim]
                     .iter()
                     .map(|x| x.to_f32())
                     .collect();
-                let kv = i * cap * dim..(i + 1) * cap * dim;
-                let end = (s + SPLIT).min(ids[i].len());
-                attend_part(
-                    &qg,
-                    &k[kv.clone()],
-                    &v[kv],
-                    &ids[i][s..end],
-                    dim,
-                    self.scale,
-                )
+                match (task, means, sparse(i)) {
+                    (Some(s), _, _) => {
+                        let kv = i * cap * dim..(i + 1) * cap * dim;
+                        let end = (s + SPLIT).min(ids[i].len());
+                        let rows = (&k[kv.clone()], &v[kv]);
+                        attend_part(&qg, rows, &ids[i][s..end], None, dim, self.scale)
+                    }
+                    (None, Some(means), Some((dir_row, group_probes))) => {
+                        let (unread, ln_n) = unread_partitions(dir_row, group_probes, c, cap);
+                        let half = groups * c * dim;
+                        let at = i * c * dim..(i + 1) * c * dim;
+                        let rows = (&means[at.clone()], &means[half + at.start..half + at.end]);
+                        attend_part(&qg, rows, &unread, Some(&ln_n), dim, self.scale)
+                    }
+                    // Not listed: estimate tasks exist only for sparse steps with means.
+                    (None, _, _) => attend_part(&qg, (k, v), &[], None, dim, self.scale),
+                }
             })
             .collect();
         let mut out = vec![0f32; b * hq * dim];
@@ -348,19 +419,31 @@ impl CustomOp1 for DecodeOp {
         let (Storage::Cpu(k_st), Storage::Cpu(v_st)) = (&*k_st, &*v_st) else {
             candle_core::bail!("decode: cache is not on the CPU");
         };
+        let means = self.means.as_ref().map(Tensor::storage_and_layout);
         with_u32(self.dir.as_ref(), |dir| {
             with_u32(self.probes.as_ref(), |probes| {
                 macro_rules! typed {
-                    ($variant:ident, $q:ident, $k:ident, $v:ident) => {
+                    ($variant:ident, $q:ident, $k:ident, $v:ident) => {{
+                        let means = match &means {
+                            None => None,
+                            Some((st, l)) => match &**st {
+                                Storage::Cpu(CpuStorage::$variant(m)) => {
+                                    Some(contiguous_slice(m, l)?)
+                                }
+                                _ => candle_core::bail!(
+                                    "decode: partition means must be on the CPU in the cache's type"
+                                ),
+                            },
+                        };
                         CpuStorage::$variant(self.cpu_typed(
                             contiguous_slice($q, q_l)?,
-                            contiguous_slice($k, k_l)?,
-                            contiguous_slice($v, v_l)?,
+                            (contiguous_slice($k, k_l)?, contiguous_slice($v, v_l)?),
                             dir,
                             probes,
+                            means,
                             dims,
                         ))
-                    };
+                    }};
                 }
                 let out = match (q, k_st, v_st) {
                     (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {

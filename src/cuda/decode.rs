@@ -113,30 +113,46 @@ fn typed<T: CudaDType + DeviceRepr>(
             };
             // Sparse exactly when both are present, as on the CPU.
             let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
-                return launch(op, &dev, tname, &io, None, dims);
+                return launch(op, &dev, tname, &io, None, None, dims);
             };
-            with_cuda(dir, "directory", |dir_st, dir_l| {
-                with_cuda(probes, "probes", |pr_st, pr_l| {
-                    let row = op.n_partitions + 1 + cap;
-                    if dir_l.dims() != [b, hkv, row] {
-                        candle_core::bail!(
-                            "saap cuda decode: directory {:?}, expected [{b}, {hkv}, {row}]",
-                            dir_l.dims()
-                        );
-                    }
-                    let n_probe = match pr_l.dims() {
-                        &[pb, ph, n] if pb == b && ph == hq => n,
-                        other => candle_core::bail!(
-                            "saap cuda decode: probes {other:?}, expected [{b}, {hq}, ℓ]"
-                        ),
-                    };
-                    let sparse = Some((view(dir_st, dir_l)?, view(pr_st, pr_l)?, n_probe));
-                    launch(op, &dev, tname, &io, sparse, dims)
+            with_means(op.means.as_ref(), |means| {
+                with_cuda(dir, "directory", |dir_st, dir_l| {
+                    with_cuda(probes, "probes", |pr_st, pr_l| {
+                        let row = op.n_partitions + 1 + cap;
+                        if dir_l.dims() != [b, hkv, row] {
+                            candle_core::bail!(
+                                "saap cuda decode: directory {:?}, expected [{b}, {hkv}, {row}]",
+                                dir_l.dims()
+                            );
+                        }
+                        let n_probe = match pr_l.dims() {
+                            &[pb, ph, n] if pb == b && ph == hq => n,
+                            other => candle_core::bail!(
+                                "saap cuda decode: probes {other:?}, expected [{b}, {hq}, ℓ]"
+                            ),
+                        };
+                        let sparse = Some((view(dir_st, dir_l)?, view(pr_st, pr_l)?, n_probe));
+                        launch(op, &dev, tname, &io, sparse, means, dims)
+                    })
                 })
             })
         })
     })?;
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// Runs `f` with a view of the partition means (`[2, B, Hkv, C, D]`), or with `None`.
+fn with_means<T: CudaDType, R>(
+    means: Option<&candle_core::Tensor>,
+    f: impl FnOnce(Option<&CudaView<'_, T>>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    match means {
+        None => f(None),
+        Some(m) => with_cuda(m, "partition means", |st, l| {
+            aligned(l, std::mem::size_of::<T>(), "partition means")?;
+            f(Some(&view::<T>(st, l)?))
+        }),
+    }
 }
 
 /// The kernels read 16 bytes at a time: rows must start on 16-byte boundaries.
@@ -160,6 +176,7 @@ fn launch<T: DeviceRepr>(
     tname: &str,
     io: &Io<'_, '_, T>,
     sparse: Sparse<'_>,
+    means: Option<&CudaView<'_, T>>,
     (b, hq, hkv, cap, d): Dims,
 ) -> candle_core::Result<CudaSlice<T>> {
     let g = hq / hkv;
@@ -176,8 +193,12 @@ fn launch<T: DeviceRepr>(
     let c = op.n_partitions;
     let lanes_per_key = d * std::mem::size_of::<T>() / 16;
     let groups = THREADS as usize / lanes_per_key;
+    // Means only matter to a sparse step (as on the CPU).
+    let means = means.filter(|_| sparse.is_some());
+    // Segment starts (sinks, partitions, window, [unread partitions,] end) and the ids of a pass.
+    let segments = if means.is_some() { 2 * c + 3 } else { c + 3 };
     let smem_keys = if sparse.is_some() {
-        (c + 3 + IDS_CAP) * 4
+        (segments + IDS_CAP) * 4
     } else {
         0
     };
@@ -217,7 +238,8 @@ fn launch<T: DeviceRepr>(
                     Some((_, _, n_probe)) => {
                         let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
                         let indexed = s.len - fixed.min(s.len);
-                        fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1))
+                        let unread = if means.is_some() { c } else { 0 };
+                        fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1)) + unread
                     }
                 })
                 .max()
@@ -241,6 +263,15 @@ fn launch<T: DeviceRepr>(
                     probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
                 )
             });
+            // Keys' means of these items, and their values' means one half further.
+            let half = b * hkv * c * d;
+            let means_range = i0 * hkv * c * d..(i0 + items) * hkv * c * d;
+            let chunk_means = means.map(|m| {
+                (
+                    m.slice(means_range.clone()),
+                    m.slice(half + means_range.start..half + means_range.end),
+                )
+            });
             let mut oc = out.slice_mut(i0 * hq * d..(i0 + items) * hq * d);
             let (splits32, rows32) = (to_u32(splits)?, to_u32(rows)?);
             COUNTERS.with(dev, rows, |counters| {
@@ -248,6 +279,10 @@ fn launch<T: DeviceRepr>(
                 attend.arg(&qc).arg(&kc).arg(&vc);
                 match &index {
                     Some((dir, probes)) => attend.arg(dir).arg(probes),
+                    None => attend.arg(&null).arg(&null),
+                };
+                match &chunk_means {
+                    Some((kmean, vmean)) => attend.arg(kmean).arg(vmean),
                     None => attend.arg(&null).arg(&null),
                 };
                 attend

@@ -14,7 +14,7 @@ mod side;
 
 pub(crate) use append::{assign, kv_write, rope_new, rope_write};
 pub(crate) use decode::decode;
-pub(crate) use merge::merge;
+pub(crate) use merge::{merge, summary_means, summary_sums};
 pub(crate) use prefill::prefill;
 pub(crate) use side::Side;
 use side::{after_main_work, launch_stream};

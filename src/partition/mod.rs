@@ -1,5 +1,6 @@
-//! Key partitions: k-means centroids, nearest-centroid assignment, and the partition-scan that
-//! groups token ids by partition (`perm`, `offsets`).
+//! Key partitions: k-means centroids, nearest-centroid assignment, the partition-scan that
+//! groups token ids by partition (`perm`, `offsets`), and per-partition summaries (sums and means
+//! of the indexed keys and values).
 //!
 //! Per (batch item, KV head) the index lives in one u32 row, its *directory*:
 //! `[offsets[0..=C], perm[0..capacity]]`, where `perm[offsets[c]..offsets[c+1]]` are the token
@@ -9,3 +10,4 @@
 pub mod assign;
 pub mod kmeans;
 pub mod scan;
+pub(crate) mod summary;
