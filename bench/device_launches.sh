@@ -4,8 +4,12 @@
 # binaries staged in .devA–.devD and copied to /tmp/bin as they arrive (carried folders do not
 # outlive their call). `throughput_old` is the binary of the session's first commit (d1ebc80).
 # Usage: bash bench/device_launches.sh STEP
-#   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps | side)
+#   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps | side |
+#    estimate32 | estimate128 | estimate_passkey | steps_old)
 # `side` compares ce60e3c (`throughput_mid`) with the second-stream append (`throughput`).
+# The estimate* steps (session 21) run each keys budget without and with the unread partitions
+# estimated from their means, beside the binary before the estimate (86e872c, `throughput_old`);
+# `steps_old` times the Llama layer step of both binaries and FA2 in one call.
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -57,4 +61,19 @@ side)
     run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1 --tokens 64 --chunk 32768 --all-sparse --graph on
     run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
   done ;;
+estimate32)
+  run tp throughput_old --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10,0.20
+  run tp throughput --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10,0.20 --estimate-unread ;;
+estimate128)
+  run tp throughput_old --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.15
+  run tp throughput --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.15 --estimate-unread ;;
+estimate_passkey)
+  run ev --index "$I/q32k.safetensors" --all-sparse --keys-budget 0.10 --estimate-unread --quest-budget 0.10 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-estimate"
+  run ev --yarn 4 --index "$I/q128k.safetensors" --all-sparse --keys-budget 0.04 --estimate-unread --quest-budget 0.04 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey128-estimate" ;;
+steps_old)
+  unpack
+  for b in bench_report_old bench_report bench_report_old bench_report; do
+    SAAP_REPORT_ONLY=steps run "$bin/$b" 131072,171008 1,8
+  done
+  run python3 bench/fa2_prefill_anchor.py 131072,171008 1,8 decode ;;
 esac

@@ -10,6 +10,8 @@
 //!   enqueue one step. Layers (ops) are rotated so that L2 does not serve repeated reads.
 //!   `graph_us`, `graph_wall_us`, `graph_host_us`: the same step recorded once per op as a CUDA
 //!   graph (`SaapAttention::begin_replay`) and replayed, one launch per step.
+//!   `saap_estimate_step`: `saap_step` with the unread partitions estimated from their means
+//!   (`SaapAttention::set_estimate_unread`).
 //! - `saap_kernel` / `dense_kernel`: the attention kernel alone (`DecodeOp`) on a random index
 //!   whose group unions are as large as in `saap_step`.
 //! - `route` / `route_candle`: classifier + top-ℓ alone, with the CUDA kernels (bf16 weights) and
@@ -382,18 +384,22 @@ fn steps(
     let q = randn_bf16(&[b, HQ, 1, D], dev)?;
     let kv = randn_bf16(&[b, HKV, 1, D], dev)?;
     let new_token = b * (HQ + 2 * HKV) * D * 2 * 2;
-    for (kind, routing) in [
-        ("saap_step", Routing::Classifier),
-        ("dense_step", Routing::Dense),
+    for (kind, routing, estimate) in [
+        ("saap_step", Routing::Classifier, false),
+        ("saap_estimate_step", Routing::Classifier, true),
+        ("dense_step", Routing::Dense, false),
     ] {
         for op in ops.iter_mut() {
             op.set_routing(routing)?;
+            op.set_estimate_unread(estimate);
             op.set_track_reads(true);
         }
         ops[0].decode(&q, &kv, &kv)?;
         let read = ops[0].last_read().ok_or("read stats")?;
         let indexed_read = read.keys_read - read.window_and_sinks;
-        let mut bytes = read.keys_read * kv_row + centroid_bytes + new_token;
+        // A partition's means are one K and one V row.
+        let rows = read.keys_read + read.partitions_estimated;
+        let mut bytes = rows * kv_row + centroid_bytes + new_token;
         if routing == Routing::Classifier {
             bytes += indexed_read * 4 + read.partitions_probed * 8 + weight_bytes;
             bytes += b * HQ * N_PROBE * 4;
@@ -414,9 +420,10 @@ fn steps(
             ("keys_read", read.keys_read as f64),
             ("keys_in_context", read.keys_in_context as f64),
             ("partitions_probed", read.partitions_probed as f64),
+            ("partitions_estimated", read.partitions_estimated as f64),
             ("layers", layers as f64),
         ];
-        if routing == Routing::Classifier && b == 1 {
+        if routing == Routing::Classifier && !estimate && b == 1 {
             // What the defaults cost: read stats and finite checks on.
             for op in ops.iter_mut() {
                 op.set_track_reads(true);

@@ -61,6 +61,10 @@ struct Args {
     /// [default: the index's budget, if it was calibrated with one]
     #[arg(long)]
     keys_budget: Option<f64>,
+    /// Estimate the partitions a step does not read from their mean key and value (one row
+    /// each, beside the keys read)
+    #[arg(long, conflicts_with = "dense")]
+    estimate_unread: bool,
     /// Put the first N tokens of the context text before the question (long enough that Saap
     /// reads a small fraction of the keys); 0 for none
     #[arg(long, default_value_t = 7000)]
@@ -239,6 +243,7 @@ fn run(args: Args) -> Res<()> {
                 None => args.keys_budget.or(c.keys_budget),
             };
             model.set_keys_budget(budget)?;
+            model.set_estimate_unread(args.estimate_unread);
             let dense_layers = (0..index.n_layers())
                 .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
                 .count();
@@ -253,6 +258,9 @@ fn run(args: Args) -> Res<()> {
             );
             if let Some(budget) = budget {
                 println!("  keys budget {budget}: ℓ chosen at every step to fit it");
+            }
+            if args.estimate_unread {
+                println!("  unread partitions estimated from their mean key and value");
             }
         }
         None => println!("model {name} on the {device_name}; dense attention only (--dense)"),
@@ -554,6 +562,17 @@ fn summary(runs: &[Run], prompts: &[Prompt], args: &Args) {
                 100.0 * r.reads.window_and_sinks as f64 / r.reads.keys_in_context.max(1) as f64
             ))
         );
+        if args.estimate_unread {
+            println!(
+                "{:<34}{}",
+                "  + partition means read",
+                col(&|r| format!(
+                    "{:.1}%",
+                    100.0 * r.reads.partitions_estimated as f64
+                        / r.reads.keys_in_context.max(1) as f64
+                ))
+            );
+        }
     }
     println!(
         "{:<34}{}",

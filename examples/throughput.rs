@@ -13,7 +13,8 @@
 //! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1`
 //! budgets of keys read (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
 //! (top-p), `--quest-budget 0.1` Quest (training-free page bounds) in every layer at that keys
-//! budget; `--graph on|off|both` picks the step modes.
+//! budget; `--estimate-unread` runs each Saap setting again with the unread partitions estimated
+//! from their means; `--graph on|off|both` picks the step modes.
 
 mod common;
 
@@ -70,6 +71,10 @@ struct Args {
     /// comma-separated
     #[arg(long, value_delimiter = ',')]
     quest_budget: Vec<f64>,
+    /// Run every Saap setting a second time with the unread partitions estimated from their
+    /// means (`SaapAttention::set_estimate_unread`)
+    #[arg(long)]
+    estimate_unread: bool,
 }
 
 /// How a Saap run sets ℓ.
@@ -192,6 +197,15 @@ fn run(args: Args) -> Res<()> {
         .min(index.config().n_partitions);
     settings.extend(args.probe_mass.iter().map(|&m| Setting::Mass(m, cap)));
     settings.extend(args.quest_budget.iter().map(|&b| Setting::Quest(b)));
+    // Each setting without, then (if asked) with the estimate of the unread partitions; Quest
+    // reads pages, which have no means.
+    let runs: Vec<(Setting, bool)> = settings
+        .iter()
+        .flat_map(|&s| {
+            let again = args.estimate_unread && !matches!(s, Setting::Quest(_));
+            std::iter::once((s, false)).chain(again.then_some((s, true)))
+        })
+        .collect();
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
         // its own continuation.
@@ -220,16 +234,24 @@ fn run(args: Args) -> Res<()> {
                 model.attention_mut(layer)?.drop_index();
             }
             let dense = decode(&mut model, &continuations, graph)?;
-            for &setting in &settings {
+            for &(setting, estimate) in &runs {
                 model.restore_attention(&snapshot)?;
                 setting.apply(&mut model)?;
+                model.set_estimate_unread(estimate);
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
                 setting.apply(&mut model)?;
+                model.set_estimate_unread(estimate);
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 let n_probe = model.attention_mut(0)?.config().n_probe;
-                let label = setting.label();
+                let label = match estimate {
+                    true => format!("{} + estimate", setting.label()),
+                    false => setting.label(),
+                };
+                // Rows of partition means read beside the keys, as a share of the context.
+                let estimated =
+                    reads.partitions_estimated as f64 / reads.keys_in_context.max(1) as f64;
                 let (budget, mass) = match setting {
                     Setting::Budget(b) | Setting::Quest(b) => (b, 0.0),
                     Setting::Probe(_) => (0.0, 0.0),
@@ -240,17 +262,21 @@ fn run(args: Args) -> Res<()> {
                 let top1 = agreement(&dense.top1, &saap.top1);
                 let mode = if graph { "on" } else { "off" };
                 println!(
-                    "{batch} | {mode} | {label} (ℓ now {n_probe}) | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}% | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
+                    "{batch} | {mode} | {label} (ℓ now {n_probe}) | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}%{} | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
                     steps / dense.seconds,
                     steps / saap.seconds,
                     dense.seconds / saap.seconds,
                     100.0 * reads.selectivity(),
+                    match estimate {
+                        true => format!(" + {:.1}% means", 100.0 * estimated),
+                        false => String::new(),
+                    },
                     100.0 * top1,
                     dense.launches,
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,

@@ -65,6 +65,10 @@ struct Args {
     /// sinks included), instead of a fixed ℓ
     #[arg(long, conflicts_with = "probe")]
     keys_budget: Option<f64>,
+    /// Saap and nearest centroid also estimate the partitions they do not read from their mean
+    /// key and value (`SaapAttention::set_estimate_unread`)
+    #[arg(long)]
+    estimate_unread: bool,
     /// Quest's keys budget (share of the context read per step); default: the share Saap's
     /// routed layers read in the perplexity section
     #[arg(long)]
@@ -147,6 +151,8 @@ struct Policy<'a> {
     all_sparse: bool,
     /// Keys budget of the trained routings (Saap, nearest centroid), else their ℓ.
     keys_budget: Option<f64>,
+    /// Whether the trained routings estimate their unread partitions.
+    estimate_unread: bool,
 }
 
 impl Policy<'_> {
@@ -183,6 +189,8 @@ fn apply_mode(
         if policy.keys_budget.is_some() {
             attn.set_keys_budget(policy.keys_budget)?;
         }
+        // Partition routings only: dense and Quest steps ignore it.
+        attn.set_estimate_unread(policy.estimate_unread);
         if routing == Routing::Quest {
             let budget = quest_budget.ok_or(
                 "Quest needs a keys budget: run the perplexity section or pass --quest-budget",
@@ -375,6 +383,7 @@ fn run() -> Res<()> {
         index: &index,
         all_sparse: args.all_sparse,
         keys_budget: args.keys_budget,
+        estimate_unread: args.estimate_unread,
     };
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
@@ -590,6 +599,7 @@ fn command_line(args: &Args) -> String {
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
+        ("--estimate-unread", args.estimate_unread.then(String::new)),
         ("--quest-budget", args.quest_budget.map(|b| b.to_string())),
         ("--yarn", args.model.yarn.map(|f| f.to_string())),
         (

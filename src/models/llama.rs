@@ -603,6 +603,14 @@ impl Llama {
         Ok(())
     }
 
+    /// Sets whether every layer's routed decode steps estimate the partitions they do not read
+    /// from their means (see [`SaapAttention::set_estimate_unread`]).
+    pub fn set_estimate_unread(&mut self, on: bool) {
+        for op in &mut self.attn {
+            op.set_estimate_unread(on);
+        }
+    }
+
     /// How layer `layer` chooses the keys it reads at decode.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
         Ok(self.attention_mut(layer)?.set_routing(routing)?)
