@@ -62,11 +62,13 @@ side)
     run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on
   done ;;
 estimate32)
-  run tp throughput_old --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10,0.20
-  run tp throughput --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10,0.20 --estimate-unread ;;
+  # C = 1024 means rows are 3.2% of a 32k context: 0.13 reads as many rows without them.
+  run tp throughput_old --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10
+  run tp throughput --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10,0.13,0.20 --estimate-unread ;;
 estimate128)
-  run tp throughput_old --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.15
-  run tp throughput --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.15 --estimate-unread ;;
+  # Means rows: 0.85% of a 120k context (0.05 reads as many rows without them).
+  run tp throughput_old --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04
+  run tp throughput --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.05,0.15 --estimate-unread ;;
 estimate_passkey)
   run ev --index "$I/q32k.safetensors" --all-sparse --keys-budget 0.10 --estimate-unread --quest-budget 0.10 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-estimate"
   run ev --yarn 4 --index "$I/q128k.safetensors" --all-sparse --keys-budget 0.04 --estimate-unread --quest-budget 0.04 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey128-estimate" ;;

@@ -101,6 +101,99 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
     }
 }
 
+// Online softmax of the GB query heads `qf` (pre-scaled to log2 units) over the block's ids
+// t_begin..t_end of this pass: ids[t] (sparse) or p0 + t (dense; ids null), rows of `krow`, `vrow`
+// (this lane's VEC elements). MEANS: the ids are cap + c, rows of partition c's means, each logit
+// raised by log2(n_c) (n_c from the directory's offsets). Each group of LPK lanes takes KB rows at
+// a time; the trip count is uniform over the block, so every lane reaches the shuffles.
+template <typename T, int D, int GB, int KB, bool MEANS>
+__device__ __forceinline__ void attend_rows(const uint32_t* ids, uint32_t p0, uint32_t t_begin,
+                                            uint32_t t_end, const T* krow, const T* vrow,
+                                            const uint32_t* offsets, uint32_t cap,
+                                            const float (&qf)[GB][Elem<T>::VEC], float (&m)[GB],
+                                            float (&l)[GB], float (&acc)[GB][Elem<T>::VEC]) {
+    using E = Elem<T>;
+    constexpr int VEC = E::VEC;
+    constexpr int LPK = D / VEC;
+    constexpr int NG = THREADS / LPK;
+    const uint32_t grp = threadIdx.x / LPK;
+    for (uint32_t t0 = t_begin; t0 < t_end; t0 += NG * KB) {
+        bool ok[KB];
+        float raise[KB];
+        uint4 kr[KB], vr[KB];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+            const uint32_t t = t0 + kk * NG + grp;
+            uint32_t id = NO_KEY;
+            if (t < t_end) id = ids ? ids[t] : p0 + t;
+            ok[kk] = id != NO_KEY;
+            raise[kk] = 0.f;
+            if (ok[kk]) {
+                if constexpr (MEANS) {
+                    const uint32_t c = id - cap;
+                    raise[kk] = log2f((float)(min(offsets[c + 1], cap) - min(offsets[c], cap)));
+                    id = c;
+                }
+                kr[kk] = __ldg(reinterpret_cast<const uint4*>(krow + (size_t)id * D));
+                vr[kk] = __ldg(reinterpret_cast<const uint4*>(vrow + (size_t)id * D));
+            } else {
+                kr[kk] = make_uint4(0, 0, 0, 0);
+                vr[kk] = make_uint4(0, 0, 0, 0);
+            }
+        }
+        float s[KB][GB];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+            float kf[VEC];
+            E::widen(kr[kk], kf);
+#pragma unroll
+            for (int g = 0; g < GB; ++g) {
+                float x = 0.f;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) x = fmaf(qf[g][e], kf[e], x);
+                s[kk][g] = x;
+            }
+        }
+#pragma unroll
+        for (int o = LPK / 2; o >= 1; o >>= 1) {
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+                for (int g = 0; g < GB; ++g)
+                    s[kk][g] += __shfl_xor_sync(0xffffffffu, s[kk][g], o);
+        }
+        if constexpr (MEANS) {
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk)
+#pragma unroll
+                for (int g = 0; g < GB; ++g) s[kk][g] += raise[kk];
+        }
+        float vf[KB][VEC];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) E::widen(vr[kk], vf[kk]);
+#pragma unroll
+        for (int g = 0; g < GB; ++g) {
+            float mx = m[g];
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk)
+                if (ok[kk]) mx = fmaxf(mx, s[kk][g]);
+            if (mx == -INFINITY) continue;
+            const float corr = exp2f(m[g] - mx);
+            l[g] *= corr;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[g][e] *= corr;
+#pragma unroll
+            for (int kk = 0; kk < KB; ++kk) {
+                const float p = ok[kk] ? exp2f(s[kk][g] - mx) : 0.f;
+                l[g] += p;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(p, vf[kk][e], acc[g][e]);
+            }
+            m[g] = mx;
+        }
+    }
+}
+
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
 // probes: [items, Hq, n_probe] (ignored when dense); kmean, vmean: [items, Hkv, C, D] or null
 // (no estimate of the unread partitions); part_o: [rows, splits, G, D];
@@ -108,7 +201,7 @@ __device__ __forceinline__ void merge_splits(const float* __restrict__ part_o,
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
-template <typename T, int D, int GB, int KB, bool FUSED>
+template <typename T, int D, int GB, int KB, bool FUSED, bool EST>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
@@ -129,7 +222,9 @@ __device__ __forceinline__ void decode_impl(
     const uint32_t tid = threadIdx.x, grp = tid / LPK, gl = tid % LPK;
     const uint32_t C = n_partitions;
     const bool sparse = dir != nullptr;
-    const bool estimate = sparse && kmean != nullptr;
+    // Compiled out of the kernels without means (EST false): the means' code cost the keys' loop
+    // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two).
+    const bool estimate = EST && sparse && kmean != nullptr;
     // Segments: sinks, partitions 0..C, window, [unread partitions 0..C,] end.
     const uint32_t n_seg = estimate ? 2 * C + 3 : C + 3;
 
@@ -207,81 +302,15 @@ __device__ __forceinline__ void decode_impl(
             }
             __syncthreads();
         }
-        // Trip count is uniform over the block: every lane reaches the shuffles below.
-        for (uint32_t t0 = 0; t0 < n; t0 += NG * KB) {
-            bool ok[KB];
-            float raise[KB];  // log2(n_c) for a partition's means, else 0
-            uint4 kr[KB], vr[KB];
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk) {
-                const uint32_t t = t0 + kk * NG + grp;
-                uint32_t id = NO_KEY;
-                if (t < n) id = sparse ? ids[t] : p0 + t;
-                ok[kk] = id != NO_KEY;
-                raise[kk] = 0.f;
-                if (ok[kk]) {
-                    // Ids from cap on name partition c = id - cap's means.
-                    const bool mean = id >= cap;
-                    const size_t at = (size_t)(mean ? id - cap : id) * D;
-                    kr[kk] = __ldg(reinterpret_cast<const uint4*>((mean ? kmrow : krow) + at));
-                    vr[kk] = __ldg(reinterpret_cast<const uint4*>((mean ? vmrow : vrow) + at));
-                    if (mean) {
-                        const uint32_t a = min(offsets[id - cap], cap);
-                        raise[kk] = log2f((float)(min(offsets[id - cap + 1], cap) - a));
-                    }
-                } else {
-                    kr[kk] = make_uint4(0, 0, 0, 0);
-                    vr[kk] = make_uint4(0, 0, 0, 0);
-                }
-            }
-            float s[KB][GB];
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk) {
-                float kf[VEC];
-                E::widen(kr[kk], kf);
-#pragma unroll
-                for (int g = 0; g < GB; ++g) {
-                    float x = 0.f;
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) x = fmaf(qf[g][e], kf[e], x);
-                    s[kk][g] = x;
-                }
-            }
-#pragma unroll
-            for (int o = LPK / 2; o >= 1; o >>= 1) {
-#pragma unroll
-                for (int kk = 0; kk < KB; ++kk)
-#pragma unroll
-                    for (int g = 0; g < GB; ++g)
-                        s[kk][g] += __shfl_xor_sync(0xffffffffu, s[kk][g], o);
-            }
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk)
-#pragma unroll
-                for (int g = 0; g < GB; ++g) s[kk][g] += raise[kk];
-            float vf[KB][VEC];
-#pragma unroll
-            for (int kk = 0; kk < KB; ++kk) E::widen(vr[kk], vf[kk]);
-#pragma unroll
-            for (int g = 0; g < GB; ++g) {
-                float mx = m[g];
-#pragma unroll
-                for (int kk = 0; kk < KB; ++kk)
-                    if (ok[kk]) mx = fmaxf(mx, s[kk][g]);
-                if (mx == -INFINITY) continue;
-                const float corr = exp2f(m[g] - mx);
-                l[g] *= corr;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[g][e] *= corr;
-#pragma unroll
-                for (int kk = 0; kk < KB; ++kk) {
-                    const float p = ok[kk] ? exp2f(s[kk][g] - mx) : 0.f;
-                    l[g] += p;
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[g][e] = fmaf(p, vf[kk][e], acc[g][e]);
-                }
-                m[g] = mx;
-            }
+        // Keys first, then (estimating) the partitions' means, which end the list: two loops so
+        // that the keys' loop carries none of the means' extra work (registers: occupancy).
+        const uint32_t n_keys = estimate ? min(n, pos[C + 2] > p0 ? pos[C + 2] - p0 : 0u) : n;
+        attend_rows<T, D, GB, KB, false>(sparse ? ids : nullptr, p0, 0, n_keys, krow, vrow,
+                                         nullptr, cap, qf, m, l, acc);
+        if constexpr (EST) {
+            if (estimate)
+                attend_rows<T, D, GB, 1, true>(ids, p0, n_keys, n, kmrow, vmrow, offsets, cap, qf,
+                                               m, l, acc);
         }
         if (sparse) __syncthreads();  // ids[] is rewritten by the next pass
     }
@@ -359,30 +388,35 @@ __device__ __forceinline__ void decode_impl(
     merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), hq, hkv);
 }
 
-#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED)                                                  \
+#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED, EST)                                             \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
         const T* kmean, const T* vmean, float* part_o, float* part_ml, T* out,                  \
         uint32_t* counters, ItemTable seqs,                                                     \
         const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
         uint32_t n_probe, uint32_t sinks, float scale_log2) {                                   \
-        decode_impl<T, D, GB, KB, FUSED>(q, k, v, dir, probes, kmean, vmean, part_o, part_ml,   \
-                                         out, counters,                                         \
+        decode_impl<T, D, GB, KB, FUSED, EST>(q, k, v, dir, probes, kmean, vmean, part_o,       \
+                                              part_ml, out, counters,                           \
                                          seqs, advance, hq, hkv, cap, n_partitions, n_probe,    \
                                          sinks, scale_log2);                                    \
     }
 
-// Two variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
-// block of each row (`fused`: one launch, but more registers in the kernel).
-#define SAAP_DECODE_GROUPS(TN, T, D)                                  \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false)       \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true)
+// Three variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
+// block of each row (`fused`: one launch, but more registers in the kernel); and `est`, the
+// first with the unread partitions estimated from their means (kmean, vmean).
+#define SAAP_DECODE_GROUPS(TN, T, D)                                         \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false, false)       \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true, false)  \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g1, T, D, 1, 4, false, true)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g2, T, D, 2, 4, false, true)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g4, T, D, 4, 4, false, true)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g8, T, D, 8, 2, false, true)
 
 SAAP_DECODE_GROUPS(f32, float, 64)
 SAAP_DECODE_GROUPS(f32, float, 128)

@@ -182,8 +182,15 @@ fn launch<T: DeviceRepr>(
     let g = hq / hkv;
     // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
     let gb = g.next_power_of_two();
-    let fused = fused_merge();
-    let variant = if fused { "fused_" } else { "" };
+    // Means only matter to a sparse step (as on the CPU).
+    let means = means.filter(|_| sparse.is_some());
+    // The kernels that read means merge their splits in a second launch.
+    let fused = fused_merge() && means.is_none();
+    let variant = match (means.is_some(), fused) {
+        (true, _) => "est_",
+        (false, true) => "fused_",
+        (false, false) => "",
+    };
     let func = load(
         dev,
         &DECODE,
@@ -193,8 +200,6 @@ fn launch<T: DeviceRepr>(
     let c = op.n_partitions;
     let lanes_per_key = d * std::mem::size_of::<T>() / 16;
     let groups = THREADS as usize / lanes_per_key;
-    // Means only matter to a sparse step (as on the CPU).
-    let means = means.filter(|_| sparse.is_some());
     // Segment starts (sinks, partitions, window, [unread partitions,] end) and the ids of a pass.
     let segments = if means.is_some() { 2 * c + 3 } else { c + 3 };
     let smem_keys = if sparse.is_some() {
