@@ -164,11 +164,11 @@ impl QuestPages {
 /// NaN scores as −∞, and a slot whose page is not filled holds P (the kernels skip it). Also
 /// returns the group scores `[B, Hkv, P]` f32 before masking, for a finite check.
 ///
-/// `min`, `max`: `[B, Hkv, P, D]` f32 page bounds; `filled`: `[B, Hkv, P]` u8. On CUDA two
-/// kernels for supported shapes (head dim 64 or 128, G up to 8), with the same pages up to the
-/// order of f32 summation; a NaN score of any query head makes its group's score NaN there (on
-/// the CPU, that of the group's first head). Elsewhere candle ops. Device work only: nothing is
-/// read back, so the step can be recorded for replay.
+/// `min`, `max`: `[B, Hkv, P, D]` f32 page bounds; `filled`: `[B, Hkv, P]` u8. Two CUDA kernels
+/// where [`route_on_kernels`] says so, with the same pages up to the order of f32 summation (a
+/// NaN score of any query head makes its group's score NaN there; with candle ops, that of the
+/// group's first head); candle ops elsewhere. Device work only: nothing is read back, so the
+/// step can be recorded for replay.
 ///
 /// # Errors
 /// [`SaapError::Shape`] unless the bounds fit `q` (see [`page_scores`]); [`SaapError::Config`]
@@ -185,7 +185,7 @@ pub fn route(
     let (_, hkv, p, _) = min.dims4()?;
     let k = n_pages.min(p);
     #[cfg(feature = "cuda")]
-    if crate::cuda::quest::supported(q, min, max, filled, k) {
+    if route_on_kernels(q, min, max, filled, k) {
         return Ok(crate::cuda::quest::route(q, min, max, filled, k)?);
     }
     let scores = page_scores(q, min, max)?;
@@ -204,6 +204,29 @@ pub fn route(
         .contiguous()?
         .reshape((b, hq, k))?;
     Ok((probes, scores))
+}
+
+/// Whether [`route`] runs its CUDA kernels for these inputs rather than candle ops: built with
+/// the `cuda` feature, tensors on a CUDA device, and shapes the kernels cover (f32, bf16 or f16
+/// queries, head dim 64 or 128, G up to 8, contiguous f32 bounds and u8 `filled`, the top-k's
+/// shared memory within the device's limit).
+pub fn route_on_kernels(
+    q: &Tensor,
+    min: &Tensor,
+    max: &Tensor,
+    filled: &Tensor,
+    n_pages: usize,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let p = min.dims().get(2).copied().unwrap_or(0);
+        crate::cuda::quest::supported(q, min, max, filled, n_pages.min(p))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, min, max, filled, n_pages);
+        false
+    }
 }
 
 /// `[B, Hkv, n, D]` f32 min and max of pages `first..first + n` of every item of `k`

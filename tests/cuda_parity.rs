@@ -487,8 +487,13 @@ fn quest_route_case(
     let what = format!("{:?} B={b} Hq={hq} Hkv={hkv} P={p} k={k}", q.dtype());
     let (cpu_probes, cpu_scores) = saap::quest::route(q, min, max, filled, k).unwrap();
     let on = |x: &Tensor| x.to_device(dev).unwrap();
+    let gpu_in = (on(q), on(min), on(max), on(filled));
+    assert!(
+        saap::quest::route_on_kernels(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k),
+        "{what}: not on the CUDA kernels"
+    );
     let (gpu_probes, gpu_scores) =
-        saap::quest::route(&on(q), &on(min), &on(max), &on(filled), k).unwrap();
+        saap::quest::route(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k).unwrap();
     assert!(gpu_probes.device().is_cuda() && gpu_scores.device().is_cuda());
     assert_eq!(gpu_probes.dims(), [b, hq, k.min(p)], "{what}");
     assert_eq!(gpu_scores.dims(), [b, hkv, p], "{what}");
