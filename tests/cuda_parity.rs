@@ -396,8 +396,8 @@ fn quest_matches_cpu() {
     let s = seed("quest_matches_cpu");
     quest_case(&dev, s, DType::F32, 1e-4, &[300, 211, 97], 100);
     quest_case(&dev, s, DType::BF16, 3e-2, &[300, 211, 97], 100);
-    // MAX_QUEST_PAGES pages (no merge within 8 steps): candle's CUDA arg_sort and the decode
-    // kernel's shared memory at their largest.
+    // MAX_QUEST_PAGES pages (no merge within 8 steps): the routing's top-k over every page and
+    // the decode kernel's shared memory at their largest.
     let pages = saap::config::MAX_QUEST_PAGES * saap::config::QUEST_PAGE;
     quest_case(&dev, s, DType::BF16, 3e-2, &[pages + 4 + 48], 8);
 }

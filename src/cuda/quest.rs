@@ -199,7 +199,11 @@ impl CustomOp1 for TopOp<'_> {
             dev.cuda_stream().context().bind_to_thread().w()?;
             func.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                i32::try_from(smem).map_err(|_| candle_core::Error::Msg("smem".into()))?,
+                i32::try_from(smem).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "saap quest top: {smem} bytes of shared memory"
+                    ))
+                })?,
             )
             .w()?;
         }
