@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
+#include "top.cuh"
 
 #define THREADS 256
 // Ids materialized in shared memory per pass over a block's slice.
@@ -643,108 +644,18 @@ SAAP_ROUTE_MLP(saap_route_mlp_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
 SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f16, __nv_bfloat16, __half)
 
 // The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], in the
-// CPU's order (score descending, index ascending). Each score becomes a unique u64 key (order-
-// preserving score bits high, inverted index low); a radix select over 8-bit digits from the top
-// finds the n_probe-th largest key (usually 4 passes: the index digits only break score ties);
-// the keys at or above it are gathered and sorted by a bitonic network of `sel_cap` (the power of
-// two >= n_probe) — inside one warp when it is at most 64. A bitonic sort of all C keys took
-// 55 block-wide stages (12.5 us at C = 1024).
-// One block per row. Dynamic shared memory: (C + sel_cap) u64 + 256 u32.
+// CPU's order (score descending, index ascending; see top.cuh). One block per row (a multiple of
+// 32 threads). Dynamic shared memory: sel_cap u64 + C u32 + 256 u32.
 extern "C" __global__ void saap_route_top(const float* __restrict__ scores,
                                           uint32_t* __restrict__ probes, uint32_t C,
                                           uint32_t sel_cap, uint32_t n_probe) {
-    extern __shared__ unsigned long long keys[];  // [C], then sel [sel_cap], then hist [256]
-    unsigned long long* sel = keys + C;
-    uint32_t* hist = reinterpret_cast<uint32_t*>(sel + sel_cap);
-    __shared__ unsigned long long prefix, mask;
-    __shared__ uint32_t want, n_sel;
-    __shared__ bool done;
-    const uint32_t row = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
-    for (uint32_t i = tid; i < C; i += nt) {
-        uint32_t u = __float_as_uint(scores[(size_t)row * C + i]);
-        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-        keys[i] = ((unsigned long long)u << 32) | (0xffffffffu - i);
-    }
-    if (tid == 0) {
-        prefix = 0;
-        mask = 0;
-        want = n_probe;
-        n_sel = 0;
-        done = false;
-    }
+    extern __shared__ unsigned long long sel[];  // [sel_cap], then bits [C], then hist [256]
+    uint32_t* bits = reinterpret_cast<uint32_t*>(sel + sel_cap);
+    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+    for (uint32_t i = tid; i < C; i += blockDim.x) bits[i] = score_bits(scores[(size_t)row * C + i]);
     __syncthreads();
-    // Invariant: `want` of the keys matching `prefix` on `mask` (the digits fixed so far) belong
-    // to the top n_probe, and so do all keys above that prefix.
-    for (int shift = 56; shift >= 0 && !done; shift -= 8) {
-        for (uint32_t i = tid; i < 256; i += nt) hist[i] = 0;
-        __syncthreads();
-        for (uint32_t i = tid; i < C; i += nt) {
-            const unsigned long long k = keys[i];
-            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255], 1u);
-        }
-        __syncthreads();
-        if (tid < 32) {
-            // Lane L holds bins 255 - 8L - j (j = 0..7), so lanes run from the highest digit down.
-            uint32_t count[8], sum = 0;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                count[j] = hist[255 - 8 * tid - j];
-                sum += count[j];
-            }
-            uint32_t incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (tid >= (uint32_t)o) incl += v;
-            }
-            const uint32_t w = want;
-            // Every lane has read `want` before the one lane that finds the digit rewrites it.
-            __syncwarp();
-            uint32_t above = incl - sum;
-            if (above < w && w <= incl) {
-                for (int j = 0; j < 8; ++j) {
-                    if (above + count[j] >= w) {
-                        const unsigned long long digit = 255 - 8 * tid - j;
-                        prefix |= digit << shift;
-                        mask |= 255ull << shift;
-                        want = w - above;
-                        // The whole bin is taken: the keys >= prefix are exactly the top n_probe.
-                        done = count[j] == w - above;
-                        break;
-                    }
-                    above += count[j];
-                }
-            }
-        }
-        __syncthreads();
-    }
-    for (uint32_t i = tid; i < C; i += nt) {
-        const unsigned long long k = keys[i];
-        if ((k & mask) >= prefix) sel[atomicAdd(&n_sel, 1u)] = k;
-    }
-    for (uint32_t i = n_probe + tid; i < sel_cap; i += nt) sel[i] = 0;  // padding sorts last
-    __syncthreads();
-    const bool in_warp = sel_cap <= 64;
-    if (in_warp && tid >= 32) return;
-    const uint32_t workers = in_warp ? 32 : nt;
-    for (uint32_t k = 2; k <= sel_cap; k <<= 1) {
-        for (uint32_t j = k >> 1; j > 0; j >>= 1) {
-            for (uint32_t t = tid; t < sel_cap / 2; t += workers) {
-                const uint32_t i = 2 * t - (t & (j - 1)), o = i + j;
-                const bool desc = (i & k) == 0;
-                const unsigned long long a = sel[i], b = sel[o];
-                if (desc ? a < b : a > b) {
-                    sel[i] = b;
-                    sel[o] = a;
-                }
-            }
-            if (in_warp) {
-                __syncwarp();
-            } else {
-                __syncthreads();
-            }
-        }
-    }
+    const uint32_t workers = top_select(bits, C, sel, sel_cap, n_probe, bits + C);
+    if (tid >= workers) return;
     for (uint32_t i = tid; i < n_probe; i += workers)
-        probes[(size_t)row * n_probe + i] = 0xffffffffu - (uint32_t)(sel[i] & 0xffffffffu);
+        probes[(size_t)row * n_probe + i] = top_index(sel[i]);
 }

@@ -1062,9 +1062,10 @@ impl SaapAttention {
         self.index.is_some() || self.routing == Routing::Quest
     }
 
-    /// Quest's routing runs candle kernels whose shapes follow the page count, which changes at
-    /// merges: routing a zero query once, eagerly, lets a CUDA graph capture of the next step
-    /// find their launch parameters already uploaded (see [`crate::graph`]).
+    /// Quest's routing runs kernels whose shapes follow the page count, which changes at merges
+    /// (candle's where its own do not apply): routing a zero query once, eagerly, lets a CUDA
+    /// graph capture of the next step find their launch parameters already uploaded, modules
+    /// loaded and shared memory opted in (see [`crate::graph`]).
     fn warm_up_quest_routing(&self, batch: usize) -> Result<()> {
         let (Routing::Quest, Some(state), true) =
             (self.routing, &self.state, self.device.is_cuda())

@@ -150,31 +150,82 @@ impl QuestPages {
         self.min.dims()[2]
     }
 
-    /// The `n_pages` best pages of each KV group for rotated queries `q` (`[B, Hq, D]`), each
-    /// group's list repeated for its G query heads: `[B, Hq, min(n_pages, P)]` u32, P in a slot
-    /// whose page holds no key of its item (the kernels skip it). Also the group scores
-    /// `[B, Hkv, P]` f32 before masking, for the finite check. Device work only: nothing is
-    /// read back, so the step can be recorded for replay.
+    /// [`route`] over these pages: `[B, Hq, min(n_pages, P)]` u32 probes and `[B, Hkv, P]` f32
+    /// group scores.
     pub(crate) fn route(&self, q: &Tensor, n_pages: usize) -> Result<(Tensor, Tensor)> {
-        let (b, hq, _) = q.dims3()?;
-        let (_, hkv, p, _) = self.min.dims4()?;
-        let g = hq / hkv;
-        let dev = q.device();
-        let scores = page_scores(q, &self.min, &self.max)?
-            .reshape((b, hkv, g, p))?
-            .max(2)?;
-        let unread = Tensor::full(f32::NEG_INFINITY, (b, hkv, p), dev)?;
-        let ranked = self.filled.where_cond(&scores, &unread)?;
-        let top = top_probes(&ranked, n_pages.min(p))?;
-        let empty = Tensor::full(p as u32, top.shape(), dev)?;
-        let top = self.filled.gather(&top, 2)?.where_cond(&top, &empty)?;
-        let k = top.dim(2)?;
-        let probes = top
-            .unsqueeze(2)?
-            .broadcast_as((b, hkv, g, k))?
-            .contiguous()?
-            .reshape((b, hq, k))?;
-        Ok((probes, scores))
+        route(q, &self.min, &self.max, &self.filled, n_pages)
+    }
+}
+
+/// Quest's routing of rotated queries `q` (`[B, Hq, D]`): the `n_pages` best pages of each KV
+/// group, each group's list repeated for its G query heads, `[B, Hq, min(n_pages, P)]` u32. A
+/// page's group score is the max of its [`page_scores`] over the group's query heads; pages rank
+/// by (score descending, index ascending), pages whose `filled` is 0 (no key of their item) and
+/// NaN scores as −∞, and a slot whose page is not filled holds P (the kernels skip it). Also
+/// returns the group scores `[B, Hkv, P]` f32 before masking, for a finite check.
+///
+/// `min`, `max`: `[B, Hkv, P, D]` f32 page bounds; `filled`: `[B, Hkv, P]` u8. Two CUDA kernels
+/// where [`route_on_kernels`] says so, with the same pages up to the order of f32 summation (a
+/// NaN score of any query head makes its group's score NaN there; with candle ops, that of the
+/// group's first head); candle ops elsewhere. Device work only: nothing is read back, so the
+/// step can be recorded for replay.
+///
+/// # Errors
+/// [`SaapError::Shape`] unless the bounds fit `q` (see [`page_scores`]); [`SaapError::Config`]
+/// when `n_pages` or P is 0; [`SaapError::Candle`] when `filled` does not fit or a tensor
+/// operation fails.
+pub fn route(
+    q: &Tensor,
+    min: &Tensor,
+    max: &Tensor,
+    filled: &Tensor,
+    n_pages: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hq, _) = q.dims3()?;
+    let (_, hkv, p, _) = min.dims4()?;
+    let k = n_pages.min(p);
+    #[cfg(feature = "cuda")]
+    if route_on_kernels(q, min, max, filled, k) {
+        return Ok(crate::cuda::quest::route(q, min, max, filled, k)?);
+    }
+    let scores = page_scores(q, min, max)?;
+    let g = hq / hkv;
+    let dev = q.device();
+    let scores = scores.reshape((b, hkv, g, p))?.max(2)?;
+    let unread = Tensor::full(f32::NEG_INFINITY, (b, hkv, p), dev)?;
+    let ranked = filled.where_cond(&scores, &unread)?;
+    let top = top_probes(&ranked, k)?;
+    let empty = Tensor::full(p as u32, top.shape(), dev)?;
+    let top = filled.gather(&top, 2)?.where_cond(&top, &empty)?;
+    let k = top.dim(2)?;
+    let probes = top
+        .unsqueeze(2)?
+        .broadcast_as((b, hkv, g, k))?
+        .contiguous()?
+        .reshape((b, hq, k))?;
+    Ok((probes, scores))
+}
+
+/// Whether [`route`] runs its CUDA kernels for these inputs rather than candle ops: built with
+/// the `cuda` feature, tensors on a CUDA device, and shapes the kernels cover (f32, bf16 or f16
+/// queries, head dim 64 or 128, G up to 8, contiguous f32 bounds and u8 `filled`, the top-k's
+/// shared memory within the device's limit).
+pub fn route_on_kernels(
+    q: &Tensor,
+    min: &Tensor,
+    max: &Tensor,
+    filled: &Tensor,
+    n_pages: usize,
+) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let p = min.dims().get(2).copied().unwrap_or(0);
+        crate::cuda::quest::supported(q, min, max, filled, n_pages.min(p))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, min, max, filled, n_pages);
+        false
     }
 }
 

@@ -413,10 +413,247 @@ fn quest_matches_cpu() {
     let s = seed("quest_matches_cpu");
     quest_case(&dev, s, DType::F32, 1e-4, &[300, 211, 97], 100);
     quest_case(&dev, s, DType::BF16, 3e-2, &[300, 211, 97], 100);
-    // MAX_QUEST_PAGES pages (no merge within 8 steps): candle's CUDA arg_sort and the decode
-    // kernel's shared memory at their largest.
+    // MAX_QUEST_PAGES pages (no merge within 8 steps): the routing's top-k over every page and
+    // the decode kernel's shared memory at their largest.
     let pages = saap::config::MAX_QUEST_PAGES * saap::config::QUEST_PAGE;
     quest_case(&dev, s, DType::BF16, 3e-2, &[pages + 4 + 48], 8);
+}
+
+/// Shapes of one direct Quest routing case: `(B, Hq, Hkv, D, P, k)`.
+type QuestShape = (usize, usize, usize, usize, usize, usize);
+
+/// `[B][Hq][k]` probes and `[B][Hkv][P]` group scores on the host.
+type QuestRouted = (Vec<Vec<Vec<u32>>>, Vec<Vec<Vec<f32>>>);
+
+/// Random Quest routing inputs on the CPU: queries `[B, Hq, D]` in `dtype`, bounds
+/// `[B, Hkv, P, D]` (min <= max) and `filled` `[B, Hkv, P]`, item `i` holding `pages[i]` pages
+/// (bounds of the others zero, as `QuestPages` keeps them). With `exact`, small integers: every
+/// score is exact in f32 whatever the order of summation, so scores tie exactly and often.
+fn quest_inputs(
+    r: &mut StdRng,
+    dtype: DType,
+    (b, hq, hkv, d, p, _): QuestShape,
+    pages: &[usize],
+    exact: bool,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let mut value = |lo: i32, hi: i32| -> f32 {
+        if exact {
+            r.random_range(lo..=hi) as f32
+        } else {
+            r.random_range(lo as f32..hi as f32)
+        }
+    };
+    let q: Vec<f32> = (0..b * hq * d).map(|_| value(-2, 2)).collect();
+    let (mut min, mut max) = (vec![0f32; b * hkv * p * d], vec![0f32; b * hkv * p * d]);
+    let mut filled = vec![0u8; b * hkv * p];
+    for (i, &n) in pages.iter().enumerate().take(b) {
+        for h in 0..hkv {
+            for page in 0..n {
+                let row = (i * hkv + h) * p + page;
+                filled[row] = 1;
+                for e in row * d..(row + 1) * d {
+                    let (mid, half) = (value(-3, 3), value(0, 2));
+                    (min[e], max[e]) = (mid - half, mid + half);
+                }
+            }
+        }
+    }
+    let cpu = &Device::Cpu;
+    (
+        Tensor::from_vec(q, (b, hq, d), cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        Tensor::from_vec(min, (b, hkv, p, d), cpu).unwrap(),
+        Tensor::from_vec(max, (b, hkv, p, d), cpu).unwrap(),
+        Tensor::from_vec(filled, (b, hkv, p), cpu).unwrap(),
+    )
+}
+
+/// `q` with every dimension of query head `head` of item `item` set to NaN.
+fn poisoned(q: &Tensor, item: usize, head: usize) -> Tensor {
+    let (_, hq, d) = q.dims3().unwrap();
+    let mut values = q
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let at = (item * hq + head) * d;
+    values[at..at + d].fill(f32::NAN);
+    Tensor::from_vec(values, q.shape(), &Device::Cpu)
+        .unwrap()
+        .to_dtype(q.dtype())
+        .unwrap()
+}
+
+/// `saap::quest::route` on the CPU and the GPU from the same inputs: group scores within rounding
+/// (NaN where the CPU has NaN), each group's list the same for its G heads and free of repeats,
+/// and the CPU's pages in the CPU's order but for near-ties of the CPU's ranked scores (none
+/// tolerated with `exact` inputs). Returns the GPU's probes and scores.
+fn quest_route_case(
+    dev: &Device,
+    (q, min, max, filled): (&Tensor, &Tensor, &Tensor, &Tensor),
+    k: usize,
+    exact: bool,
+) -> QuestRouted {
+    let (b, hq, _) = q.dims3().unwrap();
+    let (_, hkv, p, _) = min.dims4().unwrap();
+    let g = hq / hkv;
+    let what = format!("{:?} B={b} Hq={hq} Hkv={hkv} P={p} k={k}", q.dtype());
+    let (cpu_probes, cpu_scores) = saap::quest::route(q, min, max, filled, k).unwrap();
+    let on = |x: &Tensor| x.to_device(dev).unwrap();
+    let gpu_in = (on(q), on(min), on(max), on(filled));
+    assert!(
+        saap::quest::route_on_kernels(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k),
+        "{what}: not on the CUDA kernels"
+    );
+    let (gpu_probes, gpu_scores) =
+        saap::quest::route(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k).unwrap();
+    assert!(gpu_probes.device().is_cuda() && gpu_scores.device().is_cuda());
+    assert_eq!(gpu_probes.dims(), [b, hq, k.min(p)], "{what}");
+    assert_eq!(gpu_scores.dims(), [b, hkv, p], "{what}");
+    let cpu_scores = cpu_scores.to_vec3::<f32>().unwrap();
+    let gpu_s = gpu_scores.to_vec3::<f32>().unwrap();
+    let filled = filled.to_vec3::<u8>().unwrap();
+    for i in 0..b {
+        for h in 0..hkv {
+            for page in 0..p {
+                let (c, gs) = (cpu_scores[i][h][page], gpu_s[i][h][page]);
+                assert!(
+                    (c.is_nan() && gs.is_nan()) || (c - gs).abs() <= 1e-4 * c.abs().max(1.0),
+                    "{what}: item {i} kv head {h} page {page}: score cpu {c}, gpu {gs}"
+                );
+            }
+        }
+    }
+    // The CPU's ranking key of a probe: P (no key) and NaN as -inf.
+    let ranked = |i: usize, h: usize, page: u32| -> f32 {
+        let page = page as usize;
+        match page < p && filled[i][h][page] != 0 {
+            true if !cpu_scores[i][h][page].is_nan() => cpu_scores[i][h][page],
+            _ => f32::NEG_INFINITY,
+        }
+    };
+    let cpu_p = cpu_probes.to_vec3::<u32>().unwrap();
+    let gpu_p = gpu_probes.to_vec3::<u32>().unwrap();
+    for i in 0..b {
+        for head in 0..hq {
+            let h = head / g;
+            let (pc, pg) = (&cpu_p[i][head], &gpu_p[i][head]);
+            assert_eq!(
+                pg,
+                &gpu_p[i][h * g],
+                "{what}: item {i}: heads of group {h} differ"
+            );
+            let mut seen = pg.clone();
+            seen.retain(|&x| x != p as u32);
+            let n = seen.len();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(
+                seen.len(),
+                n,
+                "{what}: item {i} head {head}: repeated page in {pg:?}"
+            );
+            for (rank, (&a, &gp)) in pc.iter().zip(pg).enumerate() {
+                let (sa, sg) = (ranked(i, h, a), ranked(i, h, gp));
+                let tie = sa == sg || (sa - sg).abs() <= 1e-4 * sa.abs().max(1.0);
+                assert!(
+                    a == gp || (!exact && tie),
+                    "{what}: item {i} head {head} rank {rank}: cpu {a} ({sa}), gpu {gp} ({sg})"
+                );
+            }
+        }
+    }
+    (gpu_p, gpu_s)
+}
+
+/// Quest routing's CUDA kernels (group page scores, top-k with filled masks) against the CPU's
+/// candle ops: every query dtype, G of 1, 2, 4 and 7, head dims 64 and 128, k from 1 to P =
+/// MAX_QUEST_PAGES (the selection sorted inside a warp, by the whole block, and with shared memory
+/// past the default 48 KiB), ragged batches with items of fewer pages than k (slots of P) and of
+/// none, and a NaN query head (its group's pages all rank as -inf: index order).
+#[test]
+fn quest_route_matches_cpu() {
+    use saap::config::MAX_QUEST_PAGES as MAX;
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("quest_route_matches_cpu"));
+    let cases: [(DType, QuestShape, &[usize]); 6] = [
+        (DType::F32, (3, 8, 2, 64, 700, 64), &[700, 40, 0]),
+        (DType::BF16, (1, 32, 8, 128, MAX, 64), &[MAX]),
+        (DType::BF16, (2, 28, 4, 128, MAX, MAX), &[MAX, 5000]),
+        (DType::F16, (2, 4, 4, 64, 1000, 300), &[1000, 999]),
+        (DType::F32, (2, 4, 2, 64, 33, 1), &[33, 1]),
+        (DType::BF16, (2, 16, 8, 128, 300, 500), &[300, 300]),
+    ];
+    for (dtype, shape, pages) in cases {
+        let k = shape.5;
+        let (q, min, max, filled) = quest_inputs(&mut r, dtype, shape, pages, false);
+        let (probes, _) = quest_route_case(&dev, (&q, &min, &max, &filled), k, false);
+        // Items with fewer pages than k fill the rest of their slots with P.
+        let (p, k) = (shape.4, k.min(shape.4));
+        for (i, &n) in pages.iter().enumerate() {
+            let empty = probes[i][0].iter().filter(|&&x| x == p as u32).count();
+            assert_eq!(
+                empty,
+                k.saturating_sub(n),
+                "{dtype:?} P={p} item {i}: slots of P"
+            );
+        }
+    }
+    // A NaN in the first query head of a group makes the group's scores NaN on both backends,
+    // and its pages come in index order.
+    let shape = (3, 8, 2, 64, 700, 64);
+    let (q, min, max, filled) = quest_inputs(&mut r, DType::F32, shape, &[700, 40, 0], false);
+    let q = poisoned(&q, 0, 4);
+    let (probes, scores) = quest_route_case(&dev, (&q, &min, &max, &filled), 64, false);
+    assert!(scores[0][1].iter().all(|s| s.is_nan()));
+    assert!(scores[0][0].iter().all(|s| s.is_finite()));
+    assert!((4..8).all(|head| probes[0][head] == (0..64).collect::<Vec<u32>>()));
+}
+
+/// Exact score ties (small integer queries and bounds) are ordered by page index exactly as the
+/// CPU's stable sort orders them, empty pages included, for f32 and bf16 queries; and a NaN in
+/// any query head (on the GPU, not only the group's first) makes its group's scores NaN, so the
+/// finite check of a decode step sees it.
+#[test]
+fn quest_route_ties_match_cpu() {
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("quest_route_ties_match_cpu"));
+    for dtype in [DType::F32, DType::BF16] {
+        for k in [1, 16, 100, 500] {
+            let shape = (2, 8, 2, 64, 500, k);
+            let (q, min, max, filled) = quest_inputs(&mut r, dtype, shape, &[500, 77], true);
+            quest_route_case(&dev, (&q, &min, &max, &filled), k, true);
+        }
+    }
+    let shape = (2, 8, 2, 128, 200, 8);
+    let (q, min, max, filled) = quest_inputs(&mut r, DType::BF16, shape, &[200, 200], true);
+    let on = |x: &Tensor| x.to_device(&dev).unwrap();
+    let q = poisoned(&q, 1, 7);
+    let (probes, scores) =
+        saap::quest::route(&on(&q), &on(&min), &on(&max), &on(&filled), 8).unwrap();
+    let scores = scores.to_vec3::<f32>().unwrap();
+    assert!(
+        scores[1][1].iter().all(|s| s.is_nan()),
+        "NaN of head 7 lost"
+    );
+    assert!(scores[1][0]
+        .iter()
+        .chain(&scores[0][1])
+        .all(|s| s.is_finite()));
+    let probes = probes.to_vec3::<u32>().unwrap();
+    assert_eq!(probes[1][7], (0..8).collect::<Vec<u32>>());
+}
+
+/// Overflowing Quest page scores computed by the CUDA kernels are reported by a checked decode
+/// step, as on the CPU (`overflowing_quest_scores_are_reported` in tests/reliability.rs).
+#[test]
+fn quest_overflow_is_reported_on_cuda() {
+    let Some(dev) = cuda() else { return };
+    quest_overflow_is_reported(&dev);
 }
 
 /// Classifier routing: the CUDA kernels (MLP with f32 accumulation, top-ℓ) pick the CPU's

@@ -328,6 +328,11 @@ fn overflowing_routing_scores_are_reported() {
 }
 
 #[test]
+fn overflowing_quest_scores_are_reported() {
+    quest_overflow_is_reported(&Device::Cpu);
+}
+
+#[test]
 fn overflowing_outputs_are_reported() {
     let mut r = rng(8);
     // q·k ≈ 1e40 overflows f32: the outputs were all NaN, and Ok.

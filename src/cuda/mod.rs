@@ -9,6 +9,7 @@ pub(crate) mod glue;
 pub(crate) mod graph;
 mod merge;
 mod prefill;
+pub(crate) mod quest;
 pub(crate) mod route;
 mod side;
 
@@ -84,6 +85,11 @@ const PREFILL: Module = Module {
     fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/prefill.fatbin")),
 };
 
+const QUEST: Module = Module {
+    name: "saap_quest",
+    fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/quest.fatbin")),
+};
+
 const MERGE: Module = Module {
     name: "saap_merge",
     fatbin: include_bytes!(concat!(env!("OUT_DIR"), "/merge.fatbin")),
@@ -120,6 +126,12 @@ fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Resul
     };
     drop(modules);
     loaded.load_function(function).w()
+}
+
+/// Dynamic shared memory of a top-n kernel over C scores (`top_select` in `cuda/top.cuh`): the
+/// selection padded to a power of two (u64 keys), C score bits, a 256-bin histogram.
+fn top_smem_bytes(c: usize, n: usize) -> usize {
+    n.next_power_of_two().max(2) * 8 + (c + 256) * 4
 }
 
 /// Number of streaming multiprocessors of the device.

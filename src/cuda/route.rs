@@ -3,7 +3,7 @@
 //! replace the dozen candle ops (casts, transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
-use super::{load, to_u32, view, with_cuda, DECODE};
+use super::{load, to_u32, top_smem_bytes, view, with_cuda, DECODE};
 use crate::classify::Classifier;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -43,12 +43,6 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
         && (h * w.size_in_bytes()) % 16 == 0
         && smem <= SMEM_LIMIT
         && top_smem_bytes(c, n_probe) <= SMEM_LIMIT
-}
-
-/// Dynamic shared memory of the top-ℓ kernel: C keys, the selection padded to a power of two,
-/// a 256-bin histogram.
-fn top_smem_bytes(c: usize, n_probe: usize) -> usize {
-    (c + n_probe.next_power_of_two().max(2)) * 8 + 256 * 4
 }
 
 /// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over

@@ -7,7 +7,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use saap::classify::Classifier;
 use saap::{
-    HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig, SaapIndex,
+    HeadLayout, LayerIndex, RopeConfig, RopeKind, RopeScaling, Routing, SaapAttention, SaapConfig,
+    SaapIndex,
 };
 
 pub fn rng(seed: u64) -> StdRng {
@@ -233,4 +234,46 @@ pub fn rope_ref(x: &[f32], pos: usize, kind: RopeKind, theta: f64) -> Vec<f64> {
         out[b] = x0 * angle.sin() + x1 * angle.cos();
     }
     out
+}
+
+/// Quest routing whose page scores overflow f32 is refused on `dev`: an op holding 80 keys of
+/// magnitude 1e20 (appended with `extend`, so no attention overflows first), switched to Quest;
+/// a decode step with finite queries of magnitude 1e20 fails as non-finite routing scores and
+/// leaves the sequences as they were, a NaN query fails as non-finite `q`, and unchecked the
+/// overflowing step runs without panicking.
+pub fn quest_overflow_is_reported(dev: &Device) {
+    use saap::SaapError;
+    let config = config(4, 2, 64, 8, RopeKind::Neox);
+    let mut r = rng(11);
+    let on = |x: Tensor| x.to_device(dev).unwrap();
+    let huge_k = on((randn(&mut r, &[1, 2, 80, 64], 1.0) * 1e20).unwrap());
+    let v = on(randn(&mut r, &[1, 2, 80, 64], 1.0));
+    let q = on((randn(&mut r, &[1, 4, 1, 64], 1.0) * 1e20).unwrap());
+    let (k1, v1) = (
+        on(randn(&mut r, &[1, 2, 1, 64], 1.0)),
+        on(randn(&mut r, &[1, 2, 1, 64], 1.0)),
+    );
+    let nan_q = (q.zeros_like().unwrap() * f64::NAN).unwrap();
+    for checked in [true, false] {
+        let mut op = SaapAttention::dense(&config, dev, DType::F32).unwrap();
+        op.extend(&huge_k, &v, &[80]).unwrap();
+        op.set_routing(Routing::Quest).unwrap();
+        op.set_check_finite(checked);
+        let pages = op.page_bounds().expect("Quest pages").0.dim(2).unwrap();
+        assert!(pages > 0, "no page to route over");
+        if checked {
+            assert!(matches!(
+                op.decode(&nan_q, &k1, &v1),
+                Err(SaapError::NonFinite("q"))
+            ));
+            match op.decode(&q, &k1, &v1) {
+                Err(SaapError::NonFinite(what)) => assert_eq!(what, "routing scores"),
+                other => panic!("{:?}: {other:?}", dev.location()),
+            }
+            assert_eq!(op.seq_lens(), &[80], "a rejected step is not cached");
+        } else {
+            op.decode(&q, &k1, &v1).unwrap();
+            assert_eq!(op.seq_lens(), &[81]);
+        }
+    }
 }

@@ -1,0 +1,122 @@
+// Quest routing of a decode step (src/cuda/quest.rs), one semantics with `quest::route` on the
+// CPU: two launches replace its candle ops (relu, sub, two batched matmuls, add, max over the
+// group, masking, arg_sort over P pages, gather, where, broadcast).
+//
+// 1. saap_quest_scores: per (item, KV head, page) the group score, the max over the group's G
+//    query heads of Σ_d max(q_d·min_d, q_d·max_d) (f32, as the CPU's relu split: q_d·max_d where
+//    q_d > 0, else q_d·min_d). A NaN of any head makes the group score NaN, so the caller's finite
+//    check sees it.
+// 2. saap_quest_top: per (item, KV head) the k best pages (top.cuh; pages without keys of the
+//    item rank as -inf, with NaN), each list written for the group's G query heads, a page
+//    without keys written as P.
+#include "common.cuh"
+#include "top.cuh"
+
+#define QUEST_THREADS 256
+// Lanes per page: each loads 16 bytes of a bound row at a time, 8 lanes one 128-byte segment.
+#define QUEST_LPP 8
+#define QUEST_SLOTS (QUEST_THREADS / QUEST_LPP)
+#define QUEST_TOP_THREADS 1024
+
+// q: [B, Hq, D]; lo, hi: [B, Hkv, P, D] f32; scores: [B, Hkv, P]. Grid: (ceil(P / per_block),
+// Hkv, B) with per_block a multiple of QUEST_SLOTS; G = Hq / Hkv <= GB. Dynamic shared memory:
+// G * D floats (the group's queries).
+template <typename Q, int D, int GB>
+__device__ __forceinline__ void quest_scores_impl(const Q* __restrict__ q,
+                                                  const float* __restrict__ lo,
+                                                  const float* __restrict__ hi,
+                                                  float* __restrict__ scores, uint32_t hq,
+                                                  uint32_t hkv, uint32_t P, uint32_t per_block) {
+    constexpr int CH = D / 4 / QUEST_LPP;  // 16-byte chunks per lane and bound row
+    static_assert(CH * 4 * QUEST_LPP == D, "D must be a multiple of 32");
+    extern __shared__ __align__(16) float qs[];
+    const uint32_t item = blockIdx.z, head = blockIdx.y, G = hq / hkv;
+    const uint32_t row = item * hkv + head;
+    const uint32_t tid = threadIdx.x, slot = tid / QUEST_LPP, lane = tid % QUEST_LPP;
+    for (uint32_t i = tid; i < G * D; i += QUEST_THREADS)
+        qs[i] = to_f32(q[((size_t)item * hq + (size_t)head * G) * D + i]);
+    __syncthreads();
+    const uint32_t p0 = blockIdx.x * per_block, p1 = min(p0 + per_block, P);
+    const float4* lo4 = reinterpret_cast<const float4*>(lo + (size_t)row * P * D);
+    const float4* hi4 = reinterpret_cast<const float4*>(hi + (size_t)row * P * D);
+    // Uniform trip count: every lane reaches the shuffles.
+    for (uint32_t base = p0; base < p1; base += QUEST_SLOTS) {
+        const uint32_t p = base + slot;
+        const bool ok = p < p1;
+        float4 a[CH], b[CH];
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+            const size_t at = (size_t)p * (D / 4) + lane + c * QUEST_LPP;
+            a[c] = ok ? __ldg(lo4 + at) : make_float4(0.f, 0.f, 0.f, 0.f);
+            b[c] = ok ? __ldg(hi4 + at) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        float acc[GB];
+#pragma unroll
+        for (int g = 0; g < GB; ++g) {
+            acc[g] = 0.f;
+            if ((uint32_t)g >= G) continue;
+#pragma unroll
+            for (int c = 0; c < CH; ++c) {
+                const float4 x =
+                    *reinterpret_cast<const float4*>(qs + g * D + 4 * (lane + c * QUEST_LPP));
+                acc[g] = fmaf(x.x, x.x > 0.f ? b[c].x : a[c].x, acc[g]);
+                acc[g] = fmaf(x.y, x.y > 0.f ? b[c].y : a[c].y, acc[g]);
+                acc[g] = fmaf(x.z, x.z > 0.f ? b[c].z : a[c].z, acc[g]);
+                acc[g] = fmaf(x.w, x.w > 0.f ? b[c].w : a[c].w, acc[g]);
+            }
+#pragma unroll
+            for (int o = QUEST_LPP / 2; o >= 1; o >>= 1)
+                acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
+        }
+        if (ok && lane == 0) {
+            float m = acc[0];
+#pragma unroll
+            for (int g = 1; g < GB; ++g)
+                if ((uint32_t)g < G && (acc[g] > m || acc[g] != acc[g])) m = acc[g];
+            scores[(size_t)row * P + p] = m;
+        }
+    }
+}
+
+#define SAAP_QUEST_SCORES(NAME, Q, D, GB)                                                      \
+    extern "C" __global__ void __launch_bounds__(QUEST_THREADS)                                \
+        NAME(const Q* q, const float* lo, const float* hi, float* scores, uint32_t hq,         \
+             uint32_t hkv, uint32_t P, uint32_t per_block) {                                   \
+        quest_scores_impl<Q, D, GB>(q, lo, hi, scores, hq, hkv, P, per_block);                 \
+    }
+
+#define SAAP_QUEST_SCORES_GROUPS(QN, Q, D)                          \
+    SAAP_QUEST_SCORES(saap_quest_scores_##QN##_d##D##_g1, Q, D, 1) \
+    SAAP_QUEST_SCORES(saap_quest_scores_##QN##_d##D##_g2, Q, D, 2) \
+    SAAP_QUEST_SCORES(saap_quest_scores_##QN##_d##D##_g4, Q, D, 4) \
+    SAAP_QUEST_SCORES(saap_quest_scores_##QN##_d##D##_g8, Q, D, 8)
+
+SAAP_QUEST_SCORES_GROUPS(f32, float, 64)
+SAAP_QUEST_SCORES_GROUPS(f32, float, 128)
+SAAP_QUEST_SCORES_GROUPS(bf16, __nv_bfloat16, 64)
+SAAP_QUEST_SCORES_GROUPS(bf16, __nv_bfloat16, 128)
+SAAP_QUEST_SCORES_GROUPS(f16, __half, 64)
+SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
+
+// scores: [rows, P] (rows = B * Hkv); filled: [rows, P] u8 (nonzero: the page holds keys of its
+// item); probes: [rows * G, k] = [B, Hq, k]. One block per row, a power of two from 32 to
+// QUEST_TOP_THREADS threads. Dynamic shared memory: sel_cap u64 + P u32 + 256 u32.
+extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
+    saap_quest_top(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
+                   uint32_t* __restrict__ probes, uint32_t P, uint32_t sel_cap, uint32_t k,
+                   uint32_t G) {
+    extern __shared__ unsigned long long sel[];  // [sel_cap], then bits [P], then hist [256]
+    uint32_t* bits = reinterpret_cast<uint32_t*>(sel + sel_cap);
+    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+    const float* s = scores + (size_t)row * P;
+    const uint8_t* f = filled + (size_t)row * P;
+    for (uint32_t i = tid; i < P; i += blockDim.x) bits[i] = score_bits(f[i] ? s[i] : -INFINITY);
+    __syncthreads();
+    const uint32_t workers = top_select(bits, P, sel, sel_cap, k, bits + P);
+    if (tid >= workers) return;
+    for (uint32_t i = tid; i < k; i += workers) {
+        const uint32_t p = top_index(sel[i]);
+        const uint32_t out = f[p] ? p : P;
+        for (uint32_t g = 0; g < G; ++g) probes[((size_t)row * G + g) * k + i] = out;
+    }
+}

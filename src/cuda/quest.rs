@@ -1,0 +1,254 @@
+//! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page, then
+//! each KV group's best pages written for its query heads. Two launches replace the candle ops
+//! (relu, sub, two batched matmuls, add, max, masking, arg_sort over P, gather, where, broadcast)
+//! of [`crate::quest::route`], with the same result up to the order of f32 summation.
+
+use super::{load, sm_count, to_u32, top_smem_bytes, view, with_cuda, QUEST};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+/// Threads per score block and pages a block's threads take at once (`QUEST_THREADS`,
+/// `QUEST_SLOTS` in `cuda/quest.cu`).
+const THREADS: u32 = 256;
+const SLOTS: usize = 32;
+/// Most threads of a top-k block (`QUEST_TOP_THREADS`).
+const TOP_THREADS: usize = 1024;
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Left of the opt-in limit for the top-k kernel's static shared memory (32 bytes).
+const STATIC_SMEM: usize = 1024;
+
+/// Whether [`route`] handles these tensors and `k`; otherwise the caller uses candle ops.
+pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor, k: usize) -> bool {
+    let Device::Cuda(dev) = q.device() else {
+        return false;
+    };
+    let (Ok((b, hq, d)), Ok((_, hkv, p, _))) = (q.dims3(), min.dims4()) else {
+        return false;
+    };
+    let bounds_ok = |t: &Tensor| {
+        t.dtype() == DType::F32
+            && t.is_contiguous()
+            && t.dims() == [b, hkv, p, d]
+            && t.device().same_device(q.device())
+            // 16-byte loads of every row.
+            && t.layout().start_offset() % 4 == 0
+    };
+    let optin = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(SMEM_LIMIT, |n| usize::try_from(n).unwrap_or(0));
+    matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && matches!(d, 64 | 128)
+        && b > 0
+        && hkv > 0
+        && hq % hkv == 0
+        && (1..=8).contains(&(hq / hkv))
+        && (1..=p).contains(&k)
+        && bounds_ok(min)
+        && bounds_ok(max)
+        && filled.dtype() == DType::U8
+        && filled.is_contiguous()
+        && filled.dims() == [b, hkv, p]
+        && filled.device().same_device(q.device())
+        && top_smem_bytes(p, k) + STATIC_SMEM <= optin
+}
+
+/// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hq, k]` u32 (P where the
+/// page holds no key of its item) and group scores `[B, Hkv, P]` f32, as
+/// [`crate::quest::route`] defines them. Device work only, fixed-size allocations.
+pub(crate) fn route(
+    q: &Tensor,
+    min: &Tensor,
+    max: &Tensor,
+    filled: &Tensor,
+    k: usize,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (_, hq, _) = q.dims3()?;
+    let hkv = min.dim(1)?;
+    let scores = q.contiguous()?.apply_op1_no_bwd(&ScoresOp { min, max })?;
+    let probes = scores.apply_op1_no_bwd(&TopOp {
+        filled,
+        k,
+        group: hq / hkv,
+    })?;
+    Ok((probes, scores))
+}
+
+/// Group scores `[B, Hkv, P]` of rotated queries `[B, Hq, D]` over page bounds `[B, Hkv, P, D]`.
+struct ScoresOp<'a> {
+    min: &'a Tensor,
+    max: &'a Tensor,
+}
+
+impl CustomOp1 for ScoresOp<'_> {
+    fn name(&self) -> &'static str {
+        "saap-quest-scores"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("saap quest scores: the CUDA kernel has no CPU twin; use quest::route")
+    }
+
+    fn cuda_fwd(&self, q: &CudaStorage, q_l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, hq, d) = q_l.shape().dims3()?;
+        let (_, hkv, p, _) = self.min.dims4()?;
+        let g = hq / hkv;
+        let dev = q.device().clone();
+        let qname = match q.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("saap quest scores: query dtype {other:?}"),
+        };
+        // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
+        let func = load(
+            &dev,
+            &QUEST,
+            &format!("saap_quest_scores_{qname}_d{d}_g{}", g.next_power_of_two()),
+        )?;
+        // Enough blocks to fill the GPU a few times over, each at least one page per slot.
+        let rows = b * hkv;
+        let per_block = (p * rows)
+            .div_ceil(4 * sm_count(&dev)?)
+            .next_multiple_of(SLOTS)
+            .clamp(SLOTS, 16 * SLOTS);
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(p.div_ceil(per_block))?, to_u32(hkv)?, to_u32(b)?),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: to_u32(g * d * 4)?,
+        };
+        // SAFETY: every score is written (the grid covers B × Hkv × P).
+        let scores = unsafe { dev.alloc::<f32>(rows * p) }?;
+        let dims = [to_u32(hq)?, to_u32(hkv)?, to_u32(p)?, to_u32(per_block)?];
+        let args = (&func, &scores, dims, cfg);
+        match q.dtype() {
+            DType::F32 => self.launch::<f32>(q, q_l, &dev, args),
+            DType::BF16 => self.launch::<bf16>(q, q_l, &dev, args),
+            DType::F16 => self.launch::<f16>(q, q_l, &dev, args),
+            other => candle_core::bail!("saap quest scores: query dtype {other:?}"),
+        }?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(scores, dev),
+            Shape::from((b, hkv, p)),
+        ))
+    }
+}
+
+impl ScoresOp<'_> {
+    fn launch<Q: CudaDType + DeviceRepr>(
+        &self,
+        q: &CudaStorage,
+        q_l: &Layout,
+        dev: &CudaDevice,
+        (func, scores, dims, cfg): (&CudaFunction, &CudaSlice<f32>, [u32; 4], LaunchConfig),
+    ) -> candle_core::Result<()> {
+        let q = view::<Q>(q, q_l)?;
+        with_cuda(self.min, "page minima", |lo, lo_l| {
+            with_cuda(self.max, "page maxima", |hi, hi_l| {
+                let (lo, hi) = (view::<f32>(lo, lo_l)?, view::<f32>(hi, hi_l)?);
+                let stream = dev.cuda_stream();
+                let mut builder = stream.launch_builder(func);
+                builder.arg(&q).arg(&lo).arg(&hi).arg(scores);
+                for x in &dims {
+                    builder.arg(x);
+                }
+                // SAFETY: argument types and order match `quest_scores_impl`; bound rows are
+                // 16-byte aligned (D of 64 or 128, offsets checked by `supported`).
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    }
+}
+
+/// Each KV group's `k` best pages of group scores `[B, Hkv, P]` for its `group` query heads:
+/// `[B, Hkv · group, k]` u32.
+struct TopOp<'a> {
+    filled: &'a Tensor,
+    k: usize,
+    group: usize,
+}
+
+impl CustomOp1 for TopOp<'_> {
+    fn name(&self) -> &'static str {
+        "saap-quest-top"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("saap quest top: the CUDA kernel has no CPU twin; use quest::route")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, s_l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, hkv, p) = s_l.shape().dims3()?;
+        let k = self.k;
+        if k == 0 || k > p {
+            candle_core::bail!("saap quest top: k = {k} outside 1..={p}");
+        }
+        let dev = s.device().clone();
+        let func = load(&dev, &QUEST, "saap_quest_top")?;
+        let smem = top_smem_bytes(p, k);
+        if smem > SMEM_LIMIT {
+            // Opting in is per function and idempotent; `supported` checked the device's limit.
+            dev.cuda_stream().context().bind_to_thread().w()?;
+            func.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                i32::try_from(smem).map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "saap quest top: {smem} bytes of shared memory"
+                    ))
+                })?,
+            )
+            .w()?;
+        }
+        let rows = b * hkv;
+        let scores = view::<f32>(s, s_l)?;
+        // SAFETY: every probe is written (one block per row writes k entries for each head).
+        let probes = unsafe { dev.alloc::<u32>(rows * self.group * k) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(rows)?, 1, 1),
+            block_dim: (
+                to_u32(p.next_power_of_two().div_ceil(2).clamp(32, TOP_THREADS))?,
+                1,
+                1,
+            ),
+            shared_mem_bytes: to_u32(smem)?,
+        };
+        let sel_cap = k.next_power_of_two().max(2);
+        let dims = [
+            to_u32(p)?,
+            to_u32(sel_cap)?,
+            to_u32(k)?,
+            to_u32(self.group)?,
+        ];
+        with_cuda(self.filled, "filled pages", |f, f_l| {
+            if f_l.dims() != [b, hkv, p] {
+                candle_core::bail!(
+                    "saap quest top: filled {:?}, expected [{b}, {hkv}, {p}]",
+                    f_l.dims()
+                );
+            }
+            let filled = view::<u8>(f, f_l)?;
+            let stream = dev.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&scores).arg(&filled).arg(&probes);
+            for x in &dims {
+                builder.arg(x);
+            }
+            // SAFETY: argument types and order match `saap_quest_top`; shared memory as sized by
+            // `top_smem_bytes`, opted in above where it exceeds the default.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(())
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(probes, dev),
+            Shape::from((b, hkv * self.group, k)),
+        ))
+    }
+}
