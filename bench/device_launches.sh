@@ -5,11 +5,13 @@
 # outlive their call). `throughput_old` is the binary of the session's first commit (d1ebc80).
 # Usage: bash bench/device_launches.sh STEP
 #   (tests | piece | setup | calib | e2e32 | e2e128 | budget | passkey | steps | side |
-#    estimate32 | estimate128 | estimate_passkey | steps_old)
+#    estimate32 | estimate128 | estimate_passkey | steps_old | quest)
 # `side` compares ce60e3c (`throughput_mid`) with the second-stream append (`throughput`).
 # The estimate* steps (session 21) run each keys budget without and with the unread partitions
 # estimated from their means, beside the binary before the estimate (86e872c, `throughput_old`);
-# `steps_old` times the Llama layer step of both binaries and FA2 in one call.
+# `steps_old` times the Llama layer step of both binaries and FA2 in one call; `quest` runs
+# Saap and Quest at the issue's budgets with both binaries (Quest's routing on its own kernels
+# in the new one, candle ops in the old).
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -72,6 +74,11 @@ estimate128)
 estimate_passkey)
   run ev --index "$I/q32k.safetensors" --all-sparse --keys-budget 0.10 --estimate-unread --quest-budget 0.10 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-estimate"
   run ev --yarn 4 --index "$I/q128k.safetensors" --all-sparse --keys-budget 0.04 --estimate-unread --quest-budget 0.04 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey128-estimate" ;;
+quest)
+  for b in throughput_old throughput; do
+    run tp $b --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 64 --all-sparse --graph on --keys-budget 0.10 --quest-budget 0.10
+    run tp $b --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 64 --chunk 32768 --all-sparse --graph on --keys-budget 0.04 --quest-budget 0.04
+  done ;;
 steps_old)
   unpack
   for b in bench_report_old bench_report bench_report_old bench_report; do

@@ -303,14 +303,14 @@ __device__ __forceinline__ void decode_impl(
             }
             __syncthreads();
         }
-        // Keys first, then (estimating) the partitions' means, which end the list: two loops so
-        // that the keys' loop carries none of the means' extra work (registers: occupancy).
+        // Keys first, then (estimating) the partitions' means, which end the list: the keys' loop
+        // does none of the means' extra work (their counts, the raised logits).
         const uint32_t n_keys = estimate ? min(n, pos[C + 2] > p0 ? pos[C + 2] - p0 : 0u) : n;
         attend_rows<T, D, GB, KB, false>(sparse ? ids : nullptr, p0, 0, n_keys, krow, vrow,
                                          nullptr, cap, qf, m, l, acc);
         if constexpr (EST) {
             if (estimate)
-                attend_rows<T, D, GB, 1, true>(ids, p0, n_keys, n, kmrow, vmrow, offsets, cap, qf,
+                attend_rows<T, D, GB, KB, true>(ids, p0, n_keys, n, kmrow, vmrow, offsets, cap, qf,
                                                m, l, acc);
         }
         if (sparse) __syncthreads();  // ids[] is rewritten by the next pass
