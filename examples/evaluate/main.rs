@@ -4,8 +4,8 @@
 //! per-layer attention-mass recall, attention-output error and keys read (with the recall of a
 //! perfect selector reading as many keys), perplexity of teacher-forced decoding, and a passkey
 //! (needle in a haystack) grid. Quest decodes at Saap's keys read: its keys budget is the share
-//! Saap's routed layers read in the perplexity run (per-layer recall needs post-RoPE keys and is
-//! left out for it). Writes `report.json`, `report.md` and PNG plots (recall vs keys
+//! Saap's routed layers read in the perplexity run; its per-layer indexed recall is computed
+//! offline at the keys Saap read (pages of post-RoPE keys ranked by their bound). Writes `report.json`, `report.md` and PNG plots (recall vs keys
 //! read per layer, the passkey grid; see `plots.rs`) into `--out`.
 //!
 //! `cargo run --release --example evaluate -- --help` lists the options.
@@ -355,9 +355,11 @@ fn run() -> Res<()> {
             layers[layer].saap.oracle_recall,
         );
         println!(
-            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | perfect classifier {:.3} reading {:.1}%, {:.3} at Saap's keys | top-k oracle {:.3}",
+            "         indexed mass: Saap {:.3} | nearest centroid {:.3} | Quest at Saap's keys {:.3} reading {:.1}% | perfect classifier {:.3} reading {:.1}%, {:.3} at Saap's keys | top-k oracle {:.3}",
             layers[layer].saap.indexed_recall,
             layers[layer].nearest_centroid.indexed_recall,
+            layers[layer].saap.quest_indexed_recall,
+            100.0 * layers[layer].saap.quest_indexed_selectivity,
             layers[layer].saap.partition_oracle_indexed_recall,
             100.0 * layers[layer].saap.partition_oracle_indexed_selectivity,
             layers[layer].saap.partition_oracle_matched_indexed_recall,
@@ -635,7 +637,7 @@ fn markdown(r: &Report, args: &Args) -> String {
     if let Some(budget) = r.quest_keys_budget {
         let _ = writeln!(
             s,
-            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (the --quest-budget given, else the share Saap's routed layers read); not in the per-layer tables (they replay recorded pre-RoPE queries).\n",
+            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (the --quest-budget given, else the share Saap's routed layers read); in the per-layer tables, its indexed recall at Saap's keys of each layer.\n",
             100.0 * budget
         );
     }
@@ -679,14 +681,16 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     if !r.layers.is_empty() {
-        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). At Saap's keys: each head takes its partitions by mass until it has as many keys as Saap read (the last one pro rata). Top-k: the best keys, as many as Saap reads.\n\n| layer | Saap | Saap indexed keys read | nearest centroid | perfect classifier | its indexed keys read | perfect classifier at Saap's keys | top-k at Saap's keys |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Per layer, the indexed mass alone (outside window and sinks)\n\nPerfect classifier: each head probes the ℓ partitions holding most of its mass (same partitions, group union). At Saap's keys: each head takes its partitions by mass until it has as many keys as Saap read (the last one pro rata). Top-k: the best keys, as many as Saap reads. Quest: pages of 16 keys by their upper bound, as many whole pages as fit in Saap's keys (the best one always).\n\n| layer | Saap | Saap indexed keys read | nearest centroid | Quest at Saap's keys | its indexed keys read | perfect classifier | its indexed keys read | perfect classifier at Saap's keys | top-k at Saap's keys |\n|---|---|---|---|---|---|---|---|---|---|");
     }
     let row = |e: &RoutingEval, nc: &RoutingEval| {
         format!(
-            "{:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.3} |",
+            "{:.3} | {:.1}% | {:.3} | {:.3} | {:.1}% | {:.3} | {:.1}% | {:.3} | {:.3} |",
             e.indexed_recall,
             100.0 * e.indexed_selectivity,
             nc.indexed_recall,
+            e.quest_indexed_recall,
+            100.0 * e.quest_indexed_selectivity,
             e.partition_oracle_indexed_recall,
             100.0 * e.partition_oracle_indexed_selectivity,
             e.partition_oracle_matched_indexed_recall,
@@ -712,6 +716,8 @@ fn markdown(r: &Report, args: &Args) -> String {
                 nc,
             ),
             oracle_indexed_recall: m(|e| e.oracle_indexed_recall, nc),
+            quest_indexed_recall: m(|e| e.quest_indexed_recall, nc),
+            quest_indexed_selectivity: m(|e| e.quest_indexed_selectivity, nc),
             ..RoutingEval::default()
         };
         let _ = writeln!(s, "| mean | {}", row(&avg(false), &avg(true)));

@@ -114,6 +114,11 @@ pub struct QueryAttention {
     pub probs: Tensor,
     /// Partition of every key `[Hkv, n]` u32 (on the work device, like `probs`).
     pub labels: Tensor,
+    /// Post-RoPE queries `[Hq, P, D]` f32 and keys `[Hkv, n, D]` f32 (work device): what a
+    /// training-free selector such as Quest scores.
+    pub q_rot: Tensor,
+    /// See `q_rot`.
+    pub k_rot: Tensor,
 }
 
 /// Computes the attention of the queries at `positions` over their causal context, with the
@@ -165,6 +170,8 @@ pub fn query_attention(
         q,
         probs,
         labels: assign(&keys, &centroids.to_device(dev)?)?,
+        q_rot,
+        k_rot,
     })
 }
 

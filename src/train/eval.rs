@@ -2,7 +2,7 @@
 //! top-k selector gets when it reads as many keys.
 
 use crate::classify::{centroid_scores, top_probes};
-use crate::config::{Routing, SaapConfig};
+use crate::config::{Routing, SaapConfig, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use crate::index::LayerIndex;
 use crate::train::data::{query_attention, query_positions, Sequence};
@@ -64,6 +64,15 @@ pub struct RoutingEval {
     /// the best any estimate of the mass alone can do.
     #[serde(default)]
     pub output_rel_error_exact_mass: f64,
+    /// Quest at this routing's keys: pages of [`QUEST_PAGE`] indexed keys ranked by their
+    /// upper bound `Σ_d max(q_d·min_d, q_d·max_d)` over post-RoPE keys (the best of the group's
+    /// heads), taken in that order while they fit in the keys this routing read (at least one):
+    /// the share of the indexed mass they hold. (0 in older reports.)
+    #[serde(default)]
+    pub quest_indexed_recall: f64,
+    /// Indexed keys those pages hold / indexed keys.
+    #[serde(default)]
+    pub quest_indexed_selectivity: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -92,6 +101,8 @@ impl RoutingEval {
             output_rel_error_summary: self.output_rel_error_summary + o.output_rel_error_summary,
             output_rel_error_exact_mass: self.output_rel_error_exact_mass
                 + o.output_rel_error_exact_mass,
+            quest_indexed_recall: self.quest_indexed_recall + o.quest_indexed_recall,
+            quest_indexed_selectivity: self.quest_indexed_selectivity + o.quest_indexed_selectivity,
             samples: self.samples + o.samples,
         }
     }
@@ -147,6 +158,8 @@ pub fn evaluate_routing(
         .transpose()?;
         let probs = qa.probs.to_vec3::<f32>()?;
         let labels = qa.labels.to_vec2::<u32>()?;
+        let q_rot = qa.q_rot.to_vec3::<f32>()?;
+        let k_rot = qa.k_rot.to_vec3::<f32>()?;
         let values = seq.v.to_vec3::<f32>()?;
         // Queries are independent: score them in parallel, then add the partial sums.
         let part = positions
@@ -199,6 +212,12 @@ pub fn evaluate_routing(
                     for &p in &block_lab {
                         block_sizes[p as usize] += 1;
                     }
+                    let group_q: Vec<&[f32]> = q_rot[heads.clone()]
+                        .iter()
+                        .map(|h| h[i].as_slice())
+                        .collect();
+                    let quest = quest_pages(&group_q, &k_rot[kvh], sink_end..index_end, read);
+                    let quest_read: usize = quest.iter().map(|r| r.len()).sum();
                     for head_probs in &probs[heads] {
                         let w = &head_probs[i];
                         let fixed: f64 = w[..sink_end]
@@ -241,6 +260,13 @@ pub fn evaluate_routing(
                         let (est, exact) = corrected_output_errors(&w[..n], vals, keep, &unread);
                         sum.output_rel_error_summary += est;
                         sum.output_rel_error_exact_mass += exact;
+                        let quest_mass: f64 = quest
+                            .iter()
+                            .flat_map(|r| w[r.clone()].iter())
+                            .map(|&x| x as f64)
+                            .sum();
+                        sum.quest_indexed_recall += share(quest_mass);
+                        sum.quest_indexed_selectivity += quest_read as f64 / indexed.max(1) as f64;
                         sum.samples += 1;
                     }
                 }
@@ -267,8 +293,62 @@ pub fn evaluate_routing(
         output_rel_error: sum.output_rel_error / k,
         output_rel_error_summary: sum.output_rel_error_summary / k,
         output_rel_error_exact_mass: sum.output_rel_error_exact_mass / k,
+        quest_indexed_recall: sum.quest_indexed_recall / k,
+        quest_indexed_selectivity: sum.quest_indexed_selectivity / k,
         samples: sum.samples,
     })
+}
+
+/// The key ranges Quest reads among the indexed keys `range` for one KV group: pages of
+/// [`QUEST_PAGE`] keys from `range.start` (the last one may be partial), ranked by the best over
+/// the group's post-RoPE queries `group_q` of `Σ_d max(q_d·min_d, q_d·max_d)` (bounds over the
+/// page's rows of `keys`, `[n][D]`), ties to the earlier page, taken in that order while their
+/// keys fit in `budget` (the first one always).
+fn quest_pages(
+    group_q: &[&[f32]],
+    keys: &[Vec<f32>],
+    range: std::ops::Range<usize>,
+    budget: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let pages: Vec<std::ops::Range<usize>> = range
+        .clone()
+        .step_by(QUEST_PAGE)
+        .map(|a| a..(a + QUEST_PAGE).min(range.end))
+        .collect();
+    let score = |page: &std::ops::Range<usize>| -> f32 {
+        let d = keys[page.start].len();
+        let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+        for row in &keys[page.clone()] {
+            for (x, (l, h)) in row.iter().zip(lo.iter_mut().zip(hi.iter_mut())) {
+                *l = l.min(*x);
+                *h = h.max(*x);
+            }
+        }
+        group_q
+            .iter()
+            .map(|q| {
+                q.iter()
+                    .zip(lo.iter().zip(&hi))
+                    .map(|(&q, (&l, &h))| (q * l).max(q * h))
+                    .sum::<f32>()
+            })
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    let scores: Vec<f32> = pages.iter().map(score).collect();
+    let mut order: Vec<usize> = (0..pages.len()).collect();
+    // Stable: equal scores keep the earlier page first.
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut taken = Vec::new();
+    let mut keys_read = 0;
+    for p in order {
+        let len = pages[p].len();
+        if !taken.is_empty() && keys_read + len > budget {
+            continue;
+        }
+        keys_read += len;
+        taken.push(pages[p].clone());
+    }
+    taken
 }
 
 /// Union over the heads of a group of each head's `n_probe` partitions with the most attention
@@ -461,6 +541,32 @@ mod tests {
         assert!((at(5) - 0.9).abs() < 1e-6);
         assert!((at(6) - 1.0).abs() < 1e-6);
         assert!((at(60) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn quest_pages_rank_by_bound_and_fit_the_budget() {
+        // 40 indexed keys from position 4: pages 4..20, 20..36, 36..44 (partial). One key of the
+        // middle page points along the query; the others are small.
+        let keys: Vec<Vec<f32>> = (0..44)
+            .map(|j| match j {
+                25 => vec![3.0, 0.0],
+                _ => vec![0.1 * (j % 3) as f32 - 0.1, 0.05],
+            })
+            .collect();
+        let q = [1.0f32, 0.0];
+        let pages = |budget| quest_pages(&[&q], &keys, 4..44, budget);
+        assert_eq!(pages(16), vec![20..36]);
+        // A budget below one page still reads the best page.
+        assert_eq!(pages(3), vec![20..36]);
+        // Then the remaining pages in score order, as long as they fit: the partial one (8 keys)
+        // fits beside the first 16, the second full page does not.
+        let two = pages(24);
+        assert_eq!(two.len(), 2);
+        assert_eq!(two[0], 20..36);
+        assert_eq!(pages(40).iter().map(|r| r.len()).sum::<usize>(), 40);
+        // The best head of a group decides: a second head that prefers nothing changes nothing.
+        let other = [0.0f32, 1.0];
+        assert_eq!(quest_pages(&[&other, &q], &keys, 4..44, 16), vec![20..36]);
     }
 
     #[test]
