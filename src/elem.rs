@@ -85,6 +85,17 @@ pub(crate) fn contiguous_slice<'a, T>(
     }
 }
 
+/// The contiguous mutable slice a layout addresses inside a CPU storage.
+pub(crate) fn contiguous_slice_mut<'a, T>(
+    data: &'a mut [T],
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
+        None => Err(candle_core::Error::RequiresContiguous { op: "saap kernel" }),
+    }
+}
+
 /// Dot product with eight independent accumulators, so that it vectorizes.
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -14,7 +14,7 @@
 //! so the CPU and CUDA sums agree to the bit; the means are then recomputed from the sums and the
 //! directory's counts.
 
-use crate::elem::{contiguous_slice, Elem};
+use crate::elem::{contiguous_slice, contiguous_slice_mut, Elem};
 use candle_core::{CpuStorage, DType, Device, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 
@@ -104,6 +104,18 @@ pub(crate) struct SumOp {
 }
 
 impl SumOp {
+    /// `(rows, C, cap, D)` after checking the sums and the cache against the directory.
+    fn check(
+        &self,
+        sums: &Layout,
+        kv: &Layout,
+        dir: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let shape = dims(sums, dir)?;
+        check_cache(kv, shape, self.starts.len())?;
+        Ok(shape)
+    }
+
     fn cpu<T: Elem>(
         &self,
         sums: &mut [f32],
@@ -150,12 +162,11 @@ impl InplaceOp3 for SumOp {
         dir: &CpuStorage,
         dir_l: &Layout,
     ) -> candle_core::Result<()> {
-        let shape = dims(sums_l, dir_l)?;
-        check_cache(kv_l, shape, self.starts.len())?;
+        let shape = self.check(sums_l, kv_l, dir_l)?;
         let (CpuStorage::F32(sums), CpuStorage::U32(dir)) = (sums, dir) else {
             candle_core::bail!("summaries: sums must be f32 and the directory u32");
         };
-        let sums = contiguous_mut(sums, sums_l)?;
+        let sums = contiguous_slice_mut(sums, sums_l)?;
         let dir = contiguous_slice(dir, dir_l)?;
         match kv {
             CpuStorage::F32(kv) => self.cpu(sums, contiguous_slice(kv, kv_l)?, dir, shape),
@@ -176,8 +187,7 @@ impl InplaceOp3 for SumOp {
         dir: &candle_core::CudaStorage,
         dir_l: &Layout,
     ) -> candle_core::Result<()> {
-        let shape = dims(sums_l, dir_l)?;
-        check_cache(kv_l, shape, self.starts.len())?;
+        let shape = self.check(sums_l, kv_l, dir_l)?;
         crate::cuda::summary_sums(
             &self.starts,
             (sums, sums_l),
@@ -202,22 +212,23 @@ fn check_cache(
     }
 }
 
-/// The contiguous mutable slice a layout addresses.
-fn contiguous_mut<'a, T>(data: &'a mut [T], layout: &Layout) -> candle_core::Result<&'a mut [T]> {
-    let (start, end) =
-        layout
-            .contiguous_offsets()
-            .ok_or(candle_core::Error::RequiresContiguous {
-                op: "saap summaries",
-            })?;
-    Ok(&mut data[start..end])
-}
-
 /// `means = sums / n_p` per partition, `n_p` from the directory's offsets (0 for an empty one).
 #[derive(Debug)]
 pub(crate) struct MeanOp;
 
 impl MeanOp {
+    /// `(rows, C, cap, D)` after checking the means and sums against the directory.
+    fn check(
+        means: &Layout,
+        sums: &Layout,
+        dir: &Layout,
+    ) -> candle_core::Result<(usize, usize, usize, usize)> {
+        if sums.shape() != means.shape() {
+            candle_core::bail!("summaries: sums {:?} and means differ", sums.shape());
+        }
+        dims(means, dir)
+    }
+
     fn cpu<T: Elem>(
         means: &mut [T],
         sums: &[f32],
@@ -256,10 +267,7 @@ impl InplaceOp3 for MeanOp {
         dir: &CpuStorage,
         dir_l: &Layout,
     ) -> candle_core::Result<()> {
-        let shape = dims(means_l, dir_l)?;
-        if sums_l.shape() != means_l.shape() {
-            candle_core::bail!("summaries: sums {:?} and means differ", sums_l.shape());
-        }
+        let shape = Self::check(means_l, sums_l, dir_l)?;
         let (CpuStorage::F32(sums), CpuStorage::U32(dir)) = (sums, dir) else {
             candle_core::bail!("summaries: sums must be f32 and the directory u32");
         };
@@ -268,9 +276,9 @@ impl InplaceOp3 for MeanOp {
             contiguous_slice(dir, dir_l)?,
         );
         match means {
-            CpuStorage::F32(m) => Self::cpu(contiguous_mut(m, means_l)?, sums, dir, shape),
-            CpuStorage::BF16(m) => Self::cpu(contiguous_mut(m, means_l)?, sums, dir, shape),
-            CpuStorage::F16(m) => Self::cpu(contiguous_mut(m, means_l)?, sums, dir, shape),
+            CpuStorage::F32(m) => Self::cpu(contiguous_slice_mut(m, means_l)?, sums, dir, shape),
+            CpuStorage::BF16(m) => Self::cpu(contiguous_slice_mut(m, means_l)?, sums, dir, shape),
+            CpuStorage::F16(m) => Self::cpu(contiguous_slice_mut(m, means_l)?, sums, dir, shape),
             _ => candle_core::bail!("summaries: means must be f32, bf16 or f16"),
         }
         Ok(())
@@ -286,10 +294,7 @@ impl InplaceOp3 for MeanOp {
         dir: &candle_core::CudaStorage,
         dir_l: &Layout,
     ) -> candle_core::Result<()> {
-        let shape = dims(means_l, dir_l)?;
-        if sums_l.shape() != means_l.shape() {
-            candle_core::bail!("summaries: sums {:?} and means differ", sums_l.shape());
-        }
+        let shape = Self::check(means_l, sums_l, dir_l)?;
         crate::cuda::summary_means((means, means_l), (sums, sums_l), (dir, dir_l), shape)
     }
 }
