@@ -3,8 +3,8 @@
 //! (queries; keys and values; labels) with nothing copied from the host.
 
 use super::{
-    advance_chunk, launch_stream, load, push_advance, sm_count, to_u32, view, with_advance,
-    with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
+    advance_chunk, dtype_name, launch_stream, load, push_advance, sm_count, to_u32, view,
+    with_advance, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -38,15 +38,6 @@ unsafe impl DeviceRepr for RopeFreqs {}
 /// Per-key scratch and per-tile counters of the assignment, zero between launches.
 static SCRATCH: ZeroedBuffers<u64> = ZeroedBuffers::new();
 static TILE_COUNTERS: ZeroedBuffers<u32> = ZeroedBuffers::new();
-
-fn dtype_name(dtype: DType, what: &str) -> candle_core::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => candle_core::bail!("saap cuda {what}: dtype {other:?} (f32, bf16 or f16)"),
-    })
-}
 
 /// [`RopeWrite`] into a cache (`dst`, in place).
 pub(crate) fn rope_write(

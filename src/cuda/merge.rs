@@ -2,7 +2,7 @@
 //! ids scattered by as many warps as shared memory holds cursors for; and of the per-partition
 //! summaries kept beside the directory (sums of the merged rows, then means).
 
-use super::{load, to_u32, view, ItemTable, MAX_BATCH, MERGE};
+use super::{dtype_name, load, to_u32, view, ItemTable, MAX_BATCH, MERGE};
 use crate::partition::scan::MergeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -88,16 +88,6 @@ pub(crate) fn merge(
 /// `(rows = B·Hkv, C, cap, D)` of the summaries (`crate::partition::summary`).
 type SummaryDims = (usize, usize, usize, usize);
 
-/// The kernels' name for an element type of the cache.
-fn type_name(dtype: DType) -> candle_core::Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => candle_core::bail!("saap cuda summaries: dtype {other:?} (f32, bf16 or f16)"),
-    })
-}
-
 /// `SumOp` on CUDA (`saap_summary_sums_*`): adds each partition's new ids (at or after
 /// `starts[item]`) to the f32 sums, one launch per 64 batch items with something merged.
 pub(crate) fn summary_sums(
@@ -111,7 +101,7 @@ pub(crate) fn summary_sums(
     let func = load(
         &dev,
         &MERGE,
-        &format!("saap_summary_sums_{}", type_name(kv.dtype())?),
+        &format!("saap_summary_sums_{}", dtype_name(kv.dtype(), "summaries")?),
     )?;
     let heads = rows / starts.len().max(1);
     let (s0, s1) = sums_l
@@ -195,7 +185,10 @@ pub(crate) fn summary_means(
     let func = load(
         &dev,
         &MERGE,
-        &format!("saap_summary_means_{}", type_name(means.dtype())?),
+        &format!(
+            "saap_summary_means_{}",
+            dtype_name(means.dtype(), "summaries")?
+        ),
     )?;
     let sums = view::<f32>(sums, sums_l)?;
     let dir = view::<u32>(dir, dir_l)?;

@@ -26,7 +26,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
-use candle_core::{CudaStorage, Layout, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// Batch items per launch; must match `SAAP_MAX_BATCH` in `cuda/common.cuh`.
@@ -57,6 +57,17 @@ impl ItemTable {
         }
         Ok(table)
     }
+}
+
+/// The kernels' name of an element type (`f32`, `bf16`, `f16`); `what` names the caller in the
+/// error for any other type.
+fn dtype_name(dtype: DType, what: &str) -> candle_core::Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("saap cuda {what}: dtype {other:?} (f32, bf16 or f16)"),
+    })
 }
 
 /// Kernel sizes are u32 on the device.

@@ -3,7 +3,7 @@
 //! (relu, sub, two batched matmuls, add, max, masking, arg_sort over P, gather, where, broadcast)
 //! of [`crate::quest::route`], with the same result up to the order of f32 summation.
 
-use super::{load, sm_count, to_u32, top_smem_bytes, view, with_cuda, QUEST};
+use super::{dtype_name, load, sm_count, to_u32, top_smem_bytes, view, with_cuda, QUEST};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     sys, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -101,12 +101,7 @@ impl CustomOp1 for ScoresOp<'_> {
         let (_, hkv, p, _) = self.min.dims4()?;
         let g = hq / hkv;
         let dev = q.device().clone();
-        let qname = match q.dtype() {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("saap quest scores: query dtype {other:?}"),
-        };
+        let qname = dtype_name(q.dtype(), "quest scores query")?;
         // Kernels exist for 1, 2, 4 and 8 heads per group; a smaller group runs in the next size up.
         let func = load(
             &dev,

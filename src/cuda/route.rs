@@ -3,7 +3,7 @@
 //! replace the dozen candle ops (casts, transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
-use super::{load, to_u32, top_smem_bytes, view, with_cuda, DECODE};
+use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE};
 use crate::classify::Classifier;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -67,12 +67,7 @@ impl CustomOp1 for RouteOp<'_> {
         let (_, _, h) = cl.w1.dims3()?;
         let (_, _, c) = cl.w2.dims3()?;
         let dev = q.device().clone();
-        let qname = match q.dtype() {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("saap route: query dtype {other:?}"),
-        };
+        let qname = dtype_name(q.dtype(), "route query")?;
         let wname = match cl.w1.dtype() {
             DType::F32 => "wf32",
             DType::BF16 => "wbf16",
