@@ -195,6 +195,35 @@ __device__ __forceinline__ void attend_rows(const uint32_t* ids, uint32_t p0, ui
     }
 }
 
+// Exclusive prefix sums of the set bits of words[0..n) into base[0..n), by one warp (all 32
+// lanes call it); returns the total to every lane.
+__device__ inline uint32_t warp_popc_scan(const uint32_t* words, uint32_t* base, uint32_t n) {
+    const uint32_t lane = threadIdx.x % 32;
+    uint32_t carry = 0;
+    for (uint32_t w0 = 0; w0 < n; w0 += 32) {
+        const uint32_t w = w0 + lane;
+        const uint32_t own = w < n ? __popc(words[w]) : 0;
+        uint32_t incl = own;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= (uint32_t)o) incl += y;
+        }
+        if (w < n) base[w] = carry + incl - own;
+        carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return carry;
+}
+
+// The partition of the k-th set bit (in index order) of words[0..n), given their prefix counts.
+__device__ inline uint32_t nth_unread(const uint32_t* words, const uint32_t* base, uint32_t n,
+                                      uint32_t k) {
+    const uint32_t w = upper_bound(base, n, k) - 1;
+    uint32_t bits = words[w];
+    for (uint32_t i = base[w]; i < k; ++i) bits &= bits - 1;
+    return w * 32 + __ffs(bits) - 1;
+}
+
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
 // probes: [items, Hq, n_probe] (ignored when dense); kmean, vmean: [items, Hkv, C, D] or null
 // (no estimate of the unread partitions); part_o: [rows, splits, G, D];
@@ -213,54 +242,81 @@ __device__ __forceinline__ void decode_impl(
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
-    constexpr int NG = THREADS / LPK;     // key groups per block
     static_assert(LPK <= 32 && 32 % LPK == 0, "a key row must fit a warp evenly");
     const uint32_t n_splits = gridDim.x, split = blockIdx.x, row = blockIdx.y;
     const uint32_t item = row / hkv, head = row % hkv, G = hq / hkv;
     // Never past the cache, even if a replay outran the rows planned for it.
     const uint32_t len = min(seqs.a[item] + replayed_steps(advance, item), cap);
     const uint32_t iend = min(seqs.b[item], len);
-    const uint32_t tid = threadIdx.x, grp = tid / LPK, gl = tid % LPK;
+    const uint32_t tid = threadIdx.x, gl = tid % LPK;
     const uint32_t C = n_partitions;
     const bool sparse = dir != nullptr;
     // Compiled out of the kernels without means (EST false): the means' code cost the keys' loop
     // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two).
     const bool estimate = EST && sparse && kmean != nullptr;
-    // Segments: sinks, partitions 0..C, window, [unread partitions 0..C,] end.
-    const uint32_t n_seg = estimate ? 2 * C + 3 : C + 3;
-
+    // The block's key list in segments: sinks, the probed partitions in index order, the window,
+    // [the unread partitions' means,] then the end. Only the group's union (at most G·ℓ
+    // partitions) gets a segment: the list used to have one per partition (C + 3 entries zeroed,
+    // filled and scanned by every block, a quarter of the kernel's warp time at C = 1024).
+    const uint32_t n_words = (C + 31) / 32;
+    const uint32_t max_union = min(C, G * n_probe);
     extern __shared__ __align__(16) uint32_t smem[];
-    uint32_t* pos = smem;          // n_seg segment starts
-    uint32_t* ids = smem + n_seg;  // IDS_CAP key ids of the current pass
+    uint32_t* probed = smem;                   // n_words: bit c = partition c is in the union
+    uint32_t* probed_base = probed + n_words;  // n_words: union members in the words before
+    uint32_t* unread = probed_base + n_words;  // (EST) n_words: unread partitions holding keys
+    uint32_t* unread_base = unread + (EST ? n_words : 0);  // (EST) n_words
+    uint32_t* src = unread_base + (EST ? n_words : 0);     // max_union: perm start per member
+    uint32_t* pos = src + max_union;      // max_union + 4 segment starts
+    uint32_t* ids = pos + max_union + 4;  // IDS_CAP key ids of the current pass
+    __shared__ uint32_t n_union, n_means;
 
     const uint32_t* offsets = sparse ? dir + (size_t)row * (C + 1 + cap) : nullptr;
     const uint32_t* perm = sparse ? offsets + C + 1 : nullptr;
     uint32_t total = len;
     if (sparse) {
-        for (uint32_t i = tid; i < n_seg; i += THREADS) pos[i] = 0;
+        for (uint32_t w = tid; w < n_words; w += THREADS) probed[w] = 0;
         __syncthreads();
-        // Union over the group's query heads: mark probed partitions.
         const uint32_t* pr = probes + ((size_t)item * hq + (size_t)head * G) * n_probe;
         for (uint32_t i = tid; i < G * n_probe; i += THREADS) {
             const uint32_t c = pr[i];
-            if (c < C) atomicOr(&pos[1 + c], 1u);
+            if (c < C) atomicOr(&probed[c / 32], 1u << (c % 32));
         }
         __syncthreads();
-        for (uint32_t c = tid; c < C; c += THREADS) {
-            if (pos[1 + c] || estimate) {
+        if (estimate) {
+            // A warp's 32 lanes cover one word of partitions: a ballot of those holding keys.
+            for (uint32_t c0 = tid - tid % 32; c0 < n_words * 32; c0 += THREADS) {
+                const uint32_t c = c0 + tid % 32;
+                const bool keys = c < C && min(offsets[c + 1], cap) > min(offsets[c], cap);
+                const uint32_t word = __ballot_sync(0xffffffffu, keys);
+                if (tid % 32 == 0) unread[c0 / 32] = word & ~probed[c0 / 32];
+            }
+            __syncthreads();
+        }
+        if (tid < 32) {
+            n_union = warp_popc_scan(probed, probed_base, n_words);
+            if (estimate) n_means = warp_popc_scan(unread, unread_base, n_words);
+        }
+        __syncthreads();
+        // Each thread ranks the union members of its words: their sizes and perm starts.
+        for (uint32_t w = tid; w < n_words; w += THREADS) {
+            uint32_t bits = probed[w], r = probed_base[w];
+            for (; bits; bits &= bits - 1, ++r) {
+                const uint32_t c = w * 32 + __ffs(bits) - 1;
                 const uint32_t a = min(offsets[c], cap), b = min(offsets[c + 1], cap);
-                const uint32_t n = b > a ? b - a : 0;
-                if (pos[1 + c]) pos[1 + c] = n;
-                else pos[C + 2 + c] = n > 0;  // one pseudo-key per unread partition with keys
+                src[r] = a;
+                pos[1 + r] = b > a ? b - a : 0;
             }
         }
+        const uint32_t nu = n_union;
         if (tid == 0) {
             pos[0] = min(sinks, len);
-            pos[C + 1] = len > iend ? len - iend : 0;
+            pos[nu + 1] = len > iend ? len - iend : 0;
+            if (estimate) pos[nu + 2] = n_means;
+            pos[nu + (estimate ? 3 : 2)] = 0;  // the end
         }
         __syncthreads();
-        block_exclusive_scan(pos, n_seg);
-        total = pos[n_seg - 1];
+        block_exclusive_scan(pos, nu + (estimate ? 4 : 3));
+        total = pos[nu + (estimate ? 3 : 2)];
     }
     const uint32_t chunk = (total + n_splits - 1) / n_splits;
     const uint32_t j0 = min(split * chunk, total), j1 = min(j0 + chunk, total);
@@ -292,20 +348,23 @@ __device__ __forceinline__ void decode_impl(
         if (sparse) {
             for (uint32_t t = tid; t < n; t += THREADS) {
                 const uint32_t j = p0 + t;
-                const uint32_t s = upper_bound(pos, n_seg, j) - 1;
+                const uint32_t nu = n_union;
+                const uint32_t s = upper_bound(pos, nu + (estimate ? 3 : 2), j) - 1;
                 uint32_t id;
                 if (s == 0) id = j;
-                else if (s == C + 1) id = iend + (j - pos[C + 1]);
-                else if (s > C + 1) id = cap + (s - (C + 2));  // a partition's means
-                else id = perm[min(offsets[s - 1], cap) + (j - pos[s])];
+                else if (s <= nu) id = perm[src[s - 1] + (j - pos[s])];
+                else if (s == nu + 1) id = iend + (j - pos[nu + 1]);
+                else if constexpr (EST) id = cap + nth_unread(unread, unread_base, n_words, j - pos[nu + 2]);
+                else id = NO_KEY;
                 // A corrupt directory must not send loads outside the cache.
-                ids[t] = id < cap || s > C + 1 ? id : NO_KEY;
+                ids[t] = id < cap || s > nu + 1 ? id : NO_KEY;
             }
             __syncthreads();
         }
         // Keys first, then (estimating) the partitions' means, which end the list: the keys' loop
         // does none of the means' extra work (their counts, the raised logits).
-        const uint32_t n_keys = estimate ? min(n, pos[C + 2] > p0 ? pos[C + 2] - p0 : 0u) : n;
+        const uint32_t means_at = estimate ? pos[n_union + 2] : 0;
+        const uint32_t n_keys = estimate ? min(n, means_at > p0 ? means_at - p0 : 0u) : n;
         attend_rows<T, D, GB, KB, false>(sparse ? ids : nullptr, p0, 0, n_keys, krow, vrow,
                                          nullptr, cap, qf, m, l, acc);
         if constexpr (EST) {
@@ -316,61 +375,64 @@ __device__ __forceinline__ void decode_impl(
         if (sparse) __syncthreads();  // ids[] is rewritten by the next pass
     }
 
-    // Merge the NG groups: common max per head, then a tree sum of the rescaled accumulators.
-    __syncthreads();
-    float* red = reinterpret_cast<float*>(smem);  // (NG / 2) * GB * D
-    float* mls = red + (NG / 2) * GB * D;         // NG * GB * 2
-    if (gl == 0) {
+    // Merge the NG groups. Inside a warp its 32 / LPK groups by shuffles (log-sum-exp of pairs),
+    // then across the warps through shared memory, each thread producing whole outputs of the
+    // block's partial: every thread used to recompute the NG-way maxima and sums of every head
+    // and the accumulators went through a tree of NG / 2 rounds with two barriers each (a fifth
+    // of the kernel's warp time at 171k, batch 1, ncu).
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
 #pragma unroll
         for (int g = 0; g < GB; ++g) {
-            mls[(grp * GB + g) * 2] = m[g];
-            mls[(grp * GB + g) * 2 + 1] = l[g];
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
+            const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+            const float mx = fmaxf(m[g], mo);
+            const float a = m[g] == -INFINITY ? 0.f : exp2f(m[g] - mx);
+            const float b = mo == -INFINITY ? 0.f : exp2f(mo - mx);
+            l[g] = l[g] * a + lo * b;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+                acc[g][e] = acc[g][e] * a + __shfl_xor_sync(0xffffffffu, acc[g][e], o) * b;
+            m[g] = mx;
         }
     }
-    __syncthreads();
-    float M[GB], L[GB];
-#pragma unroll
-    for (int g = 0; g < GB; ++g) {
-        M[g] = -INFINITY;
-        for (int i = 0; i < NG; ++i) M[g] = fmaxf(M[g], mls[(i * GB + g) * 2]);
-        L[g] = 0.f;
-        for (int i = 0; i < NG; ++i) {
-            const float mi = mls[(i * GB + g) * 2];
-            if (mi != -INFINITY) L[g] += mls[(i * GB + g) * 2 + 1] * exp2f(mi - M[g]);
-        }
-        const float f = m[g] == -INFINITY ? 0.f : exp2f(m[g] - M[g]);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[g][e] *= f;
-    }
-#pragma unroll
-    for (int half = NG / 2; half >= 1; half >>= 1) {
-        if (grp >= (uint32_t)half && grp < 2u * half) {
-#pragma unroll
-            for (int g = 0; g < GB; ++g)
-#pragma unroll
-                for (int e = 0; e < VEC; ++e)
-                    red[((grp - half) * GB + g) * D + gl * VEC + e] = acc[g][e];
-        }
-        __syncthreads();
-        if (grp < (uint32_t)half) {
-#pragma unroll
-            for (int g = 0; g < GB; ++g)
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[g][e] += red[(grp * GB + g) * D + gl * VEC + e];
-        }
-        __syncthreads();
-    }
-    if (grp == 0) {
+    constexpr int WARPS = THREADS / 32;
+    __syncthreads();  // ids[] and segment starts are no longer read
+    float* red = reinterpret_cast<float*>(smem);  // WARPS * GB * D accumulators
+    float* mls = red + WARPS * GB * D;             // WARPS * GB * (max, sum)
+    const uint32_t warp = tid / 32;
+    if (tid % 32 < (uint32_t)LPK) {
 #pragma unroll
         for (int g = 0; g < GB; ++g) {
-            if ((uint32_t)g >= G) break;
-            const size_t p = ((size_t)row * n_splits + split) * G + g;
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) part_o[p * D + gl * VEC + e] = acc[g][e];
+            for (int e = 0; e < VEC; ++e) red[(warp * GB + g) * D + gl * VEC + e] = acc[g][e];
             if (gl == 0) {
-                part_ml[p * 2] = M[g];
-                part_ml[p * 2 + 1] = L[g];
+                mls[(warp * GB + g) * 2] = m[g];
+                mls[(warp * GB + g) * 2 + 1] = l[g];
             }
+        }
+    }
+    __syncthreads();
+    for (uint32_t x = tid; x < G * D; x += THREADS) {
+        const uint32_t g = x / D, d = x % D;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) M = fmaxf(M, mls[(w * GB + g) * 2]);
+        float L = 0.f, o = 0.f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                const float mw = mls[(w * GB + g) * 2];
+                const float f = mw == -INFINITY ? 0.f : exp2f(mw - M);
+                L = fmaf(mls[(w * GB + g) * 2 + 1], f, L);
+                o = fmaf(red[(w * GB + g) * D + d], f, o);
+            }
+        }
+        const size_t p = ((size_t)row * n_splits + split) * G + g;
+        part_o[p * D + d] = o;
+        if (d == 0) {
+            part_ml[p * 2] = M;
+            part_ml[p * 2 + 1] = L;
         }
     }
     if constexpr (!FUSED) return;  // saap_decode_combine_* merges the splits
@@ -491,17 +553,17 @@ SAAP_COMBINE(saap_decode_combine_f16, __half)
 // (score descending, index ascending), the order of the CPU's stable arg_sort.
 
 #define ROUTE_THREADS 256
-// Output columns (partitions) per block and batch items per block.
+// Output columns (partitions) per block. Batch items per block (IB) is a template parameter:
+// 4 for batches, 1 at batch 1, where 4 wasted three quarters of the multiply-adds of a
+// latency-bound kernel (18 us for Llama-3.1-8B's 32 heads, ncu, H200).
 #define ROUTE_COLS 128
-#define ROUTE_ITEMS 4
 // Output-layer weight vectors per thread loaded up front (all of them for H = 256, bf16).
 #define ROUTE_PREFETCH 16
 
 // q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
-// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / ROUTE_ITEMS)). Dynamic shared memory:
-// ROUTE_ITEMS * (D + H) + (ROUTE_THREADS / 32) * ROUTE_ITEMS * max(ROUTE_COLS, 32 * VEC)
-// floats. C * sizeof(W) and H * sizeof(W) must be multiples of 16 (checked by the host).
-template <typename W, typename Q>
+// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / IB)). Dynamic shared memory:
+// IB * (D + H) + (ROUTE_THREADS / 32) * IB * max(ROUTE_COLS, 32 * VEC) floats. C * sizeof(W) and H * sizeof(W) must be multiples of 16 (checked by the host).
+template <typename W, typename Q, int IB>
 __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
                                                const W* __restrict__ b1, const W* __restrict__ w2,
                                                const W* __restrict__ b2, float* __restrict__ scores,
@@ -513,7 +575,6 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
     constexpr int RGW = 32 / CT;          // row groups per warp
     constexpr int WARPS = ROUTE_THREADS / 32;
     constexpr int RG = RGW * WARPS;
-    constexpr int IB = ROUTE_ITEMS;
     extern __shared__ __align__(16) float rs[];
     float* xs = rs;            // IB * D queries
     float* hs = xs + IB * D;   // IB * H hidden activations
@@ -629,12 +690,15 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
     }
 }
 
-#define SAAP_ROUTE_MLP(NAME, W, Q)                                                              \
+#define SAAP_ROUTE_MLP_IB(NAME, W, Q, IB)                                                       \
     extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
         NAME(const Q* q, const W* w1, const W* b1, const W* w2, const W* b2, float* scores,    \
              uint32_t B, uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {                     \
-        route_mlp_impl<W, Q>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                        \
+        route_mlp_impl<W, Q, IB>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                    \
     }
+#define SAAP_ROUTE_MLP(NAME, W, Q)          \
+    SAAP_ROUTE_MLP_IB(NAME##_i1, W, Q, 1) \
+    SAAP_ROUTE_MLP_IB(NAME##_i4, W, Q, 4)
 
 SAAP_ROUTE_MLP(saap_route_mlp_wf32_f32, float, float)
 SAAP_ROUTE_MLP(saap_route_mlp_wf32_bf16, float, __nv_bfloat16)

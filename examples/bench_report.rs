@@ -32,6 +32,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
 use saap::attend::{DecodeOp, SeqExtent};
 use saap::classify::Classifier;
 use saap::partition::assign::{assign, assign_into, prepare_centroids};
@@ -91,12 +92,19 @@ fn random_index(config: &SaapConfig, rng: &mut StdRng) -> Res<SaapIndex> {
             }
         }
     }
+    let mut normal = |shape: &[usize], std: f32| -> Res<Tensor> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| std * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, rng))
+            .collect();
+        Ok(Tensor::from_vec(data, shape, &cpu)?)
+    };
     let layer = LayerIndex {
-        centroids: Tensor::randn(0f32, 1.0, (HKV, C, D), &cpu)?,
+        centroids: normal(&[HKV, C, D], 1.0)?,
         classifier: Classifier {
-            w1: Tensor::randn(0f32, 0.1, (HQ, D, h), &cpu)?,
-            b1: Tensor::randn(0f32, 0.1, (HQ, 1, h), &cpu)?,
-            w2: Tensor::randn(0f32, 0.1, (HQ, h, C), &cpu)?,
+            w1: normal(&[HQ, D, h], 0.1)?,
+            b1: normal(&[HQ, 1, h], 0.1)?,
+            w2: normal(&[HQ, h, C], 0.1)?,
             b2: Tensor::from_vec(b2, (HQ, 1, C), &cpu)?,
         },
         routing: Routing::Classifier,
@@ -118,14 +126,29 @@ fn randn_bf16(shape: &[usize], dev: &Device) -> Res<Tensor> {
 }
 
 /// An op holding `n` random tokens per batch item, room for `SLACK` more.
+/// Standard normal values of `shape` from a seeded host generator, as bf16 on `dev`: the same in
+/// every run and binary.
+fn seeded_bf16(shape: &[usize], seed: u64, dev: &Device) -> Res<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let numel: usize = shape.iter().product();
+    let data: Vec<half::bf16> = (0..numel)
+        .map(|_| half::bf16::from_f32(StandardNormal.sample(&mut rng)))
+        .collect();
+    Ok(Tensor::from_vec(data, shape, dev)?)
+}
+
+/// An op whose cache holds `n` tokens of each of `batch` items: the same keys and values for
+/// every item and every call (`seeded_bf16`), in two chunks as a prompt's prefill would come.
 fn filled(index: &SaapIndex, n: usize, batch: usize, dev: &Device) -> Res<SaapAttention> {
     let mut op = SaapAttention::from_index(index, 0, dev, DType::BF16)?;
     op.set_check_finite(false);
     // Two chunks: the cache grows to max(n, 2 · first) ≥ n + SLACK rows.
     let first = n / 2 + SLACK / 2;
-    for t in [first, n - first] {
-        let k = randn_bf16(&[batch, HKV, t, D], dev)?;
-        let v = randn_bf16(&[batch, HKV, t, D], dev)?;
+    for (i, t) in [first, n - first].into_iter().enumerate() {
+        let chunk = |seed: u64| -> Res<Tensor> {
+            Ok(seeded_bf16(&[1, HKV, t, D], seed, dev)?.repeat((batch, 1, 1, 1))?)
+        };
+        let (k, v) = (chunk(2 * i as u64)?, chunk(2 * i as u64 + 1)?);
         op.extend(&k, &v, &vec![t; batch])?;
     }
     Ok(op)
@@ -381,8 +404,9 @@ fn steps(
     let mut ops: Vec<SaapAttention> = (0..layers)
         .map(|_| filled(index, n, b, dev))
         .collect::<Res<_>>()?;
-    let q = randn_bf16(&[b, HQ, 1, D], dev)?;
-    let kv = randn_bf16(&[b, HKV, 1, D], dev)?;
+    // The same query in every run and binary: it decides the keys read.
+    let q = seeded_bf16(&[b, HQ, 1, D], 100, dev)?;
+    let kv = seeded_bf16(&[b, HKV, 1, D], 101, dev)?;
     let new_token = b * (HQ + 2 * HKV) * D * 2 * 2;
     for (kind, routing, estimate) in [
         ("saap_step", Routing::Classifier, false),

@@ -667,6 +667,7 @@ fn route_matches_cpu() {
     // ℓ of 32 and ℓ = C (the top-ℓ sort inside one warp) and ℓ = 100 (block-wide sort).
     for (hq, d, h, c, n_probe, b) in [
         (32, 128, 256, 1024, 32, 5),
+        (32, 128, 256, 1024, 32, 1),
         (8, 64, 48, 40, 40, 1),
         (4, 64, 32, 200, 100, 3),
     ] {
@@ -1085,6 +1086,75 @@ fn assign_on_tensor_cores_matches_cpu_inertia() {
             assert!(
                 inertia_gpu <= inertia_cpu * 1.001,
                 "{dtype:?}: inertia {inertia_gpu} vs cpu {inertia_cpu}"
+            );
+        }
+    }
+}
+
+/// Two ops given the same keys, values and query build the same index lists, read the same keys
+/// and return the same output, bit for bit: shapes of a Llama-3.1-8B layer (the tensor-core
+/// assignment, several merges, a classifier-routed step), with a short window and with
+/// `bench_report`'s (window 2048, 16 sinks, hidden 256, the default merge interval).
+#[test]
+fn extend_and_decode_are_deterministic() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("extend_and_decode_are_deterministic");
+    // (window, sinks, merge_every, hidden, theta, first chunk, second chunk)
+    for (window, sinks, merge_every, hidden, theta, t0, t1) in [
+        (512, 16, Some(64), 64, 10_000.0, 12_000, 9_000),
+        (2048, 16, None, 256, 500_000.0, 16_896, 15_872),
+    ] {
+        let mut config = config(32, 8, 128, 1024, RopeKind::Neox);
+        config.rope.theta = theta;
+        config.window = window;
+        config.sinks = sinks;
+        config.merge_every = merge_every.unwrap_or((window / 8).max(1));
+        config.hidden = hidden;
+        let index = random_index(&config, 1, s);
+        let mut r = rng(s ^ 0xd1);
+        let on = |x: Tensor| x.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let chunks: Vec<(Tensor, Tensor, usize)> = [t0, t1]
+            .into_iter()
+            .map(|t| {
+                let k = on(randn(&mut r, &[1, 8, t, 128], 1.0));
+                let v = on(randn(&mut r, &[1, 8, t, 128], 1.0));
+                (k, v, t)
+            })
+            .collect();
+        let q = on(randn(&mut r, &[1, 32, 1, 128], 1.0));
+        let kv = on(randn(&mut r, &[1, 8, 1, 128], 1.0));
+        let run = || {
+            let mut op = SaapAttention::from_index(&index, 0, &dev, DType::BF16).unwrap();
+            op.set_n_probe(32).unwrap();
+            op.set_track_reads(true);
+            for (k, v, t) in &chunks {
+                op.extend(k, v, &[*t]).unwrap();
+            }
+            let out = op.decode(&q, &kv, &kv).unwrap();
+            let out = out.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+            (
+                op.index_lists().unwrap(),
+                op.last_read(),
+                out.to_vec1::<f32>().unwrap(),
+            )
+        };
+        let (lists_a, read_a, out_a) = run();
+        for _ in 0..2 {
+            let (lists_b, read_b, out_b) = run();
+            assert!(
+                lists_a == lists_b,
+                "window {window}: index lists differ between identical runs"
+            );
+            assert_eq!(
+                read_a, read_b,
+                "window {window}: keys read differ between identical runs"
+            );
+            assert!(
+                out_a
+                    .iter()
+                    .zip(&out_b)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "window {window}: outputs differ between identical runs"
             );
         }
     }

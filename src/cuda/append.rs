@@ -4,7 +4,7 @@
 
 use super::{
     advance_chunk, dtype_name, launch_stream, load, push_advance, sm_count, to_u32, view,
-    with_advance, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
+    with_advance, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR, SMEM_LIMIT,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -24,8 +24,6 @@ const ASSIGN_THREADS: u32 = 256;
 const ASSIGN_KEYS: usize = 16;
 const ASSIGN_SLICE: usize = 64;
 const ASSIGN_PARTS: usize = ASSIGN_THREADS as usize / ASSIGN_SLICE;
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
 
 /// `RopeFreqs` of `cuda/append.cu`, passed by value.
 #[repr(C)]

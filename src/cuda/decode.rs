@@ -7,8 +7,8 @@
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
 use super::{
-    advance_chunk, load, push_advance, sm_count, to_u32, view, with_advance, with_cuda, ItemTable,
-    ZeroedBuffers, DECODE, MAX_BATCH,
+    advance_chunk, load, push_advance, sm_count, to_u32, use_smem, view, with_advance, with_cuda,
+    ItemTable, ZeroedBuffers, DECODE, MAX_BATCH,
 };
 use crate::attend::DecodeOp;
 use candle_core::backend::BackendStorage;
@@ -50,9 +50,6 @@ fn min_keys_per_split() -> usize {
 
 /// Per-row split counters, zero between launches: the merging block resets its row's.
 static COUNTERS: ZeroedBuffers<u32> = ZeroedBuffers::new();
-
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
 
 /// `(b, hq, hkv, cap, d)`.
 type Dims = (usize, usize, usize, usize, usize);
@@ -198,22 +195,21 @@ fn launch<T: DeviceRepr>(
     )?;
     let combine = load(dev, &DECODE, &format!("saap_decode_combine_{tname}"))?;
     let c = op.n_partitions;
-    let lanes_per_key = d * std::mem::size_of::<T>() / 16;
-    let groups = THREADS as usize / lanes_per_key;
-    // Segment starts (sinks, partitions, window, [unread partitions,] end) and the ids of a pass.
-    let segments = if means.is_some() { 2 * c + 3 } else { c + 3 };
-    let smem_keys = if sparse.is_some() {
-        (segments + IDS_CAP) * 4
-    } else {
-        0
+    // The block's merge: every warp's accumulators and (max, sum) for each of the gb heads.
+    let warps = THREADS as usize / 32;
+    // The key list (`decode_impl`): bitmaps of the union [and of the unread partitions] with their
+    // prefix counts, each union member's perm start, the segment starts, the ids of a pass.
+    let smem_keys = match &sparse {
+        Some((_, _, n_probe)) => {
+            let words = c.div_ceil(32) * if means.is_some() { 4 } else { 2 };
+            let union = c.min(g * n_probe);
+            (words + 2 * union + 4 + IDS_CAP) * 4
+        }
+        None => 0,
     };
     let smem_merge = 2 * g * MAX_SPLITS * 4;
-    let smem = smem_keys
-        .max((groups / 2 * gb * d + groups * gb * 2) * 4)
-        .max(smem_merge);
-    if smem > SMEM_LIMIT {
-        candle_core::bail!("saap cuda decode: C = {c} partitions exceed the shared-memory budget");
-    }
+    let smem = smem_keys.max(warps * gb * (d + 2) * 4).max(smem_merge);
+    use_smem(dev, &func, smem, "decode")?;
     let per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
         .w()?

@@ -2,7 +2,7 @@
 //! ids scattered by as many warps as shared memory holds cursors for; and of the per-partition
 //! summaries kept beside the directory (sums of the merged rows, then means).
 
-use super::{dtype_name, load, to_u32, view, ItemTable, MAX_BATCH, MERGE};
+use super::{dtype_name, load, to_u32, view, ItemTable, MAX_BATCH, MERGE, SMEM_LIMIT};
 use crate::partition::scan::MergeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -13,9 +13,6 @@ use candle_core::{CudaStorage, DType, Layout};
 
 /// Threads per block: the move step streams the old lists through this many lanes.
 const THREADS: u32 = 512;
-
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
 
 /// `MergeOp` on CUDA: `dst` is the directory `[B, Hkv, row]`, `src` the labels `[B, Hkv, cap]`.
 /// Same result as [`crate::partition::scan::merge_row`] on every row; shapes are checked by the

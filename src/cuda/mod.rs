@@ -145,6 +145,46 @@ fn top_smem_bytes(c: usize, n: usize) -> usize {
     n.next_power_of_two().max(2) * 8 + (c + 256) * 4
 }
 
+/// Shared memory a block may use without opting in.
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// The most dynamic shared memory a block of `dev` may opt in to.
+fn smem_optin(dev: &CudaDevice) -> usize {
+    dev.cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_or(SMEM_LIMIT, |n| usize::try_from(n).unwrap_or(0))
+}
+
+/// Lets `func` launch with `bytes` of dynamic shared memory per block: above the default 48 KiB
+/// it opts in (per function, idempotent), up to the device's limit.
+///
+/// # Errors
+/// `what` names the kernel in the error when `bytes` exceeds what the device allows.
+fn use_smem(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    bytes: usize,
+    what: &str,
+) -> candle_core::Result<()> {
+    if bytes <= SMEM_LIMIT {
+        return Ok(());
+    }
+    let limit = smem_optin(dev);
+    if bytes > limit {
+        candle_core::bail!("saap cuda {what}: {bytes} bytes of shared memory per block exceed the device's {limit}");
+    }
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    func.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        i32::try_from(bytes).map_err(|_| {
+            candle_core::Error::Msg(format!("saap cuda {what}: {bytes} bytes of shared memory"))
+        })?,
+    )
+    .w()?;
+    Ok(())
+}
+
 /// Number of streaming multiprocessors of the device.
 fn sm_count(dev: &CudaDevice) -> candle_core::Result<usize> {
     let n = dev

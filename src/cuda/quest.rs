@@ -3,10 +3,13 @@
 //! (relu, sub, two batched matmuls, add, max, masking, arg_sort over P, gather, where, broadcast)
 //! of [`crate::quest::route`], with the same result up to the order of f32 summation.
 
-use super::{dtype_name, load, sm_count, to_u32, top_smem_bytes, view, with_cuda, QUEST};
+use super::{
+    dtype_name, load, sm_count, smem_optin, to_u32, top_smem_bytes, use_smem, view, with_cuda,
+    QUEST,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -18,8 +21,6 @@ const THREADS: u32 = 256;
 const SLOTS: usize = 32;
 /// Most threads of a top-k block (`QUEST_TOP_THREADS`).
 const TOP_THREADS: usize = 1024;
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
 /// Left of the opt-in limit for the top-k kernel's static shared memory (32 bytes).
 const STATIC_SMEM: usize = 1024;
 
@@ -39,11 +40,7 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
             // 16-byte loads of every row.
             && t.layout().start_offset() % 4 == 0
     };
-    let optin = dev
-        .cuda_stream()
-        .context()
-        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        .map_or(SMEM_LIMIT, |n| usize::try_from(n).unwrap_or(0));
+    let optin = smem_optin(dev);
     matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && matches!(d, 64 | 128)
         && b > 0
@@ -189,19 +186,8 @@ impl CustomOp1 for TopOp<'_> {
         let dev = s.device().clone();
         let func = load(&dev, &QUEST, "saap_quest_top")?;
         let smem = top_smem_bytes(p, k);
-        if smem > SMEM_LIMIT {
-            // Opting in is per function and idempotent; `supported` checked the device's limit.
-            dev.cuda_stream().context().bind_to_thread().w()?;
-            func.set_attribute(
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                i32::try_from(smem).map_err(|_| {
-                    candle_core::Error::Msg(format!(
-                        "saap quest top: {smem} bytes of shared memory"
-                    ))
-                })?,
-            )
-            .w()?;
-        }
+        // `supported` checked the device's limit.
+        use_smem(&dev, &func, smem, "quest top")?;
         let rows = b * hkv;
         let scores = view::<f32>(s, s_l)?;
         // SAFETY: every probe is written (one block per row writes k entries for each head).

@@ -3,7 +3,7 @@
 //! replace the dozen candle ops (casts, transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
-use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE};
+use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE, SMEM_LIMIT};
 use crate::classify::Classifier;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -11,12 +11,20 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-/// Threads, output columns and batch items per MLP block (`ROUTE_*` in `cuda/decode.cu`).
+/// Threads and output columns per MLP block (`ROUTE_*` in `cuda/decode.cu`).
 const THREADS: u32 = 256;
 const COLS: usize = 128;
+/// Batch items per MLP block: the kernels come in 1 (batch 1) and 4 (`_i1`, `_i4`).
 const ITEMS: usize = 4;
-/// Shared memory a block may use without opting in.
-const SMEM_LIMIT: usize = 48 * 1024;
+
+/// Batch items per MLP block for a batch of `b`.
+fn items_per_block(b: usize) -> usize {
+    if b == 1 {
+        1
+    } else {
+        ITEMS
+    }
+}
 
 /// Routing of pre-RoPE queries `[B, Hq, D]` to their `n_probe` best partitions `[B, Hq, ℓ]` u32.
 pub(crate) struct RouteOp<'a> {
@@ -33,7 +41,7 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
     let same = [&classifier.b1, &classifier.w2, &classifier.b2]
         .iter()
         .all(|t| t.dtype() == w && t.is_contiguous());
-    let smem = smem_bytes(d, h, w);
+    let smem = smem_bytes(d, h, w, ITEMS);
     matches!(w, DType::F32 | DType::BF16)
         && same
         && classifier.w1.is_contiguous()
@@ -47,9 +55,9 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
 
 /// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over
 /// `COLS` outputs, or 32 lanes × one 16-byte vector of hidden units).
-fn smem_bytes(d: usize, h: usize, w: DType) -> usize {
+fn smem_bytes(d: usize, h: usize, w: DType, items: usize) -> usize {
     let chunk = COLS.max(32 * 16 / w.size_in_bytes());
-    (ITEMS * (d + h) + (THREADS as usize / 32) * ITEMS * chunk) * 4
+    (items * (d + h) + (THREADS as usize / 32) * items * chunk) * 4
 }
 
 impl CustomOp1 for RouteOp<'_> {
@@ -73,16 +81,21 @@ impl CustomOp1 for RouteOp<'_> {
             DType::BF16 => "wbf16",
             other => candle_core::bail!("saap route: weight dtype {other:?}"),
         };
-        let mlp = load(&dev, &DECODE, &format!("saap_route_mlp_{wname}_{qname}"))?;
+        let items = items_per_block(b);
+        let mlp = load(
+            &dev,
+            &DECODE,
+            &format!("saap_route_mlp_{wname}_{qname}_i{items}"),
+        )?;
         let top = load(&dev, &DECODE, "saap_route_top")?;
         let stream = dev.cuda_stream();
         // SAFETY: every score is written by the MLP kernel (grid covers B × Hq × C).
         let scores = unsafe { dev.alloc::<f32>(b * hq * c) }?;
         let (b32, hq32, d32, h32, c32) =
             (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
-        let smem = smem_bytes(d, h, cl.w1.dtype());
+        let smem = smem_bytes(d, h, cl.w1.dtype(), items);
         let cfg = LaunchConfig {
-            grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(ITEMS))?),
+            grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(items))?),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: to_u32(smem)?,
         };
