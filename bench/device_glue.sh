@@ -8,7 +8,6 @@
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
-piece() { mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; }
 tp() { "$bin/$1" --model "$M" --cuda "${@:2}"; }
 case $step in
 tests)

@@ -26,11 +26,9 @@ tests)
   run "$bin/graph" --test-threads 1
   run "$bin/attention" --test-threads 1 ;;
 piece)
-  unpack; mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; ls /tmp/q | tr '\n' ' ' ;;
+  unpack; piece ;;
 setup)
-  unpack
-  mkdir -p /tmp/saap/models /tmp/saap/texts "$I" && cp .qwen/texts/* /tmp/saap/texts/
-  cat /tmp/q/q* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt" ;;
+  unpack; setup_qwen ;;
 calib)
   # Indexes trained as the better ones of the session before (2 sequences × 512 queries ×
   # 30 epochs), at 32k and with YaRN ×4 for 128k.

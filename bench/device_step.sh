@@ -45,11 +45,9 @@ tests)
   run "$bin/cuda_parity" --test-threads 1
   run "$bin/graph" --test-threads 1 ;;
 piece)
-  unpack; mkdir -p /tmp/q && cp .qwen/q* /tmp/q/ 2>/dev/null; ls /tmp/q | tr '\n' ' ' ;;
+  unpack; piece ;;
 setup)
-  unpack
-  mkdir -p /tmp/saap/models /tmp/saap/texts "$I" && cp .qwen/texts/* /tmp/saap/texts/
-  cat /tmp/q/q* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt" ;;
+  unpack; setup_qwen ;;
 calib32)
   # The index recipe of sessions 20–21 (2 sequences × 512 queries × 30 epochs, hidden 64).
   run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k.safetensors"

@@ -1623,38 +1623,22 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
 mod tests {
     use super::*;
     use crate::index::LayerIndex;
-    use crate::{HeadLayout, RopeConfig, RopeKind, RopeScaling};
 
     /// The per-partition sums exist only while the estimate is on: none after a prefill with it
     /// off, built when it is switched on mid-sequence, freed when it is switched off.
     #[test]
     fn summaries_follow_the_estimate_switch() {
-        let layout = HeadLayout {
-            n_q_heads: 4,
-            n_kv_heads: 2,
-            head_dim: 8,
-        };
-        let rope = RopeConfig {
-            kind: RopeKind::Neox,
-            theta: 10_000.0,
-            scaling: RopeScaling::None,
-        };
-        let mut config = SaapConfig::new(layout, rope, 4).unwrap();
-        (
-            config.window,
-            config.sinks,
-            config.merge_every,
-            config.hidden,
-        ) = (4, 1, 2, 4);
+        let mut config = crate::index::tests::config();
+        (config.window, config.sinks, config.merge_every) = (4, 1, 2);
         let dev = Device::Cpu;
         let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
         let layer = LayerIndex {
-            centroids: randn(&[2, 4, 8]),
+            centroids: randn(&[2, 8, 8]),
             classifier: Classifier {
                 w1: randn(&[4, 8, 4]),
                 b1: randn(&[4, 1, 4]),
-                w2: randn(&[4, 4, 4]),
-                b2: randn(&[4, 1, 4]),
+                w2: randn(&[4, 4, 8]),
+                b2: randn(&[4, 1, 8]),
             },
             routing: Routing::Classifier,
         };

@@ -570,7 +570,7 @@ fn json<T: Serialize>(value: &T) -> Result<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling};
 
@@ -590,7 +590,8 @@ mod tests {
         }
     }
 
-    fn config() -> SaapConfig {
+    /// 4 query heads, 2 KV heads of 8 dimensions, C = 8, hidden width 4.
+    pub(crate) fn config() -> SaapConfig {
         let layout = HeadLayout {
             n_q_heads: 4,
             n_kv_heads: 2,
