@@ -1,15 +1,15 @@
 // Split-KV decode attention over id lists (sparse: sinks ∪ probed partitions ∪ window; dense:
 // every position), one semantics with `DecodeOp` in src/attend/decode.rs.
 //
-// Two blocks per SM at least (registers capped at 128: the merge must not cost occupancy).
 // Grid: (splits, rows) with row = item * Hkv + kv_head. Each block rebuilds its row's key list
-// from the probes and the directory (union bitmap over the G query heads + a block-wide scan of
-// the selected list sizes), takes one contiguous slice of that list, and serves all G query heads
-// of the group from one read of each K and V row. Inside a block, groups of LPK lanes each own
-// one key at a time (16-byte loads, LPK * 16 bytes = one row) and keep their own online softmax;
-// the groups are merged at the end and the block writes one partial (max, sum, out[G][D]).
-// The last block of a row to finish (a per-row counter, reset by that block) merges the row's
-// splits by log-sum-exp and writes the output: one launch per step, no separate combine kernel.
+// from the probes and the directory (a bitmap of the G query heads' union, its members ranked by
+// popcounts, a scan of their list sizes), takes one contiguous slice of that list, and serves all
+// G query heads of the group from one read of each K and V row. Inside a block, groups of LPK
+// lanes each own one key at a time (16-byte loads, LPK * 16 bytes = one row) and keep their own
+// online softmax; the groups are merged at the end (shuffles within a warp, then shared memory)
+// and the block writes one partial (max, sum, out[G][D]). `saap_decode_combine_*` merges the
+// splits by log-sum-exp; in the `fused` variants the last block of a row to finish does (a per-row
+// counter, reset by that block): one launch, but more registers, and slower on whole steps.
 // With partition means (kmean/vmean non-null, sparse only) the list ends with one pseudo-key per
 // partition the union leaves unread and that holds keys: its mean key and value, the logit
 // raised by log2(n_c) (id cap + c in the key list).
@@ -562,7 +562,8 @@ SAAP_COMBINE(saap_decode_combine_f16, __half)
 
 // q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
 // Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / IB)). Dynamic shared memory:
-// IB * (D + H) + (ROUTE_THREADS / 32) * IB * max(ROUTE_COLS, 32 * VEC) floats. C * sizeof(W) and H * sizeof(W) must be multiples of 16 (checked by the host).
+// IB * (D + H) + (ROUTE_THREADS / 32) * IB * max(ROUTE_COLS, 32 * VEC) floats. C * sizeof(W) and
+// H * sizeof(W) must be multiples of 16 (checked by the host).
 template <typename W, typename Q, int IB>
 __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
                                                const W* __restrict__ b1, const W* __restrict__ w2,
