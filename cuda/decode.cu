@@ -560,48 +560,32 @@ SAAP_COMBINE(saap_decode_combine_f16, __half)
 // Output-layer weight vectors per thread loaded up front (all of them for H = 256, bf16).
 #define ROUTE_PREFETCH 16
 
-// q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
-// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / IB)). Dynamic shared memory:
-// IB * (D + H) + (ROUTE_THREADS / 32) * IB * max(ROUTE_COLS, 32 * VEC) floats. C * sizeof(W) and
-// H * sizeof(W) must be multiples of 16 (checked by the host).
+// The classifier MLP in two kernels: the hidden layer once per (head, IB items), then the
+// output layer by blocks of ROUTE_COLS partitions. (One kernel computed the hidden layer in each
+// of a head's C / ROUTE_COLS blocks: 15 us for Llama-3.1-8B at batch 1, latency-bound.)
+//
+// Hidden layer: q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; hidden: [B, Hq, H] f32 (GELU applied).
+// Grid: (Hq, ceil(B / IB)). Dynamic shared memory: IB * D + (ROUTE_THREADS / 32) * IB * 32 * VEC
+// floats. H * sizeof(W) must be a multiple of 16 (checked by the host).
 template <typename W, typename Q, int IB>
-__device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W* __restrict__ w1,
-                                               const W* __restrict__ b1, const W* __restrict__ w2,
-                                               const W* __restrict__ b2, float* __restrict__ scores,
-                                               uint32_t B, uint32_t hq, uint32_t D, uint32_t H,
-                                               uint32_t C) {
+__device__ __forceinline__ void route_hidden_impl(const Q* __restrict__ q,
+                                                  const W* __restrict__ w1,
+                                                  const W* __restrict__ b1,
+                                                  float* __restrict__ hidden, uint32_t B,
+                                                  uint32_t hq, uint32_t D, uint32_t H) {
     using E = Elem<W>;
     constexpr int VEC = E::VEC;
-    constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
-    constexpr int RGW = 32 / CT;          // row groups per warp
     constexpr int WARPS = ROUTE_THREADS / 32;
-    constexpr int RG = RGW * WARPS;
     extern __shared__ __align__(16) float rs[];
     float* xs = rs;            // IB * D queries
-    float* hs = xs + IB * D;   // IB * H hidden activations
-    float* red = hs + IB * H;  // WARPS * IB * max(ROUTE_COLS, 32 * VEC) partial sums
-    const uint32_t tid = threadIdx.x, head = blockIdx.y;
-    const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
+    float* red = xs + IB * D;  // WARPS * IB * 32 * VEC partial sums
+    const uint32_t tid = threadIdx.x, head = blockIdx.x, i0 = blockIdx.y * IB;
     const uint32_t nb = min((uint32_t)IB, B - i0);
     for (uint32_t i = tid; i < IB * D; i += ROUTE_THREADS) {
         const uint32_t b = i / D;
         xs[i] = b < nb ? to_f32(q[((size_t)(i0 + b) * hq + head) * D + i % D]) : 0.f;
     }
     __syncthreads();
-    // The output layer's first ROUTE_PREFETCH weight vectors of this thread, loaded before the
-    // hidden layer so that both layers' reads are in flight together (the two phases one after
-    // the other left the kernel latency-bound at 0.8 TB/s).
-    const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
-    const uint32_t rg = warp * RGW + lane / CT;
-    const uint32_t col = c0 + ct * VEC;
-    const W* w2h = w2 + (size_t)head * H * C + col;
-    uint4 pre[ROUTE_PREFETCH];
-#pragma unroll
-    for (int i = 0; i < ROUTE_PREFETCH; ++i) {
-        const uint32_t h = rg + i * RG;
-        pre[i] = col < C && h < H ? __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C))
-                                  : make_uint4(0, 0, 0, 0);
-    }
     // Hidden layer: lanes take VEC units each (16-byte loads of a w1 row), the 8 warps split
     // the D rows, so every thread has D / 8 loads in flight; warps' sums meet in shared memory.
     const W* w1h = w1 + (size_t)head * D * H;
@@ -639,10 +623,49 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) x += red[(w * IB + b) * HCH + i % HCH];
             x += to_f32(b1[(size_t)head * H + h]);
-            hs[b * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+            if (b < nb) hidden[((size_t)(i0 + b) * hq + head) * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
         }
         __syncthreads();
     }
+}
+
+// Output layer: hidden: [B, Hq, H] f32; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
+// Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / IB)). Dynamic shared memory:
+// IB * H + (ROUTE_THREADS / 32) * IB * ROUTE_COLS floats. C * sizeof(W) must be a multiple of 16.
+template <typename W, int IB>
+__device__ __forceinline__ void route_out_impl(const float* __restrict__ hidden,
+                                               const W* __restrict__ w2, const W* __restrict__ b2,
+                                               float* __restrict__ scores, uint32_t B,
+                                               uint32_t hq, uint32_t H, uint32_t C) {
+    using E = Elem<W>;
+    constexpr int VEC = E::VEC;
+    constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
+    constexpr int RGW = 32 / CT;          // row groups per warp
+    constexpr int WARPS = ROUTE_THREADS / 32;
+    constexpr int RG = RGW * WARPS;
+    extern __shared__ __align__(16) float rs[];
+    float* hs = rs;            // IB * H hidden activations
+    float* red = hs + IB * H;  // WARPS * IB * ROUTE_COLS partial sums
+    const uint32_t tid = threadIdx.x, head = blockIdx.y;
+    const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
+    const uint32_t nb = min((uint32_t)IB, B - i0);
+    // This thread's first ROUTE_PREFETCH weight vectors in flight before the hidden units arrive.
+    const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
+    const uint32_t rg = warp * RGW + lane / CT;
+    const uint32_t col = c0 + ct * VEC;
+    const W* w2h = w2 + (size_t)head * H * C + col;
+    uint4 pre[ROUTE_PREFETCH];
+#pragma unroll
+    for (int i = 0; i < ROUTE_PREFETCH; ++i) {
+        const uint32_t h = rg + i * RG;
+        pre[i] = col < C && h < H ? __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C))
+                                  : make_uint4(0, 0, 0, 0);
+    }
+    for (uint32_t i = tid; i < IB * H; i += ROUTE_THREADS) {
+        const uint32_t b = i / H;
+        hs[i] = b < nb ? hidden[((size_t)(i0 + b) * hq + head) * H + i % H] : 0.f;
+    }
+    __syncthreads();
     // Output layer: VEC columns per lane (16-byte loads), rows split over RG row groups; rows
     // in increasing order as before the prefetch, so the sums are the same.
     float acc[IB][VEC];
@@ -693,9 +716,14 @@ __device__ __forceinline__ void route_mlp_impl(const Q* __restrict__ q, const W*
 
 #define SAAP_ROUTE_MLP_IB(NAME, W, Q, IB)                                                       \
     extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
-        NAME(const Q* q, const W* w1, const W* b1, const W* w2, const W* b2, float* scores,    \
-             uint32_t B, uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {                     \
-        route_mlp_impl<W, Q, IB>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                    \
+        NAME##_hidden(const Q* q, const W* w1, const W* b1, float* hidden, uint32_t B,          \
+                      uint32_t hq, uint32_t D, uint32_t H) {                                    \
+        route_hidden_impl<W, Q, IB>(q, w1, b1, hidden, B, hq, D, H);                            \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
+        NAME##_out(const float* hidden, const W* w2, const W* b2, float* scores, uint32_t B,    \
+                   uint32_t hq, uint32_t H, uint32_t C) {                                       \
+        route_out_impl<W, IB>(hidden, w2, b2, scores, B, hq, H, C);                             \
     }
 #define SAAP_ROUTE_MLP(NAME, W, Q)          \
     SAAP_ROUTE_MLP_IB(NAME##_i1, W, Q, 1) \

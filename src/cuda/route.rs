@@ -41,7 +41,7 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
     let same = [&classifier.b1, &classifier.w2, &classifier.b2]
         .iter()
         .all(|t| t.dtype() == w && t.is_contiguous());
-    let smem = smem_bytes(d, h, w, ITEMS);
+    let (smem_hidden, smem_out) = smem_bytes(d, h, w, ITEMS);
     matches!(w, DType::F32 | DType::BF16)
         && same
         && classifier.w1.is_contiguous()
@@ -49,15 +49,18 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
         && q.dims() == [q.dims().first().copied().unwrap_or(0), hq, d]
         && (c * w.size_in_bytes()) % 16 == 0
         && (h * w.size_in_bytes()) % 16 == 0
-        && smem <= SMEM_LIMIT
+        && smem_hidden.max(smem_out) <= SMEM_LIMIT
         && top_smem_bytes(c, n_probe) <= SMEM_LIMIT
 }
 
-/// Dynamic shared memory of the MLP kernel: queries, hidden units, warps' partial sums (over
-/// `COLS` outputs, or 32 lanes × one 16-byte vector of hidden units).
-fn smem_bytes(d: usize, h: usize, w: DType, items: usize) -> usize {
-    let chunk = COLS.max(32 * 16 / w.size_in_bytes());
-    (items * (d + h) + (THREADS as usize / 32) * items * chunk) * 4
+/// Dynamic shared memory of the MLP's two kernels for `items` per block: the hidden layer's
+/// (queries, warps' partial sums over 32 lanes × one 16-byte vector of hidden units) and the
+/// output layer's (hidden units, warps' partial sums over `COLS` outputs).
+fn smem_bytes(d: usize, h: usize, w: DType, items: usize) -> (usize, usize) {
+    let warps = THREADS as usize / 32;
+    let hidden = (items * d + warps * items * 32 * 16 / w.size_in_bytes()) * 4;
+    let out = (items * h + warps * items * COLS) * 4;
+    (hidden, out)
 }
 
 impl CustomOp1 for RouteOp<'_> {
@@ -82,57 +85,67 @@ impl CustomOp1 for RouteOp<'_> {
             other => candle_core::bail!("saap route: weight dtype {other:?}"),
         };
         let items = items_per_block(b);
-        let mlp = load(
-            &dev,
-            &DECODE,
-            &format!("saap_route_mlp_{wname}_{qname}_i{items}"),
-        )?;
+        let kernel = format!("saap_route_mlp_{wname}_{qname}_i{items}");
+        let hidden_fn = load(&dev, &DECODE, &format!("{kernel}_hidden"))?;
+        let out_fn = load(&dev, &DECODE, &format!("{kernel}_out"))?;
         let top = load(&dev, &DECODE, "saap_route_top")?;
         let stream = dev.cuda_stream();
-        // SAFETY: every score is written by the MLP kernel (grid covers B × Hq × C).
+        // SAFETY: every hidden unit is written by the hidden-layer kernel (grid covers B × Hq,
+        // each block all H units of its items) and every score by the output-layer kernel.
+        let hidden = unsafe { dev.alloc::<f32>(b * hq * h) }?;
         let scores = unsafe { dev.alloc::<f32>(b * hq * c) }?;
         let (b32, hq32, d32, h32, c32) =
             (to_u32(b)?, to_u32(hq)?, to_u32(d)?, to_u32(h)?, to_u32(c)?);
-        let smem = smem_bytes(d, h, cl.w1.dtype(), items);
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, to_u32(b.div_ceil(items))?),
+        let (smem_hidden, smem_out) = smem_bytes(d, h, cl.w1.dtype(), items);
+        let groups = to_u32(b.div_ceil(items))?;
+        let cfg_hidden = LaunchConfig {
+            grid_dim: (hq32, groups, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: to_u32(smem)?,
+            shared_mem_bytes: to_u32(smem_hidden)?,
         };
+        let cfg_out = LaunchConfig {
+            grid_dim: (to_u32(c.div_ceil(COLS))?, hq32, groups),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: to_u32(smem_out)?,
+        };
+        #[allow(clippy::too_many_arguments)]
         fn launch_mlp<W: CudaDType, Q: CudaDType>(
             (q, q_l): (&CudaStorage, &Layout),
             cl: &Classifier,
             stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-            func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+            (hidden_fn, out_fn): (
+                &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+                &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+            ),
+            hidden: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
             scores: &candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
-            dims: [u32; 5],
-            cfg: LaunchConfig,
+            [b, hq, d, h, c]: [u32; 5],
+            (cfg_hidden, cfg_out): (LaunchConfig, LaunchConfig),
         ) -> candle_core::Result<()> {
             let qv = view::<Q>(q, q_l)?;
             with_cuda(&cl.w1, "w1", |w1, w1_l| {
                 with_cuda(&cl.b1, "b1", |b1, b1_l| {
-                    with_cuda(&cl.w2, "w2", |w2, w2_l| {
-                        with_cuda(&cl.b2, "b2", |b2, b2_l| {
-                            let (w1, b1) = (view::<W>(w1, w1_l)?, view::<W>(b1, b1_l)?);
-                            let (w2, b2) = (view::<W>(w2, w2_l)?, view::<W>(b2, b2_l)?);
-                            let mut builder = stream.launch_builder(func);
-                            builder
-                                .arg(&qv)
-                                .arg(&w1)
-                                .arg(&b1)
-                                .arg(&w2)
-                                .arg(&b2)
-                                .arg(scores);
-                            for x in &dims {
-                                builder.arg(x);
-                            }
-                            // SAFETY: argument types and order match `route_mlp_impl`; the
-                            // grid covers exactly the scores; weight rows are 16-byte aligned
-                            // (checked by `supported` and by the views' offsets below).
-                            unsafe { builder.launch(cfg) }.w()?;
-                            Ok(())
-                        })
-                    })
+                    let (w1, b1) = (view::<W>(w1, w1_l)?, view::<W>(b1, b1_l)?);
+                    let mut builder = stream.launch_builder(hidden_fn);
+                    builder.arg(&qv).arg(&w1).arg(&b1).arg(hidden);
+                    builder.arg(&b).arg(&hq).arg(&d).arg(&h);
+                    // SAFETY: argument types and order match `route_hidden_impl`; the grid
+                    // covers exactly the hidden units; w1 rows are 16-byte aligned (checked by
+                    // `supported` and below).
+                    unsafe { builder.launch(cfg_hidden) }.w()?;
+                    Ok(())
+                })
+            })?;
+            with_cuda(&cl.w2, "w2", |w2, w2_l| {
+                with_cuda(&cl.b2, "b2", |b2, b2_l| {
+                    let (w2, b2) = (view::<W>(w2, w2_l)?, view::<W>(b2, b2_l)?);
+                    let mut builder = stream.launch_builder(out_fn);
+                    builder.arg(hidden).arg(&w2).arg(&b2).arg(scores);
+                    builder.arg(&b).arg(&hq).arg(&h).arg(&c);
+                    // SAFETY: argument types and order match `route_out_impl`; the grid covers
+                    // exactly the scores; w2 rows are 16-byte aligned (checked as w1's).
+                    unsafe { builder.launch(cfg_out) }.w()?;
+                    Ok(())
                 })
             })
         }
@@ -142,24 +155,25 @@ impl CustomOp1 for RouteOp<'_> {
             }
         }
         let dims = [b32, hq32, d32, h32, c32];
+        let (fns, cfgs) = ((&hidden_fn, &out_fn), (cfg_hidden, cfg_out));
         match (cl.w1.dtype(), q.dtype()) {
             (DType::F32, DType::F32) => {
-                launch_mlp::<f32, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, f32>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (DType::F32, DType::BF16) => {
-                launch_mlp::<f32, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, bf16>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (DType::F32, DType::F16) => {
-                launch_mlp::<f32, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<f32, f16>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (DType::BF16, DType::F32) => {
-                launch_mlp::<bf16, f32>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, f32>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (DType::BF16, DType::BF16) => {
-                launch_mlp::<bf16, bf16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, bf16>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (DType::BF16, DType::F16) => {
-                launch_mlp::<bf16, f16>((q, q_l), cl, &stream, &mlp, &scores, dims, cfg)
+                launch_mlp::<bf16, f16>((q, q_l), cl, &stream, fns, &hidden, &scores, dims, cfgs)
             }
             (w, q) => candle_core::bail!("saap route: weights {w:?}, queries {q:?}"),
         }?;
