@@ -1,6 +1,7 @@
 //! Launches of the decode-step routing (`cuda/decode.cu`): the classifier MLP of every query head
-//! (weights widened to f32, f32 accumulation) into scores, then top-ℓ into probes. Two launches
-//! replace the dozen candle ops (casts, transposes, batched matmuls, GELU, arg_sort, narrow) of
+//! (weights widened to f32, f32 accumulation; its hidden layer, then its output layer) into
+//! scores, then top-ℓ into probes. Three launches replace the dozen candle ops (casts,
+//! transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
 use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE, SMEM_LIMIT};
