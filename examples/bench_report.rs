@@ -125,7 +125,6 @@ fn randn_bf16(shape: &[usize], dev: &Device) -> Res<Tensor> {
     Ok(Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)?)
 }
 
-/// An op holding `n` random tokens per batch item, room for `SLACK` more.
 /// Standard normal values of `shape` from a seeded host generator, as bf16 on `dev`: the same in
 /// every run and binary.
 fn seeded_bf16(shape: &[usize], seed: u64, dev: &Device) -> Res<Tensor> {
@@ -137,19 +136,30 @@ fn seeded_bf16(shape: &[usize], seed: u64, dev: &Device) -> Res<Tensor> {
     Ok(Tensor::from_vec(data, shape, dev)?)
 }
 
-/// An op whose cache holds `n` tokens of each of `batch` items: the same keys and values for
-/// every item and every call (`seeded_bf16`), in two chunks as a prompt's prefill would come.
-fn filled(index: &SaapIndex, n: usize, batch: usize, dev: &Device) -> Res<SaapAttention> {
+/// The keys and values of `n` tokens for each of `batch` items, in two chunks as a prompt's
+/// prefill would come: the same for every item, run and binary (`seeded_bf16`). The first chunk
+/// makes the cache grow to max(n, 2 · first) ≥ n + SLACK rows.
+fn prompt_chunks(n: usize, batch: usize, dev: &Device) -> Res<Vec<(Tensor, Tensor)>> {
+    let first = n / 2 + SLACK / 2;
+    [first, n - first]
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let chunk = |seed: u64| -> Res<Tensor> {
+                Ok(seeded_bf16(&[1, HKV, t, D], seed, dev)?.repeat((batch, 1, 1, 1))?)
+            };
+            Ok((chunk(2 * i as u64)?, chunk(2 * i as u64 + 1)?))
+        })
+        .collect()
+}
+
+/// An op whose cache holds the `chunks` (`prompt_chunks`), extended in order.
+fn filled(index: &SaapIndex, chunks: &[(Tensor, Tensor)], dev: &Device) -> Res<SaapAttention> {
     let mut op = SaapAttention::from_index(index, 0, dev, DType::BF16)?;
     op.set_check_finite(false);
-    // Two chunks: the cache grows to max(n, 2 · first) ≥ n + SLACK rows.
-    let first = n / 2 + SLACK / 2;
-    for (i, t) in [first, n - first].into_iter().enumerate() {
-        let chunk = |seed: u64| -> Res<Tensor> {
-            Ok(seeded_bf16(&[1, HKV, t, D], seed, dev)?.repeat((batch, 1, 1, 1))?)
-        };
-        let (k, v) = (chunk(2 * i as u64)?, chunk(2 * i as u64 + 1)?);
-        op.extend(&k, &v, &vec![t; batch])?;
+    for (k, v) in chunks {
+        let (batch, _, t, _) = k.dims4()?;
+        op.extend(k, v, &vec![t; batch])?;
     }
     Ok(op)
 }
@@ -401,9 +411,14 @@ fn steps(
         .clamp(1, 6)
         .min((30usize << 30) / kv_bytes)
         .max(1);
-    let mut ops: Vec<SaapAttention> = (0..layers)
-        .map(|_| filled(index, n, b, dev))
-        .collect::<Res<_>>()?;
+    // Generated once (and freed once copied): every layer's cache holds the same tokens, each in
+    // its own memory.
+    let mut ops: Vec<SaapAttention> = {
+        let chunks = prompt_chunks(n, b, dev)?;
+        (0..layers)
+            .map(|_| filled(index, &chunks, dev))
+            .collect::<Res<_>>()?
+    };
     // The same query in every run and binary: it decides the keys read.
     let q = seeded_bf16(&[b, HQ, 1, D], 100, dev)?;
     let kv = seeded_bf16(&[b, HKV, 1, D], 101, dev)?;
