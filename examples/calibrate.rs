@@ -64,6 +64,11 @@ struct Args {
     /// Layers below this held-out recall are served dense
     #[arg(long, default_value_t = 0.9)]
     min_recall: f64,
+    /// Tokens per held-out sequence, where the dense layers are chosen and each layer's probe
+    /// curve (what every ℓ reads and finds, used to spend keys budgets layer by layer) is
+    /// measured: the length the index will decode at [default: --context]
+    #[arg(long)]
+    held_out_context: Option<usize>,
     /// The quick plan `llama_decode` uses on first run: one sequence of at most 2048 tokens per
     /// text, hidden width 64 unless --hidden, fewer queries, epochs and Lloyd iterations (minutes
     /// on a CPU for SmolLM2); --seqs, --epochs and --queries are then ignored
@@ -96,6 +101,7 @@ fn run() -> Res<()> {
         epochs,
         queries,
         min_recall,
+        held_out_context,
         quick,
         out,
     } = Args::parse();
@@ -107,6 +113,12 @@ fn run() -> Res<()> {
         .into());
     }
     // Checked before the model loads.
+    if let Some(len) = held_out_context.filter(|&len| len < context) {
+        return Err(format!(
+            "--held-out-context {len}: at least --context ({context}), where the queries sit"
+        )
+        .into());
+    }
     let dims = KeyDims::parse(&key_dims, context)?;
     if let Some(p) = attention_weight.filter(|p| !(p.is_finite() && *p > 0.0)) {
         return Err(format!("--attention-weight {p}: must be finite and > 0").into());
@@ -145,6 +157,7 @@ fn run() -> Res<()> {
     params.attention_weight = attention_weight;
     let kept = params.key_dims.rank(&config)?;
     plan.min_recall = min_recall;
+    plan.held_out_context = held_out_context.unwrap_or(plan.held_out_context);
     println!(
         "calibrating {name}: C = {}, ℓ = {}, window {}, sinks {}, hidden {}, context {context}, \
          k-means on {} of {} key dimensions ({key_dims}), attention weight {attention_weight:?}",

@@ -75,13 +75,19 @@ struct Args {
     /// means (`SaapAttention::set_estimate_unread`)
     #[arg(long)]
     estimate_unread: bool,
+    /// Run each --keys-budget a second time with the same ℓ in every layer (by default a
+    /// budget is spent layer by layer from the index's probe curves, where it has them)
+    #[arg(long)]
+    compare_uniform: bool,
 }
 
 /// How a Saap run sets ℓ.
 #[derive(Clone, Copy)]
 enum Setting {
     Probe(usize),
-    Budget(f64),
+    /// A keys budget, spent layer by layer from the index's probe curves (`true`) or as the
+    /// same ℓ everywhere.
+    Budget(f64, bool),
     /// Probe mass, with at most this many partitions per head.
     Mass(f64, usize),
     /// Quest in every layer, pages chosen per step to fit this keys budget.
@@ -97,7 +103,10 @@ impl Setting {
                     model.attention_mut(layer)?.set_n_probe(n_probe)?;
                 }
             }
-            Setting::Budget(budget) => model.set_keys_budget(Some(budget))?,
+            Setting::Budget(budget, by_layer) => {
+                model.set_budget_by_layer(by_layer)?;
+                model.set_keys_budget(Some(budget))?;
+            }
             Setting::Quest(budget) => {
                 for layer in 0..model.n_layers() {
                     model.set_routing(layer, Routing::Quest)?;
@@ -116,7 +125,8 @@ impl Setting {
     fn label(self) -> String {
         match self {
             Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
-            Setting::Budget(budget) => format!("budget {budget}"),
+            Setting::Budget(budget, true) => format!("budget {budget}"),
+            Setting::Budget(budget, false) => format!("budget {budget}, uniform ℓ"),
             Setting::Mass(mass, cap) => format!("mass {mass}, at most {cap}"),
             Setting::Quest(budget) => format!("Quest, budget {budget}"),
         }
@@ -182,9 +192,13 @@ fn run(args: Args) -> Res<()> {
     println!("batch | graph | ℓ | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | perplexity vs dense | top-1 as dense");
     let index_probe = index.config().n_probe;
     let mut settings: Vec<Setting> = if !args.keys_budget.is_empty() {
+        let by_layer: &[bool] = match args.compare_uniform {
+            true => &[true, false],
+            false => &[true],
+        };
         args.keys_budget
             .iter()
-            .map(|&b| Setting::Budget(b))
+            .flat_map(|&b| by_layer.iter().map(move |&l| Setting::Budget(b, l)))
             .collect()
     } else if !args.n_probe.is_empty() {
         args.n_probe.iter().map(|&l| Setting::Probe(l)).collect()
@@ -244,7 +258,19 @@ fn run(args: Args) -> Res<()> {
                 setting.apply(&mut model)?;
                 model.set_estimate_unread(estimate);
                 let reads = keys_read(&mut model, &continuations, 8)?;
-                let n_probe = model.attention_mut(0)?.config().n_probe;
+                // ℓ of the routed layers after the last step (a budget sets it per step).
+                let probes = (0..model.n_layers())
+                    .map(|l| {
+                        let op = model.attention_mut(l)?;
+                        Ok((op.routing() != Routing::Dense).then(|| op.config().n_probe))
+                    })
+                    .collect::<Res<Vec<_>>>()?;
+                let probes: Vec<usize> = probes.into_iter().flatten().collect();
+                let n_probe = probes.first().copied().unwrap_or(0);
+                let ell = match probes.iter().all(|&l| l == n_probe) {
+                    true => n_probe.to_string(),
+                    false => format!("{probes:?}"),
+                };
                 let label = match estimate {
                     true => format!("{} + estimate", setting.label()),
                     false => setting.label(),
@@ -253,7 +279,7 @@ fn run(args: Args) -> Res<()> {
                 let estimated =
                     reads.partitions_estimated as f64 / reads.keys_in_context.max(1) as f64;
                 let (budget, mass) = match setting {
-                    Setting::Budget(b) | Setting::Quest(b) => (b, 0.0),
+                    Setting::Budget(b, _) | Setting::Quest(b) => (b, 0.0),
                     Setting::Probe(_) => (0.0, 0.0),
                     Setting::Mass(m, _) => (0.0, m),
                 };
@@ -262,7 +288,7 @@ fn run(args: Args) -> Res<()> {
                 let top1 = agreement(&dense.top1, &saap.top1);
                 let mode = if graph { "on" } else { "off" };
                 println!(
-                    "{batch} | {mode} | {label} (ℓ now {n_probe}) | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}%{} | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
+                    "{batch} | {mode} | {label} (ℓ now {ell}) | {prefill_s:.2} | {:.1} | {:.1} | {:.2}× | {:.1}%{} | {ppl_ratio:.4} | {:.1}% (launches: dense {}, Saap {})",
                     steps / dense.seconds,
                     steps / saap.seconds,
                     dense.seconds / saap.seconds,
@@ -276,8 +302,9 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
+                    matches!(setting, Setting::Budget(_, true)),
                     args.context,
                     args.all_sparse,
                     steps / dense.seconds,

@@ -309,6 +309,9 @@ pub struct SaapAttention {
     quest_pages: usize,
     /// Whether partition-routed steps estimate the unread partitions from their means.
     estimate_unread: bool,
+    /// Under a keys budget with classifier routing, the ℓ this layer probes for each ℓ the
+    /// budget gives every layer alike (`probe_plan[u - 1]`); `None`: that ℓ itself.
+    probe_plan: Option<Vec<usize>>,
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -344,6 +347,7 @@ impl SaapAttention {
             probe_mass: None,
             quest_pages: DEFAULT_QUEST_PAGES,
             estimate_unread: false,
+            probe_plan: None,
         })
     }
 
@@ -484,6 +488,34 @@ impl SaapAttention {
         Ok(())
     }
 
+    /// This layer's share of a keys budget spent across layers (see [`crate::budget`]): under
+    /// [`SaapAttention::set_keys_budget`] with [`Routing::Classifier`], where the budget gives
+    /// ℓ = u, this layer probes `plan[u - 1]` instead (u past the plan's end: u itself), at most
+    /// C. A model's glue sets the plans of all its layers together
+    /// ([`crate::budget::plan_probes`]), so that they read about the keys of the uniform ℓ
+    /// between them. `None` probes the uniform ℓ. Other routings and a fixed ℓ ignore it.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for an empty plan or an entry outside `1..=C`.
+    pub fn set_probe_plan(&mut self, plan: Option<Vec<usize>>) -> Result<()> {
+        let c = self.config.n_partitions;
+        if let Some(plan) = &plan {
+            if plan.is_empty() || plan.iter().any(|&l| l == 0 || l > c) {
+                return Err(SaapError::Config(format!(
+                    "a probe plan needs at least one ℓ, each in 1..={c} (C)"
+                )));
+            }
+        }
+        self.end_replay();
+        self.probe_plan = plan;
+        Ok(())
+    }
+
+    /// The probe plan in force, if any ([`SaapAttention::set_probe_plan`]).
+    pub fn probe_plan(&self) -> Option<&[usize]> {
+        self.probe_plan.as_deref()
+    }
+
     /// Adaptive probing (top-p): with classifier routing each query head probes its partitions
     /// in the classifier's order until their predicted share of its attention mass (the softmax
     /// of its scores) reaches `mass`, at least one and at most ℓ of them; `None` probes ℓ
@@ -597,7 +629,13 @@ impl SaapAttention {
                 self.quest_pages = pages.clamp(1, MAX_QUEST_PAGES);
             }
         } else {
-            self.config.n_probe = bound.unwrap_or(c).clamp(1, c);
+            let uniform = bound.unwrap_or(c).clamp(1, c);
+            self.config.n_probe = match (&self.probe_plan, self.routing) {
+                (Some(plan), Routing::Classifier) => {
+                    plan.get(uniform - 1).copied().unwrap_or(uniform)
+                }
+                _ => uniform,
+            };
         }
     }
 
@@ -683,6 +721,7 @@ impl SaapAttention {
             probe_mass: self.probe_mass,
             quest_pages: self.quest_pages,
             estimate_unread: self.estimate_unread,
+            probe_plan: self.probe_plan.clone(),
         })
     }
 

@@ -2,6 +2,7 @@
 //! saved as safetensors with JSON metadata and sha256 digests (format documented on
 //! [`SaapIndex`]).
 
+use crate::budget::ProbeCurve;
 use crate::classify::Classifier;
 use crate::config::{Routing, SaapConfig};
 use crate::error::{all_finite, Result, SaapError};
@@ -24,6 +25,8 @@ const META_DIGEST: &str = "sha256";
 const TENSOR_DIGESTS: &str = "tensor_sha256";
 /// Metadata key of the sha256 of the model file the index was calibrated for (optional).
 const MODEL_SHA256: &str = "model_sha256";
+/// Metadata key of the per-layer probe curves (optional).
+const PROBE_CURVES: &str = "probe_curves";
 
 /// Whether `s` is a lowercase hex sha256 (64 digits).
 fn is_sha256_hex(s: &str) -> bool {
@@ -101,6 +104,7 @@ impl LayerIndex {
 /// | `version` | `2` ([`FORMAT_VERSION`]) |
 /// | `model` | name of the model the index was trained for |
 /// | `model_sha256` | optional: lowercase hex sha256 of the model file it was calibrated on |
+/// | `probe_curves` | optional: JSON array, per layer a [`ProbeCurve`] or `null` (what each ℓ read and found on held-out text; see [`crate::budget`]) |
 /// | `n_layers` | number of layers, decimal |
 /// | `config` | the [`SaapConfig`] as JSON |
 /// | `routing` | JSON array of each layer's [`Routing`] |
@@ -111,7 +115,9 @@ impl LayerIndex {
 /// so saving the same index twice gives the same bytes. Loading checks all of the above:
 /// digests, names, dtypes, shapes against the configuration (hidden width included), the
 /// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
-/// Version 2 differed only in storing F32 tensors and had no `model_sha256`.
+/// Version 2 differed only in storing F32 tensors and had no `model_sha256`. `probe_curves`
+/// came later within version 3: files without it load with no curves, and builds before it
+/// ignore it.
 ///
 /// Usually made by calibration (`saap::train::calibrate_index`, or `train_layer` per layer);
 /// here by hand, with random weights, to show the shapes and a save/load round trip:
@@ -147,6 +153,8 @@ pub struct SaapIndex {
     model: String,
     model_sha256: Option<String>,
     layers: Vec<LayerIndex>,
+    /// Per layer, what each ℓ read and found on held-out text, where calibration measured it.
+    probe_curves: Vec<Option<ProbeCurve>>,
 }
 
 /// Lowercase hex sha256 of `parts`, each fed in turn.
@@ -242,6 +250,7 @@ impl SaapIndex {
             config,
             model: model.into(),
             model_sha256: None,
+            probe_curves: vec![None; rounded.len()],
             layers: rounded,
         })
     }
@@ -260,6 +269,32 @@ impl SaapIndex {
         }
         self.model_sha256 = Some(sha256);
         Ok(self)
+    }
+
+    /// Records each layer's probe curve (saved with the index), from which
+    /// [`crate::budget::plan_probes`] spends a keys budget layer by layer.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless there is one entry per layer and every curve passes
+    /// [`ProbeCurve::check`] for this index's C.
+    pub fn with_probe_curves(mut self, curves: Vec<Option<ProbeCurve>>) -> Result<Self> {
+        if curves.len() != self.layers.len() {
+            return Err(SaapError::Config(format!(
+                "{} probe curves for {} layers",
+                curves.len(),
+                self.layers.len()
+            )));
+        }
+        for curve in curves.iter().flatten() {
+            curve.check(self.config.n_partitions)?;
+        }
+        self.probe_curves = curves;
+        Ok(self)
+    }
+
+    /// Per layer, its probe curve where calibration measured one.
+    pub fn probe_curves(&self) -> &[Option<ProbeCurve>] {
+        &self.probe_curves
     }
 
     /// The sha256 of the model file the index was calibrated on, if it was recorded.
@@ -381,6 +416,9 @@ impl SaapIndex {
         ]);
         if let Some(sha) = &self.model_sha256 {
             meta.insert(MODEL_SHA256.to_string(), sha.clone());
+        }
+        if self.probe_curves.iter().any(Option::is_some) {
+            meta.insert(PROBE_CURVES.to_string(), json(&self.probe_curves)?);
         }
         meta.insert(META_DIGEST.to_string(), metadata_digest(&meta));
         let mut header = BTreeMap::from([(
@@ -552,11 +590,21 @@ impl SaapIndex {
             })
             .collect::<std::result::Result<Vec<_>, String>>()?;
         let index = Self::new(config, field("model")?, layers).map_err(|e| e.to_string())?;
-        match meta.get(MODEL_SHA256) {
+        let index = match meta.get(MODEL_SHA256) {
             Some(sha) => index
                 .with_model_sha256(sha.as_str())
-                .map_err(|e| format!("{MODEL_SHA256}: {e}")),
-            None => Ok(index),
+                .map_err(|e| format!("{MODEL_SHA256}: {e}"))?,
+            None => index,
+        };
+        match meta.contains_key(PROBE_CURVES) {
+            true => {
+                let curves: Vec<Option<ProbeCurve>> = serde_json::from_value(parse(PROBE_CURVES)?)
+                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))?;
+                index
+                    .with_probe_curves(curves)
+                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))
+            }
+            false => Ok(index),
         }
     }
 }
@@ -658,6 +706,47 @@ pub(crate) mod tests {
         assert!(matches!(
             index.clone().with_model_sha256("ABCD"),
             Err(SaapError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn probe_curves_are_saved_checked_and_optional() {
+        let config = config();
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, 0.5); 2]).unwrap();
+        let curve = ProbeCurve {
+            indexed_mass: 0.25,
+            indexed_share: vec![0.1, 0.2, 0.35],
+            indexed_recall: vec![0.4, 0.6, 0.7],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.safetensors");
+        // Without curves: none saved, none loaded.
+        index.save(&path).unwrap();
+        let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.probe_curves(), &[None, None]);
+        let with = index
+            .clone()
+            .with_probe_curves(vec![None, Some(curve.clone())])
+            .unwrap();
+        with.save(&path).unwrap();
+        let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.probe_curves(), &[None, Some(curve.clone())]);
+        // One per layer, each valid for this C.
+        assert!(index.clone().with_probe_curves(vec![None]).is_err());
+        let mut long = curve.clone();
+        long.indexed_share = vec![0.1; 9];
+        long.indexed_recall = vec![0.1; 9];
+        assert!(index
+            .clone()
+            .with_probe_curves(vec![None, Some(long)])
+            .is_err());
+        // A file whose digests agree but whose curve is out of range is refused on load.
+        let mut bad = with.clone();
+        bad.probe_curves[1].as_mut().unwrap().indexed_recall[2] = 1.5;
+        std::fs::write(&path, bad.to_bytes().unwrap()).unwrap();
+        assert!(matches!(
+            SaapIndex::load(&path, &Device::Cpu),
+            Err(SaapError::IndexFormat(msg)) if msg.contains(PROBE_CURVES) && msg.contains("1.5")
         ));
     }
 }

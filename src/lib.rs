@@ -3,6 +3,7 @@
 
 pub mod attend;
 pub mod attention;
+pub mod budget;
 pub mod classify;
 pub mod config;
 #[cfg(feature = "cuda")]

@@ -493,6 +493,47 @@ fn keys_budget_sets_n_probe() {
     assert_eq!(op.config().n_probe, 1);
 }
 
+/// A probe plan turns the ℓ a keys budget gives into this layer's own: the same budget, another
+/// ℓ, and only for classifier routing; a bad plan is refused.
+#[test]
+fn probe_plan_maps_the_budgets_probe() {
+    let mut config = config(8, 2, 32, 64, RopeKind::Neox);
+    config.window = 32;
+    config.merge_every = 16;
+    let (base, steps) = prefilled_pair(&config, 61, [2000, 1500]);
+    let probe_after = |plan: Option<Vec<usize>>, routing: Routing| {
+        let mut op = base.snapshot().unwrap();
+        op.set_routing(routing).unwrap();
+        op.set_probe_plan(plan).unwrap();
+        op.set_keys_budget(Some(0.3)).unwrap();
+        op.decode(&steps.0, &steps.1, &steps.2).unwrap();
+        (op.config().n_probe, op.last_read().unwrap().keys_read)
+    };
+    let (uniform, uniform_reads) = probe_after(None, Routing::Classifier);
+    assert!(
+        uniform > 1,
+        "the test needs a budget above ℓ = 1, got {uniform}"
+    );
+    // Plan: ℓ = u maps to 1 (fewer keys) and, past the plan's end, to u itself.
+    let (planned, planned_reads) = probe_after(Some(vec![1; uniform]), Routing::Classifier);
+    assert_eq!(planned, 1);
+    assert!(
+        planned_reads < uniform_reads,
+        "{planned_reads} vs {uniform_reads}"
+    );
+    let (short, _) = probe_after(Some(vec![1; uniform - 1]), Routing::Classifier);
+    assert_eq!(short, uniform);
+    // Nearest-centroid routing ignores the plan.
+    let (nc, _) = probe_after(Some(vec![1; uniform]), Routing::NearestCentroid);
+    assert_eq!(nc, uniform);
+    let mut op = base.snapshot().unwrap();
+    for bad in [vec![], vec![0], vec![2, 65]] {
+        assert!(op.set_probe_plan(Some(bad.clone())).is_err(), "{bad:?}");
+    }
+    op.set_probe_plan(Some(vec![3, 4])).unwrap();
+    assert_eq!(op.probe_plan(), Some(&[3, 4][..]));
+}
+
 /// Adaptive probing (top-p): reads grow with the probe mass, a mass of 1 probes ℓ partitions and
 /// matches fixed ℓ exactly, a tiny mass probes one partition per head, and bad masses are
 /// refused.

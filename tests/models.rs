@@ -190,6 +190,66 @@ fn smollm2_indexed(n: usize) -> (Llama, Vec<u32>) {
     (model, pride_tokens(&tok, n))
 }
 
+/// The glue spends a keys budget layer by layer from the index's probe curves: a layer whose
+/// indexed keys hold little attention gives its partitions to one where they hold much, only
+/// classifier-routed layers take part, and the switch restores the uniform ℓ.
+#[test]
+fn keys_budget_is_spent_where_the_curves_find_mass() {
+    use saap::budget::ProbeCurve;
+    let (mut model, text) = smollm2_indexed(300);
+    let n = model.n_layers();
+    // Concave curves: each probe finds less than the one before.
+    let curve = |mass: f64| ProbeCurve {
+        indexed_mass: mass,
+        indexed_share: vec![0.25, 0.5, 0.75, 1.0],
+        indexed_recall: vec![0.5, 0.7, 0.85, 1.0],
+    };
+    // Layer 0 finds little, layer 1 much, the others in between.
+    let curves = (0..n)
+        .map(|l| Some(curve([0.01, 0.9].get(l).copied().unwrap_or(0.3))))
+        .collect();
+    let index = random_index(&model, 8, 2)
+        .with_probe_curves(curves)
+        .unwrap();
+    model.attach_index(Some(&index)).unwrap();
+    let plan = |model: &mut Llama, l: usize| {
+        let op = model.attention_mut(l).unwrap();
+        op.probe_plan().map(<[usize]>::to_vec)
+    };
+    // Where the budget gives every layer ℓ = 2, layer 1 takes all four partitions, layer 0 keeps
+    // one, and the in-between layers two (all but the last, whose step no longer fits).
+    assert_eq!(plan(&mut model, 0).unwrap()[1], 1);
+    assert_eq!(plan(&mut model, 1).unwrap()[1], 4);
+    assert_eq!(plan(&mut model, 2).unwrap()[1], 2);
+    model.set_routing(1, Routing::Dense).unwrap();
+    assert_eq!(plan(&mut model, 1), None);
+    assert_eq!(
+        plan(&mut model, 0).unwrap()[1],
+        1,
+        "layer 0 now gives to the 0.3 layers"
+    );
+    assert_eq!(plan(&mut model, 2).unwrap()[1], 3);
+    model.set_budget_by_layer(false).unwrap();
+    assert!((0..n).all(|l| plan(&mut model, l).is_none()));
+    model.set_budget_by_layer(true).unwrap();
+    model.set_routing(1, Routing::Classifier).unwrap();
+    // Decoding under a budget: layer 0 probes fewer partitions than layer 1.
+    // ~2.3 partitions' worth of the 223 indexed keys (window 64, sinks 4, C 8, G 3): ℓ = 2.
+    model.set_keys_budget(Some(0.9)).unwrap();
+    let tokens = Tensor::new(&text[..290], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&tokens, &[290]).unwrap();
+    let step = Tensor::new(&[text[290]], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&step, &[1]).unwrap();
+    let probe = |model: &mut Llama, l: usize| model.attention_mut(l).unwrap().config().n_probe;
+    assert_eq!((probe(&mut model, 0), probe(&mut model, 1)), (1, 4));
+}
+
 /// Ragged prompts prefilled as one batch give each item the logits it gets alone, and a
 /// `DecodeGraph` (eager on the CPU) then decodes the batch as `forward` does item by item.
 #[test]

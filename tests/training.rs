@@ -9,7 +9,7 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::Rng;
 use saap::train::data::{first_query_position, Sequence};
-use saap::train::{evaluate_routing, train_layer, TrainParams};
+use saap::train::{evaluate_routing, probe_curve, train_layer, TrainParams};
 use saap::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 
 const D: usize = 16;
@@ -208,6 +208,29 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     assert!((every.partition_oracle_indexed_selectivity - 1.0).abs() < 1e-9);
     assert!(dense.output_rel_error < 1e-6, "dense reads every key");
     assert!(classifier.output_rel_error < nearest.output_rel_error);
+    // The probe curve: what each ℓ reads and finds; at the configured ℓ, the evaluation's.
+    let curve = probe_curve(&held_out, &layer, &config, first, 100, &Device::Cpu).unwrap();
+    // G = 2 heads: ⌈C / 2⌉ points.
+    assert_eq!(curve.indexed_share.len(), TOPICS.div_ceil(2));
+    let at = config.n_probe - 1;
+    assert!((curve.indexed_share[at] - classifier.indexed_selectivity).abs() < 1e-9);
+    assert!((curve.indexed_recall[at] - classifier.indexed_recall).abs() < 1e-9);
+    for w in curve
+        .indexed_share
+        .windows(2)
+        .chain(curve.indexed_recall.windows(2))
+    {
+        assert!(w[1] >= w[0] - 1e-12, "a curve never falls: {curve:?}");
+    }
+    // More probes read more keys.
+    assert!(*curve.indexed_share.last().unwrap() > classifier.indexed_selectivity);
+    let mass = 1.0 - classifier.window_sinks_mass;
+    assert!(
+        (curve.indexed_mass - mass).abs() < 1e-5,
+        "{} vs {mass}",
+        curve.indexed_mass
+    );
+    assert!(probe_curve(&held_out, &layer, &config, 10_000, 100, &Device::Cpu).is_err());
 }
 
 #[test]
@@ -237,6 +260,10 @@ fn calibration_serves_dense_the_layers_below_the_recall_target() {
     .unwrap();
     assert_eq!(seen, 2);
     assert_eq!(index.n_layers(), 2);
+    // Each layer's probe curve travels with the index.
+    for (curve, report) in index.probe_curves().iter().zip(&reports) {
+        assert_eq!(curve.as_ref(), Some(&report.probe_curve));
+    }
     assert!(reports
         .iter()
         .all(|r| r.routing == Routing::Classifier && r.classifier.recall >= 0.5));

@@ -87,6 +87,10 @@ pub struct CalibrationPlan {
     pub train_seqs: usize,
     /// Held-out sequences per text.
     pub held_out_seqs: usize,
+    /// Tokens per held-out sequence: the decode length the dense-layer decision and each
+    /// layer's probe curve are measured at (default: `context`; longer where the model decodes
+    /// further than it is calibrated, e.g. with YaRN).
+    pub held_out_context: usize,
     /// Prefill chunk while recording.
     pub chunk: usize,
     /// Layers whose held-out recall (all attention mass, window and sinks included) stays below
@@ -104,6 +108,7 @@ impl CalibrationPlan {
             held_out_texts: vec![Text::JargonFile],
             train_seqs: 2,
             held_out_seqs: 2,
+            held_out_context: context,
             chunk: 512,
             min_recall: 0.9,
         }
@@ -115,6 +120,7 @@ impl CalibrationPlan {
     pub fn quick(context: usize) -> Self {
         Self {
             context: context.min(2048),
+            held_out_context: context.min(2048),
             train_seqs: 1,
             held_out_seqs: 1,
             ..Self::new(context)
@@ -200,19 +206,25 @@ pub fn calibrate_model(
         bar
     };
     let train_tokens = token_windows(tok, &plan.train_texts, plan.context, plan.train_seqs)?;
-    let held_tokens = token_windows(tok, &plan.held_out_texts, plan.context, plan.held_out_seqs)?;
+    let held_tokens = token_windows(
+        tok,
+        &plan.held_out_texts,
+        plan.held_out_context,
+        plan.held_out_seqs,
+    )?;
     if train_tokens.is_empty() || held_tokens.is_empty() {
         return Err(Error::Model(format!(
-            "calibration texts are shorter than the {}-token context",
-            plan.context
+            "calibration texts are shorter than the {}-token context (held out: {})",
+            plan.context, plan.held_out_context
         )));
     }
     eprintln!(
-        "calibration: recording {} training and {} held-out sequences of {} tokens (dense prefill), \
-         then training {} layers",
+        "calibration: recording {} training sequences of {} tokens and {} held-out ones of {} \
+         (dense prefill), then training {} layers",
         train_tokens.len(),
-        held_tokens.len(),
         plan.context,
+        held_tokens.len(),
+        plan.held_out_context,
         model.n_layers()
     );
     let recording = bar("recording (tokens)");

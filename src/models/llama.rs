@@ -14,6 +14,7 @@
 use super::norm::RmsNorm;
 use super::swiglu;
 use super::{io_err, Error, Result};
+use crate::budget::ProbeCurve;
 use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
 use crate::graph::GraphDecoder;
 use crate::{ReadStats, SaapAttention, SaapIndex};
@@ -189,6 +190,10 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     attn: Vec<SaapAttention>,
+    /// The attached index's probe curves (empty without an index).
+    probe_curves: Vec<Option<ProbeCurve>>,
+    /// Whether a keys budget is spent layer by layer from those curves.
+    budget_by_layer: bool,
     norm: RmsNorm,
     lm_head: Linear,
     device: Device,
@@ -364,6 +369,8 @@ impl Llama {
             embed,
             layers,
             attn: Vec::new(),
+            probe_curves: Vec::new(),
+            budget_by_layer: true,
             norm,
             lm_head,
             device: device.clone(),
@@ -379,6 +386,7 @@ impl Llama {
         self.attn = (0..self.config.n_layers)
             .map(|_| SaapAttention::dense(&config, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
+        self.probe_curves = Vec::new();
         Ok(())
     }
 
@@ -449,6 +457,41 @@ impl Llama {
         self.attn = (0..self.config.n_layers)
             .map(|layer| SaapAttention::from_index(index, layer, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
+        self.probe_curves = index.probe_curves().to_vec();
+        self.plan_probes()
+    }
+
+    /// Whether a keys budget ([`Llama::set_keys_budget`]) is spent layer by layer (on by
+    /// default): where the attached index holds probe curves (from calibration), the layers
+    /// routed by the classifier trade partitions so that, for the ℓ the budget gives, they read
+    /// about as many keys between them as all at that ℓ, and more where the curves found more
+    /// of the attention per key read ([`crate::budget::plan_probes`]). Off, or without curves,
+    /// every layer probes the same ℓ.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] for curves that do not fit the index (not for a loaded index, which
+    /// checked them).
+    pub fn set_budget_by_layer(&mut self, on: bool) -> Result<()> {
+        self.budget_by_layer = on;
+        self.plan_probes()
+    }
+
+    /// Gives each classifier-routed layer its probe plan from the curves (or none).
+    fn plan_probes(&mut self) -> Result<()> {
+        let routed = |op: &SaapAttention| op.routing() == Routing::Classifier;
+        let curves: Vec<Option<&ProbeCurve>> = self
+            .attn
+            .iter()
+            .zip(self.probe_curves.iter().chain(std::iter::repeat(&None)))
+            .map(|(op, c)| c.as_ref().filter(|_| self.budget_by_layer && routed(op)))
+            .collect();
+        let Some(c) = self.attn.first().map(|op| op.config().n_partitions) else {
+            return Ok(());
+        };
+        let plans = crate::budget::plan_probes(&curves, c)?;
+        for ((op, plan), curve) in self.attn.iter_mut().zip(plans).zip(&curves) {
+            op.set_probe_plan(curve.map(|_| plan))?;
+        }
         Ok(())
     }
 
@@ -611,9 +654,14 @@ impl Llama {
         }
     }
 
-    /// How layer `layer` chooses the keys it reads at decode.
+    /// How layer `layer` chooses the keys it reads at decode. The layers' probe plans follow (see [`Llama::set_budget_by_layer`]); changing a routing
+    /// through [`Llama::attention_mut`] instead leaves the other layers' plans as they were.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] for a layer the model does not have, or a routing the op refuses.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
-        Ok(self.attention_mut(layer)?.set_routing(routing)?)
+        self.attention_mut(layer)?.set_routing(routing)?;
+        self.plan_probes()
     }
 
     /// Number of decoder layers.

@@ -1,6 +1,7 @@
 //! Held-out evaluation of a routing: attention-mass recall, keys read, and the recall a perfect
 //! top-k selector gets when it reads as many keys.
 
+use crate::budget::ProbeCurve;
 use crate::classify::{centroid_scores, top_probes};
 use crate::config::{Routing, SaapConfig, QUEST_PAGE};
 use crate::error::{Result, SaapError};
@@ -296,6 +297,109 @@ pub fn evaluate_routing(
         quest_indexed_recall: sum.quest_indexed_recall / k,
         quest_indexed_selectivity: sum.quest_indexed_selectivity / k,
         samples: sum.samples,
+    })
+}
+
+/// Measures one layer's [`ProbeCurve`] on held-out `sequences` (queries placed as in
+/// [`evaluate_routing`]): for ℓ = 1 ..= ⌈C / G⌉ (where a group's G heads can read every
+/// partition between them), the indexed keys the classifier's top-ℓ probes read as the group's
+/// union, and the share of each head's indexed attention mass in them. At ℓ = the configured
+/// one, the two columns are [`evaluate_routing`]'s `indexed_selectivity` and `indexed_recall`
+/// with [`Routing::Classifier`].
+///
+/// # Errors
+/// [`SaapError::Training`] when no query fits the sequences;
+/// [`SaapError::Candle`](crate::SaapError::Candle) when the sequences or the layer do not fit
+/// `config`.
+pub fn probe_curve(
+    sequences: &[Sequence],
+    layer: &LayerIndex,
+    config: &SaapConfig,
+    first: usize,
+    queries_per_seq: usize,
+    device: &Device,
+) -> Result<ProbeCurve> {
+    let (g, c) = (config.layout.group_size(), config.n_partitions);
+    let points = c.div_ceil(g);
+    // Sums over (query, head) samples: share read and recall per ℓ, indexed mass, samples.
+    type Sums = (Vec<f64>, Vec<f64>, f64, usize);
+    let zero = || -> Sums { (vec![0.0; points], vec![0.0; points], 0.0, 0) };
+    let plus = |mut a: Sums, b: Sums| -> Sums {
+        a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
+        a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
+        (a.0, a.1, a.2 + b.2, a.3 + b.3)
+    };
+    let mut sum = zero();
+    for seq in sequences {
+        let positions = query_positions(seq.len(), first, queries_per_seq);
+        if positions.is_empty() {
+            continue;
+        }
+        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
+        let q =
+            qa.q.transpose(0, 1)?
+                .contiguous()?
+                .to_device(layer.centroids.device())?;
+        // [P, Hq, points]: each head's partitions in the classifier's order.
+        let order = top_probes(&layer.classifier.scores(&q)?, points)?.to_vec3::<u32>()?;
+        let probs = qa.probs.to_vec3::<f32>()?;
+        let labels = qa.labels.to_vec2::<u32>()?;
+        let part = positions
+            .par_iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let mut acc = zero();
+                let sink_end = config.sinks.min(t + 1);
+                let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
+                for (kvh, lab) in labels.iter().enumerate() {
+                    let heads = kvh * g..(kvh + 1) * g;
+                    let mut sizes = vec![0usize; c];
+                    // Per head of the group, its indexed mass in each partition.
+                    let mut masses = vec![vec![0.0f64; c]; g];
+                    for j in indexed.clone() {
+                        let p = lab[j] as usize;
+                        sizes[p] += 1;
+                        for (m, h) in masses.iter_mut().zip(heads.clone()) {
+                            m[p] += probs[h][i][j] as f64;
+                        }
+                    }
+                    let totals: Vec<f64> = masses.iter().map(|m| m.iter().sum()).collect();
+                    let (mut probed, mut read, mut got) = (vec![false; c], 0usize, vec![0.0; g]);
+                    for (l, (shares, recalls)) in acc.0.iter_mut().zip(&mut acc.1).enumerate() {
+                        for h in heads.clone() {
+                            let p = order[i][h][l] as usize;
+                            if !std::mem::replace(&mut probed[p], true) {
+                                read += sizes[p];
+                                got.iter_mut().zip(&masses).for_each(|(x, m)| *x += m[p]);
+                            }
+                        }
+                        let share = read as f64 / indexed.len().max(1) as f64;
+                        for (x, total) in got.iter().zip(&totals) {
+                            *shares += share;
+                            *recalls += if *total > 0.0 { x / total } else { 1.0 };
+                        }
+                    }
+                    acc.2 += totals.iter().sum::<f64>();
+                    acc.3 += g;
+                }
+                acc
+            })
+            .reduce(zero, plus);
+        sum = plus(sum, part);
+    }
+    let (shares, recalls, mass, samples) = sum;
+    if samples == 0 {
+        return Err(SaapError::Training(format!(
+            "no held-out query fits: sequences are shorter than {first} tokens"
+        )));
+    }
+    let n = samples as f64;
+    // Rounding can leave a mean a hair above 1.
+    let mean = |x: f64| (x / n).clamp(0.0, 1.0);
+    Ok(ProbeCurve {
+        indexed_mass: mean(mass),
+        indexed_share: shares.into_iter().map(mean).collect(),
+        indexed_recall: recalls.into_iter().map(mean).collect(),
     })
 }
 

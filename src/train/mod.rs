@@ -10,13 +10,14 @@ pub mod eval;
 pub mod key_dims;
 pub mod mlp;
 
+use crate::budget::ProbeCurve;
 use crate::config::{Routing, SaapConfig};
 use crate::error::{Result, SaapError};
 use crate::index::{LayerIndex, SaapIndex};
 use crate::partition::kmeans::{kmeans_weighted, KMeansInit, KMeansParams};
 use candle_core::{DType, Device, Tensor, D};
 use data::{first_query_position, query_attention, query_positions, Sequence};
-pub use eval::{evaluate_routing, RoutingEval};
+pub use eval::{evaluate_routing, probe_curve, RoutingEval};
 use indicatif::ProgressBar;
 use key_dims::Basis;
 pub use key_dims::KeyDims;
@@ -315,10 +316,13 @@ pub struct LayerReport {
     pub nearest_centroid: RoutingEval,
     /// The routing chosen for the layer.
     pub routing: Routing,
+    /// What each ℓ reads and finds with the classifier (saved in the index).
+    pub probe_curve: ProbeCurve,
 }
 
 /// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
-/// dense the layers whose classifier recall stays below `min_recall`. `progress` shows each layer's
+/// dense the layers whose classifier recall stays below `min_recall`. Each layer's
+/// [`ProbeCurve`] is measured on the same held-out queries and saved in the index. `progress` shows each layer's
 /// classifier training; `on_layer` sees each layer's report as soon as it is measured.
 ///
 /// # Errors
@@ -371,15 +375,29 @@ pub fn calibrate_index(
             )));
         }
         layer.routing = choose_routing(&classifier, min_recall);
+        let probe_curve = probe_curve(
+            eval_seqs,
+            &layer,
+            config,
+            first,
+            params.eval_queries_per_seq,
+            &params.device,
+        )?;
         let report = LayerReport {
             layer: i,
             classifier,
             nearest_centroid,
             routing: layer.routing,
+            probe_curve,
         };
         on_layer(&report);
         reports.push(report);
         layers.push(layer);
     }
-    Ok((SaapIndex::new(config.clone(), model, layers)?, reports))
+    let curves = reports
+        .iter()
+        .map(|r| Some(r.probe_curve.clone()))
+        .collect();
+    let index = SaapIndex::new(config.clone(), model, layers)?.with_probe_curves(curves)?;
+    Ok((index, reports))
 }

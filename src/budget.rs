@@ -1,0 +1,321 @@
+//! Keys budgets spent where attention needs them: each layer's ℓ chosen from what calibration
+//! measured on held-out text, rather than the same ℓ everywhere.
+//!
+//! Under a keys budget ([`crate::SaapAttention::set_keys_budget`]) every routed layer would
+//! probe the same ℓ, the largest that fits the budget at the current lengths. Layers differ: in
+//! some, sinks and window hold almost all of the attention, and probing more partitions finds
+//! little; in others much of the mass lies among the indexed keys and each partition read finds
+//! some. A [`ProbeCurve`] records, per layer, what each ℓ reads and finds on held-out queries;
+//! [`plan_probes`] trades partitions between layers so that, for every uniform ℓ a budget may
+//! give, the layers together read no more of their indexed keys than at that ℓ (as measured)
+//! while finding as much of the attention mass as the curves allow.
+
+use crate::error::{Result, SaapError};
+use serde::{Deserialize, Serialize};
+
+/// What probing ℓ = 1, 2, … partitions per query head read and find in one layer, measured on
+/// held-out queries (means over queries and query heads; a group's heads read the union of
+/// their probes, as decode does).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeCurve {
+    /// Share of all attention mass on the indexed keys (outside sinks and window).
+    pub indexed_mass: f64,
+    /// At ℓ = i + 1: indexed keys read / indexed keys.
+    pub indexed_share: Vec<f64>,
+    /// At ℓ = i + 1: share of the indexed attention mass in the keys read.
+    pub indexed_recall: Vec<f64>,
+}
+
+impl ProbeCurve {
+    /// Checks the curve for an index of `n_partitions` partitions.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] when the curve is empty or longer than `n_partitions`, its two
+    /// columns differ in length, or a value is not finite or outside [0, 1].
+    pub fn check(&self, n_partitions: usize) -> Result<()> {
+        let n = self.indexed_share.len();
+        if n == 0 || n > n_partitions || self.indexed_recall.len() != n {
+            return Err(SaapError::Config(format!(
+                "a probe curve needs 1..={n_partitions} points in both columns, got {n} shares \
+                 and {} recalls",
+                self.indexed_recall.len()
+            )));
+        }
+        let values = std::iter::once(&self.indexed_mass)
+            .chain(&self.indexed_share)
+            .chain(&self.indexed_recall);
+        if let Some(bad) = values.into_iter().find(|x| !(0.0..=1.0).contains(*x)) {
+            return Err(SaapError::Config(format!(
+                "probe curve value {bad} is not in [0, 1]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Points of the curve (ℓ − 1 as the index).
+    fn len(&self) -> usize {
+        self.indexed_share.len()
+    }
+
+    /// Share of the layer's attention mass found among the indexed keys at ℓ = `i` + 1.
+    fn found(&self, i: usize) -> f64 {
+        self.indexed_mass * self.indexed_recall[i]
+    }
+
+    /// The points a budget-optimal choice can stop at: the upper concave hull of (share, found)
+    /// from ℓ = 1, as indices. Between two of them, no other ℓ finds more per key read.
+    fn hull(&self) -> Vec<usize> {
+        let mut hull: Vec<usize> = vec![0];
+        for i in 1..self.len() {
+            // A point that reads no more and finds no more than the last kept one adds nothing.
+            let last = *hull.last().expect("starts at ℓ = 1");
+            if self.indexed_share[i] <= self.indexed_share[last]
+                && self.found(i) <= self.found(last)
+            {
+                continue;
+            }
+            while hull.len() >= 2 {
+                let (a, b) = (hull[hull.len() - 2], hull[hull.len() - 1]);
+                // b lies below the segment from a to i: drop it (a point on it, up to the
+                // sums' rounding, stays as a place to stop between a and i).
+                let cross = (self.indexed_share[b] - self.indexed_share[a])
+                    * (self.found(i) - self.found(a))
+                    - (self.found(b) - self.found(a))
+                        * (self.indexed_share[i] - self.indexed_share[a]);
+                if cross > 1e-12 {
+                    hull.pop();
+                } else {
+                    break;
+                }
+            }
+            hull.push(i);
+        }
+        hull
+    }
+}
+
+/// A step of one layer along its hull: from ℓ = `from` + 1 to `to` + 1.
+struct Step {
+    layer: usize,
+    from: usize,
+    to: usize,
+    cost: f64,
+    /// Attention mass found per indexed key read.
+    ratio: f64,
+}
+
+/// Per layer, the ℓ to probe for each uniform ℓ a keys budget gives: `plan[layer][u − 1]` for
+/// u = 1 ..= the longest curve. A layer without a curve (`None`: served dense, routed otherwise,
+/// or calibrated before curves existed) keeps the uniform ℓ and takes no part in the trade.
+///
+/// For each u, every layer with a curve starts at ℓ = 1; then steps along the layers' concave
+/// hulls are taken in order of attention mass found per indexed key read, while the layers'
+/// total share of indexed keys read stays within what they read at ℓ = u (each layer at
+/// min(u, its curve's length)). Layers whose indexed keys hold little of the attention give up
+/// partitions to layers where reading more finds more. The shares are the curves' measurements:
+/// a plan reads about as many keys as the uniform ℓ, not exactly (partitions and lengths differ
+/// from calibration's).
+///
+/// # Errors
+/// [`SaapError::Config`] for a curve that fails [`ProbeCurve::check`] against `n_partitions`.
+pub fn plan_probes(curves: &[Option<&ProbeCurve>], n_partitions: usize) -> Result<Vec<Vec<usize>>> {
+    for curve in curves.iter().flatten() {
+        curve.check(n_partitions)?;
+    }
+    let longest = curves.iter().flatten().map(|c| c.len()).max().unwrap_or(0);
+    let hulls: Vec<Vec<usize>> = curves
+        .iter()
+        .map(|c| c.map_or_else(Vec::new, |c| c.hull()))
+        .collect();
+    let mut steps: Vec<Step> = Vec::new();
+    for (layer, (c, hull)) in curves.iter().zip(&hulls).enumerate() {
+        let Some(c) = c else { continue };
+        // Found per key read, never above the layer's previous step's: on a hull it falls
+        // anyway, and rounding must not put a later step of a layer before an earlier one.
+        let mut ratio = f64::INFINITY;
+        for w in hull.windows(2) {
+            let (cost, gain) = (
+                c.indexed_share[w[1]] - c.indexed_share[w[0]],
+                c.found(w[1]) - c.found(w[0]),
+            );
+            // A step that reads no more keys is free: before any other.
+            if cost > 0.0 {
+                ratio = ratio.min(gain / cost);
+            }
+            steps.push(Step {
+                layer,
+                from: w[0],
+                to: w[1],
+                cost,
+                ratio,
+            });
+        }
+    }
+    // Best ratio first; within a layer, in hull order.
+    steps.sort_by(|a, b| {
+        (b.ratio.total_cmp(&a.ratio))
+            .then(a.layer.cmp(&b.layer))
+            .then(a.from.cmp(&b.from))
+    });
+    let mut plan = vec![Vec::with_capacity(longest); curves.len()];
+    for uniform in 1..=longest {
+        let at = |c: &ProbeCurve| (uniform.min(c.len())) - 1;
+        let budget: f64 = curves
+            .iter()
+            .flatten()
+            .map(|c| c.indexed_share[at(c)])
+            .sum();
+        let mut spent: f64 = curves.iter().flatten().map(|c| c.indexed_share[0]).sum();
+        let mut at_point: Vec<usize> = vec![0; curves.len()];
+        // A layer's hull is concave: its steps come in order, and one that does not fit ends it.
+        let mut stopped = vec![false; curves.len()];
+        for s in &steps {
+            if stopped[s.layer] || at_point[s.layer] != s.from {
+                continue;
+            }
+            // A little slack for the sums' rounding: the uniform plan itself must fit.
+            if spent + s.cost <= budget + 1e-9 {
+                spent += s.cost;
+                at_point[s.layer] = s.to;
+            } else {
+                stopped[s.layer] = true;
+            }
+        }
+        for (layer, c) in curves.iter().enumerate() {
+            plan[layer].push(match c {
+                Some(_) => at_point[layer] + 1,
+                None => uniform,
+            });
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A curve from (share, recall) points.
+    fn curve(indexed_mass: f64, points: &[(f64, f64)]) -> ProbeCurve {
+        ProbeCurve {
+            indexed_mass,
+            indexed_share: points.iter().map(|p| p.0).collect(),
+            indexed_recall: points.iter().map(|p| p.1).collect(),
+        }
+    }
+
+    /// Total found and share read by a plan's column `u`.
+    fn totals(curves: &[ProbeCurve], plan: &[Vec<usize>], u: usize) -> (f64, f64) {
+        curves.iter().zip(plan).fold((0.0, 0.0), |(f, s), (c, p)| {
+            let i = p[u] - 1;
+            (f + c.found(i), s + c.indexed_share[i])
+        })
+    }
+
+    #[test]
+    fn partitions_move_to_where_the_mass_is() {
+        // Layer 0: the window holds nearly everything; layer 1: the indexed keys hold half.
+        let linear = |k: usize| (0..k).map(|i| ((i + 1) as f64 / 10.0, (i + 1) as f64 / 10.0));
+        let flat = curve(0.02, &linear(10).collect::<Vec<_>>());
+        let rich = curve(0.5, &linear(10).collect::<Vec<_>>());
+        let curves = [flat.clone(), rich.clone()];
+        let plan = plan_probes(&[Some(&flat), Some(&rich)], 16).unwrap();
+        assert_eq!(plan.len(), 2);
+        assert!(plan.iter().all(|p| p.len() == 10));
+        // At u = 1 nothing can move; at u = 3 the flat layer gives two of its partitions.
+        assert_eq!((plan[0][0], plan[1][0]), (1, 1));
+        assert_eq!((plan[0][2], plan[1][2]), (1, 5));
+        for u in 0..10 {
+            let (found, share) = totals(&curves, &plan, u);
+            let uniform = totals(&curves, &[vec![u + 1; 10], vec![u + 1; 10]], u);
+            assert!(share <= uniform.1 + 1e-9, "u {u}: {share} > {}", uniform.1);
+            assert!(found >= uniform.0 - 1e-12, "u {u}: {found} < {}", uniform.0);
+        }
+    }
+
+    #[test]
+    fn matches_exhaustive_search_on_concave_curves() {
+        // Three layers of concave curves: the greedy is then optimal up to one step that does
+        // not fit; compare with every combination.
+        let concave = |mass: f64, pow: f64| {
+            let pts: Vec<(f64, f64)> = (1..=6)
+                .map(|i| {
+                    let s = i as f64 / 6.0;
+                    (s, s.powf(pow))
+                })
+                .collect();
+            curve(mass, &pts)
+        };
+        let curves = [concave(0.3, 0.5), concave(0.1, 0.3), concave(0.6, 0.8)];
+        let refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Some).collect();
+        let plan = plan_probes(&refs, 8).unwrap();
+        for u in 0..6 {
+            let budget: f64 = curves.iter().map(|c| c.indexed_share[u]).sum();
+            let mut best = 0.0f64;
+            for a in 0..6 {
+                for b in 0..6 {
+                    for c in 0..6 {
+                        let pick = [a, b, c];
+                        let share: f64 = curves
+                            .iter()
+                            .zip(pick)
+                            .map(|(k, i)| k.indexed_share[i])
+                            .sum();
+                        if share <= budget + 1e-9 {
+                            best = best.max(curves.iter().zip(pick).map(|(k, i)| k.found(i)).sum());
+                        }
+                    }
+                }
+            }
+            let (found, share) = totals(&curves, &plan, u);
+            assert!(share <= budget + 1e-9);
+            // Within the largest single step's gain of the optimum (the step that did not fit).
+            let step = curves
+                .iter()
+                .flat_map(|k| (1..6).map(move |i| k.found(i) - k.found(i - 1)))
+                .fold(0.0, f64::max);
+            assert!(found >= best - step, "u {u}: {found} vs best {best}");
+            assert!(
+                found
+                    >= totals(
+                        &curves,
+                        &[vec![u + 1; 6], vec![u + 1; 6], vec![u + 1; 6]],
+                        u
+                    )
+                    .0 - 1e-12
+            );
+        }
+    }
+
+    #[test]
+    fn layers_without_curves_keep_the_uniform_probe() {
+        let c = curve(0.4, &[(0.1, 0.3), (0.2, 0.5), (0.3, 0.6)]);
+        let plan = plan_probes(&[None, Some(&c), None], 8).unwrap();
+        assert_eq!(plan[0], vec![1, 2, 3]);
+        assert_eq!(plan[2], vec![1, 2, 3]);
+        // Alone, a layer can only spend its own keys.
+        assert_eq!(plan[1], vec![1, 2, 3]);
+        assert!(plan_probes(&[None, None], 8)
+            .unwrap()
+            .iter()
+            .all(Vec::is_empty));
+    }
+
+    #[test]
+    fn bad_curves_are_refused() {
+        let good = curve(0.4, &[(0.1, 0.3), (0.2, 0.5)]);
+        assert!(good.check(2).is_ok());
+        assert!(good.check(1).is_err(), "longer than C");
+        let mut bad = good.clone();
+        bad.indexed_recall.pop();
+        assert!(bad.check(8).is_err(), "columns differ");
+        for value in [f64::NAN, -0.1, 1.5, f64::INFINITY] {
+            let mut bad = good.clone();
+            bad.indexed_share[1] = value;
+            assert!(bad.check(8).is_err(), "{value}");
+            assert!(plan_probes(&[Some(&bad)], 8).is_err());
+        }
+        let empty = curve(0.4, &[]);
+        assert!(empty.check(8).is_err());
+    }
+}
