@@ -14,7 +14,9 @@
 //! budgets of keys read (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
 //! (top-p), `--quest-budget 0.1` Quest (training-free page bounds) in every layer at that keys
 //! budget; `--estimate-unread` runs each Saap setting again with the unread partitions estimated
-//! from their means; `--graph on|off|both` picks the step modes.
+//! from their means; `--compare-uniform` runs each keys budget both spent layer by layer (the
+//! index's probe curves, the default) and as one ℓ for all; `--graph on|off|both` picks the step
+//! modes.
 
 mod common;
 
@@ -304,9 +306,9 @@ fn run(args: Args) -> Res<()> {
                 println!(
                     "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
-                    matches!(setting, Setting::Budget(_, true)),
                     args.context,
                     args.all_sparse,
+                    matches!(setting, Setting::Budget(_, true)),
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

@@ -65,6 +65,10 @@ struct Args {
     /// sinks included), instead of a fixed ℓ
     #[arg(long, conflicts_with = "probe")]
     keys_budget: Option<f64>,
+    /// Spend --keys-budget as one ℓ in every layer (by default layer by layer, from the index's
+    /// probe curves where it has them)
+    #[arg(long, requires = "keys_budget")]
+    uniform_budget: bool,
     /// Saap and nearest centroid also estimate the partitions they do not read from their mean
     /// key and value (`SaapAttention::set_estimate_unread`)
     #[arg(long)]
@@ -183,8 +187,9 @@ fn apply_mode(
             (Mode::NearestCentroid, _) => Routing::NearestCentroid,
             (Mode::Quest, _) => Routing::Quest,
         };
+        // Through the model, so that a keys budget's per-layer plan follows the routings.
+        model.set_routing(layer, routing)?;
         let attn = model.attention_mut(layer)?;
-        attn.set_routing(routing)?;
         attn.set_n_probe(probe)?;
         if policy.keys_budget.is_some() {
             attn.set_keys_budget(policy.keys_budget)?;
@@ -381,6 +386,7 @@ fn run() -> Res<()> {
 
     // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
     model.attach_index(Some(&index))?;
+    model.set_budget_by_layer(!args.uniform_budget)?;
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
