@@ -6,8 +6,8 @@ use crate::classify::{centroid_scores, top_probes};
 use crate::config::{Routing, SaapConfig, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use crate::index::LayerIndex;
-use crate::train::data::{query_attention, query_positions, Sequence};
-use candle_core::Device;
+use crate::train::data::{query_attention, query_positions, QueryAttention, Sequence};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 /// Positions per time block of [`RoutingEval::partition_block_oracle_matched_indexed_recall`].
@@ -109,6 +109,30 @@ impl RoutingEval {
     }
 }
 
+/// The queries of one held-out sequence (`queries_per_seq` after `first`, none if it is too
+/// short): their positions, their attention over the sequence (computed on `device`), and the
+/// pre-RoPE queries `[P, Hq, D]` where the layer's weights live (routing runs there, as on the
+/// model's device).
+fn held_out_queries(
+    seq: &Sequence,
+    layer: &LayerIndex,
+    config: &SaapConfig,
+    first: usize,
+    queries_per_seq: usize,
+    device: &Device,
+) -> Result<Option<(Vec<usize>, QueryAttention, Tensor)>> {
+    let positions = query_positions(seq.len(), first, queries_per_seq);
+    if positions.is_empty() {
+        return Ok(None);
+    }
+    let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
+    let q =
+        qa.q.transpose(0, 1)?
+            .contiguous()?
+            .to_device(layer.centroids.device())?;
+    Ok(Some((positions, qa, q)))
+}
+
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
 /// placed after `first` (see [`crate::train::data::first_query_position`]); the true attention
 /// is computed on `device`.
@@ -131,17 +155,12 @@ pub fn evaluate_routing(
     let (g, c) = (layout.group_size(), config.n_partitions);
     let mut sum = RoutingEval::default();
     for seq in sequences {
-        let positions = query_positions(seq.len(), first, queries_per_seq);
-        if positions.is_empty() {
+        let Some((positions, qa, q)) =
+            held_out_queries(seq, layer, config, first, queries_per_seq, device)?
+        else {
             continue;
-        }
-        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
-        // Probes per (query head, query): [Hq, P, ℓ] from [B = P, Hq, D] queries.
-        // Routing runs where the layer's weights live (the model's device).
-        let q =
-            qa.q.transpose(0, 1)?
-                .contiguous()?
-                .to_device(layer.centroids.device())?;
+        };
+        // Probes per (query head, query): [Hq, P, ℓ].
         let probes = match routing {
             Routing::Classifier => Some(top_probes(&layer.classifier.scores(&q)?, config.n_probe)?),
             Routing::NearestCentroid => Some(top_probes(
@@ -331,15 +350,11 @@ pub fn probe_curve(
     };
     let mut sum = zero();
     for seq in sequences {
-        let positions = query_positions(seq.len(), first, queries_per_seq);
-        if positions.is_empty() {
+        let Some((positions, qa, q)) =
+            held_out_queries(seq, layer, config, first, queries_per_seq, device)?
+        else {
             continue;
-        }
-        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
-        let q =
-            qa.q.transpose(0, 1)?
-                .contiguous()?
-                .to_device(layer.centroids.device())?;
+        };
         // [P, Hq, points]: each head's partitions in the classifier's order.
         let order = top_probes(&layer.classifier.scores(&q)?, points)?.to_vec3::<u32>()?;
         let probs = qa.probs.to_vec3::<f32>()?;
