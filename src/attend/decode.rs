@@ -68,51 +68,58 @@ fn probed_set(probes: &[u32], n_partitions: usize) -> Vec<bool> {
     probed
 }
 
-/// Ids of keys read for one (batch item, KV head), in kernel order.
-pub(crate) fn key_ids(
+/// What one (batch item, KV head) reads: its key ids in kernel order and, where the step
+/// estimates them, the partitions its union leaves unread.
+struct GroupReads {
+    ids: Vec<u32>,
+    /// The unread partitions that hold keys, ascending, with `ln n_p`.
+    unread: Option<(Vec<u32>, Vec<f32>)>,
+}
+
+/// The reads of one group: dense without `sparse` (its directory row and its G heads' probes),
+/// else sinks, the probed partitions' keys and the window; with `estimate`, also the unread
+/// partitions (their extents clamped to the capacity `cap`, as the kernels clamp them).
+fn group_reads(
     seq: SeqExtent,
     sinks: usize,
     sparse: Option<(&[u32], &[u32])>,
     n_partitions: usize,
-) -> Vec<u32> {
+    cap: usize,
+    estimate: bool,
+) -> GroupReads {
     let Some((dir, probes)) = sparse else {
-        return (0..seq.len as u32).collect();
+        return GroupReads {
+            ids: (0..seq.len as u32).collect(),
+            unread: None,
+        };
     };
     let sink_end = sinks.min(seq.len);
     let (offsets, perm) = dir.split_at(n_partitions + 1);
+    let probed = probed_set(probes, n_partitions);
     let mut ids: Vec<u32> = (0..sink_end as u32).collect();
-    for (c, _) in probed_set(probes, n_partitions)
-        .iter()
-        .enumerate()
-        .filter(|(_, &p)| p)
-    {
+    for c in (0..n_partitions).filter(|&c| probed[c]) {
         ids.extend_from_slice(&perm[offsets[c] as usize..offsets[c + 1] as usize]);
     }
     ids.extend(seq.indexed_end as u32..seq.len as u32);
-    ids
+    let unread = estimate.then(|| {
+        (0..n_partitions)
+            .filter_map(|c| {
+                let (a, b) = (
+                    (offsets[c] as usize).min(cap),
+                    (offsets[c + 1] as usize).min(cap),
+                );
+                (!probed[c] && b > a).then(|| (c as u32, ((b - a) as f32).ln()))
+            })
+            .unzip()
+    });
+    GroupReads { ids, unread }
 }
 
-/// The partitions a group's union leaves unread and that hold keys, ascending, with `ln n_p`:
-/// what a step with partition means estimates.
-pub(crate) fn unread_partitions(
-    dir: &[u32],
-    probes: &[u32],
-    n_partitions: usize,
-    cap: usize,
-) -> (Vec<u32>, Vec<f32>) {
-    let offsets = &dir[..=n_partitions];
-    probed_set(probes, n_partitions)
-        .iter()
-        .enumerate()
-        .filter_map(|(c, &probed)| {
-            // Clamped to the capacity, as the kernels clamp them.
-            let (a, b) = (
-                (offsets[c] as usize).min(cap),
-                (offsets[c + 1] as usize).min(cap),
-            );
-            (!probed && b > a).then(|| (c as u32, ((b - a) as f32).ln()))
-        })
-        .unzip()
+/// One CPU task of a step: a piece of a group's key list from this start, or the group's unread
+/// partitions estimated from their means (`[2, B, Hkv, C, D]`, keys then values).
+enum Task<'a, T> {
+    Keys(usize),
+    Means(&'a (Vec<u32>, Vec<f32>), &'a [T]),
 }
 
 /// Keys scored per block before the running max and sum are updated.
@@ -329,44 +336,46 @@ impl DecodeOp {
                 )
             })
         };
-        let ids: Vec<Vec<u32>> = (0..groups)
+        let estimate = means.is_some();
+        let reads: Vec<GroupReads> = (0..groups)
             .into_par_iter()
-            .map(|i| key_ids(self.seqs[i / hkv], self.sinks, sparse(i), c))
+            .map(|i| group_reads(self.seqs[i / hkv], self.sinks, sparse(i), c, cap, estimate))
             .collect();
-        // Per group: its key list in pieces of SPLIT (`Some(start)`), then the unread partitions'
-        // means (`None`) when estimated.
-        let estimate = means.is_some() && dir.is_some() && probes.is_some();
-        let tasks: Vec<(usize, Option<usize>)> = ids
+        // Per group: its key list in pieces of SPLIT, then the unread partitions' means when
+        // estimated (sparse steps only).
+        let tasks: Vec<(usize, Task<T>)> = reads
             .iter()
             .enumerate()
-            .flat_map(|(i, ids)| {
-                let keys = (0..ids.len()).step_by(SPLIT).map(move |s| (i, Some(s)));
-                keys.chain(estimate.then_some((i, None)))
+            .flat_map(|(i, r)| {
+                let keys = (0..r.ids.len())
+                    .step_by(SPLIT)
+                    .map(move |s| (i, Task::Keys(s)));
+                let means = r.unread.as_ref().zip(means);
+                keys.chain(means.map(|(unread, means)| (i, Task::Means(unread, means))))
             })
             .collect();
         let parts: Vec<Partial> = tasks
             .par_iter()
-            .map(|&(i, task)| {
+            .map(|(i, task)| {
+                let i = *i;
                 let qg: Vec<f32> = q[i * g * dim..(i + 1) * g * dim]
                     .iter()
                     .map(|x| x.to_f32())
                     .collect();
-                match (task, means, sparse(i)) {
-                    (Some(s), _, _) => {
+                match task {
+                    Task::Keys(s) => {
                         let kv = i * cap * dim..(i + 1) * cap * dim;
-                        let end = (s + SPLIT).min(ids[i].len());
+                        let ids = &reads[i].ids;
                         let rows = (&k[kv.clone()], &v[kv]);
-                        attend_part(&qg, rows, &ids[i][s..end], None, dim, self.scale)
+                        let piece = &ids[*s..(s + SPLIT).min(ids.len())];
+                        attend_part(&qg, rows, piece, None, dim, self.scale)
                     }
-                    (None, Some(means), Some((dir_row, group_probes))) => {
-                        let (unread, ln_n) = unread_partitions(dir_row, group_probes, c, cap);
+                    Task::Means((unread, ln_n), means) => {
                         let half = groups * c * dim;
                         let at = i * c * dim..(i + 1) * c * dim;
                         let rows = (&means[at.clone()], &means[half + at.start..half + at.end]);
-                        attend_part(&qg, rows, &unread, Some(&ln_n), dim, self.scale)
+                        attend_part(&qg, rows, unread, Some(ln_n), dim, self.scale)
                     }
-                    // Not listed: estimate tasks exist only for sparse steps with means.
-                    (None, _, _) => attend_part(&qg, (k, v), &[], None, dim, self.scale),
                 }
             })
             .collect();
