@@ -477,7 +477,8 @@ impl SaapAttention {
     /// the estimate. At least one partition is probed: where sinks and window alone exceed the
     /// budget, ℓ = 1 and steps read more than asked. Dense routing reads everything regardless.
     /// Removing the budget leaves ℓ where the last step put it ([`SaapAttention::set_n_probe`]
-    /// sets it again).
+    /// sets it again). With a probe plan ([`SaapAttention::set_probe_plan`]) and classifier
+    /// routing, the plan turns that ℓ into this layer's share of a budget spent across layers.
     ///
     /// # Errors
     /// [`SaapError::Config`] unless the budget is finite and in (0, 1].

@@ -31,7 +31,8 @@ impl ProbeCurve {
     ///
     /// # Errors
     /// [`SaapError::Config`] when the curve is empty or longer than `n_partitions`, its two
-    /// columns differ in length, or a value is not finite or outside [0, 1].
+    /// columns differ in length, a value is not finite or outside [0, 1], or a column falls as ℓ
+    /// grows (a group's union only grows with ℓ, and so do the keys and mass in it).
     pub fn check(&self, n_partitions: usize) -> Result<()> {
         let n = self.indexed_share.len();
         if n == 0 || n > n_partitions || self.indexed_recall.len() != n {
@@ -48,6 +49,15 @@ impl ProbeCurve {
             return Err(SaapError::Config(format!(
                 "probe curve value {bad} is not in [0, 1]"
             )));
+        }
+        for column in [&self.indexed_share, &self.indexed_recall] {
+            if let Some(l) = column.windows(2).position(|w| w[1] < w[0]) {
+                return Err(SaapError::Config(format!(
+                    "probe curve falls from ℓ = {} to ℓ = {}",
+                    l + 1,
+                    l + 2
+                )));
+            }
         }
         Ok(())
     }
@@ -315,7 +325,62 @@ mod tests {
             assert!(bad.check(8).is_err(), "{value}");
             assert!(plan_probes(&[Some(&bad)], 8).is_err());
         }
+        let falling = curve(0.4, &[(0.2, 0.3), (0.1, 0.5)]);
+        assert!(falling.check(8).is_err(), "shares fall");
+        let falling = curve(0.4, &[(0.1, 0.5), (0.2, 0.3)]);
+        assert!(falling.check(8).is_err(), "recalls fall");
         let empty = curve(0.4, &[]);
         assert!(empty.check(8).is_err());
+    }
+
+    #[test]
+    fn any_valid_curves_give_a_plan_within_the_budget() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        // Curves as a valid file may hold them: any rising columns in [0, 1], of any length.
+        let mut rng = StdRng::seed_from_u64(23);
+        for _ in 0..200 {
+            let layers = rng.random_range(1..6);
+            let curves: Vec<Option<ProbeCurve>> = (0..layers)
+                .map(|_| {
+                    let n = rng.random_range(1..9);
+                    let mut col = || {
+                        let mut x: Vec<f64> = (0..n).map(|_| rng.random_range(0.0..=1.0)).collect();
+                        x.sort_by(f64::total_cmp);
+                        x
+                    };
+                    let (indexed_share, indexed_recall) = (col(), col());
+                    let indexed_mass = rng.random_range(0.0..=1.0);
+                    rng.random_bool(0.8).then_some(ProbeCurve {
+                        indexed_mass,
+                        indexed_share,
+                        indexed_recall,
+                    })
+                })
+                .collect();
+            let refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Option::as_ref).collect();
+            let plan = plan_probes(&refs, 8).unwrap();
+            let longest = curves
+                .iter()
+                .flatten()
+                .map(ProbeCurve::len)
+                .max()
+                .unwrap_or(0);
+            for u in 1..=longest {
+                let mut read = 0.0;
+                let mut uniform = 0.0;
+                for (c, p) in curves.iter().zip(&plan) {
+                    let l = p[u - 1];
+                    match c {
+                        Some(c) => {
+                            assert!((1..=c.len()).contains(&l), "ℓ {l} beyond the curve");
+                            read += c.indexed_share[l - 1];
+                            uniform += c.indexed_share[u.min(c.len()) - 1];
+                        }
+                        None => assert_eq!(l, u),
+                    }
+                }
+                assert!(read <= uniform + 1e-6, "u {u}: {read} > {uniform}");
+            }
+        }
     }
 }
