@@ -61,6 +61,10 @@ struct Args {
     /// [default: the index's budget, if it was calibrated with one]
     #[arg(long)]
     keys_budget: Option<f64>,
+    /// Spend the keys budget as one ℓ in every layer (by default layer by layer, from the
+    /// index's probe curves where it has them)
+    #[arg(long, conflicts_with = "probe")]
+    uniform_budget: bool,
     /// Estimate the partitions a step does not read from their mean key and value (one row
     /// each, beside the keys read)
     #[arg(long, conflicts_with = "dense")]
@@ -243,6 +247,7 @@ fn run(args: Args) -> Res<()> {
                 None => args.keys_budget.or(c.keys_budget),
             };
             model.set_keys_budget(budget)?;
+            model.set_budget_by_layer(!args.uniform_budget)?;
             model.set_estimate_unread(args.estimate_unread);
             let dense_layers = (0..index.n_layers())
                 .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
@@ -257,7 +262,15 @@ fn run(args: Args) -> Res<()> {
                 index.n_layers()
             );
             if let Some(budget) = budget {
-                println!("  keys budget {budget}: ℓ chosen at every step to fit it");
+                let curves = index.probe_curves().iter().any(Option::is_some);
+                let how = match (curves, args.uniform_budget) {
+                    (true, false) => {
+                        "ℓ chosen at every step to fit it, layer by layer from the \
+                                      index's probe curves"
+                    }
+                    _ => "ℓ chosen at every step to fit it, the same in every layer",
+                };
+                println!("  keys budget {budget}: {how}");
             }
             if args.estimate_unread {
                 println!("  unread partitions estimated from their mean key and value");

@@ -229,7 +229,11 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
         "layer 0 now gives to the 0.3 layers"
     );
     assert_eq!(plan(&mut model, 2).unwrap()[1], 3);
+    let planned = model.snapshot_attention().unwrap();
     model.set_budget_by_layer(false).unwrap();
+    assert!((0..n).all(|l| plan(&mut model, l).is_none()));
+    // Restored ops follow the policy in force, not the one they were copied under.
+    model.restore_attention(&planned).unwrap();
     assert!((0..n).all(|l| plan(&mut model, l).is_none()));
     model.set_budget_by_layer(true).unwrap();
     model.set_routing(1, Routing::Classifier).unwrap();

@@ -528,7 +528,8 @@ impl Llama {
             .iter()
             .map(SaapAttention::snapshot)
             .collect::<crate::Result<_>>()?;
-        Ok(())
+        // The restored routings, planned under the policy in force now.
+        self.plan_probes()
     }
 
     /// Prefill chunk that suits the device: 512 tokens on the CPU (bounded activations), 8192 on
