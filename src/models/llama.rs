@@ -655,8 +655,9 @@ impl Llama {
         }
     }
 
-    /// How layer `layer` chooses the keys it reads at decode. The layers' probe plans follow (see [`Llama::set_budget_by_layer`]); changing a routing
-    /// through [`Llama::attention_mut`] instead leaves the other layers' plans as they were.
+    /// How layer `layer` chooses the keys it reads at decode. The layers' probe plans follow
+    /// (see [`Llama::set_budget_by_layer`]); changing a routing through [`Llama::attention_mut`]
+    /// instead leaves the other layers' plans as they were.
     ///
     /// # Errors
     /// [`Error::Saap`] for a layer the model does not have, or a routing the op refuses.

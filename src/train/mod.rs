@@ -322,8 +322,9 @@ pub struct LayerReport {
 
 /// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
 /// dense the layers whose classifier recall stays below `min_recall`. Each layer's
-/// [`ProbeCurve`] is measured on the same held-out queries and saved in the index. `progress` shows each layer's
-/// classifier training; `on_layer` sees each layer's report as soon as it is measured.
+/// [`ProbeCurve`] is measured on the same held-out queries and saved in the index. `progress`
+/// shows each layer's classifier training; `on_layer` sees each layer's report as soon as it is
+/// measured.
 ///
 /// # Errors
 /// [`SaapError::Training`] when the training and held-out layers differ in number or held-out
