@@ -537,8 +537,9 @@ fn run() -> Res<()> {
         quest_keys_budget: quest_budget,
         window: config.window,
         sinks: config.sinks,
+        // With --all-sparse none is, whatever the index says.
         dense_layers: (0..index.n_layers())
-            .filter(|&l| index.layer(l).is_ok_and(|l| l.routing == Routing::Dense))
+            .filter(|&l| policy.routing(l).is_ok_and(|r| r == Routing::Dense))
             .collect(),
         layers,
         decode,
@@ -606,7 +607,9 @@ fn command_line(args: &Args) -> String {
         ("--model", args.model.model.as_ref().map(file)),
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
+        ("--all-sparse", args.all_sparse.then(String::new)),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
+        ("--uniform-budget", args.uniform_budget.then(String::new)),
         ("--estimate-unread", args.estimate_unread.then(String::new)),
         ("--quest-budget", args.quest_budget.map(|b| b.to_string())),
         ("--yarn", args.model.yarn.map(|f| f.to_string())),
