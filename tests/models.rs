@@ -198,6 +198,8 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     use saap::budget::ProbeCurve;
     let (mut model, text) = smollm2_indexed(300);
     let n = model.n_layers();
+    // An index without curves: no plan anywhere.
+    assert!((0..n).all(|l| model.attention_mut(l).unwrap().probe_plan().is_none()));
     // Concave curves: each probe finds less than the one before.
     let curve = |mass: f64| ProbeCurve {
         indexed_mass: mass,
