@@ -6,7 +6,7 @@ use crate::classify::{centroid_scores, top_probes};
 use crate::config::{Routing, SaapConfig, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use crate::index::LayerIndex;
-use crate::train::data::{query_attention, query_positions, QueryAttention, Sequence};
+use crate::train::data::{query_attention, query_positions, Sequence};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
@@ -107,30 +107,81 @@ impl RoutingEval {
             samples: self.samples + o.samples,
         }
     }
+
+    /// The means of field-wise sums over `samples`.
+    fn mean(self) -> Self {
+        let k = self.samples.max(1) as f64;
+        Self {
+            indexed_recall: self.indexed_recall / k,
+            recall: self.recall / k,
+            window_sinks_mass: self.window_sinks_mass / k,
+            indexed_selectivity: self.indexed_selectivity / k,
+            selectivity: self.selectivity / k,
+            oracle_indexed_recall: self.oracle_indexed_recall / k,
+            oracle_recall: self.oracle_recall / k,
+            partition_oracle_indexed_recall: self.partition_oracle_indexed_recall / k,
+            partition_oracle_indexed_selectivity: self.partition_oracle_indexed_selectivity / k,
+            partition_oracle_matched_indexed_recall: self.partition_oracle_matched_indexed_recall
+                / k,
+            partition_block_oracle_matched_indexed_recall: self
+                .partition_block_oracle_matched_indexed_recall
+                / k,
+            output_rel_error: self.output_rel_error / k,
+            output_rel_error_summary: self.output_rel_error_summary / k,
+            output_rel_error_exact_mass: self.output_rel_error_exact_mass / k,
+            quest_indexed_recall: self.quest_indexed_recall / k,
+            quest_indexed_selectivity: self.quest_indexed_selectivity / k,
+            samples: self.samples,
+        }
+    }
 }
 
-/// The queries of one held-out sequence (`queries_per_seq` after `first`, none if it is too
-/// short): their positions, their attention over the sequence (computed on `device`), and the
-/// pre-RoPE queries `[P, Hq, D]` where the layer's weights live (routing runs there, as on the
-/// model's device).
-fn held_out_queries(
-    seq: &Sequence,
-    layer: &LayerIndex,
-    config: &SaapConfig,
-    first: usize,
-    queries_per_seq: usize,
-    device: &Device,
-) -> Result<Option<(Vec<usize>, QueryAttention, Tensor)>> {
-    let positions = query_positions(seq.len(), first, queries_per_seq);
-    if positions.is_empty() {
-        return Ok(None);
+/// One held-out sequence's queries (`queries_per_seq` after `first`), prepared once for every
+/// evaluation of a layer: their attention over the sequence (computed on the work device, read
+/// back once), the keys' partitions, and the pre-RoPE queries `[P, Hq, D]` where the layer's
+/// weights live (routing runs there, as on the model's device).
+struct HeldOut {
+    positions: Vec<usize>,
+    q: Tensor,
+    /// `[Hq][P][n]` softmax weights.
+    probs: Vec<Vec<Vec<f32>>>,
+    /// `[Hkv][n]` partitions.
+    labels: Vec<Vec<u32>>,
+    /// Post-RoPE queries `[Hq][P][D]` and keys `[Hkv][n][D]`, values `[Hkv][n][D]`.
+    q_rot: Vec<Vec<Vec<f32>>>,
+    k_rot: Vec<Vec<Vec<f32>>>,
+    values: Vec<Vec<Vec<f32>>>,
+}
+
+impl HeldOut {
+    /// `None` when the sequence is too short for a query.
+    fn new(
+        seq: &Sequence,
+        layer: &LayerIndex,
+        config: &SaapConfig,
+        first: usize,
+        queries_per_seq: usize,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let positions = query_positions(seq.len(), first, queries_per_seq);
+        if positions.is_empty() {
+            return Ok(None);
+        }
+        let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
+        let q =
+            qa.q.transpose(0, 1)?
+                .contiguous()?
+                .to_device(layer.centroids.device())?;
+        Ok(Some(Self {
+            positions,
+            q,
+            probs: qa.probs.to_vec3()?,
+            labels: qa.labels.to_vec2()?,
+            q_rot: qa.q_rot.to_vec3()?,
+            k_rot: qa.k_rot.to_vec3()?,
+            values: seq.v.to_vec3()?,
+        }))
     }
-    let qa = query_attention(seq, config, &positions, &layer.centroids, device)?;
-    let q =
-        qa.q.transpose(0, 1)?
-            .contiguous()?
-            .to_device(layer.centroids.device())?;
-    Ok(Some((positions, qa, q)))
 }
 
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
@@ -151,172 +202,177 @@ pub fn evaluate_routing(
     queries_per_seq: usize,
     device: &Device,
 ) -> Result<RoutingEval> {
-    let layout = config.layout;
-    let (g, c) = (layout.group_size(), config.n_partitions);
     let mut sum = RoutingEval::default();
     for seq in sequences {
-        let Some((positions, qa, q)) =
-            held_out_queries(seq, layer, config, first, queries_per_seq, device)?
-        else {
-            continue;
-        };
-        // Probes per (query head, query): [Hq, P, ℓ].
-        let probes = match routing {
-            Routing::Classifier => Some(top_probes(&layer.classifier.scores(&q)?, config.n_probe)?),
-            Routing::NearestCentroid => Some(top_probes(
-                &centroid_scores(&q, &layer.centroids)?,
-                config.n_probe,
-            )?),
-            Routing::Dense => None,
-            Routing::Quest => {
-                return Err(SaapError::Config(
-                    "Quest needs post-RoPE keys and pages: it is evaluated by decoding".into(),
-                ))
-            }
+        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
+            sum = sum.plus(routing_sums(&h, layer, config, routing)?);
         }
-        .map(|t| t.to_vec3::<u32>())
-        .transpose()?;
-        let probs = qa.probs.to_vec3::<f32>()?;
-        let labels = qa.labels.to_vec2::<u32>()?;
-        let q_rot = qa.q_rot.to_vec3::<f32>()?;
-        let k_rot = qa.k_rot.to_vec3::<f32>()?;
-        let values = seq.v.to_vec3::<f32>()?;
-        // Queries are independent: score them in parallel, then add the partial sums.
-        let part = positions
-            .par_iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let mut sum = RoutingEval::default();
-                let n = t + 1;
-                let sink_end = config.sinks.min(n);
-                let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
-                for (kvh, (lab, vals)) in labels.iter().zip(&values).enumerate() {
-                    let heads = kvh * g..(kvh + 1) * g;
-                    let mut probed = vec![probes.is_none(); c];
-                    if let Some(probes) = &probes {
-                        for &part in probes[i][heads.clone()].iter().flatten() {
-                            probed[part as usize] = true;
-                        }
-                    }
-                    // Indexed keys a partition selection reads, and the mass of `w` on them.
-                    let in_sel = |sel: &[bool], j: usize| sel[lab[j] as usize];
-                    let count_in =
-                        |sel: &[bool]| (sink_end..index_end).filter(|&j| in_sel(sel, j)).count();
-                    let mass_in = |sel: &[bool], w: &[f32]| -> f64 {
-                        (sink_end..index_end)
-                            .filter(|&j| in_sel(sel, j))
-                            .map(|j| w[j] as f64)
-                            .sum()
-                    };
-                    let read = count_in(&probed);
-                    let unread = unread_summaries(lab, vals, sink_end..index_end, &probed);
-                    let indexed = index_end - sink_end;
-                    let best = best_partitions(
-                        probs[heads.clone()]
-                            .iter()
-                            .map(|p| &p[i][sink_end..index_end]),
-                        &lab[sink_end..index_end],
-                        c,
-                        config.n_probe,
-                    );
-                    let best_read = count_in(&best);
-                    let mut sizes = vec![0usize; c];
-                    for &p in &lab[sink_end..index_end] {
-                        sizes[p as usize] += 1;
-                    }
-                    let blocks = index_end.div_ceil(AGE_BLOCK).max(1);
-                    let block_lab: Vec<u32> = (sink_end..index_end)
-                        .map(|j| (lab[j] as usize * blocks + j / AGE_BLOCK) as u32)
-                        .collect();
-                    let mut block_sizes = vec![0usize; c * blocks];
-                    for &p in &block_lab {
-                        block_sizes[p as usize] += 1;
-                    }
-                    let group_q: Vec<&[f32]> = q_rot[heads.clone()]
-                        .iter()
-                        .map(|h| h[i].as_slice())
-                        .collect();
-                    let quest = quest_pages(&group_q, &k_rot[kvh], sink_end..index_end, read);
-                    let quest_read: usize = quest.iter().map(|r| r.len()).sum();
-                    for head_probs in &probs[heads] {
-                        let w = &head_probs[i];
-                        let fixed: f64 = w[..sink_end]
-                            .iter()
-                            .chain(&w[index_end..n])
-                            .map(|&x| x as f64)
-                            .sum();
-                        let mut idx_w: Vec<f64> =
-                            w[sink_end..index_end].iter().map(|&x| x as f64).collect();
-                        let idx_mass: f64 = idx_w.iter().sum();
-                        let got = mass_in(&probed, w);
-                        let got_best = mass_in(&best, w);
-                        idx_w.sort_by(|a, b| b.total_cmp(a));
-                        let oracle: f64 = idx_w[..read].iter().sum();
-                        let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
-                        sum.indexed_recall += share(got);
-                        sum.oracle_indexed_recall += share(oracle);
-                        sum.partition_oracle_indexed_recall += share(got_best);
-                        sum.partition_oracle_matched_indexed_recall += share(mass_at_keys(
-                            &w[sink_end..index_end],
-                            &lab[sink_end..index_end],
-                            &sizes,
-                            read,
-                        ));
-                        sum.partition_block_oracle_matched_indexed_recall += share(mass_at_keys(
-                            &w[sink_end..index_end],
-                            &block_lab,
-                            &block_sizes,
-                            read,
-                        ));
-                        sum.partition_oracle_indexed_selectivity +=
-                            best_read as f64 / indexed.max(1) as f64;
-                        sum.recall += fixed + got;
-                        sum.oracle_recall += fixed + oracle;
-                        sum.window_sinks_mass += fixed;
-                        sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
-                        sum.selectivity += (read + n - indexed) as f64 / n as f64;
-                        let keep = |j: usize| j < sink_end || j >= index_end || in_sel(&probed, j);
-                        sum.output_rel_error += output_error(&w[..n], vals, keep);
-                        let (est, exact) = corrected_output_errors(&w[..n], vals, keep, &unread);
-                        sum.output_rel_error_summary += est;
-                        sum.output_rel_error_exact_mass += exact;
-                        let quest_mass: f64 = quest
-                            .iter()
-                            .flat_map(|r| w[r.clone()].iter())
-                            .map(|&x| x as f64)
-                            .sum();
-                        sum.quest_indexed_recall += share(quest_mass);
-                        sum.quest_indexed_selectivity += quest_read as f64 / indexed.max(1) as f64;
-                        sum.samples += 1;
+    }
+    Ok(sum.mean())
+}
+
+/// The classifier's and nearest centroid's evaluations at the configured ℓ and the probe curve
+/// of one layer, as [`evaluate_routing`] and [`probe_curve`] give them, each held-out sequence's
+/// attention computed once for all three (the curve is `None` when no query fits).
+pub(crate) fn evaluate_for_calibration(
+    sequences: &[Sequence],
+    layer: &LayerIndex,
+    config: &SaapConfig,
+    first: usize,
+    queries_per_seq: usize,
+    device: &Device,
+) -> Result<(RoutingEval, RoutingEval, Option<ProbeCurve>)> {
+    let points = config.n_partitions.div_ceil(config.layout.group_size());
+    let (mut classifier, mut nearest) = (RoutingEval::default(), RoutingEval::default());
+    let mut curve = CurveSums::zero(points);
+    for seq in sequences {
+        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
+            classifier = classifier.plus(routing_sums(&h, layer, config, Routing::Classifier)?);
+            nearest = nearest.plus(routing_sums(&h, layer, config, Routing::NearestCentroid)?);
+            curve = curve.plus(curve_sums(&h, layer, config)?);
+        }
+    }
+    Ok((classifier.mean(), nearest.mean(), curve.mean()))
+}
+
+/// [`evaluate_routing`]'s sums (not yet means) over one sequence's queries.
+fn routing_sums(
+    h: &HeldOut,
+    layer: &LayerIndex,
+    config: &SaapConfig,
+    routing: Routing,
+) -> Result<RoutingEval> {
+    let (g, c) = (config.layout.group_size(), config.n_partitions);
+    // Probes per (query, query head): [P, Hq, ℓ].
+    let probes = match routing {
+        Routing::Classifier => Some(top_probes(&layer.classifier.scores(&h.q)?, config.n_probe)?),
+        Routing::NearestCentroid => Some(top_probes(
+            &centroid_scores(&h.q, &layer.centroids)?,
+            config.n_probe,
+        )?),
+        Routing::Dense => None,
+        Routing::Quest => {
+            return Err(SaapError::Config(
+                "Quest needs post-RoPE keys and pages: it is evaluated by decoding".into(),
+            ))
+        }
+    }
+    .map(|t| t.to_vec3::<u32>())
+    .transpose()?;
+    // Queries are independent: score them in parallel, then add the partial sums.
+    let (probs, labels, values) = (&h.probs, &h.labels, &h.values);
+    let (q_rot, k_rot) = (&h.q_rot, &h.k_rot);
+    Ok(h.positions
+        .par_iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let mut sum = RoutingEval::default();
+            let n = t + 1;
+            let sink_end = config.sinks.min(n);
+            let index_end = (t + 1).saturating_sub(config.window).max(sink_end);
+            for (kvh, (lab, vals)) in labels.iter().zip(values).enumerate() {
+                let heads = kvh * g..(kvh + 1) * g;
+                let mut probed = vec![probes.is_none(); c];
+                if let Some(probes) = &probes {
+                    for &part in probes[i][heads.clone()].iter().flatten() {
+                        probed[part as usize] = true;
                     }
                 }
-                sum
-            })
-            .reduce(RoutingEval::default, RoutingEval::plus);
-        sum = sum.plus(part);
-    }
-    let k = sum.samples.max(1) as f64;
-    Ok(RoutingEval {
-        indexed_recall: sum.indexed_recall / k,
-        recall: sum.recall / k,
-        window_sinks_mass: sum.window_sinks_mass / k,
-        indexed_selectivity: sum.indexed_selectivity / k,
-        selectivity: sum.selectivity / k,
-        oracle_indexed_recall: sum.oracle_indexed_recall / k,
-        oracle_recall: sum.oracle_recall / k,
-        partition_oracle_indexed_recall: sum.partition_oracle_indexed_recall / k,
-        partition_oracle_indexed_selectivity: sum.partition_oracle_indexed_selectivity / k,
-        partition_oracle_matched_indexed_recall: sum.partition_oracle_matched_indexed_recall / k,
-        partition_block_oracle_matched_indexed_recall: sum
-            .partition_block_oracle_matched_indexed_recall
-            / k,
-        output_rel_error: sum.output_rel_error / k,
-        output_rel_error_summary: sum.output_rel_error_summary / k,
-        output_rel_error_exact_mass: sum.output_rel_error_exact_mass / k,
-        quest_indexed_recall: sum.quest_indexed_recall / k,
-        quest_indexed_selectivity: sum.quest_indexed_selectivity / k,
-        samples: sum.samples,
-    })
+                // Indexed keys a partition selection reads, and the mass of `w` on them.
+                let in_sel = |sel: &[bool], j: usize| sel[lab[j] as usize];
+                let count_in =
+                    |sel: &[bool]| (sink_end..index_end).filter(|&j| in_sel(sel, j)).count();
+                let mass_in = |sel: &[bool], w: &[f32]| -> f64 {
+                    (sink_end..index_end)
+                        .filter(|&j| in_sel(sel, j))
+                        .map(|j| w[j] as f64)
+                        .sum()
+                };
+                let read = count_in(&probed);
+                let unread = unread_summaries(lab, vals, sink_end..index_end, &probed);
+                let indexed = index_end - sink_end;
+                let best = best_partitions(
+                    probs[heads.clone()]
+                        .iter()
+                        .map(|p| &p[i][sink_end..index_end]),
+                    &lab[sink_end..index_end],
+                    c,
+                    config.n_probe,
+                );
+                let best_read = count_in(&best);
+                let mut sizes = vec![0usize; c];
+                for &p in &lab[sink_end..index_end] {
+                    sizes[p as usize] += 1;
+                }
+                let blocks = index_end.div_ceil(AGE_BLOCK).max(1);
+                let block_lab: Vec<u32> = (sink_end..index_end)
+                    .map(|j| (lab[j] as usize * blocks + j / AGE_BLOCK) as u32)
+                    .collect();
+                let mut block_sizes = vec![0usize; c * blocks];
+                for &p in &block_lab {
+                    block_sizes[p as usize] += 1;
+                }
+                let group_q: Vec<&[f32]> = q_rot[heads.clone()]
+                    .iter()
+                    .map(|h| h[i].as_slice())
+                    .collect();
+                let quest = quest_pages(&group_q, &k_rot[kvh], sink_end..index_end, read);
+                let quest_read: usize = quest.iter().map(|r| r.len()).sum();
+                for head_probs in &probs[heads] {
+                    let w = &head_probs[i];
+                    let fixed: f64 = w[..sink_end]
+                        .iter()
+                        .chain(&w[index_end..n])
+                        .map(|&x| x as f64)
+                        .sum();
+                    let mut idx_w: Vec<f64> =
+                        w[sink_end..index_end].iter().map(|&x| x as f64).collect();
+                    let idx_mass: f64 = idx_w.iter().sum();
+                    let got = mass_in(&probed, w);
+                    let got_best = mass_in(&best, w);
+                    idx_w.sort_by(|a, b| b.total_cmp(a));
+                    let oracle: f64 = idx_w[..read].iter().sum();
+                    let share = |x: f64| if idx_mass > 0.0 { x / idx_mass } else { 1.0 };
+                    sum.indexed_recall += share(got);
+                    sum.oracle_indexed_recall += share(oracle);
+                    sum.partition_oracle_indexed_recall += share(got_best);
+                    sum.partition_oracle_matched_indexed_recall += share(mass_at_keys(
+                        &w[sink_end..index_end],
+                        &lab[sink_end..index_end],
+                        &sizes,
+                        read,
+                    ));
+                    sum.partition_block_oracle_matched_indexed_recall += share(mass_at_keys(
+                        &w[sink_end..index_end],
+                        &block_lab,
+                        &block_sizes,
+                        read,
+                    ));
+                    sum.partition_oracle_indexed_selectivity +=
+                        best_read as f64 / indexed.max(1) as f64;
+                    sum.recall += fixed + got;
+                    sum.oracle_recall += fixed + oracle;
+                    sum.window_sinks_mass += fixed;
+                    sum.indexed_selectivity += read as f64 / indexed.max(1) as f64;
+                    sum.selectivity += (read + n - indexed) as f64 / n as f64;
+                    let keep = |j: usize| j < sink_end || j >= index_end || in_sel(&probed, j);
+                    sum.output_rel_error += output_error(&w[..n], vals, keep);
+                    let (est, exact) = corrected_output_errors(&w[..n], vals, keep, &unread);
+                    sum.output_rel_error_summary += est;
+                    sum.output_rel_error_exact_mass += exact;
+                    let quest_mass: f64 = quest
+                        .iter()
+                        .flat_map(|r| w[r.clone()].iter())
+                        .map(|&x| x as f64)
+                        .sum();
+                    sum.quest_indexed_recall += share(quest_mass);
+                    sum.quest_indexed_selectivity += quest_read as f64 / indexed.max(1) as f64;
+                    sum.samples += 1;
+                }
+            }
+            sum
+        })
+        .reduce(RoutingEval::default, RoutingEval::plus))
 }
 
 /// Measures one layer's [`ProbeCurve`] on held-out `sequences` (queries placed as in
@@ -338,84 +394,118 @@ pub fn probe_curve(
     queries_per_seq: usize,
     device: &Device,
 ) -> Result<ProbeCurve> {
+    let points = config.n_partitions.div_ceil(config.layout.group_size());
+    let mut sum = CurveSums::zero(points);
+    for seq in sequences {
+        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
+            sum = sum.plus(curve_sums(&h, layer, config)?);
+        }
+    }
+    sum.mean().ok_or_else(|| {
+        SaapError::Training(format!(
+            "no held-out query fits: sequences are shorter than {first} tokens"
+        ))
+    })
+}
+
+/// Sums over (query, head) samples of a probe curve: share read and recall per ℓ, indexed mass.
+struct CurveSums {
+    shares: Vec<f64>,
+    recalls: Vec<f64>,
+    mass: f64,
+    samples: usize,
+}
+
+impl CurveSums {
+    fn zero(points: usize) -> Self {
+        Self {
+            shares: vec![0.0; points],
+            recalls: vec![0.0; points],
+            mass: 0.0,
+            samples: 0,
+        }
+    }
+
+    fn plus(mut self, o: Self) -> Self {
+        self.shares
+            .iter_mut()
+            .zip(&o.shares)
+            .for_each(|(x, y)| *x += y);
+        self.recalls
+            .iter_mut()
+            .zip(&o.recalls)
+            .for_each(|(x, y)| *x += y);
+        self.mass += o.mass;
+        self.samples += o.samples;
+        self
+    }
+
+    /// The curve of the means; `None` without samples.
+    fn mean(self) -> Option<ProbeCurve> {
+        if self.samples == 0 {
+            return None;
+        }
+        let n = self.samples as f64;
+        // Rounding can leave a mean a hair above 1.
+        let mean = |x: f64| (x / n).clamp(0.0, 1.0);
+        Some(ProbeCurve {
+            indexed_mass: mean(self.mass),
+            indexed_share: self.shares.into_iter().map(mean).collect(),
+            indexed_recall: self.recalls.into_iter().map(mean).collect(),
+        })
+    }
+}
+
+/// [`probe_curve`]'s sums over one sequence's queries.
+fn curve_sums(h: &HeldOut, layer: &LayerIndex, config: &SaapConfig) -> Result<CurveSums> {
     let (g, c) = (config.layout.group_size(), config.n_partitions);
     let points = c.div_ceil(g);
-    // Sums over (query, head) samples: share read and recall per ℓ, indexed mass, samples.
-    type Sums = (Vec<f64>, Vec<f64>, f64, usize);
-    let zero = || -> Sums { (vec![0.0; points], vec![0.0; points], 0.0, 0) };
-    let plus = |mut a: Sums, b: Sums| -> Sums {
-        a.0.iter_mut().zip(&b.0).for_each(|(x, y)| *x += y);
-        a.1.iter_mut().zip(&b.1).for_each(|(x, y)| *x += y);
-        (a.0, a.1, a.2 + b.2, a.3 + b.3)
-    };
-    let mut sum = zero();
-    for seq in sequences {
-        let Some((positions, qa, q)) =
-            held_out_queries(seq, layer, config, first, queries_per_seq, device)?
-        else {
-            continue;
-        };
-        // [P, Hq, points]: each head's partitions in the classifier's order.
-        let order = top_probes(&layer.classifier.scores(&q)?, points)?.to_vec3::<u32>()?;
-        let probs = qa.probs.to_vec3::<f32>()?;
-        let labels = qa.labels.to_vec2::<u32>()?;
-        let part = positions
-            .par_iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let mut acc = zero();
-                let sink_end = config.sinks.min(t + 1);
-                let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
-                for (kvh, lab) in labels.iter().enumerate() {
-                    let heads = kvh * g..(kvh + 1) * g;
-                    let mut sizes = vec![0usize; c];
-                    // Per head of the group, its indexed mass in each partition.
-                    let mut masses = vec![vec![0.0f64; c]; g];
-                    for j in indexed.clone() {
-                        let p = lab[j] as usize;
-                        sizes[p] += 1;
-                        for (m, h) in masses.iter_mut().zip(heads.clone()) {
-                            m[p] += probs[h][i][j] as f64;
-                        }
+    // [P, Hq, points]: each head's partitions in the classifier's order.
+    let order = top_probes(&layer.classifier.scores(&h.q)?, points)?.to_vec3::<u32>()?;
+    let (probs, labels) = (&h.probs, &h.labels);
+    Ok(h.positions
+        .par_iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let mut acc = CurveSums::zero(points);
+            let sink_end = config.sinks.min(t + 1);
+            let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
+            for (kvh, lab) in labels.iter().enumerate() {
+                let heads = kvh * g..(kvh + 1) * g;
+                let mut sizes = vec![0usize; c];
+                // Per head of the group, its indexed mass in each partition.
+                let mut masses = vec![vec![0.0f64; c]; g];
+                for j in indexed.clone() {
+                    let p = lab[j] as usize;
+                    sizes[p] += 1;
+                    for (m, h) in masses.iter_mut().zip(heads.clone()) {
+                        m[p] += probs[h][i][j] as f64;
                     }
-                    let totals: Vec<f64> = masses.iter().map(|m| m.iter().sum()).collect();
-                    let (mut probed, mut read, mut got) = (vec![false; c], 0usize, vec![0.0; g]);
-                    for (l, (shares, recalls)) in acc.0.iter_mut().zip(&mut acc.1).enumerate() {
-                        for h in heads.clone() {
-                            let p = order[i][h][l] as usize;
-                            if !std::mem::replace(&mut probed[p], true) {
-                                read += sizes[p];
-                                got.iter_mut().zip(&masses).for_each(|(x, m)| *x += m[p]);
-                            }
-                        }
-                        let share = read as f64 / indexed.len().max(1) as f64;
-                        for (x, total) in got.iter().zip(&totals) {
-                            *shares += share;
-                            *recalls += if *total > 0.0 { x / total } else { 1.0 };
-                        }
-                    }
-                    acc.2 += totals.iter().sum::<f64>();
-                    acc.3 += g;
                 }
-                acc
-            })
-            .reduce(zero, plus);
-        sum = plus(sum, part);
-    }
-    let (shares, recalls, mass, samples) = sum;
-    if samples == 0 {
-        return Err(SaapError::Training(format!(
-            "no held-out query fits: sequences are shorter than {first} tokens"
-        )));
-    }
-    let n = samples as f64;
-    // Rounding can leave a mean a hair above 1.
-    let mean = |x: f64| (x / n).clamp(0.0, 1.0);
-    Ok(ProbeCurve {
-        indexed_mass: mean(mass),
-        indexed_share: shares.into_iter().map(mean).collect(),
-        indexed_recall: recalls.into_iter().map(mean).collect(),
-    })
+                let totals: Vec<f64> = masses.iter().map(|m| m.iter().sum()).collect();
+                let (mut probed, mut read, mut got) = (vec![false; c], 0usize, vec![0.0; g]);
+                for (l, (shares, recalls)) in
+                    acc.shares.iter_mut().zip(&mut acc.recalls).enumerate()
+                {
+                    for h in heads.clone() {
+                        let p = order[i][h][l] as usize;
+                        if !std::mem::replace(&mut probed[p], true) {
+                            read += sizes[p];
+                            got.iter_mut().zip(&masses).for_each(|(x, m)| *x += m[p]);
+                        }
+                    }
+                    let share = read as f64 / indexed.len().max(1) as f64;
+                    for (x, total) in got.iter().zip(&totals) {
+                        *shares += share;
+                        *recalls += if *total > 0.0 { x / total } else { 1.0 };
+                    }
+                }
+                acc.mass += totals.iter().sum::<f64>();
+                acc.samples += g;
+            }
+            acc
+        })
+        .reduce(|| CurveSums::zero(points), CurveSums::plus))
 }
 
 /// The key ranges Quest reads among the indexed keys `range` for one KV group: pages of

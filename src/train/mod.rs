@@ -357,26 +357,8 @@ pub fn calibrate_index(
             bar.set_message(format!("layer {i}/{}", train.len()));
         }
         let mut layer = train_layer(train_seqs, config, params, progress)?;
-        let eval = |routing| {
-            evaluate_routing(
-                eval_seqs,
-                &layer,
-                config,
-                routing,
-                first,
-                params.eval_queries_per_seq,
-                &params.device,
-            )
-        };
-        let classifier = eval(Routing::Classifier)?;
-        let nearest_centroid = eval(Routing::NearestCentroid)?;
-        if classifier.samples == 0 {
-            return Err(SaapError::Training(format!(
-                "held-out sequences of layer {i} are shorter than {first} tokens"
-            )));
-        }
-        layer.routing = choose_routing(&classifier, min_recall);
-        let probe_curve = probe_curve(
+        // Each held-out sequence's attention computed once for the three measurements.
+        let (classifier, nearest_centroid, probe_curve) = eval::evaluate_for_calibration(
             eval_seqs,
             &layer,
             config,
@@ -384,6 +366,12 @@ pub fn calibrate_index(
             params.eval_queries_per_seq,
             &params.device,
         )?;
+        let Some(probe_curve) = probe_curve else {
+            return Err(SaapError::Training(format!(
+                "held-out sequences of layer {i} are shorter than {first} tokens"
+            )));
+        };
+        layer.routing = choose_routing(&classifier, min_recall);
         let report = LayerReport {
             layer: i,
             classifier,
