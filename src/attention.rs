@@ -1662,7 +1662,6 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::LayerIndex;
 
     /// The per-partition sums exist only while the estimate is on: none after a prefill with it
     /// off, built when it is switched on mid-sequence, freed when it is switched off.
@@ -1672,16 +1671,7 @@ mod tests {
         (config.window, config.sinks, config.merge_every) = (4, 1, 2);
         let dev = Device::Cpu;
         let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-        let layer = LayerIndex {
-            centroids: randn(&[2, 8, 8]),
-            classifier: Classifier {
-                w1: randn(&[4, 8, 4]),
-                b1: randn(&[4, 1, 4]),
-                w2: randn(&[4, 4, 8]),
-                b2: randn(&[4, 1, 8]),
-            },
-            routing: Routing::Classifier,
-        };
+        let layer = crate::index::tests::layer(&config, 0.5);
         let index = SaapIndex::new(config, "synthetic", vec![layer]).unwrap();
         let mut op = SaapAttention::from_index(&index, 0, &dev, DType::F32).unwrap();
         let has = |op: &SaapAttention| op.state.as_ref().unwrap().summaries.is_some();

@@ -622,7 +622,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling};
 
-    fn layer(config: &SaapConfig, value: f32) -> LayerIndex {
+    /// A layer of `config`'s shapes with every value `value`.
+    pub(crate) fn layer(config: &SaapConfig, value: f32) -> LayerIndex {
         let l = config.layout;
         let (c, h) = (config.n_partitions, config.hidden);
         let full = |shape: &[usize]| Tensor::full(value, shape, &Device::Cpu).unwrap();

@@ -490,7 +490,11 @@ impl Llama {
         };
         let plans = crate::budget::plan_probes(&curves, c)?;
         for ((op, plan), curve) in self.attn.iter_mut().zip(plans).zip(&curves) {
-            op.set_probe_plan(curve.map(|_| plan))?;
+            let plan = curve.map(|_| plan);
+            // Setting a plan ends the op's replay: only where it changes.
+            if op.probe_plan() != plan.as_deref() {
+                op.set_probe_plan(plan)?;
+            }
         }
         Ok(())
     }
