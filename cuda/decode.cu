@@ -714,27 +714,35 @@ __device__ __forceinline__ void route_out_impl(const float* __restrict__ hidden,
     }
 }
 
-#define SAAP_ROUTE_MLP_IB(NAME, W, Q, IB)                                                       \
+// The hidden layer reads the query (one kernel per weight and query type), the output layer only
+// the f32 hidden units (one per weight type).
+#define SAAP_ROUTE_HIDDEN_IB(NAME, W, Q, IB)                                                    \
     extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
-        NAME##_hidden(const Q* q, const W* w1, const W* b1, float* hidden, uint32_t B,          \
-                      uint32_t hq, uint32_t D, uint32_t H) {                                    \
+        NAME(const Q* q, const W* w1, const W* b1, float* hidden, uint32_t B, uint32_t hq,      \
+             uint32_t D, uint32_t H) {                                                          \
         route_hidden_impl<W, Q, IB>(q, w1, b1, hidden, B, hq, D, H);                            \
-    }                                                                                           \
+    }
+#define SAAP_ROUTE_OUT_IB(NAME, W, IB)                                                          \
     extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
-        NAME##_out(const float* hidden, const W* w2, const W* b2, float* scores, uint32_t B,    \
-                   uint32_t hq, uint32_t H, uint32_t C) {                                       \
+        NAME(const float* hidden, const W* w2, const W* b2, float* scores, uint32_t B,          \
+             uint32_t hq, uint32_t H, uint32_t C) {                                             \
         route_out_impl<W, IB>(hidden, w2, b2, scores, B, hq, H, C);                             \
     }
-#define SAAP_ROUTE_MLP(NAME, W, Q)          \
-    SAAP_ROUTE_MLP_IB(NAME##_i1, W, Q, 1) \
-    SAAP_ROUTE_MLP_IB(NAME##_i4, W, Q, 4)
+#define SAAP_ROUTE_HIDDEN(NAME, W, Q)          \
+    SAAP_ROUTE_HIDDEN_IB(NAME##_i1, W, Q, 1) \
+    SAAP_ROUTE_HIDDEN_IB(NAME##_i4, W, Q, 4)
+#define SAAP_ROUTE_OUT(NAME, W)          \
+    SAAP_ROUTE_OUT_IB(NAME##_i1, W, 1) \
+    SAAP_ROUTE_OUT_IB(NAME##_i4, W, 4)
 
-SAAP_ROUTE_MLP(saap_route_mlp_wf32_f32, float, float)
-SAAP_ROUTE_MLP(saap_route_mlp_wf32_bf16, float, __nv_bfloat16)
-SAAP_ROUTE_MLP(saap_route_mlp_wf32_f16, float, __half)
-SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f32, __nv_bfloat16, float)
-SAAP_ROUTE_MLP(saap_route_mlp_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
-SAAP_ROUTE_MLP(saap_route_mlp_wbf16_f16, __nv_bfloat16, __half)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_f32, float, float)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_bf16, float, __nv_bfloat16)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_f16, float, __half)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_f32, __nv_bfloat16, float)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
+SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_f16, __nv_bfloat16, __half)
+SAAP_ROUTE_OUT(saap_route_out_wf32, float)
+SAAP_ROUTE_OUT(saap_route_out_wbf16, __nv_bfloat16)
 
 // The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], in the
 // CPU's order (score descending, index ascending; see top.cuh). One block per row (a multiple of

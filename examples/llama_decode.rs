@@ -65,6 +65,9 @@ struct Args {
     /// index's probe curves where it has them)
     #[arg(long, conflicts_with = "probe")]
     uniform_budget: bool,
+    /// The least share of the uniform ℓ a layer keeps when the budget is spent layer by layer
+    #[arg(long, default_value_t = saap::budget::DEFAULT_FLOOR, conflicts_with = "uniform_budget")]
+    plan_floor: f64,
     /// Estimate the partitions a step does not read from their mean key and value (one row
     /// each, beside the keys read)
     #[arg(long, conflicts_with = "dense")]
@@ -156,6 +159,7 @@ fn check_args(args: &Args) -> Res<()> {
             .into());
         }
     }
+    saap::budget::check_floor(args.plan_floor)?;
     for (option, path) in [("--index", &args.index), ("--text", &args.text)] {
         if let Some(path) = path {
             if !path.is_file() {
@@ -248,6 +252,7 @@ fn run(args: Args) -> Res<()> {
             };
             model.set_keys_budget(budget)?;
             model.set_budget_by_layer(!args.uniform_budget)?;
+            model.set_plan_floor(args.plan_floor)?;
             model.set_estimate_unread(args.estimate_unread);
             let dense_layers = (0..index.n_layers())
                 .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
@@ -264,11 +269,12 @@ fn run(args: Args) -> Res<()> {
             if let Some(budget) = budget {
                 let curves = index.probe_curves().iter().any(Option::is_some);
                 let how = match (curves, args.uniform_budget) {
-                    (true, false) => {
-                        "ℓ chosen at every step to fit it, layer by layer from the \
-                                      index's probe curves"
-                    }
-                    _ => "ℓ chosen at every step to fit it, the same in every layer",
+                    (true, false) => format!(
+                        "ℓ chosen at every step to fit it, layer by layer from the index's \
+                         probe curves (each layer at least {} of that ℓ)",
+                        args.plan_floor
+                    ),
+                    _ => "ℓ chosen at every step to fit it, the same in every layer".into(),
                 };
                 println!("  keys budget {budget}: {how}");
             }

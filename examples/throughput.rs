@@ -81,15 +81,19 @@ struct Args {
     /// budget is spent layer by layer from the index's probe curves, where it has them)
     #[arg(long)]
     compare_uniform: bool,
+    /// Floors of the per-layer plan to run each --keys-budget with, comma-separated: the least
+    /// share of the uniform ℓ a layer keeps (`saap::budget::plan_probes`)
+    #[arg(long, value_delimiter = ',', default_values_t = [saap::budget::DEFAULT_FLOOR])]
+    plan_floor: Vec<f64>,
 }
 
 /// How a Saap run sets ℓ.
 #[derive(Clone, Copy)]
 enum Setting {
     Probe(usize),
-    /// A keys budget, spent layer by layer from the index's probe curves (`true`) or as the
-    /// same ℓ everywhere.
-    Budget(f64, bool),
+    /// A keys budget, spent layer by layer from the index's probe curves (with this floor) or
+    /// as the same ℓ everywhere (`None`).
+    Budget(f64, Option<f64>),
     /// Probe mass, with at most this many partitions per head.
     Mass(f64, usize),
     /// Quest in every layer, pages chosen per step to fit this keys budget.
@@ -105,8 +109,11 @@ impl Setting {
                     model.attention_mut(layer)?.set_n_probe(n_probe)?;
                 }
             }
-            Setting::Budget(budget, by_layer) => {
-                model.set_budget_by_layer(by_layer)?;
+            Setting::Budget(budget, floor) => {
+                model.set_budget_by_layer(floor.is_some())?;
+                if let Some(floor) = floor {
+                    model.set_plan_floor(floor)?;
+                }
                 model.set_keys_budget(Some(budget))?;
             }
             Setting::Quest(budget) => {
@@ -127,8 +134,8 @@ impl Setting {
     fn label(self) -> String {
         match self {
             Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
-            Setting::Budget(budget, true) => format!("budget {budget}"),
-            Setting::Budget(budget, false) => format!("budget {budget}, uniform ℓ"),
+            Setting::Budget(budget, Some(floor)) => format!("budget {budget}, floor {floor}"),
+            Setting::Budget(budget, None) => format!("budget {budget}, uniform ℓ"),
             Setting::Mass(mass, cap) => format!("mass {mass}, at most {cap}"),
             Setting::Quest(budget) => format!("Quest, budget {budget}"),
         }
@@ -159,6 +166,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> Res<()> {
+    for &floor in &args.plan_floor {
+        saap::budget::check_floor(floor)?;
+    }
     let common::Loaded {
         device,
         name,
@@ -194,13 +204,15 @@ fn run(args: Args) -> Res<()> {
     println!("batch | graph | ℓ | prefill = time to first token (s) | dense tok/s | Saap tok/s | speedup | keys read | perplexity vs dense | top-1 as dense");
     let index_probe = index.config().n_probe;
     let mut settings: Vec<Setting> = if !args.keys_budget.is_empty() {
-        let by_layer: &[bool] = match args.compare_uniform {
-            true => &[true, false],
-            false => &[true],
-        };
+        let spreads: Vec<Option<f64>> = args
+            .plan_floor
+            .iter()
+            .map(|&f| Some(f))
+            .chain(args.compare_uniform.then_some(None))
+            .collect();
         args.keys_budget
             .iter()
-            .flat_map(|&b| by_layer.iter().map(move |&l| Setting::Budget(b, l)))
+            .flat_map(|&b| spreads.iter().map(move |&f| Setting::Budget(b, f)))
             .collect()
     } else if !args.n_probe.is_empty() {
         args.n_probe.iter().map(|&l| Setting::Probe(l)).collect()
@@ -304,11 +316,15 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
-                    matches!(setting, Setting::Budget(_, true)),
+                    matches!(setting, Setting::Budget(_, Some(_))),
+                    match setting {
+                        Setting::Budget(_, Some(floor)) => floor.to_string(),
+                        _ => "null".into(),
+                    },
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

@@ -13,6 +13,14 @@
 use crate::error::{Result, SaapError};
 use serde::{Deserialize, Serialize};
 
+/// The least share of the uniform ℓ a layer keeps in a plan ([`plan_probes`]) unless told
+/// otherwise: a quarter. On Qwen2.5 (H200, every layer sparse, `bench/NOTES.md` §32) it found the
+/// most attention of the floors tried at 120k and 8% of the keys (perplexity ×1.026 against ×1.034
+/// with no floor and ×1.069 with the uniform ℓ), and at 32k it equals no floor within noise;
+/// half cost perplexity at 32k. No floor below ¾ kept the two passkeys that the plan loses at
+/// 120k with 4% of the keys (where the uniform ℓ is 3 and only ℓ = 3 everywhere kept them).
+pub const DEFAULT_FLOOR: f64 = 0.25;
+
 /// What probing ℓ = 1, 2, … partitions per query head read and find in one layer, measured on
 /// held-out queries (means over queries and query heads; a group's heads read the union of
 /// their probes, as decode does).
@@ -73,12 +81,12 @@ impl ProbeCurve {
     }
 
     /// The points a budget-optimal choice can stop at: the upper concave hull of (share, found)
-    /// from ℓ = 1, as indices. Between two of them, no other ℓ finds more per key read.
-    fn hull(&self) -> Vec<usize> {
-        let mut hull: Vec<usize> = vec![0];
-        for i in 1..self.len() {
+    /// from ℓ = `start` + 1, as indices. Between two of them, no other ℓ finds more per key read.
+    fn hull(&self, start: usize) -> Vec<usize> {
+        let mut hull: Vec<usize> = vec![start];
+        for i in start + 1..self.len() {
             // A point that reads no more and finds no more than the last kept one adds nothing.
-            let last = *hull.last().expect("starts at ℓ = 1");
+            let last = *hull.last().expect("starts at the floor");
             if self.indexed_share[i] <= self.indexed_share[last]
                 && self.found(i) <= self.found(last)
             {
@@ -118,68 +126,50 @@ struct Step {
 /// u = 1 ..= the longest curve. A layer without a curve (`None`: served dense, routed otherwise,
 /// or calibrated before curves existed) keeps the uniform ℓ and takes no part in the trade.
 ///
-/// For each u, every layer with a curve starts at ℓ = 1; then steps along the layers' concave
-/// hulls are taken in order of attention mass found per indexed key read, while the layers'
-/// total share of indexed keys read stays within what they read at ℓ = u (each layer at
-/// min(u, its curve's length)). Layers whose indexed keys hold little of the attention give up
-/// partitions to layers where reading more finds more. The shares are the curves' measurements:
-/// a plan reads about as many keys as the uniform ℓ, not exactly (partitions and lengths differ
-/// from calibration's).
+/// For each u, every layer with a curve starts at its floor, ℓ = max(1, ⌈`floor` · u⌉); then
+/// steps along the layers' concave hulls (from the floor up) are taken in order of attention mass
+/// found per indexed key read, while the layers' total share of indexed keys read stays within
+/// what they read at ℓ = u (each layer at min(u, its curve's length)). Layers whose indexed keys
+/// hold little of the attention give up partitions to layers where reading more finds more.
+/// `floor` bounds how far: the curves measure the mass of natural text, and a layer that finds
+/// little there may still be the one that retrieves a rare fact (a passkey), so a layer keeps at
+/// least that share of the uniform ℓ (0: as few as one partition; 1: the uniform ℓ itself). The
+/// shares are the curves' measurements: a plan reads about as many keys as the uniform ℓ, not
+/// exactly (partitions and lengths differ from calibration's).
 ///
 /// # Errors
-/// [`SaapError::Config`] for a curve that fails [`ProbeCurve::check`] against `n_partitions`.
-pub fn plan_probes(curves: &[Option<&ProbeCurve>], n_partitions: usize) -> Result<Vec<Vec<usize>>> {
+/// [`SaapError::Config`] for a curve that fails [`ProbeCurve::check`] against `n_partitions`,
+/// or a `floor` outside [0, 1] (NaN included).
+pub fn plan_probes(
+    curves: &[Option<&ProbeCurve>],
+    n_partitions: usize,
+    floor: f64,
+) -> Result<Vec<Vec<usize>>> {
+    check_floor(floor)?;
     for curve in curves.iter().flatten() {
         curve.check(n_partitions)?;
     }
     let longest = curves.iter().flatten().map(|c| c.len()).max().unwrap_or(0);
-    let hulls: Vec<Vec<usize>> = curves
-        .iter()
-        .map(|c| c.map_or_else(Vec::new, |c| c.hull()))
-        .collect();
-    let mut steps: Vec<Step> = Vec::new();
-    for (layer, (c, hull)) in curves.iter().zip(&hulls).enumerate() {
-        let Some(c) = c else { continue };
-        // Found per key read, never above the layer's previous step's: on a hull it falls
-        // anyway, and rounding must not put a later step of a layer before an earlier one.
-        let mut ratio = f64::INFINITY;
-        for w in hull.windows(2) {
-            let (cost, gain) = (
-                c.indexed_share[w[1]] - c.indexed_share[w[0]],
-                c.found(w[1]) - c.found(w[0]),
-            );
-            // A step that reads no more keys is free: before any other.
-            if cost > 0.0 {
-                ratio = ratio.min(gain / cost);
-            }
-            steps.push(Step {
-                layer,
-                from: w[0],
-                to: w[1],
-                cost,
-                ratio,
-            });
-        }
-    }
-    // Best ratio first; within a layer, in hull order.
-    steps.sort_by(|a, b| {
-        (b.ratio.total_cmp(&a.ratio))
-            .then(a.layer.cmp(&b.layer))
-            .then(a.from.cmp(&b.from))
-    });
     let mut plan = vec![Vec::with_capacity(longest); curves.len()];
     for uniform in 1..=longest {
-        let at = |c: &ProbeCurve| (uniform.min(c.len())) - 1;
+        // ⌈floor · u⌉ ≤ u for floor ≤ 1: every layer starts within its uniform share.
+        let least = ((floor * uniform as f64).ceil() as usize).clamp(1, uniform);
+        let start = |c: &ProbeCurve| least.min(c.len()) - 1;
+        let at = |c: &ProbeCurve| uniform.min(c.len()) - 1;
         let budget: f64 = curves
             .iter()
             .flatten()
             .map(|c| c.indexed_share[at(c)])
             .sum();
-        let mut spent: f64 = curves.iter().flatten().map(|c| c.indexed_share[0]).sum();
-        let mut at_point: Vec<usize> = vec![0; curves.len()];
+        let mut spent: f64 = curves
+            .iter()
+            .flatten()
+            .map(|c| c.indexed_share[start(c)])
+            .sum();
+        let mut at_point: Vec<usize> = curves.iter().map(|c| c.map_or(0, &start)).collect();
         // A layer's hull is concave: its steps come in order, and one that does not fit ends it.
         let mut stopped = vec![false; curves.len()];
-        for s in &steps {
+        for s in steps(curves, start) {
             if stopped[s.layer] || at_point[s.layer] != s.from {
                 continue;
             }
@@ -199,6 +189,54 @@ pub fn plan_probes(curves: &[Option<&ProbeCurve>], n_partitions: usize) -> Resul
         }
     }
     Ok(plan)
+}
+
+/// Checks a plan's floor (see [`plan_probes`]).
+///
+/// # Errors
+/// [`SaapError::Config`] for a floor outside [0, 1] (NaN included).
+pub fn check_floor(floor: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&floor) {
+        return Err(SaapError::Config(format!(
+            "a probe plan's floor is a share of the uniform ℓ in [0, 1], got {floor}"
+        )));
+    }
+    Ok(())
+}
+
+/// The steps of every layer with a curve along its hull from `start`, best mass found per key
+/// read first; within a layer, in hull order.
+fn steps(curves: &[Option<&ProbeCurve>], start: impl Fn(&ProbeCurve) -> usize) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    for (layer, c) in curves.iter().enumerate() {
+        let Some(c) = c else { continue };
+        // Found per key read, never above the layer's previous step's: on a hull it falls
+        // anyway, and rounding must not put a later step of a layer before an earlier one.
+        let mut ratio = f64::INFINITY;
+        for w in c.hull(start(c)).windows(2) {
+            let (cost, gain) = (
+                c.indexed_share[w[1]] - c.indexed_share[w[0]],
+                c.found(w[1]) - c.found(w[0]),
+            );
+            // A step that reads no more keys is free: before any other.
+            if cost > 0.0 {
+                ratio = ratio.min(gain / cost);
+            }
+            steps.push(Step {
+                layer,
+                from: w[0],
+                to: w[1],
+                cost,
+                ratio,
+            });
+        }
+    }
+    steps.sort_by(|a, b| {
+        (b.ratio.total_cmp(&a.ratio))
+            .then(a.layer.cmp(&b.layer))
+            .then(a.from.cmp(&b.from))
+    });
+    steps
 }
 
 #[cfg(test)]
@@ -229,7 +267,7 @@ mod tests {
         let flat = curve(0.02, &linear(10).collect::<Vec<_>>());
         let rich = curve(0.5, &linear(10).collect::<Vec<_>>());
         let curves = [flat.clone(), rich.clone()];
-        let plan = plan_probes(&[Some(&flat), Some(&rich)], 16).unwrap();
+        let plan = plan_probes(&[Some(&flat), Some(&rich)], 16, 0.0).unwrap();
         assert_eq!(plan.len(), 2);
         assert!(plan.iter().all(|p| p.len() == 10));
         // At u = 1 nothing can move; at u = 3 the flat layer gives two of its partitions.
@@ -240,6 +278,26 @@ mod tests {
             let uniform = totals(&curves, &[vec![u + 1; 10], vec![u + 1; 10]], u);
             assert!(share <= uniform.1 + 1e-9, "u {u}: {share} > {}", uniform.1);
             assert!(found >= uniform.0 - 1e-12, "u {u}: {found} < {}", uniform.0);
+        }
+    }
+
+    #[test]
+    fn a_floor_keeps_a_share_of_the_uniform_probe_in_every_layer() {
+        let linear = |k: usize| (0..k).map(|i| ((i + 1) as f64 / 10.0, (i + 1) as f64 / 10.0));
+        let flat = curve(0.02, &linear(10).collect::<Vec<_>>());
+        let rich = curve(0.5, &linear(10).collect::<Vec<_>>());
+        let refs = [Some(&flat), Some(&rich)];
+        // Floor ½ at u = 3: the flat layer keeps 2 and gives one partition (0 gave two).
+        let half = plan_probes(&refs, 16, 0.5).unwrap();
+        assert_eq!((half[0][2], half[1][2]), (2, 4));
+        // At u = 6 it keeps 3, and the rich layer reads 9.
+        assert_eq!((half[0][5], half[1][5]), (3, 9));
+        let uniform = plan_probes(&refs, 16, 1.0).unwrap();
+        assert!(uniform
+            .iter()
+            .all(|p| p.iter().enumerate().all(|(u, &l)| l == u + 1)));
+        for bad in [-0.1, 1.01, f64::NAN, f64::INFINITY] {
+            assert!(plan_probes(&refs, 16, bad).is_err(), "floor {bad}");
         }
     }
 
@@ -258,7 +316,7 @@ mod tests {
         };
         let curves = [concave(0.3, 0.5), concave(0.1, 0.3), concave(0.6, 0.8)];
         let refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Some).collect();
-        let plan = plan_probes(&refs, 8).unwrap();
+        let plan = plan_probes(&refs, 8, 0.0).unwrap();
         for u in 0..6 {
             let budget: f64 = curves.iter().map(|c| c.indexed_share[u]).sum();
             let mut best = 0.0f64;
@@ -300,12 +358,12 @@ mod tests {
     #[test]
     fn layers_without_curves_keep_the_uniform_probe() {
         let c = curve(0.4, &[(0.1, 0.3), (0.2, 0.5), (0.3, 0.6)]);
-        let plan = plan_probes(&[None, Some(&c), None], 8).unwrap();
+        let plan = plan_probes(&[None, Some(&c), None], 8, 0.0).unwrap();
         assert_eq!(plan[0], vec![1, 2, 3]);
         assert_eq!(plan[2], vec![1, 2, 3]);
         // Alone, a layer can only spend its own keys.
         assert_eq!(plan[1], vec![1, 2, 3]);
-        assert!(plan_probes(&[None, None], 8)
+        assert!(plan_probes(&[None, None], 8, 0.0)
             .unwrap()
             .iter()
             .all(Vec::is_empty));
@@ -323,7 +381,7 @@ mod tests {
             let mut bad = good.clone();
             bad.indexed_share[1] = value;
             assert!(bad.check(8).is_err(), "{value}");
-            assert!(plan_probes(&[Some(&bad)], 8).is_err());
+            assert!(plan_probes(&[Some(&bad)], 8, 0.0).is_err());
         }
         let falling = curve(0.4, &[(0.2, 0.3), (0.1, 0.5)]);
         assert!(falling.check(8).is_err(), "shares fall");
@@ -358,7 +416,13 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Option::as_ref).collect();
-            let plan = plan_probes(&refs, 8).unwrap();
+            // Half the draws with a floor, some of them at its ends.
+            let floor = match rng.random_range(0..4) {
+                0 => 0.0,
+                1 => 1.0,
+                _ => rng.random_range(0.0..=1.0),
+            };
+            let plan = plan_probes(&refs, 8, floor).unwrap();
             let longest = curves
                 .iter()
                 .flatten()
@@ -373,6 +437,11 @@ mod tests {
                     match c {
                         Some(c) => {
                             assert!((1..=c.len()).contains(&l), "ℓ {l} beyond the curve");
+                            let least = ((floor * u as f64).ceil() as usize).clamp(1, u);
+                            assert!(l >= least.min(c.len()), "ℓ {l} below floor {floor}, u {u}");
+                            if floor == 1.0 {
+                                assert_eq!(l, u.min(c.len()), "floor 1 is the uniform ℓ");
+                            }
                             read += c.indexed_share[l - 1];
                             uniform += c.indexed_share[u.min(c.len()) - 1];
                         }

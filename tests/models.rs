@@ -223,6 +223,25 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     assert_eq!(plan(&mut model, 0).unwrap()[1], 1);
     assert_eq!(plan(&mut model, 1).unwrap()[1], 4);
     assert_eq!(plan(&mut model, 2).unwrap()[1], 2);
+    // A floor of half the uniform ℓ keeps layer 0 at ⌈3 / 2⌉ where the budget gives 3.
+    model.set_plan_floor(0.5).unwrap();
+    assert_eq!(plan(&mut model, 0).unwrap()[2], 2);
+    model.set_plan_floor(0.0).unwrap();
+    assert_eq!(plan(&mut model, 0).unwrap()[2], 1);
+    assert!(model.set_plan_floor(f64::NAN).is_err());
+    assert!(model.set_plan_floor(1.5).is_err());
+    assert_eq!(
+        plan(&mut model, 0).unwrap()[2],
+        1,
+        "a refused floor changes nothing"
+    );
+    model.set_plan_floor(1.0).unwrap();
+    assert!((0..n).all(|l| plan(&mut model, l)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .all(|(u, &p)| p == u + 1)));
+    model.set_plan_floor(saap::budget::DEFAULT_FLOOR).unwrap();
     model.set_routing(1, Routing::Dense).unwrap();
     assert_eq!(plan(&mut model, 1), None);
     assert_eq!(

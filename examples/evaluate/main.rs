@@ -69,6 +69,9 @@ struct Args {
     /// probe curves where it has them)
     #[arg(long, requires = "keys_budget")]
     uniform_budget: bool,
+    /// The least share of the uniform ℓ a layer keeps when --keys-budget is spent layer by layer
+    #[arg(long, default_value_t = saap::budget::DEFAULT_FLOOR, conflicts_with = "uniform_budget")]
+    plan_floor: f64,
     /// Saap and nearest centroid also estimate the partitions they do not read from their mean
     /// key and value (`SaapAttention::set_estimate_unread`)
     #[arg(long)]
@@ -283,6 +286,7 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Res<()> {
     let args = Args::parse();
+    saap::budget::check_floor(args.plan_floor)?;
     if let Some(path) = &args.plots_of {
         let report: Report = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         let out = path.parent().unwrap_or(std::path::Path::new("."));
@@ -387,6 +391,7 @@ fn run() -> Res<()> {
     // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
     model.attach_index(Some(&index))?;
     model.set_budget_by_layer(!args.uniform_budget)?;
+    model.set_plan_floor(args.plan_floor)?;
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
@@ -610,6 +615,11 @@ fn command_line(args: &Args) -> String {
         ("--all-sparse", args.all_sparse.then(String::new)),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
+        (
+            "--plan-floor",
+            (args.keys_budget.is_some() && !args.uniform_budget)
+                .then(|| args.plan_floor.to_string()),
+        ),
         ("--estimate-unread", args.estimate_unread.then(String::new)),
         ("--quest-budget", args.quest_budget.map(|b| b.to_string())),
         ("--yarn", args.model.yarn.map(|f| f.to_string())),

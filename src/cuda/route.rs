@@ -86,9 +86,12 @@ impl CustomOp1 for RouteOp<'_> {
             other => candle_core::bail!("saap route: weight dtype {other:?}"),
         };
         let items = items_per_block(b);
-        let kernel = format!("saap_route_mlp_{wname}_{qname}_i{items}");
-        let hidden_fn = load(&dev, &DECODE, &format!("{kernel}_hidden"))?;
-        let out_fn = load(&dev, &DECODE, &format!("{kernel}_out"))?;
+        let hidden_fn = load(
+            &dev,
+            &DECODE,
+            &format!("saap_route_hidden_{wname}_{qname}_i{items}"),
+        )?;
+        let out_fn = load(&dev, &DECODE, &format!("saap_route_out_{wname}_i{items}"))?;
         let top = load(&dev, &DECODE, "saap_route_top")?;
         let stream = dev.cuda_stream();
         // SAFETY: every hidden unit is written by the hidden-layer kernel (grid covers B × Hq,

@@ -194,6 +194,8 @@ pub struct Llama {
     probe_curves: Vec<Option<ProbeCurve>>,
     /// Whether a keys budget is spent layer by layer from those curves.
     budget_by_layer: bool,
+    /// The least share of the uniform ℓ a layer keeps in such a plan.
+    plan_floor: f64,
     norm: RmsNorm,
     lm_head: Linear,
     device: Device,
@@ -371,6 +373,7 @@ impl Llama {
             attn: Vec::new(),
             probe_curves: Vec::new(),
             budget_by_layer: true,
+            plan_floor: crate::budget::DEFAULT_FLOOR,
             norm,
             lm_head,
             device: device.clone(),
@@ -476,6 +479,18 @@ impl Llama {
         self.plan_probes()
     }
 
+    /// The least share of the uniform ℓ every layer keeps when a budget is spent layer by layer
+    /// (default [`crate::budget::DEFAULT_FLOOR`]; 0 lets a layer go down to one partition, 1
+    /// is the uniform ℓ): see [`crate::budget::plan_probes`].
+    ///
+    /// # Errors
+    /// [`Error::Saap`] for a floor outside [0, 1] (NaN included); the plan in force stays.
+    pub fn set_plan_floor(&mut self, floor: f64) -> Result<()> {
+        crate::budget::check_floor(floor)?;
+        self.plan_floor = floor;
+        self.plan_probes()
+    }
+
     /// Gives each classifier-routed layer its probe plan from the curves (or none).
     fn plan_probes(&mut self) -> Result<()> {
         let routed = |op: &SaapAttention| op.routing() == Routing::Classifier;
@@ -488,7 +503,7 @@ impl Llama {
         let Some(c) = self.attn.first().map(|op| op.config().n_partitions) else {
             return Ok(());
         };
-        let plans = crate::budget::plan_probes(&curves, c)?;
+        let plans = crate::budget::plan_probes(&curves, c, self.plan_floor)?;
         for ((op, plan), curve) in self.attn.iter_mut().zip(plans).zip(&curves) {
             let plan = curve.map(|_| plan);
             // Setting a plan ends the op's replay: only where it changes.
