@@ -5,7 +5,8 @@
 # Qwen2.5-Coder-0.5B GGUF in pieces .qwen/pNN, one per call with the shipped SmolLM2 index moved
 # out of the tree to make room. Indexes by the recipe of sessions 20–23 (same bytes as before).
 # Usage: bash bench/device_floor.sh STEP
-#   (tests | stash | piece | setup | calib128 | e2e128 | passkey128 | calib32 | e2e32 | passkey32)
+#   (tests | stash | piece | setup | calib128 | e2e128 | passkey128 [B F [INDEX]] | calib32 | e2e32 |
+#    passkey32 [F] | calib128long | e2e128idx [BUDGETS [BATCHES]])
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -40,8 +41,8 @@ e2e128)
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --context 120000 --batch 1,8 --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.08 --plan-floor 0,0.25,0.5,0.75 --compare-uniform ;;
 passkey128)
   # Budget $2 (default 0.04), floor $3 (default ½).
-  b=${2:-0.04} f=${3:-0.5}
-  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$I/q128k.safetensors" --all-sparse --keys-budget $b --plan-floor $f --quest-budget $b --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-$b-floor$f" ;;
+  b=${2:-0.04} f=${3:-0.5} x=${4:-q128k}
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$I/$x.safetensors" --all-sparse --keys-budget $b --plan-floor $f --quest-budget $b --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-$x-$b-floor$f" ;;
 calib32)
   run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k.safetensors"
   sha256sum "$I/q32k.safetensors" | tee -a "$OUT/calib32.txt" ;;
@@ -49,4 +50,12 @@ e2e32)
   run "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 1,8 --tokens 256 --all-sparse --graph on --keys-budget 0.10,0.13 --plan-floor 0,0.25,0.5 --compare-uniform ;;
 passkey32)
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --keys-budget 0.10 --plan-floor ${2:-0.5} --quest-budget 0.10 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.5,0.9 --out "$OUT/passkey32-floor${2:-0.5}" ;;
+calib128long)
+  # NOTES §33: the same training tokens and queries as calib128, as one 64k sequence per text.
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 65536 --seqs 1 --queries 1024 --sinks 4 --held-out-context 120000 --epochs 30 --hidden 64 --out "$I/q128k-64k.safetensors"
+  sha256sum "$I/q128k-64k.safetensors" | tee -a "$OUT/calib128long.txt" ;;
+e2e128idx)
+  for x in q128k q128k-64k; do
+    run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/$x.safetensors" --context 120000 --batch ${3:-8} --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget ${2:-0.04,0.08} --plan-floor 0.25
+  done ;;
 esac
