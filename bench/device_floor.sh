@@ -6,7 +6,7 @@
 # out of the tree to make room. Indexes by the recipe of sessions 20–23 (same bytes as before).
 # Usage: bash bench/device_floor.sh STEP
 #   (tests | stash | piece | setup | calib128 | e2e128 | passkey128 [B F [INDEX]] | calib32 | e2e32 |
-#    passkey32 [F] | calib128long | e2e128idx [BUDGETS [BATCHES]])
+#    passkey32 [F] | calib128long | e2e128idx [BUDGETS [BATCHES]] | calib128x96 | e2e128cmp)
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -58,4 +58,12 @@ e2e128idx)
   for x in q128k q128k-64k; do
     run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/$x.safetensors" --context 120000 --batch ${3:-8} --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget ${2:-0.04,0.08} --plan-floor 0.25
   done ;;
+calib128x96)
+  # NOTES §34: one 96k sequence per text (half as many tokens again as calib128long).
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 98304 --seqs 1 --queries 1024 --sinks 4 --held-out-context 120000 --epochs 30 --hidden 64 --out "$I/q128k-96k.safetensors"
+  sha256sum "$I/q128k-96k.safetensors" | tee -a "$OUT/calib128x96.txt" ;;
+e2e128cmp)
+  # The 64k- and 96k-sequence indexes, and Quest, at the same budgets on the same caches.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k-64k.safetensors" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.08 --plan-floor 0.25 --quest-budget 0.04,0.08
+  [ -f "$I/q128k-96k.safetensors" ] && run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k-96k.safetensors" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.08 --plan-floor 0.25 ;;
 esac
