@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 /// otherwise: a quarter. On Qwen2.5 (H200, every layer sparse, `bench/NOTES.md` §32) it found the
 /// most attention of the floors tried at 120k and 8% of the keys (perplexity ×1.026 against ×1.034
 /// with no floor and ×1.069 with the uniform ℓ), and at 32k it equals no floor within noise;
-/// half cost perplexity at 32k. No floor below ¾ kept the two passkeys that the plan loses at
-/// 120k with 4% of the keys (where the uniform ℓ is 3 and only ℓ = 3 everywhere kept them).
+/// half cost perplexity at 32k. With an index trained on 32k-token sequences, no floor below ¾
+/// kept two of five passkeys at 120k with 4% of the keys (the uniform ℓ, 3, kept them); with one
+/// trained on 64k-token sequences, floor ¼ kept all five (§33).
 pub const DEFAULT_FLOOR: f64 = 0.25;
 
 /// What probing ℓ = 1, 2, … partitions per query head read and find in one layer, measured on
