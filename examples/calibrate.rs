@@ -20,7 +20,9 @@ mod common;
 struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Tokens per calibration sequence; sizes C, ℓ and the window through SaapConfig::for_context
+    /// Tokens per calibration sequence; sizes C, ℓ and the window through SaapConfig::for_context.
+    /// Train near the length you decode at: for Qwen2.5 at 120k (YaRN ×4), one 64k sequence per
+    /// text beat two of 32k on the same tokens (bench/NOTES.md §33)
     #[arg(long, default_value_t = 4096)]
     context: usize,
     /// Override C (partitions per KV head)
