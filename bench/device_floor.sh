@@ -6,7 +6,7 @@
 # out of the tree to make room. Indexes by the recipe of sessions 20–23 (same bytes as before).
 # Usage: bash bench/device_floor.sh STEP
 #   (tests | stash | piece | setup | calib128 | e2e128 | passkey128 [B F [INDEX]] | calib32 | e2e32 |
-#    passkey32 [F] | calib128long | e2e128idx [BUDGETS [BATCHES]] | calib128x96 | e2e128cmp)
+#    passkey32 [F] | calib128long | e2e128idx [BUDGETS [BATCHES]] | calib128x96 | e2e128cmp | steps)
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -66,4 +66,14 @@ e2e128cmp)
   # The 64k- and 96k-sequence indexes, and Quest, at the same budgets on the same caches.
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k-64k.safetensors" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.08 --plan-floor 0.25 --quest-budget 0.04,0.08
   [ -f "$I/q128k-96k.safetensors" ] && run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$I/q128k-96k.safetensors" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --keys-budget 0.04,0.08 --plan-floor 0.25 ;;
+steps)
+  # The Llama-3.1-8B layer step and the routing alone, 863b8d3 (`bench_report_old`, three output
+  # kernels per weight type) against this commit, alternated twice, FA2 in the same call
+  # (binaries in .devS/).
+  mkdir -p "$bin" && cp .devS/bin/*.gz "$bin/" && gunzip -f "$bin"/*.gz && chmod +x "$bin"/*
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  for b in bench_report_old bench_report bench_report_old bench_report; do
+    SAAP_REPORT_ONLY=steps,route run "$bin/$b" 171008 1,8
+  done
+  run python3 bench/fa2_prefill_anchor.py 171008 1,8 decode ;;
 esac
