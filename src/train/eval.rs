@@ -189,9 +189,9 @@ impl HeldOut {
 /// is computed on `device`.
 ///
 /// # Errors
-/// [`SaapError::Config`](crate::SaapError::Config) for an ℓ outside `1..=C`, or for
+/// [`SaapError::Config`] for an ℓ outside `1..=C`, or for
 /// [`Routing::Quest`], which these recorded pre-RoPE queries cannot evaluate;
-/// [`SaapError::Candle`](crate::SaapError::Candle) when the sequences or the layer do not fit
+/// [`SaapError::Candle`] when the sequences or the layer do not fit
 /// `config`.
 pub fn evaluate_routing(
     sequences: &[Sequence],
@@ -384,7 +384,7 @@ fn routing_sums(
 ///
 /// # Errors
 /// [`SaapError::Training`] when no query fits the sequences;
-/// [`SaapError::Candle`](crate::SaapError::Candle) when the sequences or the layer do not fit
+/// [`SaapError::Candle`] when the sequences or the layer do not fit
 /// `config`.
 pub fn probe_curve(
     sequences: &[Sequence],
