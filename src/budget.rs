@@ -153,8 +153,7 @@ pub fn plan_probes(
     let longest = curves.iter().flatten().map(|c| c.len()).max().unwrap_or(0);
     let mut plan = vec![Vec::with_capacity(longest); curves.len()];
     for uniform in 1..=longest {
-        // ⌈floor · u⌉ ≤ u for floor ≤ 1: every layer starts within its uniform share.
-        let least = ((floor * uniform as f64).ceil() as usize).clamp(1, uniform);
+        let least = least_probes(floor, uniform);
         let start = |c: &ProbeCurve| least.min(c.len()) - 1;
         let at = |c: &ProbeCurve| uniform.min(c.len()) - 1;
         let budget: f64 = curves
@@ -190,6 +189,15 @@ pub fn plan_probes(
         }
     }
     Ok(plan)
+}
+
+/// The fewest partitions a layer probes in a plan where the uniform ℓ is `uniform`:
+/// max(1, ⌈`floor` · `uniform`⌉), never above `uniform` (floor ≤ 1). The product is rounded
+/// first, so that 0.28 · 25 (7.000000000000001 in f64) gives 7, not 8.
+fn least_probes(floor: f64, uniform: usize) -> usize {
+    let product = floor * uniform as f64;
+    let ceil = (product - 1e-9 * product.max(1.0)).ceil();
+    (ceil as usize).clamp(1, uniform)
 }
 
 /// Checks a plan's floor (see [`plan_probes`]).
@@ -300,6 +308,21 @@ mod tests {
         for bad in [-0.1, 1.01, f64::NAN, f64::INFINITY] {
             assert!(plan_probes(&refs, 16, bad).is_err(), "floor {bad}");
         }
+    }
+
+    #[test]
+    fn the_floor_rounds_up_exact_products_exactly() {
+        // Products just above a whole number in f64.
+        assert_eq!(0.28 * 25.0_f64, 7.000000000000001);
+        assert_eq!(least_probes(0.28, 25), 7);
+        assert_eq!(least_probes(0.14, 150), 21);
+        assert_eq!(least_probes(0.07, 100), 7);
+        assert_eq!(least_probes(0.25, 3), 1);
+        assert_eq!(least_probes(0.5, 3), 2);
+        assert_eq!(least_probes(0.0, 5), 1);
+        assert_eq!(least_probes(1.0, 128), 128);
+        assert_eq!(least_probes(0.01, 1000), 10);
+        assert_eq!(least_probes(0.011, 1000), 11);
     }
 
     #[test]
@@ -438,7 +461,7 @@ mod tests {
                     match c {
                         Some(c) => {
                             assert!((1..=c.len()).contains(&l), "ℓ {l} beyond the curve");
-                            let least = ((floor * u as f64).ceil() as usize).clamp(1, u);
+                            let least = least_probes(floor, u);
                             assert!(l >= least.min(c.len()), "ℓ {l} below floor {floor}, u {u}");
                             if floor == 1.0 {
                                 assert_eq!(l, u.min(c.len()), "floor 1 is the uniform ℓ");
