@@ -182,6 +182,27 @@ impl HeldOut {
             values: seq.v.to_vec3()?,
         }))
     }
+
+    /// The sequences prepared one at a time (at 120k tokens one sequence's attention is
+    /// gigabytes), those too short for a query left out.
+    fn each<'a>(
+        sequences: &'a [Sequence],
+        layer: &'a LayerIndex,
+        config: &'a SaapConfig,
+        first: usize,
+        queries_per_seq: usize,
+        device: &'a Device,
+    ) -> impl Iterator<Item = Result<Self>> + 'a {
+        sequences.iter().filter_map(move |seq| {
+            Self::new(seq, layer, config, first, queries_per_seq, device).transpose()
+        })
+    }
+}
+
+/// Points of a probe curve: ℓ = 1 ..= ⌈C / G⌉, where a group's G heads can read every partition
+/// between them.
+fn curve_points(config: &SaapConfig) -> usize {
+    config.n_partitions.div_ceil(config.layout.group_size())
 }
 
 /// Evaluates `routing` for one layer on held-out `sequences`, `queries_per_seq` queries each,
@@ -203,10 +224,8 @@ pub fn evaluate_routing(
     device: &Device,
 ) -> Result<RoutingEval> {
     let mut sum = RoutingEval::default();
-    for seq in sequences {
-        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
-            sum = sum.plus(routing_sums(&h, layer, config, routing)?);
-        }
+    for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
+        sum = sum.plus(routing_sums(&h?, layer, config, routing)?);
     }
     Ok(sum.mean())
 }
@@ -222,15 +241,13 @@ pub(crate) fn evaluate_for_calibration(
     queries_per_seq: usize,
     device: &Device,
 ) -> Result<(RoutingEval, RoutingEval, Option<ProbeCurve>)> {
-    let points = config.n_partitions.div_ceil(config.layout.group_size());
     let (mut classifier, mut nearest) = (RoutingEval::default(), RoutingEval::default());
-    let mut curve = CurveSums::zero(points);
-    for seq in sequences {
-        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
-            classifier = classifier.plus(routing_sums(&h, layer, config, Routing::Classifier)?);
-            nearest = nearest.plus(routing_sums(&h, layer, config, Routing::NearestCentroid)?);
-            curve = curve.plus(curve_sums(&h, layer, config)?);
-        }
+    let mut curve = CurveSums::zero(curve_points(config));
+    for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
+        let h = h?;
+        classifier = classifier.plus(routing_sums(&h, layer, config, Routing::Classifier)?);
+        nearest = nearest.plus(routing_sums(&h, layer, config, Routing::NearestCentroid)?);
+        curve = curve.plus(curve_sums(&h, layer, config)?);
     }
     Ok((classifier.mean(), nearest.mean(), curve.mean()))
 }
@@ -394,12 +411,9 @@ pub fn probe_curve(
     queries_per_seq: usize,
     device: &Device,
 ) -> Result<ProbeCurve> {
-    let points = config.n_partitions.div_ceil(config.layout.group_size());
-    let mut sum = CurveSums::zero(points);
-    for seq in sequences {
-        if let Some(h) = HeldOut::new(seq, layer, config, first, queries_per_seq, device)? {
-            sum = sum.plus(curve_sums(&h, layer, config)?);
-        }
+    let mut sum = CurveSums::zero(curve_points(config));
+    for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
+        sum = sum.plus(curve_sums(&h?, layer, config)?);
     }
     sum.mean().ok_or_else(|| {
         SaapError::Training(format!(
@@ -459,7 +473,7 @@ impl CurveSums {
 /// [`probe_curve`]'s sums over one sequence's queries.
 fn curve_sums(h: &HeldOut, layer: &LayerIndex, config: &SaapConfig) -> Result<CurveSums> {
     let (g, c) = (config.layout.group_size(), config.n_partitions);
-    let points = c.div_ceil(g);
+    let points = curve_points(config);
     // [P, Hq, points]: each head's partitions in the classifier's order.
     let order = top_probes(&layer.classifier.scores(&h.q)?, points)?.to_vec3::<u32>()?;
     let (probs, labels) = (&h.probs, &h.labels);
