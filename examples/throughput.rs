@@ -16,7 +16,9 @@
 //! budget; `--estimate-unread` runs each Saap setting again with the unread partitions estimated
 //! from their means; `--compare-uniform` runs each keys budget both spent layer by layer (the
 //! index's probe curves, the default) and as one ℓ for all; `--graph on|off|both` picks the step
-//! modes.
+//! modes. `--dense-layers 0,5` serves those layers dense in every Saap run; `--layer-sweep` runs
+//! each Saap setting once more per layer with that layer dense as well, to see which layers'
+//! routing the perplexity excess comes from.
 
 mod common;
 
@@ -85,6 +87,45 @@ struct Args {
     /// share of the uniform ℓ a layer keeps (`saap::budget::plan_probes`)
     #[arg(long, value_delimiter = ',', default_values_t = [saap::budget::DEFAULT_FLOOR])]
     plan_floor: Vec<f64>,
+    /// Layers served dense in every Saap run (their keys count in the keys read), comma-separated
+    #[arg(long, value_delimiter = ',')]
+    dense_layers: Vec<usize>,
+    /// Run each Saap setting again once per layer, with that layer served dense as well
+    #[arg(long)]
+    layer_sweep: bool,
+}
+
+/// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
+/// estimated, and a layer served dense besides `--dense-layers` (the layer sweep).
+#[derive(Clone, Copy)]
+struct SaapRun {
+    setting: Setting,
+    estimate: bool,
+    also_dense: Option<usize>,
+}
+
+impl SaapRun {
+    /// Puts the model's restored ops in this run's state.
+    fn apply(self, model: &mut Llama, dense_layers: &[usize]) -> Res<()> {
+        self.setting.apply(model)?;
+        model.set_estimate_unread(self.estimate);
+        // After the setting: Quest routes every layer.
+        for &layer in dense_layers.iter().chain(&self.also_dense) {
+            model.set_routing(layer, Routing::Dense)?;
+        }
+        Ok(())
+    }
+
+    fn label(self) -> String {
+        let mut label = self.setting.label();
+        if self.estimate {
+            label += " + estimate";
+        }
+        if let Some(layer) = self.also_dense {
+            label += &format!(", layer {layer} dense");
+        }
+        label
+    }
 }
 
 /// How a Saap run sets ℓ.
@@ -226,14 +267,31 @@ fn run(args: Args) -> Res<()> {
     settings.extend(args.probe_mass.iter().map(|&m| Setting::Mass(m, cap)));
     settings.extend(args.quest_budget.iter().map(|&b| Setting::Quest(b)));
     // Each setting without, then (if asked) with the estimate of the unread partitions; Quest
-    // reads pages, which have no means.
-    let runs: Vec<(Setting, bool)> = settings
+    // reads pages, which have no means. Then (if asked) each of those once per layer dense.
+    let sweep: Vec<Option<usize>> = std::iter::once(None)
+        .chain(
+            (0..model.n_layers())
+                .filter(|l| args.layer_sweep && !args.dense_layers.contains(l))
+                .map(Some),
+        )
+        .collect();
+    let runs: Vec<SaapRun> = settings
         .iter()
         .flat_map(|&s| {
             let again = args.estimate_unread && !matches!(s, Setting::Quest(_));
-            std::iter::once((s, false)).chain(again.then_some((s, true)))
+            std::iter::once(false)
+                .chain(again.then_some(true))
+                .map(move |e| (s, e))
+        })
+        .flat_map(|(setting, estimate)| {
+            sweep.iter().map(move |&also_dense| SaapRun {
+                setting,
+                estimate,
+                also_dense,
+            })
         })
         .collect();
+    common::check_dense_layers(&args.dense_layers, model.n_layers())?;
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
         // its own continuation.
@@ -262,15 +320,16 @@ fn run(args: Args) -> Res<()> {
                 model.attention_mut(layer)?.drop_index();
             }
             let dense = decode(&mut model, &continuations, graph)?;
-            for &(setting, estimate) in &runs {
+            for &run in &runs {
+                let SaapRun {
+                    setting, estimate, ..
+                } = run;
                 model.restore_attention(&snapshot)?;
-                setting.apply(&mut model)?;
-                model.set_estimate_unread(estimate);
+                run.apply(&mut model, &args.dense_layers)?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
-                setting.apply(&mut model)?;
-                model.set_estimate_unread(estimate);
+                run.apply(&mut model, &args.dense_layers)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 // ℓ of the routed layers after the last step (a budget sets it per step).
                 let probes = (0..model.n_layers())
@@ -285,10 +344,7 @@ fn run(args: Args) -> Res<()> {
                     true => n_probe.to_string(),
                     false => format!("{probes:?}"),
                 };
-                let label = match estimate {
-                    true => format!("{} + estimate", setting.label()),
-                    false => setting.label(),
-                };
+                let label = run.label();
                 // Rows of partition means read beside the keys, as a share of the context.
                 let estimated =
                     reads.partitions_estimated as f64 / reads.keys_in_context.max(1) as f64;
@@ -316,7 +372,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
@@ -325,6 +381,10 @@ fn run(args: Args) -> Res<()> {
                         Setting::Budget(_, Some(floor)) => floor.to_string(),
                         _ => "null".into(),
                     },
+                    args.dense_layers
+                        .iter()
+                        .chain(&run.also_dense)
+                        .collect::<Vec<_>>(),
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

@@ -1054,20 +1054,18 @@ impl SaapAttention {
             .max()
             .unwrap_or(0);
         self.reserve(batch, needed)?;
-        // Queries: every row rotated (padding included, as a model's own RoPE would); keys and
-        // values: the valid rows written into the cache at each sequence's end.
-        let q_rot = q
-            .map(|q| {
-                let mut rotate = self.rope.writer(&starts, &vec![t_len; batch], true, false);
-                rotate.advance = self.replay.as_ref().map(|r| r.advance.clone());
-                q.contiguous()?.apply_op1_no_bwd(&rotate)
-            })
-            .transpose()?;
-        if let Some(q_rot) = &q_rot {
-            self.check("q after RoPE", &[q_rot])?;
-        }
         let check_finite = self.check_finite && self.replay.is_none();
         let advance = self.replay.as_ref().map(|r| r.advance.clone());
+        // Queries: every row rotated (padding included, as a model's own RoPE would); keys and
+        // values: the valid rows written into the cache at each sequence's end.
+        let q = q.map(Tensor::contiguous).transpose()?;
+        let mut rotate = self.rope.writer(&starts, &vec![t_len; batch], true, false);
+        rotate.advance.clone_from(&advance);
+        let rotate_q = || q.as_ref().map(|q| q.apply_op1_no_bwd(&rotate)).transpose();
+        // The classifier and the centroids read the query before RoPE, so its rotation is a side
+        // launch too; Quest scores its pages with the rotated query and rotates it first.
+        let q_beside = beside_routing && self.routing != Routing::Quest;
+        let mut q_rot = if q_beside { None } else { rotate_q()? };
         let state = self.state.as_mut().expect("reserved above");
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let mut write = self.rope.writer(&starts, lens, true, true);
@@ -1080,6 +1078,9 @@ impl SaapAttention {
             false => SideLaunches::joined(),
         };
         side.run(|| -> Result<()> {
+            if q_beside {
+                q_rot = rotate_q()?;
+            }
             state.kv.inplace_op3(&k, &v, &KvWrite(write))?;
             if let (Some(labels), Some(index)) = (&state.labels, &self.index) {
                 let centroids = (
@@ -1091,7 +1092,7 @@ impl SaapAttention {
             }
             Ok(())
         })?;
-        // The finite check reads the cache now.
+        // The finite checks read the rotated query and the cache now.
         let side = match check_finite {
             true => {
                 side.join()?;
@@ -1100,6 +1101,9 @@ impl SaapAttention {
             false => side,
         };
         if check_finite {
+            if let Some(q_rot) = &q_rot {
+                ensure_finite("q after RoPE", &[q_rot])?;
+            }
             // Rotation preserves a pair's norm, so a component can grow by up to √2: a finite
             // f16 or bf16 key near the type's maximum can overflow to infinity in the cache.
             let written = starts
@@ -1601,9 +1605,9 @@ impl SaapAttention {
             advance: self.replay.as_ref().map(|r| r.advance.clone()),
             means,
         };
-        let q_rot = q_rot.squeeze(2)?.contiguous()?;
-        // The attention reads the cache the append wrote.
+        // The attention reads the query and the cache the side launches wrote.
         side.join()?;
+        let q_rot = q_rot.squeeze(2)?.contiguous()?;
         let out = q_rot.apply_op1_no_bwd(&op)?;
         self.check("output", &[&out])?;
         self.last_read = if self.track_reads && self.replay.is_none() {

@@ -41,6 +41,18 @@ fn without_backtrace(message: &str) -> &str {
         .trim_end()
 }
 
+/// `--dense-layers`: every layer must exist in a model of `n_layers`.
+#[allow(dead_code)] // not every example serves layers dense
+pub fn check_dense_layers(layers: &[usize], n_layers: usize) -> Res<()> {
+    match layers.iter().find(|&&l| l >= n_layers) {
+        Some(layer) => Err(format!(
+            "--dense-layers: layer {layer} out of range (the model has {n_layers})"
+        )
+        .into()),
+        None => Ok(()),
+    }
+}
+
 /// Fixes candle's CPU thread count once. Without `RAYON_NUM_THREADS`, candle works it out again
 /// on every CPU matmul, which on Linux parses `/proc/cpuinfo`: `perf` put about 5% of a
 /// SmolLM2 decode step's samples there. Sets the variable, when unset, to the value candle would

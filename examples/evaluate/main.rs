@@ -83,6 +83,10 @@ struct Args {
     /// Route every layer (ignoring the layers the index serves dense)
     #[arg(long)]
     all_sparse: bool,
+    /// Layers served dense in every mode besides those the index serves dense (with
+    /// --all-sparse: the only dense layers), comma-separated
+    #[arg(long, value_delimiter = ',')]
+    dense_layers: Vec<usize>,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -151,11 +155,13 @@ enum Mode {
 
 const MODES: [Mode; 4] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid, Mode::Quest];
 
-/// How each layer is routed: as the index says, or every layer by the classifier.
+/// How each layer is routed: as the index says, or every layer by the classifier; `--dense-layers`
+/// dense in either case.
 #[derive(Clone, Copy)]
 struct Policy<'a> {
     index: &'a SaapIndex,
     all_sparse: bool,
+    dense_layers: &'a [usize],
     /// Keys budget of the trained routings (Saap, nearest centroid), else their ℓ.
     keys_budget: Option<f64>,
     /// Whether the trained routings estimate their unread partitions.
@@ -164,7 +170,9 @@ struct Policy<'a> {
 
 impl Policy<'_> {
     fn routing(self, layer: usize) -> Res<Routing> {
-        Ok(if self.all_sparse {
+        Ok(if self.dense_layers.contains(&layer) {
+            Routing::Dense
+        } else if self.all_sparse {
             Routing::Classifier
         } else {
             self.index.layer(layer)?.routing
@@ -305,6 +313,7 @@ fn run() -> Res<()> {
         tok,
         mut model,
     } = args.model.load()?;
+    common::check_dense_layers(&args.dense_layers, model.n_layers())?;
     let runs = |section: Section| !args.skip.contains(&section);
     let text = args.text.text();
     let (index, index_path) = match &args.index {
@@ -395,6 +404,7 @@ fn run() -> Res<()> {
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
+        dense_layers: &args.dense_layers,
         keys_budget: args.keys_budget,
         estimate_unread: args.estimate_unread,
     };
@@ -613,6 +623,13 @@ fn command_line(args: &Args) -> String {
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
         ("--all-sparse", args.all_sparse.then(String::new)),
+        (
+            "--dense-layers",
+            (!args.dense_layers.is_empty()).then(|| {
+                let layers: Vec<String> = args.dense_layers.iter().map(|l| l.to_string()).collect();
+                layers.join(",")
+            }),
+        ),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (

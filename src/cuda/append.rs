@@ -1,10 +1,11 @@
 //! Launches of the cache append (`cuda/append.cu`): RoPE + row writes ([`RopeWrite`]) and the
 //! nearest-centroid labels of new keys ([`AssignOp`]). A decode step's append is three launches
-//! (queries; keys and values; labels) with nothing copied from the host.
+//! (queries; keys and values; labels) with nothing copied from the host, all beside the routing.
 
 use super::{
-    advance_chunk, dtype_name, launch_stream, load, push_advance, sm_count, to_u32, view,
-    with_advance, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR, SMEM_LIMIT,
+    advance_chunk, after_main_work, dtype_name, launch_stream, load, push_advance, sm_count,
+    to_u32, view, with_advance, with_cuda, ItemTable, ZeroedBuffers, APPEND, MAX_BATCH, NULL_PTR,
+    SMEM_LIMIT,
 };
 use crate::config::RopeKind;
 use crate::partition::assign::AssignOp;
@@ -90,6 +91,8 @@ pub(crate) fn rope_new(
         let dev = src.device().clone();
         // SAFETY: every row is written (lens == T, checked above).
         let mut out = unsafe { dev.alloc::<T>(n) }?;
+        // Rotating a decode step's query on the side stream: the allocation is ordered first.
+        after_main_work(&dev)?;
         launch_rope::<T>(op, &mut out.slice_mut(..), (src, src_l), None, dims, dims.2)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }

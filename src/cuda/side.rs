@@ -1,6 +1,6 @@
 //! A second stream per device for launches of a decode step that the step's routing does not
-//! wait for: the cache append (keys and values) and the new key's assignment run beside the
-//! query's RoPE, the classifier and top-ℓ, and the decode kernel waits for both. In a CUDA graph
+//! wait for: the query's RoPE, the cache append (keys and values) and the new key's assignment
+//! run beside the classifier and top-ℓ, and the decode kernel waits for both. In a CUDA graph
 //! the fork and the join become edges, so the two branches overlap on every replay.
 
 use candle_core::cuda_backend::cudarc::driver::CudaStream;

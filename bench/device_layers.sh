@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Session 25 on the GPU machine, one machine, calls back to back: the query's RoPE beside the
+# routing (NOTES §36) and which layers the 120k perplexity excess comes from (§37). Binaries
+# staged in .gpuA/ (calibrate, texts), .gpuB/ (throughput, evaluate), .devT/ (cuda_parity,
+# graph), .devS/ (bench_report of this commit and of 6a44783 as bench_report_old): one `stash`
+# call each, kept in /tmp/stash; the Qwen2.5-Coder-0.5B GGUF in pieces .qwen/pNN, one per call.
+# Usage: bash bench/device_layers.sh STEP [ARGS]
+#   (stash DIR | piece | setup | tests | steps | calib128 | sweep BUDGET | dense LAYERS BUDGETS |
+#    passkey LAYERS BUDGET)
+set -uo pipefail
+step=$1
+source "$(dirname "$0")/device_common.sh"
+X="$I/q128k-64k.safetensors"
+tp() {
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --plan-floor 0.25 "$@"
+}
+case $step in
+stash)
+  mkdir -p /tmp/stash && cp -r "$2"/* /tmp/stash/ && ls -R /tmp/stash | tr '\n' ' ' ;;
+piece)
+  mkdir -p /tmp/q && cp .qwen/p* /tmp/q/ 2>/dev/null; ls -l /tmp/q | tail -n +2 ;;
+setup)
+  mkdir -p "$bin" /tmp/saap/models /tmp/saap/texts "$I"
+  cp /tmp/stash/bin/*.gz "$bin/" && gunzip -f "$bin"/*.gz && chmod +x "$bin"/*
+  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
+  cp /tmp/stash/texts/* /tmp/saap/texts/
+  cat /tmp/q/p* > "$M" && sha256sum "$M" | tee "$OUT/setup.txt"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/setup.txt" ;;
+tests)
+  # The query's RoPE now runs on the side stream: parity (eager steps) and graphs (captured).
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1 ;;
+steps)
+  # The Llama-3.1-8B layer step, 6a44783 (`bench_report_old`) against this commit, alternated
+  # twice, FA2 in the same call.
+  for b in bench_report_old bench_report bench_report_old bench_report; do
+    SAAP_REPORT_ONLY=steps run "$bin/$b" 171008 1,8
+  done
+  run python3 bench/fa2_prefill_anchor.py 171008 1,8 decode ;;
+calib128)
+  # The recipe of NOTES §33 (same bytes as sessions 24: sha256 67969bde…).
+  run "$bin/calibrate" --model "$M" --cuda --yarn 4 --context 65536 --seqs 1 --queries 1024 --sinks 4 --held-out-context 120000 --epochs 30 --hidden 64 --out "$X"
+  sha256sum "$X" | tee -a "$OUT/calib128.txt" ;;
+sweep)
+  # Every layer sparse at budget $2, then once per layer with that layer dense.
+  tp --keys-budget "$2" --layer-sweep ;;
+dense)
+  # Layers $2 dense, the others sparse, at budgets $3; every layer sparse at the same budgets.
+  tp --keys-budget "$3" --dense-layers "$2"
+  tp --keys-budget "$3" ;;
+passkey)
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --dense-layers "$2" --keys-budget "$3" --plan-floor 0.25 --quest-budget "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-dense$2-$3" ;;
+esac
