@@ -5,8 +5,10 @@
 # graph), .devS/ (bench_report of this commit and of 6a44783 as bench_report_old): one `stash`
 # call each, kept in /tmp/stash; the Qwen2.5-Coder-0.5B GGUF in pieces .qwen/pNN, one per call.
 # Usage: bash bench/device_layers.sh STEP [ARGS]
-#   (stash DIR | piece | setup | tests | steps | calib128 | sweep BUDGET | dense LAYERS BUDGETS |
-#    passkey LAYERS BUDGET)
+#   (stash DIR | index | piece | setup | tests | steps | calib128 | sweep BUDGET |
+#    dense LAYERS BUDGETS | passkey LAYERS BUDGET | hybrid BUDGETS)
+# `index` takes the 64k-sequence index as calibrated in an earlier call (`calib128`, fetched back
+# in pieces and joined) from .idx/, so a fresh machine need not calibrate it again.
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -17,6 +19,8 @@ tp() {
 case $step in
 stash)
   mkdir -p /tmp/stash && cp -r "$2"/* /tmp/stash/ && ls -R /tmp/stash | tr '\n' ' ' ;;
+index)
+  mkdir -p "$I" && cp .idx/q128k-64k.safetensors "$X" && sha256sum "$X" ;;
 piece)
   mkdir -p /tmp/q && cp .qwen/p* /tmp/q/ 2>/dev/null; ls -l /tmp/q | tail -n +2 ;;
 setup)
@@ -48,6 +52,11 @@ dense)
   # Layers $2 dense, the others sparse, at budgets $3; every layer sparse at the same budgets.
   tp --keys-budget "$3" --dense-layers "$2"
   tp --keys-budget "$3" ;;
+hybrid)
+  # NOTES §38–39: the layers calibration recorded for Quest (--hybrid), then §38's hand-picked 15,
+  # 8 × 1023 predicted tokens each.
+  tp --keys-budget "$2" --tokens 1024 --hybrid
+  tp --keys-budget "$2" --tokens 1024 --quest-layers 0,2,4,5,6,7,8,10,12,14,15,17,18,19,20 ;;
 passkey)
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --dense-layers "$2" --keys-budget "$3" --plan-floor 0.25 --quest-budget "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-dense$2-$3" ;;
 esac

@@ -192,8 +192,12 @@ fn run() -> Res<()> {
         .iter()
         .filter(|r| r.routing == saap::Routing::Dense)
         .count();
+    let quest = reports
+        .iter()
+        .filter(|r| r.sparse_routing == saap::Routing::Quest)
+        .count();
     println!(
-        "saved {} ({} layers, {dense} served dense)",
+        "saved {} ({} layers, {dense} served dense; served sparse with --hybrid, {quest} routed by Quest)",
         out.display(),
         reports.len()
     );

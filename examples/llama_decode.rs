@@ -61,6 +61,14 @@ struct Args {
     /// [default: the index's budget, if it was calibrated with one]
     #[arg(long)]
     keys_budget: Option<f64>,
+    /// Serve every layer sparse, also those the index serves dense (routed by the classifier)
+    #[arg(long, conflicts_with = "dense")]
+    all_sparse: bool,
+    /// With --all-sparse: route by Quest the layers where calibration found Quest's pages holding
+    /// more of the attention than the classifier at equal keys (recorded in the index); needs a
+    /// keys budget
+    #[arg(long, requires = "all_sparse")]
+    hybrid: bool,
     /// Spend the keys budget as one ℓ in every layer (by default layer by layer, from the
     /// index's probe curves where it has them)
     #[arg(long, conflicts_with = "probe")]
@@ -250,12 +258,26 @@ fn run(args: Args) -> Res<()> {
                 Some(_) => None,
                 None => args.keys_budget.or(c.keys_budget),
             };
+            if args.hybrid && budget.is_none() {
+                return Err(
+                    "--hybrid needs a keys budget (--keys-budget): its Quest layers read pages to \
+                     fit it"
+                        .into(),
+                );
+            }
+            if args.all_sparse {
+                model.serve_all_sparse(args.hybrid)?;
+            }
             model.set_keys_budget(budget)?;
             model.set_budget_by_layer(!args.uniform_budget)?;
             model.set_plan_floor(args.plan_floor)?;
             model.set_estimate_unread(args.estimate_unread);
             let dense_layers = (0..index.n_layers())
-                .filter(|&l| index.layer(l).is_ok_and(|x| x.routing == Routing::Dense))
+                .filter(|&l| {
+                    model
+                        .attention_mut(l)
+                        .is_ok_and(|op| op.routing() == Routing::Dense)
+                })
                 .count();
             println!(
                 "model {name} on the {device_name}; Saap index {}\n  C = {} partitions per KV head, \

@@ -10,13 +10,15 @@
 //!
 //! `cargo run --release --features cuda --example throughput -- --qwen --cuda --index I
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
-//! (ignoring the index's dense layers); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1`
-//! budgets of keys read (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
+//! (ignoring the index's dense layers; with `--hybrid`, by Quest where the index recorded that
+//! Quest finds more); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1` budgets of keys read
+//! (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
 //! (top-p), `--quest-budget 0.1` Quest (training-free page bounds) in every layer at that keys
 //! budget; `--estimate-unread` runs each Saap setting again with the unread partitions estimated
 //! from their means; `--compare-uniform` runs each keys budget both spent layer by layer (the
 //! index's probe curves, the default) and as one ℓ for all; `--graph on|off|both` picks the step
-//! modes. `--dense-layers 0,5` serves those layers dense in every Saap run; `--layer-sweep` runs
+//! modes. `--dense-layers 0,5` serves those layers dense in every Saap run, `--quest-layers`
+//! routes those by Quest; `--layer-sweep` runs
 //! each Saap setting once more per layer with that layer dense as well, to see which layers'
 //! routing the perplexity excess comes from.
 
@@ -51,6 +53,10 @@ struct Args {
     /// Route every layer through the classifier, ignoring the index's dense layers
     #[arg(long)]
     all_sparse: bool,
+    /// With --all-sparse: route by Quest the layers where calibration found Quest's pages holding
+    /// more of the attention than the classifier at equal keys (the index's sparse routing)
+    #[arg(long, requires_all = ["all_sparse", "keys_budget"], conflicts_with = "quest_layers")]
+    hybrid: bool,
     /// Prefill chunk [default: the model's, 8192 on CUDA]
     #[arg(long)]
     chunk: Option<usize>,
@@ -93,6 +99,10 @@ struct Args {
     /// Run each Saap setting again once per layer, with that layer served dense as well
     #[arg(long)]
     layer_sweep: bool,
+    /// Layers routed by Quest in every Saap run (training-free page bounds, at the keys budget;
+    /// needs --keys-budget), comma-separated
+    #[arg(long, value_delimiter = ',', requires = "keys_budget")]
+    quest_layers: Vec<usize>,
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
@@ -105,11 +115,14 @@ struct SaapRun {
 }
 
 impl SaapRun {
-    /// Puts the model's restored ops in this run's state.
-    fn apply(self, model: &mut Llama, dense_layers: &[usize]) -> Res<()> {
+    /// Puts the model's restored ops in this run's state: `quest_layers` routed by Quest,
+    /// `dense_layers` dense (Quest settings route every layer by Quest already).
+    fn apply(self, model: &mut Llama, quest_layers: &[usize], dense_layers: &[usize]) -> Res<()> {
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
-        // After the setting: Quest routes every layer.
+        for &layer in quest_layers {
+            model.set_routing(layer, Routing::Quest)?;
+        }
         for &layer in dense_layers.iter().chain(&self.also_dense) {
             model.set_routing(layer, Routing::Dense)?;
         }
@@ -291,7 +304,8 @@ fn run(args: Args) -> Res<()> {
             })
         })
         .collect();
-    common::check_dense_layers(&args.dense_layers, model.n_layers())?;
+    common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
+    common::check_layers("--quest-layers", &args.quest_layers, model.n_layers())?;
     for &batch in &args.batch {
         // Item i: ~1.5% shorter than item i − 1, from its own place in the text; it is then fed
         // its own continuation.
@@ -306,7 +320,7 @@ fn run(args: Args) -> Res<()> {
             .unzip();
         model.attach_index(Some(&index))?;
         if args.all_sparse {
-            (0..model.n_layers()).try_for_each(|l| model.set_routing(l, Routing::Classifier))?;
+            model.serve_all_sparse(args.hybrid)?;
         }
         let start = Instant::now();
         model.prefill_batch(&prompts, chunk)?;
@@ -325,11 +339,11 @@ fn run(args: Args) -> Res<()> {
                     setting, estimate, ..
                 } = run;
                 model.restore_attention(&snapshot)?;
-                run.apply(&mut model, &args.dense_layers)?;
+                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
-                run.apply(&mut model, &args.dense_layers)?;
+                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 // ℓ of the routed layers after the last step (a budget sets it per step).
                 let probes = (0..model.n_layers())
@@ -339,6 +353,13 @@ fn run(args: Args) -> Res<()> {
                     })
                     .collect::<Res<Vec<_>>>()?;
                 let probes: Vec<usize> = probes.into_iter().flatten().collect();
+                let quest_layers: Vec<usize> = (0..model.n_layers())
+                    .filter(|&l| {
+                        model
+                            .attention_mut(l)
+                            .is_ok_and(|op| op.routing() == Routing::Quest)
+                    })
+                    .collect();
                 let n_probe = probes.first().copied().unwrap_or(0);
                 let ell = match probes.iter().all(|&l| l == n_probe) {
                     true => n_probe.to_string(),
@@ -372,7 +393,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
@@ -385,6 +406,7 @@ fn run(args: Args) -> Res<()> {
                         .iter()
                         .chain(&run.also_dense)
                         .collect::<Vec<_>>(),
+                    quest_layers,
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

@@ -27,6 +27,8 @@ const TENSOR_DIGESTS: &str = "tensor_sha256";
 const MODEL_SHA256: &str = "model_sha256";
 /// Metadata key of the per-layer probe curves (optional).
 const PROBE_CURVES: &str = "probe_curves";
+/// Metadata key of the per-layer routing when served sparse ([`SaapIndex::sparse_routing`]).
+const SPARSE_ROUTING: &str = "sparse_routing";
 
 /// Whether `s` is a lowercase hex sha256 (64 digits).
 fn is_sha256_hex(s: &str) -> bool {
@@ -105,6 +107,7 @@ impl LayerIndex {
 /// | `model` | name of the model the index was trained for |
 /// | `model_sha256` | optional: lowercase hex sha256 of the model file it was calibrated on |
 /// | `probe_curves` | optional: JSON array, per layer a [`ProbeCurve`] or `null` (what each ℓ read and found on held-out text; see [`crate::budget`]) |
+/// | `sparse_routing` | optional: JSON array of each layer's [`Routing`] when served sparse, `Classifier` or `Quest` (see [`SaapIndex::sparse_routing`]); absent: `Classifier` everywhere |
 /// | `n_layers` | number of layers, decimal |
 /// | `config` | the [`SaapConfig`] as JSON |
 /// | `routing` | JSON array of each layer's [`Routing`] |
@@ -117,7 +120,7 @@ impl LayerIndex {
 /// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
 /// Version 2 differed only in storing F32 tensors and had no `model_sha256`. `probe_curves`
 /// came later within version 3: files without it load with no curves, and builds before it
-/// ignore it.
+/// ignore it; `sparse_routing` likewise.
 ///
 /// Usually made by calibration (`saap::train::calibrate_index`, or `train_layer` per layer);
 /// here by hand, with random weights, to show the shapes and a save/load round trip:
@@ -155,6 +158,7 @@ pub struct SaapIndex {
     layers: Vec<LayerIndex>,
     /// Per layer, what each ℓ read and found on held-out text, where calibration measured it.
     probe_curves: Vec<Option<ProbeCurve>>,
+    sparse_routing: Vec<Routing>,
 }
 
 /// Lowercase hex sha256 of `parts`, each fed in turn.
@@ -251,6 +255,7 @@ impl SaapIndex {
             model: model.into(),
             model_sha256: None,
             probe_curves: vec![None; rounded.len()],
+            sparse_routing: vec![Routing::Classifier; rounded.len()],
             layers: rounded,
         })
     }
@@ -295,6 +300,39 @@ impl SaapIndex {
     /// Per layer, its probe curve where calibration measured one.
     pub fn probe_curves(&self) -> &[Option<ProbeCurve>] {
         &self.probe_curves
+    }
+
+    /// Records how each layer reads keys when it is served sparse (with
+    /// [`crate::models::Llama::serve_all_sparse`], or the CLIs' `--hybrid`): `Classifier`, or
+    /// `Quest` where calibration found Quest's pages holding more of the held-out attention than
+    /// the classifier's partitions at the same keys read.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] unless there is one entry per layer, each `Classifier` or `Quest`.
+    pub fn with_sparse_routing(mut self, routing: Vec<Routing>) -> Result<Self> {
+        if routing.len() != self.layers.len() {
+            return Err(SaapError::Config(format!(
+                "{} sparse routings for {} layers",
+                routing.len(),
+                self.layers.len()
+            )));
+        }
+        if let Some(r) = routing
+            .iter()
+            .find(|r| !matches!(r, Routing::Classifier | Routing::Quest))
+        {
+            return Err(SaapError::Config(format!(
+                "sparse routing {r:?}: a layer served sparse is routed by the classifier or Quest"
+            )));
+        }
+        self.sparse_routing = routing;
+        Ok(self)
+    }
+
+    /// Per layer, how it reads keys when served sparse: `Classifier` unless calibration recorded
+    /// `Quest` ([`SaapIndex::with_sparse_routing`]).
+    pub fn sparse_routing(&self) -> &[Routing] {
+        &self.sparse_routing
     }
 
     /// The sha256 of the model file the index was calibrated on, if it was recorded.
@@ -419,6 +457,13 @@ impl SaapIndex {
         }
         if self.probe_curves.iter().any(Option::is_some) {
             meta.insert(PROBE_CURVES.to_string(), json(&self.probe_curves)?);
+        }
+        if self
+            .sparse_routing
+            .iter()
+            .any(|&r| r != Routing::Classifier)
+        {
+            meta.insert(SPARSE_ROUTING.to_string(), json(&self.sparse_routing)?);
         }
         meta.insert(META_DIGEST.to_string(), metadata_digest(&meta));
         let mut header = BTreeMap::from([(
@@ -596,13 +641,23 @@ impl SaapIndex {
                 .map_err(|e| format!("{MODEL_SHA256}: {e}"))?,
             None => index,
         };
-        match meta.contains_key(PROBE_CURVES) {
+        let index = match meta.contains_key(PROBE_CURVES) {
             true => {
                 let curves: Vec<Option<ProbeCurve>> = serde_json::from_value(parse(PROBE_CURVES)?)
                     .map_err(|e| format!("{PROBE_CURVES}: {e}"))?;
                 index
                     .with_probe_curves(curves)
-                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))
+                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))?
+            }
+            false => index,
+        };
+        match meta.contains_key(SPARSE_ROUTING) {
+            true => {
+                let routing: Vec<Routing> = serde_json::from_value(parse(SPARSE_ROUTING)?)
+                    .map_err(|e| format!("{SPARSE_ROUTING}: {e}"))?;
+                index
+                    .with_sparse_routing(routing)
+                    .map_err(|e| format!("{SPARSE_ROUTING}: {e}"))
             }
             false => Ok(index),
         }
@@ -748,6 +803,50 @@ pub(crate) mod tests {
         assert!(matches!(
             SaapIndex::load(&path, &Device::Cpu),
             Err(SaapError::IndexFormat(msg)) if msg.contains(PROBE_CURVES) && msg.contains("1.5")
+        ));
+    }
+
+    #[test]
+    fn sparse_routing_is_saved_checked_and_optional() {
+        let config = config();
+        let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, 0.5); 2]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.safetensors");
+        // Classifier everywhere is the default, and is not written.
+        index.save(&path).unwrap();
+        let plain = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains(SPARSE_ROUTING));
+        let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.sparse_routing(), &[Routing::Classifier; 2]);
+        let hybrid = vec![Routing::Quest, Routing::Classifier];
+        let with = index.clone().with_sparse_routing(hybrid.clone()).unwrap();
+        with.save(&path).unwrap();
+        assert_eq!(
+            SaapIndex::load(&path, &Device::Cpu)
+                .unwrap()
+                .sparse_routing(),
+            hybrid.as_slice()
+        );
+        // One per layer, and only the two sparse routings.
+        assert!(index
+            .clone()
+            .with_sparse_routing(vec![Routing::Quest])
+            .is_err());
+        for other in [Routing::Dense, Routing::NearestCentroid] {
+            assert!(matches!(
+                index
+                    .clone()
+                    .with_sparse_routing(vec![Routing::Classifier, other]),
+                Err(SaapError::Config(_))
+            ));
+        }
+        // A file whose digests agree but which serves a layer dense "sparsely" is refused.
+        let mut bad = with.clone();
+        bad.sparse_routing[1] = Routing::Dense;
+        std::fs::write(&path, bad.to_bytes().unwrap()).unwrap();
+        assert!(matches!(
+            SaapIndex::load(&path, &Device::Cpu),
+            Err(SaapError::IndexFormat(msg)) if msg.contains(SPARSE_ROUTING)
         ));
     }
 }

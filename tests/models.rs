@@ -275,6 +275,49 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     assert_eq!((probe(&mut model, 0), probe(&mut model, 1)), (1, 4));
 }
 
+/// Serving every layer sparse routes each by the classifier, or with the hybrid by the routing
+/// the index recorded for it (Quest in layer 1 here): dense layers included, and the hybrid's
+/// Quest layer decodes under a keys budget beside the classifier layers.
+#[test]
+fn all_sparse_follows_the_index_sparse_routing() {
+    let (mut model, text) = smollm2_indexed(300);
+    let n = model.n_layers();
+    let mut sparse = vec![Routing::Classifier; n];
+    sparse[1] = Routing::Quest;
+    let mut index = random_index(&model, 8, 2)
+        .with_sparse_routing(sparse.clone())
+        .unwrap();
+    index.set_layer_routing(0, Routing::Dense).unwrap();
+    model.attach_index(Some(&index)).unwrap();
+    let routings = |model: &mut Llama| -> Vec<Routing> {
+        (0..n)
+            .map(|l| model.attention_mut(l).unwrap().routing())
+            .collect()
+    };
+    assert_eq!(routings(&mut model)[0], Routing::Dense);
+    model.serve_all_sparse(true).unwrap();
+    assert_eq!(routings(&mut model), sparse);
+    model.serve_all_sparse(false).unwrap();
+    assert_eq!(routings(&mut model), vec![Routing::Classifier; n]);
+    model.serve_all_sparse(true).unwrap();
+    model.set_keys_budget(Some(0.5)).unwrap();
+    let tokens = Tensor::new(&text[..290], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&tokens, &[290]).unwrap();
+    let step = Tensor::new(&[text[290]], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&step, &[1]).unwrap();
+    let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    // Without an index there is nothing to route by.
+    model.attach_index(None).unwrap();
+    assert!(model.serve_all_sparse(false).is_err());
+}
+
 /// Ragged prompts prefilled as one batch give each item the logits it gets alone, and a
 /// `DecodeGraph` (eager on the CPU) then decodes the batch as `forward` does item by item.
 #[test]

@@ -260,9 +260,19 @@ fn calibration_serves_dense_the_layers_below_the_recall_target() {
     .unwrap();
     assert_eq!(seen, 2);
     assert_eq!(index.n_layers(), 2);
-    // Each layer's probe curve travels with the index.
-    for (curve, report) in index.probe_curves().iter().zip(&reports) {
+    // Each layer's probe curve and sparse routing travel with the index; the sparse routing is
+    // Quest exactly where Quest's pages found more of the held-out mass.
+    for ((curve, &sparse), report) in index
+        .probe_curves()
+        .iter()
+        .zip(index.sparse_routing())
+        .zip(&reports)
+    {
         assert_eq!(curve.as_ref(), Some(&report.probe_curve));
+        assert_eq!(sparse, report.sparse_routing);
+        let quest_better =
+            report.classifier.quest_indexed_recall > report.classifier.indexed_recall;
+        assert_eq!(sparse == Routing::Quest, quest_better, "{report:?}");
     }
     assert!(reports
         .iter()
@@ -316,4 +326,17 @@ fn context_sized_defaults() {
         (large.n_partitions, large.n_probe, large.window, large.sinks),
         (1024, 21, 2048, 16)
     );
+}
+
+#[test]
+fn sparse_routing_is_quest_only_where_its_pages_find_more() {
+    let eval = |classifier, quest| saap::train::RoutingEval {
+        indexed_recall: classifier,
+        quest_indexed_recall: quest,
+        ..Default::default()
+    };
+    let choose = saap::train::choose_sparse_routing;
+    assert_eq!(choose(&eval(0.4, 0.5)), Routing::Quest);
+    assert_eq!(choose(&eval(0.5, 0.5)), Routing::Classifier);
+    assert_eq!(choose(&eval(0.5, 0.4)), Routing::Classifier);
 }

@@ -41,14 +41,13 @@ fn without_backtrace(message: &str) -> &str {
         .trim_end()
 }
 
-/// `--dense-layers`: every layer must exist in a model of `n_layers`.
-#[allow(dead_code)] // not every example serves layers dense
-pub fn check_dense_layers(layers: &[usize], n_layers: usize) -> Res<()> {
+/// A list of layers given with `flag`: every layer must exist in a model of `n_layers`.
+#[allow(dead_code)] // not every example takes layers
+pub fn check_layers(flag: &str, layers: &[usize], n_layers: usize) -> Res<()> {
     match layers.iter().find(|&&l| l >= n_layers) {
-        Some(layer) => Err(format!(
-            "--dense-layers: layer {layer} out of range (the model has {n_layers})"
-        )
-        .into()),
+        Some(layer) => {
+            Err(format!("{flag}: layer {layer} out of range (the model has {n_layers})").into())
+        }
         None => Ok(()),
     }
 }

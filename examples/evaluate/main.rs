@@ -87,6 +87,15 @@ struct Args {
     /// --all-sparse: the only dense layers), comma-separated
     #[arg(long, value_delimiter = ',')]
     dense_layers: Vec<usize>,
+    /// Layers Saap routes by Quest instead of the classifier, at its keys budget (needs
+    /// --keys-budget), comma-separated: a per-layer hybrid
+    #[arg(long, value_delimiter = ',', requires = "keys_budget")]
+    quest_layers: Vec<usize>,
+    /// With --all-sparse: Saap routes by Quest the layers the index recorded for it (where
+    /// calibration found Quest's pages holding more of the attention than the classifier at
+    /// equal keys), as --quest-layers with the index's list
+    #[arg(long, requires_all = ["keys_budget", "all_sparse"], conflicts_with = "quest_layers")]
+    hybrid: bool,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -156,12 +165,13 @@ enum Mode {
 const MODES: [Mode; 4] = [Mode::Dense, Mode::Saap, Mode::NearestCentroid, Mode::Quest];
 
 /// How each layer is routed: as the index says, or every layer by the classifier; `--dense-layers`
-/// dense in either case.
+/// dense and (Saap only) `--quest-layers` by Quest in either case.
 #[derive(Clone, Copy)]
 struct Policy<'a> {
     index: &'a SaapIndex,
     all_sparse: bool,
     dense_layers: &'a [usize],
+    quest_layers: &'a [usize],
     /// Keys budget of the trained routings (Saap, nearest centroid), else their ℓ.
     keys_budget: Option<f64>,
     /// Whether the trained routings estimate their unread partitions.
@@ -172,6 +182,8 @@ impl Policy<'_> {
     fn routing(self, layer: usize) -> Res<Routing> {
         Ok(if self.dense_layers.contains(&layer) {
             Routing::Dense
+        } else if self.quest_layers.contains(&layer) {
+            Routing::Quest
         } else if self.all_sparse {
             Routing::Classifier
         } else {
@@ -208,7 +220,12 @@ fn apply_mode(
         // Partition routings only: dense and Quest steps ignore it.
         attn.set_estimate_unread(policy.estimate_unread);
         if routing == Routing::Quest {
-            let budget = quest_budget.ok_or(
+            // Saap's Quest layers (the hybrid) read Saap's budget.
+            let budget = match mode {
+                Mode::Saap => policy.keys_budget,
+                _ => quest_budget,
+            };
+            let budget = budget.ok_or(
                 "Quest needs a keys budget: run the perplexity section or pass --quest-budget",
             )?;
             attn.set_keys_budget(Some(budget))?;
@@ -313,7 +330,8 @@ fn run() -> Res<()> {
         tok,
         mut model,
     } = args.model.load()?;
-    common::check_dense_layers(&args.dense_layers, model.n_layers())?;
+    common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
+    common::check_layers("--quest-layers", &args.quest_layers, model.n_layers())?;
     let runs = |section: Section| !args.skip.contains(&section);
     let text = args.text.text();
     let (index, index_path) = match &args.index {
@@ -401,10 +419,17 @@ fn run() -> Res<()> {
     model.attach_index(Some(&index))?;
     model.set_budget_by_layer(!args.uniform_budget)?;
     model.set_plan_floor(args.plan_floor)?;
+    let quest_layers: Vec<usize> = match args.hybrid {
+        true => (0..index.n_layers())
+            .filter(|&l| index.sparse_routing()[l] == Routing::Quest)
+            .collect(),
+        false => args.quest_layers.clone(),
+    };
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
         dense_layers: &args.dense_layers,
+        quest_layers: &quest_layers,
         keys_budget: args.keys_budget,
         estimate_unread: args.estimate_unread,
     };
@@ -623,13 +648,9 @@ fn command_line(args: &Args) -> String {
         ("--index", args.index.as_ref().map(file)),
         ("--probe", args.probe.map(|p| p.to_string())),
         ("--all-sparse", args.all_sparse.then(String::new)),
-        (
-            "--dense-layers",
-            (!args.dense_layers.is_empty()).then(|| {
-                let layers: Vec<String> = args.dense_layers.iter().map(|l| l.to_string()).collect();
-                layers.join(",")
-            }),
-        ),
+        ("--dense-layers", layer_list(&args.dense_layers)),
+        ("--quest-layers", layer_list(&args.quest_layers)),
+        ("--hybrid", args.hybrid.then(String::new)),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (
@@ -814,4 +835,10 @@ fn markdown(r: &Report, args: &Args) -> String {
         );
     }
     s
+}
+
+/// A `--…-layers` value as given, or `None` for an empty list.
+fn layer_list(layers: &[usize]) -> Option<String> {
+    let names: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+    (!names.is_empty()).then(|| names.join(","))
 }

@@ -250,13 +250,16 @@ pub fn calibrate_model(
         Some(&training),
         |r| {
             let line = format!(
-                "layer {:>2}: recall {:.3} (nearest centroid {:.3}, oracle {:.3}) reading {:.1}% of indexed keys → {:?} ({:.0} s)",
+                "layer {:>2}: recall {:.3} (nearest centroid {:.3}, oracle {:.3}) reading {:.1}% of indexed keys → {:?}; sparse: {:?} (indexed mass {:.3}, Quest's {:.3}) ({:.0} s)",
                 r.layer,
                 r.classifier.recall,
                 r.nearest_centroid.recall,
                 r.classifier.oracle_recall,
                 100.0 * r.classifier.indexed_selectivity,
                 r.routing,
+                r.sparse_routing,
+                r.classifier.indexed_recall,
+                r.classifier.quest_indexed_recall,
                 started.elapsed().as_secs_f64()
             );
             // A hidden bar (stderr not a terminal) drops println: print the line anyway.

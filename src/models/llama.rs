@@ -192,6 +192,8 @@ pub struct Llama {
     attn: Vec<SaapAttention>,
     /// The attached index's probe curves (empty without an index).
     probe_curves: Vec<Option<ProbeCurve>>,
+    /// The attached index's routing per layer when served sparse (empty: no index).
+    sparse_routing: Vec<Routing>,
     /// Whether a keys budget is spent layer by layer from those curves.
     budget_by_layer: bool,
     /// The least share of the uniform ℓ a layer keeps in such a plan.
@@ -372,6 +374,7 @@ impl Llama {
             layers,
             attn: Vec::new(),
             probe_curves: Vec::new(),
+            sparse_routing: Vec::new(),
             budget_by_layer: true,
             plan_floor: crate::budget::DEFAULT_FLOOR,
             norm,
@@ -390,6 +393,7 @@ impl Llama {
             .map(|_| SaapAttention::dense(&config, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
         self.probe_curves = Vec::new();
+        self.sparse_routing = Vec::new();
         Ok(())
     }
 
@@ -461,6 +465,7 @@ impl Llama {
             .map(|layer| SaapAttention::from_index(index, layer, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
         self.probe_curves = index.probe_curves().to_vec();
+        self.sparse_routing = index.sparse_routing().to_vec();
         self.plan_probes()
     }
 
@@ -682,6 +687,28 @@ impl Llama {
     /// [`Error::Saap`] for a layer the model does not have, or a routing the op refuses.
     pub fn set_routing(&mut self, layer: usize, routing: Routing) -> Result<()> {
         self.attention_mut(layer)?.set_routing(routing)?;
+        self.plan_probes()
+    }
+
+    /// Serves every layer sparse, the layers the index serves dense included: each by the
+    /// classifier, or with `hybrid` by the routing the attached index recorded for it
+    /// ([`SaapIndex::sparse_routing`]: Quest in the layers where calibration found Quest's pages
+    /// holding more of the held-out attention than the classifier's partitions at equal keys).
+    /// Quest layers read pages to fit the keys budget ([`Llama::set_keys_budget`]) and without
+    /// one [`crate::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
+    /// layers.
+    ///
+    /// # Errors
+    /// [`Error::Model`] with no index attached; [`Error::Saap`] for a routing an op refuses.
+    pub fn serve_all_sparse(&mut self, hybrid: bool) -> Result<()> {
+        if self.sparse_routing.len() != self.attn.len() {
+            return Err(Error::Model(
+                "serving every layer sparse needs an attached index".into(),
+            ));
+        }
+        for (op, &sparse) in self.attn.iter_mut().zip(&self.sparse_routing) {
+            op.set_routing(if hybrid { sparse } else { Routing::Classifier })?;
+        }
         self.plan_probes()
     }
 

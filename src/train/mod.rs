@@ -305,6 +305,19 @@ pub fn choose_routing(eval: &RoutingEval, min_recall: f64) -> Routing {
     }
 }
 
+/// How a layer reads keys when it is served sparse: Quest where, on held-out queries, its pages
+/// held more of the indexed attention than the classifier's partitions, reading no more keys
+/// (`quest_indexed_recall`, measured at the classifier's reads), else the classifier. At long
+/// context many layers attend by position, which pages follow and pre-RoPE partitions do not
+/// (bench/NOTES.md §37).
+pub fn choose_sparse_routing(eval: &RoutingEval) -> Routing {
+    if eval.quest_indexed_recall > eval.indexed_recall {
+        Routing::Quest
+    } else {
+        Routing::Classifier
+    }
+}
+
 /// What calibration measured for one layer on held-out sequences.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LayerReport {
@@ -316,12 +329,15 @@ pub struct LayerReport {
     pub nearest_centroid: RoutingEval,
     /// The routing chosen for the layer.
     pub routing: Routing,
+    /// Its routing when served sparse ([`choose_sparse_routing`]).
+    pub sparse_routing: Routing,
     /// What each ℓ reads and finds with the classifier (saved in the index).
     pub probe_curve: ProbeCurve,
 }
 
-/// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), and serves
-/// dense the layers whose classifier recall stays below `min_recall`. Each layer's
+/// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), serves
+/// dense the layers whose classifier recall stays below `min_recall`, and records each layer's
+/// routing when served sparse ([`choose_sparse_routing`]). Each layer's
 /// [`ProbeCurve`] is measured on the same held-out queries and saved in the index. `progress`
 /// shows each layer's classifier training; `on_layer` sees each layer's report as soon as it is
 /// measured.
@@ -377,6 +393,7 @@ pub fn calibrate_index(
             classifier,
             nearest_centroid,
             routing: layer.routing,
+            sparse_routing: choose_sparse_routing(&classifier),
             probe_curve,
         };
         on_layer(&report);
@@ -387,6 +404,9 @@ pub fn calibrate_index(
         .iter()
         .map(|r| Some(r.probe_curve.clone()))
         .collect();
-    let index = SaapIndex::new(config.clone(), model, layers)?.with_probe_curves(curves)?;
+    let sparse = reports.iter().map(|r| r.sparse_routing).collect();
+    let index = SaapIndex::new(config.clone(), model, layers)?
+        .with_probe_curves(curves)?
+        .with_sparse_routing(sparse)?;
     Ok((index, reports))
 }
