@@ -14,7 +14,7 @@ step=$1
 source "$(dirname "$0")/device_common.sh"
 X="$I/q128k-64k.safetensors"
 tp() {
-  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --graph on --plan-floor 0.25 "$@"
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens "${TOKENS:-256}" --chunk 32768 --all-sparse --graph on --plan-floor 0.25 "$@"
 }
 case $step in
 stash)
@@ -55,8 +55,8 @@ dense)
 hybrid)
   # NOTES §38–39: the layers calibration recorded for Quest (--hybrid), then §38's hand-picked 15,
   # 8 × 1023 predicted tokens each.
-  tp --keys-budget "$2" --tokens 1024 --hybrid
-  tp --keys-budget "$2" --tokens 1024 --quest-layers 0,2,4,5,6,7,8,10,12,14,15,17,18,19,20 ;;
+  TOKENS=1024 tp --keys-budget "$2" --hybrid
+  TOKENS=1024 tp --keys-budget "$2" --quest-layers 0,2,4,5,6,7,8,10,12,14,15,17,18,19,20 ;;
 passkey)
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --dense-layers "$2" --keys-budget "$3" --plan-floor 0.25 --quest-budget "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-dense$2-$3" ;;
 esac
