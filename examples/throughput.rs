@@ -12,15 +12,14 @@
 //!  --context 32000 --batch 1,8`. `--all-sparse` routes every layer through the classifier
 //! (ignoring the index's dense layers; with `--hybrid`, by Quest where the index recorded that
 //! Quest finds more); `--n-probe 8,16` sweeps ℓ, `--keys-budget 0.05,0.1` budgets of keys read
-//! (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing
-//! (top-p), `--quest-budget 0.1` Quest (training-free page bounds) in every layer at that keys
-//! budget; `--estimate-unread` runs each Saap setting again with the unread partitions estimated
-//! from their means; `--compare-uniform` runs each keys budget both spent layer by layer (the
-//! index's probe curves, the default) and as one ℓ for all; `--graph on|off|both` picks the step
-//! modes. `--dense-layers 0,5` serves those layers dense in every Saap run, `--quest-layers`
-//! routes those by Quest; `--layer-sweep` runs
-//! each Saap setting once more per layer with that layer dense as well, to see which layers'
-//! routing the perplexity excess comes from.
+//! (ℓ chosen per step to fit), `--probe-mass 0.5,0.8` adaptive probing (top-p), `--quest-budget
+//! 0.1` Quest (training-free page bounds) in every layer at that keys budget; `--estimate-unread`
+//! runs each Saap setting again with the unread partitions estimated from their means;
+//! `--compare-uniform` runs each keys budget both spent layer by layer (the index's probe curves,
+//! the default) and as one ℓ for all; `--graph on|off|both` picks the step modes.
+//! `--dense-layers 0,5` serves those layers dense in every Saap run, `--quest-layers` routes those
+//! by Quest; `--layer-sweep` runs each Saap setting once more per layer with that layer dense as
+//! well (a budget's plan then spreads over the other layers anew).
 
 mod common;
 

@@ -158,6 +158,7 @@ pub struct SaapIndex {
     layers: Vec<LayerIndex>,
     /// Per layer, what each ℓ read and found on held-out text, where calibration measured it.
     probe_curves: Vec<Option<ProbeCurve>>,
+    /// Per layer, how it reads keys when served sparse (`Classifier` or `Quest`).
     sparse_routing: Vec<Routing>,
 }
 

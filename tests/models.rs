@@ -261,16 +261,7 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     // Decoding under a budget: layer 0 probes fewer partitions than layer 1.
     // ~2.3 partitions' worth of the 223 indexed keys (window 64, sinks 4, C 8, G 3): ℓ = 2.
     model.set_keys_budget(Some(0.9)).unwrap();
-    let tokens = Tensor::new(&text[..290], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model.forward(&tokens, &[290]).unwrap();
-    let step = Tensor::new(&[text[290]], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model.forward(&step, &[1]).unwrap();
+    prefill_then_decode(&mut model, &text[..291], 290);
     let probe = |model: &mut Llama, l: usize| model.attention_mut(l).unwrap().config().n_probe;
     assert_eq!((probe(&mut model, 0), probe(&mut model, 1)), (1, 4));
 }
@@ -301,18 +292,9 @@ fn all_sparse_follows_the_index_sparse_routing() {
     assert_eq!(routings(&mut model), vec![Routing::Classifier; n]);
     model.serve_all_sparse(true).unwrap();
     model.set_keys_budget(Some(0.5)).unwrap();
-    let tokens = Tensor::new(&text[..290], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model.forward(&tokens, &[290]).unwrap();
-    let step = Tensor::new(&[text[290]], &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let logits = model.forward(&step, &[1]).unwrap();
-    let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert!(logits.iter().all(|x| x.is_finite()));
+    let logits = prefill_then_decode(&mut model, &text[..291], 290);
+    let step = logits[1].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(step.iter().all(|x| x.is_finite()));
     // Without an index there is nothing to route by.
     model.attach_index(None).unwrap();
     assert!(model.serve_all_sparse(false).is_err());
