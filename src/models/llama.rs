@@ -695,7 +695,7 @@ impl Llama {
     /// ([`SaapIndex::sparse_routing`]: Quest in the layers where calibration found Quest's pages
     /// holding more of the held-out attention than the classifier's partitions at equal keys).
     /// Quest layers read pages to fit the keys budget ([`Llama::set_keys_budget`]) and without
-    /// one [`crate::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
+    /// one [`crate::config::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
     /// layers.
     ///
     /// # Errors
