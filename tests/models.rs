@@ -295,6 +295,15 @@ fn all_sparse_follows_the_index_sparse_routing() {
     let logits = prefill_then_decode(&mut model, &text[..291], 290);
     let step = logits[1].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(step.iter().all(|x| x.is_finite()));
+    // The Quest layer reads whole pages that fit the budget (a classifier layer's ℓ fits it only
+    // on average: its partitions differ in size).
+    let reads = model.read_stats();
+    let quest = reads[1].as_ref().expect("reads tracked");
+    assert!(
+        quest.keys_read > 0 && quest.selectivity() <= 0.5,
+        "the Quest layer read {:.3} of its keys",
+        quest.selectivity()
+    );
     // Without an index there is nothing to route by.
     model.attach_index(None).unwrap();
     assert!(model.serve_all_sparse(false).is_err());
