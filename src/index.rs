@@ -571,15 +571,16 @@ impl SaapIndex {
         if field(META_DIGEST)? != metadata_digest(&meta) {
             return Err("metadata digest mismatch: the header was altered or damaged".into());
         }
-        let parse = |key: &str| -> std::result::Result<serde_json::Value, String> {
-            serde_json::from_str(field(key)?).map_err(|e| format!("{key}: {e}"))
-        };
-        let config: SaapConfig =
-            serde_json::from_value(parse("config")?).map_err(|e| format!("config: {e}"))?;
-        let routing: Vec<Routing> =
-            serde_json::from_value(parse("routing")?).map_err(|e| format!("routing: {e}"))?;
-        let digests: BTreeMap<String, String> = serde_json::from_value(parse(TENSOR_DIGESTS)?)
-            .map_err(|e| format!("{TENSOR_DIGESTS}: {e}"))?;
+        /// A metadata entry's JSON `text` as a `T`; the error names the entry.
+        fn parse<T: serde::de::DeserializeOwned>(
+            key: &str,
+            text: &str,
+        ) -> std::result::Result<T, String> {
+            serde_json::from_str(text).map_err(|e| format!("{key}: {e}"))
+        }
+        let config: SaapConfig = parse("config", field("config")?)?;
+        let routing: Vec<Routing> = parse("routing", field("routing")?)?;
+        let digests: BTreeMap<String, String> = parse(TENSOR_DIGESTS, field(TENSOR_DIGESTS)?)?;
         let n_layers: usize = field("n_layers")?
             .parse()
             .map_err(|e| format!("n_layers: {e}"))?;
@@ -642,25 +643,18 @@ impl SaapIndex {
                 .map_err(|e| format!("{MODEL_SHA256}: {e}"))?,
             None => index,
         };
-        let index = match meta.contains_key(PROBE_CURVES) {
-            true => {
-                let curves: Vec<Option<ProbeCurve>> = serde_json::from_value(parse(PROBE_CURVES)?)
-                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))?;
-                index
-                    .with_probe_curves(curves)
-                    .map_err(|e| format!("{PROBE_CURVES}: {e}"))?
-            }
-            false => index,
+        // Optional entries: checked as the builders check them.
+        let index = match meta.get(PROBE_CURVES) {
+            Some(text) => index
+                .with_probe_curves(parse(PROBE_CURVES, text)?)
+                .map_err(|e| format!("{PROBE_CURVES}: {e}"))?,
+            None => index,
         };
-        match meta.contains_key(SPARSE_ROUTING) {
-            true => {
-                let routing: Vec<Routing> = serde_json::from_value(parse(SPARSE_ROUTING)?)
-                    .map_err(|e| format!("{SPARSE_ROUTING}: {e}"))?;
-                index
-                    .with_sparse_routing(routing)
-                    .map_err(|e| format!("{SPARSE_ROUTING}: {e}"))
-            }
-            false => Ok(index),
+        match meta.get(SPARSE_ROUTING) {
+            Some(text) => index
+                .with_sparse_routing(parse(SPARSE_ROUTING, text)?)
+                .map_err(|e| format!("{SPARSE_ROUTING}: {e}")),
+            None => Ok(index),
         }
     }
 }
