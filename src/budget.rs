@@ -152,6 +152,8 @@ pub fn plan_probes(
     }
     let longest = curves.iter().flatten().map(|c| c.len()).max().unwrap_or(0);
     let mut plan = vec![Vec::with_capacity(longest); curves.len()];
+    // The ordered steps depend on the uniform ℓ only through the floor's least ℓ.
+    let mut ordered: Option<(usize, Vec<Step>)> = None;
     for uniform in 1..=longest {
         let least = least_probes(floor, uniform);
         let start = |c: &ProbeCurve| least.min(c.len()) - 1;
@@ -169,7 +171,11 @@ pub fn plan_probes(
         let mut at_point: Vec<usize> = curves.iter().map(|c| c.map_or(0, &start)).collect();
         // A layer's hull is concave: its steps come in order, and one that does not fit ends it.
         let mut stopped = vec![false; curves.len()];
-        for s in steps(curves, start) {
+        if ordered.as_ref().map(|(l, _)| *l) != Some(least) {
+            ordered = Some((least, steps(curves, start)));
+        }
+        let (_, order) = ordered.as_ref().expect("set above");
+        for s in order {
             if stopped[s.layer] || at_point[s.layer] != s.from {
                 continue;
             }
