@@ -7,8 +7,8 @@
 //    q_d > 0, else q_d·min_d). A NaN of any head makes the group score NaN, so the caller's finite
 //    check sees it.
 // 2. saap_quest_top: per (item, KV head) the k best pages (top.cuh; pages without keys of the
-//    item rank as -inf, with NaN), each list written for the group's G query heads, a page
-//    without keys written as P.
+//    item rank as -inf, with NaN), listed in page order for each of the group's G query heads, a
+//    page without keys written as P.
 #include "common.cuh"
 #include "top.cuh"
 
@@ -99,24 +99,25 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 64)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 
 // scores: [rows, P] (rows = B * Hkv); filled: [rows, P] u8 (nonzero: the page holds keys of its
-// item); probes: [rows * G, k] = [B, Hq, k]. One block per row, a power of two from 32 to
-// QUEST_TOP_THREADS threads. Dynamic shared memory: sel_cap u64 + P u32 + 256 u32.
+// item); probes: [rows * G, k] = [B, Hq, k], each group's k best pages listed in page order (which
+// pages, not their rank, is Quest's answer: the decode kernel reads their union), a page without
+// keys of the item written as P. One block per row, a power of two from 32 to QUEST_TOP_THREADS
+// threads. Dynamic shared memory: P u32 + blockDim.x / 32 × 256 u32.
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     saap_quest_top(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
-                   uint32_t* __restrict__ probes, uint32_t P, uint32_t sel_cap, uint32_t k,
-                   uint32_t G) {
-    extern __shared__ unsigned long long sel[];  // [sel_cap], then bits [P], then hist [256]
-    uint32_t* bits = reinterpret_cast<uint32_t*>(sel + sel_cap);
-    const uint32_t row = blockIdx.x, tid = threadIdx.x;
+                   uint32_t* __restrict__ probes, uint32_t P, uint32_t k, uint32_t G) {
+    extern __shared__ uint32_t bits[];  // [P], then histograms
+    const uint32_t row = blockIdx.x;
     const float* s = scores + (size_t)row * P;
     const uint8_t* f = filled + (size_t)row * P;
-    for (uint32_t i = tid; i < P; i += blockDim.x) bits[i] = score_bits(f[i] ? s[i] : -INFINITY);
+#pragma unroll 4
+    for (uint32_t i = threadIdx.x; i < P; i += blockDim.x)
+        bits[i] = score_bits(f[i] ? s[i] : -INFINITY);
     __syncthreads();
-    const uint32_t workers = top_select(bits, P, sel, sel_cap, k, bits + P);
-    if (tid >= workers) return;
-    for (uint32_t i = tid; i < k; i += workers) {
-        const uint32_t p = top_index(sel[i]);
-        const uint32_t out = f[p] ? p : P;
-        for (uint32_t g = 0; g < G; ++g) probes[((size_t)row * G + g) * k + i] = out;
-    }
+    const TopCut cut = top_cut(bits, P, k, bits + P);
+    uint32_t* out = probes + (size_t)row * G * k;
+    top_in_index_order(bits, P, cut, bits + P, [&](uint32_t rank, uint32_t p) {
+        const uint32_t page = f[p] ? p : P;
+        for (uint32_t g = 0; g < G; ++g) out[g * k + rank] = page;
+    });
 }

@@ -158,11 +158,13 @@ impl QuestPages {
 }
 
 /// Quest's routing of rotated queries `q` (`[B, Hq, D]`): the `n_pages` best pages of each KV
-/// group, each group's list repeated for its G query heads, `[B, Hq, min(n_pages, P)]` u32. A
-/// page's group score is the max of its [`page_scores`] over the group's query heads; pages rank
-/// by (score descending, index ascending), pages whose `filled` is 0 (no key of their item) and
-/// NaN scores as −∞, and a slot whose page is not filled holds P (the kernels skip it). Also
-/// returns the group scores `[B, Hkv, P]` f32 before masking, for a finite check.
+/// group listed in page order, each group's list repeated for its G query heads,
+/// `[B, Hq, min(n_pages, P)]` u32. A page's group score is the max of its [`page_scores`] over the
+/// group's query heads; pages rank by (score descending, index ascending), pages whose `filled` is
+/// 0 (no key of their item) and NaN scores as −∞, and a slot whose page is not filled holds P
+/// (the kernels skip it). The list is in page order, not rank order: which pages, not their rank,
+/// is Quest's answer (the decode step reads their union), and so the CUDA top-k needs no sort.
+/// Also returns the group scores `[B, Hkv, P]` f32 before masking, for a finite check.
 ///
 /// `min`, `max`: `[B, Hkv, P, D]` f32 page bounds; `filled`: `[B, Hkv, P]` u8. Two CUDA kernels
 /// where [`route_on_kernels`] says so, with the same pages up to the order of f32 summation (a
@@ -194,7 +196,7 @@ pub fn route(
     let scores = scores.reshape((b, hkv, g, p))?.max(2)?;
     let unread = Tensor::full(f32::NEG_INFINITY, (b, hkv, p), dev)?;
     let ranked = filled.where_cond(&scores, &unread)?;
-    let top = top_probes(&ranked, k)?;
+    let (top, _) = top_probes(&ranked, k)?.sort_last_dim(true)?;
     let empty = Tensor::full(p as u32, top.shape(), dev)?;
     let top = filled.gather(&top, 2)?.where_cond(&top, &empty)?;
     let k = top.dim(2)?;

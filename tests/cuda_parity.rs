@@ -489,9 +489,9 @@ fn poisoned(q: &Tensor, item: usize, head: usize) -> Tensor {
 }
 
 /// `saap::quest::route` on the CPU and the GPU from the same inputs: group scores within rounding
-/// (NaN where the CPU has NaN), each group's list the same for its G heads and free of repeats,
-/// and the CPU's pages in the CPU's order but for near-ties of the CPU's ranked scores (none
-/// tolerated with `exact` inputs). Returns the GPU's probes and scores.
+/// (NaN where the CPU has NaN), each group's list the same for its G heads, in page order (slots
+/// of P last) and free of repeats, and the CPU's pages but for near-ties of the CPU's ranked
+/// scores at the cut (none tolerated with `exact` inputs). Returns the GPU's probes and scores.
 fn quest_route_case(
     dev: &Device,
     (q, min, max, filled): (&Tensor, &Tensor, &Tensor, &Tensor),
@@ -538,6 +538,7 @@ fn quest_route_case(
     };
     let cpu_p = cpu_probes.to_vec3::<u32>().unwrap();
     let gpu_p = gpu_probes.to_vec3::<u32>().unwrap();
+    let near = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4 * a.abs().max(1.0);
     for i in 0..b {
         for head in 0..hq {
             let h = head / g;
@@ -547,22 +548,34 @@ fn quest_route_case(
                 &gpu_p[i][h * g],
                 "{what}: item {i}: heads of group {h} differ"
             );
-            let mut seen = pg.clone();
-            seen.retain(|&x| x != p as u32);
-            let n = seen.len();
-            seen.sort_unstable();
-            seen.dedup();
-            assert_eq!(
-                seen.len(),
-                n,
-                "{what}: item {i} head {head}: repeated page in {pg:?}"
-            );
-            for (rank, (&a, &gp)) in pc.iter().zip(pg).enumerate() {
-                let (sa, sg) = (ranked(i, h, a), ranked(i, h, gp));
-                let tie = sa == sg || (sa - sg).abs() <= 1e-4 * sa.abs().max(1.0);
+            for list in [pc, pg] {
                 assert!(
-                    a == gp || (!exact && tie),
-                    "{what}: item {i} head {head} rank {rank}: cpu {a} ({sa}), gpu {gp} ({sg})"
+                    list.windows(2).all(|w| w[0] < w[1] || w[1] == p as u32),
+                    "{what}: item {i} head {head}: not in page order, or repeated: {list:?}"
+                );
+            }
+            if exact {
+                assert_eq!(pc, pg, "{what}: item {i} head {head}");
+                continue;
+            }
+            // A page on one side only must rank at the other side's cut, within rounding.
+            let cut = |list: &[u32]| {
+                let ranks = list.iter().map(|&x| ranked(i, h, x));
+                ranks.fold(f32::INFINITY, f32::min)
+            };
+            let (cut_c, cut_g) = (cut(pc), cut(pg));
+            for &x in pg.iter().filter(|x| !pc.contains(x)) {
+                let s = ranked(i, h, x);
+                assert!(
+                    near(cut_c, s),
+                    "{what}: item {i} head {head}: gpu page {x} ({s}) below the cpu's cut {cut_c}"
+                );
+            }
+            for &x in pc.iter().filter(|x| !pg.contains(x)) {
+                let s = ranked(i, h, x);
+                assert!(
+                    near(cut_g, s),
+                    "{what}: item {i} head {head}: cpu page {x} ({s}) left out, gpu's cut {cut_g}"
                 );
             }
         }
@@ -572,9 +585,8 @@ fn quest_route_case(
 
 /// Quest routing's CUDA kernels (group page scores, top-k with filled masks) against the CPU's
 /// candle ops: every query dtype, G of 1, 2, 4 and 7, head dims 64 and 128, k from 1 to P =
-/// MAX_QUEST_PAGES (the selection sorted inside a warp, by the whole block, and with shared memory
-/// past the default 48 KiB), ragged batches with items of fewer pages than k (slots of P) and of
-/// none, and a NaN query head (its group's pages all rank as -inf: index order).
+/// MAX_QUEST_PAGES (blocks of 32 to 1024 threads, shared memory past the default 48 KiB), ragged
+/// batches with items of fewer pages than k (slots of P) and of none, and a NaN query head (its group's pages all rank as -inf: the first k pages).
 #[test]
 fn quest_route_matches_cpu() {
     use saap::config::MAX_QUEST_PAGES as MAX;
@@ -604,7 +616,7 @@ fn quest_route_matches_cpu() {
         }
     }
     // A NaN in the first query head of a group makes the group's scores NaN on both backends,
-    // and its pages come in index order.
+    // and its first k pages are chosen.
     let shape = (3, 8, 2, 64, 700, 64);
     let (q, min, max, filled) = quest_inputs(&mut r, DType::F32, shape, &[700, 40, 0], false);
     let q = poisoned(&q, 0, 4);
@@ -614,8 +626,8 @@ fn quest_route_matches_cpu() {
     assert!((4..8).all(|head| probes[0][head] == (0..64).collect::<Vec<u32>>()));
 }
 
-/// Exact score ties (small integer queries and bounds) are ordered by page index exactly as the
-/// CPU's stable sort orders them, empty pages included, for f32 and bf16 queries; and a NaN in
+/// Exact score ties (small integer queries and bounds) are broken by page index exactly as the
+/// CPU's stable sort breaks them, empty pages included, for f32 and bf16 queries; and a NaN in
 /// any query head (on the GPU, not only the group's first) makes its group's scores NaN, so the
 /// finite check of a decode step sees it.
 #[test]

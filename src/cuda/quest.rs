@@ -4,8 +4,8 @@
 //! of [`crate::quest::route`], with the same result up to the order of f32 summation.
 
 use super::{
-    dtype_name, load, sm_count, smem_optin, to_u32, top_smem_bytes, use_smem, view, with_cuda,
-    QUEST,
+    dtype_name, load, sm_count, smem_optin, to_u32, top_smem_bytes, top_threads, use_smem, view,
+    with_cuda, QUEST,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -21,7 +21,7 @@ const THREADS: u32 = 256;
 const SLOTS: usize = 32;
 /// Most threads of a top-k block (`QUEST_TOP_THREADS`).
 const TOP_THREADS: usize = 1024;
-/// Left of the opt-in limit for the top-k kernel's static shared memory (32 bytes).
+/// Left of the opt-in limit for the top-k kernel's static shared memory (a few bytes).
 const STATIC_SMEM: usize = 1024;
 
 /// Whether [`route`] handles these tensors and `k`; otherwise the caller uses candle ops.
@@ -54,7 +54,7 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
         && filled.is_contiguous()
         && filled.dims() == [b, hkv, p]
         && filled.device().same_device(q.device())
-        && top_smem_bytes(p, k) + STATIC_SMEM <= optin
+        && top_smem_bytes(p, None, top_threads(p, TOP_THREADS)) + STATIC_SMEM <= optin
 }
 
 /// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hq, k]` u32 (P where the
@@ -160,7 +160,8 @@ impl ScoresOp<'_> {
     }
 }
 
-/// Each KV group's `k` best pages of group scores `[B, Hkv, P]` for its `group` query heads:
+/// Each KV group's `k` best pages of group scores `[B, Hkv, P]`, in page order, for its `group`
+/// query heads:
 /// `[B, Hkv · group, k]` u32.
 struct TopOp<'a> {
     filled: &'a Tensor,
@@ -185,7 +186,8 @@ impl CustomOp1 for TopOp<'_> {
         }
         let dev = s.device().clone();
         let func = load(&dev, &QUEST, "saap_quest_top")?;
-        let smem = top_smem_bytes(p, k);
+        let threads = top_threads(p, TOP_THREADS);
+        let smem = top_smem_bytes(p, None, threads);
         // `supported` checked the device's limit.
         use_smem(&dev, &func, smem, "quest top")?;
         let rows = b * hkv;
@@ -194,20 +196,10 @@ impl CustomOp1 for TopOp<'_> {
         let probes = unsafe { dev.alloc::<u32>(rows * self.group * k) }?;
         let cfg = LaunchConfig {
             grid_dim: (to_u32(rows)?, 1, 1),
-            block_dim: (
-                to_u32(p.next_power_of_two().div_ceil(2).clamp(32, TOP_THREADS))?,
-                1,
-                1,
-            ),
+            block_dim: (to_u32(threads)?, 1, 1),
             shared_mem_bytes: to_u32(smem)?,
         };
-        let sel_cap = k.next_power_of_two().max(2);
-        let dims = [
-            to_u32(p)?,
-            to_u32(sel_cap)?,
-            to_u32(k)?,
-            to_u32(self.group)?,
-        ];
+        let dims = [to_u32(p)?, to_u32(k)?, to_u32(self.group)?];
         with_cuda(self.filled, "filled pages", |f, f_l| {
             if f_l.dims() != [b, hkv, p] {
                 candle_core::bail!(

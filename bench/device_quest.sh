@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Session 26 on the GPU machine (NOTES §41–, results/2026-11-27-h200-quest/): what a Quest layer
+# costs at batch 1 and the sanitizers on session 25's code. Model pieces, the stash of binaries
+# and the 120k index go through `bench/device_layers.sh` (stash DIR | piece | index | setup).
+# Usage: bash bench/device_quest.sh STEP [ARGS]
+#   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps
+# Second machine (NOTES §41's change): `throughput_old` and `bench_report_old` are 9438f4e's.
+set -uo pipefail
+step=$1
+source "$(dirname "$0")/device_common.sh"
+X="$I/q128k-64k.safetensors"
+# The layers calibration recorded for Quest in session 25 (NOTES §39): the index in .idx/ was
+# calibrated before sparse routings were recorded, so they are named here.
+CALIBRATED=0,1,2,4,5,6,7,8,9,10,12,13,14,15,17,18,19,20,23
+ALL=$(seq -s, 0 23)
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+case $step in
+tests)
+  # Session 25 moved the query's RoPE to the side stream: memcheck on the captured and eager
+  # steps, racecheck on Quest's top-k (shared with the classifier's top-ℓ).
+  mkdir -p "$bin" && cp .devT/bin/*.gz "$bin/" && gunzip -f "$bin"/*.gz && chmod +x "$bin"/*
+  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1
+  run timeout 240 "$sanitizer" --tool memcheck "$bin/graph" --test-threads 1
+  run timeout 180 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 decode_matches_cpu quest
+  run timeout 120 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest ;;
+tests2)
+  # Quest's top-k in page order, the histograms per warp: parity, graphs, both sanitizers on
+  # the top-k kernels (the routing tests run the classifier's and Quest's).
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1
+  run timeout 200 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_route route_matches_cpu
+  run timeout 200 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest_route_ties route_matches_cpu ;;
+b1)
+  # Batch 1 at 120k, budget $2: the plan alone, the calibrated hybrid, Quest in every layer, for
+  # each binary of $3 (default: this session's `throughput`).
+  for b in ${3:-throughput}; do
+    tb() { run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 1 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$1" "${@:2}"; }
+    tb "$2"
+    tb "$2" --quest-layers "$CALIBRATED"
+    tb "$2" --quest-layers "$ALL"
+  done ;;
+b8)
+  # Batch 8 at 120k, budget $2, 8 × 255 tokens: the calibrated hybrid, old binary then new.
+  for b in throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$2" --quest-layers "$CALIBRATED"
+  done ;;
+steps)
+  # The classifier's top-ℓ (histograms per warp) and the Llama-3.1-8B layer step, 9438f4e's
+  # kernels (`bench_report_old`) against this commit's, alternated twice.
+  for b in bench_report_old bench_report bench_report_old bench_report; do
+    SAAP_REPORT_ONLY=route,steps run "$bin/$b" 131072,171008 1,8
+  done ;;
+ncu)
+  # Kernel durations (ncu serializes kernels) of 4 eager tokens per mode, the calibrated hybrid
+  # at budget $2, each decode kernel labelled by the routing launched before it.
+  run ncu --clock-control none --metrics gpu__time_duration.sum \
+    -k 'regex:saap_quest|saap_route|saap_decode|saap_rope_write' --log-file "$OUT/ncu.log" \
+    -o /tmp/ncu_hybrid -f "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" \
+    --context 120000 --batch 1 --tokens 4 --chunk 32768 --all-sparse --plan-floor 0.25 \
+    --graph off --keys-budget "$2" --quest-layers "$CALIBRATED" > /dev/null
+  ncu --import /tmp/ncu_hybrid.ncu-rep --csv --page raw > "$OUT/ncu_hybrid.csv"
+  python3 bench/ncu_layers.py "$OUT/ncu_hybrid.csv" | tee "$OUT/ncu.txt" ;;
+esac
