@@ -3,7 +3,7 @@
 # costs at batch 1 and the sanitizers on session 25's code. Model pieces, the stash of binaries
 # and the 120k index go through `bench/device_layers.sh` (stash DIR | piece | index | setup).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
-#   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps
+#   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET
 # Second machine (NOTES §41's change): `throughput_old` and `bench_report_old` are 9438f4e's.
 set -uo pipefail
 step=$1
@@ -47,6 +47,15 @@ b8)
   for b in throughput_old throughput; do
     run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$2" --quest-layers "$CALIBRATED"
   done ;;
+qtop)
+  # One launch of Quest's top-k in a decode step (past the warm-up's), every section and the
+  # SASS with its warp samples, Quest in every layer at budget $2.
+  run ncu --clock-control none --set full -k regex:saap_quest_top --launch-skip 40 --launch-count 1 \
+    -o /tmp/qtop -f "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 \
+    --batch 1 --tokens 3 --chunk 32768 --all-sparse --plan-floor 0.25 --graph off \
+    --keys-budget "$2" --quest-layers "$ALL" > /dev/null
+  ncu --import /tmp/qtop.ncu-rep --page details > "$OUT/qtop_details.txt"
+  ncu --import /tmp/qtop.ncu-rep --page source --csv --print-source sass > "$OUT/qtop_sass.csv" ;;
 steps)
   # The classifier's top-ℓ (histograms per warp) and the Llama-3.1-8B layer step, 9438f4e's
   # kernels (`bench_report_old`) against this commit's, alternated twice.

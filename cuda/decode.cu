@@ -746,11 +746,11 @@ SAAP_ROUTE_OUT(saap_route_out_wbf16, __nv_bfloat16)
 
 // The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], in the
 // CPU's order (score descending, index ascending; see top.cuh). One block per row (a multiple of
-// 32 threads). Dynamic shared memory: sel_cap u64 + C u32 + blockDim.x / 32 × 256 u32.
+// 32 threads). Dynamic shared memory: sel_cap u64 + C u32 + 256 u32.
 extern "C" __global__ void saap_route_top(const float* __restrict__ scores,
                                           uint32_t* __restrict__ probes, uint32_t C,
                                           uint32_t sel_cap, uint32_t n_probe) {
-    extern __shared__ unsigned long long sel[];  // [sel_cap], then bits [C], then histograms
+    extern __shared__ unsigned long long sel[];  // [sel_cap], then bits [C], then hist [256]
     uint32_t* bits = reinterpret_cast<uint32_t*>(sel + sel_cap);
     const uint32_t row = blockIdx.x, tid = threadIdx.x;
     for (uint32_t i = tid; i < C; i += blockDim.x) bits[i] = score_bits(scores[(size_t)row * C + i]);

@@ -5,7 +5,9 @@
 // 1. saap_quest_scores: per (item, KV head, page) the group score, the max over the group's G
 //    query heads of Σ_d max(q_d·min_d, q_d·max_d) (f32, as the CPU's relu split: q_d·max_d where
 //    q_d > 0, else q_d·min_d). A NaN of any head makes the group score NaN, so the caller's finite
-//    check sees it.
+//    check sees it. Each block also counts its pages into a histogram of the row's ranking bits
+//    (their top QUEST_BIN_BITS), so that the selection needs no radix pass over every page: with
+//    one block per row it was one SM's work at batch 1 (24 us at 7.5k pages, NOTES §41).
 // 2. saap_quest_top: per (item, KV head) the k best pages (top.cuh; pages without keys of the
 //    item rank as -inf, with NaN), listed in page order for each of the group's G query heads, a
 //    page without keys written as P.
@@ -17,15 +19,21 @@
 #define QUEST_LPP 8
 #define QUEST_SLOTS (QUEST_THREADS / QUEST_LPP)
 #define QUEST_TOP_THREADS 1024
+// Histogram bins of a row's ranking bits (score_bits >> (32 - QUEST_BIN_BITS)).
+#define QUEST_BIN_BITS 12
+#define QUEST_BINS (1u << QUEST_BIN_BITS)
 
-// q: [B, Hq, D]; lo, hi: [B, Hkv, P, D] f32; scores: [B, Hkv, P]. Grid: (ceil(P / per_block),
-// Hkv, B) with per_block a multiple of QUEST_SLOTS; G = Hq / Hkv <= GB. Dynamic shared memory:
-// G * D floats (the group's queries).
+// q: [B, Hq, D]; lo, hi: [B, Hkv, P, D] f32; filled: [B, Hkv, P] u8; scores: [B, Hkv, P]; hist:
+// [B, Hkv, QUEST_BINS] u32, zero before the launch. Grid: (ceil(P / per_block), Hkv, B) with
+// per_block a multiple of QUEST_SLOTS; G = Hq / Hkv <= GB. Dynamic shared memory: G * D floats
+// (the group's queries).
 template <typename Q, int D, int GB>
 __device__ __forceinline__ void quest_scores_impl(const Q* __restrict__ q,
                                                   const float* __restrict__ lo,
                                                   const float* __restrict__ hi,
-                                                  float* __restrict__ scores, uint32_t hq,
+                                                  const uint8_t* __restrict__ filled,
+                                                  float* __restrict__ scores,
+                                                  uint32_t* __restrict__ hist, uint32_t hq,
                                                   uint32_t hkv, uint32_t P, uint32_t per_block) {
     constexpr int CH = D / 4 / QUEST_LPP;  // 16-byte chunks per lane and bound row
     static_assert(CH * 4 * QUEST_LPP == D, "D must be a multiple of 32");
@@ -74,15 +82,17 @@ __device__ __forceinline__ void quest_scores_impl(const Q* __restrict__ q,
             for (int g = 1; g < GB; ++g)
                 if ((uint32_t)g < G && (acc[g] > m || acc[g] != acc[g])) m = acc[g];
             scores[(size_t)row * P + p] = m;
+            const uint32_t bits = score_bits(filled[(size_t)row * P + p] ? m : -INFINITY);
+            atomicAdd(&hist[(size_t)row * QUEST_BINS + (bits >> (32 - QUEST_BIN_BITS))], 1u);
         }
     }
 }
 
 #define SAAP_QUEST_SCORES(NAME, Q, D, GB)                                                      \
     extern "C" __global__ void __launch_bounds__(QUEST_THREADS)                                \
-        NAME(const Q* q, const float* lo, const float* hi, float* scores, uint32_t hq,         \
-             uint32_t hkv, uint32_t P, uint32_t per_block) {                                   \
-        quest_scores_impl<Q, D, GB>(q, lo, hi, scores, hq, hkv, P, per_block);                 \
+        NAME(const Q* q, const float* lo, const float* hi, const uint8_t* filled, float* scores, \
+             uint32_t* hist, uint32_t hq, uint32_t hkv, uint32_t P, uint32_t per_block) {        \
+        quest_scores_impl<Q, D, GB>(q, lo, hi, filled, scores, hist, hq, hkv, P, per_block);    \
     }
 
 #define SAAP_QUEST_SCORES_GROUPS(QN, Q, D)                          \
@@ -99,25 +109,86 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 64)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 
 // scores: [rows, P] (rows = B * Hkv); filled: [rows, P] u8 (nonzero: the page holds keys of its
-// item); probes: [rows * G, k] = [B, Hq, k], each group's k best pages listed in page order (which
-// pages, not their rank, is Quest's answer: the decode kernel reads their union), a page without
-// keys of the item written as P. One block per row, a power of two from 32 to QUEST_TOP_THREADS
-// threads. Dynamic shared memory: P u32 + blockDim.x / 32 × 256 u32.
+// item); hist: [rows, QUEST_BINS] from saap_quest_scores; probes: [rows * G, k] = [B, Hq, k], each
+// group's k best pages listed in page order (which pages, not their rank, is Quest's answer: the
+// decode kernel reads their union), a page without keys of the item written as P. One block of
+// QUEST_TOP_THREADS per row. The histogram gives the bin holding the k-th best page: the pages of
+// higher bins are taken, the `need` best of that bin's (usually few) by a radix select over them
+// alone, gathered in page order so that ties still go to the lower page. Dynamic shared memory:
+// 3 P + ceil(P / 32) + 256 + 32 u32 (bits, the bin's pages and their bits, chosen, radix
+// histogram, warp counts).
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     saap_quest_top(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
-                   uint32_t* __restrict__ probes, uint32_t P, uint32_t k, uint32_t G) {
-    extern __shared__ uint32_t bits[];  // [P], then histograms
-    const uint32_t row = blockIdx.x;
+                   const uint32_t* __restrict__ hist, uint32_t* __restrict__ probes, uint32_t P,
+                   uint32_t k, uint32_t G) {
+    constexpr uint32_t PER_THREAD = QUEST_BINS / QUEST_TOP_THREADS;
+    constexpr uint32_t WARPS = QUEST_TOP_THREADS / 32;
+    extern __shared__ uint32_t bits[];  // [P]
+    uint32_t* tied = bits + P;          // [P]: pages of the cut's bin, in page order
+    uint32_t* tied_bits = tied + P;     // [P]: their bits
+    uint32_t* chosen = tied_bits + P;   // [ceil(P / 32)]: the bin's pages taken
+    uint32_t* radix = chosen + (P + 31) / 32;  // [256]
+    uint32_t* warp_sums = radix + 256;         // [WARPS]
+    __shared__ uint32_t cut_bin, need;
+    const uint32_t row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
     const float* s = scores + (size_t)row * P;
     const uint8_t* f = filled + (size_t)row * P;
 #pragma unroll 4
-    for (uint32_t i = threadIdx.x; i < P; i += blockDim.x)
+    for (uint32_t i = tid; i < P; i += QUEST_TOP_THREADS)
         bits[i] = score_bits(f[i] ? s[i] : -INFINITY);
+    for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) chosen[w] = 0;
+    // The cut's bin: thread t holds bins QUEST_BINS - 1 - (PER_THREAD t + j), highest first; a
+    // block-wide scan of their counts finds the bin where the count from the top reaches k.
+    const uint32_t* h = hist + (size_t)row * QUEST_BINS;
+    uint32_t count[PER_THREAD], sum = 0;
+#pragma unroll
+    for (uint32_t j = 0; j < PER_THREAD; ++j) {
+        count[j] = h[QUEST_BINS - 1 - (PER_THREAD * tid + j)];
+        sum += count[j];
+    }
+    uint32_t incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= (uint32_t)o) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
     __syncthreads();
-    const TopCut cut = top_cut(bits, P, k, bits + P);
+    uint32_t above = incl - sum;
+    for (uint32_t w = 0; w < warp; ++w) above += warp_sums[w];
+    if (above < k && k <= above + sum) {
+        for (uint32_t j = 0; j < PER_THREAD; ++j) {
+            if (above + count[j] >= k) {
+                cut_bin = QUEST_BINS - 1 - (PER_THREAD * tid + j);
+                need = k - above;
+                break;
+            }
+            above += count[j];
+        }
+    }
+    __syncthreads();
+    const uint32_t bin = cut_bin;
+    auto bin_of = [&](uint32_t i) { return bits[i] >> (32 - QUEST_BIN_BITS); };
+    // The bin's pages in page order, then the `need` best of them (keys rank ties by position,
+    // which is page order).
+    const uint32_t n_tied = emit_in_index_order(
+        P, [&](uint32_t i) { return bin_of(i) == bin; }, warp_sums,
+        [&](uint32_t r, uint32_t i) {
+            tied[r] = i;
+            tied_bits[r] = bits[i];
+        });
+    __syncthreads();
+    const TopCut cut = top_cut(tied_bits, n_tied, need, radix);
+    for (uint32_t r = tid; r < n_tied; r += QUEST_TOP_THREADS)
+        if (top_taken(tied_bits, r, cut)) atomicOr(&chosen[tied[r] / 32], 1u << (tied[r] % 32));
+    __syncthreads();
     uint32_t* out = probes + (size_t)row * G * k;
-    top_in_index_order(bits, P, cut, bits + P, [&](uint32_t rank, uint32_t p) {
-        const uint32_t page = f[p] ? p : P;
-        for (uint32_t g = 0; g < G; ++g) out[g * k + rank] = page;
-    });
+    emit_in_index_order(
+        P,
+        [&](uint32_t i) { return bin_of(i) > bin || ((chosen[i / 32] >> (i % 32)) & 1u); },
+        warp_sums,
+        [&](uint32_t r, uint32_t i) {
+            const uint32_t page = f[i] ? i : P;
+            for (uint32_t g = 0; g < G; ++g) out[g * k + r] = page;
+        });
 }

@@ -5,11 +5,10 @@
 // Each score becomes an order-preserving u32 (`score_bits`) in shared memory; entry i's unique
 // u64 key is those bits high and the inverted index low. A radix select over 8-bit digits from
 // the top finds the n-th largest key (`top_cut`; usually 4 passes: the index digits only break
-// score ties). Then either the keys at or above it are gathered and sorted by a bitonic network
-// of `sel_cap` (the power of two >= n) — inside one warp when it is at most 64 (`top_sorted`:
-// the classifier's probes, whose order the budgets read) — or the chosen entries are listed in
-// index order without a sort (`top_in_index_order`: Quest's pages). A bitonic sort of all C keys
-// took 55 block-wide stages (12.5 us at C = 1024).
+// score ties); the keys at or above it are gathered and sorted by a bitonic network of `sel_cap`
+// (the power of two >= n) — inside one warp when it is at most 64 (`top_sorted`). A bitonic sort
+// of all C keys took 55 block-wide stages (12.5 us at C = 1024). `emit_in_index_order` lists
+// chosen entries in index order without a sort (Quest's pages).
 #pragma once
 #include <stdint.h>
 
@@ -36,16 +35,13 @@ struct TopCut {
     unsigned long long prefix, mask;
 };
 
-// Radix select over 8-bit digits from the top (bits written and synced by the caller; hist:
-// blockDim.x / 32 × 256 counters of shared memory, one histogram per warp so that warps never
-// contend for a bin: scores of one row mostly share their leading digits). blockDim.x must be a
-// multiple of 32, at most 1024. Ends synced.
+// Radix select over 8-bit digits from the top (bits written and synced by the caller; hist: 256
+// counters of shared memory). blockDim.x must be a multiple of 32. Ends synced.
 __device__ inline TopCut top_cut(const uint32_t* bits, uint32_t C, uint32_t n, uint32_t* hist) {
     __shared__ unsigned long long prefix, mask;
     __shared__ uint32_t want;
     __shared__ bool done;
-    const uint32_t tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warps = nt / 32;
-    uint32_t* mine = hist + (tid / 32) * 256;
+    const uint32_t tid = threadIdx.x, nt = blockDim.x, lane = tid & 31;
     if (tid == 0) {
         prefix = 0;
         mask = 0;
@@ -56,7 +52,7 @@ __device__ inline TopCut top_cut(const uint32_t* bits, uint32_t C, uint32_t n, u
     // Invariant: `want` of the keys matching `prefix` on `mask` (the digits fixed so far) belong
     // to the top n, and so do all keys above that prefix.
     for (int shift = 56; shift >= 0 && !done; shift -= 8) {
-        for (uint32_t i = tid; i < warps * 256; i += nt) hist[i] = 0;
+        for (uint32_t i = tid; i < 256; i += nt) hist[i] = 0;
         __syncthreads();
         // Uniform trip count: every lane reaches the warp match.
         for (uint32_t base = 0; base < C; base += nt) {
@@ -66,17 +62,11 @@ __device__ inline TopCut top_cut(const uint32_t* bits, uint32_t C, uint32_t n, u
                 const unsigned long long k = top_key(bits, i);
                 if ((k & mask) == prefix) digit = (uint32_t)(k >> shift) & 255;
             }
-            // One atomic per distinct digit of the warp: same-address shared atomics serialize.
+            // One atomic per distinct digit of the warp: scores of one row mostly share their
+            // leading digits (sign and exponent), and same-address shared atomics serialize.
             const uint32_t peers = __match_any_sync(0xffffffffu, digit);
             if (digit < 256 && lane == (uint32_t)__ffs(peers) - 1)
-                atomicAdd(&mine[digit], (uint32_t)__popc(peers));
-        }
-        __syncthreads();
-        // The warps' histograms summed into the first (column b is read and written by one thread).
-        for (uint32_t b = tid; b < 256; b += nt) {
-            uint32_t sum = 0;
-            for (uint32_t w = 0; w < warps; ++w) sum += hist[w * 256 + b];
-            hist[b] = sum;
+                atomicAdd(&hist[digit], (uint32_t)__popc(peers));
         }
         __syncthreads();
         if (tid < 32) {
@@ -168,14 +158,14 @@ __device__ inline uint32_t top_sorted(const uint32_t* bits, uint32_t C, TopCut c
     return workers;
 }
 
-// Calls emit(rank, i) for each of the n best entries of `cut`, rank being its place among them
-// in index order: no sort, for callers to whom the order of the chosen entries means nothing.
-// Each warp takes one contiguous span of entries; a first pass counts its entries, the warps'
-// counts are summed before it, and a second pass emits. warp_sums: blockDim.x / 32 counters of
-// shared memory (a top_cut's histogram may serve, once it has returned).
-template <typename Emit>
-__device__ inline void top_in_index_order(const uint32_t* bits, uint32_t C, TopCut cut,
-                                          uint32_t* warp_sums, Emit emit) {
+// Calls emit(rank, i) for each i < C with pred(i), rank being its place among them in index
+// order, and returns their number (to every thread): an ordered compaction without a sort. Each
+// warp takes one contiguous span of entries; a first pass counts its entries, the warps' counts
+// before it are summed, and a second pass emits. warp_sums: blockDim.x / 32 counters of shared
+// memory. Starts synced (a previous call's counts may still be read).
+template <typename Pred, typename Emit>
+__device__ inline uint32_t emit_in_index_order(uint32_t C, Pred pred, uint32_t* warp_sums,
+                                               Emit emit) {
     const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const uint32_t span = (C + warps * 32 - 1) / (warps * 32) * 32;
     const uint32_t begin = min(warp * span, C), end = min(begin + span, C);
@@ -183,18 +173,28 @@ __device__ inline void top_in_index_order(const uint32_t* bits, uint32_t C, TopC
     uint32_t count = 0;
     for (uint32_t base = begin; base < end; base += 32) {
         const uint32_t i = base + lane;
-        count += __popc(__ballot_sync(0xffffffffu, i < end && top_taken(bits, i, cut)));
+        count += __popc(__ballot_sync(0xffffffffu, i < end && pred(i)));
     }
+    __syncthreads();
     if (lane == 0) warp_sums[warp] = count;
     __syncthreads();
-    uint32_t rank = lane < warp ? warp_sums[lane] : 0;
+    uint32_t rank = 0, total = 0;
+    for (uint32_t w = lane; w < warps; w += 32) {
+        const uint32_t c = warp_sums[w];
+        total += c;
+        if (w < warp) rank += c;
+    }
 #pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
+    for (int o = 16; o >= 1; o >>= 1) {
+        rank += __shfl_xor_sync(0xffffffffu, rank, o);
+        total += __shfl_xor_sync(0xffffffffu, total, o);
+    }
     for (uint32_t base = begin; base < end; base += 32) {
         const uint32_t i = base + lane;
-        const bool take = i < end && top_taken(bits, i, cut);
+        const bool take = i < end && pred(i);
         const uint32_t ballot = __ballot_sync(0xffffffffu, take);
         if (take) emit(rank + __popc(ballot & below), i);
         rank += __popc(ballot);
     }
+    return total;
 }

@@ -139,17 +139,10 @@ fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Resul
     loaded.load_function(function).w()
 }
 
-/// Threads of a top-n block over C scores (`cuda/top.cuh`): about two scores per thread, a power
-/// of two from 32 to `most`.
-fn top_threads(c: usize, most: usize) -> usize {
-    c.next_power_of_two().div_ceil(2).clamp(32, most)
-}
-
-/// Dynamic shared memory of a top-n kernel over C scores run by `threads` threads
-/// (`cuda/top.cuh`): with `sorted`, the n chosen keys (u64, padded to a power of two) for the
-/// sort; C score bits; one 256-bin histogram per warp.
-fn top_smem_bytes(c: usize, sorted: Option<usize>, threads: usize) -> usize {
-    sorted.map_or(0, |n| n.next_power_of_two().max(2) * 8) + (c + threads / 32 * 256) * 4
+/// Dynamic shared memory of a top-n kernel over C scores (`top_select` in `cuda/top.cuh`): the
+/// selection padded to a power of two (u64 keys), C score bits, a 256-bin histogram.
+fn top_smem_bytes(c: usize, n: usize) -> usize {
+    n.next_power_of_two().max(2) * 8 + (c + 256) * 4
 }
 
 /// Shared memory a block may use without opting in.

@@ -1,12 +1,10 @@
-//! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page, then
-//! each KV group's best pages written for its query heads. Two launches replace the candle ops
-//! (relu, sub, two batched matmuls, add, max, masking, arg_sort over P, gather, where, broadcast)
-//! of [`crate::quest::route`], with the same result up to the order of f32 summation.
+//! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page,
+//! counted into a histogram of their ranks, then each KV group's best pages written for its query
+//! heads in page order. A memset and two launches replace the candle ops (relu, sub, two batched
+//! matmuls, add, max, masking, arg_sort over P, gather, where, broadcast) of
+//! [`crate::quest::route`], with the same result up to the order of f32 summation.
 
-use super::{
-    dtype_name, load, sm_count, smem_optin, to_u32, top_smem_bytes, top_threads, use_smem, view,
-    with_cuda, QUEST,
-};
+use super::{dtype_name, load, sm_count, smem_optin, to_u32, use_smem, view, with_cuda, QUEST};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -19,10 +17,18 @@ use half::{bf16, f16};
 /// `QUEST_SLOTS` in `cuda/quest.cu`).
 const THREADS: u32 = 256;
 const SLOTS: usize = 32;
-/// Most threads of a top-k block (`QUEST_TOP_THREADS`).
-const TOP_THREADS: usize = 1024;
+/// Threads of a top-k block (`QUEST_TOP_THREADS`).
+const TOP_THREADS: u32 = 1024;
+/// Bins of a row's histogram of ranking bits (`QUEST_BINS`).
+const BINS: usize = 4096;
 /// Left of the opt-in limit for the top-k kernel's static shared memory (a few bytes).
 const STATIC_SMEM: usize = 1024;
+
+/// Dynamic shared memory of the top-k block over P pages (`saap_quest_top`): the pages' bits, the
+/// cut bin's pages and their bits, a bitmap of those taken, a radix histogram, the warps' counts.
+fn top_smem_bytes(p: usize) -> usize {
+    (3 * p + p.div_ceil(32) + 256 + TOP_THREADS as usize / 32) * 4
+}
 
 /// Whether [`route`] handles these tensors and `k`; otherwise the caller uses candle ops.
 pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor, k: usize) -> bool {
@@ -54,7 +60,7 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
         && filled.is_contiguous()
         && filled.dims() == [b, hkv, p]
         && filled.device().same_device(q.device())
-        && top_smem_bytes(p, None, top_threads(p, TOP_THREADS)) + STATIC_SMEM <= optin
+        && top_smem_bytes(p) + STATIC_SMEM <= optin
 }
 
 /// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hq, k]` u32 (P where the
@@ -67,21 +73,33 @@ pub(crate) fn route(
     filled: &Tensor,
     k: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (_, hq, _) = q.dims3()?;
+    let (b, hq, _) = q.dims3()?;
     let hkv = min.dim(1)?;
-    let scores = q.contiguous()?.apply_op1_no_bwd(&ScoresOp { min, max })?;
+    // Counted into by the score kernel, its only writer, and read by the top-k: fresh and zero
+    // every step (a memset node when the step is recorded).
+    let hist = Tensor::zeros((b, hkv, BINS), DType::U32, q.device())?;
+    let scores = q.contiguous()?.apply_op1_no_bwd(&ScoresOp {
+        min,
+        max,
+        filled,
+        hist: &hist,
+    })?;
     let probes = scores.apply_op1_no_bwd(&TopOp {
         filled,
+        hist: &hist,
         k,
         group: hq / hkv,
     })?;
     Ok((probes, scores))
 }
 
-/// Group scores `[B, Hkv, P]` of rotated queries `[B, Hq, D]` over page bounds `[B, Hkv, P, D]`.
+/// Group scores `[B, Hkv, P]` of rotated queries `[B, Hq, D]` over page bounds `[B, Hkv, P, D]`,
+/// each page also counted into `hist` (`[B, Hkv, BINS]` u32, zero) by the top bits of its rank.
 struct ScoresOp<'a> {
     min: &'a Tensor,
     max: &'a Tensor,
+    filled: &'a Tensor,
+    hist: &'a Tensor,
 }
 
 impl CustomOp1 for ScoresOp<'_> {
@@ -144,17 +162,24 @@ impl ScoresOp<'_> {
         let q = view::<Q>(q, q_l)?;
         with_cuda(self.min, "page minima", |lo, lo_l| {
             with_cuda(self.max, "page maxima", |hi, hi_l| {
-                let (lo, hi) = (view::<f32>(lo, lo_l)?, view::<f32>(hi, hi_l)?);
-                let stream = dev.cuda_stream();
-                let mut builder = stream.launch_builder(func);
-                builder.arg(&q).arg(&lo).arg(&hi).arg(scores);
-                for x in &dims {
-                    builder.arg(x);
-                }
-                // SAFETY: argument types and order match `quest_scores_impl`; bound rows are
-                // 16-byte aligned (D of 64 or 128, offsets checked by `supported`).
-                unsafe { builder.launch(cfg) }.w()?;
-                Ok(())
+                with_cuda(self.filled, "filled pages", |f, f_l| {
+                    with_cuda(self.hist, "page histogram", |h, h_l| {
+                        let (lo, hi) = (view::<f32>(lo, lo_l)?, view::<f32>(hi, hi_l)?);
+                        let (filled, hist) = (view::<u8>(f, f_l)?, view::<u32>(h, h_l)?);
+                        let stream = dev.cuda_stream();
+                        let mut builder = stream.launch_builder(func);
+                        builder.arg(&q).arg(&lo).arg(&hi).arg(&filled).arg(scores);
+                        builder.arg(&hist);
+                        for x in &dims {
+                            builder.arg(x);
+                        }
+                        // SAFETY: argument types and order match `quest_scores_impl`; bound rows
+                        // are 16-byte aligned (D of 64 or 128, offsets checked by `supported`);
+                        // `hist` is this step's own zeroed tensor, which only this kernel writes.
+                        unsafe { builder.launch(cfg) }.w()?;
+                        Ok(())
+                    })
+                })
             })
         })
     }
@@ -165,6 +190,8 @@ impl ScoresOp<'_> {
 /// `[B, Hkv · group, k]` u32.
 struct TopOp<'a> {
     filled: &'a Tensor,
+    /// The score kernel's histogram of ranking bits, `[B, Hkv, BINS]`.
+    hist: &'a Tensor,
     k: usize,
     group: usize,
 }
@@ -186,8 +213,7 @@ impl CustomOp1 for TopOp<'_> {
         }
         let dev = s.device().clone();
         let func = load(&dev, &QUEST, "saap_quest_top")?;
-        let threads = top_threads(p, TOP_THREADS);
-        let smem = top_smem_bytes(p, None, threads);
+        let smem = top_smem_bytes(p);
         // `supported` checked the device's limit.
         use_smem(&dev, &func, smem, "quest top")?;
         let rows = b * hkv;
@@ -196,7 +222,7 @@ impl CustomOp1 for TopOp<'_> {
         let probes = unsafe { dev.alloc::<u32>(rows * self.group * k) }?;
         let cfg = LaunchConfig {
             grid_dim: (to_u32(rows)?, 1, 1),
-            block_dim: (to_u32(threads)?, 1, 1),
+            block_dim: (TOP_THREADS, 1, 1),
             shared_mem_bytes: to_u32(smem)?,
         };
         let dims = [to_u32(p)?, to_u32(k)?, to_u32(self.group)?];
@@ -208,16 +234,19 @@ impl CustomOp1 for TopOp<'_> {
                 );
             }
             let filled = view::<u8>(f, f_l)?;
-            let stream = dev.cuda_stream();
-            let mut builder = stream.launch_builder(&func);
-            builder.arg(&scores).arg(&filled).arg(&probes);
-            for x in &dims {
-                builder.arg(x);
-            }
-            // SAFETY: argument types and order match `saap_quest_top`; shared memory as sized by
-            // `top_smem_bytes`, opted in above where it exceeds the default.
-            unsafe { builder.launch(cfg) }.w()?;
-            Ok(())
+            with_cuda(self.hist, "page histogram", |h, h_l| {
+                let hist = view::<u32>(h, h_l)?;
+                let stream = dev.cuda_stream();
+                let mut builder = stream.launch_builder(&func);
+                builder.arg(&scores).arg(&filled).arg(&hist).arg(&probes);
+                for x in &dims {
+                    builder.arg(x);
+                }
+                // SAFETY: argument types and order match `saap_quest_top`; shared memory as
+                // sized by `top_smem_bytes`, opted in above where it exceeds the default.
+                unsafe { builder.launch(cfg) }.w()?;
+                Ok(())
+            })
         })?;
         Ok((
             CudaStorage::wrap_cuda_slice(probes, dev),

@@ -4,9 +4,7 @@
 //! transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
-use super::{
-    dtype_name, load, to_u32, top_smem_bytes, top_threads, view, with_cuda, DECODE, SMEM_LIMIT,
-};
+use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE, SMEM_LIMIT};
 use crate::classify::Classifier;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -19,8 +17,6 @@ const THREADS: u32 = 256;
 const COLS: usize = 128;
 /// Batch items per MLP block: the kernels come in 1 (batch 1) and 4 (`_i1`, `_i4`).
 const ITEMS: usize = 4;
-/// Most threads of a top-ℓ block.
-const TOP_THREADS: usize = 512;
 
 /// Batch items per MLP block for a batch of `b`.
 fn items_per_block(b: usize) -> usize {
@@ -55,7 +51,7 @@ pub(crate) fn supported(classifier: &Classifier, q: &Tensor, n_probe: usize) -> 
         && (c * w.size_in_bytes()) % 16 == 0
         && (h * w.size_in_bytes()) % 16 == 0
         && smem_hidden.max(smem_out) <= SMEM_LIMIT
-        && top_smem_bytes(c, Some(n_probe), top_threads(c, TOP_THREADS)) <= SMEM_LIMIT
+        && top_smem_bytes(c, n_probe) <= SMEM_LIMIT
 }
 
 /// Dynamic shared memory of the MLP's two kernels for `items` per block: the hidden layer's
@@ -193,11 +189,14 @@ impl CustomOp1 for RouteOp<'_> {
         // SAFETY: every probe is written by the top-ℓ kernel (one block per row).
         let probes = unsafe { dev.alloc::<u32>(rows * self.n_probe) }?;
         let (sel_cap32, n_probe32) = (to_u32(sel_cap)?, to_u32(self.n_probe)?);
-        let threads = top_threads(c, TOP_THREADS);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(rows)?, 1, 1),
-            block_dim: (to_u32(threads)?, 1, 1),
-            shared_mem_bytes: to_u32(top_smem_bytes(c, Some(self.n_probe), threads))?,
+            block_dim: (
+                to_u32(c.next_power_of_two().div_ceil(2).clamp(32, 512))?,
+                1,
+                1,
+            ),
+            shared_mem_bytes: to_u32(top_smem_bytes(c, self.n_probe))?,
         };
         let mut builder = stream.launch_builder(&top);
         builder
