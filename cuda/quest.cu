@@ -76,15 +76,19 @@ __device__ __forceinline__ void quest_scores_impl(const Q* __restrict__ q,
             for (int o = QUEST_LPP / 2; o >= 1; o >>= 1)
                 acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
         }
+        uint32_t bin = QUEST_BINS;  // none
         if (ok && lane == 0) {
             float m = acc[0];
 #pragma unroll
             for (int g = 1; g < GB; ++g)
                 if ((uint32_t)g < G && (acc[g] > m || acc[g] != acc[g])) m = acc[g];
             scores[(size_t)row * P + p] = m;
-            const uint32_t bits = score_bits(filled[(size_t)row * P + p] ? m : -INFINITY);
-            atomicAdd(&hist[(size_t)row * QUEST_BINS + (bits >> (32 - QUEST_BIN_BITS))], 1u);
+            bin = score_bits(filled[(size_t)row * P + p] ? m : -INFINITY) >> (32 - QUEST_BIN_BITS);
         }
+        // One atomic per distinct bin of the warp's pages: neighbouring pages often share one.
+        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        if (bin < QUEST_BINS && (tid & 31) == (uint32_t)__ffs(peers) - 1)
+            atomicAdd(&hist[(size_t)row * QUEST_BINS + bin], (uint32_t)__popc(peers));
     }
 }
 
@@ -182,13 +186,15 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     for (uint32_t r = tid; r < n_tied; r += QUEST_TOP_THREADS)
         if (top_taken(tied_bits, r, cut)) atomicOr(&chosen[tied[r] / 32], 1u << (tied[r] % 32));
     __syncthreads();
-    uint32_t* out = probes + (size_t)row * G * k;
+    // The chosen pages in page order (into `tied`, read for the last time above), then written
+    // once per query head of the group with coalesced stores.
+    uint32_t* list = tied;
     emit_in_index_order(
         P,
         [&](uint32_t i) { return bin_of(i) > bin || ((chosen[i / 32] >> (i % 32)) & 1u); },
-        warp_sums,
-        [&](uint32_t r, uint32_t i) {
-            const uint32_t page = f[i] ? i : P;
-            for (uint32_t g = 0; g < G; ++g) out[g * k + r] = page;
-        });
+        warp_sums, [&](uint32_t r, uint32_t i) { list[r] = f[i] ? i : P; });
+    __syncthreads();
+    uint32_t* out = probes + (size_t)row * G * k;
+    for (uint32_t g = 0; g < G; ++g)
+        for (uint32_t r = tid; r < k; r += QUEST_TOP_THREADS) out[g * k + r] = list[r];
 }
