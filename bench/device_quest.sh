@@ -14,21 +14,25 @@ X="$I/q128k-64k.safetensors"
 CALIBRATED=0,1,2,4,5,6,7,8,9,10,12,13,14,15,17,18,19,20,23
 ALL=$(seq -s, 0 23)
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+unpack_tests() {
+  mkdir -p "$bin" && cp .devT/bin/*.gz "$bin/" && gunzip -f "$bin"/*.gz && chmod +x "$bin"/*
+  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+}
 case $step in
 tests)
   # Session 25 moved the query's RoPE to the side stream: memcheck on the captured and eager
   # steps, racecheck on Quest's top-k (shared with the classifier's top-ℓ).
-  mkdir -p "$bin" && cp .devT/bin/*.gz "$bin/" && gunzip -f "$bin"/*.gz && chmod +x "$bin"/*
-  for f in "$bin"/*-????????????????; do [ -e "$f" ] && mv "$f" "${f%-*}"; done
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  unpack_tests
   run "$bin/cuda_parity" --test-threads 1
   run "$bin/graph" --test-threads 1
   run timeout 240 "$sanitizer" --tool memcheck "$bin/graph" --test-threads 1
   run timeout 180 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 decode_matches_cpu quest
   run timeout 120 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest ;;
 tests2)
-  # Quest's top-k in page order, the histograms per warp: parity, graphs, both sanitizers on
-  # the top-k kernels (the routing tests run the classifier's and Quest's).
+  # Quest's top-k in page order (the histogram of ranks from the score kernel): parity, graphs,
+  # both sanitizers on the top-k kernels (the routing tests run the classifier's and Quest's).
+  unpack_tests
   run "$bin/cuda_parity" --test-threads 1
   run "$bin/graph" --test-threads 1
   run timeout 200 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_route route_matches_cpu
