@@ -32,6 +32,17 @@ __device__ __forceinline__ uint32_t replayed_steps(const uint32_t* advance, uint
     return advance ? advance[item] : 0u;
 }
 
+// Inclusive prefix sum of v over the lanes of a warp (all 32 lanes take part).
+__device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v) {
+    const uint32_t lane = threadIdx.x & 31;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= (uint32_t)o) v += y;
+    }
+    return v;
+}
+
 // In-place exclusive prefix sum of a[0..n) by the whole block (blockDim.x a multiple of 32).
 // Each thread scans a contiguous run, then the runs' totals are scanned across warps.
 // Ends with __syncthreads(), so a[] is visible to every thread afterwards.
@@ -43,23 +54,12 @@ __device__ inline void block_exclusive_scan(uint32_t* a, uint32_t n) {
     const uint32_t lo = min(tid * per, n), hi = min(lo + per, n);
     uint32_t own = 0;
     for (uint32_t i = lo; i < hi; ++i) own += a[i];
-    uint32_t incl = own;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= (uint32_t)o) incl += y;
-    }
+    const uint32_t incl = warp_inclusive_sum(own);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();
     if (warp == 0) {
         const uint32_t t = lane < n_warps ? warp_totals[lane] : 0;
-        uint32_t w = t;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const uint32_t y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= (uint32_t)o) w += y;
-        }
-        warp_totals[lane] = w - t;
+        warp_totals[lane] = warp_inclusive_sum(t) - t;
     }
     __syncthreads();
     uint32_t run = warp_totals[warp] + incl - own;

@@ -150,12 +150,7 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
         count[j] = h[QUEST_BINS - 1 - (PER_THREAD * tid + j)];
         sum += count[j];
     }
-    uint32_t incl = sum;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= (uint32_t)o) incl += v;
-    }
+    const uint32_t incl = warp_inclusive_sum(sum);
     if (lane == 31) warp_sums[warp] = incl;
     __syncthreads();
     uint32_t above = incl - sum;

@@ -11,6 +11,7 @@
 // chosen entries in index order without a sort (Quest's pages).
 #pragma once
 #include <stdint.h>
+#include "common.cuh"
 
 // Order-preserving bits of a score, as the CPU ranks it: NaN as -inf, -0 as +0.
 __device__ __forceinline__ uint32_t score_bits(float s) {
@@ -77,12 +78,7 @@ __device__ inline TopCut top_cut(const uint32_t* bits, uint32_t C, uint32_t n, u
                 count[j] = hist[255 - 8 * tid - j];
                 sum += count[j];
             }
-            uint32_t incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const uint32_t v = __shfl_up_sync(0xffffffffu, incl, o);
-                if (tid >= (uint32_t)o) incl += v;
-            }
+            const uint32_t incl = warp_inclusive_sum(sum);
             const uint32_t w = want;
             // Every lane has read `want` before the one lane that finds the digit rewrites it.
             __syncwarp();

@@ -419,56 +419,8 @@ fn quest_matches_cpu() {
     quest_case(&dev, s, DType::BF16, 3e-2, &[pages + 4 + 48], 8);
 }
 
-/// Shapes of one direct Quest routing case: `(B, Hq, Hkv, D, P, k)`.
-type QuestShape = (usize, usize, usize, usize, usize, usize);
-
 /// `[B][Hq][k]` probes and `[B][Hkv][P]` group scores on the host.
 type QuestRouted = (Vec<Vec<Vec<u32>>>, Vec<Vec<Vec<f32>>>);
-
-/// Random Quest routing inputs on the CPU: queries `[B, Hq, D]` in `dtype`, bounds
-/// `[B, Hkv, P, D]` (min <= max) and `filled` `[B, Hkv, P]`, item `i` holding `pages[i]` pages
-/// (bounds of the others zero, as `QuestPages` keeps them). With `exact`, small integers: every
-/// score is exact in f32 whatever the order of summation, so scores tie exactly and often.
-fn quest_inputs(
-    r: &mut StdRng,
-    dtype: DType,
-    (b, hq, hkv, d, p, _): QuestShape,
-    pages: &[usize],
-    exact: bool,
-) -> (Tensor, Tensor, Tensor, Tensor) {
-    let mut value = |lo: i32, hi: i32| -> f32 {
-        if exact {
-            r.random_range(lo..=hi) as f32
-        } else {
-            r.random_range(lo as f32..hi as f32)
-        }
-    };
-    let q: Vec<f32> = (0..b * hq * d).map(|_| value(-2, 2)).collect();
-    let (mut min, mut max) = (vec![0f32; b * hkv * p * d], vec![0f32; b * hkv * p * d]);
-    let mut filled = vec![0u8; b * hkv * p];
-    for (i, &n) in pages.iter().enumerate().take(b) {
-        for h in 0..hkv {
-            for page in 0..n {
-                let row = (i * hkv + h) * p + page;
-                filled[row] = 1;
-                for e in row * d..(row + 1) * d {
-                    let (mid, half) = (value(-3, 3), value(0, 2));
-                    (min[e], max[e]) = (mid - half, mid + half);
-                }
-            }
-        }
-    }
-    let cpu = &Device::Cpu;
-    (
-        Tensor::from_vec(q, (b, hq, d), cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap(),
-        Tensor::from_vec(min, (b, hkv, p, d), cpu).unwrap(),
-        Tensor::from_vec(max, (b, hkv, p, d), cpu).unwrap(),
-        Tensor::from_vec(filled, (b, hkv, p), cpu).unwrap(),
-    )
-}
 
 /// `q` with every dimension of query head `head` of item `item` set to NaN.
 fn poisoned(q: &Tensor, item: usize, head: usize) -> Tensor {

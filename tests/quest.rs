@@ -317,43 +317,32 @@ fn page_scores_bound_every_key() {
 #[test]
 fn route_lists_the_best_pages_in_page_order() {
     let (b, p) = (2, 40);
-    let filled_pages = [40, 9];
     let mut r = rng(8);
-    let mut int = |lo: i32, hi: i32| r.random_range(lo..=hi) as f32;
-    let q: Vec<f32> = (0..b * HQ * DIM).map(|_| int(-2, 2)).collect();
-    let (mut lo, mut hi) = (vec![0f32; b * HKV * p * DIM], vec![0f32; b * HKV * p * DIM]);
-    let mut filled = vec![0u8; b * HKV * p];
-    for (item, &n) in filled_pages.iter().enumerate() {
-        for h in 0..HKV {
-            for page in 0..n {
-                let row = (item * HKV + h) * p + page;
-                filled[row] = 1;
-                for e in row * DIM..(row + 1) * DIM {
-                    let (mid, half) = (int(-1, 1), int(0, 1));
-                    (lo[e], hi[e]) = (mid - half, mid + half);
-                }
-            }
-        }
-    }
-    let cpu = &Device::Cpu;
-    let qt = Tensor::from_vec(q.clone(), (b, HQ, DIM), cpu).unwrap();
-    let lot = Tensor::from_vec(lo.clone(), (b, HKV, p, DIM), cpu).unwrap();
-    let hit = Tensor::from_vec(hi.clone(), (b, HKV, p, DIM), cpu).unwrap();
-    let ft = Tensor::from_vec(filled.clone(), (b, HKV, p), cpu).unwrap();
+    let (q, lo, hi, filled) =
+        quest_inputs(&mut r, DType::F32, (b, HQ, HKV, DIM, p, 0), &[40, 9], true);
+    let host = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (qv, lov, hiv) = (host(&q), host(&lo), host(&hi));
+    let fv = filled.flatten_all().unwrap().to_vec1::<u8>().unwrap();
     for k in [1, 5, 12, 40] {
-        let probes: Vec<Vec<Vec<u32>>> =
-            route(&qt, &lot, &hit, &ft, k).unwrap().0.to_vec3().unwrap();
+        let probes: Vec<Vec<Vec<u32>>> = route(&q, &lo, &hi, &filled, k)
+            .unwrap()
+            .0
+            .to_vec3()
+            .unwrap();
         for item in 0..b {
             for h in 0..HKV {
+                let row = |page: usize| (item * HKV + h) * p + page;
                 let score = |page: usize| -> f32 {
-                    let row = (item * HKV + h) * p + page;
-                    if filled[row] == 0 {
+                    if fv[row(page)] == 0 {
                         return f32::NEG_INFINITY;
                     }
+                    let (l, u) = (
+                        &lov[row(page) * DIM..][..DIM],
+                        &hiv[row(page) * DIM..][..DIM],
+                    );
                     (0..G)
                         .map(|g| {
-                            let qh = &q[(item * HQ + h * G + g) * DIM..][..DIM];
-                            let (l, u) = (&lo[row * DIM..][..DIM], &hi[row * DIM..][..DIM]);
+                            let qh = &qv[(item * HQ + h * G + g) * DIM..][..DIM];
                             (0..DIM)
                                 .map(|d| (qh[d] * l[d]).max(qh[d] * u[d]))
                                 .sum::<f32>()
@@ -366,10 +355,7 @@ fn route_lists_the_best_pages_in_page_order() {
                 ranked.sort_unstable();
                 let want: Vec<u32> = ranked
                     .iter()
-                    .map(|&x| match filled[(item * HKV + h) * p + x] {
-                        0 => p as u32,
-                        _ => x as u32,
-                    })
+                    .map(|&x| if fv[row(x)] == 0 { p as u32 } else { x as u32 })
                     .collect();
                 for g in 0..G {
                     assert_eq!(

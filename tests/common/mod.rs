@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use saap::classify::Classifier;
 use saap::{
@@ -276,4 +276,52 @@ pub fn quest_overflow_is_reported(dev: &Device) {
             assert_eq!(op.seq_lens(), &[81]);
         }
     }
+}
+
+/// Shapes of one direct Quest routing case: `(B, Hq, Hkv, D, P, k)`.
+pub type QuestShape = (usize, usize, usize, usize, usize, usize);
+
+/// Random Quest routing inputs on the CPU: queries `[B, Hq, D]` in `dtype`, bounds
+/// `[B, Hkv, P, D]` (min <= max) and `filled` `[B, Hkv, P]`, item `i` holding `pages[i]` pages
+/// (bounds of the others zero, as `QuestPages` keeps them). With `exact`, small integers: every
+/// score is exact in f32 whatever the order of summation, so scores tie exactly and often.
+pub fn quest_inputs(
+    r: &mut StdRng,
+    dtype: DType,
+    (b, hq, hkv, d, p, _): QuestShape,
+    pages: &[usize],
+    exact: bool,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let mut value = |lo: i32, hi: i32| -> f32 {
+        if exact {
+            r.random_range(lo..=hi) as f32
+        } else {
+            r.random_range(lo as f32..hi as f32)
+        }
+    };
+    let q: Vec<f32> = (0..b * hq * d).map(|_| value(-2, 2)).collect();
+    let (mut min, mut max) = (vec![0f32; b * hkv * p * d], vec![0f32; b * hkv * p * d]);
+    let mut filled = vec![0u8; b * hkv * p];
+    for (i, &n) in pages.iter().enumerate().take(b) {
+        for h in 0..hkv {
+            for page in 0..n {
+                let row = (i * hkv + h) * p + page;
+                filled[row] = 1;
+                for e in row * d..(row + 1) * d {
+                    let (mid, half) = (value(-3, 3), value(0, 2));
+                    (min[e], max[e]) = (mid - half, mid + half);
+                }
+            }
+        }
+    }
+    let cpu = &Device::Cpu;
+    (
+        Tensor::from_vec(q, (b, hq, d), cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        Tensor::from_vec(min, (b, hkv, p, d), cpu).unwrap(),
+        Tensor::from_vec(max, (b, hkv, p, d), cpu).unwrap(),
+        Tensor::from_vec(filled, (b, hkv, p), cpu).unwrap(),
+    )
 }
