@@ -3,7 +3,8 @@
 # costs at batch 1 and the sanitizers on session 25's code. Model pieces, the stash of binaries
 # and the 120k index go through `bench/device_layers.sh` (stash DIR | piece | index | setup).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
-#   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET
+#   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
+#   calib32 | hybrid32
 # Second machine (NOTES §41's change): `throughput_old` and `bench_report_old` are 9438f4e's.
 set -uo pipefail
 step=$1
@@ -60,6 +61,15 @@ qtop)
     --keys-budget "$2" --quest-layers "$ALL" > /dev/null
   ncu --import /tmp/qtop.ncu-rep --page details > "$OUT/qtop_details.txt"
   ncu --import /tmp/qtop.ncu-rep --page source --csv --print-source sass > "$OUT/qtop_sass.csv" ;;
+calib32)
+  # NOTES §42: session 24's 32k recipe (NOTES §32), now also recording sparse routings.
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k.safetensors"
+  sha256sum "$I/q32k.safetensors" | tee -a "$OUT/calib32.txt" ;;
+hybrid32)
+  # 32k, every layer sparse at 10%: the plan alone and the hybrid, batch 8 (8 × 1023 tokens) and 1.
+  for h in "" --hybrid; do
+    run "$bin/throughput" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --batch 8,1 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 $h
+  done ;;
 steps)
   # The classifier's top-ℓ (histograms per warp) and the Llama-3.1-8B layer step, 9438f4e's
   # kernels (`bench_report_old`) against this commit's, alternated twice.
