@@ -696,7 +696,9 @@ impl Llama {
     /// holding more of the held-out attention than the classifier's partitions at equal keys).
     /// Quest layers read pages to fit the keys budget ([`Llama::set_keys_budget`]) and without
     /// one [`crate::config::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
-    /// layers.
+    /// layers. The hybrid is for long contexts: on Qwen2.5-Coder-0.5B it kept perplexity within 1%
+    /// of dense at 120k with 5.7% of the keys, but at 32k did worse than the classifier alone
+    /// (bench/results/2026-11-27-h200-hybrid32).
     ///
     /// # Errors
     /// [`Error::Model`] with no index attached; [`Error::Saap`] for a routing an op refuses.
