@@ -117,10 +117,10 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 // group's k best pages listed in page order (which pages, not their rank, is Quest's answer: the
 // decode kernel reads their union), a page without keys of the item written as P. One block of
 // QUEST_TOP_THREADS per row. The histogram gives the bin holding the k-th best page: the pages of
-// higher bins are taken, the `need` best of that bin's (usually few) by a radix select over them
-// alone, gathered in page order so that ties still go to the lower page. Dynamic shared memory:
-// 3 P + ceil(P / 32) + 256 + 32 u32 (bits, the bin's pages and their bits, chosen, radix
-// histogram, warp counts).
+// higher bins are taken, the `need` best of that bin's (a fraction of P: ~1k of 7.5k at 120k) by a
+// radix select over them alone, gathered in page order so that ties still go to the lower page.
+// Dynamic shared memory: 3 P + ceil(P / 32) + 256 + 32 u32 (bits, the bin's pages and their
+// bits, chosen, radix histogram, warp counts).
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     saap_quest_top(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
                    const uint32_t* __restrict__ hist, uint32_t* __restrict__ probes, uint32_t P,

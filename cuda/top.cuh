@@ -31,7 +31,7 @@ __device__ __forceinline__ uint32_t top_index(unsigned long long key) {
     return 0xffffffffu - (uint32_t)(key & 0xffffffffu);
 }
 
-// The cut of the n best of bits[0..C): the keys k with (k & mask) >= prefix are exactly they.
+// The cut of the n best of bits[0..C): the keys k with (k & mask) >= prefix are exactly those.
 struct TopCut {
     unsigned long long prefix, mask;
 };
@@ -158,7 +158,7 @@ __device__ inline uint32_t top_sorted(const uint32_t* bits, uint32_t C, TopCut c
 // order, and returns their number (to every thread): an ordered compaction without a sort. Each
 // warp takes one contiguous span of entries; a first pass counts its entries, the warps' counts
 // before it are summed, and a second pass emits. warp_sums: blockDim.x / 32 counters of shared
-// memory. Starts synced (a previous call's counts may still be read).
+// memory, written only after a barrier (a previous call's counts may still be being read).
 template <typename Pred, typename Emit>
 __device__ inline uint32_t emit_in_index_order(uint32_t C, Pred pred, uint32_t* warp_sums,
                                                Emit emit) {

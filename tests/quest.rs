@@ -6,7 +6,6 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use rand::Rng;
 use saap::attend::SeqExtent;
 use saap::config::{MAX_QUEST_PAGES, QUEST_PAGE};
 use saap::quest::{page_scores, route};
