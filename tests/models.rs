@@ -9,7 +9,7 @@ use saap::classify::Classifier;
 use saap::models::fetch::{self, Model, Text};
 use saap::models::llama::mean_nll;
 use saap::models::{GgufTokenizer, Llama};
-use saap::{LayerIndex, Routing, SaapIndex};
+use saap::{LayerIndex, Routing, SaapAttention, SaapError, SaapIndex};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -304,6 +304,18 @@ fn all_sparse_follows_the_index_sparse_routing() {
         "the Quest layer read {:.3} of its keys",
         quest.selectivity()
     );
+    // All or nothing: a layer that refuses (here an op built dense, so without a classifier)
+    // leaves every layer as it was, the hybrid's Quest layer included.
+    let config = model.attention_mut(3).unwrap().config().clone();
+    *model.attention_mut(3).unwrap() =
+        SaapAttention::dense(&config, &Device::Cpu, DType::F32).unwrap();
+    let before = routings(&mut model);
+    assert_eq!((before[1], before[3]), (Routing::Quest, Routing::Dense));
+    assert!(matches!(
+        model.serve_all_sparse(false),
+        Err(saap::models::Error::Saap(SaapError::Config(_)))
+    ));
+    assert_eq!(routings(&mut model), before);
     // Without an index there is nothing to route by.
     model.attach_index(None).unwrap();
     assert!(model.serve_all_sparse(false).is_err());

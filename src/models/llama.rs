@@ -701,15 +701,38 @@ impl Llama {
     /// (bench/results/2026-11-27-h200-hybrid32).
     ///
     /// # Errors
-    /// [`Error::Model`] with no index attached; [`Error::Saap`] for a routing an op refuses.
+    /// [`Error::Model`] with no index attached; [`Error::Saap`] for a routing an op refuses, with
+    /// every layer left as it was (all or nothing).
     pub fn serve_all_sparse(&mut self, hybrid: bool) -> Result<()> {
         if self.sparse_routing.len() != self.attn.len() {
             return Err(Error::Model(
                 "serving every layer sparse needs an attached index".into(),
             ));
         }
-        for (op, &sparse) in self.attn.iter_mut().zip(&self.sparse_routing) {
-            op.set_routing(if hybrid { sparse } else { Routing::Classifier })?;
+        let targets = match hybrid {
+            true => self.sparse_routing.clone(),
+            false => vec![Routing::Classifier; self.attn.len()],
+        };
+        let before: Vec<Routing> = self.attn.iter().map(SaapAttention::routing).collect();
+        if let Err(refused) = self.switch_routings(&targets) {
+            // The layers switched before the one that refused go back.
+            if let Err(restore) = self.switch_routings(&before) {
+                return Err(Error::Model(format!(
+                    "{refused}; restoring the previous routings failed too: {restore}"
+                )));
+            }
+            return Err(refused);
+        }
+        Ok(())
+    }
+
+    /// Sets each layer's routing to `routings` where it differs (a switch ends the op's replay and
+    /// may merge its window), then re-plans the probes.
+    fn switch_routings(&mut self, routings: &[Routing]) -> Result<()> {
+        for (op, &routing) in self.attn.iter_mut().zip(routings) {
+            if op.routing() != routing {
+                op.set_routing(routing)?;
+            }
         }
         self.plan_probes()
     }
