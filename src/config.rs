@@ -18,12 +18,16 @@ pub const MAX_SPAN: usize = 1 << 24;
 pub const MAX_CONTEXT: usize = u32::MAX as usize;
 /// Consecutive indexed tokens per page of [`Routing::Quest`] (the Quest paper's page size).
 pub const QUEST_PAGE: usize = 16;
-/// Most pages [`Routing::Quest`] ranks in one step, i.e. at most 131,072 indexed tokens
+/// Most pages [`Routing::Quest`] ranks in one step, i.e. at most 262,144 indexed tokens
 /// (sinks and window come on top). Both backends refuse more, so that they agree; the limit is
-/// the CUDA side's: the decode kernel keeps one slot per partition (here, page) in 48 KiB of
-/// shared memory (at most 10,237), and candle's CUDA `arg_sort` sorts a row padded to a power of
-/// two in shared memory (at most 8192 columns).
-pub const MAX_QUEST_PAGES: usize = 8192;
+/// the CUDA side's shared memory: Quest's top-k block holds 3 words per page (194 KiB at 16,384
+/// pages) and the decode kernel 2 words per page it reads (140 KiB when it reads them all),
+/// within the 227 KiB a block of an H100 or H200 may opt in to. On a GPU with less, the top-k
+/// falls back to candle ops, whose CUDA `arg_sort` ranks at most [`MAX_CANDLE_SORT`] pages.
+pub const MAX_QUEST_PAGES: usize = 16384;
+/// Most columns candle's CUDA `arg_sort` sorts (a row padded to a power of two in shared
+/// memory): Quest's candle-ops routing on a CUDA device refuses more pages with a typed error.
+pub const MAX_CANDLE_SORT: usize = 8192;
 /// Pages a KV group reads per [`Routing::Quest`] step without a keys budget: 64 pages, 1024
 /// indexed tokens, a token budget of the size the Quest paper evaluates.
 pub const DEFAULT_QUEST_PAGES: usize = 64;

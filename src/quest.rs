@@ -11,7 +11,7 @@
 
 use crate::attend::SeqExtent;
 use crate::classify::top_probes;
-use crate::config::QUEST_PAGE;
+use crate::config::{MAX_CANDLE_SORT, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use candle_core::{DType, Device, Tensor};
 
@@ -174,7 +174,8 @@ impl QuestPages {
 ///
 /// # Errors
 /// [`SaapError::Shape`] unless the bounds fit `q` (see [`page_scores`]); [`SaapError::Config`]
-/// when `n_pages` or P is 0; [`SaapError::Candle`] when `filled` does not fit or a tensor
+/// when `n_pages` or P is 0, or on a CUDA device whose kernels cannot take this shape with more
+/// than [`MAX_CANDLE_SORT`] pages; [`SaapError::Candle`] when `filled` does not fit or a tensor
 /// operation fails.
 pub fn route(
     q: &Tensor,
@@ -189,6 +190,12 @@ pub fn route(
     #[cfg(feature = "cuda")]
     if route_on_kernels(q, min, max, filled, k) {
         return Ok(crate::cuda::quest::route(q, min, max, filled, k)?);
+    }
+    if q.device().is_cuda() && p > MAX_CANDLE_SORT {
+        return Err(SaapError::Config(format!(
+            "Quest over {p} pages: this GPU cannot run Quest's kernels for this shape, and \
+             candle's CUDA sort ranks at most {MAX_CANDLE_SORT}"
+        )));
     }
     let scores = page_scores(q, min, max)?;
     let g = hq / hkv;
