@@ -273,12 +273,10 @@ fn run(args: Args) -> Res<()> {
             model.set_budget_by_layer(!args.uniform_budget)?;
             model.set_plan_floor(args.plan_floor)?;
             model.set_estimate_unread(args.estimate_unread);
-            let dense_layers = (0..index.n_layers())
-                .filter(|&l| {
-                    model
-                        .attention_mut(l)
-                        .is_ok_and(|op| op.routing() == Routing::Dense)
-                })
+            let dense_layers = model
+                .routings()
+                .iter()
+                .filter(|&&r| r == Routing::Dense)
                 .count();
             println!(
                 "model {name} on the {device_name}; Saap index {}\n  C = {} partitions per KV head, \

@@ -352,12 +352,9 @@ fn run(args: Args) -> Res<()> {
                     })
                     .collect::<Res<Vec<_>>>()?;
                 let probes: Vec<usize> = probes.into_iter().flatten().collect();
-                let quest_layers: Vec<usize> = (0..model.n_layers())
-                    .filter(|&l| {
-                        model
-                            .attention_mut(l)
-                            .is_ok_and(|op| op.routing() == Routing::Quest)
-                    })
+                let routings = model.routings();
+                let quest_layers: Vec<usize> = (0..routings.len())
+                    .filter(|&l| routings[l] == Routing::Quest)
                     .collect();
                 let n_probe = probes.first().copied().unwrap_or(0);
                 let ell = match probes.iter().all(|&l| l == n_probe) {

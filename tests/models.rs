@@ -280,16 +280,11 @@ fn all_sparse_follows_the_index_sparse_routing() {
         .unwrap();
     index.set_layer_routing(0, Routing::Dense).unwrap();
     model.attach_index(Some(&index)).unwrap();
-    let routings = |model: &mut Llama| -> Vec<Routing> {
-        (0..n)
-            .map(|l| model.attention_mut(l).unwrap().routing())
-            .collect()
-    };
-    assert_eq!(routings(&mut model)[0], Routing::Dense);
+    assert_eq!(model.routings()[0], Routing::Dense);
     model.serve_all_sparse(true).unwrap();
-    assert_eq!(routings(&mut model), sparse);
+    assert_eq!(model.routings(), sparse);
     model.serve_all_sparse(false).unwrap();
-    assert_eq!(routings(&mut model), vec![Routing::Classifier; n]);
+    assert_eq!(model.routings(), vec![Routing::Classifier; n]);
     model.serve_all_sparse(true).unwrap();
     model.set_keys_budget(Some(0.5)).unwrap();
     let logits = prefill_then_decode(&mut model, &text[..291], 290);
@@ -309,13 +304,13 @@ fn all_sparse_follows_the_index_sparse_routing() {
     let config = model.attention_mut(3).unwrap().config().clone();
     *model.attention_mut(3).unwrap() =
         SaapAttention::dense(&config, &Device::Cpu, DType::F32).unwrap();
-    let before = routings(&mut model);
+    let before = model.routings();
     assert_eq!((before[1], before[3]), (Routing::Quest, Routing::Dense));
     assert!(matches!(
         model.serve_all_sparse(false),
         Err(saap::models::Error::Saap(SaapError::Config(_)))
     ));
-    assert_eq!(routings(&mut model), before);
+    assert_eq!(model.routings(), before);
     // Without an index there is nothing to route by.
     model.attach_index(None).unwrap();
     assert!(model.serve_all_sparse(false).is_err());

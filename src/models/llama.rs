@@ -713,7 +713,7 @@ impl Llama {
             true => self.sparse_routing.clone(),
             false => vec![Routing::Classifier; self.attn.len()],
         };
-        let before: Vec<Routing> = self.attn.iter().map(SaapAttention::routing).collect();
+        let before = self.routings();
         if let Err(refused) = self.switch_routings(&targets) {
             // The layers switched before the one that refused go back.
             if let Err(restore) = self.switch_routings(&before) {
@@ -768,6 +768,11 @@ impl Llama {
     /// Tokens cached per batch item (empty before the first forward).
     pub fn seq_lens(&self) -> &[usize] {
         self.attn.first().map_or(&[], |a| a.seq_lens())
+    }
+
+    /// How each layer chooses the keys it reads now.
+    pub fn routings(&self) -> Vec<Routing> {
+        self.attn.iter().map(SaapAttention::routing).collect()
     }
 
     /// Keys read by each layer in the last decode step (`None` before any decode).
