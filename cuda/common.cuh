@@ -71,6 +71,29 @@ __device__ inline void block_exclusive_scan(uint32_t* a, uint32_t n) {
     __syncthreads();
 }
 
+// Exclusive prefix sum of one value per thread across the block (blockDim.x a multiple of 32),
+// in thread order; *total receives the block's sum. Starts and ends with __syncthreads(), so
+// consecutive calls may share warp_totals.
+__device__ inline uint32_t block_exclusive_sum(uint32_t v, uint32_t* total) {
+    __shared__ uint32_t warp_totals[33];
+    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const uint32_t incl = warp_inclusive_sum(v);
+    __syncthreads();
+    if (lane == 31) warp_totals[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        const uint32_t t = lane < n_warps ? warp_totals[lane] : 0;
+        const uint32_t scanned = warp_inclusive_sum(t);
+        warp_totals[lane] = scanned - t;
+        if (lane == 31) warp_totals[32] = scanned;
+    }
+    __syncthreads();
+    const uint32_t excl = warp_totals[warp] + incl - v;
+    *total = warp_totals[32];
+    __syncthreads();
+    return excl;
+}
+
 // First index i in a[0..n) with a[i] > x (a non-decreasing).
 __device__ inline uint32_t upper_bound(const uint32_t* a, uint32_t n, uint32_t x) {
     uint32_t lo = 0, hi = n;

@@ -1,16 +1,16 @@
 // Quest routing of a decode step (src/cuda/quest.rs), one semantics with `quest::route` on the
-// CPU: two launches replace its candle ops (relu, sub, two batched matmuls, add, max over the
+// CPU: three launches replace its candle ops (relu, sub, two batched matmuls, add, max over the
 // group, masking, arg_sort over P pages, gather, where, broadcast).
 //
 // 1. saap_quest_scores: per (item, KV head, page) the group score, the max over the group's G
 //    query heads of Σ_d max(q_d·min_d, q_d·max_d) (f32, as the CPU's relu split: q_d·max_d where
 //    q_d > 0, else q_d·min_d). A NaN of any head makes the group score NaN, so the caller's finite
 //    check sees it. Each block also counts its pages into a histogram of the row's ranking bits
-//    (their top QUEST_BIN_BITS), so that the selection needs no radix pass over every page: with
-//    one block per row it was one SM's work at batch 1 (24 us at 7.5k pages, NOTES §41).
-// 2. saap_quest_top: per (item, KV head) the k best pages (top.cuh; pages without keys of the
-//    item rank as -inf, with NaN), listed in page order for each of the group's G query heads, a
-//    page without keys written as P.
+//    (their top QUEST_BIN_BITS), so that the selection needs no radix pass over every page.
+// 2. saap_quest_select + saap_quest_emit: per (item, KV head) the k best pages (pages without
+//    keys of the item rank as -inf, with NaN), listed in page order for each of the group's G
+//    query heads, a page without keys written as P; each row spread over blocks of QUEST_CHUNK
+//    pages (below).
 #include "common.cuh"
 #include "top.cuh"
 
@@ -18,7 +18,6 @@
 // Lanes per page: each loads 16 bytes of a bound row at a time, 8 lanes one 128-byte segment.
 #define QUEST_LPP 8
 #define QUEST_SLOTS (QUEST_THREADS / QUEST_LPP)
-#define QUEST_TOP_THREADS 1024
 // Histogram bins of a row's ranking bits (score_bits >> (32 - QUEST_BIN_BITS)).
 #define QUEST_BIN_BITS 12
 #define QUEST_BINS (1u << QUEST_BIN_BITS)
@@ -112,49 +111,88 @@ SAAP_QUEST_SCORES_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 64)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 
-// scores: [rows, P] (rows = B * Hkv); filled: [rows, P] u8 (nonzero: the page holds keys of its
-// item); hist: [rows, QUEST_BINS] from saap_quest_scores; probes: [rows * G, k] = [B, Hq, k], each
-// group's k best pages listed in page order (which pages, not their rank, is Quest's answer: the
-// decode kernel reads their union), a page without keys of the item written as P. One block of
-// QUEST_TOP_THREADS per row. The histogram gives the bin holding the k-th best page: the pages of
-// higher bins are taken, the `need` best of that bin's (a fraction of P: ~1k of 7.5k at 120k) by a
-// radix select over them alone, gathered in page order so that ties still go to the lower page.
-// Dynamic shared memory: 3 P + ceil(P / 32) + 256 + 32 u32 (bits, the bin's pages and their
-// bits, chosen, radix histogram, warp counts).
+// Quest's top-k, spread over the GPU: with one block per row it was one SM's instruction
+// throughput at batch 1 (20.9 us at 7.5k pages, NOTES §41-43). Each row is cut into chunks of
+// QUEST_CHUNK pages, QUEST_PPT consecutive pages per thread.
+//
+// saap_quest_select (grid: chunks, rows): every block reads the row's histogram, finds the bin
+// holding the k-th best page (the cut's bin) and how many of its pages are still needed, counts
+// its chunk's pages above that bin and stages its pages of that bin in page order. The last
+// block of the row to finish (a per-row counter, zero on entry) gathers every chunk's staged
+// pages, radix-selects the `need` best of them (ties to the lower page) and writes where each
+// chunk's chosen pages start in the list. saap_quest_emit (grid: chunks, rows) then lists each
+// chunk's chosen pages at that offset, in page order, once per query head of the group.
+#define QUEST_TOP_THREADS 256
+#define QUEST_PPT 4
+#define QUEST_CHUNK (QUEST_TOP_THREADS * QUEST_PPT)
+// Chunks of a row the last block can account for: P <= QUEST_MAX_CHUNKS * QUEST_CHUNK.
+#define QUEST_MAX_CHUNKS 64
+
+// One row of the scratch saap_quest_select writes and saap_quest_emit reads, u32 each; a row
+// takes 2 P + 3 chunks + 1 + ceil(P / 32) (`scratch_len` in src/cuda/quest.rs).
+struct QuestScratch {
+    uint32_t* pages;   // [P]: chunk c's pages of the cut's bin from c * QUEST_CHUNK, in page order
+    uint32_t* bits;    // [P]: their ranking bits
+    uint32_t* above;   // [chunks]: each chunk's pages in bins above the cut's
+    uint32_t* tied;    // [chunks]: each chunk's pages in the cut's bin
+    uint32_t* offset;  // [chunks]: where each chunk's chosen pages start in the list
+    uint32_t* cut;     // [1]: the cut's bin
+    uint32_t* taken;   // [ceil(P / 32)]: bitmap of the cut bin's pages taken
+};
+
+__device__ __forceinline__ QuestScratch quest_scratch(uint32_t* base, uint32_t row, uint32_t P,
+                                                      uint32_t chunks) {
+    const uint32_t tail = 2 * P + 3 * chunks;
+    uint32_t* r = base + (size_t)row * (tail + 1 + (P + 31) / 32);
+    return {r, r + P, r + 2 * P, r + 2 * P + chunks, r + 2 * P + 2 * chunks, r + tail,
+            r + tail + 1};
+}
+
+// The ranking bits of a thread's pages first..first + QUEST_PPT (those < P), as the score kernel
+// counted them: pages without keys of their item as -inf.
+__device__ __forceinline__ void quest_page_bits(const float* s, const uint8_t* f, uint32_t first,
+                                                uint32_t P, uint32_t (&bits)[QUEST_PPT]) {
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j) {
+        const uint32_t p = first + j;
+        bits[j] = p < P ? score_bits(f[p] ? s[p] : -INFINITY) : 0u;
+    }
+}
+
+// scores, filled: [rows, P]; hist: [rows, QUEST_BINS] from saap_quest_scores; counters: [rows],
+// zero on entry; scratch: rows x scratch_len. Dynamic shared memory: 2 P u32 (used by the last
+// block of each row: the cut bin's pages and their bits).
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
-    saap_quest_top(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
-                   const uint32_t* __restrict__ hist, uint32_t* __restrict__ probes, uint32_t P,
-                   uint32_t k, uint32_t G) {
+    saap_quest_select(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
+                      const uint32_t* __restrict__ hist, uint32_t* __restrict__ counters,
+                      uint32_t* __restrict__ scratch, uint32_t P, uint32_t k) {
     constexpr uint32_t PER_THREAD = QUEST_BINS / QUEST_TOP_THREADS;
-    constexpr uint32_t WARPS = QUEST_TOP_THREADS / 32;
-    extern __shared__ uint32_t bits[];  // [P]
-    uint32_t* tied = bits + P;          // [P]: pages of the cut's bin, in page order
-    uint32_t* tied_bits = tied + P;     // [P]: their bits
-    uint32_t* chosen = tied_bits + P;   // [ceil(P / 32)]: the bin's pages taken
-    uint32_t* radix = chosen + (P + 31) / 32;  // [256]
-    uint32_t* warp_sums = radix + 256;         // [WARPS]
+    static_assert(PER_THREAD % 4 == 0, "a thread's bins are read 16 bytes at a time");
+    extern __shared__ uint32_t tied_bits[];  // [P]
+    uint32_t* tied_pages = tied_bits + P;    // [P]
+    __shared__ uint32_t radix[256], chunk_taken[QUEST_MAX_CHUNKS];
     __shared__ uint32_t cut_bin, need;
-    const uint32_t row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
-    const float* s = scores + (size_t)row * P;
-    const uint8_t* f = filled + (size_t)row * P;
-#pragma unroll 4
-    for (uint32_t i = tid; i < P; i += QUEST_TOP_THREADS)
-        bits[i] = score_bits(f[i] ? s[i] : -INFINITY);
-    for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) chosen[w] = 0;
-    // The cut's bin: thread t holds bins QUEST_BINS - 1 - (PER_THREAD t + j), highest first; a
-    // block-wide scan of their counts finds the bin where the count from the top reaches k.
-    const uint32_t* h = hist + (size_t)row * QUEST_BINS;
+    __shared__ bool last;
+    const uint32_t chunk = blockIdx.x, chunks = gridDim.x, row = blockIdx.y, tid = threadIdx.x;
+    const QuestScratch sc = quest_scratch(scratch, row, P, chunks);
+    // The cut's bin, alike in every block: thread t holds bins QUEST_BINS - 1 - (PER_THREAD t +
+    // j), highest first; a block-wide scan finds the bin where the count from the top reaches k.
+    const uint4* h4 = reinterpret_cast<const uint4*>(hist + (size_t)row * QUEST_BINS +
+                                                     QUEST_BINS - PER_THREAD * (tid + 1));
     uint32_t count[PER_THREAD], sum = 0;
 #pragma unroll
-    for (uint32_t j = 0; j < PER_THREAD; ++j) {
-        count[j] = h[QUEST_BINS - 1 - (PER_THREAD * tid + j)];
-        sum += count[j];
+    for (uint32_t v = 0; v < PER_THREAD / 4; ++v) {
+        const uint4 w = h4[v];  // bins in ascending order: the thread's last four first
+        const uint32_t j = PER_THREAD - 1 - 4 * v;
+        count[j] = w.x;
+        count[j - 1] = w.y;
+        count[j - 2] = w.z;
+        count[j - 3] = w.w;
     }
-    const uint32_t incl = warp_inclusive_sum(sum);
-    if (lane == 31) warp_sums[warp] = incl;
-    __syncthreads();
-    uint32_t above = incl - sum;
-    for (uint32_t w = 0; w < warp; ++w) above += warp_sums[w];
+#pragma unroll
+    for (uint32_t j = 0; j < PER_THREAD; ++j) sum += count[j];
+    uint32_t total;
+    uint32_t above = block_exclusive_sum(sum, &total);
     if (above < k && k <= above + sum) {
         for (uint32_t j = 0; j < PER_THREAD; ++j) {
             if (above + count[j] >= k) {
@@ -167,29 +205,103 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     }
     __syncthreads();
     const uint32_t bin = cut_bin;
-    auto bin_of = [&](uint32_t i) { return bits[i] >> (32 - QUEST_BIN_BITS); };
-    // The bin's pages in page order, then the `need` best of them (keys rank ties by position,
-    // which is page order).
-    const uint32_t n_tied = emit_in_index_order(
-        P, [&](uint32_t i) { return bin_of(i) == bin; }, warp_sums,
-        [&](uint32_t r, uint32_t i) {
-            tied[r] = i;
-            tied_bits[r] = bits[i];
-        });
+    // This chunk's pages: counted above the cut's bin, staged in it.
+    const float* s = scores + (size_t)row * P;
+    const uint8_t* f = filled + (size_t)row * P;
+    const uint32_t first = chunk * QUEST_CHUNK + tid * QUEST_PPT;
+    uint32_t bits[QUEST_PPT], n_above = 0, n_tied = 0;
+    quest_page_bits(s, f, first, P, bits);
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j) {
+        const uint32_t b = bits[j] >> (32 - QUEST_BIN_BITS);
+        n_above += first + j < P && b > bin;
+        n_tied += first + j < P && b == bin;
+    }
+    // Both counts in one scan (a chunk's counts fit 16 bits).
+    const uint32_t at = block_exclusive_sum(n_tied | n_above << 16, &total);
+    uint32_t r = chunk * QUEST_CHUNK + (at & 0xffffu);
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j) {
+        if (first + j < P && bits[j] >> (32 - QUEST_BIN_BITS) == bin) {
+            sc.pages[r] = first + j;
+            sc.bits[r] = bits[j];
+            ++r;
+        }
+    }
+    if (tid == 0) {
+        sc.above[chunk] = total >> 16;
+        sc.tied[chunk] = total & 0xffffu;
+    }
+    // Every chunk's staging visible before the counter says so.
+    __threadfence();
     __syncthreads();
-    const TopCut cut = top_cut(tied_bits, n_tied, need, radix);
-    for (uint32_t r = tid; r < n_tied; r += QUEST_TOP_THREADS)
-        if (top_taken(tied_bits, r, cut)) atomicOr(&chosen[tied[r] / 32], 1u << (tied[r] % 32));
+    if (tid == 0) last = atomicAdd(&counters[row], 1u) == chunks - 1;
     __syncthreads();
-    // The chosen pages in page order (into `tied`, read for the last time above), then written
-    // once per query head of the group with coalesced stores.
-    uint32_t* list = tied;
-    emit_in_index_order(
-        P,
-        [&](uint32_t i) { return bin_of(i) > bin || ((chosen[i / 32] >> (i % 32)) & 1u); },
-        warp_sums, [&](uint32_t r, uint32_t i) { list[r] = f[i] ? i : P; });
+    if (!last) return;
+    __threadfence();
+    // The last block: the cut bin's pages of every chunk, in page order (chunk by chunk), read
+    // past L1 (other blocks wrote them).
+    uint32_t n = 0;
+    for (uint32_t c = 0; c < chunks; ++c) {
+        const uint32_t m = __ldcg(sc.tied + c);
+        for (uint32_t i = tid; i < m; i += QUEST_TOP_THREADS) {
+            tied_bits[n + i] = __ldcg(sc.bits + c * QUEST_CHUNK + i);
+            tied_pages[n + i] = __ldcg(sc.pages + c * QUEST_CHUNK + i);
+        }
+        n += m;
+    }
+    for (uint32_t c = tid; c < chunks; c += QUEST_TOP_THREADS) chunk_taken[c] = 0;
+    for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) sc.taken[w] = 0;
     __syncthreads();
-    uint32_t* out = probes + (size_t)row * G * k;
+    // Keys rank ties by position, which is page order.
+    const TopCut cut = top_cut(tied_bits, n, need, radix);
+    for (uint32_t i = tid; i < n; i += QUEST_TOP_THREADS) {
+        if (top_taken(tied_bits, i, cut)) {
+            const uint32_t p = tied_pages[i];
+            atomicOr(&sc.taken[p / 32], 1u << (p % 32));
+            atomicAdd(&chunk_taken[p / QUEST_CHUNK], 1u);
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        uint32_t start = 0;
+        for (uint32_t c = 0; c < chunks; ++c) {
+            sc.offset[c] = start;
+            start += __ldcg(sc.above + c) + chunk_taken[c];
+        }
+        *sc.cut = bin;
+    }
+}
+
+// probes: [rows * G, k] = [B, Hq, k]: each group's k best pages in page order, a page without
+// keys of the item written as P; scratch as saap_quest_select left it (read only).
+extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
+    saap_quest_emit(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
+                    uint32_t* __restrict__ scratch, uint32_t* __restrict__ probes, uint32_t P,
+                    uint32_t k, uint32_t G) {
+    __shared__ uint32_t list[QUEST_CHUNK];
+    const uint32_t chunk = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
+    const QuestScratch sc = quest_scratch(scratch, row, P, gridDim.x);
+    const uint32_t bin = *sc.cut;
+    const float* s = scores + (size_t)row * P;
+    const uint8_t* f = filled + (size_t)row * P;
+    const uint32_t first = chunk * QUEST_CHUNK + tid * QUEST_PPT;
+    uint32_t bits[QUEST_PPT], n_chosen = 0;
+    bool chosen[QUEST_PPT];
+    quest_page_bits(s, f, first, P, bits);
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j) {
+        const uint32_t p = first + j, b = bits[j] >> (32 - QUEST_BIN_BITS);
+        chosen[j] = p < P && (b > bin || (b == bin && (sc.taken[p / 32] >> (p % 32)) & 1u));
+        n_chosen += chosen[j];
+    }
+    uint32_t total;
+    uint32_t r = block_exclusive_sum(n_chosen, &total);
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j)
+        if (chosen[j]) list[r++] = f[first + j] ? first + j : P;
+    __syncthreads();
+    uint32_t* out = probes + (size_t)row * G * k + sc.offset[chunk];
     for (uint32_t g = 0; g < G; ++g)
-        for (uint32_t r = tid; r < k; r += QUEST_TOP_THREADS) out[g * k + r] = list[r];
+        for (uint32_t i = tid; i < total; i += QUEST_TOP_THREADS) out[g * k + i] = list[i];
 }

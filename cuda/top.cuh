@@ -1,14 +1,14 @@
 // Top-n selection over one row of scores by one block, shared by the classifier's routing
-// (`saap_route_top`, decode.cu) and Quest's (`saap_quest_top`, quest.cu). The order is the CPU's
-// (`top_probes`): score descending, index ascending, NaN as -inf, -0 equal to +0.
+// (`saap_route_top`, decode.cu) and Quest's (`saap_quest_select`, quest.cu, over the pages of
+// one histogram bin). The order is the CPU's (`top_probes`): score descending, index ascending,
+// NaN as -inf, -0 equal to +0.
 //
 // Each score becomes an order-preserving u32 (`score_bits`) in shared memory; entry i's unique
 // u64 key is those bits high and the inverted index low. A radix select over 8-bit digits from
 // the top finds the n-th largest key (`top_cut`; usually 4 passes: the index digits only break
 // score ties); the keys at or above it are gathered and sorted by a bitonic network of `sel_cap`
 // (the power of two >= n) — inside one warp when it is at most 64 (`top_sorted`). A bitonic sort
-// of all C keys took 55 block-wide stages (12.5 us at C = 1024). `emit_in_index_order` lists
-// chosen entries in index order without a sort (Quest's pages).
+// of all C keys took 55 block-wide stages (12.5 us at C = 1024).
 #pragma once
 #include <stdint.h>
 #include "common.cuh"
@@ -152,45 +152,4 @@ __device__ inline uint32_t top_sorted(const uint32_t* bits, uint32_t C, TopCut c
         }
     }
     return workers;
-}
-
-// Calls emit(rank, i) for each i < C with pred(i), rank being its place among them in index
-// order, and returns their number (to every thread): an ordered compaction without a sort. Each
-// warp takes one contiguous span of entries; a first pass counts its entries, the warps' counts
-// before it are summed, and a second pass emits. warp_sums: blockDim.x / 32 counters of shared
-// memory, written only after a barrier (a previous call's counts may still be being read).
-template <typename Pred, typename Emit>
-__device__ inline uint32_t emit_in_index_order(uint32_t C, Pred pred, uint32_t* warp_sums,
-                                               Emit emit) {
-    const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    const uint32_t span = (C + warps * 32 - 1) / (warps * 32) * 32;
-    const uint32_t begin = min(warp * span, C), end = min(begin + span, C);
-    const uint32_t below = (1u << lane) - 1;
-    uint32_t count = 0;
-    for (uint32_t base = begin; base < end; base += 32) {
-        const uint32_t i = base + lane;
-        count += __popc(__ballot_sync(0xffffffffu, i < end && pred(i)));
-    }
-    __syncthreads();
-    if (lane == 0) warp_sums[warp] = count;
-    __syncthreads();
-    uint32_t rank = 0, total = 0;
-    for (uint32_t w = lane; w < warps; w += 32) {
-        const uint32_t c = warp_sums[w];
-        total += c;
-        if (w < warp) rank += c;
-    }
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) {
-        rank += __shfl_xor_sync(0xffffffffu, rank, o);
-        total += __shfl_xor_sync(0xffffffffu, total, o);
-    }
-    for (uint32_t base = begin; base < end; base += 32) {
-        const uint32_t i = base + lane;
-        const bool take = i < end && pred(i);
-        const uint32_t ballot = __ballot_sync(0xffffffffu, take);
-        if (take) emit(rank + __popc(ballot & below), i);
-        rank += __popc(ballot);
-    }
-    return total;
 }

@@ -16,6 +16,9 @@
 //!   whose group unions are as large as in `saap_step`.
 //! - `route` / `route_candle`: classifier + top-ℓ alone, with the CUDA kernels (bf16 weights) and
 //!   with the candle ops on f32 weights (the path before the kernels).
+//! - `quest`: Quest's routing alone (`saap::quest::route`: page scores, top-k pages in page
+//!   order) over n / 16 pages of random bounds, k = 6% of them, for this layer's heads
+//!   (`hkv` 8) and Qwen2.5-0.5B's (14 query heads, 2 KV heads, d = 64, `hkv` 2).
 //! - `index_build`: a fresh op's `extend` of n tokens (RoPE, append, tensor-core assignment,
 //!   partition-scan merge), the f32 `assign` alone, the tensor-core assignment alone
 //!   (`assign_mma_us`) and the partition-scan merge alone.
@@ -25,7 +28,7 @@
 //! Every measurement is one `JSON {...}` line on stdout.
 //!
 //! Usage: `bench_report [LENGTHS] [BATCHES]`, e.g. `bench_report 32768,131072 1,8`;
-//! `SAAP_REPORT_ONLY=route,kernels,steps,index` runs only those sections (e.g. under a profiler).
+//! `SAAP_REPORT_ONLY=route,quest,kernels,steps,index` runs only those sections (e.g. under a profiler).
 
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::{DType, Device, Tensor};
@@ -292,6 +295,9 @@ fn main() -> Res<()> {
             if section("kernels") {
                 kernels(&dev, &mut rng, n, b)?;
             }
+            if section("quest") {
+                quest(&dev, n, b)?;
+            }
             if section("steps") {
                 steps(&dev, &index, weight_bytes, centroid_bytes, n, b)?;
             }
@@ -299,6 +305,44 @@ fn main() -> Res<()> {
         if section("index") {
             index_build(&dev, &index, n)?;
         }
+    }
+    Ok(())
+}
+
+/// Quest's routing alone at 6% of n / 16 pages, for this layer's heads and Qwen2.5-0.5B's; bytes
+/// count the page bounds read. Shapes past the kernels' pages are skipped.
+fn quest(dev: &Device, n: usize, b: usize) -> Res<()> {
+    let p = n / saap::config::QUEST_PAGE;
+    if p > saap::config::MAX_QUEST_PAGES {
+        return Ok(());
+    }
+    let k = (p * 6).div_ceil(100);
+    for (hq, hkv, d) in [(HQ, HKV, D), (14, 2, 64)] {
+        let q = randn_bf16(&[b, hq, d], dev)?;
+        let max = Tensor::randn(0f32, 1.0, (b, hkv, p, d), dev)?;
+        let min = (&max - Tensor::randn(0f32, 1.0, (b, hkv, p, d), dev)?.abs()?)?;
+        let filled = Tensor::ones((b, hkv, p), DType::U8, dev)?;
+        if !saap::quest::route_on_kernels(&q, &min, &max, &filled, k) {
+            return Err(format!("quest: {p} pages not on the CUDA kernels").into());
+        }
+        let (us, wall, host) = time(dev, |_| {
+            saap::quest::route(&q, &min, &max, &filled, k)?;
+            Ok(())
+        })?;
+        emit(
+            "quest",
+            n,
+            b,
+            &[
+                ("us", us),
+                ("wall_us", wall),
+                ("host_us", host),
+                ("bytes", (2 * b * hkv * p * d * 4) as f64),
+                ("hkv", hkv as f64),
+                ("pages", p as f64),
+                ("k", k as f64),
+            ],
+        );
     }
     Ok(())
 }

@@ -537,8 +537,9 @@ fn quest_route_case(
 
 /// Quest routing's CUDA kernels (group page scores, top-k with filled masks) against the CPU's
 /// candle ops: every query dtype, G of 1, 2, 4 and 7, head dims 64 and 128, k from 1 to P =
-/// MAX_QUEST_PAGES (blocks of 32 to 1024 threads, shared memory past the default 48 KiB), ragged
-/// batches with items of fewer pages than k (slots of P) and of none, and a NaN query head (its group's pages all rank as -inf: the first k pages).
+/// MAX_QUEST_PAGES (rows of one to 16 chunks of 1024 pages, shared memory past the default
+/// 48 KiB), ragged batches with items of fewer pages than k (slots of P) and of none, and a NaN
+/// query head (its group's pages all rank as -inf: the first k pages).
 #[test]
 fn quest_route_matches_cpu() {
     use saap::config::MAX_QUEST_PAGES as MAX;
@@ -579,7 +580,8 @@ fn quest_route_matches_cpu() {
 }
 
 /// Exact score ties (small integer queries and bounds) are broken by page index exactly as the
-/// CPU's stable sort breaks them, empty pages included, for f32 and bf16 queries; and a NaN in
+/// CPU's stable sort breaks them, empty pages included, for f32 and bf16 queries, also across
+/// the GPU's chunks of 1024 pages (the cut's ties and empty pages in several); and a NaN in
 /// any query head (on the GPU, not only the group's first) makes its group's scores NaN, so the
 /// finite check of a decode step sees it.
 #[test]
@@ -592,6 +594,11 @@ fn quest_route_ties_match_cpu() {
             let (q, min, max, filled) = quest_inputs(&mut r, dtype, shape, &[500, 77], true);
             quest_route_case(&dev, (&q, &min, &max, &filled), k, true);
         }
+    }
+    for k in [1, 1100, 2999] {
+        let shape = (2, 8, 2, 64, 3000, k);
+        let (q, min, max, filled) = quest_inputs(&mut r, DType::F32, shape, &[3000, 1500], true);
+        quest_route_case(&dev, (&q, &min, &max, &filled), k, true);
     }
     let shape = (2, 8, 2, 128, 200, 8);
     let (q, min, max, filled) = quest_inputs(&mut r, DType::BF16, shape, &[200, 200], true);

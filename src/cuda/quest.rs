@@ -1,6 +1,7 @@
 //! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page,
-//! counted into a histogram of their ranks, then each KV group's best pages written for its query
-//! heads in page order. A memset and two launches replace the candle ops (relu, sub, two batched
+//! counted into a histogram of their ranks, then each KV group's best pages selected and written
+//! for its query heads in page order, each row spread over blocks of 1024 pages. A memset and
+//! three launches replace the candle ops (relu, sub, two batched
 //! matmuls, add, max, masking, arg_sort over P, gather, where, broadcast) of
 //! [`crate::quest::route`], with the same result up to the order of f32 summation.
 
@@ -17,17 +18,26 @@ use half::{bf16, f16};
 /// `QUEST_SLOTS` in `cuda/quest.cu`).
 const THREADS: u32 = 256;
 const SLOTS: usize = 32;
-/// Threads of a top-k block (`QUEST_TOP_THREADS`).
-const TOP_THREADS: u32 = 1024;
+/// Threads of a select or emit block (`QUEST_TOP_THREADS`).
+const TOP_THREADS: u32 = 256;
+/// Pages of a row one select or emit block takes (`QUEST_CHUNK`).
+const CHUNK: usize = 1024;
+/// Chunks of a row the select kernel accounts for (`QUEST_MAX_CHUNKS`).
+const MAX_CHUNKS: usize = 64;
 /// Bins of a row's histogram of ranking bits (`QUEST_BINS`).
 const BINS: usize = 4096;
-/// Left of the opt-in limit for the top-k kernel's static shared memory (a few bytes).
-const STATIC_SMEM: usize = 1024;
+/// Left of the opt-in limit for the select kernel's static shared memory (about 1.5 KiB).
+const STATIC_SMEM: usize = 2048;
 
-/// Dynamic shared memory of the top-k block over P pages (`saap_quest_top`): the pages' bits, the
-/// cut bin's pages and their bits, a bitmap of those taken, a radix histogram, the warps' counts.
+/// Dynamic shared memory of a select block over P pages (`saap_quest_select`): the cut bin's
+/// pages and their bits, gathered by the last block of a row.
 fn top_smem_bytes(p: usize) -> usize {
-    (3 * p + p.div_ceil(32) + 256 + TOP_THREADS as usize / 32) * 4
+    2 * p * 4
+}
+
+/// u32 of the select kernel's scratch per row (`QuestScratch` in `cuda/quest.cu`).
+fn scratch_len(p: usize) -> usize {
+    2 * p + 3 * p.div_ceil(CHUNK) + 1 + p.div_ceil(32)
 }
 
 /// Whether [`route`] handles these tensors and `k`; otherwise the caller uses candle ops.
@@ -60,6 +70,7 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
         && filled.is_contiguous()
         && filled.dims() == [b, hkv, p]
         && filled.device().same_device(q.device())
+        && p <= MAX_CHUNKS * CHUNK
         && top_smem_bytes(p) + STATIC_SMEM <= optin
 }
 
@@ -75,9 +86,10 @@ pub(crate) fn route(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, hq, _) = q.dims3()?;
     let hkv = min.dim(1)?;
-    // Counted into by the score kernel, its only writer, and read by the top-k: fresh and zero
-    // every step (a memset node when the step is recorded).
-    let hist = Tensor::zeros((b, hkv, BINS), DType::U32, q.device())?;
+    // The rows' histograms, counted into by the score kernel and read by the selection, then one
+    // counter per row for the selection's last block: fresh and zero every step (a memset node
+    // when the step is recorded).
+    let hist = Tensor::zeros(b * hkv * (BINS + 1), DType::U32, q.device())?;
     let scores = q.contiguous()?.apply_op1_no_bwd(&ScoresOp {
         min,
         max,
@@ -94,7 +106,8 @@ pub(crate) fn route(
 }
 
 /// Group scores `[B, Hkv, P]` of rotated queries `[B, Hq, D]` over page bounds `[B, Hkv, P, D]`,
-/// each page also counted into `hist` (`[B, Hkv, BINS]` u32, zero) by the top bits of its rank.
+/// each page also counted into `hist` (`B · Hkv · BINS` u32 first, zero) by the top bits of its
+/// rank.
 struct ScoresOp<'a> {
     min: &'a Tensor,
     max: &'a Tensor,
@@ -186,11 +199,11 @@ impl ScoresOp<'_> {
 }
 
 /// Each KV group's `k` best pages of group scores `[B, Hkv, P]`, in page order, for its `group`
-/// query heads:
-/// `[B, Hkv · group, k]` u32.
+/// query heads: `[B, Hkv · group, k]` u32.
 struct TopOp<'a> {
     filled: &'a Tensor,
-    /// The score kernel's histogram of ranking bits, `[B, Hkv, BINS]`.
+    /// The score kernel's histograms of ranking bits (`B · Hkv · BINS`), then one zero counter
+    /// per row.
     hist: &'a Tensor,
     k: usize,
     group: usize,
@@ -211,21 +224,26 @@ impl CustomOp1 for TopOp<'_> {
         if k == 0 || k > p {
             candle_core::bail!("saap quest top: k = {k} outside 1..={p}");
         }
+        let rows = b * hkv;
         let dev = s.device().clone();
-        let func = load(&dev, &QUEST, "saap_quest_top")?;
+        let select = load(&dev, &QUEST, "saap_quest_select")?;
+        let emit = load(&dev, &QUEST, "saap_quest_emit")?;
         let smem = top_smem_bytes(p);
         // `supported` checked the device's limit.
-        use_smem(&dev, &func, smem, "quest top")?;
-        let rows = b * hkv;
+        use_smem(&dev, &select, smem, "quest select")?;
         let scores = view::<f32>(s, s_l)?;
-        // SAFETY: every probe is written (one block per row writes k entries for each head).
+        // SAFETY: the select kernel writes every entry the emit kernel reads (each chunk's
+        // counts and staged pages, the last block the offsets, the cut and the bitmap).
+        let scratch = unsafe { dev.alloc::<u32>(rows * scratch_len(p)) }?;
+        // SAFETY: every probe is written (the chunks' chosen pages, k per row, for each head).
         let probes = unsafe { dev.alloc::<u32>(rows * self.group * k) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (to_u32(rows)?, 1, 1),
+        let grid = (to_u32(p.div_ceil(CHUNK))?, to_u32(rows)?, 1);
+        let cfg = |shared_mem_bytes| LaunchConfig {
+            grid_dim: grid,
             block_dim: (TOP_THREADS, 1, 1),
-            shared_mem_bytes: to_u32(smem)?,
+            shared_mem_bytes,
         };
-        let dims = [to_u32(p)?, to_u32(k)?, to_u32(self.group)?];
+        let (p32, k32, g32) = (to_u32(p)?, to_u32(k)?, to_u32(self.group)?);
         with_cuda(self.filled, "filled pages", |f, f_l| {
             if f_l.dims() != [b, hkv, p] {
                 candle_core::bail!(
@@ -235,16 +253,25 @@ impl CustomOp1 for TopOp<'_> {
             }
             let filled = view::<u8>(f, f_l)?;
             with_cuda(self.hist, "page histogram", |h, h_l| {
-                let hist = view::<u32>(h, h_l)?;
-                let stream = dev.cuda_stream();
-                let mut builder = stream.launch_builder(&func);
-                builder.arg(&scores).arg(&filled).arg(&hist).arg(&probes);
-                for x in &dims {
-                    builder.arg(x);
+                let all = view::<u32>(h, h_l)?;
+                if all.len() != rows * (BINS + 1) {
+                    candle_core::bail!("saap quest top: histogram of {} u32", all.len());
                 }
-                // SAFETY: argument types and order match `saap_quest_top`; shared memory as
-                // sized by `top_smem_bytes`, opted in above where it exceeds the default.
-                unsafe { builder.launch(cfg) }.w()?;
+                let (hist, counters) = (all.slice(..rows * BINS), all.slice(rows * BINS..));
+                let stream = dev.cuda_stream();
+                let mut builder = stream.launch_builder(&select);
+                builder.arg(&scores).arg(&filled).arg(&hist).arg(&counters);
+                builder.arg(&scratch).arg(&p32).arg(&k32);
+                // SAFETY: argument types and order match `saap_quest_select`; the counters are
+                // this step's zeroed tensor; shared memory as sized by `top_smem_bytes`, opted in
+                // above where it exceeds the default.
+                unsafe { builder.launch(cfg(to_u32(smem)?)) }.w()?;
+                let mut builder = stream.launch_builder(&emit);
+                builder.arg(&scores).arg(&filled).arg(&scratch).arg(&probes);
+                builder.arg(&p32).arg(&k32).arg(&g32);
+                // SAFETY: argument types and order match `saap_quest_emit`, over the grid the
+                // select kernel filled the scratch for; static shared memory only.
+                unsafe { builder.launch(cfg(0)) }.w()?;
                 Ok(())
             })
         })?;
