@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Session 26 on the GPU machine (NOTES §41–, results/2026-11-27-h200-quest/): what a Quest layer
-# costs at batch 1 and the sanitizers on session 25's code. Model pieces, the stash of binaries
-# and the 120k index go through `bench/device_layers.sh` (stash DIR | piece | index | setup).
+# Sessions 26–27 on the GPU machine (NOTES §41–43, results/2026-11-27-h200-quest/ and
+# results/2026-11-27-h200-spread/): what a Quest layer costs at batch 1, the sanitizers, and
+# Quest's top-k spread over the GPU. Model pieces, the stash of binaries and the 120k index go
+# through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32
-# Second machine (NOTES §41's change): `throughput_old` and `bench_report_old` are 9438f4e's.
+#   calib32 | hybrid32 | report
+# `throughput_old` and `bench_report_old` are the previous commit's (session 26: 9438f4e;
+# session 27: faf992b, its bench_report with this commit's `quest` section).
 set -uo pipefail
 step=$1
 source "$(dirname "$0")/device_common.sh"
@@ -76,6 +78,16 @@ steps)
   for b in bench_report_old bench_report bench_report_old bench_report; do
     SAAP_REPORT_ONLY=route,steps run "$bin/$b" 131072,171008 1,8
   done ;;
+report)
+  # Session 27 (NOTES §43): Quest's routing alone, the classifier's, and the Llama-3.1-8B layer
+  # step, faf992b's kernels (`bench_report_old`) against this commit's, alternated twice; the
+  # layer step once more with the classifier's hidden width of the shipped indexes (64); FA2 in
+  # the same call.
+  for b in bench_report_old bench_report bench_report_old bench_report; do
+    SAAP_REPORT_ONLY=quest,route,steps run "$bin/$b" 131072,171008 1,8
+  done
+  SAAP_REPORT_HIDDEN=64 SAAP_REPORT_ONLY=route,steps run "$bin/bench_report" 171008 1,8
+  run python3 bench/fa2_prefill_anchor.py 171008 1,8 decode ;;
 ncu)
   # Kernel durations (ncu serializes kernels) of 4 eager tokens per mode, the calibrated hybrid
   # at budget $2, each decode kernel labelled by the routing launched before it.

@@ -117,11 +117,14 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 //
 // saap_quest_select (grid: chunks, rows): every block reads the row's histogram, finds the bin
 // holding the k-th best page (the cut's bin) and how many of its pages are still needed, counts
-// its chunk's pages above that bin and stages its pages of that bin in page order. The last
-// block of the row to finish (a per-row counter, zero on entry) gathers every chunk's staged
-// pages, radix-selects the `need` best of them (ties to the lower page) and writes where each
-// chunk's chosen pages start in the list. saap_quest_emit (grid: chunks, rows) then lists each
-// chunk's chosen pages at that offset, in page order, once per query head of the group.
+// its chunk's pages above that bin, stages its pages of that bin in page order and counts them
+// into a second histogram of their next QUEST_BIN_BITS bits (a row's scores share their leading
+// bits: the cut's bin alone held ~1k of 7.5k pages). The last block of the row to finish (a
+// per-row counter, zero on entry) finds the cut in that second histogram, takes the staged pages
+// above it, selects the rest among the few that share the cut's 24 bits (ties to the lower
+// page), and writes where each chunk's chosen pages start in the list. saap_quest_emit (grid:
+// chunks, rows) then lists each chunk's chosen pages at that offset, in page order, once per
+// query head of the group.
 #define QUEST_TOP_THREADS 256
 #define QUEST_PPT 4
 #define QUEST_CHUNK (QUEST_TOP_THREADS * QUEST_PPT)
@@ -159,30 +162,20 @@ __device__ __forceinline__ void quest_page_bits(const float* s, const uint8_t* f
     }
 }
 
-// scores, filled: [rows, P]; hist: [rows, QUEST_BINS] from saap_quest_scores; counters: [rows],
-// zero on entry; scratch: rows x scratch_len. Dynamic shared memory: 2 P u32 (used by the last
-// block of each row: the cut bin's pages and their bits).
-extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
-    saap_quest_select(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
-                      const uint32_t* __restrict__ hist, uint32_t* __restrict__ counters,
-                      uint32_t* __restrict__ scratch, uint32_t P, uint32_t k) {
+// The bin of a histogram h (QUEST_BINS counts, read past L1: other blocks may have just written
+// them) where the count from the top reaches n (1 <= n <= the total), and how many of that bin's
+// entries are needed, into *bin and *need (shared). Every thread of a QUEST_TOP_THREADS block
+// takes part; ends synced.
+__device__ inline void quest_cut(const uint32_t* h, uint32_t n, uint32_t* bin, uint32_t* need) {
     constexpr uint32_t PER_THREAD = QUEST_BINS / QUEST_TOP_THREADS;
     static_assert(PER_THREAD % 4 == 0, "a thread's bins are read 16 bytes at a time");
-    extern __shared__ uint32_t tied_bits[];  // [P]
-    uint32_t* tied_pages = tied_bits + P;    // [P]
-    __shared__ uint32_t radix[256], chunk_taken[QUEST_MAX_CHUNKS];
-    __shared__ uint32_t cut_bin, need;
-    __shared__ bool last;
-    const uint32_t chunk = blockIdx.x, chunks = gridDim.x, row = blockIdx.y, tid = threadIdx.x;
-    const QuestScratch sc = quest_scratch(scratch, row, P, chunks);
-    // The cut's bin, alike in every block: thread t holds bins QUEST_BINS - 1 - (PER_THREAD t +
-    // j), highest first; a block-wide scan finds the bin where the count from the top reaches k.
-    const uint4* h4 = reinterpret_cast<const uint4*>(hist + (size_t)row * QUEST_BINS +
-                                                     QUEST_BINS - PER_THREAD * (tid + 1));
+    // Thread t holds bins QUEST_BINS - 1 - (PER_THREAD t + j), highest first.
+    const uint4* h4 =
+        reinterpret_cast<const uint4*>(h + QUEST_BINS - PER_THREAD * (threadIdx.x + 1));
     uint32_t count[PER_THREAD], sum = 0;
 #pragma unroll
     for (uint32_t v = 0; v < PER_THREAD / 4; ++v) {
-        const uint4 w = h4[v];  // bins in ascending order: the thread's last four first
+        const uint4 w = __ldcg(h4 + v);  // ascending bins: the thread's last four first
         const uint32_t j = PER_THREAD - 1 - 4 * v;
         count[j] = w.x;
         count[j - 1] = w.y;
@@ -193,19 +186,46 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     for (uint32_t j = 0; j < PER_THREAD; ++j) sum += count[j];
     uint32_t total;
     uint32_t above = block_exclusive_sum(sum, &total);
-    if (above < k && k <= above + sum) {
+    if (above < n && n <= above + sum) {
         for (uint32_t j = 0; j < PER_THREAD; ++j) {
-            if (above + count[j] >= k) {
-                cut_bin = QUEST_BINS - 1 - (PER_THREAD * tid + j);
-                need = k - above;
+            if (above + count[j] >= n) {
+                *bin = QUEST_BINS - 1 - (PER_THREAD * threadIdx.x + j);
+                *need = n - above;
                 break;
             }
             above += count[j];
         }
     }
     __syncthreads();
+}
+
+// The second-level bin of ranking bits already in the cut's first-level bin.
+__device__ __forceinline__ uint32_t quest_sub_bin(uint32_t bits) {
+    return (bits >> (32 - 2 * QUEST_BIN_BITS)) & (QUEST_BINS - 1);
+}
+
+// scores, filled: [rows, P]; hist, hist2: [rows, QUEST_BINS] (hist from saap_quest_scores, hist2
+// zero on entry); counters: [rows], zero on entry; scratch: rows x scratch_len. Dynamic shared
+// memory: 2 P u32 (used by the last block of each row: the pages sharing the cut's 24 bits and
+// their bits).
+extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
+    saap_quest_select(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
+                      const uint32_t* __restrict__ hist, uint32_t* __restrict__ hist2,
+                      uint32_t* __restrict__ counters, uint32_t* __restrict__ scratch, uint32_t P,
+                      uint32_t k) {
+    extern __shared__ uint32_t cand_bits[];  // [P]
+    uint32_t* cand_pages = cand_bits + P;    // [P]
+    __shared__ uint32_t radix[256], chunk_taken[QUEST_MAX_CHUNKS];
+    __shared__ uint32_t chunk_start[QUEST_MAX_CHUNKS + 1];
+    __shared__ uint32_t cut_bin, need, cut_sub, need_sub;
+    __shared__ bool last;
+    const uint32_t chunk = blockIdx.x, chunks = gridDim.x, row = blockIdx.y;
+    const uint32_t tid = threadIdx.x, lane = tid & 31;
+    const QuestScratch sc = quest_scratch(scratch, row, P, chunks);
+    uint32_t* h2 = hist2 + (size_t)row * QUEST_BINS;
+    quest_cut(hist + (size_t)row * QUEST_BINS, k, &cut_bin, &need);
     const uint32_t bin = cut_bin;
-    // This chunk's pages: counted above the cut's bin, staged in it.
+    // This chunk's pages: counted above the cut's bin; staged and counted again in it.
     const float* s = scores + (size_t)row * P;
     const uint8_t* f = filled + (size_t)row * P;
     const uint32_t first = chunk * QUEST_CHUNK + tid * QUEST_PPT;
@@ -218,6 +238,7 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
         n_tied += first + j < P && b == bin;
     }
     // Both counts in one scan (a chunk's counts fit 16 bits).
+    uint32_t total;
     const uint32_t at = block_exclusive_sum(n_tied | n_above << 16, &total);
     uint32_t r = chunk * QUEST_CHUNK + (at & 0xffffu);
 #pragma unroll
@@ -226,41 +247,82 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
             sc.pages[r] = first + j;
             sc.bits[r] = bits[j];
             ++r;
+            atomicAdd(&h2[quest_sub_bin(bits[j])], 1u);
         }
     }
     if (tid == 0) {
         sc.above[chunk] = total >> 16;
         sc.tied[chunk] = total & 0xffffu;
     }
-    // Every chunk's staging visible before the counter says so.
+    // Every chunk's staging and counts visible before the counter says so.
     __threadfence();
     __syncthreads();
     if (tid == 0) last = atomicAdd(&counters[row], 1u) == chunks - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    // The last block: the cut bin's pages of every chunk, in page order (chunk by chunk), read
-    // past L1 (other blocks wrote them).
-    uint32_t n = 0;
-    for (uint32_t c = 0; c < chunks; ++c) {
-        const uint32_t m = __ldcg(sc.tied + c);
-        for (uint32_t i = tid; i < m; i += QUEST_TOP_THREADS) {
-            tied_bits[n + i] = __ldcg(sc.bits + c * QUEST_CHUNK + i);
-            tied_pages[n + i] = __ldcg(sc.pages + c * QUEST_CHUNK + i);
+
+    // The last block. Where each chunk's staged pages start in the row's list of the cut bin's
+    // pages (page order), read past L1 (other blocks wrote them).
+    if (tid < 32) {
+        uint32_t carry = 0;
+        for (uint32_t base = 0; base < chunks; base += 32) {
+            const uint32_t c = base + lane;
+            const uint32_t m = c < chunks ? __ldcg(sc.tied + c) : 0;
+            const uint32_t incl = warp_inclusive_sum(m);
+            if (c < chunks) chunk_start[c] = carry + incl - m;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
         }
-        n += m;
+        if (lane == 0) chunk_start[chunks] = carry;
     }
     for (uint32_t c = tid; c < chunks; c += QUEST_TOP_THREADS) chunk_taken[c] = 0;
     for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) sc.taken[w] = 0;
-    __syncthreads();
-    // Keys rank ties by position, which is page order.
-    const TopCut cut = top_cut(tied_bits, n, need, radix);
-    for (uint32_t i = tid; i < n; i += QUEST_TOP_THREADS) {
-        if (top_taken(tied_bits, i, cut)) {
-            const uint32_t p = tied_pages[i];
-            atomicOr(&sc.taken[p / 32], 1u << (p % 32));
-            atomicAdd(&chunk_taken[p / QUEST_CHUNK], 1u);
+    quest_cut(h2, need, &cut_sub, &need_sub);
+    const uint32_t n = chunk_start[chunks], sub = cut_sub;
+    auto take = [&](uint32_t p) {
+        atomicOr(&sc.taken[p / 32], 1u << (p % 32));
+        atomicAdd(&chunk_taken[p / QUEST_CHUNK], 1u);
+    };
+    // Each thread walks one contiguous run of the list: pages above the cut's 24 bits are taken,
+    // those on them are candidates, gathered in page order.
+    const uint32_t per = (n + QUEST_TOP_THREADS - 1) / QUEST_TOP_THREADS;
+    const uint32_t lo = min(tid * per, n), hi = min(lo + per, n);
+    auto staged = [&](uint32_t i, uint32_t& c) {
+        while (i >= chunk_start[c + 1]) ++c;
+        return c * QUEST_CHUNK + i - chunk_start[c];
+    };
+    uint32_t n_cand = 0, c = 0;
+    for (uint32_t i = lo; i < hi; ++i) {
+        const uint32_t g = staged(i, c), b = quest_sub_bin(__ldcg(sc.bits + g));
+        if (b > sub) take(__ldcg(sc.pages + g));
+        n_cand += b == sub;
+    }
+    uint32_t n_cands;
+    uint32_t slot = block_exclusive_sum(n_cand, &n_cands);
+    c = 0;
+    for (uint32_t i = lo; i < hi; ++i) {
+        const uint32_t g = staged(i, c), b = __ldcg(sc.bits + g);
+        if (quest_sub_bin(b) == sub) {
+            cand_bits[slot] = b;
+            cand_pages[slot] = __ldcg(sc.pages + g);
+            ++slot;
         }
+    }
+    __syncthreads();
+    if (n_cands <= 32) {
+        // Usually a handful: one warp ranks them (bits descending, page order among equals).
+        if (tid < n_cands) {
+            const uint32_t b = cand_bits[tid];
+            uint32_t rank = 0;
+            for (uint32_t j = 0; j < n_cands; ++j)
+                rank += cand_bits[j] > b || (cand_bits[j] == b && j < tid);
+            if (rank < need_sub) take(cand_pages[tid]);
+        }
+    } else {
+        // Many exact ties (or empty pages, all -inf): keys rank ties by position, page order.
+        const TopCut cut = top_cut(cand_bits, n_cands, need_sub, radix);
+        for (uint32_t i = tid; i < n_cands; i += QUEST_TOP_THREADS)
+            if (top_taken(cand_bits, i, cut)) take(cand_pages[i]);
     }
     __syncthreads();
     if (tid == 0) {

@@ -26,11 +26,11 @@ const CHUNK: usize = 1024;
 const MAX_CHUNKS: usize = 64;
 /// Bins of a row's histogram of ranking bits (`QUEST_BINS`).
 const BINS: usize = 4096;
-/// Left of the opt-in limit for the select kernel's static shared memory (about 1.5 KiB).
+/// Left of the opt-in limit for the select kernel's static shared memory (about 1.7 KiB).
 const STATIC_SMEM: usize = 2048;
 
-/// Dynamic shared memory of a select block over P pages (`saap_quest_select`): the cut bin's
-/// pages and their bits, gathered by the last block of a row.
+/// Dynamic shared memory of a select block over P pages (`saap_quest_select`): the pages that
+/// share the cut's 24 ranking bits and their bits, gathered by the last block of a row.
 fn top_smem_bytes(p: usize) -> usize {
     2 * p * 4
 }
@@ -86,10 +86,10 @@ pub(crate) fn route(
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b, hq, _) = q.dims3()?;
     let hkv = min.dim(1)?;
-    // The rows' histograms, counted into by the score kernel and read by the selection, then one
-    // counter per row for the selection's last block: fresh and zero every step (a memset node
-    // when the step is recorded).
-    let hist = Tensor::zeros(b * hkv * (BINS + 1), DType::U32, q.device())?;
+    // The rows' histograms counted into by the score kernel, then the second-level histograms the
+    // selection counts the cut bin's pages into, then one counter per row for the selection's
+    // last block: fresh and zero every step (a memset node when the step is recorded).
+    let hist = Tensor::zeros(b * hkv * (2 * BINS + 1), DType::U32, q.device())?;
     let scores = q.contiguous()?.apply_op1_no_bwd(&ScoresOp {
         min,
         max,
@@ -202,8 +202,8 @@ impl ScoresOp<'_> {
 /// query heads: `[B, Hkv · group, k]` u32.
 struct TopOp<'a> {
     filled: &'a Tensor,
-    /// The score kernel's histograms of ranking bits (`B · Hkv · BINS`), then one zero counter
-    /// per row.
+    /// The score kernel's histograms of ranking bits (`B · Hkv · BINS`), then as many zero
+    /// second-level bins and one zero counter per row.
     hist: &'a Tensor,
     k: usize,
     group: usize,
@@ -254,17 +254,19 @@ impl CustomOp1 for TopOp<'_> {
             let filled = view::<u8>(f, f_l)?;
             with_cuda(self.hist, "page histogram", |h, h_l| {
                 let all = view::<u32>(h, h_l)?;
-                if all.len() != rows * (BINS + 1) {
-                    candle_core::bail!("saap quest top: histogram of {} u32", all.len());
+                if all.len() != rows * (2 * BINS + 1) {
+                    candle_core::bail!("saap quest top: histograms of {} u32", all.len());
                 }
-                let (hist, counters) = (all.slice(..rows * BINS), all.slice(rows * BINS..));
+                let hist = all.slice(..rows * BINS);
+                let hist2 = all.slice(rows * BINS..2 * rows * BINS);
+                let counters = all.slice(2 * rows * BINS..);
                 let stream = dev.cuda_stream();
                 let mut builder = stream.launch_builder(&select);
-                builder.arg(&scores).arg(&filled).arg(&hist).arg(&counters);
-                builder.arg(&scratch).arg(&p32).arg(&k32);
-                // SAFETY: argument types and order match `saap_quest_select`; the counters are
-                // this step's zeroed tensor; shared memory as sized by `top_smem_bytes`, opted in
-                // above where it exceeds the default.
+                builder.arg(&scores).arg(&filled).arg(&hist).arg(&hist2);
+                builder.arg(&counters).arg(&scratch).arg(&p32).arg(&k32);
+                // SAFETY: argument types and order match `saap_quest_select`; the second-level
+                // bins and counters are this step's zeroed tensor; shared memory as sized by
+                // `top_smem_bytes`, opted in above where it exceeds the default.
                 unsafe { builder.launch(cfg(to_u32(smem)?)) }.w()?;
                 let mut builder = stream.launch_builder(&emit);
                 builder.arg(&scores).arg(&filled).arg(&scratch).arg(&probes);
