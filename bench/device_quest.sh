@@ -5,7 +5,10 @@
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report
+#   calib32 | hybrid32 | report | take DIR
+# `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
+# for `setup`), texts (DIR/texts) and model pieces (DIR/q), so that every call can carry one
+# prepared folder.
 # `throughput_old` and `bench_report_old` are the previous commit's (session 26: 9438f4e;
 # session 27: faf992b, its bench_report with this commit's `quest` section).
 set -uo pipefail
@@ -78,6 +81,14 @@ steps)
   for b in bench_report_old bench_report bench_report_old bench_report; do
     SAAP_REPORT_ONLY=route,steps run "$bin/$b" 131072,171008 1,8
   done ;;
+take)
+  mkdir -p /tmp/stash/bin /tmp/stash/texts /tmp/q "$bin"
+  [ -d "$2/bin" ] && cp "$2"/bin/*.gz /tmp/stash/bin/ && for f in "$2"/bin/*.gz; do
+    n=$(basename "${f%.gz}"); gunzip -c "$f" > "$bin/${n%-????????????????}"; chmod +x "$bin/${n%-????????????????}"
+  done
+  [ -d "$2/texts" ] && cp "$2"/texts/* /tmp/stash/texts/
+  [ -d "$2/q" ] && cp "$2"/q/* /tmp/q/
+  ls "$bin" /tmp/q /tmp/stash/texts | tr '\n' ' ' ;;
 report)
   # Session 27 (NOTES §43): Quest's routing alone, the classifier's, and the Llama-3.1-8B layer
   # step, faf992b's kernels (`bench_report_old`) against this commit's, alternated twice; the

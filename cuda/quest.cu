@@ -127,6 +127,7 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 // query head of the group.
 #define QUEST_TOP_THREADS 256
 #define QUEST_PPT 4
+static_assert(32 % QUEST_PPT == 0, "a thread's pages share one word of the taken bitmap");
 #define QUEST_CHUNK (QUEST_TOP_THREADS * QUEST_PPT)
 // Chunks of a row the last block can account for: P <= QUEST_MAX_CHUNKS * QUEST_CHUNK.
 #define QUEST_MAX_CHUNKS 64
@@ -155,11 +156,18 @@ __device__ __forceinline__ QuestScratch quest_scratch(uint32_t* base, uint32_t r
 // counted them: pages without keys of their item as -inf.
 __device__ __forceinline__ void quest_page_bits(const float* s, const uint8_t* f, uint32_t first,
                                                 uint32_t P, uint32_t (&bits)[QUEST_PPT]) {
+    float score[QUEST_PPT];
+    uint8_t keys[QUEST_PPT];
+    // Both loads unconditional, so that neither waits on the other.
 #pragma unroll
     for (int j = 0; j < QUEST_PPT; ++j) {
-        const uint32_t p = first + j;
-        bits[j] = p < P ? score_bits(f[p] ? s[p] : -INFINITY) : 0u;
+        const uint32_t p = min(first + j, P - 1);
+        score[j] = s[p];
+        keys[j] = f[p];
     }
+#pragma unroll
+    for (int j = 0; j < QUEST_PPT; ++j)
+        bits[j] = first + j < P ? score_bits(keys[j] ? score[j] : -INFINITY) : 0u;
 }
 
 // The bin of a histogram h (QUEST_BINS counts, read past L1: other blocks may have just written
@@ -206,17 +214,17 @@ __device__ __forceinline__ uint32_t quest_sub_bin(uint32_t bits) {
 
 // scores, filled: [rows, P]; hist, hist2: [rows, QUEST_BINS] (hist from saap_quest_scores, hist2
 // zero on entry); counters: [rows], zero on entry; scratch: rows x scratch_len. Dynamic shared
-// memory: 2 P u32 (used by the last block of each row: the pages sharing the cut's 24 bits and
-// their bits).
+// memory: 2 P u32 (used by the last block of each row: the cut bin's pages and their bits).
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     saap_quest_select(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
                       const uint32_t* __restrict__ hist, uint32_t* __restrict__ hist2,
                       uint32_t* __restrict__ counters, uint32_t* __restrict__ scratch, uint32_t P,
                       uint32_t k) {
-    extern __shared__ uint32_t cand_bits[];  // [P]
-    uint32_t* cand_pages = cand_bits + P;    // [P]
-    __shared__ uint32_t radix[256], chunk_taken[QUEST_MAX_CHUNKS];
-    __shared__ uint32_t chunk_start[QUEST_MAX_CHUNKS + 1];
+    extern __shared__ uint32_t tied_bits[];  // [P]: the cut bin's pages' bits, in page order
+    uint32_t* tied_pages = tied_bits + P;    // [P]: those pages
+    __shared__ uint32_t radix[256], cand_bits[32], cand_pages[32];
+    __shared__ uint32_t chunk_start[QUEST_MAX_CHUNKS + 1], chunk_above[QUEST_MAX_CHUNKS];
+    __shared__ uint32_t chunk_taken[QUEST_MAX_CHUNKS];
     __shared__ uint32_t cut_bin, need, cut_sub, need_sub;
     __shared__ bool last;
     const uint32_t chunk = blockIdx.x, chunks = gridDim.x, row = blockIdx.y;
@@ -262,13 +270,16 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     if (!last) return;
     __threadfence();
 
-    // The last block. Where each chunk's staged pages start in the row's list of the cut bin's
-    // pages (page order), read past L1 (other blocks wrote them).
+    // The last block; each global read below is one round trip on its critical path, so reads
+    // are issued together. Where each chunk's staged pages start in the row's list of the cut
+    // bin's pages (page order) and its pages above that bin, read past L1 (other blocks wrote
+    // them).
     if (tid < 32) {
         uint32_t carry = 0;
         for (uint32_t base = 0; base < chunks; base += 32) {
             const uint32_t c = base + lane;
             const uint32_t m = c < chunks ? __ldcg(sc.tied + c) : 0;
+            if (c < chunks) chunk_above[c] = __ldcg(sc.above + c);
             const uint32_t incl = warp_inclusive_sum(m);
             if (c < chunks) chunk_start[c] = carry + incl - m;
             carry += __shfl_sync(0xffffffffu, incl, 31);
@@ -277,40 +288,59 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     }
     for (uint32_t c = tid; c < chunks; c += QUEST_TOP_THREADS) chunk_taken[c] = 0;
     for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) sc.taken[w] = 0;
+    __syncthreads();
+    const uint32_t n = chunk_start[chunks];
+    // The staged pages into shared memory, in page order: a thread's loads all issued before
+    // its stores wait on them.
+    constexpr uint32_t IN_FLIGHT = 8;
+    for (uint32_t base = 0; base < n; base += IN_FLIGHT * QUEST_TOP_THREADS) {
+        uint32_t b[IN_FLIGHT], pg[IN_FLIGHT];
+#pragma unroll
+        for (uint32_t r = 0; r < IN_FLIGHT; ++r) {
+            const uint32_t i = base + r * QUEST_TOP_THREADS + tid;
+            if (i < n) {
+                const uint32_t c = upper_bound(chunk_start, chunks + 1, i) - 1;
+                const uint32_t g = c * QUEST_CHUNK + i - chunk_start[c];
+                b[r] = __ldcg(sc.bits + g);
+                pg[r] = __ldcg(sc.pages + g);
+            }
+        }
+#pragma unroll
+        for (uint32_t r = 0; r < IN_FLIGHT; ++r) {
+            const uint32_t i = base + r * QUEST_TOP_THREADS + tid;
+            if (i < n) {
+                tied_bits[i] = b[r];
+                tied_pages[i] = pg[r];
+            }
+        }
+    }
     quest_cut(h2, need, &cut_sub, &need_sub);
-    const uint32_t n = chunk_start[chunks], sub = cut_sub;
+    const uint32_t sub = cut_sub;
     auto take = [&](uint32_t p) {
         atomicOr(&sc.taken[p / 32], 1u << (p % 32));
         atomicAdd(&chunk_taken[p / QUEST_CHUNK], 1u);
     };
     // Each thread walks one contiguous run of the list: pages above the cut's 24 bits are taken,
-    // those on them are candidates, gathered in page order.
+    // those on them are candidates.
     const uint32_t per = (n + QUEST_TOP_THREADS - 1) / QUEST_TOP_THREADS;
     const uint32_t lo = min(tid * per, n), hi = min(lo + per, n);
-    auto staged = [&](uint32_t i, uint32_t& c) {
-        while (i >= chunk_start[c + 1]) ++c;
-        return c * QUEST_CHUNK + i - chunk_start[c];
-    };
-    uint32_t n_cand = 0, c = 0;
-    for (uint32_t i = lo; i < hi; ++i) {
-        const uint32_t g = staged(i, c), b = quest_sub_bin(__ldcg(sc.bits + g));
-        if (b > sub) take(__ldcg(sc.pages + g));
-        n_cand += b == sub;
-    }
+    uint32_t n_cand = 0;
+    for (uint32_t i = lo; i < hi; ++i) n_cand += quest_sub_bin(tied_bits[i]) == sub;
     uint32_t n_cands;
     uint32_t slot = block_exclusive_sum(n_cand, &n_cands);
-    c = 0;
-    for (uint32_t i = lo; i < hi; ++i) {
-        const uint32_t g = staged(i, c), b = __ldcg(sc.bits + g);
-        if (quest_sub_bin(b) == sub) {
-            cand_bits[slot] = b;
-            cand_pages[slot] = __ldcg(sc.pages + g);
-            ++slot;
-        }
-    }
-    __syncthreads();
     if (n_cands <= 32) {
-        // Usually a handful: one warp ranks them (bits descending, page order among equals).
+        // Usually a handful, gathered in page order and ranked by one warp (bits descending,
+        // page order among equals).
+        for (uint32_t i = lo; i < hi; ++i) {
+            const uint32_t b = quest_sub_bin(tied_bits[i]);
+            if (b > sub) take(tied_pages[i]);
+            if (b == sub) {
+                cand_bits[slot] = tied_bits[i];
+                cand_pages[slot] = tied_pages[i];
+                ++slot;
+            }
+        }
+        __syncthreads();
         if (tid < n_cands) {
             const uint32_t b = cand_bits[tid];
             uint32_t rank = 0;
@@ -319,19 +349,23 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
             if (rank < need_sub) take(cand_pages[tid]);
         }
     } else {
-        // Many exact ties (or empty pages, all -inf): keys rank ties by position, page order.
-        const TopCut cut = top_cut(cand_bits, n_cands, need_sub, radix);
-        for (uint32_t i = tid; i < n_cands; i += QUEST_TOP_THREADS)
-            if (top_taken(cand_bits, i, cut)) take(cand_pages[i]);
+        // Many share the cut's 24 bits (exact ties, or empty pages at -inf): a radix select over
+        // the whole bin, whose keys rank ties by position, which is page order.
+        const TopCut cut = top_cut(tied_bits, n, need, radix);
+        for (uint32_t i = tid; i < n; i += QUEST_TOP_THREADS)
+            if (top_taken(tied_bits, i, cut)) take(tied_pages[i]);
     }
     __syncthreads();
-    if (tid == 0) {
-        uint32_t start = 0;
-        for (uint32_t c = 0; c < chunks; ++c) {
-            sc.offset[c] = start;
-            start += __ldcg(sc.above + c) + chunk_taken[c];
+    if (tid < 32) {
+        uint32_t carry = 0;
+        for (uint32_t base = 0; base < chunks; base += 32) {
+            const uint32_t c = base + lane;
+            const uint32_t m = c < chunks ? chunk_above[c] + chunk_taken[c] : 0;
+            const uint32_t incl = warp_inclusive_sum(m);
+            if (c < chunks) sc.offset[c] = carry + incl - m;
+            carry += __shfl_sync(0xffffffffu, incl, 31);
         }
-        *sc.cut = bin;
+        if (tid == 0) *sc.cut = bin;
     }
 }
 
@@ -344,17 +378,19 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     __shared__ uint32_t list[QUEST_CHUNK];
     const uint32_t chunk = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
     const QuestScratch sc = quest_scratch(scratch, row, P, gridDim.x);
-    const uint32_t bin = *sc.cut;
     const float* s = scores + (size_t)row * P;
     const uint8_t* f = filled + (size_t)row * P;
     const uint32_t first = chunk * QUEST_CHUNK + tid * QUEST_PPT;
+    // One word of the bitmap holds the thread's pages (QUEST_PPT divides 32); all reads at once.
+    const uint32_t bin = *sc.cut, taken = sc.taken[min(first, P - 1) / 32];
+    const uint32_t offset = sc.offset[chunk];
     uint32_t bits[QUEST_PPT], n_chosen = 0;
     bool chosen[QUEST_PPT];
     quest_page_bits(s, f, first, P, bits);
 #pragma unroll
     for (int j = 0; j < QUEST_PPT; ++j) {
         const uint32_t p = first + j, b = bits[j] >> (32 - QUEST_BIN_BITS);
-        chosen[j] = p < P && (b > bin || (b == bin && (sc.taken[p / 32] >> (p % 32)) & 1u));
+        chosen[j] = p < P && (b > bin || (b == bin && (taken >> (p % 32)) & 1u));
         n_chosen += chosen[j];
     }
     uint32_t total;
@@ -363,7 +399,7 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     for (int j = 0; j < QUEST_PPT; ++j)
         if (chosen[j]) list[r++] = f[first + j] ? first + j : P;
     __syncthreads();
-    uint32_t* out = probes + (size_t)row * G * k + sc.offset[chunk];
+    uint32_t* out = probes + (size_t)row * G * k + offset;
     for (uint32_t g = 0; g < G; ++g)
         for (uint32_t i = tid; i < total; i += QUEST_TOP_THREADS) out[g * k + i] = list[i];
 }
