@@ -5,10 +5,10 @@
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report | take DIR
+#   calib32 | hybrid32 | report | take DIR | low BUDGETS
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
-# for `setup`), texts (DIR/texts) and model pieces (DIR/q), so that every call can carry one
-# prepared folder.
+# for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
+# can carry one prepared folder.
 # `throughput_old` and `bench_report_old` are the previous commit's (session 26: 9438f4e;
 # session 27: faf992b, its bench_report with this commit's `quest` section).
 set -uo pipefail
@@ -88,7 +88,15 @@ take)
   done
   [ -d "$2/texts" ] && cp "$2"/texts/* /tmp/stash/texts/
   [ -d "$2/q" ] && cp "$2"/q/* /tmp/q/
+  [ -d "$2/idx" ] && mkdir -p "$I" && cp "$2"/idx/* "$I"/ && sha256sum "$I"/*
   ls "$bin" /tmp/q /tmp/stash/texts | tr '\n' ' ' ;;
+low)
+  # Session 27 (NOTES §44): the calibrated hybrid at budgets $2 (a comma list), batch 8 (8 × 1023
+  # tokens), then batch 1 (256 tokens).
+  for b in "8 1024" "1 256"; do
+    read -r batch tokens <<< "$b"
+    run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch "$batch" --tokens "$tokens" --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$2" --hybrid
+  done ;;
 report)
   # Session 27 (NOTES §43): Quest's routing alone, the classifier's, and the Llama-3.1-8B layer
   # step, faf992b's kernels (`bench_report_old`) against this commit's, alternated twice; the
