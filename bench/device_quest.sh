@@ -5,7 +5,7 @@
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report | take DIR | low BUDGETS
+#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -97,6 +97,19 @@ low)
     read -r batch tokens <<< "$b"
     run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch "$batch" --tokens "$tokens" --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$2" --hybrid
   done ;;
+shared)
+  # Session 27 (NOTES §45): one Quest page list per KV group; `throughput_old` is 60aceb8's.
+  # Batch 1 (hybrid at 5% and 6%, Quest everywhere at 6%), old then new; batch 8 (the hybrid at
+  # 6%, 8 × 255 tokens), old then new; then the new kernels' durations (ncu, hybrid at 6%).
+  for b in throughput_old throughput; do
+    tb() { run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on "$@"; }
+    tb --batch 1 --keys-budget 0.05,0.06 --hybrid
+    tb --batch 1 --keys-budget 0.06 --quest-layers "$ALL"
+  done
+  for b in throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.06 --hybrid
+  done
+  step=ncu bash "$0" ncu 0.06 ;;
 report)
   # Session 27 (NOTES §43): Quest's routing alone, the classifier's, and the Llama-3.1-8B layer
   # step, faf992b's kernels (`bench_report_old`) against this commit's, alternated twice; the

@@ -225,7 +225,8 @@ __device__ inline uint32_t nth_unread(const uint32_t* words, const uint32_t* bas
 }
 
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
-// probes: [items, Hq, n_probe] (ignored when dense); kmean, vmean: [items, Hkv, C, D] or null
+// probes: [items, Hkv, lists, n_probe] (ignored when dense): one list per query head (lists = G)
+// or one shared by the group (lists = 1: Quest's pages); kmean, vmean: [items, Hkv, C, D] or null
 // (no estimate of the unread partitions); part_o: [rows, splits, G, D];
 // part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
@@ -238,7 +239,7 @@ __device__ __forceinline__ void decode_impl(
     const T* __restrict__ kmean, const T* __restrict__ vmean, float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
     uint32_t* __restrict__ counters, const ItemTable& seqs, const uint32_t* __restrict__ advance,
     uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe,
-    uint32_t sinks, float scale_log2) {
+    uint32_t lists, uint32_t sinks, float scale_log2) {
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
@@ -255,11 +256,11 @@ __device__ __forceinline__ void decode_impl(
     // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two).
     const bool estimate = EST && sparse && kmean != nullptr;
     // The block's key list in segments: sinks, the probed partitions in index order, the window,
-    // [the unread partitions' means,] then the end. Only the group's union (at most G·ℓ
+    // [the unread partitions' means,] then the end. Only the group's union (at most lists·ℓ
     // partitions) gets a segment: the list used to have one per partition (C + 3 entries zeroed,
     // filled and scanned by every block, a quarter of the kernel's warp time at C = 1024).
     const uint32_t n_words = (C + 31) / 32;
-    const uint32_t max_union = min(C, G * n_probe);
+    const uint32_t max_union = min(C, lists * n_probe);
     extern __shared__ __align__(16) uint32_t smem[];
     uint32_t* probed = smem;                   // n_words: bit c = partition c is in the union
     uint32_t* probed_base = probed + n_words;  // n_words: union members in the words before
@@ -276,8 +277,8 @@ __device__ __forceinline__ void decode_impl(
     if (sparse) {
         for (uint32_t w = tid; w < n_words; w += THREADS) probed[w] = 0;
         __syncthreads();
-        const uint32_t* pr = probes + ((size_t)item * hq + (size_t)head * G) * n_probe;
-        for (uint32_t i = tid; i < G * n_probe; i += THREADS) {
+        const uint32_t* pr = probes + (size_t)row * lists * n_probe;
+        for (uint32_t i = tid; i < lists * n_probe; i += THREADS) {
             const uint32_t c = pr[i];
             if (c < C) atomicOr(&probed[c / 32], 1u << (c % 32));
         }
@@ -457,11 +458,11 @@ __device__ __forceinline__ void decode_impl(
         const T* kmean, const T* vmean, float* part_o, float* part_ml, T* out,                  \
         uint32_t* counters, ItemTable seqs,                                                     \
         const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
-        uint32_t n_probe, uint32_t sinks, float scale_log2) {                                   \
+        uint32_t n_probe, uint32_t lists, uint32_t sinks, float scale_log2) {                   \
         decode_impl<T, D, GB, KB, FUSED, EST>(q, k, v, dir, probes, kmean, vmean, part_o,       \
-                                              part_ml, out, counters,                           \
-                                         seqs, advance, hq, hkv, cap, n_partitions, n_probe,    \
-                                         sinks, scale_log2);                                    \
+                                              part_ml, out, counters, seqs, advance, hq, hkv,   \
+                                              cap, n_partitions, n_probe, lists, sinks,         \
+                                              scale_log2);                                      \
     }
 
 // Three variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last

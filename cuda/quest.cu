@@ -8,9 +8,9 @@
 //    check sees it. Each block also counts its pages into a histogram of the row's ranking bits
 //    (their top QUEST_BIN_BITS), so that the selection needs no radix pass over every page.
 // 2. saap_quest_select + saap_quest_emit: per (item, KV head) the k best pages (pages without
-//    keys of the item rank as -inf, with NaN), listed in page order for each of the group's G
-//    query heads, a page without keys written as P; each row spread over blocks of QUEST_CHUNK
-//    pages (below).
+//    keys of the item rank as -inf, with NaN), listed in page order once for the group's query
+//    heads, a page without keys written as P; each row spread over blocks of QUEST_CHUNK pages
+//    (below).
 #include "common.cuh"
 #include "top.cuh"
 
@@ -123,8 +123,7 @@ SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
 // per-row counter, zero on entry) finds the cut in that second histogram, takes the staged pages
 // above it, selects the rest among the few that share the cut's 24 bits (ties to the lower
 // page), and writes where each chunk's chosen pages start in the list. saap_quest_emit (grid:
-// chunks, rows) then lists each chunk's chosen pages at that offset, in page order, once per
-// query head of the group.
+// chunks, rows) then lists each chunk's chosen pages at that offset, in page order.
 #define QUEST_TOP_THREADS 256
 #define QUEST_PPT 4
 static_assert(32 % QUEST_PPT == 0, "a thread's pages share one word of the taken bitmap");
@@ -369,12 +368,12 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     }
 }
 
-// probes: [rows * G, k] = [B, Hq, k]: each group's k best pages in page order, a page without
-// keys of the item written as P; scratch as saap_quest_select left it (read only).
+// probes: [rows, k] = [B, Hkv, k]: each group's k best pages in page order, a page without keys
+// of the item written as P; scratch as saap_quest_select left it (read only).
 extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     saap_quest_emit(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
                     uint32_t* __restrict__ scratch, uint32_t* __restrict__ probes, uint32_t P,
-                    uint32_t k, uint32_t G) {
+                    uint32_t k) {
     __shared__ uint32_t list[QUEST_CHUNK];
     const uint32_t chunk = blockIdx.x, row = blockIdx.y, tid = threadIdx.x;
     const QuestScratch sc = quest_scratch(scratch, row, P, gridDim.x);
@@ -399,7 +398,6 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     for (int j = 0; j < QUEST_PPT; ++j)
         if (chosen[j]) list[r++] = f[first + j] ? first + j : P;
     __syncthreads();
-    uint32_t* out = probes + (size_t)row * G * k + offset;
-    for (uint32_t g = 0; g < G; ++g)
-        for (uint32_t i = tid; i < total; i += QUEST_TOP_THREADS) out[g * k + i] = list[i];
+    uint32_t* out = probes + (size_t)row * k + offset;
+    for (uint32_t i = tid; i < total; i += QUEST_TOP_THREADS) out[i] = list[i];
 }

@@ -1611,7 +1611,7 @@ impl SaapAttention {
         let out = q_rot.apply_op1_no_bwd(&op)?;
         self.check("output", &[&out])?;
         self.last_read = if self.track_reads && self.replay.is_none() {
-            Some(read_stats(&op, self.config.layout.group_size())?)
+            Some(read_stats(&op)?)
         } else {
             None
         };
@@ -1620,7 +1620,7 @@ impl SaapAttention {
 }
 
 /// Counts the keys a decode op reads, from its probes and the index offsets.
-fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
+fn read_stats(op: &DecodeOp) -> Result<ReadStats> {
     let (_, hkv, _, _) = op.k_cache.dims4()?;
     let mut stats = ReadStats::default();
     let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
@@ -1634,12 +1634,14 @@ fn read_stats(op: &DecodeOp, group: usize) -> Result<ReadStats> {
     let c = op.n_partitions;
     // Contiguous first: on CUDA `to_vec3` copies the whole storage (the directory's perm too).
     let offsets = dir.narrow(2, 0, c + 1)?.contiguous()?.to_vec3::<u32>()?;
+    // One probe list per query head, or one a group shares (Quest's pages).
+    let lists = probes.dim(1)? / hkv;
     let probes = probes.to_vec3::<u32>()?;
     for (b, seq) in op.seqs.iter().enumerate() {
         let fixed = op.sinks.min(seq.len) + seq.len - seq.indexed_end;
         for h in 0..hkv {
             let mut probed = vec![false; c];
-            for head in &probes[b][h * group..(h + 1) * group] {
+            for head in &probes[b][h * lists..(h + 1) * lists] {
                 // C marks a slot adaptive probing left empty.
                 for &p in head.iter().filter(|&&p| (p as usize) < c) {
                     probed[p as usize] = true;

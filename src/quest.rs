@@ -150,7 +150,7 @@ impl QuestPages {
         self.min.dims()[2]
     }
 
-    /// [`route`] over these pages: `[B, Hq, min(n_pages, P)]` u32 probes and `[B, Hkv, P]` f32
+    /// [`route`] over these pages: `[B, Hkv, min(n_pages, P)]` u32 probes and `[B, Hkv, P]` f32
     /// group scores.
     pub(crate) fn route(&self, q: &Tensor, n_pages: usize) -> Result<(Tensor, Tensor)> {
         route(q, &self.min, &self.max, &self.filled, n_pages)
@@ -158,8 +158,8 @@ impl QuestPages {
 }
 
 /// Quest's routing of rotated queries `q` (`[B, Hq, D]`): the `n_pages` best pages of each KV
-/// group listed in page order, each group's list repeated for its G query heads,
-/// `[B, Hq, min(n_pages, P)]` u32. A page's group score is the max of its [`page_scores`] over the
+/// group listed in page order, one list the group's query heads share (the decode step reads a
+/// group's union once), `[B, Hkv, min(n_pages, P)]` u32. A page's group score is the max of its [`page_scores`] over the
 /// group's query heads; pages rank by (score descending, index ascending), pages whose `filled` is
 /// 0 (no key of their item) and NaN scores as −∞, and a slot whose page is not filled holds P
 /// (the kernels skip it). The list is in page order, not rank order: which pages, not their rank,
@@ -205,13 +205,7 @@ pub fn route(
     let ranked = filled.where_cond(&scores, &unread)?;
     let (top, _) = top_probes(&ranked, k)?.sort_last_dim(true)?;
     let empty = Tensor::full(p as u32, top.shape(), dev)?;
-    let top = filled.gather(&top, 2)?.where_cond(&top, &empty)?;
-    let k = top.dim(2)?;
-    let probes = top
-        .unsqueeze(2)?
-        .broadcast_as((b, hkv, g, k))?
-        .contiguous()?
-        .reshape((b, hq, k))?;
+    let probes = filled.gather(&top, 2)?.where_cond(&top, &empty)?;
     Ok((probes, scores))
 }
 

@@ -713,3 +713,72 @@ fn decode_alike(
         retained.extents()
     );
 }
+
+/// A KV group's shared probe list (`[B, Hkv, ℓ]`, Quest's pages) reads exactly what the same list
+/// given to each of the group's query heads reads (`[B, Hq, ℓ]`); probes of a third shape, or a
+/// directory of the wrong length, are refused with an error naming them.
+#[test]
+fn group_shared_probes_read_as_per_head_copies() {
+    use rand::Rng;
+    use saap::attend::{DecodeOp, SeqExtent};
+    use saap::partition::scan::{dir_len, naive_partition};
+    let (b, hq, hkv, d, c, cap, n, sinks) = (2, 8, 2, 16, 12, 200, 3, 4);
+    let mut r = rng(21);
+    let q = randn(&mut r, &[b, hq, d], 1.0);
+    let (k, v) = (
+        randn(&mut r, &[b, hkv, cap, d], 1.0),
+        randn(&mut r, &[b, hkv, cap, d], 1.0),
+    );
+    let seqs = vec![
+        SeqExtent {
+            len: 200,
+            indexed_end: 150,
+        },
+        SeqExtent {
+            len: 90,
+            indexed_end: 40,
+        },
+    ];
+    let labels: Vec<u32> = (0..cap).map(|_| r.random_range(0..c as u32)).collect();
+    let mut dir = Vec::new();
+    for seq in &seqs {
+        for _ in 0..hkv {
+            let (ids, offsets) = naive_partition(&labels, sinks, seq.indexed_end, c);
+            dir.extend_from_slice(&offsets);
+            dir.extend_from_slice(&ids);
+            dir.extend(std::iter::repeat_n(0, cap - ids.len()));
+        }
+    }
+    let dir = Tensor::from_vec(dir, (b, hkv, dir_len(c, cap)), &Device::Cpu).unwrap();
+    let shared: Vec<u32> = (0..b * hkv * n)
+        .map(|_| r.random_range(0..c as u32))
+        .collect();
+    let copies: Vec<u32> = shared
+        .chunks(n)
+        .flat_map(|list| list.repeat(hq / hkv))
+        .collect();
+    let decode = |probes: &[u32], heads: usize, dir: &Tensor| {
+        let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
+        q.apply_op1_no_bwd(&DecodeOp {
+            k_cache: k.clone(),
+            v_cache: v.clone(),
+            dir: Some(dir.clone()),
+            probes: Some(probes),
+            seqs: seqs.clone(),
+            sinks,
+            n_partitions: c,
+            scale: 0.25,
+            advance: None,
+            means: None,
+        })
+    };
+    let once = decode(&shared, hkv, &dir).unwrap();
+    let per_head = decode(&copies, hq, &dir).unwrap();
+    assert_eq!(max_abs_diff(&once, &per_head), 0.0);
+    let other = vec![0u32; b * (hkv + 1) * n];
+    let err = decode(&other, hkv + 1, &dir).unwrap_err().to_string();
+    assert!(err.contains("probes"), "{err}");
+    let short = dir.narrow(2, 0, dir_len(c, cap) - 1).unwrap();
+    let err = decode(&shared, hkv, &short).unwrap_err().to_string();
+    assert!(err.contains("directory"), "{err}");
+}

@@ -151,9 +151,13 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
         }
     }
     let dir = Tensor::from_vec(dir, (b, t.hkv, dir_len(c, cap)), &Device::Cpu).unwrap();
-    let probes = random_labels(r, b * t.hq * t.n_probe, c);
-    let probes = Tensor::from_vec(probes, (b, t.hq, t.n_probe), &Device::Cpu).unwrap();
-    for sparse in [true, false] {
+    // One list per query head, and one per KV group (Quest's pages).
+    let mut probe_lists = |heads: usize| {
+        let probes = random_labels(r, b * heads * t.n_probe, c);
+        Tensor::from_vec(probes, (b, heads, t.n_probe), &Device::Cpu).unwrap()
+    };
+    let (per_head, per_group) = (probe_lists(t.hq), probe_lists(t.hkv));
+    for (sparse, probes) in [(true, &per_head), (true, &per_group), (false, &per_head)] {
         let op = |on: &Device| DecodeOp {
             k_cache: k.to_device(on).unwrap(),
             v_cache: v.to_device(on).unwrap(),
@@ -176,9 +180,11 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
         let diff = max_abs_diff(&cpu, &gpu.to_device(&Device::Cpu).unwrap());
         assert!(
             diff <= t.tol,
-            "decode {:?} d={d} G={} sparse={sparse} lens {:?}: max |cpu - gpu| = {diff}",
+            "decode {:?} d={d} G={} sparse={sparse} probe lists {:?} lens {:?}: max |cpu - gpu| \
+             = {diff}",
             t.dtype,
             t.hq / t.hkv,
+            probes.dims(),
             t.lens
         );
     }
@@ -441,9 +447,9 @@ fn poisoned(q: &Tensor, item: usize, head: usize) -> Tensor {
 }
 
 /// `saap::quest::route` on the CPU and the GPU from the same inputs: group scores within rounding
-/// (NaN where the CPU has NaN), each group's list the same for its G heads, in page order (slots
-/// of P last) and free of repeats, and the CPU's pages but for near-ties of the CPU's ranked
-/// scores at the cut (none tolerated with `exact` inputs). Returns the GPU's probes and scores.
+/// (NaN where the CPU has NaN), one list per KV group (`[B, Hkv, k]`), in page order (slots of P
+/// last) and free of repeats, and the CPU's pages but for near-ties of the CPU's ranked scores at
+/// the cut (none tolerated with `exact` inputs). Returns the GPU's probes and scores.
 fn quest_route_case(
     dev: &Device,
     (q, min, max, filled): (&Tensor, &Tensor, &Tensor, &Tensor),
@@ -452,7 +458,6 @@ fn quest_route_case(
 ) -> QuestRouted {
     let (b, hq, _) = q.dims3().unwrap();
     let (_, hkv, p, _) = min.dims4().unwrap();
-    let g = hq / hkv;
     let what = format!("{:?} B={b} Hq={hq} Hkv={hkv} P={p} k={k}", q.dtype());
     let (cpu_probes, cpu_scores) = saap::quest::route(q, min, max, filled, k).unwrap();
     let on = |x: &Tensor| x.to_device(dev).unwrap();
@@ -464,7 +469,8 @@ fn quest_route_case(
     let (gpu_probes, gpu_scores) =
         saap::quest::route(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k).unwrap();
     assert!(gpu_probes.device().is_cuda() && gpu_scores.device().is_cuda());
-    assert_eq!(gpu_probes.dims(), [b, hq, k.min(p)], "{what}");
+    assert_eq!(cpu_probes.dims(), [b, hkv, k.min(p)], "{what}");
+    assert_eq!(gpu_probes.dims(), [b, hkv, k.min(p)], "{what}");
     assert_eq!(gpu_scores.dims(), [b, hkv, p], "{what}");
     let cpu_scores = cpu_scores.to_vec3::<f32>().unwrap();
     let gpu_s = gpu_scores.to_vec3::<f32>().unwrap();
@@ -492,22 +498,16 @@ fn quest_route_case(
     let gpu_p = gpu_probes.to_vec3::<u32>().unwrap();
     let near = |a: f32, b: f32| a == b || (a - b).abs() <= 1e-4 * a.abs().max(1.0);
     for i in 0..b {
-        for head in 0..hq {
-            let h = head / g;
-            let (pc, pg) = (&cpu_p[i][head], &gpu_p[i][head]);
-            assert_eq!(
-                pg,
-                &gpu_p[i][h * g],
-                "{what}: item {i}: heads of group {h} differ"
-            );
+        for h in 0..hkv {
+            let (pc, pg) = (&cpu_p[i][h], &gpu_p[i][h]);
             for list in [pc, pg] {
                 assert!(
                     list.windows(2).all(|w| w[0] < w[1] || w[1] == p as u32),
-                    "{what}: item {i} head {head}: not in page order, or repeated: {list:?}"
+                    "{what}: item {i} group {h}: not in page order, or repeated: {list:?}"
                 );
             }
             if exact {
-                assert_eq!(pc, pg, "{what}: item {i} head {head}");
+                assert_eq!(pc, pg, "{what}: item {i} group {h}");
                 continue;
             }
             // A page on one side only must rank at the other side's cut, within rounding.
@@ -520,14 +520,14 @@ fn quest_route_case(
                 let s = ranked(i, h, x);
                 assert!(
                     near(cut_c, s),
-                    "{what}: item {i} head {head}: gpu page {x} ({s}) below the cpu's cut {cut_c}"
+                    "{what}: item {i} group {h}: gpu page {x} ({s}) below the cpu's cut {cut_c}"
                 );
             }
             for &x in pc.iter().filter(|x| !pg.contains(x)) {
                 let s = ranked(i, h, x);
                 assert!(
                     near(cut_g, s),
-                    "{what}: item {i} head {head}: cpu page {x} ({s}) left out, gpu's cut {cut_g}"
+                    "{what}: item {i} group {h}: cpu page {x} ({s}) left out, gpu's cut {cut_g}"
                 );
             }
         }
@@ -576,7 +576,11 @@ fn quest_route_matches_cpu() {
     let (probes, scores) = quest_route_case(&dev, (&q, &min, &max, &filled), 64, false);
     assert!(scores[0][1].iter().all(|s| s.is_nan()));
     assert!(scores[0][0].iter().all(|s| s.is_finite()));
-    assert!((4..8).all(|head| probes[0][head] == (0..64).collect::<Vec<u32>>()));
+    assert_eq!(
+        probes[0][1],
+        (0..64).collect::<Vec<u32>>(),
+        "group of head 4"
+    );
 }
 
 /// Exact score ties (small integer queries and bounds) are broken by page index exactly as the
@@ -616,7 +620,11 @@ fn quest_route_ties_match_cpu() {
         .chain(&scores[0][1])
         .all(|s| s.is_finite()));
     let probes = probes.to_vec3::<u32>().unwrap();
-    assert_eq!(probes[1][7], (0..8).collect::<Vec<u32>>());
+    assert_eq!(
+        probes[1][1],
+        (0..8).collect::<Vec<u32>>(),
+        "group of head 7"
+    );
 }
 
 /// Overflowing Quest page scores computed by the CUDA kernels are reported by a checked decode

@@ -2,8 +2,9 @@
 //!
 //! For batch item `b` and KV head `h`, the keys read are, in this order:
 //! 1. the sinks `0..min(sinks, len)`,
-//! 2. the union over the G query heads of the group of their probed partitions, ascending by
-//!    partition, each list `perm[offsets[c]..offsets[c+1]]` (positions `sinks..indexed_end`),
+//! 2. the union of the group's probe lists (one per query head of the group, or one the group
+//!    shares) of partitions, ascending by partition, each list `perm[offsets[c]..offsets[c+1]]`
+//!    (positions `sinks..indexed_end`),
 //! 3. the window `indexed_end..len`.
 //!
 //! Every query head of the group attends over that whole union, so each K/V row is read once
@@ -38,8 +39,9 @@ pub struct DecodeOp {
     pub v_cache: Tensor,
     /// Directory `[B, Hkv, C + 1 + cap]` (offsets then perm); unused when `probes` is `None`.
     pub dir: Option<Tensor>,
-    /// Probed partitions `[B, Hq, ℓ]` u32 (C in an unused slot); `None` reads every position
-    /// (dense).
+    /// Probed partitions u32 (C in an unused slot): `[B, Hq, ℓ]`, one list per query head, or
+    /// `[B, Hkv, ℓ]`, one list a KV group's heads share (Quest's pages); `None` reads every
+    /// position (dense).
     pub probes: Option<Tensor>,
     /// Per batch item.
     pub seqs: Vec<SeqExtent>,
@@ -76,7 +78,7 @@ struct GroupReads {
     unread: Option<(Vec<u32>, Vec<f32>)>,
 }
 
-/// The reads of one group: dense without `sparse` (its directory row and its G heads' probes),
+/// The reads of one group: dense without `sparse` (its directory row and its probe lists),
 /// else sinks, the probed partitions' keys and the window; with `estimate`, also the unread
 /// partitions (their extents clamped to the capacity `cap`, as the kernels clamp them).
 fn group_reads(
@@ -308,6 +310,22 @@ impl DecodeOp {
                 self.seqs
             );
         }
+        if let (Some(dir), Some(probes)) = (&self.dir, &self.probes) {
+            let row = self.n_partitions + 1 + cap;
+            if dir.dims() != [b, hkv, row] {
+                candle_core::bail!(
+                    "decode: directory {:?}, expected [{b}, {hkv}, {row}]",
+                    dir.dims()
+                );
+            }
+            match probes.dims() {
+                &[pb, heads, _] if pb == b && (heads == hq || heads == hkv) => {}
+                other => candle_core::bail!(
+                    "decode: probes {other:?}, expected [{b}, {hq}, ℓ] (one list per query \
+                     head) or [{b}, {hkv}, ℓ] (one per KV group)"
+                ),
+            }
+        }
         Ok((b, hq, hkv, cap, dim))
     }
 
@@ -323,16 +341,16 @@ impl DecodeOp {
     ) -> Vec<T> {
         let g = hq / hkv;
         let c = self.n_partitions;
-        let n_probe = probes.map_or(0, |p| p.len() / (b * hq));
+        // A group's probes: G lists (one per query head) or one it shares (`dims` checked which).
+        let per_group = probes.map_or(0, |p| p.len() / (b * hkv));
         let row = c + 1 + cap;
         let groups = b * hkv;
-        // Group i's directory row and its G heads' probes.
+        // Group i's directory row and its probe lists.
         let sparse = |i: usize| {
-            let (bi, h) = (i / hkv, i % hkv);
             dir.zip(probes).map(|(dir, probes)| {
                 (
                     &dir[i * row..(i + 1) * row],
-                    &probes[(bi * hq + h * g) * n_probe..(bi * hq + (h + 1) * g) * n_probe],
+                    &probes[i * per_group..(i + 1) * per_group],
                 )
             })
         };

@@ -83,8 +83,9 @@ pub(crate) fn decode(
     Ok((out, q_l.shape().clone()))
 }
 
-/// Directory and probes views of a sparse call, with ℓ.
-type Sparse<'a> = Option<(CudaView<'a, u32>, CudaView<'a, u32>, usize)>;
+/// Directory and probes views of a sparse call, with ℓ and the probe lists per KV group (G, or 1
+/// where the group shares one).
+type Sparse<'a> = Option<(CudaView<'a, u32>, CudaView<'a, u32>, usize, usize)>;
 
 fn typed<T: CudaDType + DeviceRepr>(
     op: &DecodeOp,
@@ -122,13 +123,15 @@ fn typed<T: CudaDType + DeviceRepr>(
                                 dir_l.dims()
                             );
                         }
-                        let n_probe = match pr_l.dims() {
-                            &[pb, ph, n] if pb == b && ph == hq => n,
+                        let (n_probe, lists) = match pr_l.dims() {
+                            &[pb, ph, n] if pb == b && (ph == hq || ph == hkv) => (n, ph / hkv),
                             other => candle_core::bail!(
-                                "saap cuda decode: probes {other:?}, expected [{b}, {hq}, ℓ]"
+                                "saap cuda decode: probes {other:?}, expected [{b}, {hq} or \
+                                 {hkv}, ℓ]"
                             ),
                         };
-                        let sparse = Some((view(dir_st, dir_l)?, view(pr_st, pr_l)?, n_probe));
+                        let (dir, probes) = (view(dir_st, dir_l)?, view(pr_st, pr_l)?);
+                        let sparse = Some((dir, probes, n_probe, lists));
                         launch(op, &dev, tname, &io, sparse, means, dims)
                     })
                 })
@@ -200,9 +203,9 @@ fn launch<T: DeviceRepr>(
     // The key list (`decode_impl`): bitmaps of the union [and of the unread partitions] with their
     // prefix counts, each union member's perm start, the segment starts, the ids of a pass.
     let smem_keys = match &sparse {
-        Some((_, _, n_probe)) => {
+        Some((_, _, n_probe, lists)) => {
             let words = c.div_ceil(32) * if means.is_some() { 4 } else { 2 };
-            let union = c.min(g * n_probe);
+            let union = c.min(lists * n_probe);
             (words + 2 * union + 4 + IDS_CAP) * 4
         }
         None => 0,
@@ -222,6 +225,7 @@ fn launch<T: DeviceRepr>(
     let (hq32, hkv32, cap32) = (to_u32(hq)?, to_u32(hkv)?, to_u32(cap)?);
     let (c32, sinks32) = (to_u32(c)?, to_u32(op.sinks)?);
     let n_probe32 = to_u32(sparse.as_ref().map_or(0, |s| s.2))?;
+    let lists32 = to_u32(sparse.as_ref().map_or(0, |s| s.3))?;
     let scale_log2 = op.scale * std::f32::consts::LOG2_E;
     let row = c + 1 + cap;
     with_advance(op.advance.as_ref(), |advance| {
@@ -231,16 +235,16 @@ fn launch<T: DeviceRepr>(
             let rows = items * hkv;
             // Fill every SM slot at batch 1; never split a row into pieces of a few keys. Sparse
             // rows are sized by an upper estimate of their selection (sinks + window + the share
-            // G·ℓ/C of the indexed keys), not by their length.
+            // lists·ℓ/C of the indexed keys), not by their length.
             let longest = seqs
                 .iter()
                 .map(|s| match &sparse {
                     None => s.len,
-                    Some((_, _, n_probe)) => {
+                    Some((_, _, n_probe, lists)) => {
                         let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
                         let indexed = s.len - fixed.min(s.len);
                         let unread = if means.is_some() { c } else { 0 };
-                        fixed + (indexed * (g * n_probe).min(c)).div_ceil(c.max(1)) + unread
+                        fixed + (indexed * (lists * n_probe).min(c)).div_ceil(c.max(1)) + unread
                     }
                 })
                 .max()
@@ -258,10 +262,11 @@ fn launch<T: DeviceRepr>(
             let qc = io.q.slice(i0 * hq * d..(i0 + items) * hq * d);
             let kv_range = i0 * hkv * cap * d..(i0 + items) * hkv * cap * d;
             let (kc, vc) = (io.k.slice(kv_range.clone()), io.v.slice(kv_range));
-            let index = sparse.as_ref().map(|(dir, probes, n_probe)| {
+            let index = sparse.as_ref().map(|(dir, probes, n_probe, lists)| {
+                let per_item = hkv * lists * n_probe;
                 (
                     dir.slice(i0 * hkv * row..(i0 + items) * hkv * row),
-                    probes.slice(i0 * hq * n_probe..(i0 + items) * hq * n_probe),
+                    probes.slice(i0 * per_item..(i0 + items) * per_item),
                 )
             });
             // Keys' means of these items, and their values' means one half further.
@@ -299,6 +304,7 @@ fn launch<T: DeviceRepr>(
                     .arg(&cap32)
                     .arg(&c32)
                     .arg(&n_probe32)
+                    .arg(&lists32)
                     .arg(&sinks32)
                     .arg(&scale_log2);
                 let cfg = LaunchConfig {

@@ -1,6 +1,6 @@
 //! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page,
-//! counted into a histogram of their ranks, then each KV group's best pages selected and written
-//! for its query heads in page order, each row spread over blocks of 1024 pages. A memset and
+//! counted into a histogram of their ranks, then each KV group's best pages selected and listed
+//! once for its query heads in page order, each row spread over blocks of 1024 pages. A memset and
 //! three launches replace the candle ops (relu, sub, two batched
 //! matmuls, add, max, masking, arg_sort over P, gather, where, broadcast) of
 //! [`crate::quest::route`], with the same result up to the order of f32 summation.
@@ -74,7 +74,7 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
         && top_smem_bytes(p) + STATIC_SMEM <= optin
 }
 
-/// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hq, k]` u32 (P where the
+/// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hkv, k]` u32 (P where the
 /// page holds no key of its item) and group scores `[B, Hkv, P]` f32, as
 /// [`crate::quest::route`] defines them. Device work only, fixed-size allocations.
 pub(crate) fn route(
@@ -84,7 +84,7 @@ pub(crate) fn route(
     filled: &Tensor,
     k: usize,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (b, hq, _) = q.dims3()?;
+    let b = q.dim(0)?;
     let hkv = min.dim(1)?;
     // The rows' histograms counted into by the score kernel, then the second-level histograms the
     // selection counts the cut bin's pages into, then one counter per row for the selection's
@@ -100,7 +100,6 @@ pub(crate) fn route(
         filled,
         hist: &hist,
         k,
-        group: hq / hkv,
     })?;
     Ok((probes, scores))
 }
@@ -198,15 +197,14 @@ impl ScoresOp<'_> {
     }
 }
 
-/// Each KV group's `k` best pages of group scores `[B, Hkv, P]`, in page order, for its `group`
-/// query heads: `[B, Hkv · group, k]` u32.
+/// Each KV group's `k` best pages of group scores `[B, Hkv, P]`, in page order: `[B, Hkv, k]`
+/// u32.
 struct TopOp<'a> {
     filled: &'a Tensor,
     /// The score kernel's histograms of ranking bits (`B · Hkv · BINS`), then as many zero
     /// second-level bins and one zero counter per row.
     hist: &'a Tensor,
     k: usize,
-    group: usize,
 }
 
 impl CustomOp1 for TopOp<'_> {
@@ -235,15 +233,15 @@ impl CustomOp1 for TopOp<'_> {
         // SAFETY: the select kernel writes every entry the emit kernel reads (each chunk's
         // counts and staged pages, the last block the offsets, the cut and the bitmap).
         let scratch = unsafe { dev.alloc::<u32>(rows * scratch_len(p)) }?;
-        // SAFETY: every probe is written (the chunks' chosen pages, k per row, for each head).
-        let probes = unsafe { dev.alloc::<u32>(rows * self.group * k) }?;
+        // SAFETY: every probe is written (the chunks' chosen pages, k per row).
+        let probes = unsafe { dev.alloc::<u32>(rows * k) }?;
         let grid = (to_u32(p.div_ceil(CHUNK))?, to_u32(rows)?, 1);
         let cfg = |shared_mem_bytes| LaunchConfig {
             grid_dim: grid,
             block_dim: (TOP_THREADS, 1, 1),
             shared_mem_bytes,
         };
-        let (p32, k32, g32) = (to_u32(p)?, to_u32(k)?, to_u32(self.group)?);
+        let (p32, k32) = (to_u32(p)?, to_u32(k)?);
         with_cuda(self.filled, "filled pages", |f, f_l| {
             if f_l.dims() != [b, hkv, p] {
                 candle_core::bail!(
@@ -270,7 +268,7 @@ impl CustomOp1 for TopOp<'_> {
                 unsafe { builder.launch(cfg(to_u32(smem)?)) }.w()?;
                 let mut builder = stream.launch_builder(&emit);
                 builder.arg(&scores).arg(&filled).arg(&scratch).arg(&probes);
-                builder.arg(&p32).arg(&k32).arg(&g32);
+                builder.arg(&p32).arg(&k32);
                 // SAFETY: argument types and order match `saap_quest_emit`, over the grid the
                 // select kernel filled the scratch for; static shared memory only.
                 unsafe { builder.launch(cfg(0)) }.w()?;
@@ -279,7 +277,7 @@ impl CustomOp1 for TopOp<'_> {
         })?;
         Ok((
             CudaStorage::wrap_cuda_slice(probes, dev),
-            Shape::from((b, hkv * self.group, k)),
+            Shape::from((b, hkv, k)),
         ))
     }
 }
