@@ -1,9 +1,9 @@
 //! Launches of Quest's decode-step routing (`cuda/quest.cu`): the group score of every page,
 //! counted into a histogram of their ranks, then each KV group's best pages selected and listed
-//! once for its query heads in page order, each row spread over blocks of 1024 pages. A memset and
-//! three launches replace the candle ops (relu, sub, two batched
-//! matmuls, add, max, masking, arg_sort over P, gather, where, broadcast) of
-//! [`crate::quest::route`], with the same result up to the order of f32 summation.
+//! once for its query heads in page order, each row spread over blocks of 1024 pages. A memset
+//! and three launches replace the candle ops (relu, sub, two batched matmuls, add, max, masking,
+//! arg_sort over P, gather, where) of [`crate::quest::route`], with the same result up to the
+//! order of f32 summation.
 
 use super::{dtype_name, load, sm_count, smem_optin, to_u32, use_smem, view, with_cuda, QUEST};
 use candle_core::backend::BackendStorage;
@@ -26,11 +26,12 @@ const CHUNK: usize = 1024;
 const MAX_CHUNKS: usize = 64;
 /// Bins of a row's histogram of ranking bits (`QUEST_BINS`).
 const BINS: usize = 4096;
-/// Left of the opt-in limit for the select kernel's static shared memory (about 1.7 KiB).
-const STATIC_SMEM: usize = 2048;
+/// Left of the opt-in limit for the select kernel's static shared memory (2.2 KiB with sm_90's
+/// ptxas).
+const STATIC_SMEM: usize = 4096;
 
-/// Dynamic shared memory of a select block over P pages (`saap_quest_select`): the pages that
-/// share the cut's 24 ranking bits and their bits, gathered by the last block of a row.
+/// Dynamic shared memory of a select block over P pages (`saap_quest_select`): the cut bin's
+/// pages and their bits, gathered by the last block of a row.
 fn top_smem_bytes(p: usize) -> usize {
     2 * p * 4
 }
