@@ -5,7 +5,7 @@
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared
+#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | ncuq
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -96,6 +96,23 @@ low)
   for b in "8 1024" "1 256"; do
     read -r batch tokens <<< "$b"
     run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch "$batch" --tokens "$tokens" --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget "$2" --hybrid
+  done ;;
+tests3)
+  # Session 27 (tests3_*, tests4_*, tests5_* in results/2026-11-27-h200-spread/): parity, graphs,
+  # memcheck on the Quest and decode parity tests and a replayed graph, racecheck on Quest's ties.
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1
+  run timeout 200 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest decode_matches_cpu route_matches_cpu
+  run timeout 200 "$sanitizer" --tool memcheck "$bin/graph" --test-threads 1 replayed_steps_match_step_by_step
+  run timeout 200 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest_route_ties route_matches_cpu ;;
+ncuq)
+  # Session 27 (ncu_quest_*): kernel durations of `bench_report`'s Quest section (Llama heads,
+  # 131k × 1), the previous commit's binary then this one's.
+  for b in bench_report_old bench_report; do
+    echo "== $b" >> "$OUT/ncu_quest.txt"
+    SAAP_REPORT_ONLY=quest ncu --clock-control none --metrics gpu__time_duration.sum -k regex:saap_quest \
+      --launch-skip 30 --launch-count 12 "$bin/$b" 131072 1 2>&1 | grep -E "saap_quest|duration" |
+      paste - - | awk '{print $1, $(NF)}' >> "$OUT/ncu_quest.txt"
   done ;;
 shared)
   # Session 27 (NOTES §45): one Quest page list per KV group; `throughput_old` is 60aceb8's.
