@@ -43,34 +43,6 @@ __device__ __forceinline__ uint32_t warp_inclusive_sum(uint32_t v) {
     return v;
 }
 
-// In-place exclusive prefix sum of a[0..n) by the whole block (blockDim.x a multiple of 32).
-// Each thread scans a contiguous run, then the runs' totals are scanned across warps.
-// Ends with __syncthreads(), so a[] is visible to every thread afterwards.
-__device__ inline void block_exclusive_scan(uint32_t* a, uint32_t n) {
-    __shared__ uint32_t warp_totals[32];
-    const uint32_t tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const uint32_t n_warps = blockDim.x >> 5;
-    const uint32_t per = (n + blockDim.x - 1) / blockDim.x;
-    const uint32_t lo = min(tid * per, n), hi = min(lo + per, n);
-    uint32_t own = 0;
-    for (uint32_t i = lo; i < hi; ++i) own += a[i];
-    const uint32_t incl = warp_inclusive_sum(own);
-    if (lane == 31) warp_totals[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-        const uint32_t t = lane < n_warps ? warp_totals[lane] : 0;
-        warp_totals[lane] = warp_inclusive_sum(t) - t;
-    }
-    __syncthreads();
-    uint32_t run = warp_totals[warp] + incl - own;
-    for (uint32_t i = lo; i < hi; ++i) {
-        const uint32_t x = a[i];
-        a[i] = run;
-        run += x;
-    }
-    __syncthreads();
-}
-
 // Exclusive prefix sum of one value per thread across the block (blockDim.x a multiple of 32),
 // in thread order; *total receives the block's sum. Starts and ends with __syncthreads(), so
 // consecutive calls may share warp_totals.
@@ -92,6 +64,24 @@ __device__ inline uint32_t block_exclusive_sum(uint32_t v, uint32_t* total) {
     *total = warp_totals[32];
     __syncthreads();
     return excl;
+}
+
+// In-place exclusive prefix sum of a[0..n) by the whole block (blockDim.x a multiple of 32).
+// Each thread scans a contiguous run, after the runs' totals are scanned across the block.
+// Ends with __syncthreads(), so a[] is visible to every thread afterwards.
+__device__ inline void block_exclusive_scan(uint32_t* a, uint32_t n) {
+    const uint32_t per = (n + blockDim.x - 1) / blockDim.x;
+    const uint32_t lo = min(threadIdx.x * per, n), hi = min(lo + per, n);
+    uint32_t own = 0;
+    for (uint32_t i = lo; i < hi; ++i) own += a[i];
+    uint32_t total;
+    uint32_t run = block_exclusive_sum(own, &total);
+    for (uint32_t i = lo; i < hi; ++i) {
+        const uint32_t x = a[i];
+        a[i] = run;
+        run += x;
+    }
+    __syncthreads();
 }
 
 // First index i in a[0..n) with a[i] > x (a non-decreasing).

@@ -206,6 +206,22 @@ __device__ inline void quest_cut(const uint32_t* h, uint32_t n, uint32_t* bin, u
     __syncthreads();
 }
 
+// Exclusive prefix sums of count(c) over the chunks c < n, in chunk order, by the first warp
+// (all 32 lanes): store(c, sum of the chunks before c). Returns the total to every lane.
+template <typename Count, typename Store>
+__device__ inline uint32_t warp_chunk_scan(uint32_t n, Count count, Store store) {
+    const uint32_t lane = threadIdx.x & 31;
+    uint32_t carry = 0;
+    for (uint32_t base = 0; base < n; base += 32) {
+        const uint32_t c = base + lane;
+        const uint32_t m = c < n ? count(c) : 0;
+        const uint32_t incl = warp_inclusive_sum(m);
+        if (c < n) store(c, carry + incl - m);
+        carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    return carry;
+}
+
 // The second-level bin of ranking bits already in the cut's first-level bin.
 __device__ __forceinline__ uint32_t quest_sub_bin(uint32_t bits) {
     return (bits >> (32 - 2 * QUEST_BIN_BITS)) & (QUEST_BINS - 1);
@@ -271,21 +287,18 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
 
     // The last block; each global read below is one round trip on its critical path, so reads
     // are issued together. Where each chunk's staged pages start in the row's list of the cut
-    // bin's pages (page order) and its pages above that bin, read past L1 (other blocks wrote
-    // them).
+    // bin's pages (page order), and each chunk's pages above that bin, read past L1 (other
+    // blocks wrote them).
     if (tid < 32) {
-        uint32_t carry = 0;
-        for (uint32_t base = 0; base < chunks; base += 32) {
-            const uint32_t c = base + lane;
-            const uint32_t m = c < chunks ? __ldcg(sc.tied + c) : 0;
-            if (c < chunks) chunk_above[c] = __ldcg(sc.above + c);
-            const uint32_t incl = warp_inclusive_sum(m);
-            if (c < chunks) chunk_start[c] = carry + incl - m;
-            carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (lane == 0) chunk_start[chunks] = carry;
+        const uint32_t n_tied = warp_chunk_scan(
+            chunks, [&](uint32_t c) { return __ldcg(sc.tied + c); },
+            [&](uint32_t c, uint32_t start) { chunk_start[c] = start; });
+        if (lane == 0) chunk_start[chunks] = n_tied;
     }
-    for (uint32_t c = tid; c < chunks; c += QUEST_TOP_THREADS) chunk_taken[c] = 0;
+    for (uint32_t c = tid; c < chunks; c += QUEST_TOP_THREADS) {
+        chunk_above[c] = __ldcg(sc.above + c);
+        chunk_taken[c] = 0;
+    }
     for (uint32_t w = tid; w < (P + 31) / 32; w += QUEST_TOP_THREADS) sc.taken[w] = 0;
     __syncthreads();
     const uint32_t n = chunk_start[chunks];
@@ -356,15 +369,10 @@ extern "C" __global__ void __launch_bounds__(QUEST_TOP_THREADS)
     }
     __syncthreads();
     if (tid < 32) {
-        uint32_t carry = 0;
-        for (uint32_t base = 0; base < chunks; base += 32) {
-            const uint32_t c = base + lane;
-            const uint32_t m = c < chunks ? chunk_above[c] + chunk_taken[c] : 0;
-            const uint32_t incl = warp_inclusive_sum(m);
-            if (c < chunks) sc.offset[c] = carry + incl - m;
-            carry += __shfl_sync(0xffffffffu, incl, 31);
-        }
-        if (tid == 0) *sc.cut = bin;
+        warp_chunk_scan(
+            chunks, [&](uint32_t c) { return chunk_above[c] + chunk_taken[c]; },
+            [&](uint32_t c, uint32_t start) { sc.offset[c] = start; });
+        if (lane == 0) *sc.cut = bin;
     }
 }
 

@@ -159,8 +159,8 @@ impl QuestPages {
 
 /// Quest's routing of rotated queries `q` (`[B, Hq, D]`): the `n_pages` best pages of each KV
 /// group listed in page order, one list the group's query heads share (the decode step reads a
-/// group's union once), `[B, Hkv, min(n_pages, P)]` u32. A page's group score is the max of its [`page_scores`] over the
-/// group's query heads; pages rank by (score descending, index ascending), pages whose `filled` is
+/// group's union once), `[B, Hkv, min(n_pages, P)]` u32. A page's group score is the max of its
+/// [`page_scores`] over the group's query heads; pages rank by (score descending, index ascending), pages whose `filled` is
 /// 0 (no key of their item) and NaN scores as −∞, and a slot whose page is not filled holds P
 /// (the kernels skip it). The list is in page order, not rank order: which pages, not their rank,
 /// is Quest's answer (the decode step reads their union), and so the CUDA top-k needs no sort.

@@ -17,6 +17,8 @@ const THREADS: u32 = 256;
 const COLS: usize = 128;
 /// Batch items per MLP block: the kernels come in 1 (batch 1) and 4 (`_i1`, `_i4`).
 const ITEMS: usize = 4;
+/// Most threads of a top-ℓ block.
+const TOP_THREADS: usize = 512;
 
 /// Batch items per MLP block for a batch of `b`.
 fn items_per_block(b: usize) -> usize {
@@ -191,8 +193,9 @@ impl CustomOp1 for RouteOp<'_> {
         let (sel_cap32, n_probe32) = (to_u32(sel_cap)?, to_u32(self.n_probe)?);
         let cfg = LaunchConfig {
             grid_dim: (to_u32(rows)?, 1, 1),
+            // About two scores per thread.
             block_dim: (
-                to_u32(c.next_power_of_two().div_ceil(2).clamp(32, 512))?,
+                to_u32(c.next_power_of_two().div_ceil(2).clamp(32, TOP_THREADS))?,
                 1,
                 1,
             ),
