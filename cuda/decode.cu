@@ -13,6 +13,8 @@
 // With partition means (kmean/vmean non-null, sparse only) the list ends with one pseudo-key per
 // partition the union leaves unread and that holds keys: its mean key and value, the logit
 // raised by log2(n_c) (id cap + c in the key list).
+// Partitions are a directory's (offsets, perm) or, with `page` > 0 and no directory, pages of
+// `page` consecutive positions from `sinks` to the item's indexed end (Quest's pages).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
@@ -224,9 +226,9 @@ __device__ inline uint32_t nth_unread(const uint32_t* words, const uint32_t* bas
     return w * 32 + __ffs(bits) - 1;
 }
 
-// q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap] or null (dense);
-// probes: [items, Hkv, lists, n_probe] (ignored when dense): one list per query head (lists = G)
-// or one shared by the group (lists = 1: Quest's pages); kmean, vmean: [items, Hkv, C, D] or null
+// q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap], or null for
+// pages (page > 0) and when dense; probes: [items, Hkv, lists, n_probe] or null (dense): one list
+// per query head (lists = G) or one shared by the group (lists = 1: Quest's pages); kmean, vmean: [items, Hkv, C, D] or null
 // (no estimate of the unread partitions); part_o: [rows, splits, G, D];
 // part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
@@ -239,7 +241,7 @@ __device__ __forceinline__ void decode_impl(
     const T* __restrict__ kmean, const T* __restrict__ vmean, float* __restrict__ part_o, float* __restrict__ part_ml, T* __restrict__ out,
     uint32_t* __restrict__ counters, const ItemTable& seqs, const uint32_t* __restrict__ advance,
     uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, uint32_t n_probe,
-    uint32_t lists, uint32_t sinks, float scale_log2) {
+    uint32_t lists, uint32_t page, uint32_t sinks, float scale_log2) {
     using E = Elem<T>;
     constexpr int VEC = E::VEC;
     constexpr int LPK = D / VEC;          // lanes per key row
@@ -251,10 +253,10 @@ __device__ __forceinline__ void decode_impl(
     const uint32_t iend = min(seqs.b[item], len);
     const uint32_t tid = threadIdx.x, gl = tid % LPK;
     const uint32_t C = n_partitions;
-    const bool sparse = dir != nullptr;
+    const bool sparse = probes != nullptr;
     // Compiled out of the kernels without means (EST false): the means' code cost the keys' loop
-    // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two).
-    const bool estimate = EST && sparse && kmean != nullptr;
+    // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two). Pages have none.
+    const bool estimate = EST && sparse && kmean != nullptr && page == 0;
     // The block's key list in segments: sinks, the probed partitions in index order, the window,
     // [the unread partitions' means,] then the end. Only the group's union (at most lists·ℓ
     // partitions) gets a segment: the list used to have one per partition (C + 3 entries zeroed,
@@ -271,13 +273,51 @@ __device__ __forceinline__ void decode_impl(
     uint32_t* ids = pos + max_union + 4;  // IDS_CAP key ids of the current pass
     __shared__ uint32_t n_union, n_means;
 
-    const uint32_t* offsets = sparse ? dir + (size_t)row * (C + 1 + cap) : nullptr;
-    const uint32_t* perm = sparse ? offsets + C + 1 : nullptr;
+    const uint32_t* offsets = sparse && page == 0 ? dir + (size_t)row * (C + 1 + cap) : nullptr;
+    const uint32_t* perm = offsets ? offsets + C + 1 : nullptr;
+    // Partition c's keys: perm[a..b) (pages: positions a..b), clamped to the cache.
+    const auto extent = [&](uint32_t c, uint32_t& a, uint32_t& b) {
+        if (offsets) {
+            a = min(offsets[c], cap);
+            b = min(offsets[c + 1], cap);
+        } else {
+            a = (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
+            b = (uint32_t)min((uint64_t)a + page, (uint64_t)iend);
+        }
+    };
+    const uint32_t* pr = sparse ? probes + (size_t)row * lists * n_probe : nullptr;
     uint32_t total = len;
-    if (sparse) {
+    // Quest's pages as `quest::route` lists them (one list per group, ascending, unused slots
+    // last) need no union: only an item's last page can be short and no page before it is, so
+    // the k-th listed page starts at k * page in the key list. The block only checks the order
+    // and sums the sizes; any other list takes the union below.
+    bool listed = false;
+    __shared__ uint32_t warp_keys[THREADS / 32];
+    if (sparse && page > 0 && lists == 1) {
+        uint32_t keys = 0;
+        bool disorder = false;
+        for (uint32_t i = tid; i < n_probe; i += THREADS) {
+            const uint32_t c = pr[i];
+            if (c < C) {
+                disorder |= i > 0 && pr[i - 1] >= c;
+                uint32_t a, b;
+                extent(c, a, b);
+                keys += b - a;
+            }
+        }
+        keys = __reduce_add_sync(0xffffffffu, keys);
+        if (tid % 32 == 0) warp_keys[tid / 32] = keys;
+        listed = !__syncthreads_or(disorder);
+        if (listed) {
+            keys = 0;
+#pragma unroll
+            for (int w = 0; w < THREADS / 32; ++w) keys += warp_keys[w];
+            total = min(sinks, len) + keys + (len - iend);
+        }
+    }
+    if (sparse && !listed) {
         for (uint32_t w = tid; w < n_words; w += THREADS) probed[w] = 0;
         __syncthreads();
-        const uint32_t* pr = probes + (size_t)row * lists * n_probe;
         for (uint32_t i = tid; i < lists * n_probe; i += THREADS) {
             const uint32_t c = pr[i];
             if (c < C) atomicOr(&probed[c / 32], 1u << (c % 32));
@@ -287,7 +327,9 @@ __device__ __forceinline__ void decode_impl(
             // A warp's 32 lanes cover one word of partitions: a ballot of those holding keys.
             for (uint32_t c0 = tid - tid % 32; c0 < n_words * 32; c0 += THREADS) {
                 const uint32_t c = c0 + tid % 32;
-                const bool keys = c < C && min(offsets[c + 1], cap) > min(offsets[c], cap);
+                uint32_t a = 0, b = 0;
+                if (c < C) extent(c, a, b);
+                const bool keys = b > a;
                 const uint32_t word = __ballot_sync(0xffffffffu, keys);
                 if (tid % 32 == 0) unread[c0 / 32] = word & ~probed[c0 / 32];
             }
@@ -303,7 +345,8 @@ __device__ __forceinline__ void decode_impl(
             uint32_t bits = probed[w], r = probed_base[w];
             for (; bits; bits &= bits - 1, ++r) {
                 const uint32_t c = w * 32 + __ffs(bits) - 1;
-                const uint32_t a = min(offsets[c], cap), b = min(offsets[c + 1], cap);
+                uint32_t a, b;
+                extent(c, a, b);
                 src[r] = a;
                 pos[1 + r] = b > a ? b - a : 0;
             }
@@ -346,14 +389,24 @@ __device__ __forceinline__ void decode_impl(
 
     for (uint32_t p0 = j0; p0 < j1; p0 += IDS_CAP) {
         const uint32_t n = min((uint32_t)IDS_CAP, j1 - p0);
-        if (sparse) {
+        if (listed) {
+            const uint32_t first = min(sinks, len), window = total - (len - iend);
+            for (uint32_t t = tid; t < n; t += THREADS) {
+                const uint32_t j = p0 + t;
+                uint32_t id = j;
+                if (j >= window) id = iend + (j - window);
+                else if (j >= first) id = sinks + page * pr[(j - first) / page] + (j - first) % page;
+                ids[t] = id;
+            }
+            __syncthreads();
+        } else if (sparse) {
             for (uint32_t t = tid; t < n; t += THREADS) {
                 const uint32_t j = p0 + t;
                 const uint32_t nu = n_union;
                 const uint32_t s = upper_bound(pos, nu + (estimate ? 3 : 2), j) - 1;
                 uint32_t id;
                 if (s == 0) id = j;
-                else if (s <= nu) id = perm[src[s - 1] + (j - pos[s])];
+                else if (s <= nu) id = perm ? perm[src[s - 1] + (j - pos[s])] : src[s - 1] + (j - pos[s]);
                 else if (s == nu + 1) id = iend + (j - pos[nu + 1]);
                 else if constexpr (EST) id = cap + nth_unread(unread, unread_base, n_words, j - pos[nu + 2]);
                 else id = NO_KEY;
@@ -458,10 +511,10 @@ __device__ __forceinline__ void decode_impl(
         const T* kmean, const T* vmean, float* part_o, float* part_ml, T* out,                  \
         uint32_t* counters, ItemTable seqs,                                                     \
         const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
-        uint32_t n_probe, uint32_t lists, uint32_t sinks, float scale_log2) {                   \
+        uint32_t n_probe, uint32_t lists, uint32_t page, uint32_t sinks, float scale_log2) {    \
         decode_impl<T, D, GB, KB, FUSED, EST>(q, k, v, dir, probes, kmean, vmean, part_o,       \
                                               part_ml, out, counters, seqs, advance, hq, hkv,   \
-                                              cap, n_partitions, n_probe, lists, sinks,         \
+                                              cap, n_partitions, n_probe, lists, page, sinks,   \
                                               scale_log2);                                      \
     }
 
@@ -489,58 +542,84 @@ SAAP_DECODE_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_DECODE_GROUPS(f16, __half, 64)
 SAAP_DECODE_GROUPS(f16, __half, 128)
 
-// Log-sum-exp merge of the splits. Grid: items * Hq blocks of (D, COMBINE_LANES) threads; out:
-// [items, Hq, D]. Dynamic shared memory: 2 * n_splits + (COMBINE_LANES - 1) * (D + 1) floats.
-// The splits' (max, sum) pairs are staged in shared memory in one round of loads, then each of
-// the COMBINE_LANES lanes of a dimension folds every COMBINE_LANES-th split and the lanes' sums
-// are added: one lane per dimension walked all ~40 splits of a batch-1 step with its loads
-// barely overlapped (10.7 µs for SmolLM2's 9 heads, ncu, H200).
-#define COMBINE_LANES 4
+// Log-sum-exp merge of the splits. Grid: items * Hq blocks of COMBINE_THREADS threads; out:
+// [items, Hq, D], D a multiple of 4 dividing 4 * COMBINE_THREADS. Dynamic shared memory:
+// 2 * n_splits + (4 * COMBINE_THREADS / D) * (D + 1) floats. Two rounds of loads, each issued at
+// once: the splits' (max, sum) pairs, one split per thread; then their outputs, 4 * THREADS / D
+// splits side by side with one 16-byte load per thread and split. The previous version (4 lanes
+// per dimension, a serial max over the splits) took 8–10 µs per layer at batch 1 (ncu, H200,
+// Qwen2.5-0.5B at 120k: 14 heads, 57–128 splits), a tenth of a dense layer's attention.
+#define COMBINE_THREADS 256
 template <typename T>
 __device__ __forceinline__ void combine_impl(const float* __restrict__ part_o,
                                              const float* __restrict__ part_ml, T* __restrict__ out,
-                                             uint32_t hq, uint32_t hkv, uint32_t n_splits) {
-    extern __shared__ float ml[];  // maxima [n_splits], sums [n_splits], lanes' partials
-    const uint32_t D = blockDim.x, d = threadIdx.x, lane = threadIdx.y;
-    const uint32_t tid = lane * D + d, nt = D * COMBINE_LANES;
+                                             uint32_t hq, uint32_t hkv, uint32_t n_splits,
+                                             uint32_t D) {
+    extern __shared__ float sm[];
+    __shared__ float warp_max[COMBINE_THREADS / 32];
+    const uint32_t quads = D / 4, side_by_side = COMBINE_THREADS / quads;
+    float* weight = sm;                   // [n_splits]: 2^(max_s - M), 0 for an empty split
+    float* sum = weight + n_splits;       // [n_splits]
+    float* lanes = sum + n_splits;        // [side_by_side][D + 1]: outputs, then the sum
+    const uint32_t tid = threadIdx.x;
     const uint32_t item = blockIdx.x / hq, h = blockIdx.x % hq, G = hq / hkv;
     const uint32_t row = item * hkv + h / G, g = h % G;
     const size_t p0 = (size_t)row * n_splits * G + g;
-    for (uint32_t s = tid; s < n_splits; s += nt) {
-        ml[s] = part_ml[(p0 + (size_t)s * G) * 2];
-        ml[n_splits + s] = part_ml[(p0 + (size_t)s * G) * 2 + 1];
+    float mx = -INFINITY;
+    for (uint32_t s = tid; s < n_splits; s += COMBINE_THREADS) {
+        const float2 p = *reinterpret_cast<const float2*>(part_ml + (p0 + (size_t)s * G) * 2);
+        weight[s] = p.x;
+        sum[s] = p.y;
+        mx = fmaxf(mx, p.x);
     }
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (tid % 32 == 0) warp_max[tid / 32] = mx;
     __syncthreads();
     float M = -INFINITY;
-    for (uint32_t s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s]);
-    float L = 0.f, o = 0.f;
-    if (M != -INFINITY) {
-        // Empty splits have max -inf (weight 0) and a zero output, so no branch is needed.
-#pragma unroll 4
-        for (uint32_t s = lane; s < n_splits; s += COMBINE_LANES) {
-            const float w = exp2f(ml[s] - M);
-            L = fmaf(w, ml[n_splits + s], L);
-            o = fmaf(w, part_o[(p0 + (size_t)s * G) * D + d], o);
+#pragma unroll
+    for (int w = 0; w < COMBINE_THREADS / 32; ++w) M = fmaxf(M, warp_max[w]);
+    // Empty splits have max -inf (weight 0) and a zero output; all empty leaves zeros.
+    for (uint32_t s = tid; s < n_splits; s += COMBINE_THREADS)
+        weight[s] = weight[s] == -INFINITY ? 0.f : exp2f(weight[s] - M);
+    __syncthreads();
+    const uint32_t side = tid / quads, quad = tid % quads;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    float L = 0.f;
+    if (side < side_by_side) {
+#pragma unroll 8
+        for (uint32_t s = side; s < n_splits; s += side_by_side) {
+            const float w = weight[s];
+            const float4 x = reinterpret_cast<const float4*>(part_o + (p0 + (size_t)s * G) * D)[quad];
+            o.x = fmaf(w, x.x, o.x);
+            o.y = fmaf(w, x.y, o.y);
+            o.z = fmaf(w, x.z, o.z);
+            o.w = fmaf(w, x.w, o.w);
+            L = fmaf(w, sum[s], L);
         }
-    }
-    float* lanes = ml + 2 * n_splits;  // [COMBINE_LANES - 1][D + 1]: outputs, then the sum
-    if (lane > 0) {
-        lanes[(lane - 1) * (D + 1) + d] = o;
-        if (d == 0) lanes[(lane - 1) * (D + 1) + D] = L;
+        float* mine = lanes + side * (D + 1);
+        mine[4 * quad] = o.x;
+        mine[4 * quad + 1] = o.y;
+        mine[4 * quad + 2] = o.z;
+        mine[4 * quad + 3] = o.w;
+        if (quad == 0) mine[D] = L;
     }
     __syncthreads();
-    if (lane > 0) return;
-    for (uint32_t j = 0; j + 1 < COMBINE_LANES; ++j) {
-        o += lanes[j * (D + 1) + d];
-        L += lanes[j * (D + 1) + D];
+    for (uint32_t d = tid; d < D; d += COMBINE_THREADS) {
+        float y = 0.f, total = 0.f;
+        for (uint32_t j = 0; j < side_by_side; ++j) {
+            y += lanes[j * (D + 1) + d];
+            total += lanes[j * (D + 1) + D];
+        }
+        out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(total > 0.f ? y / total : 0.f);
     }
-    out[(size_t)blockIdx.x * D + d] = Elem<T>::narrow(L > 0.f ? o / L : 0.f);
 }
 
 #define SAAP_COMBINE(NAME, T)                                                                     \
-    extern "C" __global__ void NAME(const float* part_o, const float* part_ml, T* out, uint32_t hq, \
-                                    uint32_t hkv, uint32_t n_splits) {                            \
-        combine_impl<T>(part_o, part_ml, out, hq, hkv, n_splits);                                 \
+    extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) NAME(                           \
+        const float* part_o, const float* part_ml, T* out, uint32_t hq, uint32_t hkv,             \
+        uint32_t n_splits, uint32_t d) {                                                          \
+        combine_impl<T>(part_o, part_ml, out, hq, hkv, n_splits, d);                              \
     }
 
 SAAP_COMBINE(saap_decode_combine_f32, float)

@@ -36,7 +36,7 @@ use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use saap::attend::{DecodeOp, SeqExtent};
+use saap::attend::{DecodeOp, Partitions, SeqExtent};
 use saap::classify::Classifier;
 use saap::partition::assign::{assign, assign_into, prepare_centroids};
 use saap::partition::scan::{dir_len, merge, naive_partition, MergeOp};
@@ -405,7 +405,7 @@ fn kernels(dev: &Device, rng: &mut StdRng, n: usize, b: usize) -> Res<()> {
             .map(|(k, v)| DecodeOp {
                 k_cache: k.clone(),
                 v_cache: v.clone(),
-                dir: sparse.then(|| dir.clone()),
+                partitions: sparse.then(|| Partitions::Directory(dir.clone())),
                 probes: sparse.then(|| probes.clone()),
                 seqs: vec![seq; b],
                 sinks: 16,

@@ -10,7 +10,7 @@
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
-use saap::attend::decode::{DecodeOp, SeqExtent};
+use saap::attend::decode::{DecodeOp, Partitions, SeqExtent};
 use std::time::Instant;
 
 const HQ: usize = 9;
@@ -85,7 +85,7 @@ fn main() -> candle_core::Result<()> {
             let op = DecodeOp {
                 k_cache: l.k.clone(),
                 v_cache: l.v.clone(),
-                dir: routed.then(|| l.dir.clone()),
+                partitions: routed.then(|| Partitions::Directory(l.dir.clone())),
                 probes: routed.then(|| l.probes.clone()),
                 seqs: seqs.clone(),
                 sinks: SINKS,

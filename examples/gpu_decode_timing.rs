@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
-use saap::attend::{DecodeOp, SeqExtent};
+use saap::attend::{DecodeOp, Partitions, SeqExtent};
 use saap::partition::scan::naive_partition;
 use std::sync::Arc;
 
@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|(k, v)| DecodeOp {
                     k_cache: k.clone(),
                     v_cache: v.clone(),
-                    dir: sparse.then(|| dir.clone()),
+                    partitions: sparse.then(|| Partitions::Directory(dir.clone())),
                     probes: sparse.then(|| probes.clone()),
                     seqs: vec![seq],
                     sinks: SINKS,

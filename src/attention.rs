@@ -2,8 +2,8 @@
 //! the time-ordered K/V cache and the partition index — and runs prefill (dense, causal) and
 //! decode (sparse through the index, or dense).
 
-use crate::attend::decode::AdvanceReplay;
-use crate::attend::{prefill_attention, DecodeOp, SeqExtent};
+use crate::attend::decode::{page_offsets, AdvanceReplay};
+use crate::attend::{prefill_attention, DecodeOp, Partitions, SeqExtent};
 use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
 use crate::config::{
     check_share, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES, QUEST_PAGE,
@@ -1002,10 +1002,8 @@ impl SaapAttention {
                     new.slice_set(old, 2, 0)?;
                 }
             }
-            next.quest = old
-                .quest
-                .map(|pages| pages.with_capacity(&old.seqs, self.config.sinks, cap))
-                .transpose()?;
+            // Per page of positions: the capacity does not change them.
+            next.quest = old.quest;
             // Per partition, not per position: the capacity does not change them.
             if old.summaries.is_some() {
                 next.summaries = old.summaries;
@@ -1584,10 +1582,12 @@ impl SaapAttention {
         if let Some(scores) = &scores {
             self.check("routing scores", &[scores])?;
         }
-        // Quest's pages are the partitions of their own directory.
-        let (dir, n_partitions) = match quest_pages {
-            Some(pages) => (Some(pages.dir.clone()), pages.n_pages()),
-            None => (state.dir.clone(), self.config.n_partitions),
+        let (partitions, n_partitions) = match quest_pages {
+            Some(pages) => (Some(Partitions::Pages(QUEST_PAGE)), pages.n_pages()),
+            None => (
+                state.dir.clone().map(Partitions::Directory),
+                self.config.n_partitions,
+            ),
         };
         let means = match (self.estimate_unread, quest_pages, &state.summaries) {
             (true, None, Some(summaries)) if probes.is_some() => Some(summaries.means.clone()),
@@ -1596,7 +1596,7 @@ impl SaapAttention {
         let op = DecodeOp {
             k_cache: state.k.clone(),
             v_cache: state.v.clone(),
-            dir: probes.as_ref().and(dir),
+            partitions: probes.as_ref().and(partitions),
             probes,
             seqs: state.seqs.clone(),
             sinks: self.config.sinks,
@@ -1623,7 +1623,7 @@ impl SaapAttention {
 fn read_stats(op: &DecodeOp) -> Result<ReadStats> {
     let (_, hkv, _, _) = op.k_cache.dims4()?;
     let mut stats = ReadStats::default();
-    let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
+    let (Some(partitions), Some(probes)) = (&op.partitions, &op.probes) else {
         for seq in &op.seqs {
             stats.keys_read += seq.len * hkv;
             stats.keys_in_context += seq.len * hkv;
@@ -1632,8 +1632,15 @@ fn read_stats(op: &DecodeOp) -> Result<ReadStats> {
         return Ok(stats);
     };
     let c = op.n_partitions;
-    // Contiguous first: on CUDA `to_vec3` copies the whole storage (the directory's perm too).
-    let offsets = dir.narrow(2, 0, c + 1)?.contiguous()?.to_vec3::<u32>()?;
+    let offsets = match partitions {
+        // Contiguous first: on CUDA `to_vec3` copies the whole storage (the directory's perm too).
+        Partitions::Directory(dir) => dir.narrow(2, 0, c + 1)?.contiguous()?.to_vec3::<u32>()?,
+        Partitions::Pages(size) => op
+            .seqs
+            .iter()
+            .map(|&seq| vec![page_offsets(seq, op.sinks, *size, c); hkv])
+            .collect(),
+    };
     // One probe list per query head, or one a group shares (Quest's pages).
     let lists = probes.dim(1)? / hkv;
     let probes = probes.to_vec3::<u32>()?;

@@ -4,10 +4,9 @@
 //! The indexed positions `sinks..indexed_end` of each sequence are cut into pages of
 //! [`QUEST_PAGE`] tokens, page `p` holding positions `sinks + 16p ..` up to the next page or the
 //! item's `indexed_end`. Per (batch item, KV head, page) the op keeps the elementwise min and max
-//! of the page's post-RoPE keys, recomputed only for the pages a window merge touches. The pages
-//! are handed to the decode kernel as the partitions of a second directory: offsets are the page
-//! starts, perm the identity, so the kernel reads sinks ∪ chosen pages ∪ window exactly as it
-//! reads Saap's partitions.
+//! of the page's post-RoPE keys, recomputed only for the pages a window merge touches. The decode
+//! op reads the chosen pages as [`Partitions::Pages`](crate::attend::Partitions::Pages): sinks ∪
+//! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
 
 use crate::attend::SeqExtent;
 use crate::classify::top_probes;
@@ -53,8 +52,7 @@ pub fn page_scores(q: &Tensor, min: &Tensor, max: &Tensor) -> Result<Tensor> {
     Ok(scores.reshape((b, hq, p))?)
 }
 
-/// The page state of one op: bounds of every page and the directory the decode kernel reads
-/// the pages through.
+/// The page state of one op: the bounds of every page and which pages hold keys.
 #[derive(Debug)]
 pub(crate) struct QuestPages {
     /// `[B, Hkv, P, D]` f32: elementwise min of each page's post-RoPE keys; P pages cover the
@@ -64,9 +62,6 @@ pub(crate) struct QuestPages {
     pub(crate) max: Tensor,
     /// `[B, Hkv, P]` u8: whether the page holds keys of its item (ragged batches).
     filled: Tensor,
-    /// `[B, Hkv, P + 1 + cap]` u32: page starts (offsets, clamped to each item's indexed end),
-    /// then the identity positions `0..cap` (perm).
-    pub(crate) dir: Tensor,
 }
 
 impl QuestPages {
@@ -79,7 +74,7 @@ impl QuestPages {
         seqs: &[SeqExtent],
         sinks: usize,
     ) -> Result<Self> {
-        let (b, hkv, cap, d) = k.dims4()?;
+        let (b, hkv, _, d) = k.dims4()?;
         let dev = k.device();
         let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
         let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
@@ -103,23 +98,6 @@ impl QuestPages {
             min: join(lows)?,
             max: join(highs)?,
             filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
-            dir: directory(seqs, sinks, n_pages, hkv, cap, dev)?,
-        })
-    }
-
-    /// The same pages for a cache grown to `cap` rows (the directory's perm spans the cache).
-    pub(crate) fn with_capacity(
-        &self,
-        seqs: &[SeqExtent],
-        sinks: usize,
-        cap: usize,
-    ) -> Result<Self> {
-        let hkv = self.min.dim(1)?;
-        Ok(Self {
-            min: self.min.clone(),
-            max: self.max.clone(),
-            filled: self.filled.clone(),
-            dir: directory(seqs, sinks, self.n_pages(), hkv, cap, self.min.device())?,
         })
     }
 
@@ -129,7 +107,6 @@ impl QuestPages {
             min: self.min.copy()?,
             max: self.max.copy()?,
             filled: self.filled.copy()?,
-            dir: self.dir.copy()?,
         })
     }
 
@@ -141,7 +118,6 @@ impl QuestPages {
             min: select(&self.min)?,
             max: select(&self.max)?,
             filled: select(&self.filled)?,
-            dir: select(&self.dir)?,
         })
     }
 
@@ -296,32 +272,4 @@ fn page_mask(
         })
         .collect();
     Ok(Tensor::from_vec(mask, (seqs.len(), heads, n), dev)?)
-}
-
-/// The pages as a decode directory `[B, Hkv, P + 1 + cap]`: offsets `min(sinks + 16p,
-/// indexed_end)` (positions, since perm is the identity), then perm `0..cap`.
-fn directory(
-    seqs: &[SeqExtent],
-    sinks: usize,
-    n_pages: usize,
-    hkv: usize,
-    cap: usize,
-    dev: &Device,
-) -> Result<Tensor> {
-    let b = seqs.len();
-    let offsets: Vec<u32> = seqs
-        .iter()
-        .flat_map(|s| {
-            // Positions fit u32: the cache holds at most MAX_CONTEXT = u32::MAX rows.
-            (0..=n_pages).map(move |p| (sinks + QUEST_PAGE * p).min(s.indexed_end) as u32)
-        })
-        .collect();
-    let offsets = Tensor::from_vec(offsets, (b, 1, n_pages + 1), dev)?
-        .broadcast_as((b, hkv, n_pages + 1))?
-        .contiguous()?;
-    let perm = Tensor::arange(0u32, cap as u32, dev)?
-        .reshape((1, 1, cap))?
-        .broadcast_as((b, hkv, cap))?
-        .contiguous()?;
-    Ok(Tensor::cat(&[offsets, perm], 2)?)
 }

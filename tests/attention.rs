@@ -720,7 +720,7 @@ fn decode_alike(
 #[test]
 fn group_shared_probes_read_as_per_head_copies() {
     use rand::Rng;
-    use saap::attend::{DecodeOp, SeqExtent};
+    use saap::attend::{DecodeOp, Partitions, SeqExtent};
     use saap::partition::scan::{dir_len, naive_partition};
     let (b, hq, hkv, d, c, cap, n, sinks) = (2, 8, 2, 16, 12, 200, 3, 4);
     let mut r = rng(21);
@@ -762,7 +762,7 @@ fn group_shared_probes_read_as_per_head_copies() {
         q.apply_op1_no_bwd(&DecodeOp {
             k_cache: k.clone(),
             v_cache: v.clone(),
-            dir: Some(dir.clone()),
+            partitions: Some(Partitions::Directory(dir.clone())),
             probes: Some(probes),
             seqs: seqs.clone(),
             sinks,
@@ -781,4 +781,113 @@ fn group_shared_probes_read_as_per_head_copies() {
     let short = dir.narrow(2, 0, dir_len(c, cap) - 1).unwrap();
     let err = decode(&shared, hkv, &short).unwrap_err().to_string();
     assert!(err.contains("directory"), "{err}");
+}
+
+/// Pages (`Partitions::Pages`, Quest's) read what a directory of the same page starts and the
+/// identity perm reads, for ascending lists with unused slots last (the kernels' listed path),
+/// shuffled lists with a repeat, and lists per query head; ragged items whose indexed region
+/// ends before some listed pages. Pages of 0 positions, or pages with partition means, are
+/// refused; a corrupt directory (offsets and ids past the cache) reads only inside the cache.
+#[test]
+fn pages_read_as_their_directory() {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    use saap::attend::{DecodeOp, Partitions, SeqExtent};
+    let (b, hq, hkv, d, cap, sinks, page) = (2, 8, 2, 16, 300, 5usize, 16usize);
+    let mut r = rng(22);
+    let q = randn(&mut r, &[b, hq, d], 1.0);
+    let (k, v) = (
+        randn(&mut r, &[b, hkv, cap, d], 1.0),
+        randn(&mut r, &[b, hkv, cap, d], 1.0),
+    );
+    let seqs = vec![
+        SeqExtent {
+            len: 300,
+            indexed_end: 250,
+        },
+        SeqExtent {
+            len: 120,
+            indexed_end: 61,
+        },
+    ];
+    let c = (250 - sinks).div_ceil(page);
+    let mut dir = Vec::new();
+    for seq in &seqs {
+        for _ in 0..hkv {
+            dir.extend((0..=c).map(|p| (sinks + page * p).min(seq.indexed_end) as u32));
+            dir.extend(0..cap as u32);
+        }
+    }
+    let dir = Tensor::from_vec(dir, (b, hkv, c + 1 + cap), &Device::Cpu).unwrap();
+    let n = 6;
+    let mut ascending = Vec::new();
+    let mut shuffled = Vec::new();
+    for _ in 0..b * hkv {
+        let mut pages: Vec<u32> = (0..c as u32).collect();
+        pages.shuffle(&mut r);
+        let mut list = pages[..n - 2].to_vec();
+        list.sort_unstable();
+        list.extend([c as u32; 2]);
+        ascending.extend_from_slice(&list);
+        list[n - 1] = list[0];
+        list.shuffle(&mut r);
+        shuffled.extend(list);
+    }
+    let per_head: Vec<u32> = (0..b * hq * n).map(|_| r.random_range(0..=c as u32)).collect();
+    let decode = |partitions: Partitions, probes: &[u32], heads: usize| {
+        let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
+        q.apply_op1_no_bwd(&DecodeOp {
+            k_cache: k.clone(),
+            v_cache: v.clone(),
+            partitions: Some(partitions),
+            probes: Some(probes),
+            seqs: seqs.clone(),
+            sinks,
+            n_partitions: c,
+            scale: 0.25,
+            advance: None,
+            means: None,
+        })
+    };
+    for (probes, heads) in [(&ascending, hkv), (&shuffled, hkv), (&per_head, hq)] {
+        let pages = decode(Partitions::Pages(page), probes, heads).unwrap();
+        let table = decode(Partitions::Directory(dir.clone()), probes, heads).unwrap();
+        assert_eq!(max_abs_diff(&pages, &table), 0.0, "lists {heads}");
+    }
+    let err = decode(Partitions::Pages(0), &ascending, hkv).unwrap_err().to_string();
+    assert!(err.contains("pages"), "{err}");
+    let means = Tensor::zeros((2, b, hkv, c, d), DType::F32, &Device::Cpu).unwrap();
+    let err = q
+        .apply_op1_no_bwd(&DecodeOp {
+            k_cache: k.clone(),
+            v_cache: v.clone(),
+            partitions: Some(Partitions::Pages(page)),
+            probes: Some(Tensor::from_slice(&ascending, (b, hkv, n), &Device::Cpu).unwrap()),
+            seqs: seqs.clone(),
+            sinks,
+            n_partitions: c,
+            scale: 0.25,
+            advance: None,
+            means: Some(means),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("means"), "{err}");
+    // Page 0's ids point past the cache (reading it equals not listing it) and page 1's end
+    // does (it is read up to the cache's end, not past it).
+    let mut corrupt = dir.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let row = c + 1 + cap;
+    for group in 0..b * hkv {
+        corrupt[group * row + 2] = 10 * cap as u32;
+        corrupt[group * row + c + 1..group * row + c + 1 + sinks + page].fill(cap as u32 + 7);
+    }
+    let corrupt = Tensor::from_vec(corrupt, (b, hkv, row), &Device::Cpu).unwrap();
+    let with_first = vec![0u32; b * hkv * n];
+    let none = vec![c as u32; b * hkv * n];
+    let corrupt_read = decode(Partitions::Directory(corrupt.clone()), &with_first, hkv).unwrap();
+    let skipped = decode(Partitions::Directory(corrupt.clone()), &none, hkv).unwrap();
+    assert_eq!(max_abs_diff(&corrupt_read, &skipped), 0.0);
+    let past_end = decode(Partitions::Directory(corrupt), &vec![1u32; b * hkv * n], hkv).unwrap();
+    let values = past_end.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(values.iter().all(|x| x.is_finite()));
 }

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use rand::rngs::StdRng;
 use rand::Rng;
-use saap::attend::{DecodeOp, SeqExtent};
+use saap::attend::{DecodeOp, Partitions, SeqExtent};
 use saap::partition::scan::{dir_len, merge, naive_partition, MergeOp};
 use saap::{RopeKind, SaapAttention};
 
@@ -122,7 +122,11 @@ struct DecodeCase {
     tol: f32,
 }
 
-/// One decode call, sparse (random probes) and dense, on both backends.
+/// Quest's page size in the page cases.
+const PAGE: usize = 16;
+
+/// One decode call, sparse (random probes over a directory or pages) and dense, on both
+/// backends.
 fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
     let (b, d, c, cap) = (t.lens.len(), t.dim, t.c, t.cap);
     let q = randn(r, &[b, t.hq, d], 1.0).to_dtype(t.dtype).unwrap();
@@ -157,15 +161,51 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
         Tensor::from_vec(probes, (b, heads, t.n_probe), &Device::Cpu).unwrap()
     };
     let (per_head, per_group) = (probe_lists(t.hq), probe_lists(t.hkv));
-    for (sparse, probes) in [(true, &per_head), (true, &per_group), (false, &per_head)] {
+    // Quest's pages: per group ascending with unused slots last (the kernel's listed path), the
+    // same lists reversed (its union path), and lists per query head.
+    let pages = seqs
+        .iter()
+        .map(|s| s.indexed_end.saturating_sub(t.sinks).div_ceil(PAGE))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut ascending = Vec::new();
+    for _ in 0..b * t.hkv {
+        let mut list = random_labels(r, t.n_probe, pages);
+        list.sort_unstable();
+        list.dedup();
+        list.resize(t.n_probe, pages as u32);
+        ascending.extend(list);
+    }
+    let reversed: Vec<u32> = ascending
+        .chunks(t.n_probe)
+        .flat_map(|l| l.iter().rev().copied())
+        .collect();
+    let page_lists = |lists: Vec<u32>, heads: usize| {
+        Tensor::from_vec(lists, (b, heads, t.n_probe), &Device::Cpu).unwrap()
+    };
+    let page_probes = [
+        page_lists(ascending, t.hkv),
+        page_lists(reversed, t.hkv),
+        page_lists(random_labels(r, b * t.hq * t.n_probe, pages + 1), t.hq),
+    ];
+    let cases = [(Some(c), &per_head), (Some(c), &per_group), (None, &per_head)]
+        .into_iter()
+        .chain(page_probes.iter().map(|p| (Some(0), p)));
+    // (partitions: C, or 0 for pages; None dense, probes)
+    for (partitions, probes) in cases {
+        let sparse = partitions.is_some();
         let op = |on: &Device| DecodeOp {
             k_cache: k.to_device(on).unwrap(),
             v_cache: v.to_device(on).unwrap(),
-            dir: sparse.then(|| dir.to_device(on).unwrap()),
+            partitions: partitions.map(|c| match c {
+                0 => Partitions::Pages(PAGE),
+                _ => Partitions::Directory(dir.to_device(on).unwrap()),
+            }),
             probes: sparse.then(|| probes.to_device(on).unwrap()),
             seqs: seqs.clone(),
             sinks: t.sinks,
-            n_partitions: c,
+            n_partitions: if partitions == Some(0) { pages } else { c },
             scale: 1.0 / (d as f32).sqrt(),
             advance: None,
             means: None,
@@ -180,8 +220,8 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
         let diff = max_abs_diff(&cpu, &gpu.to_device(&Device::Cpu).unwrap());
         assert!(
             diff <= t.tol,
-            "decode {:?} d={d} G={} sparse={sparse} probe lists {:?} lens {:?}: max |cpu - gpu| \
-             = {diff}",
+            "decode {:?} d={d} G={} partitions {partitions:?} probe lists {:?} lens {:?}: max \
+             |cpu - gpu| = {diff}",
             t.dtype,
             t.hq / t.hkv,
             probes.dims(),

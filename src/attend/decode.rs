@@ -4,7 +4,8 @@
 //! 1. the sinks `0..min(sinks, len)`,
 //! 2. the union of the group's probe lists (one per query head of the group, or one the group
 //!    shares) of partitions, ascending by partition, each list `perm[offsets[c]..offsets[c+1]]`
-//!    (positions `sinks..indexed_end`),
+//!    (positions `sinks..indexed_end`) of a directory, or each a page of consecutive positions
+//!    ([`Partitions`]); extents are clamped to the cache and ids past it skipped,
 //! 3. the window `indexed_end..len`.
 //!
 //! Every query head of the group attends over that whole union, so each K/V row is read once
@@ -37,8 +38,8 @@ pub struct DecodeOp {
     pub k_cache: Tensor,
     /// `[B, Hkv, cap, D]`.
     pub v_cache: Tensor,
-    /// Directory `[B, Hkv, C + 1 + cap]` (offsets then perm); unused when `probes` is `None`.
-    pub dir: Option<Tensor>,
+    /// What the probes' numbers name; unused when `probes` is `None`.
+    pub partitions: Option<Partitions>,
     /// Probed partitions u32 (C in an unused slot): `[B, Hq, ℓ]`, one list per query head, or
     /// `[B, Hkv, ℓ]`, one list a KV group's heads share (Quest's pages); `None` reads every
     /// position (dense).
@@ -60,6 +61,37 @@ pub struct DecodeOp {
     pub means: Option<Tensor>,
 }
 
+/// The keys of the partitions a [`DecodeOp`]'s probes name.
+#[derive(Debug, Clone)]
+pub enum Partitions {
+    /// A directory `[B, Hkv, C + 1 + cap]` u32: offsets, then perm; partition `c` holds
+    /// `perm[offsets[c]..offsets[c + 1]]` (Saap's k-means partitions).
+    Directory(Tensor),
+    /// Pages of this many consecutive positions over each item's indexed region: page `p` holds
+    /// positions `sinks + size·p ..` up to the next page or the item's `indexed_end` (Quest's
+    /// pages; C pages, the last one may be short). No partition means.
+    Pages(usize),
+}
+
+/// Page starts of one item, `min(sinks + size·p, indexed_end)` for `p` in `0..=n_pages`: pages as
+/// the offsets of a directory whose perm is the identity.
+pub(crate) fn page_offsets(seq: SeqExtent, sinks: usize, size: usize, n_pages: usize) -> Vec<u32> {
+    // Positions fit u32: the cache holds at most MAX_CONTEXT = u32::MAX rows.
+    (0..=n_pages)
+        .map(|p| {
+            sinks
+                .saturating_add(size.saturating_mul(p))
+                .min(seq.indexed_end) as u32
+        })
+        .collect()
+}
+
+/// A group's partitions for the CPU: its offsets `[C + 1]` and its perm (`None`: the identity).
+struct Extents<'a> {
+    offsets: &'a [u32],
+    perm: Option<&'a [u32]>,
+}
+
 /// Which partitions the union over a group's probes covers (C marks a slot adaptive probing
 /// left empty; the CUDA kernel skips it too).
 fn probed_set(probes: &[u32], n_partitions: usize) -> Vec<bool> {
@@ -78,39 +110,44 @@ struct GroupReads {
     unread: Option<(Vec<u32>, Vec<f32>)>,
 }
 
-/// The reads of one group: dense without `sparse` (its directory row and its probe lists),
-/// else sinks, the probed partitions' keys and the window; with `estimate`, also the unread
-/// partitions (their extents clamped to the capacity `cap`, as the kernels clamp them).
+/// The reads of one group: dense without `sparse` (its partitions and its probe lists), else
+/// sinks, the probed partitions' keys and the window; with `estimate`, also the unread
+/// partitions. Extents are clamped to the capacity `cap` and ids past it skipped, as the kernels
+/// do, so a corrupt directory cannot send a read outside the cache.
 fn group_reads(
     seq: SeqExtent,
     sinks: usize,
-    sparse: Option<(&[u32], &[u32])>,
+    sparse: Option<(Extents<'_>, &[u32])>,
     n_partitions: usize,
     cap: usize,
     estimate: bool,
 ) -> GroupReads {
-    let Some((dir, probes)) = sparse else {
+    let Some((Extents { offsets, perm }, probes)) = sparse else {
         return GroupReads {
             ids: (0..seq.len as u32).collect(),
             unread: None,
         };
     };
+    let extent = |c: usize| {
+        let start = (offsets[c] as usize).min(cap);
+        start..(offsets[c + 1] as usize).clamp(start, cap)
+    };
     let sink_end = sinks.min(seq.len);
-    let (offsets, perm) = dir.split_at(n_partitions + 1);
     let probed = probed_set(probes, n_partitions);
     let mut ids: Vec<u32> = (0..sink_end as u32).collect();
     for c in (0..n_partitions).filter(|&c| probed[c]) {
-        ids.extend_from_slice(&perm[offsets[c] as usize..offsets[c + 1] as usize]);
+        let range = extent(c);
+        match perm {
+            Some(perm) => ids.extend(perm[range].iter().filter(|&&id| (id as usize) < cap)),
+            None => ids.extend(range.start as u32..range.end as u32),
+        }
     }
     ids.extend(seq.indexed_end as u32..seq.len as u32);
     let unread = estimate.then(|| {
         (0..n_partitions)
             .filter_map(|c| {
-                let (a, b) = (
-                    (offsets[c] as usize).min(cap),
-                    (offsets[c + 1] as usize).min(cap),
-                );
-                (!probed[c] && b > a).then(|| (c as u32, ((b - a) as f32).ln()))
+                let n = extent(c).len();
+                (!probed[c] && n > 0).then(|| (c as u32, (n as f32).ln()))
             })
             .unzip()
     });
@@ -310,13 +347,25 @@ impl DecodeOp {
                 self.seqs
             );
         }
-        if let (Some(dir), Some(probes)) = (&self.dir, &self.probes) {
-            let row = self.n_partitions + 1 + cap;
-            if dir.dims() != [b, hkv, row] {
-                candle_core::bail!(
-                    "decode: directory {:?}, expected [{b}, {hkv}, {row}]",
-                    dir.dims()
-                );
+        if let (Some(partitions), Some(probes)) = (&self.partitions, &self.probes) {
+            match partitions {
+                Partitions::Directory(dir) => {
+                    let row = self.n_partitions + 1 + cap;
+                    if dir.dims() != [b, hkv, row] {
+                        candle_core::bail!(
+                            "decode: directory {:?}, expected [{b}, {hkv}, {row}]",
+                            dir.dims()
+                        );
+                    }
+                }
+                Partitions::Pages(size) => {
+                    if *size == 0 || *size > cap.max(1) {
+                        candle_core::bail!("decode: pages of {size} positions (1..={cap})");
+                    }
+                    if self.means.is_some() {
+                        candle_core::bail!("decode: partition means need a directory, not pages");
+                    }
+                }
             }
             match probes.dims() {
                 &[pb, heads, _] if pb == b && (heads == hq || heads == hkv) => {}
@@ -345,19 +394,39 @@ impl DecodeOp {
         let per_group = probes.map_or(0, |p| p.len() / (b * hkv));
         let row = c + 1 + cap;
         let groups = b * hkv;
-        // Group i's directory row and its probe lists.
-        let sparse = |i: usize| {
-            dir.zip(probes).map(|(dir, probes)| {
-                (
-                    &dir[i * row..(i + 1) * row],
-                    &probes[i * per_group..(i + 1) * per_group],
-                )
-            })
+        let page = match &self.partitions {
+            Some(Partitions::Pages(size)) => Some(*size),
+            _ => None,
         };
         let estimate = means.is_some();
         let reads: Vec<GroupReads> = (0..groups)
             .into_par_iter()
-            .map(|i| group_reads(self.seqs[i / hkv], self.sinks, sparse(i), c, cap, estimate))
+            .map(|i| {
+                let seq = self.seqs[i / hkv];
+                let Some(probes) = probes else {
+                    return group_reads(seq, self.sinks, None, c, cap, estimate);
+                };
+                let probes = &probes[i * per_group..(i + 1) * per_group];
+                let pages;
+                let extents = match (page, dir) {
+                    (Some(size), _) => {
+                        pages = page_offsets(seq, self.sinks, size, c);
+                        Extents {
+                            offsets: &pages,
+                            perm: None,
+                        }
+                    }
+                    (None, Some(dir)) => {
+                        let (offsets, perm) = dir[i * row..(i + 1) * row].split_at(c + 1);
+                        Extents {
+                            offsets,
+                            perm: Some(perm),
+                        }
+                    }
+                    (None, None) => return group_reads(seq, self.sinks, None, c, cap, estimate),
+                };
+                group_reads(seq, self.sinks, Some((extents, probes)), c, cap, estimate)
+            })
             .collect();
         // Per group: its key list in pieces of SPLIT, then the unread partitions' means when
         // estimated (sparse steps only).
@@ -447,7 +516,11 @@ impl CustomOp1 for DecodeOp {
             candle_core::bail!("decode: cache is not on the CPU");
         };
         let means = self.means.as_ref().map(Tensor::storage_and_layout);
-        with_u32(self.dir.as_ref(), |dir| {
+        let dir = match &self.partitions {
+            Some(Partitions::Directory(dir)) => Some(dir),
+            _ => None,
+        };
+        with_u32(dir, |dir| {
             with_u32(self.probes.as_ref(), |probes| {
                 macro_rules! typed {
                     ($variant:ident, $q:ident, $k:ident, $v:ident) => {{

@@ -4,5 +4,5 @@
 pub mod decode;
 pub mod prefill;
 
-pub use decode::{DecodeOp, SeqExtent};
+pub use decode::{DecodeOp, Partitions, SeqExtent};
 pub use prefill::{prefill_attention, PrefillOp};

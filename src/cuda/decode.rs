@@ -10,7 +10,7 @@ use super::{
     advance_chunk, load, push_advance, sm_count, to_u32, use_smem, view, with_advance, with_cuda,
     ItemTable, ZeroedBuffers, DECODE, MAX_BATCH,
 };
-use crate::attend::DecodeOp;
+use crate::attend::{DecodeOp, Partitions};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -23,8 +23,8 @@ use half::{bf16, f16};
 const THREADS: u32 = 256;
 /// Key ids a block holds in shared memory per pass (`IDS_CAP` in `cuda/decode.cu`).
 const IDS_CAP: usize = 2048;
-/// Threads per output dimension of the combine kernel (`COMBINE_LANES` in `cuda/decode.cu`).
-const COMBINE_LANES: u32 = 4;
+/// Threads per block of the combine kernel (`COMBINE_THREADS` in `cuda/decode.cu`).
+const COMBINE_THREADS: u32 = 256;
 /// Upper bound on splits per row: the merge reads every split's partial.
 const MAX_SPLITS: usize = 128;
 /// Fewer keys than this per split cost more in fixed work than they save in parallelism.
@@ -83,9 +83,18 @@ pub(crate) fn decode(
     Ok((out, q_l.shape().clone()))
 }
 
-/// Directory and probes views of a sparse call, with ℓ and the probe lists per KV group (G, or 1
-/// where the group shares one).
-type Sparse<'a> = Option<(CudaView<'a, u32>, CudaView<'a, u32>, usize, usize)>;
+/// A sparse call's probes and what they name.
+struct Sparse<'a> {
+    /// The directory's view, or `None` for pages.
+    dir: Option<CudaView<'a, u32>>,
+    /// Positions per page (0: a directory's partitions).
+    page: usize,
+    probes: CudaView<'a, u32>,
+    /// ℓ, the length of each probe list.
+    n_probe: usize,
+    /// Probe lists per KV group: G, or 1 where the group shares one.
+    lists: usize,
+}
 
 fn typed<T: CudaDType + DeviceRepr>(
     op: &DecodeOp,
@@ -110,12 +119,32 @@ fn typed<T: CudaDType + DeviceRepr>(
                 v: &v,
             };
             // Sparse exactly when both are present, as on the CPU.
-            let (Some(dir), Some(probes)) = (&op.dir, &op.probes) else {
+            let (Some(partitions), Some(probes)) = (&op.partitions, &op.probes) else {
                 return launch(op, &dev, tname, &io, None, None, dims);
             };
             with_means(op.means.as_ref(), |means| {
-                with_cuda(dir, "directory", |dir_st, dir_l| {
-                    with_cuda(probes, "probes", |pr_st, pr_l| {
+                with_cuda(probes, "probes", |pr_st, pr_l| {
+                    let (n_probe, lists) = match pr_l.dims() {
+                        &[pb, ph, n] if pb == b && (ph == hq || ph == hkv) => (n, ph / hkv),
+                        other => candle_core::bail!(
+                            "saap cuda decode: probes {other:?}, expected [{b}, {hq} or {hkv}, ℓ]"
+                        ),
+                    };
+                    let probes = view(pr_st, pr_l)?;
+                    let dir = match partitions {
+                        Partitions::Pages(size) => {
+                            let sparse = Sparse {
+                                dir: None,
+                                page: *size,
+                                probes,
+                                n_probe,
+                                lists,
+                            };
+                            return launch(op, &dev, tname, &io, Some(sparse), means, dims);
+                        }
+                        Partitions::Directory(dir) => dir,
+                    };
+                    with_cuda(dir, "directory", |dir_st, dir_l| {
                         let row = op.n_partitions + 1 + cap;
                         if dir_l.dims() != [b, hkv, row] {
                             candle_core::bail!(
@@ -123,16 +152,14 @@ fn typed<T: CudaDType + DeviceRepr>(
                                 dir_l.dims()
                             );
                         }
-                        let (n_probe, lists) = match pr_l.dims() {
-                            &[pb, ph, n] if pb == b && (ph == hq || ph == hkv) => (n, ph / hkv),
-                            other => candle_core::bail!(
-                                "saap cuda decode: probes {other:?}, expected [{b}, {hq} or \
-                                 {hkv}, ℓ]"
-                            ),
+                        let sparse = Sparse {
+                            dir: Some(view(dir_st, dir_l)?),
+                            page: 0,
+                            probes,
+                            n_probe,
+                            lists,
                         };
-                        let (dir, probes) = (view(dir_st, dir_l)?, view(pr_st, pr_l)?);
-                        let sparse = Some((dir, probes, n_probe, lists));
-                        launch(op, &dev, tname, &io, sparse, means, dims)
+                        launch(op, &dev, tname, &io, Some(sparse), means, dims)
                     })
                 })
             })
@@ -175,7 +202,7 @@ fn launch<T: DeviceRepr>(
     dev: &CudaDevice,
     tname: &str,
     io: &Io<'_, '_, T>,
-    sparse: Sparse<'_>,
+    sparse: Option<Sparse<'_>>,
     means: Option<&CudaView<'_, T>>,
     (b, hq, hkv, cap, d): Dims,
 ) -> candle_core::Result<CudaSlice<T>> {
@@ -203,7 +230,7 @@ fn launch<T: DeviceRepr>(
     // The key list (`decode_impl`): bitmaps of the union [and of the unread partitions] with their
     // prefix counts, each union member's perm start, the segment starts, the ids of a pass.
     let smem_keys = match &sparse {
-        Some((_, _, n_probe, lists)) => {
+        Some(Sparse { n_probe, lists, .. }) => {
             let words = c.div_ceil(32) * if means.is_some() { 4 } else { 2 };
             let union = c.min(lists * n_probe);
             (words + 2 * union + 4 + IDS_CAP) * 4
@@ -224,8 +251,10 @@ fn launch<T: DeviceRepr>(
     let null = 0u64;
     let (hq32, hkv32, cap32) = (to_u32(hq)?, to_u32(hkv)?, to_u32(cap)?);
     let (c32, sinks32) = (to_u32(c)?, to_u32(op.sinks)?);
-    let n_probe32 = to_u32(sparse.as_ref().map_or(0, |s| s.2))?;
-    let lists32 = to_u32(sparse.as_ref().map_or(0, |s| s.3))?;
+    let n_probe32 = to_u32(sparse.as_ref().map_or(0, |s| s.n_probe))?;
+    let lists32 = to_u32(sparse.as_ref().map_or(0, |s| s.lists))?;
+    let page32 = to_u32(sparse.as_ref().map_or(0, |s| s.page))?;
+    let d32 = to_u32(d)?;
     let scale_log2 = op.scale * std::f32::consts::LOG2_E;
     let row = c + 1 + cap;
     with_advance(op.advance.as_ref(), |advance| {
@@ -240,7 +269,7 @@ fn launch<T: DeviceRepr>(
                 .iter()
                 .map(|s| match &sparse {
                     None => s.len,
-                    Some((_, _, n_probe, lists)) => {
+                    Some(Sparse { n_probe, lists, .. }) => {
                         let fixed = op.sinks.min(s.len) + s.len.saturating_sub(s.indexed_end);
                         let indexed = s.len - fixed.min(s.len);
                         let unread = if means.is_some() { c } else { 0 };
@@ -262,11 +291,13 @@ fn launch<T: DeviceRepr>(
             let qc = io.q.slice(i0 * hq * d..(i0 + items) * hq * d);
             let kv_range = i0 * hkv * cap * d..(i0 + items) * hkv * cap * d;
             let (kc, vc) = (io.k.slice(kv_range.clone()), io.v.slice(kv_range));
-            let index = sparse.as_ref().map(|(dir, probes, n_probe, lists)| {
-                let per_item = hkv * lists * n_probe;
+            let index = sparse.as_ref().map(|s| {
+                let per_item = hkv * s.lists * s.n_probe;
                 (
-                    dir.slice(i0 * hkv * row..(i0 + items) * hkv * row),
-                    probes.slice(i0 * per_item..(i0 + items) * per_item),
+                    s.dir
+                        .as_ref()
+                        .map(|dir| dir.slice(i0 * hkv * row..(i0 + items) * hkv * row)),
+                    s.probes.slice(i0 * per_item..(i0 + items) * per_item),
                 )
             });
             // Keys' means of these items, and their values' means one half further.
@@ -284,7 +315,8 @@ fn launch<T: DeviceRepr>(
                 let mut attend = stream.launch_builder(&func);
                 attend.arg(&qc).arg(&kc).arg(&vc);
                 match &index {
-                    Some((dir, probes)) => attend.arg(dir).arg(probes),
+                    Some((Some(dir), probes)) => attend.arg(dir).arg(probes),
+                    Some((None, probes)) => attend.arg(&null).arg(probes),
                     None => attend.arg(&null).arg(&null),
                 };
                 match &chunk_means {
@@ -305,6 +337,7 @@ fn launch<T: DeviceRepr>(
                     .arg(&c32)
                     .arg(&n_probe32)
                     .arg(&lists32)
+                    .arg(&page32)
                     .arg(&sinks32)
                     .arg(&scale_log2);
                 let cfg = LaunchConfig {
@@ -328,13 +361,14 @@ fn launch<T: DeviceRepr>(
                 .arg(&mut oc)
                 .arg(&hq32)
                 .arg(&hkv32)
-                .arg(&splits32);
+                .arg(&splits32)
+                .arg(&d32);
+            // Each thread reads 4 floats of a split's output: 4 · threads / D splits side by side.
+            let side_by_side = 4 * COMBINE_THREADS as usize / d;
             let cfg = LaunchConfig {
                 grid_dim: (to_u32(items * hq)?, 1, 1),
-                block_dim: (to_u32(d)?, COMBINE_LANES, 1),
-                shared_mem_bytes: to_u32(
-                    (2 * splits + (COMBINE_LANES as usize - 1) * (d + 1)) * 4,
-                )?,
+                block_dim: (COMBINE_THREADS, 1, 1),
+                shared_mem_bytes: to_u32((2 * splits + side_by_side * (d + 1)) * 4)?,
             };
             // SAFETY: argument types and order match `combine_impl`; one block per output row of D.
             unsafe { merge.launch(cfg) }.w()?;
