@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Sessions 26–27 on the GPU machine (NOTES §41–43, results/2026-11-27-h200-quest/ and
+# Sessions 26–28 on the GPU machine (NOTES §41–43, results/2026-11-27-h200-quest/ and
 # results/2026-11-27-h200-spread/): what a Quest layer costs at batch 1, the sanitizers, and
 # Quest's top-k spread over the GPU. Model pieces, the stash of binaries and the 120k index go
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | ncuq
+#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -105,6 +105,11 @@ tests3)
   run timeout 200 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest decode_matches_cpu route_matches_cpu
   run timeout 200 "$sanitizer" --tool memcheck "$bin/graph" --test-threads 1 replayed_steps_match_step_by_step
   run timeout 200 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest_route_ties route_matches_cpu ;;
+tests4)
+  # Session 28 (NOTES §46): tests3, then racecheck on the decode parity test (Quest's pages read
+  # from an ascending list: one shared reduction of the pages' sizes per block).
+  step=tests3 bash "$0" tests3
+  run timeout 300 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 decode_matches_cpu ;;
 ncuq)
   # Session 27 (ncu_quest_*): kernel durations of `bench_report`'s Quest section (Llama heads,
   # 131k × 1), the previous commit's binary then this one's.
