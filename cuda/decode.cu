@@ -226,6 +226,61 @@ __device__ inline uint32_t nth_unread(const uint32_t* words, const uint32_t* bas
     return w * 32 + __ffs(bits) - 1;
 }
 
+// Quest's pages as `quest::route` lists them (one list per group, ascending, unused slots
+// last) are their own union in index order: only an item's last page can be short and no page
+// before it is, so member r starts at sinks' + r * page. The block checks the order and sums the
+// pages' sizes, then writes the segments the union path of `decode_impl` would have built (src,
+// pos, n_union, total; no bitmap, no ranking, no scan). Returns false, writing nothing, for any
+// other list.
+__device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe, uint32_t C,
+                                           uint32_t page, uint32_t sinks, uint32_t len,
+                                           uint32_t iend, uint32_t* src, uint32_t* pos,
+                                           uint32_t* n_union, uint32_t* total) {
+    __shared__ uint32_t warp_sums[2][THREADS / 32];
+    const uint32_t tid = threadIdx.x;
+    const auto start = [&](uint32_t c) {
+        return (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
+    };
+    uint32_t keys = 0, members = 0;
+    bool disorder = false;
+    for (uint32_t i = tid; i < n_probe; i += THREADS) {
+        const uint32_t c = pr[i];
+        if (c < C) {
+            disorder |= i > 0 && pr[i - 1] >= c;
+            const uint32_t a = start(c);
+            keys += min(a + page, iend) - a;
+            ++members;
+        }
+    }
+    keys = __reduce_add_sync(0xffffffffu, keys);
+    members = __reduce_add_sync(0xffffffffu, members);
+    if (tid % 32 == 0) {
+        warp_sums[0][tid / 32] = keys;
+        warp_sums[1][tid / 32] = members;
+    }
+    if (__syncthreads_or(disorder)) return false;
+    keys = members = 0;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) {
+        keys += warp_sums[0][w];
+        members += warp_sums[1][w];
+    }
+    const uint32_t first = min(sinks, len), window = first + keys;
+    for (uint32_t r = tid; r < members; r += THREADS) {
+        src[r] = start(pr[r]);
+        pos[1 + r] = min(first + page * r, window);
+    }
+    if (tid == 0) {
+        *n_union = members;
+        pos[0] = 0;
+        pos[members + 1] = window;
+        pos[members + 2] = window + (len - iend);
+    }
+    __syncthreads();
+    *total = window + (len - iend);
+    return true;
+}
+
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap], or null for
 // pages (page > 0) and when dense; probes: [items, Hkv, lists, n_probe] or null (dense): one list
 // per query head (lists = G) or one shared by the group (lists = 1: Quest's pages); kmean, vmean: [items, Hkv, C, D] or null
@@ -287,34 +342,9 @@ __device__ __forceinline__ void decode_impl(
     };
     const uint32_t* pr = sparse ? probes + (size_t)row * lists * n_probe : nullptr;
     uint32_t total = len;
-    // Quest's pages as `quest::route` lists them (one list per group, ascending, unused slots
-    // last) need no union: only an item's last page can be short and no page before it is, so
-    // the k-th listed page starts at k * page in the key list. The block only checks the order
-    // and sums the sizes; any other list takes the union below.
-    bool listed = false;
-    __shared__ uint32_t warp_keys[THREADS / 32];
-    if (sparse && page > 0 && lists == 1) {
-        uint32_t keys = 0;
-        bool disorder = false;
-        for (uint32_t i = tid; i < n_probe; i += THREADS) {
-            const uint32_t c = pr[i];
-            if (c < C) {
-                disorder |= i > 0 && pr[i - 1] >= c;
-                uint32_t a, b;
-                extent(c, a, b);
-                keys += b - a;
-            }
-        }
-        keys = __reduce_add_sync(0xffffffffu, keys);
-        if (tid % 32 == 0) warp_keys[tid / 32] = keys;
-        listed = !__syncthreads_or(disorder);
-        if (listed) {
-            keys = 0;
-#pragma unroll
-            for (int w = 0; w < THREADS / 32; ++w) keys += warp_keys[w];
-            total = min(sinks, len) + keys + (len - iend);
-        }
-    }
+    // Quest's pages as `quest::route` lists them (see `list_pages`) skip the union.
+    const bool listed = sparse && page > 0 && lists == 1 &&
+                        list_pages(pr, n_probe, C, page, sinks, len, iend, src, pos, &n_union, &total);
     if (sparse && !listed) {
         for (uint32_t w = tid; w < n_words; w += THREADS) probed[w] = 0;
         __syncthreads();
@@ -389,17 +419,7 @@ __device__ __forceinline__ void decode_impl(
 
     for (uint32_t p0 = j0; p0 < j1; p0 += IDS_CAP) {
         const uint32_t n = min((uint32_t)IDS_CAP, j1 - p0);
-        if (listed) {
-            const uint32_t first = min(sinks, len), window = total - (len - iend);
-            for (uint32_t t = tid; t < n; t += THREADS) {
-                const uint32_t j = p0 + t;
-                uint32_t id = j;
-                if (j >= window) id = iend + (j - window);
-                else if (j >= first) id = sinks + page * pr[(j - first) / page] + (j - first) % page;
-                ids[t] = id;
-            }
-            __syncthreads();
-        } else if (sparse) {
+        if (sparse) {
             for (uint32_t t = tid; t < n; t += THREADS) {
                 const uint32_t j = p0 + t;
                 const uint32_t nu = n_union;
