@@ -289,7 +289,7 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
-template <typename T, int D, int GB, int KB, bool FUSED, bool EST>
+template <typename T, int D, int GB, int KB, bool FUSED, bool EST, bool PAGES>
 __device__ __forceinline__ void decode_impl(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
     const uint32_t* __restrict__ dir, const uint32_t* __restrict__ probes,
@@ -310,8 +310,8 @@ __device__ __forceinline__ void decode_impl(
     const uint32_t C = n_partitions;
     const bool sparse = probes != nullptr;
     // Compiled out of the kernels without means (EST false): the means' code cost the keys' loop
-    // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two). Pages have none.
-    const bool estimate = EST && sparse && kmean != nullptr && page == 0;
+    // registers (bf16, D 128, G 4: 128 → 184, one block per SM instead of two).
+    const bool estimate = EST && sparse && kmean != nullptr;
     // The block's key list in segments: sinks, the probed partitions in index order, the window,
     // [the unread partitions' means,] then the end. Only the group's union (at most lists·ℓ
     // partitions) gets a segment: the list used to have one per partition (C + 3 entries zeroed,
@@ -328,23 +328,25 @@ __device__ __forceinline__ void decode_impl(
     uint32_t* ids = pos + max_union + 4;  // IDS_CAP key ids of the current pass
     __shared__ uint32_t n_union, n_means;
 
-    const uint32_t* offsets = sparse && page == 0 ? dir + (size_t)row * (C + 1 + cap) : nullptr;
-    const uint32_t* perm = offsets ? offsets + C + 1 : nullptr;
+    const uint32_t* offsets = sparse && !PAGES ? dir + (size_t)row * (C + 1 + cap) : nullptr;
+    const uint32_t* perm = sparse && !PAGES ? offsets + C + 1 : nullptr;
     // Partition c's keys: perm[a..b) (pages: positions a..b), clamped to the cache.
     const auto extent = [&](uint32_t c, uint32_t& a, uint32_t& b) {
-        if (offsets) {
-            a = min(offsets[c], cap);
-            b = min(offsets[c + 1], cap);
-        } else {
+        if constexpr (PAGES) {
             a = (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
             b = (uint32_t)min((uint64_t)a + page, (uint64_t)iend);
+        } else {
+            a = min(offsets[c], cap);
+            b = min(offsets[c + 1], cap);
         }
     };
     const uint32_t* pr = sparse ? probes + (size_t)row * lists * n_probe : nullptr;
     uint32_t total = len;
     // Quest's pages as `quest::route` lists them (see `list_pages`) skip the union.
-    const bool listed = sparse && page > 0 && lists == 1 &&
-                        list_pages(pr, n_probe, C, page, sinks, len, iend, src, pos, &n_union, &total);
+    bool listed = false;
+    if constexpr (PAGES)
+        listed = sparse && lists == 1 &&
+                 list_pages(pr, n_probe, C, page, sinks, len, iend, src, pos, &n_union, &total);
     if (sparse && !listed) {
         for (uint32_t w = tid; w < n_words; w += THREADS) probed[w] = 0;
         __syncthreads();
@@ -426,7 +428,7 @@ __device__ __forceinline__ void decode_impl(
                 const uint32_t s = upper_bound(pos, nu + (estimate ? 3 : 2), j) - 1;
                 uint32_t id;
                 if (s == 0) id = j;
-                else if (s <= nu) id = perm ? perm[src[s - 1] + (j - pos[s])] : src[s - 1] + (j - pos[s]);
+                else if (s <= nu) id = PAGES ? src[s - 1] + (j - pos[s]) : perm[src[s - 1] + (j - pos[s])];
                 else if (s == nu + 1) id = iend + (j - pos[nu + 1]);
                 else if constexpr (EST) id = cap + nth_unread(unread, unread_base, n_words, j - pos[nu + 2]);
                 else id = NO_KEY;
@@ -525,35 +527,41 @@ __device__ __forceinline__ void decode_impl(
     merge_splits<T, D>(part_o, part_ml, out, reinterpret_cast<float*>(smem), hq, hkv);
 }
 
-#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED, EST)                                             \
+#define SAAP_DECODE(NAME, T, D, GB, KB, FUSED, EST, PAGES)                                      \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME(                                 \
         const T* q, const T* k, const T* v, const uint32_t* dir, const uint32_t* probes,        \
         const T* kmean, const T* vmean, float* part_o, float* part_ml, T* out,                  \
         uint32_t* counters, ItemTable seqs,                                                     \
         const uint32_t* advance, uint32_t hq, uint32_t hkv, uint32_t cap, uint32_t n_partitions, \
         uint32_t n_probe, uint32_t lists, uint32_t page, uint32_t sinks, float scale_log2) {    \
-        decode_impl<T, D, GB, KB, FUSED, EST>(q, k, v, dir, probes, kmean, vmean, part_o,       \
+        decode_impl<T, D, GB, KB, FUSED, EST, PAGES>(q, k, v, dir, probes, kmean, vmean, part_o,\
                                               part_ml, out, counters, seqs, advance, hq, hkv,   \
                                               cap, n_partitions, n_probe, lists, page, sinks,   \
                                               scale_log2);                                      \
     }
 
-// Three variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
-// block of each row (`fused`: one launch, but more registers in the kernel); and `est`, the
-// first with the unread partitions estimated from their means (kmean, vmean).
-#define SAAP_DECODE_GROUPS(TN, T, D)                                         \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false, false)       \
-    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false, false)       \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true, false)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true, false)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true, false)  \
-    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true, false)  \
-    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g1, T, D, 1, 4, false, true)    \
-    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g2, T, D, 2, 4, false, true)    \
-    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g4, T, D, 4, 4, false, true)    \
-    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g8, T, D, 8, 2, false, true)
+// Four variants: partials merged by `saap_decode_combine_*` (a second launch), or by the last
+// block of each row (`fused`: one launch, but more registers in the kernel); `est`, the first
+// with the unread partitions estimated from their means (kmean, vmean); and `pages`, the first
+// over pages of positions (no directory), in their own kernels so that the others keep their
+// registers and schedule (one kernel for both cost the directory's steps 2–5%, H200).
+#define SAAP_DECODE_GROUPS(TN, T, D)                                                \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g1, T, D, 1, 4, false, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g2, T, D, 2, 4, false, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g4, T, D, 4, 4, false, false, false)       \
+    SAAP_DECODE(saap_decode_##TN##_d##D##_g8, T, D, 8, 2, false, false, false)       \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g1, T, D, 1, 4, true, false, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g2, T, D, 2, 4, true, false, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g4, T, D, 4, 4, true, false, false)  \
+    SAAP_DECODE(saap_decode_fused_##TN##_d##D##_g8, T, D, 8, 2, true, false, false)  \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g1, T, D, 1, 4, false, true, false)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g2, T, D, 2, 4, false, true, false)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g4, T, D, 4, 4, false, true, false)    \
+    SAAP_DECODE(saap_decode_est_##TN##_d##D##_g8, T, D, 8, 2, false, true, false)    \
+    SAAP_DECODE(saap_decode_pages_##TN##_d##D##_g1, T, D, 1, 4, false, false, true)  \
+    SAAP_DECODE(saap_decode_pages_##TN##_d##D##_g2, T, D, 2, 4, false, false, true)  \
+    SAAP_DECODE(saap_decode_pages_##TN##_d##D##_g4, T, D, 4, 4, false, false, true)  \
+    SAAP_DECODE(saap_decode_pages_##TN##_d##D##_g8, T, D, 8, 2, false, false, true)
 
 SAAP_DECODE_GROUPS(f32, float, 64)
 SAAP_DECODE_GROUPS(f32, float, 128)

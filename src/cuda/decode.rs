@@ -2,8 +2,8 @@
 //! (max, sum, out) per (row, split); a second merges the splits by log-sum-exp, or, with
 //! `SAAP_CUDA_MERGE=fused`, the last block of each row to finish does (a per-row counter kept on
 //! the device between calls; one launch, but the kernel needs more registers). Sparse and dense are the
-//! same kernel; sparse builds its key list on the device from probes and directory, so a step
-//! needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
+//! same kernel; sparse builds its key list on the device from probes and directory (pages: their
+//! own kernels, no directory), so a step needs no host round trip. Host work per launch: a few driver queries (compute capability, SM
 //! count, occupancy) and the kernel parameters; no copies, no synchronization.
 
 use super::{
@@ -211,12 +211,15 @@ fn launch<T: DeviceRepr>(
     let gb = g.next_power_of_two();
     // Means only matter to a sparse step (as on the CPU).
     let means = means.filter(|_| sparse.is_some());
-    // The kernels that read means merge their splits in a second launch.
-    let fused = fused_merge() && means.is_none();
-    let variant = match (means.is_some(), fused) {
-        (true, _) => "est_",
-        (false, true) => "fused_",
-        (false, false) => "",
+    // Pages have kernels of their own (no means: `DecodeOp` refuses them); those and the kernels
+    // that read means merge their splits in a second launch.
+    let pages = sparse.as_ref().is_some_and(|s| s.page > 0);
+    let fused = fused_merge() && means.is_none() && !pages;
+    let variant = match (pages, means.is_some(), fused) {
+        (true, _, _) => "pages_",
+        (false, true, _) => "est_",
+        (false, false, true) => "fused_",
+        (false, false, false) => "",
     };
     let func = load(
         dev,
