@@ -833,7 +833,9 @@ fn pages_read_as_their_directory() {
         list.shuffle(&mut r);
         shuffled.extend(list);
     }
-    let per_head: Vec<u32> = (0..b * hq * n).map(|_| r.random_range(0..=c as u32)).collect();
+    let per_head: Vec<u32> = (0..b * hq * n)
+        .map(|_| r.random_range(0..=c as u32))
+        .collect();
     let decode = |partitions: Partitions, probes: &[u32], heads: usize| {
         let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
         q.apply_op1_no_bwd(&DecodeOp {
@@ -854,7 +856,9 @@ fn pages_read_as_their_directory() {
         let table = decode(Partitions::Directory(dir.clone()), probes, heads).unwrap();
         assert_eq!(max_abs_diff(&pages, &table), 0.0, "lists {heads}");
     }
-    let err = decode(Partitions::Pages(0), &ascending, hkv).unwrap_err().to_string();
+    let err = decode(Partitions::Pages(0), &ascending, hkv)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pages"), "{err}");
     let means = Tensor::zeros((2, b, hkv, c, d), DType::F32, &Device::Cpu).unwrap();
     let err = q
@@ -887,7 +891,12 @@ fn pages_read_as_their_directory() {
     let corrupt_read = decode(Partitions::Directory(corrupt.clone()), &with_first, hkv).unwrap();
     let skipped = decode(Partitions::Directory(corrupt.clone()), &none, hkv).unwrap();
     assert_eq!(max_abs_diff(&corrupt_read, &skipped), 0.0);
-    let past_end = decode(Partitions::Directory(corrupt), &vec![1u32; b * hkv * n], hkv).unwrap();
+    let past_end = decode(
+        Partitions::Directory(corrupt),
+        &vec![1u32; b * hkv * n],
+        hkv,
+    )
+    .unwrap();
     let values = past_end.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(values.iter().all(|x| x.is_finite()));
 }

@@ -189,9 +189,13 @@ fn decode_case(dev: &Device, r: &mut StdRng, t: &DecodeCase) {
         page_lists(reversed, t.hkv),
         page_lists(random_labels(r, b * t.hq * t.n_probe, pages + 1), t.hq),
     ];
-    let cases = [(Some(c), &per_head), (Some(c), &per_group), (None, &per_head)]
-        .into_iter()
-        .chain(page_probes.iter().map(|p| (Some(0), p)));
+    let cases = [
+        (Some(c), &per_head),
+        (Some(c), &per_group),
+        (None, &per_head),
+    ]
+    .into_iter()
+    .chain(page_probes.iter().map(|p| (Some(0), p)));
     // (partitions: C, or 0 for pages; None dense, probes)
     for (partitions, probes) in cases {
         let sparse = partitions.is_some();
