@@ -714,31 +714,35 @@ fn decode_alike(
     );
 }
 
+/// Random queries `[B, Hq, D]` and K/V caches `[B, Hkv, cap, D]`, and each item's
+/// `(len, indexed_end)` as extents.
+fn decode_inputs(
+    r: &mut rand::rngs::StdRng,
+    (hq, hkv, d, cap): (usize, usize, usize, usize),
+    extents: &[(usize, usize)],
+) -> (Tensor, Tensor, Tensor, Vec<saap::attend::SeqExtent>) {
+    let b = extents.len();
+    let q = randn(r, &[b, hq, d], 1.0);
+    let k = randn(r, &[b, hkv, cap, d], 1.0);
+    let v = randn(r, &[b, hkv, cap, d], 1.0);
+    let seqs = extents
+        .iter()
+        .map(|&(len, indexed_end)| saap::attend::SeqExtent { len, indexed_end })
+        .collect();
+    (q, k, v, seqs)
+}
+
 /// A KV group's shared probe list (`[B, Hkv, ℓ]`, Quest's pages) reads exactly what the same list
 /// given to each of the group's query heads reads (`[B, Hq, ℓ]`); probes of a third shape, or a
 /// directory of the wrong length, are refused with an error naming them.
 #[test]
 fn group_shared_probes_read_as_per_head_copies() {
     use rand::Rng;
-    use saap::attend::{DecodeOp, Partitions, SeqExtent};
+    use saap::attend::{DecodeOp, Partitions};
     use saap::partition::scan::{dir_len, naive_partition};
     let (b, hq, hkv, d, c, cap, n, sinks) = (2, 8, 2, 16, 12, 200, 3, 4);
     let mut r = rng(21);
-    let q = randn(&mut r, &[b, hq, d], 1.0);
-    let (k, v) = (
-        randn(&mut r, &[b, hkv, cap, d], 1.0),
-        randn(&mut r, &[b, hkv, cap, d], 1.0),
-    );
-    let seqs = vec![
-        SeqExtent {
-            len: 200,
-            indexed_end: 150,
-        },
-        SeqExtent {
-            len: 90,
-            indexed_end: 40,
-        },
-    ];
+    let (q, k, v, seqs) = decode_inputs(&mut r, (hq, hkv, d, cap), &[(200, 150), (90, 40)]);
     let labels: Vec<u32> = (0..cap).map(|_| r.random_range(0..c as u32)).collect();
     let mut dir = Vec::new();
     for seq in &seqs {
@@ -792,24 +796,10 @@ fn group_shared_probes_read_as_per_head_copies() {
 fn pages_read_as_their_directory() {
     use rand::seq::SliceRandom;
     use rand::Rng;
-    use saap::attend::{DecodeOp, Partitions, SeqExtent};
+    use saap::attend::{DecodeOp, Partitions};
     let (b, hq, hkv, d, cap, sinks, page) = (2, 8, 2, 16, 300, 5usize, 16usize);
     let mut r = rng(22);
-    let q = randn(&mut r, &[b, hq, d], 1.0);
-    let (k, v) = (
-        randn(&mut r, &[b, hkv, cap, d], 1.0),
-        randn(&mut r, &[b, hkv, cap, d], 1.0),
-    );
-    let seqs = vec![
-        SeqExtent {
-            len: 300,
-            indexed_end: 250,
-        },
-        SeqExtent {
-            len: 120,
-            indexed_end: 61,
-        },
-    ];
+    let (q, k, v, seqs) = decode_inputs(&mut r, (hq, hkv, d, cap), &[(300, 250), (120, 61)]);
     let c = (250 - sinks).div_ceil(page);
     let mut dir = Vec::new();
     for seq in &seqs {
@@ -836,7 +826,7 @@ fn pages_read_as_their_directory() {
     let per_head: Vec<u32> = (0..b * hq * n)
         .map(|_| r.random_range(0..=c as u32))
         .collect();
-    let decode = |partitions: Partitions, probes: &[u32], heads: usize| {
+    let decode_with = |partitions: Partitions, probes: &[u32], heads: usize, means| {
         let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
         q.apply_op1_no_bwd(&DecodeOp {
             k_cache: k.clone(),
@@ -848,9 +838,10 @@ fn pages_read_as_their_directory() {
             n_partitions: c,
             scale: 0.25,
             advance: None,
-            means: None,
+            means,
         })
     };
+    let decode = |partitions, probes: &[u32], heads| decode_with(partitions, probes, heads, None);
     for (probes, heads) in [(&ascending, hkv), (&shuffled, hkv), (&per_head, hq)] {
         let pages = decode(Partitions::Pages(page), probes, heads).unwrap();
         let table = decode(Partitions::Directory(dir.clone()), probes, heads).unwrap();
@@ -861,19 +852,7 @@ fn pages_read_as_their_directory() {
         .to_string();
     assert!(err.contains("pages"), "{err}");
     let means = Tensor::zeros((2, b, hkv, c, d), DType::F32, &Device::Cpu).unwrap();
-    let err = q
-        .apply_op1_no_bwd(&DecodeOp {
-            k_cache: k.clone(),
-            v_cache: v.clone(),
-            partitions: Some(Partitions::Pages(page)),
-            probes: Some(Tensor::from_slice(&ascending, (b, hkv, n), &Device::Cpu).unwrap()),
-            seqs: seqs.clone(),
-            sinks,
-            n_partitions: c,
-            scale: 0.25,
-            advance: None,
-            means: Some(means),
-        })
+    let err = decode_with(Partitions::Pages(page), &ascending, hkv, Some(means))
         .unwrap_err()
         .to_string();
     assert!(err.contains("means"), "{err}");
