@@ -13,8 +13,8 @@
 // With partition means (kmean/vmean non-null, sparse only) the list ends with one pseudo-key per
 // partition the union leaves unread and that holds keys: its mean key and value, the logit
 // raised by log2(n_c) (id cap + c in the key list).
-// Partitions are a directory's (offsets, perm) or, with `page` > 0 and no directory, pages of
-// `page` consecutive positions from `sinks` to the item's indexed end (Quest's pages).
+// Partitions are a directory's (offsets, perm) or, in the `pages` kernels, pages of `page`
+// consecutive positions from `sinks` to the item's indexed end (Quest's pages; no directory).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "common.cuh"
@@ -248,7 +248,7 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
         if (c < C) {
             disorder |= i > 0 && pr[i - 1] >= c;
             const uint32_t a = start(c);
-            keys += min(a + page, iend) - a;
+            keys += (uint32_t)min((uint64_t)a + page, (uint64_t)iend) - a;
             ++members;
         }
     }
@@ -268,7 +268,7 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
     const uint32_t first = min(sinks, len), window = first + keys;
     for (uint32_t r = tid; r < members; r += THREADS) {
         src[r] = start(pr[r]);
-        pos[1 + r] = min(first + page * r, window);
+        pos[1 + r] = (uint32_t)min((uint64_t)first + (uint64_t)page * r, (uint64_t)window);
     }
     if (tid == 0) {
         *n_union = members;
@@ -282,10 +282,11 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
 }
 
 // q: [items, Hq, D]; k, v: [items, Hkv, cap, D]; dir: [items, Hkv, C + 1 + cap], or null for
-// pages (page > 0) and when dense; probes: [items, Hkv, lists, n_probe] or null (dense): one list
-// per query head (lists = G) or one shared by the group (lists = 1: Quest's pages); kmean, vmean: [items, Hkv, C, D] or null
-// (no estimate of the unread partitions); part_o: [rows, splits, G, D];
-// part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b = indexed_end.
+// pages (PAGES) and when dense; probes: [items, Hkv, lists, n_probe] or null (dense): one list
+// per query head (lists = G) or one shared by the group (lists = 1: Quest's pages); kmean,
+// vmean: [items, Hkv, C, D] or null (no estimate of the unread partitions); part_o: [rows,
+// splits, G, D]; part_ml: [rows, splits, G, 2] (max in log2 units, sum). seqs.a = len, seqs.b =
+// indexed_end.
 // out: [items, Hq, D]; counters: [rows], zero on entry, left zero on exit.
 // GB >= G query heads are computed (the extra ones repeat the last head and are not written);
 // KB keys per group are loaded at once to keep several 16-byte loads in flight per thread.
@@ -428,7 +429,10 @@ __device__ __forceinline__ void decode_impl(
                 const uint32_t s = upper_bound(pos, nu + (estimate ? 3 : 2), j) - 1;
                 uint32_t id;
                 if (s == 0) id = j;
-                else if (s <= nu) id = PAGES ? src[s - 1] + (j - pos[s]) : perm[src[s - 1] + (j - pos[s])];
+                else if (s <= nu) {
+                    const uint32_t at = src[s - 1] + (j - pos[s]);
+                    id = PAGES ? at : perm[at];
+                }
                 else if (s == nu + 1) id = iend + (j - pos[nu + 1]);
                 else if constexpr (EST) id = cap + nth_unread(unread, unread_base, n_words, j - pos[nu + 2]);
                 else id = NO_KEY;
