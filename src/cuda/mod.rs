@@ -139,13 +139,6 @@ fn load(dev: &CudaDevice, module: &Module, function: &str) -> candle_core::Resul
     loaded.load_function(function).w()
 }
 
-/// Dynamic shared memory of a top-n kernel over C scores (`top_cut` + `top_sorted` in
-/// `cuda/top.cuh`): the selection padded to a power of two (u64 keys), C score bits, a 256-bin
-/// histogram.
-fn top_smem_bytes(c: usize, n: usize) -> usize {
-    n.next_power_of_two().max(2) * 8 + (c + 256) * 4
-}
-
 /// Shared memory a block may use without opting in.
 const SMEM_LIMIT: usize = 48 * 1024;
 

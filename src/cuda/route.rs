@@ -4,13 +4,20 @@
 //! transposes, batched matmuls, GELU, arg_sort, narrow) of
 //! [`crate::classify::Classifier::scores`] + [`crate::classify::top_probes`].
 
-use super::{dtype_name, load, to_u32, top_smem_bytes, view, with_cuda, DECODE, SMEM_LIMIT};
+use super::{dtype_name, load, to_u32, view, with_cuda, DECODE, SMEM_LIMIT};
 use crate::classify::Classifier;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
+
+/// Dynamic shared memory of a top-n kernel over C scores (`top_cut` + `top_sorted` in
+/// `cuda/top.cuh`): the selection padded to a power of two (u64 keys), C score bits, a 256-bin
+/// histogram.
+fn top_smem_bytes(c: usize, n: usize) -> usize {
+    n.next_power_of_two().max(2) * 8 + (c + 256) * 4
+}
 
 /// Threads and output columns per MLP block (`ROUTE_*` in `cuda/decode.cu`).
 const THREADS: u32 = 256;
