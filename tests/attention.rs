@@ -732,13 +732,37 @@ fn decode_inputs(
     (q, k, v, seqs)
 }
 
+/// The CPU decode of `q` over caches `k`, `v` reading the probed `partitions` (scale 1/4).
+fn decode_probed(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    seqs: &[saap::attend::SeqExtent],
+    sinks: usize,
+    (partitions, n_partitions): (saap::attend::Partitions, usize),
+    probes: Tensor,
+    means: Option<Tensor>,
+) -> candle_core::Result<Tensor> {
+    q.apply_op1_no_bwd(&saap::attend::DecodeOp {
+        k_cache: k.clone(),
+        v_cache: v.clone(),
+        partitions: Some(partitions),
+        probes: Some(probes),
+        seqs: seqs.to_vec(),
+        sinks,
+        n_partitions,
+        scale: 0.25,
+        advance: None,
+        means,
+    })
+}
+
 /// A KV group's shared probe list (`[B, Hkv, ℓ]`, Quest's pages) reads exactly what the same list
 /// given to each of the group's query heads reads (`[B, Hq, ℓ]`); probes of a third shape, or a
 /// directory of the wrong length, are refused with an error naming them.
 #[test]
 fn group_shared_probes_read_as_per_head_copies() {
     use rand::Rng;
-    use saap::attend::{DecodeOp, Partitions};
+    use saap::attend::Partitions;
     use saap::partition::scan::{dir_len, naive_partition};
     let (b, hq, hkv, d, c, cap, n, sinks) = (2, 8, 2, 16, 12, 200, 3, 4);
     let mut r = rng(21);
@@ -763,18 +787,8 @@ fn group_shared_probes_read_as_per_head_copies() {
         .collect();
     let decode = |probes: &[u32], heads: usize, dir: &Tensor| {
         let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
-        q.apply_op1_no_bwd(&DecodeOp {
-            k_cache: k.clone(),
-            v_cache: v.clone(),
-            partitions: Some(Partitions::Directory(dir.clone())),
-            probes: Some(probes),
-            seqs: seqs.clone(),
-            sinks,
-            n_partitions: c,
-            scale: 0.25,
-            advance: None,
-            means: None,
-        })
+        let partitions = (Partitions::Directory(dir.clone()), c);
+        decode_probed(&q, (&k, &v), &seqs, sinks, partitions, probes, None)
     };
     let once = decode(&shared, hkv, &dir).unwrap();
     let per_head = decode(&copies, hq, &dir).unwrap();
@@ -796,7 +810,7 @@ fn group_shared_probes_read_as_per_head_copies() {
 fn pages_read_as_their_directory() {
     use rand::seq::SliceRandom;
     use rand::Rng;
-    use saap::attend::{DecodeOp, Partitions};
+    use saap::attend::Partitions;
     let (b, hq, hkv, d, cap, sinks, page) = (2, 8, 2, 16, 300, 5usize, 16usize);
     let mut r = rng(22);
     let (q, k, v, seqs) = decode_inputs(&mut r, (hq, hkv, d, cap), &[(300, 250), (120, 61)]);
@@ -828,18 +842,7 @@ fn pages_read_as_their_directory() {
         .collect();
     let decode_with = |partitions: Partitions, probes: &[u32], heads: usize, means| {
         let probes = Tensor::from_slice(probes, (b, heads, n), &Device::Cpu).unwrap();
-        q.apply_op1_no_bwd(&DecodeOp {
-            k_cache: k.clone(),
-            v_cache: v.clone(),
-            partitions: Some(partitions),
-            probes: Some(probes),
-            seqs: seqs.clone(),
-            sinks,
-            n_partitions: c,
-            scale: 0.25,
-            advance: None,
-            means,
-        })
+        decode_probed(&q, (&k, &v), &seqs, sinks, (partitions, c), probes, means)
     };
     let decode = |partitions, probes: &[u32], heads| decode_with(partitions, probes, heads, None);
     for (probes, heads) in [(&ascending, hkv), (&shuffled, hkv), (&per_head, hq)] {

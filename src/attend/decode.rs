@@ -403,29 +403,25 @@ impl DecodeOp {
             .into_par_iter()
             .map(|i| {
                 let seq = self.seqs[i / hkv];
-                let Some(probes) = probes else {
-                    return group_reads(seq, self.sinks, None, c, cap, estimate);
-                };
-                let probes = &probes[i * per_group..(i + 1) * per_group];
-                let pages;
-                let extents = match (page, dir) {
-                    (Some(size), _) => {
-                        pages = page_offsets(seq, self.sinks, size, c);
-                        Extents {
-                            offsets: &pages,
-                            perm: None,
-                        }
-                    }
+                let pages = page
+                    .filter(|_| probes.is_some())
+                    .map(|size| page_offsets(seq, self.sinks, size, c));
+                let extents = match (&pages, dir) {
+                    (Some(pages), _) => Some(Extents {
+                        offsets: pages,
+                        perm: None,
+                    }),
                     (None, Some(dir)) => {
                         let (offsets, perm) = dir[i * row..(i + 1) * row].split_at(c + 1);
-                        Extents {
+                        Some(Extents {
                             offsets,
                             perm: Some(perm),
-                        }
+                        })
                     }
-                    (None, None) => return group_reads(seq, self.sinks, None, c, cap, estimate),
+                    (None, None) => None,
                 };
-                group_reads(seq, self.sinks, Some((extents, probes)), c, cap, estimate)
+                let group_probes = probes.map(|p| &p[i * per_group..(i + 1) * per_group]);
+                group_reads(seq, self.sinks, extents.zip(group_probes), c, cap, estimate)
             })
             .collect();
         // Per group: its key list in pieces of SPLIT, then the unread partitions' means when
