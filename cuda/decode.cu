@@ -226,6 +226,13 @@ __device__ inline uint32_t nth_unread(const uint32_t* words, const uint32_t* bas
     return w * 32 + __ffs(bits) - 1;
 }
 
+// Page c's positions [a, b): from sinks + c * page, up to the next page or the indexed end.
+__device__ __forceinline__ void page_extent(uint32_t c, uint32_t page, uint32_t sinks,
+                                            uint32_t iend, uint32_t& a, uint32_t& b) {
+    a = (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
+    b = (uint32_t)min((uint64_t)a + page, (uint64_t)iend);
+}
+
 // Quest's pages as `quest::route` lists them (one list per group, ascending, unused slots
 // last) are their own union in index order: only an item's last page can be short and no page
 // before it is, so member r starts at sinks' + r * page. The block checks the order and sums the
@@ -238,17 +245,15 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
                                            uint32_t* n_union, uint32_t* total) {
     __shared__ uint32_t warp_sums[2][THREADS / 32];
     const uint32_t tid = threadIdx.x;
-    const auto start = [&](uint32_t c) {
-        return (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
-    };
     uint32_t keys = 0, members = 0;
     bool disorder = false;
     for (uint32_t i = tid; i < n_probe; i += THREADS) {
         const uint32_t c = pr[i];
         if (c < C) {
             disorder |= i > 0 && pr[i - 1] >= c;
-            const uint32_t a = start(c);
-            keys += (uint32_t)min((uint64_t)a + page, (uint64_t)iend) - a;
+            uint32_t a, b;
+            page_extent(c, page, sinks, iend, a, b);
+            keys += b - a;
             ++members;
         }
     }
@@ -267,7 +272,8 @@ __device__ __forceinline__ bool list_pages(const uint32_t* pr, uint32_t n_probe,
     }
     const uint32_t first = min(sinks, len), window = first + keys;
     for (uint32_t r = tid; r < members; r += THREADS) {
-        src[r] = start(pr[r]);
+        uint32_t end;
+        page_extent(pr[r], page, sinks, iend, src[r], end);
         pos[1 + r] = (uint32_t)min((uint64_t)first + (uint64_t)page * r, (uint64_t)window);
     }
     if (tid == 0) {
@@ -334,8 +340,7 @@ __device__ __forceinline__ void decode_impl(
     // Partition c's keys: perm[a..b) (pages: positions a..b), clamped to the cache.
     const auto extent = [&](uint32_t c, uint32_t& a, uint32_t& b) {
         if constexpr (PAGES) {
-            a = (uint32_t)min((uint64_t)sinks + (uint64_t)page * c, (uint64_t)iend);
-            b = (uint32_t)min((uint64_t)a + page, (uint64_t)iend);
+            page_extent(c, page, sinks, iend, a, b);
         } else {
             a = min(offsets[c], cap);
             b = min(offsets[c + 1], cap);
