@@ -102,21 +102,30 @@ struct Args {
     /// needs --keys-budget), comma-separated
     #[arg(long, value_delimiter = ',', requires = "keys_budget")]
     quest_layers: Vec<usize>,
+    /// Recent windows to run each Saap setting with, comma-separated, each at most the index's
+    /// (the tokens leaving the window are indexed after the prefill) [default: the index's]
+    #[arg(long, value_delimiter = ',')]
+    window: Vec<usize>,
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
-/// estimated, and a layer served dense besides `--dense-layers` (the layer sweep).
+/// estimated, a layer served dense besides `--dense-layers` (the layer sweep), and a window
+/// smaller than the index's.
 #[derive(Clone, Copy)]
 struct SaapRun {
     setting: Setting,
     estimate: bool,
     also_dense: Option<usize>,
+    window: Option<usize>,
 }
 
 impl SaapRun {
     /// Puts the model's restored ops in this run's state: `quest_layers` routed by Quest,
     /// `dense_layers` dense (Quest settings route every layer by Quest already).
     fn apply(self, model: &mut Llama, quest_layers: &[usize], dense_layers: &[usize]) -> Res<()> {
+        if let Some(window) = self.window {
+            model.set_window(window)?;
+        }
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
         for &layer in quest_layers {
@@ -135,6 +144,9 @@ impl SaapRun {
         }
         if let Some(layer) = self.also_dense {
             label += &format!(", layer {layer} dense");
+        }
+        if let Some(window) = self.window {
+            label += &format!(", window {window}");
         }
         label
     }
@@ -287,6 +299,10 @@ fn run(args: Args) -> Res<()> {
                 .map(Some),
         )
         .collect();
+    let windows: Vec<Option<usize>> = match args.window.is_empty() {
+        true => vec![None],
+        false => args.window.iter().map(|&w| Some(w)).collect(),
+    };
     let runs: Vec<SaapRun> = settings
         .iter()
         .flat_map(|&s| {
@@ -296,13 +312,18 @@ fn run(args: Args) -> Res<()> {
                 .map(move |e| (s, e))
         })
         .flat_map(|(setting, estimate)| {
-            sweep.iter().map(move |&also_dense| SaapRun {
+            sweep.iter().map(move |&also_dense| (setting, estimate, also_dense))
+        })
+        .flat_map(|(setting, estimate, also_dense)| {
+            windows.iter().map(move |&window| SaapRun {
                 setting,
                 estimate,
                 also_dense,
+                window,
             })
         })
         .collect();
+    common::check_windows(&args.window, index.config().window)?;
     common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
     common::check_layers("--quest-layers", &args.quest_layers, model.n_layers())?;
     for &batch in &args.batch {
@@ -357,6 +378,7 @@ fn run(args: Args) -> Res<()> {
                     .filter(|&l| routings[l] == Routing::Quest)
                     .collect();
                 let n_probe = probes.first().copied().unwrap_or(0);
+                let window = model.attention_mut(0)?.config().window;
                 let ell = match probes.iter().all(|&l| l == n_probe) {
                     true => n_probe.to_string(),
                     false => format!("{probes:?}"),
@@ -389,7 +411,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,

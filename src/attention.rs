@@ -454,6 +454,36 @@ impl SaapAttention {
         Some((&pages.min, &pages.max))
     }
 
+    /// Sets the recent window: the last `window` tokens of each item, which every decode step
+    /// reads whole (up to `merge_every` − 1 more between merges) while older ones are indexed.
+    /// A window smaller than the one in force may be set at any time: the tokens that leave it
+    /// are merged into the index (and Quest's pages) at once, so a budget then has more keys to
+    /// spend on partitions or pages. A larger one only while the op holds no tokens, since
+    /// indexed keys do not leave the index. The classifier was trained with the index's window;
+    /// a smaller one asks it to rank partitions that now also hold recent keys.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] when `window` exceeds the largest span
+    /// ([`crate::config::MAX_SPAN`]), or is larger than the window in force while the op holds
+    /// tokens; [`SaapError::Candle`] when the merge fails.
+    pub fn set_window(&mut self, window: usize) -> Result<()> {
+        let config = SaapConfig {
+            window,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        if window > self.config.window && self.state.is_some() {
+            return Err(SaapError::Config(format!(
+                "the window can grow ({} → {window}) only before the first prefill: indexed keys \
+                 do not leave the index",
+                self.config.window
+            )));
+        }
+        self.end_replay();
+        self.config = config;
+        self.merge_window(0)
+    }
+
     /// Sets ℓ, the partitions probed per query head (`1..=C`).
     ///
     /// # Errors

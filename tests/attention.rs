@@ -574,6 +574,61 @@ fn probe_mass_adapts_partitions_probed() {
     assert!(reads[2] <= fixed.keys_read && tiny.keys_read < fixed.keys_read);
 }
 
+/// A window set smaller than the index's: before the prefill the op is the one an index with that
+/// window builds (bit for bit); after it, the tokens leaving the window are indexed at once and
+/// the op reads the same keys as that one, with the same outputs up to summation order — for
+/// classifier and Quest routing, across window merges. Growing a window that holds tokens, and
+/// absurd windows, are refused with the op unchanged.
+#[test]
+fn window_shrinks_into_the_index() {
+    let mut wide = config(8, 2, 32, 64, RopeKind::Neox);
+    (wide.window, wide.merge_every, wide.n_probe) = (48, 16, 4);
+    let narrow = SaapConfig {
+        window: 12,
+        ..wide.clone()
+    };
+    // Same seed, same shapes: the same centroids and classifiers under either window.
+    let (wide_index, narrow_index) = (random_index(&wide, 1, 81), random_index(&narrow, 1, 81));
+    let mut r = rng(82);
+    let lens = [300, 220];
+    let [q, k, v] = [8, 2, 2].map(|h| randn(&mut r, &[2, h, lens[0], 32], 1.0));
+    let steps: Vec<[Tensor; 3]> = (0..40)
+        .map(|_| [8, 2, 2].map(|h| randn(&mut r, &[2, h, 1, 32], 1.0)))
+        .collect();
+    let op = |index| SaapAttention::from_index(index, 0, &Device::Cpu, DType::F32).unwrap();
+    for routing in [Routing::Classifier, Routing::Quest] {
+        let mut reference = op(&narrow_index);
+        let mut before = op(&wide_index);
+        before.set_window(12).unwrap();
+        let mut after = op(&wide_index);
+        for o in [&mut reference, &mut before, &mut after] {
+            o.set_routing(routing).unwrap();
+            o.set_quest_pages(4).unwrap();
+            o.prefill(&q, &k, &v, &lens).unwrap();
+        }
+        assert!(after.set_window(49).is_err(), "a window holding tokens cannot grow");
+        assert!(after.set_window(saap::config::MAX_SPAN + 1).is_err());
+        assert_eq!(after.config().window, 48, "refusals leave the window");
+        after.set_window(12).unwrap();
+        assert_eq!(after.extents(), reference.extents(), "{routing:?}");
+        for [q, k, v] in &steps {
+            let want = reference.decode(q, k, v).unwrap();
+            let got_before = before.decode(q, k, v).unwrap();
+            let got_after = after.decode(q, k, v).unwrap();
+            assert_eq!(max_abs_diff(&want, &got_before), 0.0, "{routing:?}");
+            assert!(max_abs_diff(&want, &got_after) < 1e-5, "{routing:?}");
+            let reads = reference.last_read().unwrap();
+            assert_eq!(before.last_read().unwrap(), reads, "{routing:?}");
+            assert_eq!(after.last_read().unwrap(), reads, "{routing:?}");
+            assert!(reads.keys_read < reads.keys_in_context, "{routing:?} reads sparsely");
+        }
+    }
+    // Without tokens the window may grow.
+    let mut fresh = op(&narrow_index);
+    fresh.set_window(48).unwrap();
+    assert_eq!(fresh.config().window, 48);
+}
+
 /// Retaining items 0 and 2 of a ragged batch of 3 leaves an op that decodes exactly as one that
 /// only ever held those two: the same cache rows, index and outputs, through classifier routing
 /// (ℓ < C) and window merges after the retain. Keeping every item changes nothing, keeping none

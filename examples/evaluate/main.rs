@@ -96,6 +96,10 @@ struct Args {
     /// equal keys), as --quest-layers with the index's list
     #[arg(long, requires_all = ["keys_budget", "all_sparse"], conflicts_with = "quest_layers")]
     hybrid: bool,
+    /// Recent window of every sparse mode, at most the index's (the tokens leaving it are
+    /// indexed) [default: the index's]
+    #[arg(long)]
+    window: Option<usize>,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -176,6 +180,8 @@ struct Policy<'a> {
     keys_budget: Option<f64>,
     /// Whether the trained routings estimate their unread partitions.
     estimate_unread: bool,
+    /// Recent window of the sparse modes (`None`: the index's).
+    window: Option<usize>,
 }
 
 impl Policy<'_> {
@@ -202,6 +208,9 @@ fn apply_mode(
     probe: usize,
     quest_budget: Option<f64>,
 ) -> Res<()> {
+    if let Some(window) = policy.window {
+        model.set_window(window)?;
+    }
     for layer in 0..model.n_layers() {
         let trained = policy.routing(layer)?;
         let routing = match (mode, trained) {
@@ -346,6 +355,7 @@ fn run() -> Res<()> {
         }
     };
     let config = index.config().clone();
+    common::check_windows(args.window.as_slice(), config.window)?;
     let probe = args.probe.unwrap_or(config.n_probe);
     let config = config.with_n_probe(probe)?;
     println!(
@@ -432,6 +442,7 @@ fn run() -> Res<()> {
         quest_layers: &quest_layers,
         keys_budget: args.keys_budget,
         estimate_unread: args.estimate_unread,
+        window: args.window,
     };
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
@@ -651,6 +662,7 @@ fn command_line(args: &Args) -> String {
         ("--dense-layers", layer_list(&args.dense_layers)),
         ("--quest-layers", layer_list(&args.quest_layers)),
         ("--hybrid", args.hybrid.then(String::new)),
+        ("--window", args.window.map(|w| w.to_string())),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (

@@ -659,6 +659,19 @@ impl Llama {
         Ok(())
     }
 
+    /// Sets every layer's recent window (see [`SaapAttention::set_window`]): smaller at any
+    /// time (the tokens leaving it are indexed at once), larger only before the first prefill.
+    ///
+    /// # Errors
+    /// [`Error::Saap`] as [`SaapAttention::set_window`]; every layer holds the same tokens, so a
+    /// refusal comes from the first layer with nothing changed.
+    pub fn set_window(&mut self, window: usize) -> Result<()> {
+        for op in &mut self.attn {
+            op.set_window(window)?;
+        }
+        Ok(())
+    }
+
     /// Sets every layer's adaptive probing (top-p; see [`SaapAttention::set_probe_mass`]), or
     /// `None` for ℓ partitions per head.
     ///
