@@ -5,7 +5,8 @@
 # through `bench/device_layers.sh` (stash DIR | piece | index | setup | calib128).
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
-#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq
+#   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
+#   win128 | win128b | win32 | passkeyw BUDGET WINDOW
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -152,4 +153,19 @@ ncu)
     --graph off --keys-budget "$2" --quest-layers "$CALIBRATED" > /dev/null
   ncu --import /tmp/ncu_hybrid.ncu-rep --csv --page raw > "$OUT/ncu_hybrid.csv"
   python3 bench/ncu_layers.py "$OUT/ncu_hybrid.csv" | tee "$OUT/ncu.txt" ;;
+win128)
+  # Session 29 (NOTES §47): the calibrated hybrid at 4% and 5%, windows 2048 (the index's), 1024
+  # and 512 on the same prefilled caches; batch 8 then batch 1, 1023 tokens per item.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8,1 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.05 --hybrid --window 2048,1024,512 ;;
+win128b)
+  # NOTES §47, after win128: windows larger than the index's (the prefill keeps the largest),
+  # the hybrid at 4%, 5% and 6%, batch 8, 8 × 1023 tokens.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.05,0.06 --hybrid --window 4096,3072,2048 ;;
+win32)
+  # NOTES §47: 32k, the index of `calib32` (window 2048), the plan alone at 10% and 13%, batch 8
+  # (8 × 1023 tokens), windows 3072, 2048 and 1024 on the same caches.
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10,0.13 --index "$I/q32k.safetensors" --window 3072,2048,1024 ;;
+passkeyw)
+  # NOTES §47: 120k, 5 depths, the hybrid at budget $2 with window $3; dense and Quest too.
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --hybrid --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --window "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-w$3-$2" ;;
 esac

@@ -102,8 +102,9 @@ struct Args {
     /// needs --keys-budget), comma-separated
     #[arg(long, value_delimiter = ',', requires = "keys_budget")]
     quest_layers: Vec<usize>,
-    /// Recent windows to run each Saap setting with, comma-separated, each at most the index's
-    /// (the tokens leaving the window are indexed after the prefill) [default: the index's]
+    /// Recent windows to run each Saap setting with, comma-separated (the prefill keeps the
+    /// largest of these and the index's; each run indexes the tokens that leave its own)
+    /// [default: the index's]
     #[arg(long, value_delimiter = ',')]
     window: Vec<usize>,
 }
@@ -312,7 +313,9 @@ fn run(args: Args) -> Res<()> {
                 .map(move |e| (s, e))
         })
         .flat_map(|(setting, estimate)| {
-            sweep.iter().map(move |&also_dense| (setting, estimate, also_dense))
+            sweep
+                .iter()
+                .map(move |&also_dense| (setting, estimate, also_dense))
         })
         .flat_map(|(setting, estimate, also_dense)| {
             windows.iter().map(move |&window| SaapRun {
@@ -323,7 +326,6 @@ fn run(args: Args) -> Res<()> {
             })
         })
         .collect();
-    common::check_windows(&args.window, index.config().window)?;
     common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
     common::check_layers("--quest-layers", &args.quest_layers, model.n_layers())?;
     for &batch in &args.batch {
@@ -341,6 +343,10 @@ fn run(args: Args) -> Res<()> {
         model.attach_index(Some(&index))?;
         if args.all_sparse {
             model.serve_all_sparse(args.hybrid)?;
+        }
+        // The prefill keeps the largest window asked for; each run shrinks it to its own.
+        if let Some(&widest) = args.window.iter().max() {
+            model.set_window(widest.max(index.config().window))?;
         }
         let start = Instant::now();
         model.prefill_batch(&prompts, chunk)?;

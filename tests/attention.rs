@@ -606,7 +606,10 @@ fn window_shrinks_into_the_index() {
             o.set_quest_pages(4).unwrap();
             o.prefill(&q, &k, &v, &lens).unwrap();
         }
-        assert!(after.set_window(49).is_err(), "a window holding tokens cannot grow");
+        assert!(
+            after.set_window(49).is_err(),
+            "a window holding tokens cannot grow"
+        );
         assert!(after.set_window(saap::config::MAX_SPAN + 1).is_err());
         assert_eq!(after.config().window, 48, "refusals leave the window");
         after.set_window(12).unwrap();
@@ -620,7 +623,10 @@ fn window_shrinks_into_the_index() {
             let reads = reference.last_read().unwrap();
             assert_eq!(before.last_read().unwrap(), reads, "{routing:?}");
             assert_eq!(after.last_read().unwrap(), reads, "{routing:?}");
-            assert!(reads.keys_read < reads.keys_in_context, "{routing:?} reads sparsely");
+            assert!(
+                reads.keys_read < reads.keys_in_context,
+                "{routing:?} reads sparsely"
+            );
         }
     }
     // Without tokens the window may grow.

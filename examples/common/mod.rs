@@ -52,20 +52,6 @@ pub fn check_layers(flag: &str, layers: &[usize], n_layers: usize) -> Res<()> {
     }
 }
 
-/// Windows given with `--window`: each at most `index_window`, since the tokens that leave a
-/// window are indexed after the prefill and indexed keys do not return to it.
-#[allow(dead_code)] // not every example takes windows
-pub fn check_windows(windows: &[usize], index_window: usize) -> Res<()> {
-    match windows.iter().find(|&&w| w > index_window) {
-        Some(w) => Err(format!(
-            "--window {w} is larger than the index's window {index_window}: the tokens outside \
-             it are indexed at prefill, and indexed keys do not return to the window"
-        )
-        .into()),
-        None => Ok(()),
-    }
-}
-
 /// Fixes candle's CPU thread count once. Without `RAYON_NUM_THREADS`, candle works it out again
 /// on every CPU matmul, which on Linux parses `/proc/cpuinfo`: `perf` put about 5% of a
 /// SmolLM2 decode step's samples there. Sets the variable, when unset, to the value candle would

@@ -96,8 +96,8 @@ struct Args {
     /// equal keys), as --quest-layers with the index's list
     #[arg(long, requires_all = ["keys_budget", "all_sparse"], conflicts_with = "quest_layers")]
     hybrid: bool,
-    /// Recent window of every sparse mode, at most the index's (the tokens leaving it are
-    /// indexed) [default: the index's]
+    /// Recent window of every mode, at most the index's (the prefill keeps the index's; the
+    /// tokens leaving the smaller one are then indexed) [default: the index's]
     #[arg(long)]
     window: Option<usize>,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
@@ -355,7 +355,14 @@ fn run() -> Res<()> {
         }
     };
     let config = index.config().clone();
-    common::check_windows(args.window.as_slice(), config.window)?;
+    // Each mode shrinks the prefilled window; indexed keys do not return to it.
+    if let Some(w) = args.window.filter(|&w| w > config.window) {
+        return Err(format!(
+            "--window {w} is larger than the index's window {}",
+            config.window
+        )
+        .into());
+    }
     let probe = args.probe.unwrap_or(config.n_probe);
     let config = config.with_n_probe(probe)?;
     println!(
