@@ -6,7 +6,8 @@
 # Usage: bash bench/device_quest.sh STEP [ARGS]
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
-#   win128 | win128b | win32 | share128 | share32 | passkeys BUDGET SHARE
+#   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
+#   binaries; --window-share was removed after them)
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -170,9 +171,6 @@ share128)
   # hybrid at 4–8%, batch 8 (8 × 1023 tokens), then batch 1 (256 tokens) at 5%.
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.045,0.05,0.06,0.08 --hybrid --window 2048 --window-share 0.5
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 1 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.05 --hybrid --window 2048 --window-share 0.5 ;;
-share32)
-  # NOTES §47: as share128 at 32k, the plan alone at 10%, 13% and 16% (the index of `calib32`).
-  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10,0.13,0.16 --index "$I/q32k.safetensors" --window 2048 --window-share 0.5 ;;
 passkeys)
   # NOTES §47: 120k, 5 depths, the hybrid at budget $2, the window at share $3 of it (every mode).
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --hybrid --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --window-share "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-share$3-$2" ;;

@@ -61,10 +61,6 @@ struct Args {
     /// [default: the index's budget, if it was calibrated with one]
     #[arg(long)]
     keys_budget: Option<f64>,
-    /// Share of the keys budget the prefill gives the recent window (e.g. 0.5), instead of the
-    /// index's window (`Llama::set_window_share`)
-    #[arg(long, conflicts_with = "probe")]
-    window_share: Option<f64>,
     /// Serve every layer sparse, also those the index serves dense (routed by the classifier)
     #[arg(long, conflicts_with = "dense")]
     all_sparse: bool,
@@ -270,14 +266,10 @@ fn run(args: Args) -> Res<()> {
                         .into(),
                 );
             }
-            if args.window_share.is_some() && budget.is_none() {
-                return Err("--window-share needs a keys budget (--keys-budget)".into());
-            }
             if args.all_sparse {
                 model.serve_all_sparse(args.hybrid)?;
             }
             model.set_keys_budget(budget)?;
-            model.set_window_share(args.window_share)?;
             model.set_budget_by_layer(!args.uniform_budget)?;
             model.set_plan_floor(args.plan_floor)?;
             model.set_estimate_unread(args.estimate_unread);

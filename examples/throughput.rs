@@ -107,41 +107,26 @@ struct Args {
     /// [default: the index's]
     #[arg(long, value_delimiter = ',')]
     window: Vec<usize>,
-    /// Shares of each keys budget to give the recent window, comma-separated
-    /// (`saap::budget::window_for_budget` at --context), run beside any --window
-    #[arg(long, value_delimiter = ',', requires = "keys_budget")]
-    window_share: Vec<f64>,
-}
-
-/// A Saap run's recent window.
-#[derive(Clone, Copy)]
-enum Window {
-    Fixed(usize),
-    /// This share of the run's keys budget.
-    Share(f64),
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
-/// estimated, a layer served dense besides `--dense-layers` (the layer sweep), and the window.
+/// estimated, a layer served dense besides `--dense-layers` (the layer sweep), and a window
+/// smaller than the index's.
 #[derive(Clone, Copy)]
 struct SaapRun {
     setting: Setting,
     estimate: bool,
     also_dense: Option<usize>,
-    window: Window,
+    window: Option<usize>,
 }
 
 impl SaapRun {
     /// Puts the model's restored ops in this run's state: `quest_layers` routed by Quest,
     /// `dense_layers` dense (Quest settings route every layer by Quest already).
-    fn apply(
-        self,
-        model: &mut Llama,
-        context: usize,
-        quest_layers: &[usize],
-        dense_layers: &[usize],
-    ) -> Res<()> {
-        model.set_window(self.window(context)?)?;
+    fn apply(self, model: &mut Llama, quest_layers: &[usize], dense_layers: &[usize]) -> Res<()> {
+        if let Some(window) = self.window {
+            model.set_window(window)?;
+        }
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
         for &layer in quest_layers {
@@ -161,22 +146,10 @@ impl SaapRun {
         if let Some(layer) = self.also_dense {
             label += &format!(", layer {layer} dense");
         }
-        match self.window {
-            Window::Fixed(window) => label += &format!(", window {window}"),
-            Window::Share(share) => label += &format!(", window {share} of the budget"),
+        if let Some(window) = self.window {
+            label += &format!(", window {window}");
         }
         label
-    }
-
-    /// The window this run sets on caches of `context` tokens.
-    fn window(self, context: usize) -> Res<usize> {
-        Ok(match (self.window, self.setting) {
-            (Window::Fixed(window), _) => window,
-            (Window::Share(share), Setting::Budget(budget, _) | Setting::Quest(budget)) => {
-                saap::budget::window_for_budget(budget, share, context)?
-            }
-            (Window::Share(_), _) => return Err("--window-share needs a keys budget".into()),
-        })
     }
 }
 
@@ -327,15 +300,9 @@ fn run(args: Args) -> Res<()> {
                 .map(Some),
         )
         .collect();
-    let windows: Vec<Window> = args
-        .window
-        .iter()
-        .map(|&w| Window::Fixed(w))
-        .chain(args.window_share.iter().map(|&s| Window::Share(s)))
-        .collect();
-    let windows = match windows.is_empty() {
-        true => vec![Window::Fixed(index.config().window)],
-        false => windows,
+    let windows: Vec<Option<usize>> = match args.window.is_empty() {
+        true => vec![None],
+        false => args.window.iter().map(|&w| Some(w)).collect(),
     };
     let runs: Vec<SaapRun> = settings
         .iter()
@@ -377,12 +344,10 @@ fn run(args: Args) -> Res<()> {
         if args.all_sparse {
             model.serve_all_sparse(args.hybrid)?;
         }
-        // The prefill keeps the widest window of any run; each run shrinks it to its own.
-        let mut widest = index.config().window;
-        for run in &runs {
-            widest = widest.max(run.window(args.context)?);
+        // The prefill keeps the largest window asked for; each run shrinks it to its own.
+        if let Some(&widest) = args.window.iter().max() {
+            model.set_window(widest.max(index.config().window))?;
         }
-        model.set_window(widest)?;
         let start = Instant::now();
         model.prefill_batch(&prompts, chunk)?;
         device.synchronize()?;
@@ -400,21 +365,11 @@ fn run(args: Args) -> Res<()> {
                     setting, estimate, ..
                 } = run;
                 model.restore_attention(&snapshot)?;
-                run.apply(
-                    &mut model,
-                    args.context,
-                    &args.quest_layers,
-                    &args.dense_layers,
-                )?;
+                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
-                run.apply(
-                    &mut model,
-                    args.context,
-                    &args.quest_layers,
-                    &args.dense_layers,
-                )?;
+                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 // ℓ of the routed layers after the last step (a budget sets it per step).
                 let probes = (0..model.n_layers())

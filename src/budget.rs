@@ -219,28 +219,6 @@ pub fn check_floor(floor: f64) -> Result<()> {
     Ok(())
 }
 
-/// The recent window that takes `share` of a keys budget at `context` tokens:
-/// `share · budget · context`, rounded. Under a budget the window and the partitions (or Quest's
-/// pages) share the keys read; on Qwen2.5-Coder-0.5B the better split was about half each at
-/// every budget tried (`bench/NOTES.md` §47: 32k at 10% and 13%, 120k at 4–6%), where the index's
-/// fixed window of 2048 was a third of the keys at 120k and 5%, and two thirds at 32k and 10%.
-///
-/// # Errors
-/// [`SaapError::Config`] for a budget outside (0, 1] or a share outside [0, 1] (NaN included).
-pub fn window_for_budget(budget: f64, share: f64, context: usize) -> Result<usize> {
-    if !(budget > 0.0 && budget <= 1.0) {
-        return Err(SaapError::Config(format!(
-            "a keys budget is a share of the context in (0, 1], got {budget}"
-        )));
-    }
-    if !(0.0..=1.0).contains(&share) {
-        return Err(SaapError::Config(format!(
-            "the window's share of a keys budget is in [0, 1], got {share}"
-        )));
-    }
-    Ok((share * budget * context as f64).round() as usize)
-}
-
 /// The steps of every layer with a curve along its hull from `start`, best mass found per key
 /// read first; within a layer, in hull order.
 fn steps(curves: &[Option<&ProbeCurve>], start: impl Fn(&ProbeCurve) -> usize) -> Vec<Step> {
@@ -279,26 +257,6 @@ fn steps(curves: &[Option<&ProbeCurve>], start: impl Fn(&ProbeCurve) -> usize) -
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn window_for_budget_is_its_share_of_the_keys() {
-        assert_eq!(window_for_budget(0.05, 0.5, 120_000).unwrap(), 3000);
-        assert_eq!(window_for_budget(0.1, 0.5, 32_000).unwrap(), 1600);
-        assert_eq!(window_for_budget(1.0, 1.0, 7).unwrap(), 7);
-        assert_eq!(window_for_budget(0.5, 0.0, 1000).unwrap(), 0);
-        for (budget, share) in [
-            (0.0, 0.5),
-            (1.5, 0.5),
-            (f64::NAN, 0.5),
-            (0.1, -0.1),
-            (0.1, 2.0),
-        ] {
-            assert!(
-                window_for_budget(budget, share, 1000).is_err(),
-                "{budget} {share}"
-            );
-        }
-    }
 
     /// A curve from (share, recall) points.
     fn curve(indexed_mass: f64, points: &[(f64, f64)]) -> ProbeCurve {

@@ -266,46 +266,6 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     assert_eq!((probe(&mut model, 0), probe(&mut model, 1)), (1, 4));
 }
 
-/// A window share sizes every layer's window at prefill from the keys budget and the context
-/// after it: grown before any token is cached, only shrunk by a later prefill; without a budget
-/// or a share the index's window stays, and bad shares are refused.
-#[test]
-fn window_share_fits_the_window_at_prefill() {
-    let (mut model, text) = smollm2_indexed(320);
-    let windows = |model: &mut Llama| -> Vec<usize> {
-        (0..model.n_layers())
-            .map(|l| model.attention_mut(l).unwrap().config().window)
-            .collect()
-    };
-    let n = model.n_layers();
-    for bad in [0.0, -0.5, 1.5, f64::NAN] {
-        assert!(model.set_window_share(Some(bad)).is_err(), "{bad}");
-    }
-    // A share without a budget leaves the index's window (64).
-    model.set_window_share(Some(0.5)).unwrap();
-    model.prefill_chunked(&text[..100], 64).unwrap();
-    assert_eq!(windows(&mut model), vec![64; n]);
-    model.reset();
-    // Budget 0.5, share 0.5, 290 tokens: a quarter of them, 73 (rounded from 72.5).
-    model.set_keys_budget(Some(0.5)).unwrap();
-    model.prefill_chunked(&text[..290], 64).unwrap();
-    assert_eq!(windows(&mut model), vec![73; n]);
-    let op = model.attention_mut(0).unwrap();
-    assert!(op.extents().iter().all(|e| e.len - e.indexed_end >= 73));
-    // A later prefill shrinks it (0.1 × 0.5 × 300 = 15) but never grows it.
-    model.set_window_share(Some(0.1)).unwrap();
-    model.prefill_chunked(&text[290..300], 64).unwrap();
-    assert_eq!(windows(&mut model), vec![15; n]);
-    model.set_window_share(Some(1.0)).unwrap();
-    model.prefill_chunked(&text[300..301], 64).unwrap();
-    assert_eq!(windows(&mut model), vec![15; n]);
-    // No share: prefills keep whatever window the ops have.
-    model.set_window_share(None).unwrap();
-    model.reset();
-    model.prefill_chunked(&text[..290], 64).unwrap();
-    assert_eq!(windows(&mut model), vec![15; n]);
-}
-
 /// Serving every layer sparse routes each by the classifier, or with the hybrid by the routing
 /// the index recorded for it (Quest in layer 1 here): dense layers included, and the hybrid's
 /// Quest layer decodes under a keys budget beside the classifier layers.

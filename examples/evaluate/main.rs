@@ -100,10 +100,6 @@ struct Args {
     /// tokens leaving the smaller one are then indexed) [default: the index's]
     #[arg(long)]
     window: Option<usize>,
-    /// Share of --keys-budget each prefill gives the recent window of every mode
-    /// (`Llama::set_window_share`) [default: the index's window]
-    #[arg(long, requires = "keys_budget", conflicts_with = "window")]
-    window_share: Option<f64>,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -446,9 +442,6 @@ fn run() -> Res<()> {
             .collect(),
         false => args.quest_layers.clone(),
     };
-    // With a window share each prefill sizes the window from Saap's budget, for every mode.
-    model.set_keys_budget(args.keys_budget)?;
-    model.set_window_share(args.window_share)?;
     let policy = Policy {
         index: &index,
         all_sparse: args.all_sparse,
@@ -677,7 +670,6 @@ fn command_line(args: &Args) -> String {
         ("--quest-layers", layer_list(&args.quest_layers)),
         ("--hybrid", args.hybrid.then(String::new)),
         ("--window", args.window.map(|w| w.to_string())),
-        ("--window-share", args.window_share.map(|w| w.to_string())),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (

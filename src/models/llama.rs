@@ -198,11 +198,6 @@ pub struct Llama {
     budget_by_layer: bool,
     /// The least share of the uniform ℓ a layer keeps in such a plan.
     plan_floor: f64,
-    /// The keys budget last set on every layer ([`Llama::set_keys_budget`], or the attached
-    /// index's).
-    keys_budget: Option<f64>,
-    /// Under that budget, the window's share of it, fitted at each prefill.
-    window_share: Option<f64>,
     norm: RmsNorm,
     lm_head: Linear,
     device: Device,
@@ -382,8 +377,6 @@ impl Llama {
             sparse_routing: Vec::new(),
             budget_by_layer: true,
             plan_floor: crate::budget::DEFAULT_FLOOR,
-            keys_budget: None,
-            window_share: None,
             norm,
             lm_head,
             device: device.clone(),
@@ -401,7 +394,6 @@ impl Llama {
             .collect::<crate::Result<_>>()?;
         self.probe_curves = Vec::new();
         self.sparse_routing = Vec::new();
-        self.keys_budget = config.keys_budget;
         Ok(())
     }
 
@@ -474,7 +466,6 @@ impl Llama {
             .collect::<crate::Result<_>>()?;
         self.probe_curves = index.probe_curves().to_vec();
         self.sparse_routing = index.sparse_routing().to_vec();
-        self.keys_budget = index.config().keys_budget;
         self.plan_probes()
     }
 
@@ -625,12 +616,6 @@ impl Llama {
         }
         let chunk = chunk.max(1);
         let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-        let cached = self.attn.first().map_or(&[][..], |op| op.seq_lens());
-        let context = (0..prompts.len())
-            .map(|i| cached.get(i).copied().unwrap_or(0) + prompts[i].len())
-            .max()
-            .unwrap_or(0);
-        self.fit_window(context)?;
         let mut last: Vec<Option<Tensor>> = vec![None; prompts.len()];
         let mut done = 0;
         for at in (0..longest).step_by(chunk) {
@@ -671,7 +656,6 @@ impl Llama {
         for op in &mut self.attn {
             op.set_keys_budget(budget)?;
         }
-        self.keys_budget = budget;
         Ok(())
     }
 
@@ -683,44 +667,6 @@ impl Llama {
     /// refusal comes from the first layer with nothing changed.
     pub fn set_window(&mut self, window: usize) -> Result<()> {
         for op in &mut self.attn {
-            op.set_window(window)?;
-        }
-        Ok(())
-    }
-
-    /// Under the keys budget last set with [`Llama::set_keys_budget`], lets each prefill fit every layer's
-    /// recent window to `share` of the budget at the context's length after it
-    /// ([`crate::budget::window_for_budget`], the longest item): a prefill into empty caches sets
-    /// it, a later one only shrinks it (indexed keys do not return to the window). `None` (the
-    /// default) keeps the index's window. Decode keeps the window a prefill left.
-    ///
-    /// # Errors
-    /// [`Error::Saap`] for a share outside (0, 1] (NaN included).
-    pub fn set_window_share(&mut self, share: Option<f64>) -> Result<()> {
-        if let Some(share) = share {
-            if !(share > 0.0 && share <= 1.0) {
-                return Err(crate::SaapError::Config(format!(
-                    "the window's share of a keys budget is in (0, 1], got {share}"
-                ))
-                .into());
-            }
-        }
-        self.window_share = share;
-        Ok(())
-    }
-
-    /// Sets the window a prefill growing the longest item to `context` tokens should leave, when
-    /// a window share and a keys budget are set.
-    fn fit_window(&mut self, context: usize) -> Result<()> {
-        let (Some(share), Some(budget)) = (self.window_share, self.keys_budget) else {
-            return Ok(());
-        };
-        let window = crate::budget::window_for_budget(budget, share, context)?;
-        for op in &mut self.attn {
-            let window = match op.seq_lens().is_empty() {
-                true => window,
-                false => window.min(op.config().window),
-            };
             op.set_window(window)?;
         }
         Ok(())
