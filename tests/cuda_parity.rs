@@ -307,6 +307,8 @@ enum Probing {
     Mass(f64),
     /// ℓ fixed, the unread partitions estimated from their means (`set_estimate_unread`).
     Estimate,
+    /// ℓ fixed, the window shrunk to this after the prefill (`set_window`: its tokens merged).
+    Window(usize),
 }
 
 /// Prefill, then 300 decode steps with window merges, on both backends: identical reads and
@@ -325,6 +327,7 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32, probing: Probing)
             Probing::Budget(share) => op.set_keys_budget(Some(share)).unwrap(),
             Probing::Mass(mass) => op.set_probe_mass(Some(mass)).unwrap(),
             Probing::Estimate => op.set_estimate_unread(true),
+            Probing::Window(_) => {}
         }
     }
     let mut r = rng(seed ^ 0x5eed);
@@ -348,6 +351,13 @@ fn end_to_end(dev: &Device, seed: u64, dtype: DType, tol: f32, probing: Probing)
     let out_g = gpu.prefill(&on(&q), &on(&k), &on(&v), &lens).unwrap();
     let diff = max_abs_diff(&out_c, &out_g.to_device(&Device::Cpu).unwrap());
     assert!(diff <= tol, "{dtype:?} prefill differs by {diff}");
+    if let Probing::Window(window) = probing {
+        for op in [&mut cpu, &mut gpu] {
+            op.set_window(window).unwrap();
+        }
+        assert_eq!(cpu.extents(), gpu.extents());
+        assert_eq!(cpu.index_lists().unwrap(), gpu.index_lists().unwrap());
+    }
     for i in 0..300 {
         let (q, k, v) = step(1);
         let out_c = cpu.decode(&q, &k, &v).unwrap();
@@ -386,6 +396,16 @@ fn budget_and_probe_mass_match_cpu() {
     let s = seed("budget_and_probe_mass_match_cpu");
     end_to_end(&dev, s, DType::F32, 1e-4, Probing::Budget(0.5));
     end_to_end(&dev, s, DType::F32, 1e-4, Probing::Mass(0.3));
+}
+
+/// A window shrunk after the prefill merges the same tokens into the same partitions on both
+/// backends, which then read the same keys.
+#[test]
+fn window_shrink_matches_cpu() {
+    let Some(dev) = cuda() else { return };
+    let s = seed("window_shrink_matches_cpu");
+    end_to_end(&dev, s, DType::F32, 1e-4, Probing::Window(20));
+    end_to_end(&dev, s, DType::BF16, 3e-2, Probing::Window(5));
 }
 
 /// The unread partitions' means (sums kept at every merge, decode's pseudo-keys) agree across
