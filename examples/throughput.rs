@@ -107,26 +107,28 @@ struct Args {
     /// [default: the index's]
     #[arg(long, value_delimiter = ',')]
     window: Vec<usize>,
+    /// Recent windows of the layers routed by Quest, comma-separated, each run beside every
+    /// --window (which the other layers keep) [default: the same as the other layers']
+    #[arg(long, value_delimiter = ',')]
+    quest_window: Vec<usize>,
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
-/// estimated, a layer served dense besides `--dense-layers` (the layer sweep), and a window
-/// smaller than the index's.
+/// estimated, a layer served dense besides `--dense-layers` (the layer sweep), and the recent
+/// window of every layer and of those routed by Quest (`None`: the prefill's).
 #[derive(Clone, Copy)]
 struct SaapRun {
     setting: Setting,
     estimate: bool,
     also_dense: Option<usize>,
     window: Option<usize>,
+    quest_window: Option<usize>,
 }
 
 impl SaapRun {
     /// Puts the model's restored ops in this run's state: `quest_layers` routed by Quest,
     /// `dense_layers` dense (Quest settings route every layer by Quest already).
     fn apply(self, model: &mut Llama, quest_layers: &[usize], dense_layers: &[usize]) -> Res<()> {
-        if let Some(window) = self.window {
-            model.set_window(window)?;
-        }
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
         for &layer in quest_layers {
@@ -134,6 +136,18 @@ impl SaapRun {
         }
         for &layer in dense_layers.iter().chain(&self.also_dense) {
             model.set_routing(layer, Routing::Dense)?;
+        }
+        // Windows last, each layer's once: the restored caches hold the widest, which a layer
+        // can only shrink.
+        for layer in 0..model.n_layers() {
+            let op = model.attention_mut(layer)?;
+            let window = match op.routing() {
+                Routing::Quest => self.quest_window.or(self.window),
+                _ => self.window,
+            };
+            if let Some(window) = window {
+                op.set_window(window)?;
+            }
         }
         Ok(())
     }
@@ -148,6 +162,9 @@ impl SaapRun {
         }
         if let Some(window) = self.window {
             label += &format!(", window {window}");
+        }
+        if let Some(window) = self.quest_window {
+            label += &format!(", Quest layers' window {window}");
         }
         label
     }
@@ -300,10 +317,26 @@ fn run(args: Args) -> Res<()> {
                 .map(Some),
         )
         .collect();
-    let windows: Vec<Option<usize>> = match args.window.is_empty() {
-        true => vec![None],
-        false => args.window.iter().map(|&w| Some(w)).collect(),
+    let some_or_none = |values: &[usize]| -> Vec<Option<usize>> {
+        match values.is_empty() {
+            true => vec![None],
+            false => values.iter().map(|&w| Some(w)).collect(),
+        }
     };
+    // A Quest window alone still sets the other layers' to the index's: the prefill may keep
+    // a wider one.
+    let plain_windows = match (args.window.is_empty(), args.quest_window.is_empty()) {
+        (true, false) => vec![Some(index.config().window)],
+        _ => some_or_none(&args.window),
+    };
+    let windows: Vec<(Option<usize>, Option<usize>)> = plain_windows
+        .into_iter()
+        .flat_map(|w| {
+            some_or_none(&args.quest_window)
+                .into_iter()
+                .map(move |q| (w, q))
+        })
+        .collect();
     let runs: Vec<SaapRun> = settings
         .iter()
         .flat_map(|&s| {
@@ -318,11 +351,12 @@ fn run(args: Args) -> Res<()> {
                 .map(move |&also_dense| (setting, estimate, also_dense))
         })
         .flat_map(|(setting, estimate, also_dense)| {
-            windows.iter().map(move |&window| SaapRun {
+            windows.iter().map(move |&(window, quest_window)| SaapRun {
                 setting,
                 estimate,
                 also_dense,
                 window,
+                quest_window,
             })
         })
         .collect();
@@ -345,7 +379,7 @@ fn run(args: Args) -> Res<()> {
             model.serve_all_sparse(args.hybrid)?;
         }
         // The prefill keeps the largest window asked for; each run shrinks it to its own.
-        if let Some(&widest) = args.window.iter().max() {
+        if let Some(&widest) = args.window.iter().chain(&args.quest_window).max() {
             model.set_window(widest.max(index.config().window))?;
         }
         let start = Instant::now();
@@ -384,7 +418,18 @@ fn run(args: Args) -> Res<()> {
                     .filter(|&l| routings[l] == Routing::Quest)
                     .collect();
                 let n_probe = probes.first().copied().unwrap_or(0);
-                let window = model.attention_mut(0)?.config().window;
+                // The window of the first layer of each kind (Quest or not), if any.
+                let window_of = |model: &mut Llama, quest: bool| -> Res<String> {
+                    for l in 0..model.n_layers() {
+                        let op = model.attention_mut(l)?;
+                        if (op.routing() == Routing::Quest) == quest {
+                            return Ok(op.config().window.to_string());
+                        }
+                    }
+                    Ok("null".into())
+                };
+                let (window, quest_window) =
+                    (window_of(&mut model, false)?, window_of(&mut model, true)?);
                 let ell = match probes.iter().all(|&l| l == n_probe) {
                     true => n_probe.to_string(),
                     false => format!("{probes:?}"),
@@ -417,7 +462,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,

@@ -96,10 +96,14 @@ struct Args {
     /// equal keys), as --quest-layers with the index's list
     #[arg(long, requires_all = ["keys_budget", "all_sparse"], conflicts_with = "quest_layers")]
     hybrid: bool,
-    /// Recent window of every mode, at most the index's (the prefill keeps the index's; the
-    /// tokens leaving the smaller one are then indexed) [default: the index's]
+    /// Recent window of every layer in every mode (the prefill keeps the widest window asked
+    /// for; each mode shrinks it) [default: the index's]
     #[arg(long)]
     window: Option<usize>,
+    /// Recent window of the layers a mode routes by Quest (Saap's hybrid layers, every routed
+    /// layer in Quest's mode) [default: --window's]
+    #[arg(long)]
+    quest_window: Option<usize>,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -180,11 +184,30 @@ struct Policy<'a> {
     keys_budget: Option<f64>,
     /// Whether the trained routings estimate their unread partitions.
     estimate_unread: bool,
-    /// Recent window of the sparse modes (`None`: the index's).
+    /// Recent window of every layer (`None`: the index's).
     window: Option<usize>,
+    /// Recent window of the layers routed by Quest (`None`: `window`).
+    quest_window: Option<usize>,
 }
 
 impl Policy<'_> {
+    /// The window a prefill keeps so that every layer can shrink to its own (`None`: no window
+    /// was asked for, the index's stays).
+    fn prefill_window(self) -> Option<usize> {
+        let widest = self.window.into_iter().chain(self.quest_window).max()?;
+        Some(widest.max(self.index.config().window))
+    }
+
+    /// The window of a layer routed by `routing` (`None`: leave the op's).
+    fn window(self, routing: Routing) -> Option<usize> {
+        self.prefill_window()?;
+        let plain = self.window.unwrap_or(self.index.config().window);
+        Some(match routing {
+            Routing::Quest => self.quest_window.unwrap_or(plain),
+            _ => plain,
+        })
+    }
+
     fn routing(self, layer: usize) -> Res<Routing> {
         Ok(if self.dense_layers.contains(&layer) {
             Routing::Dense
@@ -208,9 +231,6 @@ fn apply_mode(
     probe: usize,
     quest_budget: Option<f64>,
 ) -> Res<()> {
-    if let Some(window) = policy.window {
-        model.set_window(window)?;
-    }
     for layer in 0..model.n_layers() {
         let trained = policy.routing(layer)?;
         let routing = match (mode, trained) {
@@ -238,6 +258,9 @@ fn apply_mode(
                 "Quest needs a keys budget: run the perplexity section or pass --quest-budget",
             )?;
             attn.set_keys_budget(Some(budget))?;
+        }
+        if let Some(window) = policy.window(routing) {
+            attn.set_window(window)?;
         }
     }
     Ok(())
@@ -355,14 +378,6 @@ fn run() -> Res<()> {
         }
     };
     let config = index.config().clone();
-    // Each mode shrinks the prefilled window; indexed keys do not return to it.
-    if let Some(w) = args.window.filter(|&w| w > config.window) {
-        return Err(format!(
-            "--window {w} is larger than the index's window {}",
-            config.window
-        )
-        .into());
-    }
     let probe = args.probe.unwrap_or(config.n_probe);
     let config = config.with_n_probe(probe)?;
     println!(
@@ -450,6 +465,7 @@ fn run() -> Res<()> {
         keys_budget: args.keys_budget,
         estimate_unread: args.estimate_unread,
         window: args.window,
+        quest_window: args.quest_window,
     };
     let window = &eval_windows[0];
     let split = window.len() - args.ppl_tokens.min(window.len() - 1);
@@ -457,6 +473,9 @@ fn run() -> Res<()> {
     let mut quest_budget = args.quest_budget;
     if runs(Section::Ppl) {
         model.reset();
+        if let Some(widest) = policy.prefill_window() {
+            model.set_window(widest)?;
+        }
         let start = Instant::now();
         model.prefill_chunked(&window[..split], model.default_prefill_chunk())?;
         // CUDA queues work: without a sync its tail would be billed to the first decode mode.
@@ -547,6 +566,9 @@ fn run() -> Res<()> {
                 .copied()
                 .collect();
             model.reset();
+            if let Some(widest) = policy.prefill_window() {
+                model.set_window(widest)?;
+            }
             model.prefill_chunked(&prompt[..prompt.len() - 1], model.default_prefill_chunk())?;
             let base = model.snapshot_attention()?;
             let mut answers = Vec::new();
@@ -670,6 +692,7 @@ fn command_line(args: &Args) -> String {
         ("--quest-layers", layer_list(&args.quest_layers)),
         ("--hybrid", args.hybrid.then(String::new)),
         ("--window", args.window.map(|w| w.to_string())),
+        ("--quest-window", args.quest_window.map(|w| w.to_string())),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (
