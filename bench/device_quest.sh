@@ -7,7 +7,7 @@
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
-#   binaries; --window-share was removed after them) | qwin128 | passkeyq BUDGET QWINDOW
+#   binaries; --window-share was removed after them) | qwin128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -178,7 +178,4 @@ qwin128)
   # NOTES §47: the Quest layers' window alone widened (the classifier layers keep 2048), the
   # hybrid at 4%, 5% and 6%, batch 8 (8 × 1023 tokens).
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.05,0.06 --hybrid --window 2048 --quest-window 2048,3072,4096 ;;
-passkeyq)
-  # NOTES §47: passkeys at 120k, 5 depths, the hybrid at budget $2 with the Quest layers' window $3.
-  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --hybrid --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --quest-window "$3" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-qwin$3-$2" ;;
 esac
