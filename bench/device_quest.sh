@@ -7,7 +7,7 @@
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
-#   binaries; --window-share was removed after them) | qwin128
+#   binaries; --window-share was removed after them) | qwin128 | fused
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -178,4 +178,24 @@ qwin128)
   # NOTES §47: the Quest layers' window alone widened (the classifier layers keep 2048), the
   # hybrid at 4%, 5% and 6%, batch 8 (8 × 1023 tokens).
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.05,0.06 --hybrid --window 2048 --quest-window 2048,3072,4096 ;;
+fused)
+  # NOTES §48: the fused classifier MLP (`throughput`) against cf619ee's kernels
+  # (`throughput_old`), alternated: 32k, the plan alone at 10% (the index of `calib32`), then
+  # 120k, the hybrid at 6%; batch 1 and 8, 256 tokens per item.
+  for b in throughput_old throughput throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --context 32000 --batch 1,8 --tokens 256 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors"
+  done
+  for b in throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 1,8 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.06 --hybrid
+  done ;;
+ncuf)
+  # NOTES §48: routing kernels' durations (ncu), 4 eager tokens at 32k, batch 1, plan at 10%,
+  # old binary then new.
+  for b in throughput_old throughput; do
+    echo "== $b" >> "$OUT/ncuf.txt"
+    ncu --clock-control none --metrics gpu__time_duration.sum -k regex:saap_route --launch-skip 48 --launch-count 24 \
+      "$bin/$b" --model "$M" --cuda --context 32000 --batch 1 --tokens 4 --all-sparse --graph off --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" 2>&1 |
+      grep -E "saap_route|duration" | paste - - | awk '{print $1, $(NF)}' >> "$OUT/ncuf.txt"
+  done
+  cat "$OUT/ncuf.txt" ;;
 esac

@@ -679,32 +679,33 @@ SAAP_COMBINE(saap_decode_combine_f16, __half)
 
 // The classifier MLP in two kernels: the hidden layer once per (head, IB items), then the
 // output layer by blocks of ROUTE_COLS partitions. (One kernel computed the hidden layer in each
-// of a head's C / ROUTE_COLS blocks: 15 us for Llama-3.1-8B at batch 1, latency-bound.)
-//
-// Hidden layer: q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]; hidden: [B, Hq, H] f32 (GELU applied).
-// Grid: (Hq, ceil(B / IB)). Dynamic shared memory: IB * D + (ROUTE_THREADS / 32) * IB * 32 * VEC
-// floats. H * sizeof(W) must be a multiple of 16 (checked by the host).
-template <typename W, typename Q, int IB>
-__device__ __forceinline__ void route_hidden_impl(const Q* __restrict__ q,
-                                                  const W* __restrict__ w1,
-                                                  const W* __restrict__ b1,
-                                                  float* __restrict__ hidden, uint32_t B,
-                                                  uint32_t hq, uint32_t D, uint32_t H) {
+// of a head's C / ROUTE_COLS blocks: 15 us for Llama-3.1-8B at batch 1, latency-bound.) Where the
+// hidden layer is small (H <= 64, Qwen2.5's indexes), one fused kernel computes it again in every
+// output block instead: D * H multiply-adds per block cost less than a second launch in series.
+// The three paths compute the same sums in the same order, so their scores are equal.
+
+// The hidden units of a head's IB items (GELU applied) into store(b, h, x), for the b < nb valid
+// items. q: [B, Hq, D]; w1: [Hq, D, H]; b1: [Hq, H]. Shared memory: xs, IB * D floats (the
+// queries), and red, (ROUTE_THREADS / 32) * IB * 32 * VEC floats (partial sums). Ends after a
+// barrier. H * sizeof(W) must be a multiple of 16 (checked by the host).
+template <typename W, typename Q, int IB, typename Store>
+__device__ __forceinline__ void route_hidden_units(const Q* __restrict__ q,
+                                                   const W* __restrict__ w1,
+                                                   const W* __restrict__ b1, uint32_t hq,
+                                                   uint32_t D, uint32_t H, uint32_t head,
+                                                   uint32_t i0, uint32_t nb, float* xs,
+                                                   float* red, Store store) {
     using E = Elem<W>;
     constexpr int VEC = E::VEC;
     constexpr int WARPS = ROUTE_THREADS / 32;
-    extern __shared__ __align__(16) float rs[];
-    float* xs = rs;            // IB * D queries
-    float* red = xs + IB * D;  // WARPS * IB * 32 * VEC partial sums
-    const uint32_t tid = threadIdx.x, head = blockIdx.x, i0 = blockIdx.y * IB;
-    const uint32_t nb = min((uint32_t)IB, B - i0);
+    const uint32_t tid = threadIdx.x;
     for (uint32_t i = tid; i < IB * D; i += ROUTE_THREADS) {
         const uint32_t b = i / D;
         xs[i] = b < nb ? to_f32(q[((size_t)(i0 + b) * hq + head) * D + i % D]) : 0.f;
     }
     __syncthreads();
-    // Hidden layer: lanes take VEC units each (16-byte loads of a w1 row), the 8 warps split
-    // the D rows, so every thread has D / 8 loads in flight; warps' sums meet in shared memory.
+    // Lanes take VEC units each (16-byte loads of a w1 row), the 8 warps split the D rows, so
+    // every thread has D / 8 loads in flight; warps' sums meet in shared memory.
     const W* w1h = w1 + (size_t)head * D * H;
     constexpr int HCH = 32 * VEC;  // hidden units per pass
     for (uint32_t hc = 0; hc < H; hc += HCH) {
@@ -740,11 +741,116 @@ __device__ __forceinline__ void route_hidden_impl(const Q* __restrict__ q,
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) x += red[(w * IB + b) * HCH + i % HCH];
             x += to_f32(b1[(size_t)head * H + h]);
-            if (b < nb) hidden[((size_t)(i0 + b) * hq + head) * H + h] = 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+            if (b < nb) store(b, h, 0.5f * x * (1.f + erff(x * 0.70710678118654752f)));
         }
         __syncthreads();
     }
 }
+
+// Hidden layer: hidden: [B, Hq, H] f32. Grid: (Hq, ceil(B / IB)). Dynamic shared memory: IB * D
+// + (ROUTE_THREADS / 32) * IB * 32 * VEC floats.
+template <typename W, typename Q, int IB>
+__device__ __forceinline__ void route_hidden_impl(const Q* __restrict__ q,
+                                                  const W* __restrict__ w1,
+                                                  const W* __restrict__ b1,
+                                                  float* __restrict__ hidden, uint32_t B,
+                                                  uint32_t hq, uint32_t D, uint32_t H) {
+    extern __shared__ __align__(16) float rs[];
+    const uint32_t head = blockIdx.x, i0 = blockIdx.y * IB;
+    const uint32_t nb = min((uint32_t)IB, B - i0);
+    route_hidden_units<W, Q, IB>(q, w1, b1, hq, D, H, head, i0, nb, rs, rs + IB * D,
+                                 [&](uint32_t b, uint32_t h, float x) {
+                                     hidden[((size_t)(i0 + b) * hq + head) * H + h] = x;
+                                 });
+}
+
+// A thread's place in an output-layer block: VEC columns (16-byte loads of w2 rows) of one row
+// group; the first ROUTE_PREFETCH of its w2 vectors are loaded on construction, to be in flight
+// while the block gathers its hidden units.
+template <typename W>
+struct RouteOutLane {
+    using E = Elem<W>;
+    static constexpr int VEC = E::VEC;
+    static constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
+    static constexpr int RGW = 32 / CT;          // row groups per warp
+    static constexpr int WARPS = ROUTE_THREADS / 32;
+    static constexpr int RG = RGW * WARPS;
+    uint32_t warp, lane, ct, rg, col;
+    const W* w2h;
+    uint4 pre[ROUTE_PREFETCH];
+
+    __device__ __forceinline__ RouteOutLane(const W* __restrict__ w2, uint32_t head, uint32_t H,
+                                            uint32_t C) {
+        const uint32_t tid = threadIdx.x;
+        warp = tid / 32;
+        lane = tid % 32;
+        ct = lane % CT;
+        rg = warp * RGW + lane / CT;
+        col = blockIdx.x * ROUTE_COLS + ct * VEC;
+        w2h = w2 + (size_t)head * H * C + col;
+#pragma unroll
+        for (int i = 0; i < ROUTE_PREFETCH; ++i) {
+            const uint32_t h = rg + i * RG;
+            pre[i] = col < C && h < H ? __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C))
+                                      : make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    // Scores of the block's columns for the nb valid of IB items from the hidden units hs
+    // ([IB, H] in shared memory, after a barrier); red: WARPS * IB * ROUTE_COLS floats.
+    template <int IB>
+    __device__ __forceinline__ void finish(const float* hs, float* red, const W* __restrict__ b2,
+                                           float* __restrict__ scores, uint32_t hq, uint32_t head,
+                                           uint32_t i0, uint32_t nb, uint32_t H, uint32_t C) {
+        // Rows in increasing order as before the prefetch, so the sums are the same.
+        float acc[IB][VEC];
+#pragma unroll
+        for (int b = 0; b < IB; ++b)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[b][e] = 0.f;
+        const auto accumulate = [&](const uint4& r, uint32_t h) {
+            float w[VEC];
+            E::widen(r, w);
+#pragma unroll
+            for (int b = 0; b < IB; ++b) {
+                const float x = hs[b * H + h];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[b][e] = fmaf(x, w[e], acc[b][e]);
+            }
+        };
+        if (col < C) {
+#pragma unroll
+            for (int i = 0; i < ROUTE_PREFETCH; ++i)
+                if (rg + i * RG < H) accumulate(pre[i], rg + i * RG);
+#pragma unroll 8
+            for (uint32_t h = rg + ROUTE_PREFETCH * RG; h < H; h += RG)
+                accumulate(__ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C)), h);
+        }
+#pragma unroll
+        for (int o = CT; o < 32; o <<= 1)
+#pragma unroll
+            for (int b = 0; b < IB; ++b)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[b][e] += __shfl_xor_sync(0xffffffffu, acc[b][e], o);
+        if (lane < (uint32_t)CT) {
+#pragma unroll
+            for (int b = 0; b < IB; ++b)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                    red[(warp * IB + b) * ROUTE_COLS + ct * VEC + e] = acc[b][e];
+        }
+        __syncthreads();
+        const uint32_t c0 = blockIdx.x * ROUTE_COLS;
+        for (uint32_t i = threadIdx.x; i < IB * ROUTE_COLS; i += ROUTE_THREADS) {
+            const uint32_t b = i / ROUTE_COLS, c = c0 + i % ROUTE_COLS;
+            if (b >= nb || c >= C) continue;
+            float s = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) s += red[(w * IB + b) * ROUTE_COLS + i % ROUTE_COLS];
+            scores[((size_t)(i0 + b) * hq + head) * C + c] = s + to_f32(b2[(size_t)head * C + c]);
+        }
+    }
+};
 
 // Output layer: hidden: [B, Hq, H] f32; w2: [Hq, H, C]; b2: [Hq, C]; scores: [B, Hq, C].
 // Grid: (ceil(C / ROUTE_COLS), Hq, ceil(B / IB)). Dynamic shared memory:
@@ -754,85 +860,46 @@ __device__ __forceinline__ void route_out_impl(const float* __restrict__ hidden,
                                                const W* __restrict__ w2, const W* __restrict__ b2,
                                                float* __restrict__ scores, uint32_t B,
                                                uint32_t hq, uint32_t H, uint32_t C) {
-    using E = Elem<W>;
-    constexpr int VEC = E::VEC;
-    constexpr int CT = ROUTE_COLS / VEC;  // lanes across the block's columns
-    constexpr int RGW = 32 / CT;          // row groups per warp
-    constexpr int WARPS = ROUTE_THREADS / 32;
-    constexpr int RG = RGW * WARPS;
     extern __shared__ __align__(16) float rs[];
-    float* hs = rs;            // IB * H hidden activations
-    float* red = hs + IB * H;  // WARPS * IB * ROUTE_COLS partial sums
-    const uint32_t tid = threadIdx.x, head = blockIdx.y;
-    const uint32_t c0 = blockIdx.x * ROUTE_COLS, i0 = blockIdx.z * IB;
+    float* hs = rs;  // IB * H hidden activations
+    const uint32_t head = blockIdx.y, i0 = blockIdx.z * IB;
     const uint32_t nb = min((uint32_t)IB, B - i0);
-    // This thread's first ROUTE_PREFETCH weight vectors in flight before the hidden units arrive.
-    const uint32_t warp = tid / 32, lane = tid % 32, ct = lane % CT;
-    const uint32_t rg = warp * RGW + lane / CT;
-    const uint32_t col = c0 + ct * VEC;
-    const W* w2h = w2 + (size_t)head * H * C + col;
-    uint4 pre[ROUTE_PREFETCH];
-#pragma unroll
-    for (int i = 0; i < ROUTE_PREFETCH; ++i) {
-        const uint32_t h = rg + i * RG;
-        pre[i] = col < C && h < H ? __ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C))
-                                  : make_uint4(0, 0, 0, 0);
-    }
-    for (uint32_t i = tid; i < IB * H; i += ROUTE_THREADS) {
+    RouteOutLane<W> out(w2, head, H, C);
+    for (uint32_t i = threadIdx.x; i < IB * H; i += ROUTE_THREADS) {
         const uint32_t b = i / H;
         hs[i] = b < nb ? hidden[((size_t)(i0 + b) * hq + head) * H + i % H] : 0.f;
     }
     __syncthreads();
-    // Output layer: VEC columns per lane (16-byte loads), rows split over RG row groups; rows
-    // in increasing order as before the prefetch, so the sums are the same.
-    float acc[IB][VEC];
-#pragma unroll
-    for (int b = 0; b < IB; ++b)
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[b][e] = 0.f;
-    const auto accumulate = [&](const uint4& r, uint32_t h) {
-        float w[VEC];
-        E::widen(r, w);
-#pragma unroll
-        for (int b = 0; b < IB; ++b) {
-            const float x = hs[b * H + h];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[b][e] = fmaf(x, w[e], acc[b][e]);
-        }
-    };
-    if (col < C) {
-#pragma unroll
-        for (int i = 0; i < ROUTE_PREFETCH; ++i)
-            if (rg + i * RG < H) accumulate(pre[i], rg + i * RG);
-#pragma unroll 8
-        for (uint32_t h = rg + ROUTE_PREFETCH * RG; h < H; h += RG)
-            accumulate(__ldg(reinterpret_cast<const uint4*>(w2h + (size_t)h * C)), h);
-    }
-#pragma unroll
-    for (int o = CT; o < 32; o <<= 1)
-#pragma unroll
-        for (int b = 0; b < IB; ++b)
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[b][e] += __shfl_xor_sync(0xffffffffu, acc[b][e], o);
-    if (lane < (uint32_t)CT) {
-#pragma unroll
-        for (int b = 0; b < IB; ++b)
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) red[(warp * IB + b) * ROUTE_COLS + ct * VEC + e] = acc[b][e];
-    }
-    __syncthreads();
-    for (uint32_t i = tid; i < IB * ROUTE_COLS; i += ROUTE_THREADS) {
-        const uint32_t b = i / ROUTE_COLS, c = c0 + i % ROUTE_COLS;
-        if (b >= nb || c >= C) continue;
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) s += red[(w * IB + b) * ROUTE_COLS + i % ROUTE_COLS];
-        scores[((size_t)(i0 + b) * hq + head) * C + c] = s + to_f32(b2[(size_t)head * C + c]);
-    }
+    out.template finish<IB>(hs, hs + IB * H, b2, scores, hq, head, i0, nb, H, C);
 }
 
-// The hidden layer reads the query (one kernel per weight and query type), the output layer only
-// the f32 hidden units (one per weight type).
+// Both layers in one kernel (H <= 64): the output layer's grid, each block computing its head's
+// hidden units into shared memory first. Dynamic shared memory: IB * H floats, then the larger of
+// the hidden layer's (IB * D + (ROUTE_THREADS / 32) * IB * 32 * VEC) and the output layer's
+// ((ROUTE_THREADS / 32) * IB * ROUTE_COLS) floats.
+template <typename W, typename Q, int IB>
+__device__ __forceinline__ void route_fused_impl(const Q* __restrict__ q,
+                                                 const W* __restrict__ w1,
+                                                 const W* __restrict__ b1,
+                                                 const W* __restrict__ w2,
+                                                 const W* __restrict__ b2,
+                                                 float* __restrict__ scores, uint32_t B,
+                                                 uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {
+    extern __shared__ __align__(16) float rs[];
+    float* hs = rs;
+    float* work = rs + IB * H;
+    const uint32_t head = blockIdx.y, i0 = blockIdx.z * IB;
+    const uint32_t nb = min((uint32_t)IB, B - i0);
+    RouteOutLane<W> out(w2, head, H, C);
+    // Units of items past the batch stay zero, as the output kernel reads them.
+    for (uint32_t i = threadIdx.x; i < IB * H; i += ROUTE_THREADS) hs[i] = 0.f;
+    route_hidden_units<W, Q, IB>(q, w1, b1, hq, D, H, head, i0, nb, work, work + IB * D,
+                                 [&](uint32_t b, uint32_t h, float x) { hs[b * H + h] = x; });
+    out.template finish<IB>(hs, work, b2, scores, hq, head, i0, nb, H, C);
+}
+
+// The hidden layer and the fused kernel read the query (one kernel per weight and query type),
+// the output layer only the f32 hidden units (one per weight type).
 #define SAAP_ROUTE_HIDDEN_IB(NAME, W, Q, IB)                                                    \
     extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
         NAME(const Q* q, const W* w1, const W* b1, float* hidden, uint32_t B, uint32_t hq,      \
@@ -845,12 +912,21 @@ __device__ __forceinline__ void route_out_impl(const float* __restrict__ hidden,
              uint32_t hq, uint32_t H, uint32_t C) {                                             \
         route_out_impl<W, IB>(hidden, w2, b2, scores, B, hq, H, C);                             \
     }
+#define SAAP_ROUTE_FUSED_IB(NAME, W, Q, IB)                                                     \
+    extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)                                 \
+        NAME(const Q* q, const W* w1, const W* b1, const W* w2, const W* b2, float* scores,     \
+             uint32_t B, uint32_t hq, uint32_t D, uint32_t H, uint32_t C) {                     \
+        route_fused_impl<W, Q, IB>(q, w1, b1, w2, b2, scores, B, hq, D, H, C);                  \
+    }
 #define SAAP_ROUTE_HIDDEN(NAME, W, Q)          \
     SAAP_ROUTE_HIDDEN_IB(NAME##_i1, W, Q, 1) \
     SAAP_ROUTE_HIDDEN_IB(NAME##_i4, W, Q, 4)
 #define SAAP_ROUTE_OUT(NAME, W)          \
     SAAP_ROUTE_OUT_IB(NAME##_i1, W, 1) \
     SAAP_ROUTE_OUT_IB(NAME##_i4, W, 4)
+#define SAAP_ROUTE_FUSED(NAME, W, Q)          \
+    SAAP_ROUTE_FUSED_IB(NAME##_i1, W, Q, 1) \
+    SAAP_ROUTE_FUSED_IB(NAME##_i4, W, Q, 4)
 
 SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_f32, float, float)
 SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_bf16, float, __nv_bfloat16)
@@ -860,6 +936,12 @@ SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
 SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_f16, __nv_bfloat16, __half)
 SAAP_ROUTE_OUT(saap_route_out_wf32, float)
 SAAP_ROUTE_OUT(saap_route_out_wbf16, __nv_bfloat16)
+SAAP_ROUTE_FUSED(saap_route_fused_wf32_f32, float, float)
+SAAP_ROUTE_FUSED(saap_route_fused_wf32_bf16, float, __nv_bfloat16)
+SAAP_ROUTE_FUSED(saap_route_fused_wf32_f16, float, __half)
+SAAP_ROUTE_FUSED(saap_route_fused_wbf16_f32, __nv_bfloat16, float)
+SAAP_ROUTE_FUSED(saap_route_fused_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
+SAAP_ROUTE_FUSED(saap_route_fused_wbf16_f16, __nv_bfloat16, __half)
 
 // The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], in the
 // CPU's order (score descending, index ascending; see top.cuh). One block per row (a multiple of

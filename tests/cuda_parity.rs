@@ -701,7 +701,8 @@ fn quest_overflow_is_reported_on_cuda() {
 
 /// Classifier routing: the CUDA kernels (MLP with f32 accumulation, top-ℓ) pick the CPU's
 /// partitions, in its order, for f32 and bf16-rounded weights and every query dtype, at Llama
-/// shapes and a ragged batch; the only tolerated differences are near-ties at the ℓ-th score.
+/// shapes (hidden 256: two MLP kernels), Qwen2.5 shapes (hidden 64: the fused kernel) and ragged
+/// batches; the only tolerated differences are near-ties at the ℓ-th score.
 #[test]
 fn route_matches_cpu() {
     let Some(dev) = cuda() else { return };
@@ -711,6 +712,8 @@ fn route_matches_cpu() {
     for (hq, d, h, c, n_probe, b) in [
         (32, 128, 256, 1024, 32, 5),
         (32, 128, 256, 1024, 32, 1),
+        (14, 64, 64, 1024, 9, 1),
+        (14, 64, 64, 1024, 9, 8),
         (8, 64, 48, 40, 40, 1),
         (4, 64, 32, 200, 100, 3),
     ] {
