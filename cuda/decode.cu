@@ -928,20 +928,19 @@ __device__ __forceinline__ void route_fused_impl(const Q* __restrict__ q,
     SAAP_ROUTE_FUSED_IB(NAME##_i1, W, Q, 1) \
     SAAP_ROUTE_FUSED_IB(NAME##_i4, W, Q, 4)
 
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_f32, float, float)
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_bf16, float, __nv_bfloat16)
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wf32_f16, float, __half)
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_f32, __nv_bfloat16, float)
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
-SAAP_ROUTE_HIDDEN(saap_route_hidden_wbf16_f16, __nv_bfloat16, __half)
+// Every (weight, query) type pair of the kernels that read the query: NAME_w<W>_<Q>.
+#define SAAP_ROUTE_EACH_WQ(KERNELS, NAME)                      \
+    KERNELS(NAME##_wf32_f32, float, float)                     \
+    KERNELS(NAME##_wf32_bf16, float, __nv_bfloat16)            \
+    KERNELS(NAME##_wf32_f16, float, __half)                    \
+    KERNELS(NAME##_wbf16_f32, __nv_bfloat16, float)            \
+    KERNELS(NAME##_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)   \
+    KERNELS(NAME##_wbf16_f16, __nv_bfloat16, __half)
+
+SAAP_ROUTE_EACH_WQ(SAAP_ROUTE_HIDDEN, saap_route_hidden)
 SAAP_ROUTE_OUT(saap_route_out_wf32, float)
 SAAP_ROUTE_OUT(saap_route_out_wbf16, __nv_bfloat16)
-SAAP_ROUTE_FUSED(saap_route_fused_wf32_f32, float, float)
-SAAP_ROUTE_FUSED(saap_route_fused_wf32_bf16, float, __nv_bfloat16)
-SAAP_ROUTE_FUSED(saap_route_fused_wf32_f16, float, __half)
-SAAP_ROUTE_FUSED(saap_route_fused_wbf16_f32, __nv_bfloat16, float)
-SAAP_ROUTE_FUSED(saap_route_fused_wbf16_bf16, __nv_bfloat16, __nv_bfloat16)
-SAAP_ROUTE_FUSED(saap_route_fused_wbf16_f16, __nv_bfloat16, __half)
+SAAP_ROUTE_EACH_WQ(SAAP_ROUTE_FUSED, saap_route_fused)
 
 // The n_probe best partitions of each row of scores [rows, C] → probes [rows, n_probe], in the
 // CPU's order (score descending, index ascending; see top.cuh). One block per row (a multiple of
