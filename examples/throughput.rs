@@ -128,7 +128,13 @@ struct SaapRun {
 impl SaapRun {
     /// Puts the model's restored ops in this run's state: `quest_layers` routed by Quest,
     /// `dense_layers` dense (Quest settings route every layer by Quest already).
-    fn apply(self, model: &mut Llama, quest_layers: &[usize], dense_layers: &[usize]) -> Res<()> {
+    fn apply(
+        self,
+        model: &mut Llama,
+        index_window: usize,
+        quest_layers: &[usize],
+        dense_layers: &[usize],
+    ) -> Res<()> {
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
         for &layer in quest_layers {
@@ -139,17 +145,7 @@ impl SaapRun {
         }
         // Windows last, each layer's once: the restored caches hold the widest, which a layer
         // can only shrink.
-        for layer in 0..model.n_layers() {
-            let op = model.attention_mut(layer)?;
-            let window = match op.routing() {
-                Routing::Quest => self.quest_window.or(self.window),
-                _ => self.window,
-            };
-            if let Some(window) = window {
-                op.set_window(window)?;
-            }
-        }
-        Ok(())
+        common::set_layer_windows(model, self.window, self.quest_window, index_window)
     }
 
     fn label(self) -> String {
@@ -323,13 +319,7 @@ fn run(args: Args) -> Res<()> {
             false => values.iter().map(|&w| Some(w)).collect(),
         }
     };
-    // A Quest window alone still sets the other layers' to the index's: the prefill may keep
-    // a wider one.
-    let plain_windows = match (args.window.is_empty(), args.quest_window.is_empty()) {
-        (true, false) => vec![Some(index.config().window)],
-        _ => some_or_none(&args.window),
-    };
-    let windows: Vec<(Option<usize>, Option<usize>)> = plain_windows
+    let windows: Vec<(Option<usize>, Option<usize>)> = some_or_none(&args.window)
         .into_iter()
         .flat_map(|w| {
             some_or_none(&args.quest_window)
@@ -379,8 +369,9 @@ fn run(args: Args) -> Res<()> {
             model.serve_all_sparse(args.hybrid)?;
         }
         // The prefill keeps the largest window asked for; each run shrinks it to its own.
-        if let Some(&widest) = args.window.iter().chain(&args.quest_window).max() {
-            model.set_window(widest.max(index.config().window))?;
+        let asked = args.window.iter().chain(&args.quest_window).copied();
+        if let Some(widest) = common::widest_window(asked, index.config().window) {
+            model.set_window(widest)?;
         }
         let start = Instant::now();
         model.prefill_batch(&prompts, chunk)?;
@@ -399,11 +390,21 @@ fn run(args: Args) -> Res<()> {
                     setting, estimate, ..
                 } = run;
                 model.restore_attention(&snapshot)?;
-                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
+                run.apply(
+                    &mut model,
+                    index.config().window,
+                    &args.quest_layers,
+                    &args.dense_layers,
+                )?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
                 model.restore_attention(&snapshot)?;
-                run.apply(&mut model, &args.quest_layers, &args.dense_layers)?;
+                run.apply(
+                    &mut model,
+                    index.config().window,
+                    &args.quest_layers,
+                    &args.dense_layers,
+                )?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 // ℓ of the routed layers after the last step (a budget sets it per step).
                 let probes = (0..model.n_layers())

@@ -4,6 +4,7 @@
 use candle_core::Device;
 use saap::models::fetch;
 use saap::models::{GgufTokenizer, Llama};
+use saap::Routing;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,40 @@ pub fn check_layers(flag: &str, layers: &[usize], n_layers: usize) -> Res<()> {
         }
         None => Ok(()),
     }
+}
+
+/// The window a prefill keeps so that every layer can then shrink to the one asked for it: the
+/// widest of `asked` and the index's (`index_window`); `None` when none is asked for.
+#[allow(dead_code)] // not every example takes windows
+pub fn widest_window(asked: impl IntoIterator<Item = usize>, index_window: usize) -> Option<usize> {
+    Some(asked.into_iter().max()?.max(index_window))
+}
+
+/// Gives each layer its recent window by its routing: the layers routed by Quest `quest_window`
+/// (default `window`), the others `window` (default the index's, `index_window`); with neither
+/// asked for, the ops keep theirs. A window holding tokens can only shrink, so the prefill
+/// before keeps [`widest_window`].
+#[allow(dead_code)] // not every example takes windows
+pub fn set_layer_windows(
+    model: &mut Llama,
+    window: Option<usize>,
+    quest_window: Option<usize>,
+    index_window: usize,
+) -> Res<()> {
+    if window.is_none() && quest_window.is_none() {
+        return Ok(());
+    }
+    let plain = window.unwrap_or(index_window);
+    let quest = quest_window.unwrap_or(plain);
+    for layer in 0..model.n_layers() {
+        let op = model.attention_mut(layer)?;
+        let window = match op.routing() {
+            Routing::Quest => quest,
+            _ => plain,
+        };
+        op.set_window(window)?;
+    }
+    Ok(())
 }
 
 /// Fixes candle's CPU thread count once. Without `RAYON_NUM_THREADS`, candle works it out again

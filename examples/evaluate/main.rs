@@ -191,21 +191,15 @@ struct Policy<'a> {
 }
 
 impl Policy<'_> {
-    /// The window a prefill keeps so that every layer can shrink to its own (`None`: no window
-    /// was asked for, the index's stays).
-    fn prefill_window(self) -> Option<usize> {
-        let widest = self.window.into_iter().chain(self.quest_window).max()?;
-        Some(widest.max(self.index.config().window))
-    }
-
-    /// The window of a layer routed by `routing` (`None`: leave the op's).
-    fn window(self, routing: Routing) -> Option<usize> {
-        self.prefill_window()?;
-        let plain = self.window.unwrap_or(self.index.config().window);
-        Some(match routing {
-            Routing::Quest => self.quest_window.unwrap_or(plain),
-            _ => plain,
-        })
+    /// Forgets the model's sequences and sets the window the next prefill keeps, so that each
+    /// mode's layers can then shrink to theirs ([`common::widest_window`]).
+    fn reset(self, model: &mut Llama) -> Res<()> {
+        model.reset();
+        let asked = self.window.into_iter().chain(self.quest_window);
+        if let Some(widest) = common::widest_window(asked, self.index.config().window) {
+            model.set_window(widest)?;
+        }
+        Ok(())
     }
 
     fn routing(self, layer: usize) -> Res<Routing> {
@@ -259,11 +253,9 @@ fn apply_mode(
             )?;
             attn.set_keys_budget(Some(budget))?;
         }
-        if let Some(window) = policy.window(routing) {
-            attn.set_window(window)?;
-        }
     }
-    Ok(())
+    let index_window = policy.index.config().window;
+    common::set_layer_windows(model, policy.window, policy.quest_window, index_window)
 }
 
 /// Keys read in one decode step by the layers the index routes (those it serves dense left out).
@@ -472,10 +464,7 @@ fn run() -> Res<()> {
     let mut decode = Vec::new();
     let mut quest_budget = args.quest_budget;
     if runs(Section::Ppl) {
-        model.reset();
-        if let Some(widest) = policy.prefill_window() {
-            model.set_window(widest)?;
-        }
+        policy.reset(&mut model)?;
         let start = Instant::now();
         model.prefill_chunked(&window[..split], model.default_prefill_chunk())?;
         // CUDA queues work: without a sync its tail would be billed to the first decode mode.
@@ -565,10 +554,7 @@ fn run() -> Res<()> {
                 .chain(&question)
                 .copied()
                 .collect();
-            model.reset();
-            if let Some(widest) = policy.prefill_window() {
-                model.set_window(widest)?;
-            }
+            policy.reset(&mut model)?;
             model.prefill_chunked(&prompt[..prompt.len() - 1], model.default_prefill_chunk())?;
             let base = model.snapshot_attention()?;
             let mut answers = Vec::new();
