@@ -88,6 +88,10 @@ struct Args {
     /// budget is spent layer by layer from the index's probe curves, where it has them)
     #[arg(long)]
     compare_uniform: bool,
+    /// Run each planned --keys-budget a second time with the Quest layers outside the plan
+    /// (each reading the budget's pages, as before indexes held Quest curves)
+    #[arg(long)]
+    compare_quest_plan: bool,
     /// Floors of the per-layer plan to run each --keys-budget with, comma-separated: the least
     /// share of the uniform ℓ a layer keeps (`saap::budget::plan_probes`)
     #[arg(long, value_delimiter = ',', default_values_t = [saap::budget::DEFAULT_FLOOR])]
@@ -170,9 +174,13 @@ impl SaapRun {
 #[derive(Clone, Copy)]
 enum Setting {
     Probe(usize),
-    /// A keys budget, spent layer by layer from the index's probe curves (with this floor) or
-    /// as the same ℓ everywhere (`None`).
-    Budget(f64, Option<f64>),
+    /// A keys budget, spent layer by layer from the index's curves (with this floor; the Quest
+    /// layers too where `quest_planned`) or as the same ℓ everywhere (`floor: None`).
+    Budget {
+        budget: f64,
+        floor: Option<f64>,
+        quest_planned: bool,
+    },
     /// Probe mass, with at most this many partitions per head.
     Mass(f64, usize),
     /// Quest in every layer, pages chosen per step to fit this keys budget.
@@ -188,14 +196,21 @@ impl Setting {
                     model.attention_mut(layer)?.set_n_probe(n_probe)?;
                 }
             }
-            Setting::Budget(budget, floor) => {
+            Setting::Budget {
+                budget,
+                floor,
+                quest_planned,
+            } => {
                 model.set_budget_by_layer(floor.is_some())?;
+                model.set_plan_quest(quest_planned)?;
                 if let Some(floor) = floor {
                     model.set_plan_floor(floor)?;
                 }
                 model.set_keys_budget(Some(budget))?;
             }
             Setting::Quest(budget) => {
+                // The training-free peer: each layer reads the budget's pages, unplanned.
+                model.set_plan_quest(false)?;
                 for layer in 0..model.n_layers() {
                     model.set_routing(layer, Routing::Quest)?;
                 }
@@ -213,8 +228,19 @@ impl Setting {
     fn label(self) -> String {
         match self {
             Setting::Probe(n_probe) => format!("ℓ {n_probe}"),
-            Setting::Budget(budget, Some(floor)) => format!("budget {budget}, floor {floor}"),
-            Setting::Budget(budget, None) => format!("budget {budget}, uniform ℓ"),
+            Setting::Budget {
+                budget,
+                floor: Some(floor),
+                quest_planned,
+            } => format!(
+                "budget {budget}, floor {floor}{}",
+                if quest_planned { "" } else { ", Quest unplanned" }
+            ),
+            Setting::Budget {
+                budget,
+                floor: None,
+                ..
+            } => format!("budget {budget}, uniform ℓ"),
             Setting::Mass(mass, cap) => format!("mass {mass}, at most {cap}"),
             Setting::Quest(budget) => format!("Quest, budget {budget}"),
         }
@@ -291,7 +317,20 @@ fn run(args: Args) -> Res<()> {
             .collect();
         args.keys_budget
             .iter()
-            .flat_map(|&b| spreads.iter().map(move |&f| Setting::Budget(b, f)))
+            .flat_map(|&budget| {
+                spreads.iter().flat_map(move |&floor| {
+                    // The Quest layers outside the plan as well, where asked (a uniform ℓ has
+                    // no plan to leave).
+                    let unplanned = args.compare_quest_plan && floor.is_some();
+                    std::iter::once(true)
+                        .chain(unplanned.then_some(false))
+                        .map(move |quest_planned| Setting::Budget {
+                            budget,
+                            floor,
+                            quest_planned,
+                        })
+                })
+            })
             .collect()
     } else if !args.n_probe.is_empty() {
         args.n_probe.iter().map(|&l| Setting::Probe(l)).collect()
@@ -440,7 +479,7 @@ fn run(args: Args) -> Res<()> {
                 let estimated =
                     reads.partitions_estimated as f64 / reads.keys_in_context.max(1) as f64;
                 let (budget, mass) = match setting {
-                    Setting::Budget(b, _) | Setting::Quest(b) => (b, 0.0),
+                    Setting::Budget { budget: b, .. } | Setting::Quest(b) => (b, 0.0),
                     Setting::Probe(_) => (0.0, 0.0),
                     Setting::Mass(m, _) => (0.0, m),
                 };
@@ -463,13 +502,23 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_quest\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
-                    matches!(setting, Setting::Budget(_, Some(_))),
+                    matches!(setting, Setting::Budget { floor: Some(_), .. }),
+                    matches!(
+                        setting,
+                        Setting::Budget {
+                            floor: Some(_),
+                            quest_planned: true,
+                            ..
+                        }
+                    ),
                     match setting {
-                        Setting::Budget(_, Some(floor)) => floor.to_string(),
+                        Setting::Budget {
+                            floor: Some(floor), ..
+                        } => floor.to_string(),
                         _ => "null".into(),
                     },
                     args.dense_layers

@@ -521,10 +521,12 @@ impl SaapAttention {
 
     /// This layer's share of a keys budget spent across layers (see [`crate::budget`]): under
     /// [`SaapAttention::set_keys_budget`] with [`Routing::Classifier`], where the budget gives
-    /// ℓ = u, this layer probes `plan[u - 1]` instead (u past the plan's end: u itself), at most
-    /// C. A model's glue sets the plans of all its layers together
-    /// ([`crate::budget::plan_probes`]), so that they read about the keys of the uniform ℓ
-    /// between them. `None` probes the uniform ℓ. Other routings and a fixed ℓ ignore it.
+    /// ℓ = u, this layer probes `plan[u - 1]` instead (u past the plan's end, or 0: u itself),
+    /// at most C; with [`Routing::Quest`] it reads `plan[u - 1] / u` times the pages the budget
+    /// gives it (its plan comes from a Quest curve, measured at u·G/C of the indexed keys). A
+    /// model's glue sets the plans of all its layers together ([`crate::budget::plan_probes`]),
+    /// so that they read about the keys of the uniform ℓ between them. `None` follows the
+    /// budget alone. Other routings and a fixed ℓ ignore it.
     ///
     /// # Errors
     /// [`SaapError::Config`] for an empty plan or an entry outside `1..=C`.
@@ -634,37 +636,56 @@ impl SaapAttention {
         }
         let c = self.config.n_partitions;
         let group = self.config.layout.group_size();
-        let bound = state
+        // Per batch item with indexed keys: the indexed keys the budget allows beside sinks and
+        // window, and how many are indexed.
+        let items: Vec<(f64, usize)> = state
             .seqs
             .iter()
             .filter_map(|s| {
                 let len = s.len + 1;
                 let fixed = self.config.sinks.min(len) + (len - s.indexed_end.min(len));
                 let indexed = len.saturating_sub(fixed);
-                // Nothing indexed yet: this item sets no bound.
-                (indexed > 0).then(|| {
-                    let allowed = ((budget * len as f64).floor() - fixed as f64).max(0.0);
-                    if !quest {
-                        (allowed * c as f64 / (group * indexed) as f64).floor() as usize
-                    } else if allowed >= indexed as f64 {
+                let allowed = ((budget * len as f64).floor() - fixed as f64).max(0.0);
+                (indexed > 0).then_some((allowed, indexed))
+            })
+            .collect();
+        // The largest ℓ whose G·ℓ partitions per group fit every item (none: no bound).
+        let uniform = items
+            .iter()
+            .map(|&(allowed, indexed)| {
+                (allowed * c as f64 / (group * indexed) as f64).floor() as usize
+            })
+            .min();
+        let planned = |u: usize| {
+            (u > 0)
+                .then(|| self.probe_plan.as_ref()?.get(u - 1).copied())
+                .flatten()
+        };
+        if quest {
+            // A plan moves this layer's pages by the ratio it moves the uniform ℓ (its curve
+            // measures Quest at u·G/C of the indexed keys, the share that ℓ allows).
+            let scale = uniform
+                .and_then(|u| planned(u).map(|p| p as f64 / u as f64))
+                .unwrap_or(1.0);
+            let pages = items
+                .iter()
+                .map(|&(allowed, indexed)| {
+                    let allowed = allowed * scale;
+                    if allowed >= indexed as f64 {
                         // Every page of the item fits (its last may be partial): no bound.
                         MAX_QUEST_PAGES
                     } else {
                         allowed as usize / QUEST_PAGE
                     }
                 })
-            })
-            .min();
-        if quest {
-            if let Some(pages) = bound {
+                .min();
+            if let Some(pages) = pages {
                 self.quest_pages = pages.clamp(1, MAX_QUEST_PAGES);
             }
         } else {
-            let uniform = bound.unwrap_or(c).clamp(1, c);
-            self.config.n_probe = match (&self.probe_plan, self.routing) {
-                (Some(plan), Routing::Classifier) => {
-                    plan.get(uniform - 1).copied().unwrap_or(uniform)
-                }
+            let uniform = uniform.unwrap_or(c).clamp(1, c);
+            self.config.n_probe = match self.routing {
+                Routing::Classifier => planned(uniform).unwrap_or(uniform),
                 _ => uniform,
             };
         }

@@ -27,6 +27,8 @@ const TENSOR_DIGESTS: &str = "tensor_sha256";
 const MODEL_SHA256: &str = "model_sha256";
 /// Metadata key of the per-layer probe curves (optional).
 const PROBE_CURVES: &str = "probe_curves";
+/// Metadata key of the per-layer Quest curves (optional).
+const QUEST_CURVES: &str = "quest_curves";
 /// Metadata key of the per-layer routing when served sparse ([`SaapIndex::sparse_routing`]).
 const SPARSE_ROUTING: &str = "sparse_routing";
 
@@ -107,6 +109,7 @@ impl LayerIndex {
 /// | `model` | name of the model the index was trained for |
 /// | `model_sha256` | optional: lowercase hex sha256 of the model file it was calibrated on |
 /// | `probe_curves` | optional: JSON array, per layer a [`ProbeCurve`] or `null` (what each ℓ read and found on held-out text; see [`crate::budget`]) |
+/// | `quest_curves` | optional: JSON array, per layer a [`ProbeCurve`] of Quest's pages or `null` (at point u, pages filling u·G/C of the indexed keys; see [`crate::budget`]) |
 /// | `sparse_routing` | optional: JSON array of each layer's [`Routing`] when served sparse, `Classifier` or `Quest` (see [`SaapIndex::sparse_routing`]); absent: `Classifier` everywhere |
 /// | `n_layers` | number of layers, decimal |
 /// | `config` | the [`SaapConfig`] as JSON |
@@ -120,7 +123,7 @@ impl LayerIndex {
 /// configuration's limits ([`SaapConfig::validate`]), and that every value is finite.
 /// Version 2 differed only in storing F32 tensors and had no `model_sha256`. `probe_curves`
 /// came later within version 3: files without it load with no curves, and builds before it
-/// ignore it; `sparse_routing` likewise.
+/// ignore it; `sparse_routing` and `quest_curves` likewise.
 ///
 /// Usually made by calibration (`saap::train::calibrate_index`, or `train_layer` per layer);
 /// here by hand, with random weights, to show the shapes and a save/load round trip:
@@ -158,6 +161,8 @@ pub struct SaapIndex {
     layers: Vec<LayerIndex>,
     /// Per layer, what each ℓ read and found on held-out text, where calibration measured it.
     probe_curves: Vec<Option<ProbeCurve>>,
+    /// Per layer, what Quest's pages read and found at each uniform ℓ's budget, likewise.
+    quest_curves: Vec<Option<ProbeCurve>>,
     /// Per layer, how it reads keys when served sparse (`Classifier` or `Quest`).
     sparse_routing: Vec<Routing>,
 }
@@ -256,6 +261,7 @@ impl SaapIndex {
             model: model.into(),
             model_sha256: None,
             probe_curves: vec![None; rounded.len()],
+            quest_curves: vec![None; rounded.len()],
             sparse_routing: vec![Routing::Classifier; rounded.len()],
             layers: rounded,
         })
@@ -284,9 +290,30 @@ impl SaapIndex {
     /// [`SaapError::Config`] unless there is one entry per layer and every curve passes
     /// [`ProbeCurve::check`] for this index's C.
     pub fn with_probe_curves(mut self, curves: Vec<Option<ProbeCurve>>) -> Result<Self> {
+        self.probe_curves = self.checked_curves(curves, "probe")?;
+        Ok(self)
+    }
+
+    /// Records each layer's Quest curve (saved with the index): what Quest's pages read and
+    /// find at the keys budgets of each uniform ℓ, from which [`crate::budget::plan_probes`]
+    /// spends a keys budget over the layers routed by Quest as well.
+    ///
+    /// # Errors
+    /// As [`SaapIndex::with_probe_curves`].
+    pub fn with_quest_curves(mut self, curves: Vec<Option<ProbeCurve>>) -> Result<Self> {
+        self.quest_curves = self.checked_curves(curves, "Quest")?;
+        Ok(self)
+    }
+
+    /// `curves` if there is one per layer and each passes [`ProbeCurve::check`] for this C.
+    fn checked_curves(
+        &self,
+        curves: Vec<Option<ProbeCurve>>,
+        kind: &str,
+    ) -> Result<Vec<Option<ProbeCurve>>> {
         if curves.len() != self.layers.len() {
             return Err(SaapError::Config(format!(
-                "{} probe curves for {} layers",
+                "{} {kind} curves for {} layers",
                 curves.len(),
                 self.layers.len()
             )));
@@ -294,13 +321,17 @@ impl SaapIndex {
         for curve in curves.iter().flatten() {
             curve.check(self.config.n_partitions)?;
         }
-        self.probe_curves = curves;
-        Ok(self)
+        Ok(curves)
     }
 
     /// Per layer, its probe curve where calibration measured one.
     pub fn probe_curves(&self) -> &[Option<ProbeCurve>] {
         &self.probe_curves
+    }
+
+    /// Per layer, its Quest curve where calibration measured one.
+    pub fn quest_curves(&self) -> &[Option<ProbeCurve>] {
+        &self.quest_curves
     }
 
     /// Records how each layer reads keys when it is served sparse (with
@@ -456,8 +487,13 @@ impl SaapIndex {
         if let Some(sha) = &self.model_sha256 {
             meta.insert(MODEL_SHA256.to_string(), sha.clone());
         }
-        if self.probe_curves.iter().any(Option::is_some) {
-            meta.insert(PROBE_CURVES.to_string(), json(&self.probe_curves)?);
+        for (key, curves) in [
+            (PROBE_CURVES, &self.probe_curves),
+            (QUEST_CURVES, &self.quest_curves),
+        ] {
+            if curves.iter().any(Option::is_some) {
+                meta.insert(key.to_string(), json(curves)?);
+            }
         }
         if self
             .sparse_routing
@@ -650,6 +686,12 @@ impl SaapIndex {
                 .map_err(|e| format!("{PROBE_CURVES}: {e}"))?,
             None => index,
         };
+        let index = match meta.get(QUEST_CURVES) {
+            Some(text) => index
+                .with_quest_curves(parse(QUEST_CURVES, text)?)
+                .map_err(|e| format!("{QUEST_CURVES}: {e}"))?,
+            None => index,
+        };
         match meta.get(SPARSE_ROUTING) {
             Some(text) => index
                 .with_sparse_routing(parse(SPARSE_ROUTING, text)?)
@@ -761,7 +803,21 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn probe_curves_are_saved_checked_and_optional() {
+    fn curves_are_saved_checked_and_optional() {
+        type With = fn(SaapIndex, Vec<Option<ProbeCurve>>) -> Result<SaapIndex>;
+        type Get = fn(&SaapIndex) -> &[Option<ProbeCurve>];
+        let kinds: [(&str, With, Get); 2] = [
+            (
+                PROBE_CURVES,
+                SaapIndex::with_probe_curves,
+                SaapIndex::probe_curves,
+            ),
+            (
+                QUEST_CURVES,
+                SaapIndex::with_quest_curves,
+                SaapIndex::quest_curves,
+            ),
+        ];
         let config = config();
         let index = SaapIndex::new(config.clone(), "m", vec![layer(&config, 0.5); 2]).unwrap();
         let curve = ProbeCurve {
@@ -775,30 +831,35 @@ pub(crate) mod tests {
         index.save(&path).unwrap();
         let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded.probe_curves(), &[None, None]);
-        let with = index
-            .clone()
-            .with_probe_curves(vec![None, Some(curve.clone())])
-            .unwrap();
-        with.save(&path).unwrap();
-        let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
-        assert_eq!(loaded.probe_curves(), &[None, Some(curve.clone())]);
-        // One per layer, each valid for this C.
-        assert!(index.clone().with_probe_curves(vec![None]).is_err());
-        let mut long = curve.clone();
-        long.indexed_share = vec![0.1; 9];
-        long.indexed_recall = vec![0.1; 9];
-        assert!(index
-            .clone()
-            .with_probe_curves(vec![None, Some(long)])
-            .is_err());
-        // A file whose digests agree but whose curve is out of range is refused on load.
-        let mut bad = with.clone();
-        bad.probe_curves[1].as_mut().unwrap().indexed_recall[2] = 1.5;
-        std::fs::write(&path, bad.to_bytes().unwrap()).unwrap();
-        assert!(matches!(
-            SaapIndex::load(&path, &Device::Cpu),
-            Err(SaapError::IndexFormat(msg)) if msg.contains(PROBE_CURVES) && msg.contains("1.5")
-        ));
+        assert_eq!(loaded.quest_curves(), &[None, None]);
+        for (key, with_curves, curves) in kinds {
+            let with = with_curves(index.clone(), vec![None, Some(curve.clone())]).unwrap();
+            with.save(&path).unwrap();
+            let loaded = SaapIndex::load(&path, &Device::Cpu).unwrap();
+            assert_eq!(curves(&loaded), &[None, Some(curve.clone())], "{key}");
+            // The other kind stays without curves.
+            let other = kinds.iter().find(|k| k.0 != key).unwrap().2;
+            assert_eq!(other(&loaded), &[None, None], "{key}");
+            // One per layer, each valid for this C.
+            assert!(with_curves(index.clone(), vec![None]).is_err());
+            let mut long = curve.clone();
+            long.indexed_share = vec![0.1; 9];
+            long.indexed_recall = vec![0.1; 9];
+            assert!(with_curves(index.clone(), vec![None, Some(long)]).is_err());
+            // A file whose digests agree but whose curve is out of range is refused on load.
+            let mut bad = curve.clone();
+            bad.indexed_recall[2] = 1.5;
+            let mut tampered = with.clone();
+            match key {
+                PROBE_CURVES => tampered.probe_curves[1] = Some(bad),
+                _ => tampered.quest_curves[1] = Some(bad),
+            }
+            std::fs::write(&path, tampered.to_bytes().unwrap()).unwrap();
+            assert!(matches!(
+                SaapIndex::load(&path, &Device::Cpu),
+                Err(SaapError::IndexFormat(msg)) if msg.contains(key) && msg.contains("1.5")
+            ));
+        }
     }
 
     #[test]

@@ -266,6 +266,66 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     assert_eq!((probe(&mut model, 0), probe(&mut model, 1)), (1, 4));
 }
 
+/// With Quest curves in the index, the hybrid's Quest layers trade keys in the plan beside the
+/// classifier layers (each by its routing's curve); `set_plan_quest(false)` leaves them out.
+#[test]
+fn quest_layers_join_the_plan_with_their_curves() {
+    use saap::budget::ProbeCurve;
+    let (mut model, text) = smollm2_indexed(300);
+    let n = model.n_layers();
+    let curve = |mass: f64| ProbeCurve {
+        indexed_mass: mass,
+        indexed_share: vec![0.25, 0.5, 0.75, 1.0],
+        indexed_recall: vec![0.5, 0.7, 0.85, 1.0],
+    };
+    // Layer 1 is routed by Quest and its pages find much; the classifier layers find little.
+    let mut sparse = vec![Routing::Classifier; n];
+    sparse[1] = Routing::Quest;
+    let index = random_index(&model, 8, 2)
+        .with_sparse_routing(sparse)
+        .unwrap()
+        .with_probe_curves(vec![Some(curve(0.05)); n])
+        .unwrap()
+        .with_quest_curves(vec![Some(curve(0.9)); n])
+        .unwrap();
+    model.attach_index(Some(&index)).unwrap();
+    model.set_plan_floor(0.0).unwrap();
+    let plan = |model: &mut Llama, l: usize| {
+        let op = model.attention_mut(l).unwrap();
+        op.probe_plan().map(<[usize]>::to_vec)
+    };
+    // Classifier everywhere: the classifier curves alone, alike, so no layer moves.
+    model.serve_all_sparse(false).unwrap();
+    assert!((0..n).all(|l| plan(&mut model, l).unwrap()[1] == 2));
+    // The hybrid: layer 1 plans by its Quest curve and takes all four shares at u = 2, two
+    // more than the uniform ℓ's; two classifier layers give one each.
+    model.serve_all_sparse(true).unwrap();
+    assert_eq!(plan(&mut model, 1).unwrap()[1], 4);
+    let at_u2 = |model: &mut Llama| -> Vec<usize> {
+        (0..n)
+            .filter(|&l| l != 1)
+            .map(|l| plan(model, l).unwrap()[1])
+            .collect()
+    };
+    let given = at_u2(&mut model);
+    assert_eq!(given.iter().filter(|&&p| p == 1).count(), 2, "{given:?}");
+    assert!(given.iter().all(|&p| p == 1 || p == 2), "{given:?}");
+    model.set_plan_quest(false).unwrap();
+    assert_eq!(plan(&mut model, 1), None);
+    assert!(at_u2(&mut model).iter().all(|&p| p == 2));
+    model.set_plan_quest(true).unwrap();
+    // Decoding under a budget whose uniform ℓ is 2 (as in the test above): the Quest layer
+    // reads twice the budget's indexed keys, so all of them, more than the budget's share.
+    model.set_keys_budget(Some(0.9)).unwrap();
+    prefill_then_decode(&mut model, &text[..291], 290);
+    let reads = model.read_stats();
+    let (quest, other) = (reads[1].as_ref().unwrap(), reads[0].as_ref().unwrap());
+    assert!(
+        quest.keys_read == quest.keys_in_context && other.keys_read < other.keys_in_context,
+        "Quest layer {quest:?}, classifier layer {other:?}"
+    );
+}
+
 /// Serving every layer sparse routes each by the classifier, or with the hybrid by the routing
 /// the index recorded for it (Quest in layer 1 here): dense layers included, and the hybrid's
 /// Quest layer decodes under a keys budget beside the classifier layers.

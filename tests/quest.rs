@@ -410,6 +410,64 @@ fn quest_bad_inputs_are_refused() {
     assert!(matches!(long.begin_replay(4), Err(SaapError::Config(_))));
 }
 
+/// A plan (a Quest curve's, set by a model's glue) moves a Quest layer's pages by the ratio it
+/// moves the uniform ℓ the budget gives: `plan[u - 1] / u` times the budget's indexed keys.
+#[test]
+fn a_probe_plan_scales_quest_pages() {
+    let config = quest_config();
+    let (c, g) = (config.n_partitions, config.layout.group_size());
+    let (mut op, mut r) = quest_op(&[300, 260], 9);
+    let budget = 0.5;
+    op.set_keys_budget(Some(budget)).unwrap();
+    // Per uniform ℓ u: a third of the pages at u = 1..=2, twice them from u = 3 (at most C).
+    let plan: Vec<usize> = (1..=c).map(|u| (2 * u).min(c)).collect();
+    for (planned, step) in [(false, 0), (true, 1), (true, 2), (false, 3)] {
+        op.set_probe_plan(planned.then(|| plan.clone())).unwrap();
+        let before = op.extents().to_vec();
+        let [q, k, v] = qkv(&mut r, 2, 1);
+        op.decode(&q, &k, &v).unwrap();
+        // (allowed, indexed) per item, as the budget counts them before the step.
+        let items: Vec<(f64, usize)> = before
+            .iter()
+            .map(|s| {
+                let fixed = config.sinks + s.len + 1 - s.indexed_end;
+                let allowed = (budget * (s.len + 1) as f64).floor() - fixed as f64;
+                (allowed, s.len + 1 - fixed)
+            })
+            .collect();
+        let u = items
+            .iter()
+            .map(|&(a, n)| (a * c as f64 / (g * n) as f64).floor() as usize)
+            .min()
+            .unwrap();
+        assert!(u >= 1, "the budget allows {u} partitions per head");
+        let scale = if planned {
+            plan[u - 1] as f64 / u as f64
+        } else {
+            1.0
+        };
+        let pages_at = |scale: f64| {
+            items
+                .iter()
+                .map(|&(a, n)| match a * scale >= n as f64 {
+                    true => usize::MAX,
+                    false => (a * scale) as usize / QUEST_PAGE,
+                })
+                .min()
+                .unwrap()
+                .min(MAX_QUEST_PAGES)
+        };
+        let pages = pages_at(scale);
+        assert_eq!(op.quest_pages(), pages, "step {step}, u {u}");
+        assert_eq!(planned, pages != pages_at(1.0), "step {step}, u {u}");
+        assert_eq!(
+            op.last_read().unwrap().partitions_probed,
+            2 * HKV * pages,
+            "step {step}"
+        );
+    }
+}
+
 #[test]
 fn quest_keys_budget_sets_pages_and_read_stats() {
     let config = quest_config();

@@ -262,14 +262,31 @@ fn calibration_serves_dense_the_layers_below_the_recall_target() {
     assert_eq!(index.n_layers(), 2);
     // Each layer's probe curve and sparse routing travel with the index; the sparse routing is
     // Quest exactly where Quest's pages found more of the held-out mass.
-    for ((curve, &sparse), report) in index
+    for (((curve, quest), &sparse), report) in index
         .probe_curves()
         .iter()
+        .zip(index.quest_curves())
         .zip(index.sparse_routing())
         .zip(&reports)
     {
+        assert_eq!(quest.as_ref(), Some(&report.quest_curve));
         assert_eq!(curve.as_ref(), Some(&report.probe_curve));
         assert_eq!(sparse, report.sparse_routing);
+        // Quest's curve: point u reads about u·G/C of the indexed keys (whole pages of 16, at
+        // least one; at least 64 indexed keys per query), and reads them all by u = ⌈C/G⌉.
+        let quest = &report.quest_curve;
+        let (c, g) = (config.n_partitions, config.layout.group_size());
+        assert_eq!(quest.indexed_share.len(), c.div_ceil(g));
+        quest.check(c).unwrap();
+        for (u, &share) in quest.indexed_share.iter().enumerate() {
+            let target = ((u + 1) * g) as f64 / c as f64;
+            assert!(
+                share <= target.min(1.0) + 1e-9 && share >= target.min(1.0) - 16.0 / 64.0,
+                "u {}: {share} vs {target}",
+                u + 1
+            );
+        }
+        assert!((quest.indexed_recall.last().unwrap() - 1.0).abs() < 1e-6);
         let quest_better =
             report.classifier.quest_indexed_recall > report.classifier.indexed_recall;
         assert_eq!(sparse == Routing::Quest, quest_better, "{report:?}");

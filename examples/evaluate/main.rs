@@ -225,6 +225,9 @@ fn apply_mode(
     probe: usize,
     quest_budget: Option<f64>,
 ) -> Res<()> {
+    // Quest as the training-free peer reads its budget's pages in every layer; the hybrid's
+    // Quest layers take part in Saap's plan (where the index holds Quest curves).
+    model.set_plan_quest(matches!(mode, Mode::Saap))?;
     for layer in 0..model.n_layers() {
         let trained = policy.routing(layer)?;
         let routing = match (mode, trained) {

@@ -192,6 +192,10 @@ pub struct Llama {
     attn: Vec<SaapAttention>,
     /// The attached index's probe curves (empty without an index).
     probe_curves: Vec<Option<ProbeCurve>>,
+    /// The attached index's Quest curves (likewise).
+    quest_curves: Vec<Option<ProbeCurve>>,
+    /// Whether layers routed by Quest take part in the plan (where they have curves).
+    plan_quest: bool,
     /// The attached index's routing per layer when served sparse (empty: no index).
     sparse_routing: Vec<Routing>,
     /// Whether a keys budget is spent layer by layer from those curves.
@@ -374,6 +378,8 @@ impl Llama {
             layers,
             attn: Vec::new(),
             probe_curves: Vec::new(),
+            quest_curves: Vec::new(),
+            plan_quest: true,
             sparse_routing: Vec::new(),
             budget_by_layer: true,
             plan_floor: crate::budget::DEFAULT_FLOOR,
@@ -393,6 +399,7 @@ impl Llama {
             .map(|_| SaapAttention::dense(&config, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
         self.probe_curves = Vec::new();
+        self.quest_curves = Vec::new();
         self.sparse_routing = Vec::new();
         Ok(())
     }
@@ -465,22 +472,36 @@ impl Llama {
             .map(|layer| SaapAttention::from_index(index, layer, &self.device, self.dtype))
             .collect::<crate::Result<_>>()?;
         self.probe_curves = index.probe_curves().to_vec();
+        self.quest_curves = index.quest_curves().to_vec();
         self.sparse_routing = index.sparse_routing().to_vec();
         self.plan_probes()
     }
 
     /// Whether a keys budget ([`Llama::set_keys_budget`]) is spent layer by layer (on by
-    /// default): where the attached index holds probe curves (from calibration), the layers
-    /// routed by the classifier trade partitions so that, for the ℓ the budget gives, they read
-    /// about as many keys between them as all at that ℓ, and more where the curves found more
-    /// of the attention per key read ([`crate::budget::plan_probes`]). Off, or without curves,
-    /// every layer probes the same ℓ.
+    /// default): where the attached index holds curves (from calibration), the layers routed
+    /// by the classifier (probe curves) and by Quest (Quest curves) trade keys so that, for the
+    /// ℓ the budget gives, they read about as many keys between them as all at that ℓ, and more
+    /// where the curves found more of the attention per key read
+    /// ([`crate::budget::plan_probes`]). Off, or without curves, every classifier layer probes
+    /// the same ℓ and every Quest layer reads the budget's pages.
     ///
     /// # Errors
     /// [`Error::Saap`] for curves that do not fit the index (not for a loaded index, which
     /// checked them).
     pub fn set_budget_by_layer(&mut self, on: bool) -> Result<()> {
         self.budget_by_layer = on;
+        self.plan_probes()
+    }
+
+    /// Whether the layers routed by Quest take part in the per-layer plan (on by default, where
+    /// the index holds Quest curves). Off, each reads the budget's pages while the classifier
+    /// layers trade among themselves, as with an index calibrated before Quest curves: for
+    /// comparing the two.
+    ///
+    /// # Errors
+    /// As [`Llama::set_budget_by_layer`].
+    pub fn set_plan_quest(&mut self, on: bool) -> Result<()> {
+        self.plan_quest = on;
         self.plan_probes()
     }
 
@@ -496,14 +517,22 @@ impl Llama {
         self.plan_probes()
     }
 
-    /// Gives each classifier-routed layer its probe plan from the curves (or none).
+    /// Gives each layer routed by the classifier or by Quest its plan from its routing's curve
+    /// (or none).
     fn plan_probes(&mut self) -> Result<()> {
-        let routed = |op: &SaapAttention| op.routing() == Routing::Classifier;
+        let curve = |layer: usize, routing: Routing| {
+            let curves = match routing {
+                Routing::Classifier => &self.probe_curves,
+                Routing::Quest if self.plan_quest => &self.quest_curves,
+                _ => return None,
+            };
+            curves.get(layer)?.as_ref()
+        };
         let curves: Vec<Option<&ProbeCurve>> = self
             .attn
             .iter()
-            .zip(self.probe_curves.iter().chain(std::iter::repeat(&None)))
-            .map(|(op, c)| c.as_ref().filter(|_| self.budget_by_layer && routed(op)))
+            .enumerate()
+            .map(|(layer, op)| curve(layer, op.routing()).filter(|_| self.budget_by_layer))
             .collect();
         let Some(c) = self.attn.first().map(|op| op.config().n_partitions) else {
             return Ok(());
@@ -709,7 +738,7 @@ impl Llama {
     /// holding more of the held-out attention than the classifier's partitions at equal keys).
     /// Quest layers read pages to fit the keys budget ([`Llama::set_keys_budget`]) and without
     /// one [`crate::config::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
-    /// layers. The hybrid is for long contexts: on Qwen2.5-Coder-0.5B it kept perplexity within 1%
+    /// layers, and the Quest layers too where the index holds Quest curves. The hybrid is for long contexts: on Qwen2.5-Coder-0.5B it kept perplexity within 1%
     /// of dense at 120k with 5.7% of the keys, but at 32k did worse than the classifier alone
     /// (bench/results/2026-11-27-h200-hybrid32).
     ///

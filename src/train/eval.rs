@@ -230,9 +230,22 @@ pub fn evaluate_routing(
     Ok(sum.mean())
 }
 
-/// The classifier's and nearest centroid's evaluations at the configured ℓ and the probe curve
-/// of one layer, as [`evaluate_routing`] and [`probe_curve`] give them, each held-out sequence's
-/// attention computed once for all three (the curve is `None` when no query fits).
+/// What calibration measures for one layer on held-out queries ([`evaluate_for_calibration`]).
+pub(crate) struct CalibrationEval {
+    /// The classifier at the configured ℓ.
+    pub classifier: RoutingEval,
+    /// Nearest-centroid routing at the configured ℓ.
+    pub nearest: RoutingEval,
+    /// The classifier's probe curve ([`probe_curve`]); `None` when no query fits.
+    pub probe_curve: Option<ProbeCurve>,
+    /// Quest's curve on the same x-axis ([`quest_curve_sums`]); `None` when no query has
+    /// indexed keys.
+    pub quest_curve: Option<ProbeCurve>,
+}
+
+/// The classifier's and nearest centroid's evaluations at the configured ℓ, and the probe
+/// curves of the classifier ([`probe_curve`]) and of Quest for one layer, each held-out
+/// sequence's attention computed once for all four.
 pub(crate) fn evaluate_for_calibration(
     sequences: &[Sequence],
     layer: &LayerIndex,
@@ -240,16 +253,23 @@ pub(crate) fn evaluate_for_calibration(
     first: usize,
     queries_per_seq: usize,
     device: &Device,
-) -> Result<(RoutingEval, RoutingEval, Option<ProbeCurve>)> {
+) -> Result<CalibrationEval> {
     let (mut classifier, mut nearest) = (RoutingEval::default(), RoutingEval::default());
     let mut curve = CurveSums::zero(curve_points(config));
+    let mut quest = CurveSums::zero(curve_points(config));
     for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
         let h = h?;
         classifier = classifier.plus(routing_sums(&h, layer, config, Routing::Classifier)?);
         nearest = nearest.plus(routing_sums(&h, layer, config, Routing::NearestCentroid)?);
         curve = curve.plus(curve_sums(&h, layer, config)?);
+        quest = quest.plus(quest_curve_sums(&h, config));
     }
-    Ok((classifier.mean(), nearest.mean(), curve.mean()))
+    Ok(CalibrationEval {
+        classifier: classifier.mean(),
+        nearest: nearest.mean(),
+        probe_curve: curve.mean(),
+        quest_curve: quest.mean(),
+    })
 }
 
 /// [`evaluate_routing`]'s sums (not yet means) over one sequence's queries.
@@ -333,7 +353,8 @@ fn routing_sums(
                     .iter()
                     .map(|h| h[i].as_slice())
                     .collect();
-                let quest = quest_pages(&group_q, &k_rot[kvh], sink_end..index_end, read);
+                let ranked = quest_order(&group_q, &k_rot[kvh], sink_end..index_end);
+                let quest = quest_pages(&ranked, read);
                 let quest_read: usize = quest.iter().map(|r| r.len()).sum();
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
@@ -522,16 +543,74 @@ fn curve_sums(h: &HeldOut, layer: &LayerIndex, config: &SaapConfig) -> Result<Cu
         .reduce(|| CurveSums::zero(points), CurveSums::plus))
 }
 
-/// The key ranges Quest reads among the indexed keys `range` for one KV group: pages of
+/// A Quest curve's sums over one sequence's queries, on the x-axis of [`curve_sums`]: at point
+/// u (1-based) Quest reads as many pages of its order as fit in u·G/C of the indexed keys (at
+/// least one; what a keys budget whose uniform ℓ is u allows, counting each of the G heads'
+/// partitions as distinct), and the share of each head's indexed mass they hold.
+fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
+    let (g, c) = (config.layout.group_size(), config.n_partitions);
+    let points = curve_points(config);
+    let (probs, q_rot, k_rot) = (&h.probs, &h.q_rot, &h.k_rot);
+    h.positions
+        .par_iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let mut acc = CurveSums::zero(points);
+            let sink_end = config.sinks.min(t + 1);
+            let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
+            if indexed.is_empty() {
+                return acc;
+            }
+            for kvh in 0..k_rot.len() {
+                let heads = kvh * g..(kvh + 1) * g;
+                let group_q: Vec<&[f32]> =
+                    q_rot[heads.clone()].iter().map(|h| h[i].as_slice()).collect();
+                let ranked = quest_order(&group_q, &k_rot[kvh], indexed.clone());
+                let totals: Vec<f64> = heads
+                    .clone()
+                    .map(|h| probs[h][i][indexed.clone()].iter().map(|&x| x as f64).sum())
+                    .collect();
+                let (mut taken, mut read, mut got) = (0usize, 0usize, vec![0.0f64; g]);
+                for (u, (shares, recalls)) in
+                    acc.shares.iter_mut().zip(&mut acc.recalls).enumerate()
+                {
+                    let keys = (u + 1) * g * indexed.len() / c;
+                    // As decode counts pages: all of them (the last partial) once the keys
+                    // cover the indexed ones.
+                    let pages = match keys >= indexed.len() {
+                        true => ranked.len(),
+                        false => (keys / QUEST_PAGE).clamp(1, ranked.len()),
+                    };
+                    // `pages` only grows with u: add the pages this point reads beyond the last.
+                    for page in &ranked[taken..pages] {
+                        read += page.len();
+                        for (x, h) in got.iter_mut().zip(heads.clone()) {
+                            *x += probs[h][i][page.clone()].iter().map(|&w| w as f64).sum::<f64>();
+                        }
+                    }
+                    taken = pages;
+                    let share = read as f64 / indexed.len() as f64;
+                    for (x, total) in got.iter().zip(&totals) {
+                        *shares += share;
+                        *recalls += if *total > 0.0 { x / total } else { 1.0 };
+                    }
+                }
+                acc.mass += totals.iter().sum::<f64>();
+                acc.samples += g;
+            }
+            acc
+        })
+        .reduce(|| CurveSums::zero(points), CurveSums::plus)
+}
+
+/// Quest's pages among the indexed keys `range` for one KV group, best first: pages of
 /// [`QUEST_PAGE`] keys from `range.start` (the last one may be partial), ranked by the best over
 /// the group's post-RoPE queries `group_q` of `Σ_d max(q_d·min_d, q_d·max_d)` (bounds over the
-/// page's rows of `keys`, `[n][D]`), ties to the earlier page, taken in that order while their
-/// keys fit in `budget` (the first one always).
-fn quest_pages(
+/// page's rows of `keys`, `[n][D]`), ties to the earlier page.
+fn quest_order(
     group_q: &[&[f32]],
     keys: &[Vec<f32>],
     range: std::ops::Range<usize>,
-    budget: usize,
 ) -> Vec<std::ops::Range<usize>> {
     let pages: Vec<std::ops::Range<usize>> = range
         .clone()
@@ -561,15 +640,20 @@ fn quest_pages(
     let mut order: Vec<usize> = (0..pages.len()).collect();
     // Stable: equal scores keep the earlier page first.
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order.into_iter().map(|p| pages[p].clone()).collect()
+}
+
+/// The pages of [`quest_order`] taken in order while their keys fit in `budget` (the first one
+/// always): what Quest reads at a routing's keys.
+fn quest_pages(ranked: &[std::ops::Range<usize>], budget: usize) -> Vec<std::ops::Range<usize>> {
     let mut taken = Vec::new();
     let mut keys_read = 0;
-    for p in order {
-        let len = pages[p].len();
-        if !taken.is_empty() && keys_read + len > budget {
+    for page in ranked {
+        if !taken.is_empty() && keys_read + page.len() > budget {
             continue;
         }
-        keys_read += len;
-        taken.push(pages[p].clone());
+        keys_read += page.len();
+        taken.push(page.clone());
     }
     taken
 }
@@ -777,7 +861,7 @@ mod tests {
             })
             .collect();
         let q = [1.0f32, 0.0];
-        let pages = |budget| quest_pages(&[&q], &keys, 4..44, budget);
+        let pages = |budget| quest_pages(&quest_order(&[&q], &keys, 4..44), budget);
         assert_eq!(pages(16), vec![20..36]);
         // A budget below one page still reads the best page.
         assert_eq!(pages(3), vec![20..36]);
@@ -789,7 +873,10 @@ mod tests {
         assert_eq!(pages(40).iter().map(|r| r.len()).sum::<usize>(), 40);
         // The best head of a group decides: a second head that prefers nothing changes nothing.
         let other = [0.0f32, 1.0];
-        assert_eq!(quest_pages(&[&other, &q], &keys, 4..44, 16), vec![20..36]);
+        assert_eq!(
+            quest_pages(&quest_order(&[&other, &q], &keys, 4..44), 16),
+            vec![20..36]
+        );
     }
 
     #[test]

@@ -333,12 +333,16 @@ pub struct LayerReport {
     pub sparse_routing: Routing,
     /// What each ℓ reads and finds with the classifier (saved in the index).
     pub probe_curve: ProbeCurve,
+    /// What Quest reads and finds at the budgets of each uniform ℓ (saved in the index; see
+    /// [`crate::budget`]).
+    pub quest_curve: ProbeCurve,
 }
 
 /// Trains every layer on `train[layer]`, evaluates on `held_out[layer]` (other text), serves
 /// dense the layers whose classifier recall stays below `min_recall`, and records each layer's
 /// routing when served sparse ([`choose_sparse_routing`]). Each layer's
-/// [`ProbeCurve`] is measured on the same held-out queries and saved in the index. `progress`
+/// [`ProbeCurve`]s, the classifier's and Quest's, are measured on the same held-out queries and
+/// saved in the index. `progress`
 /// shows each layer's classifier training; `on_layer` sees each layer's report as soon as it is
 /// measured.
 ///
@@ -374,7 +378,12 @@ pub fn calibrate_index(
         }
         let mut layer = train_layer(train_seqs, config, params, progress)?;
         // Each held-out sequence's attention computed once for the three measurements.
-        let (classifier, nearest_centroid, probe_curve) = eval::evaluate_for_calibration(
+        let eval::CalibrationEval {
+            classifier,
+            nearest: nearest_centroid,
+            probe_curve,
+            quest_curve,
+        } = eval::evaluate_for_calibration(
             eval_seqs,
             &layer,
             config,
@@ -382,7 +391,7 @@ pub fn calibrate_index(
             params.eval_queries_per_seq,
             &params.device,
         )?;
-        let Some(probe_curve) = probe_curve else {
+        let (Some(probe_curve), Some(quest_curve)) = (probe_curve, quest_curve) else {
             return Err(SaapError::Training(format!(
                 "held-out sequences of layer {i} are shorter than {first} tokens"
             )));
@@ -395,6 +404,7 @@ pub fn calibrate_index(
             routing: layer.routing,
             sparse_routing: choose_sparse_routing(&classifier),
             probe_curve,
+            quest_curve,
         };
         on_layer(&report);
         reports.push(report);
@@ -404,9 +414,14 @@ pub fn calibrate_index(
         .iter()
         .map(|r| Some(r.probe_curve.clone()))
         .collect();
+    let quest_curves = reports
+        .iter()
+        .map(|r| Some(r.quest_curve.clone()))
+        .collect();
     let sparse = reports.iter().map(|r| r.sparse_routing).collect();
     let index = SaapIndex::new(config.clone(), model, layers)?
         .with_probe_curves(curves)?
+        .with_quest_curves(quest_curves)?
         .with_sparse_routing(sparse)?;
     Ok((index, reports))
 }
