@@ -234,7 +234,11 @@ impl Setting {
                 quest_planned,
             } => format!(
                 "budget {budget}, floor {floor}{}",
-                if quest_planned { "" } else { ", Quest unplanned" }
+                if quest_planned {
+                    ""
+                } else {
+                    ", Quest unplanned"
+                }
             ),
             Setting::Budget {
                 budget,
@@ -322,13 +326,13 @@ fn run(args: Args) -> Res<()> {
                     // The Quest layers outside the plan as well, where asked (a uniform ℓ has
                     // no plan to leave).
                     let unplanned = args.compare_quest_plan && floor.is_some();
-                    std::iter::once(true)
-                        .chain(unplanned.then_some(false))
-                        .map(move |quest_planned| Setting::Budget {
+                    std::iter::once(true).chain(unplanned.then_some(false)).map(
+                        move |quest_planned| Setting::Budget {
                             budget,
                             floor,
                             quest_planned,
-                        })
+                        },
+                    )
                 })
             })
             .collect()

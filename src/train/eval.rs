@@ -151,6 +151,8 @@ struct HeldOut {
     q_rot: Vec<Vec<Vec<f32>>>,
     k_rot: Vec<Vec<Vec<f32>>>,
     values: Vec<Vec<Vec<f32>>>,
+    /// Per KV group, Quest's page bounds from the sinks.
+    pages: Vec<PageBounds>,
 }
 
 impl HeldOut {
@@ -172,14 +174,20 @@ impl HeldOut {
             qa.q.transpose(0, 1)?
                 .contiguous()?
                 .to_device(layer.centroids.device())?;
+        let k_rot: Vec<Vec<Vec<f32>>> = qa.k_rot.to_vec3()?;
+        let pages = k_rot
+            .par_iter()
+            .map(|keys| PageBounds::new(keys, config.sinks.min(keys.len())..keys.len()))
+            .collect();
         Ok(Some(Self {
             positions,
             q,
             probs: qa.probs.to_vec3()?,
             labels: qa.labels.to_vec2()?,
             q_rot: qa.q_rot.to_vec3()?,
-            k_rot: qa.k_rot.to_vec3()?,
+            k_rot,
             values: seq.v.to_vec3()?,
+            pages,
         }))
     }
 
@@ -353,7 +361,7 @@ fn routing_sums(
                     .iter()
                     .map(|h| h[i].as_slice())
                     .collect();
-                let ranked = quest_order(&group_q, &k_rot[kvh], sink_end..index_end);
+                let ranked = quest_order(&group_q, &k_rot[kvh], &h.pages[kvh], sink_end..index_end);
                 let quest = quest_pages(&ranked, read);
                 let quest_read: usize = quest.iter().map(|r| r.len()).sum();
                 for head_probs in &probs[heads] {
@@ -563,9 +571,11 @@ fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
             }
             for kvh in 0..k_rot.len() {
                 let heads = kvh * g..(kvh + 1) * g;
-                let group_q: Vec<&[f32]> =
-                    q_rot[heads.clone()].iter().map(|h| h[i].as_slice()).collect();
-                let ranked = quest_order(&group_q, &k_rot[kvh], indexed.clone());
+                let group_q: Vec<&[f32]> = q_rot[heads.clone()]
+                    .iter()
+                    .map(|h| h[i].as_slice())
+                    .collect();
+                let ranked = quest_order(&group_q, &k_rot[kvh], &h.pages[kvh], indexed.clone());
                 let totals: Vec<f64> = heads
                     .clone()
                     .map(|h| probs[h][i][indexed.clone()].iter().map(|&x| x as f64).sum())
@@ -585,7 +595,10 @@ fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
                     for page in &ranked[taken..pages] {
                         read += page.len();
                         for (x, h) in got.iter_mut().zip(heads.clone()) {
-                            *x += probs[h][i][page.clone()].iter().map(|&w| w as f64).sum::<f64>();
+                            *x += probs[h][i][page.clone()]
+                                .iter()
+                                .map(|&w| w as f64)
+                                .sum::<f64>();
                         }
                     }
                     taken = pages;
@@ -603,13 +616,69 @@ fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
         .reduce(|| CurveSums::zero(points), CurveSums::plus)
 }
 
+/// Per-dimension bounds (min, max) of a KV group's post-RoPE keys over each whole page of
+/// [`QUEST_PAGE`] keys from `start`: computed once per held-out sequence, since every query's
+/// indexed keys start at the sinks and differ only in their last, partial page.
+struct PageBounds {
+    start: usize,
+    bounds: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl PageBounds {
+    /// The whole pages of `keys[range]` (`[n][D]`).
+    fn new(keys: &[Vec<f32>], range: std::ops::Range<usize>) -> Self {
+        let bounds = range
+            .clone()
+            .step_by(QUEST_PAGE)
+            .take_while(|&a| a + QUEST_PAGE <= range.end)
+            .map(|a| bounds_of(&keys[a..a + QUEST_PAGE]))
+            .collect();
+        Self {
+            start: range.start,
+            bounds,
+        }
+    }
+
+    /// The bounds of `keys[page]`, from the table where it is one of its pages.
+    fn of(
+        &self,
+        keys: &[Vec<f32>],
+        page: &std::ops::Range<usize>,
+    ) -> std::borrow::Cow<'_, (Vec<f32>, Vec<f32>)> {
+        let whole = page.len() == QUEST_PAGE
+            && page.start >= self.start
+            && (page.start - self.start) % QUEST_PAGE == 0;
+        match whole
+            .then(|| self.bounds.get((page.start - self.start) / QUEST_PAGE))
+            .flatten()
+        {
+            Some(b) => std::borrow::Cow::Borrowed(b),
+            None => std::borrow::Cow::Owned(bounds_of(&keys[page.clone()])),
+        }
+    }
+}
+
+/// Per-dimension (min, max) over `rows`.
+fn bounds_of(rows: &[Vec<f32>]) -> (Vec<f32>, Vec<f32>) {
+    let d = rows.first().map_or(0, Vec::len);
+    let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+    for row in rows {
+        for (x, (l, h)) in row.iter().zip(lo.iter_mut().zip(hi.iter_mut())) {
+            *l = l.min(*x);
+            *h = h.max(*x);
+        }
+    }
+    (lo, hi)
+}
+
 /// Quest's pages among the indexed keys `range` for one KV group, best first: pages of
 /// [`QUEST_PAGE`] keys from `range.start` (the last one may be partial), ranked by the best over
 /// the group's post-RoPE queries `group_q` of `Σ_d max(q_d·min_d, q_d·max_d)` (bounds over the
-/// page's rows of `keys`, `[n][D]`), ties to the earlier page.
+/// page's rows of `keys`, `[n][D]`, from `table` where it holds them), ties to the earlier page.
 fn quest_order(
     group_q: &[&[f32]],
     keys: &[Vec<f32>],
+    table: &PageBounds,
     range: std::ops::Range<usize>,
 ) -> Vec<std::ops::Range<usize>> {
     let pages: Vec<std::ops::Range<usize>> = range
@@ -618,19 +687,13 @@ fn quest_order(
         .map(|a| a..(a + QUEST_PAGE).min(range.end))
         .collect();
     let score = |page: &std::ops::Range<usize>| -> f32 {
-        let d = keys[page.start].len();
-        let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
-        for row in &keys[page.clone()] {
-            for (x, (l, h)) in row.iter().zip(lo.iter_mut().zip(hi.iter_mut())) {
-                *l = l.min(*x);
-                *h = h.max(*x);
-            }
-        }
+        let bounds = table.of(keys, page);
+        let (lo, hi) = &*bounds;
         group_q
             .iter()
             .map(|q| {
                 q.iter()
-                    .zip(lo.iter().zip(&hi))
+                    .zip(lo.iter().zip(hi))
                     .map(|(&q, (&l, &h))| (q * l).max(q * h))
                     .sum::<f32>()
             })
@@ -851,6 +914,27 @@ mod tests {
     }
 
     #[test]
+    fn page_bounds_table_ranks_as_bounds_computed_per_query() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(5);
+        let keys: Vec<Vec<f32>> = (0..300)
+            .map(|_| (0..8).map(|_| rng.random_range(-1.0..1.0)).collect())
+            .collect();
+        let table = PageBounds::new(&keys, 4..300);
+        let none = PageBounds::new(&keys, 4..4);
+        assert_eq!((table.bounds.len(), none.bounds.len()), (18, 0));
+        for end in [5, 20, 21, 100, 131, 299, 300] {
+            let q: Vec<f32> = (0..8).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let group = [q.as_slice()];
+            assert_eq!(
+                quest_order(&group, &keys, &table, 4..end),
+                quest_order(&group, &keys, &none, 4..end),
+                "end {end}"
+            );
+        }
+    }
+
+    #[test]
     fn quest_pages_rank_by_bound_and_fit_the_budget() {
         // 40 indexed keys from position 4: pages 4..20, 20..36, 36..44 (partial). One key of the
         // middle page points along the query; the others are small.
@@ -861,7 +945,8 @@ mod tests {
             })
             .collect();
         let q = [1.0f32, 0.0];
-        let pages = |budget| quest_pages(&quest_order(&[&q], &keys, 4..44), budget);
+        let table = PageBounds::new(&keys, 4..44);
+        let pages = |budget| quest_pages(&quest_order(&[&q], &keys, &table, 4..44), budget);
         assert_eq!(pages(16), vec![20..36]);
         // A budget below one page still reads the best page.
         assert_eq!(pages(3), vec![20..36]);
@@ -874,7 +959,7 @@ mod tests {
         // The best head of a group decides: a second head that prefers nothing changes nothing.
         let other = [0.0f32, 1.0];
         assert_eq!(
-            quest_pages(&quest_order(&[&other, &q], &keys, 4..44), 16),
+            quest_pages(&quest_order(&[&other, &q], &keys, &table, 4..44), 16),
             vec![20..36]
         );
     }
