@@ -7,7 +7,8 @@
 #   tests | tests2 | b1 BUDGET [BINARIES] | ncu BUDGET | b8 BUDGET | steps | qtop BUDGET |
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
-#   binaries; --window-share was removed after them) | qwin128 | fused
+#   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
+#   qplan32 | b1q | sweep32 | calib32w | low128 | questall128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -188,6 +189,43 @@ fused)
   for b in throughput_old throughput; do
     run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 1,8 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.06 --hybrid
   done ;;
+qplan128)
+  # Session 30 (NOTES §49): the index recalibrated with Quest curves (`device_layers.sh calib128`),
+  # the hybrid at 4% and 5% with its Quest layers in the plan and out of it (the earlier
+  # behaviour) on the same caches; batch 8, 8 × 1023 tokens.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04,0.05 --hybrid --compare-quest-plan ;;
+qpass128)
+  # NOTES §49: passkeys at 120k, 5 depths, the hybrid (Quest layers planned) at budget $2.
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --hybrid --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-qplan-$2" ;;
+qplan32)
+  # NOTES §49: 32k (the index of `calib32`, recalibrated with Quest curves) at 10%: the plan
+  # alone, then the hybrid with its Quest layers in the plan and out of it; batch 8, 8 × 1023.
+  for h in "" "--hybrid --compare-quest-plan"; do
+    run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" $h
+  done ;;
+b1q)
+  # NOTES §49: batch 1 at 120k, 256 tokens, the hybrid at 3% and 4%, Quest layers in the plan
+  # and out of it.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 1 --tokens 256 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --hybrid --compare-quest-plan ;;
+sweep32)
+  # NOTES §49: 32k, budgets 10–11% at windows 2048 and 1024, the plan alone then the hybrid.
+  for h in "" --hybrid; do
+    run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10,0.105,0.11 --index "$I/q32k.safetensors" --window 2048,1024 $h
+  done ;;
+calib32w)
+  # NOTES §49: `calib32` with a 1024-token window, then the plan alone and the hybrid at 10% and
+  # 10.5% with it (`w1024idx.txt`).
+  run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --window 1024 --out "$I/q32k-w1024.safetensors"
+  sha256sum "$I/q32k-w1024.safetensors" | tee -a "$OUT/calib32w.txt"
+  for h in "" --hybrid; do
+    step=w1024idx run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10,0.105 --index "$I/q32k-w1024.safetensors" $h
+  done ;;
+low128)
+  # NOTES §49: the hybrid at 3.5%, Quest layers in the plan and out of it; batch 8, 8 × 1023.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.035 --hybrid --compare-quest-plan ;;
+questall128)
+  # NOTES §49: Quest in every layer at 4%, planned from the Quest curves and not; batch 8.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.04 --quest-layers "$ALL" --compare-quest-plan ;;
 ncuf)
   # NOTES §48: routing kernels' durations (ncu), 4 eager tokens at 32k, batch 1, plan at 10%,
   # old binary then new.
