@@ -8,7 +8,10 @@
 //! some. A [`ProbeCurve`] records, per layer, what each ℓ reads and finds on held-out queries;
 //! [`plan_probes`] trades partitions between layers so that, for every uniform ℓ a budget may
 //! give, the layers together read no more of their indexed keys than at that ℓ (as measured)
-//! while finding as much of the attention mass as the curves allow.
+//! while finding as much of the attention mass as the curves allow. A layer routed by Quest
+//! takes part through its *Quest curve*, on the same axis: at point u, the pages that fill the
+//! u·G/C of its indexed keys a budget with uniform ℓ = u allows; planned p, it reads p/u times
+//! the budget's pages ([`crate::SaapAttention::set_probe_plan`]).
 
 use crate::error::{Result, SaapError};
 use serde::{Deserialize, Serialize};
@@ -24,7 +27,8 @@ pub const DEFAULT_FLOOR: f64 = 0.25;
 
 /// What probing ℓ = 1, 2, … partitions per query head read and find in one layer, measured on
 /// held-out queries (means over queries and query heads; a group's heads read the union of
-/// their probes, as decode does).
+/// their probes, as decode does). A Quest curve has the same form: at point u, what the group's
+/// best pages filling u·G/C of the indexed keys read and find.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProbeCurve {
     /// Share of all attention mass on the indexed keys (outside sinks and window).

@@ -569,13 +569,13 @@ fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
             if indexed.is_empty() {
                 return acc;
             }
-            for kvh in 0..k_rot.len() {
+            for (kvh, (keys, table)) in k_rot.iter().zip(&h.pages).enumerate() {
                 let heads = kvh * g..(kvh + 1) * g;
                 let group_q: Vec<&[f32]> = q_rot[heads.clone()]
                     .iter()
                     .map(|h| h[i].as_slice())
                     .collect();
-                let ranked = quest_order(&group_q, &k_rot[kvh], &h.pages[kvh], indexed.clone());
+                let ranked = quest_order(&group_q, keys, table, indexed.clone());
                 let totals: Vec<f64> = heads
                     .clone()
                     .map(|h| probs[h][i][indexed.clone()].iter().map(|&x| x as f64).sum())
