@@ -483,6 +483,45 @@ impl CurveSums {
         self
     }
 
+    /// One group's point `point` of a curve: the share of the indexed keys it read, and per
+    /// head of the group the mass `got` of its indexed mass `totals` in them.
+    fn add_point(&mut self, point: usize, share: f64, got: &[f64], totals: &[f64]) {
+        for (x, total) in got.iter().zip(totals) {
+            self.shares[point] += share;
+            self.recalls[point] += if *total > 0.0 { x / total } else { 1.0 };
+        }
+    }
+
+    /// Counts one group's heads as samples, with their indexed masses `totals`.
+    fn add_group(&mut self, totals: &[f64]) {
+        self.mass += totals.iter().sum::<f64>();
+        self.samples += totals.len();
+    }
+
+    /// The sums of `each(i, indexed, sums)` over a sequence's queries in parallel, `i` the
+    /// query's number and `indexed` its indexed keys (after the sinks, before the window).
+    fn over_queries(
+        h: &HeldOut,
+        config: &SaapConfig,
+        each: impl Fn(usize, std::ops::Range<usize>, &mut Self) + Sync,
+    ) -> Self {
+        let points = curve_points(config);
+        h.positions
+            .par_iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let mut acc = Self::zero(points);
+                let sink_end = config.sinks.min(t + 1);
+                each(
+                    i,
+                    sink_end..(t + 1).saturating_sub(config.window).max(sink_end),
+                    &mut acc,
+                );
+                acc
+            })
+            .reduce(|| Self::zero(points), Self::plus)
+    }
+
     /// The curve of the means; `None` without samples.
     fn mean(self) -> Option<ProbeCurve> {
         if self.samples == 0 {
@@ -506,49 +545,35 @@ fn curve_sums(h: &HeldOut, layer: &LayerIndex, config: &SaapConfig) -> Result<Cu
     // [P, Hq, points]: each head's partitions in the classifier's order.
     let order = top_probes(&layer.classifier.scores(&h.q)?, points)?.to_vec3::<u32>()?;
     let (probs, labels) = (&h.probs, &h.labels);
-    Ok(h.positions
-        .par_iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            let mut acc = CurveSums::zero(points);
-            let sink_end = config.sinks.min(t + 1);
-            let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
-            for (kvh, lab) in labels.iter().enumerate() {
-                let heads = kvh * g..(kvh + 1) * g;
-                let mut sizes = vec![0usize; c];
-                // Per head of the group, its indexed mass in each partition.
-                let mut masses = vec![vec![0.0f64; c]; g];
-                for j in indexed.clone() {
-                    let p = lab[j] as usize;
-                    sizes[p] += 1;
-                    for (m, h) in masses.iter_mut().zip(heads.clone()) {
-                        m[p] += probs[h][i][j] as f64;
-                    }
+    Ok(CurveSums::over_queries(h, config, |i, indexed, acc| {
+        for (kvh, lab) in labels.iter().enumerate() {
+            let heads = kvh * g..(kvh + 1) * g;
+            let mut sizes = vec![0usize; c];
+            // Per head of the group, its indexed mass in each partition.
+            let mut masses = vec![vec![0.0f64; c]; g];
+            for j in indexed.clone() {
+                let p = lab[j] as usize;
+                sizes[p] += 1;
+                for (m, h) in masses.iter_mut().zip(heads.clone()) {
+                    m[p] += probs[h][i][j] as f64;
                 }
-                let totals: Vec<f64> = masses.iter().map(|m| m.iter().sum()).collect();
-                let (mut probed, mut read, mut got) = (vec![false; c], 0usize, vec![0.0; g]);
-                for (l, (shares, recalls)) in
-                    acc.shares.iter_mut().zip(&mut acc.recalls).enumerate()
-                {
-                    for h in heads.clone() {
-                        let p = order[i][h][l] as usize;
-                        if !std::mem::replace(&mut probed[p], true) {
-                            read += sizes[p];
-                            got.iter_mut().zip(&masses).for_each(|(x, m)| *x += m[p]);
-                        }
-                    }
-                    let share = read as f64 / indexed.len().max(1) as f64;
-                    for (x, total) in got.iter().zip(&totals) {
-                        *shares += share;
-                        *recalls += if *total > 0.0 { x / total } else { 1.0 };
-                    }
-                }
-                acc.mass += totals.iter().sum::<f64>();
-                acc.samples += g;
             }
-            acc
-        })
-        .reduce(|| CurveSums::zero(points), CurveSums::plus))
+            let totals: Vec<f64> = masses.iter().map(|m| m.iter().sum()).collect();
+            let (mut probed, mut read, mut got) = (vec![false; c], 0usize, vec![0.0; g]);
+            let head_orders = &order[i][heads.clone()];
+            for l in 0..points {
+                for head_order in head_orders {
+                    let p = head_order[l] as usize;
+                    if !std::mem::replace(&mut probed[p], true) {
+                        read += sizes[p];
+                        got.iter_mut().zip(&masses).for_each(|(x, m)| *x += m[p]);
+                    }
+                }
+                acc.add_point(l, read as f64 / indexed.len().max(1) as f64, &got, &totals);
+            }
+            acc.add_group(&totals);
+        }
+    }))
 }
 
 /// A Quest curve's sums over one sequence's queries, on the x-axis of [`curve_sums`]: at point
@@ -559,61 +584,46 @@ fn quest_curve_sums(h: &HeldOut, config: &SaapConfig) -> CurveSums {
     let (g, c) = (config.layout.group_size(), config.n_partitions);
     let points = curve_points(config);
     let (probs, q_rot, k_rot) = (&h.probs, &h.q_rot, &h.k_rot);
-    h.positions
-        .par_iter()
-        .enumerate()
-        .map(|(i, &t)| {
-            let mut acc = CurveSums::zero(points);
-            let sink_end = config.sinks.min(t + 1);
-            let indexed = sink_end..(t + 1).saturating_sub(config.window).max(sink_end);
-            if indexed.is_empty() {
-                return acc;
-            }
-            for (kvh, (keys, table)) in k_rot.iter().zip(&h.pages).enumerate() {
-                let heads = kvh * g..(kvh + 1) * g;
-                let group_q: Vec<&[f32]> = q_rot[heads.clone()]
-                    .iter()
-                    .map(|h| h[i].as_slice())
-                    .collect();
-                let ranked = quest_order(&group_q, keys, table, indexed.clone());
-                let totals: Vec<f64> = heads
-                    .clone()
-                    .map(|h| probs[h][i][indexed.clone()].iter().map(|&x| x as f64).sum())
-                    .collect();
-                let (mut taken, mut read, mut got) = (0usize, 0usize, vec![0.0f64; g]);
-                for (u, (shares, recalls)) in
-                    acc.shares.iter_mut().zip(&mut acc.recalls).enumerate()
-                {
-                    let keys = (u + 1) * g * indexed.len() / c;
-                    // As decode counts pages: all of them (the last partial) once the keys
-                    // cover the indexed ones.
-                    let pages = match keys >= indexed.len() {
-                        true => ranked.len(),
-                        false => (keys / QUEST_PAGE).clamp(1, ranked.len()),
-                    };
-                    // `pages` only grows with u: add the pages this point reads beyond the last.
-                    for page in &ranked[taken..pages] {
-                        read += page.len();
-                        for (x, h) in got.iter_mut().zip(heads.clone()) {
-                            *x += probs[h][i][page.clone()]
-                                .iter()
-                                .map(|&w| w as f64)
-                                .sum::<f64>();
-                        }
-                    }
-                    taken = pages;
-                    let share = read as f64 / indexed.len() as f64;
-                    for (x, total) in got.iter().zip(&totals) {
-                        *shares += share;
-                        *recalls += if *total > 0.0 { x / total } else { 1.0 };
+    CurveSums::over_queries(h, config, |i, indexed, acc| {
+        if indexed.is_empty() {
+            return;
+        }
+        for (kvh, (keys, table)) in k_rot.iter().zip(&h.pages).enumerate() {
+            let heads = kvh * g..(kvh + 1) * g;
+            let group_q: Vec<&[f32]> = q_rot[heads.clone()]
+                .iter()
+                .map(|h| h[i].as_slice())
+                .collect();
+            let ranked = quest_order(&group_q, keys, table, indexed.clone());
+            let totals: Vec<f64> = heads
+                .clone()
+                .map(|h| probs[h][i][indexed.clone()].iter().map(|&x| x as f64).sum())
+                .collect();
+            let (mut taken, mut read, mut got) = (0usize, 0usize, vec![0.0f64; g]);
+            for u in 0..points {
+                let keys = (u + 1) * g * indexed.len() / c;
+                // As decode counts pages: all of them (the last partial) once the keys cover
+                // the indexed ones.
+                let pages = match keys >= indexed.len() {
+                    true => ranked.len(),
+                    false => (keys / QUEST_PAGE).clamp(1, ranked.len()),
+                };
+                // `pages` only grows with u: add the pages this point reads beyond the last.
+                for page in &ranked[taken..pages] {
+                    read += page.len();
+                    for (x, h) in got.iter_mut().zip(heads.clone()) {
+                        *x += probs[h][i][page.clone()]
+                            .iter()
+                            .map(|&w| w as f64)
+                            .sum::<f64>();
                     }
                 }
-                acc.mass += totals.iter().sum::<f64>();
-                acc.samples += g;
+                taken = pages;
+                acc.add_point(u, read as f64 / indexed.len() as f64, &got, &totals);
             }
-            acc
-        })
-        .reduce(|| CurveSums::zero(points), CurveSums::plus)
+            acc.add_group(&totals);
+        }
+    })
 }
 
 /// Per-dimension bounds (min, max) of a KV group's post-RoPE keys over each whole page of
