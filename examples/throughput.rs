@@ -413,9 +413,7 @@ fn run(args: Args) -> Res<()> {
         }
         // The prefill keeps the largest window asked for; each run shrinks it to its own.
         let asked = args.window.iter().chain(&args.quest_window).copied();
-        if let Some(widest) = common::widest_window(asked, index.config().window) {
-            model.set_window(widest)?;
-        }
+        common::keep_widest_window(&mut model, asked, index.config().window)?;
         let start = Instant::now();
         model.prefill_batch(&prompts, chunk)?;
         device.synchronize()?;
@@ -432,22 +430,16 @@ fn run(args: Args) -> Res<()> {
                 let SaapRun {
                     setting, estimate, ..
                 } = run;
-                model.restore_attention(&snapshot)?;
-                run.apply(
-                    &mut model,
-                    index.config().window,
-                    &args.quest_layers,
-                    &args.dense_layers,
-                )?;
+                // The prefilled caches, put in this run's state.
+                let restore = |model: &mut Llama| -> Res<()> {
+                    model.restore_attention(&snapshot)?;
+                    let window = index.config().window;
+                    run.apply(model, window, &args.quest_layers, &args.dense_layers)
+                };
+                restore(&mut model)?;
                 let saap = decode(&mut model, &continuations, graph)?;
                 // Keys read: a few tracked steps (tracking syncs every layer: not timed).
-                model.restore_attention(&snapshot)?;
-                run.apply(
-                    &mut model,
-                    index.config().window,
-                    &args.quest_layers,
-                    &args.dense_layers,
-                )?;
+                restore(&mut model)?;
                 let reads = keys_read(&mut model, &continuations, 8)?;
                 // ℓ of the routed layers after the last step (a budget sets it per step).
                 let probes = (0..model.n_layers())

@@ -53,17 +53,25 @@ pub fn check_layers(flag: &str, layers: &[usize], n_layers: usize) -> Res<()> {
     }
 }
 
-/// The window a prefill keeps so that every layer can then shrink to the one asked for it: the
-/// widest of `asked` and the index's (`index_window`); `None` when none is asked for.
+/// Sets the window the next prefill keeps so that every layer can then shrink to the one asked
+/// for it: the widest of `asked` and the index's (`index_window`); with none asked for, the ops
+/// keep theirs.
 #[allow(dead_code)] // not every example takes windows
-pub fn widest_window(asked: impl IntoIterator<Item = usize>, index_window: usize) -> Option<usize> {
-    Some(asked.into_iter().max()?.max(index_window))
+pub fn keep_widest_window(
+    model: &mut Llama,
+    asked: impl IntoIterator<Item = usize>,
+    index_window: usize,
+) -> Res<()> {
+    if let Some(widest) = asked.into_iter().max() {
+        model.set_window(widest.max(index_window))?;
+    }
+    Ok(())
 }
 
 /// Gives each layer its recent window by its routing: the layers routed by Quest `quest_window`
 /// (default `window`), the others `window` (default the index's, `index_window`); with neither
 /// asked for, the ops keep theirs. A window holding tokens can only shrink, so the prefill
-/// before keeps [`widest_window`].
+/// before keeps the widest ([`keep_widest_window`]).
 #[allow(dead_code)] // not every example takes windows
 pub fn set_layer_windows(
     model: &mut Llama,

@@ -192,14 +192,11 @@ struct Policy<'a> {
 
 impl Policy<'_> {
     /// Forgets the model's sequences and sets the window the next prefill keeps, so that each
-    /// mode's layers can then shrink to theirs ([`common::widest_window`]).
+    /// mode's layers can then shrink to theirs ([`common::keep_widest_window`]).
     fn reset(self, model: &mut Llama) -> Res<()> {
         model.reset();
         let asked = self.window.into_iter().chain(self.quest_window);
-        if let Some(widest) = common::widest_window(asked, self.index.config().window) {
-            model.set_window(widest)?;
-        }
-        Ok(())
+        common::keep_widest_window(model, asked, self.index.config().window)
     }
 
     fn routing(self, layer: usize) -> Res<Routing> {
