@@ -309,8 +309,8 @@ pub struct SaapAttention {
     quest_pages: usize,
     /// Whether partition-routed steps estimate the unread partitions from their means.
     estimate_unread: bool,
-    /// Under a keys budget with classifier routing, the ℓ this layer probes for each ℓ the
-    /// budget gives every layer alike (`probe_plan[u - 1]`); `None`: that ℓ itself.
+    /// Under a keys budget, this layer's ℓ (or Quest's point) for each column of budgets
+    /// ([`crate::budget::plan_column`]); `None`: the budget alone.
     probe_plan: Option<Vec<usize>>,
 }
 
@@ -507,8 +507,8 @@ impl SaapAttention {
     /// the estimate. At least one partition is probed: where sinks and window alone exceed the
     /// budget, ℓ = 1 and steps read more than asked. Dense routing reads everything regardless.
     /// Removing the budget leaves ℓ where the last step put it ([`SaapAttention::set_n_probe`]
-    /// sets it again). With a probe plan ([`SaapAttention::set_probe_plan`]) and classifier
-    /// routing, the plan turns that ℓ into this layer's share of a budget spent across layers.
+    /// sets it again). With a probe plan ([`SaapAttention::set_probe_plan`]), classifier and
+    /// Quest routing read this layer's share of a budget spent across layers instead.
     ///
     /// # Errors
     /// [`SaapError::Config`] unless the budget is finite and in (0, 1].
@@ -520,13 +520,15 @@ impl SaapAttention {
     }
 
     /// This layer's share of a keys budget spent across layers (see [`crate::budget`]): under
-    /// [`SaapAttention::set_keys_budget`] with [`Routing::Classifier`], where the budget gives
-    /// ℓ = u, this layer probes `plan[u - 1]` instead (u past the plan's end, or 0: u itself),
-    /// at most C; with [`Routing::Quest`] it reads `plan[u - 1] / u` times the pages the budget
-    /// gives it (its plan comes from a Quest curve, measured at u·G/C of the indexed keys). A
-    /// model's glue sets the plans of all its layers together ([`crate::budget::plan_probes`]),
-    /// so that they read about the keys of the uniform ℓ between them. `None` follows the
-    /// budget alone. Other routings and a fixed ℓ ignore it.
+    /// [`SaapAttention::set_keys_budget`], where the budget allows u partitions per query head
+    /// (fractional: the indexed keys it allows beside sinks and window, times C / (G · indexed
+    /// keys), the least over batch items) and u ≥ 1, the entry of column
+    /// [`crate::budget::plan_column`]`(u)` is this layer's p: with [`Routing::Classifier`] it
+    /// probes ℓ = p; with [`Routing::Quest`] it reads the pages that fill p·G/C of its indexed
+    /// keys (its plan comes from a Quest curve, measured there). Past the plan's end, or below
+    /// one partition, the budget alone decides. A model's glue sets the plans of all its layers
+    /// together ([`crate::budget::plan_probes`]), so that they read about the budget's keys
+    /// between them. `None` follows the budget alone. Other routings and a fixed ℓ ignore it.
     ///
     /// # Errors
     /// [`SaapError::Config`] for an empty plan or an entry outside `1..=C`.
@@ -649,33 +651,30 @@ impl SaapAttention {
                 (indexed > 0).then_some((allowed, indexed))
             })
             .collect();
-        // The largest ℓ whose G·ℓ partitions per group fit every item (none: no bound).
-        let uniform = items
+        // Partitions per query head the budget allows for every item, fractional: a group's G·u
+        // probes read at most u·G/C of its indexed keys (none: no bound).
+        let probes = items
             .iter()
-            .map(|&(allowed, indexed)| {
-                (allowed * c as f64 / (group * indexed) as f64).floor() as usize
-            })
-            .min();
-        let planned = |u: usize| {
-            (u > 0)
-                .then(|| self.probe_plan.as_ref()?.get(u - 1).copied())
-                .flatten()
-        };
+            .map(|&(allowed, indexed)| allowed * c as f64 / (group * indexed) as f64)
+            .min_by(f64::total_cmp);
+        let planned = probes
+            .and_then(crate::budget::plan_column)
+            .and_then(|column| self.probe_plan.as_ref()?.get(column).copied());
         if quest {
-            // A plan moves this layer's pages by the ratio it moves the uniform ℓ (its curve
-            // measures Quest at u·G/C of the indexed keys, the share that ℓ allows).
-            let scale = uniform
-                .and_then(|u| planned(u).map(|p| p as f64 / u as f64))
-                .unwrap_or(1.0);
             let pages = items
                 .iter()
                 .map(|&(allowed, indexed)| {
-                    let allowed = allowed * scale;
-                    if allowed >= indexed as f64 {
+                    // Planned p (its Quest curve's point), the layer reads p·G/C of its indexed
+                    // keys, as calibration measured; else what the budget allows.
+                    let read = match planned {
+                        Some(p) => (p * group) as f64 * indexed as f64 / c as f64,
+                        None => allowed,
+                    };
+                    if read >= indexed as f64 {
                         // Every page of the item fits (its last may be partial): no bound.
                         MAX_QUEST_PAGES
                     } else {
-                        allowed as usize / QUEST_PAGE
+                        read as usize / QUEST_PAGE
                     }
                 })
                 .min();
@@ -683,9 +682,9 @@ impl SaapAttention {
                 self.quest_pages = pages.clamp(1, MAX_QUEST_PAGES);
             }
         } else {
-            let uniform = uniform.unwrap_or(c).clamp(1, c);
-            self.config.n_probe = match self.routing {
-                Routing::Classifier => planned(uniform).unwrap_or(uniform),
+            let uniform = probes.map_or(c, |u| u.floor() as usize).clamp(1, c);
+            self.config.n_probe = match (self.routing, planned) {
+                (Routing::Classifier, Some(p)) => p,
                 _ => uniform,
             };
         }

@@ -6,12 +6,12 @@
 //! some, sinks and window hold almost all of the attention, and probing more partitions finds
 //! little; in others much of the mass lies among the indexed keys and each partition read finds
 //! some. A [`ProbeCurve`] records, per layer, what each ℓ reads and finds on held-out queries;
-//! [`plan_probes`] trades partitions between layers so that, for every uniform ℓ a budget may
-//! give, the layers together read no more of their indexed keys than at that ℓ (as measured)
-//! while finding as much of the attention mass as the curves allow. A layer routed by Quest
-//! takes part through its *Quest curve*, on the same axis: at point u, the pages that fill the
-//! u·G/C of its indexed keys a budget with uniform ℓ = u allows; planned p, it reads p/u times
-//! the budget's pages ([`crate::SaapAttention::set_probe_plan`]).
+//! [`plan_probes`] trades partitions between layers so that, for every budget, the layers
+//! together read about the indexed keys it allows (as the curves measured them) while finding as
+//! much of the attention mass as the curves allow. A layer routed by Quest takes part through its
+//! *Quest curve*, on the same axis: at point u, the pages that fill the u·G/C of its indexed keys
+//! a budget allowing u partitions per query head gives; planned p, it reads p·G/C of its indexed
+//! keys ([`crate::SaapAttention::set_probe_plan`]).
 
 use crate::error::{Result, SaapError};
 use serde::{Deserialize, Serialize};
@@ -127,46 +127,79 @@ struct Step {
     ratio: f64,
 }
 
-/// Per layer, the ℓ to probe for each uniform ℓ a keys budget gives: `plan[layer][u − 1]` for
-/// u = 1 ..= the longest curve. A layer without a curve (`None`: served dense, routed otherwise,
-/// or calibrated before curves existed) keeps the uniform ℓ and takes no part in the trade.
+/// Columns of a plan per partition of the uniform ℓ: column k is for budgets that allow between
+/// 1 + k / `PLAN_STEPS` and 1 + (k + 1) / `PLAN_STEPS` partitions per query head, so a plan can
+/// spend the part of a budget a whole ℓ leaves over (at 32k with a 1024-token window, ℓ 10 of
+/// the 10.2 a 10% budget allows).
+pub const PLAN_STEPS: usize = 8;
+
+/// The budget's ℓ of plan column `column`: 1 + `column` / [`PLAN_STEPS`] partitions per query
+/// head, fractional.
+pub fn column_probes(column: usize) -> f64 {
+    1.0 + column as f64 / PLAN_STEPS as f64
+}
+
+/// The plan column for a budget that allows `probes` partitions per query head (fractional:
+/// allowed indexed keys · C / (G · indexed keys)); `None` below one partition.
+pub fn plan_column(probes: f64) -> Option<usize> {
+    // A little slack for the rounding of `allowed · C / (G · indexed)`.
+    (probes >= 1.0).then(|| ((probes - 1.0) * PLAN_STEPS as f64 + 1e-9).floor() as usize)
+}
+
+/// Per layer, the ℓ to probe for each budget: `plan[layer][k]` where the budget allows
+/// [`column_probes`]`(k)` partitions per query head, for k up to the longest curve's ℓ. A layer
+/// without a curve (`None`: served dense, routed otherwise, or calibrated before curves existed)
+/// keeps the budget's whole ℓ (the fractional one rounded down) and takes no part in the trade.
 ///
-/// For each u, every layer with a curve starts at its floor, ℓ = max(1, ⌈`floor` · u⌉); then
-/// steps along the layers' concave hulls (from the floor up) are taken in order of attention mass
-/// found per indexed key read, while the layers' total share of indexed keys read stays within
-/// what they read at ℓ = u (each layer at min(u, its curve's length)). Layers whose indexed keys
-/// hold little of the attention give up partitions to layers where reading more finds more.
-/// `floor` bounds how far: the curves measure the mass of natural text, and a layer that finds
-/// little there may still be the one that retrieves a rare fact (a passkey), so a layer keeps at
-/// least that share of the uniform ℓ (0: as few as one partition; 1: the uniform ℓ itself). The
-/// shares are the curves' measurements: a plan reads about as many keys as the uniform ℓ, not
-/// exactly (partitions and lengths differ from calibration's).
+/// A budget allowing u partitions per query head lets each layer read u·G/C of its indexed keys
+/// (`group` = G query heads per KV head, C = `n_partitions`): what a group's G·u probes read at
+/// most. The heads of a group share partitions, so at that ℓ they read less; the plan spends
+/// what the curves say the budget allows instead. For each column, every layer with a curve
+/// starts at its floor, ℓ = max(1, ⌈`floor` · ⌊u⌋⌉); then steps along the layers' concave hulls
+/// (from the floor up) are taken in order of attention mass found per indexed key read, while
+/// the layers' total share of indexed keys read (as the curves measured it) stays within u·G/C
+/// per layer. Layers whose indexed keys hold little of the attention give up partitions to
+/// layers where reading more finds more. `floor` bounds how far: the curves measure the mass of
+/// natural text, and a layer that finds little there may still be the one that retrieves a rare
+/// fact (a passkey), so a layer keeps at least that share of the whole ℓ (0: as few as one
+/// partition; 1: the whole ℓ itself, and more where the budget allows). The shares are the
+/// curves' measurements: a plan reads about the budget, not at most (partitions and lengths
+/// differ from calibration's).
 ///
 /// # Errors
 /// [`SaapError::Config`] for a curve that fails [`ProbeCurve::check`] against `n_partitions`,
-/// or a `floor` outside [0, 1] (NaN included).
+/// a `group` of 0 or above `n_partitions`, or a `floor` outside [0, 1] (NaN included).
 pub fn plan_probes(
     curves: &[Option<&ProbeCurve>],
     n_partitions: usize,
+    group: usize,
     floor: f64,
 ) -> Result<Vec<Vec<usize>>> {
     check_floor(floor)?;
+    if group == 0 || group > n_partitions {
+        return Err(SaapError::Config(format!(
+            "a probe plan needs 1..={n_partitions} (C) query heads per KV head, got {group}"
+        )));
+    }
     for curve in curves.iter().flatten() {
         curve.check(n_partitions)?;
     }
     let longest = curves.iter().flatten().map(|c| c.len()).max().unwrap_or(0);
-    let mut plan = vec![Vec::with_capacity(longest); curves.len()];
-    // The ordered steps depend on the uniform ℓ only through the floor's least ℓ.
+    // Columns from ℓ = 1 to the longest curve's end; past it a budget's whole ℓ holds.
+    let columns = match longest {
+        0 => 0,
+        _ => (longest - 1) * PLAN_STEPS + 1,
+    };
+    let planned = curves.iter().flatten().count() as f64;
+    let mut plan = vec![Vec::with_capacity(columns); curves.len()];
+    // The ordered steps depend on the column only through the floor's least ℓ.
     let mut ordered: Option<(usize, Vec<Step>)> = None;
-    for uniform in 1..=longest {
-        let least = least_probes(floor, uniform);
+    for column in 0..columns {
+        let probes = column_probes(column);
+        let whole = probes.floor() as usize;
+        let least = least_probes(floor, whole);
         let start = |c: &ProbeCurve| least.min(c.len()) - 1;
-        let at = |c: &ProbeCurve| uniform.min(c.len()) - 1;
-        let budget: f64 = curves
-            .iter()
-            .flatten()
-            .map(|c| c.indexed_share[at(c)])
-            .sum();
+        let budget = planned * probes * group as f64 / n_partitions as f64;
         let mut spent: f64 = curves
             .iter()
             .flatten()
@@ -183,7 +216,7 @@ pub fn plan_probes(
             if stopped[s.layer] || at_point[s.layer] != s.from {
                 continue;
             }
-            // A little slack for the sums' rounding: the uniform plan itself must fit.
+            // A little slack for the sums' rounding.
             if spent + s.cost <= budget + 1e-9 {
                 spent += s.cost;
                 at_point[s.layer] = s.to;
@@ -194,7 +227,7 @@ pub fn plan_probes(
         for (layer, c) in curves.iter().enumerate() {
             plan[layer].push(match c {
                 Some(_) => at_point[layer] + 1,
-                None => uniform,
+                None => whole,
             });
         }
     }
@@ -271,52 +304,103 @@ mod tests {
         }
     }
 
-    /// Total found and share read by a plan's column `u`.
-    fn totals(curves: &[ProbeCurve], plan: &[Vec<usize>], u: usize) -> (f64, f64) {
+    /// ℓ = 1..=`k` reading and finding ℓ / 10.
+    fn linear(indexed_mass: f64, k: usize) -> ProbeCurve {
+        let points: Vec<(f64, f64)> = (1..=k)
+            .map(|i| (i as f64 / 10.0, i as f64 / 10.0))
+            .collect();
+        curve(indexed_mass, &points)
+    }
+
+    /// Total found and share read by a plan's column.
+    fn totals(curves: &[ProbeCurve], plan: &[Vec<usize>], column: usize) -> (f64, f64) {
         curves.iter().zip(plan).fold((0.0, 0.0), |(f, s), (c, p)| {
-            let i = p[u] - 1;
+            let i = p[column] - 1;
             (f + c.found(i), s + c.indexed_share[i])
         })
     }
 
+    /// The column of a whole ℓ.
+    fn at(probes: usize) -> usize {
+        (probes - 1) * PLAN_STEPS
+    }
+
+    #[test]
+    fn columns_follow_the_budgets_fractional_probes() {
+        for column in 0..1000 {
+            assert_eq!(plan_column(column_probes(column)), Some(column));
+        }
+        assert_eq!(plan_column(0.999), None);
+        assert_eq!(plan_column(1.0), Some(0));
+        assert_eq!(plan_column(3.4), Some(19));
+        assert_eq!(plan_column(f64::NAN), None);
+    }
+
     #[test]
     fn partitions_move_to_where_the_mass_is() {
-        // Layer 0: the window holds nearly everything; layer 1: the indexed keys hold half.
-        let linear = |k: usize| (0..k).map(|i| ((i + 1) as f64 / 10.0, (i + 1) as f64 / 10.0));
-        let flat = curve(0.02, &linear(10).collect::<Vec<_>>());
-        let rich = curve(0.5, &linear(10).collect::<Vec<_>>());
+        // Layer 0: the window holds nearly everything; layer 1: the indexed keys hold half. With
+        // G / C = 1 / 10, a budget of ℓ = u allows each layer what the curves read at u.
+        let (flat, rich) = (linear(0.02, 10), linear(0.5, 10));
         let curves = [flat.clone(), rich.clone()];
-        let plan = plan_probes(&[Some(&flat), Some(&rich)], 16, 0.0).unwrap();
+        let plan = plan_probes(&[Some(&flat), Some(&rich)], 20, 2, 0.0).unwrap();
         assert_eq!(plan.len(), 2);
-        assert!(plan.iter().all(|p| p.len() == 10));
-        // At u = 1 nothing can move; at u = 3 the flat layer gives two of its partitions.
+        assert!(plan.iter().all(|p| p.len() == at(10) + 1));
+        // At u = 1 nothing can move; at u = 3 the flat layer gives two of its partitions, and at
+        // u = 3.5 the half partition per layer the budget adds buys the rich layer one more.
         assert_eq!((plan[0][0], plan[1][0]), (1, 1));
-        assert_eq!((plan[0][2], plan[1][2]), (1, 5));
-        for u in 0..10 {
-            let (found, share) = totals(&curves, &plan, u);
-            let uniform = totals(&curves, &[vec![u + 1; 10], vec![u + 1; 10]], u);
-            assert!(share <= uniform.1 + 1e-9, "u {u}: {share} > {}", uniform.1);
-            assert!(found >= uniform.0 - 1e-12, "u {u}: {found} < {}", uniform.0);
+        assert_eq!((plan[0][at(3)], plan[1][at(3)]), (1, 5));
+        assert_eq!(plan_column(3.5), Some(at(3) + PLAN_STEPS / 2));
+        assert_eq!((plan[0][at(3) + 4], plan[1][at(3) + 4]), (1, 6));
+        for column in 0..=at(10) {
+            let (found, share) = totals(&curves, &plan, column);
+            let budget = 2.0 * column_probes(column) / 10.0;
+            assert!(
+                share <= budget + 1e-9,
+                "column {column}: {share} > {budget}"
+            );
+            let whole = column_probes(column).floor() as usize;
+            let uniform = totals(&curves, &[vec![whole; 73], vec![whole; 73]], column);
+            assert!(found >= uniform.0 - 1e-12, "column {column}");
         }
     }
 
     #[test]
+    fn a_plan_spends_what_a_groups_shared_partitions_leave() {
+        // The G = 2 heads of a group probe the same partitions: ℓ reads ℓ·G/C / 2 of the keys,
+        // so a budget of ℓ = u lets two alike layers probe 2u each.
+        let shared: Vec<(f64, f64)> = (1..=10)
+            .map(|i| (i as f64 / 20.0, (i as f64 / 10.0).sqrt()))
+            .collect();
+        let c = curve(0.3, &shared);
+        let plan = plan_probes(&[Some(&c), Some(&c)], 20, 2, 0.0).unwrap();
+        for u in 1..=5 {
+            assert_eq!((plan[0][at(u)], plan[1][at(u)]), (2 * u, 2 * u), "u {u}");
+        }
+        // Past what the curves measured, the plan stays at their end.
+        assert_eq!((plan[0][at(8)], plan[1][at(8)]), (10, 10));
+    }
+
+    #[test]
     fn a_floor_keeps_a_share_of_the_uniform_probe_in_every_layer() {
-        let linear = |k: usize| (0..k).map(|i| ((i + 1) as f64 / 10.0, (i + 1) as f64 / 10.0));
-        let flat = curve(0.02, &linear(10).collect::<Vec<_>>());
-        let rich = curve(0.5, &linear(10).collect::<Vec<_>>());
+        let (flat, rich) = (linear(0.02, 10), linear(0.5, 10));
         let refs = [Some(&flat), Some(&rich)];
         // Floor ½ at u = 3: the flat layer keeps 2 and gives one partition (0 gave two).
-        let half = plan_probes(&refs, 16, 0.5).unwrap();
-        assert_eq!((half[0][2], half[1][2]), (2, 4));
+        let half = plan_probes(&refs, 20, 2, 0.5).unwrap();
+        assert_eq!((half[0][at(3)], half[1][at(3)]), (2, 4));
         // At u = 6 it keeps 3, and the rich layer reads 9.
-        assert_eq!((half[0][5], half[1][5]), (3, 9));
-        let uniform = plan_probes(&refs, 16, 1.0).unwrap();
-        assert!(uniform
-            .iter()
-            .all(|p| p.iter().enumerate().all(|(u, &l)| l == u + 1)));
+        assert_eq!((half[0][at(6)], half[1][at(6)]), (3, 9));
+        // Floor 1: the whole ℓ in every layer, and where the budget allows a fraction more,
+        // the rich layer takes it.
+        let uniform = plan_probes(&refs, 20, 2, 1.0).unwrap();
+        for u in 1..=10 {
+            assert!(uniform.iter().all(|p| p[at(u)] == u), "u {u}");
+        }
+        assert_eq!((uniform[0][at(3) + 4], uniform[1][at(3) + 4]), (3, 4));
         for bad in [-0.1, 1.01, f64::NAN, f64::INFINITY] {
-            assert!(plan_probes(&refs, 16, bad).is_err(), "floor {bad}");
+            assert!(plan_probes(&refs, 20, 2, bad).is_err(), "floor {bad}");
+        }
+        for group in [0, 21] {
+            assert!(plan_probes(&refs, 20, group, 0.5).is_err(), "group {group}");
         }
     }
 
@@ -338,7 +422,7 @@ mod tests {
     #[test]
     fn matches_exhaustive_search_on_concave_curves() {
         // Three layers of concave curves: the greedy is then optimal up to one step that does
-        // not fit; compare with every combination.
+        // not fit; compare with every combination, at whole and fractional budgets.
         let concave = |mass: f64, pow: f64| {
             let pts: Vec<(f64, f64)> = (1..=6)
                 .map(|i| {
@@ -350,9 +434,10 @@ mod tests {
         };
         let curves = [concave(0.3, 0.5), concave(0.1, 0.3), concave(0.6, 0.8)];
         let refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Some).collect();
-        let plan = plan_probes(&refs, 8, 0.0).unwrap();
-        for u in 0..6 {
-            let budget: f64 = curves.iter().map(|c| c.indexed_share[u]).sum();
+        // G / C = 1 / 6: a budget of ℓ = u allows each layer u / 6.
+        let plan = plan_probes(&refs, 12, 2, 0.0).unwrap();
+        for column in 0..=at(6) {
+            let budget = 3.0 * column_probes(column) / 6.0;
             let mut best = 0.0f64;
             for a in 0..6 {
                 for b in 0..6 {
@@ -369,35 +454,38 @@ mod tests {
                     }
                 }
             }
-            let (found, share) = totals(&curves, &plan, u);
+            let (found, share) = totals(&curves, &plan, column);
             assert!(share <= budget + 1e-9);
             // Within the largest single step's gain of the optimum (the step that did not fit).
             let step = curves
                 .iter()
                 .flat_map(|k| (1..6).map(move |i| k.found(i) - k.found(i - 1)))
                 .fold(0.0, f64::max);
-            assert!(found >= best - step, "u {u}: {found} vs best {best}");
             assert!(
-                found
-                    >= totals(
-                        &curves,
-                        &[vec![u + 1; 6], vec![u + 1; 6], vec![u + 1; 6]],
-                        u
-                    )
-                    .0 - 1e-12
+                found >= best - step,
+                "column {column}: {found} vs best {best}"
             );
+            let whole = column_probes(column).floor() as usize;
+            let uniform = vec![whole; at(6) + 1];
+            let uniform = totals(
+                &curves,
+                &[uniform.clone(), uniform.clone(), uniform],
+                column,
+            );
+            assert!(found >= uniform.0 - 1e-12);
         }
     }
 
     #[test]
     fn layers_without_curves_keep_the_uniform_probe() {
         let c = curve(0.4, &[(0.1, 0.3), (0.2, 0.5), (0.3, 0.6)]);
-        let plan = plan_probes(&[None, Some(&c), None], 8, 0.0).unwrap();
-        assert_eq!(plan[0], vec![1, 2, 3]);
-        assert_eq!(plan[2], vec![1, 2, 3]);
+        let plan = plan_probes(&[None, Some(&c), None], 10, 1, 0.0).unwrap();
+        let whole: Vec<usize> = (0..=at(3)).map(|k| 1 + k / PLAN_STEPS).collect();
+        assert_eq!(plan[0], whole);
+        assert_eq!(plan[2], whole);
         // Alone, a layer can only spend its own keys.
-        assert_eq!(plan[1], vec![1, 2, 3]);
-        assert!(plan_probes(&[None, None], 8, 0.0)
+        assert_eq!(plan[1], whole);
+        assert!(plan_probes(&[None, None], 8, 1, 0.0)
             .unwrap()
             .iter()
             .all(Vec::is_empty));
@@ -415,7 +503,7 @@ mod tests {
             let mut bad = good.clone();
             bad.indexed_share[1] = value;
             assert!(bad.check(8).is_err(), "{value}");
-            assert!(plan_probes(&[Some(&bad)], 8, 0.0).is_err());
+            assert!(plan_probes(&[Some(&bad)], 8, 1, 0.0).is_err());
         }
         let falling = curve(0.4, &[(0.2, 0.3), (0.1, 0.5)]);
         assert!(falling.check(8).is_err(), "shares fall");
@@ -456,33 +544,42 @@ mod tests {
                 1 => 1.0,
                 _ => rng.random_range(0.0..=1.0),
             };
-            let plan = plan_probes(&refs, 8, floor).unwrap();
+            let group = rng.random_range(1..=8);
+            let plan = plan_probes(&refs, 8, group, floor).unwrap();
             let longest = curves
                 .iter()
                 .flatten()
                 .map(ProbeCurve::len)
                 .max()
                 .unwrap_or(0);
-            for u in 1..=longest {
-                let mut read = 0.0;
-                let mut uniform = 0.0;
+            let columns = plan.first().map_or(0, Vec::len);
+            assert_eq!(
+                columns,
+                longest.saturating_sub(1) * PLAN_STEPS + (longest > 0) as usize
+            );
+            for column in 0..columns {
+                let whole = column_probes(column).floor() as usize;
+                let least = least_probes(floor, whole);
+                let (mut read, mut at_floor, mut planned) = (0.0, 0.0, 0.0);
                 for (c, p) in curves.iter().zip(&plan) {
-                    let l = p[u - 1];
+                    let l = p[column];
                     match c {
                         Some(c) => {
                             assert!((1..=c.len()).contains(&l), "ℓ {l} beyond the curve");
-                            let least = least_probes(floor, u);
-                            assert!(l >= least.min(c.len()), "ℓ {l} below floor {floor}, u {u}");
-                            if floor == 1.0 {
-                                assert_eq!(l, u.min(c.len()), "floor 1 is the uniform ℓ");
-                            }
+                            assert!(l >= least.min(c.len()), "ℓ {l} below floor {floor}");
                             read += c.indexed_share[l - 1];
-                            uniform += c.indexed_share[u.min(c.len()) - 1];
+                            at_floor += c.indexed_share[least.min(c.len()) - 1];
+                            planned += 1.0;
                         }
-                        None => assert_eq!(l, u),
+                        None => assert_eq!(l, whole),
                     }
                 }
-                assert!(read <= uniform + 1e-6, "u {u}: {read} > {uniform}");
+                // Within the budget, unless the floors alone exceed it (then at the floors).
+                let budget = planned * column_probes(column) * group as f64 / 8.0;
+                assert!(
+                    read <= budget.max(at_floor) + 1e-6,
+                    "column {column}: {read} > {budget}"
+                );
             }
         }
     }

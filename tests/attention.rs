@@ -6,6 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use saap::budget::PLAN_STEPS;
 use saap::partition::assign::assign;
 use saap::{RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
 
@@ -514,17 +515,22 @@ fn probe_plan_maps_the_budgets_probe() {
         uniform > 1,
         "the test needs a budget above ℓ = 1, got {uniform}"
     );
-    // Plan: ℓ = u maps to 1 (fewer keys) and, past the plan's end, to u itself.
-    let (planned, planned_reads) = probe_after(Some(vec![1; uniform]), Routing::Classifier);
+    // Plan: every column up to u + 1 maps to 1 (fewer keys) and, past the plan's end, the
+    // budget's ℓ holds.
+    let columns = uniform * PLAN_STEPS;
+    let (planned, planned_reads) = probe_after(Some(vec![1; columns]), Routing::Classifier);
     assert_eq!(planned, 1);
     assert!(
         planned_reads < uniform_reads,
         "{planned_reads} vs {uniform_reads}"
     );
-    let (short, _) = probe_after(Some(vec![1; uniform - 1]), Routing::Classifier);
+    let (short, _) = probe_after(
+        Some(vec![1; (uniform - 1) * PLAN_STEPS]),
+        Routing::Classifier,
+    );
     assert_eq!(short, uniform);
     // Nearest-centroid routing ignores the plan.
-    let (nc, _) = probe_after(Some(vec![1; uniform]), Routing::NearestCentroid);
+    let (nc, _) = probe_after(Some(vec![1; columns]), Routing::NearestCentroid);
     assert_eq!(nc, uniform);
     let mut op = base.snapshot().unwrap();
     for bad in [vec![], vec![0], vec![2, 65]] {

@@ -5,6 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use saap::budget::{plan_probes, ProbeCurve, DEFAULT_FLOOR, PLAN_STEPS};
 use saap::classify::Classifier;
 use saap::models::fetch::{self, Model, Text};
 use saap::models::llama::mean_nll;
@@ -190,76 +191,103 @@ fn smollm2_indexed(n: usize) -> (Llama, Vec<u32>) {
     (model, pride_tokens(&tok, n))
 }
 
+/// The plan each layer holds, if any.
+fn plans(model: &mut Llama) -> Vec<Option<Vec<usize>>> {
+    (0..model.n_layers())
+        .map(|l| {
+            let op = model.attention_mut(l).unwrap();
+            op.probe_plan().map(<[usize]>::to_vec)
+        })
+        .collect()
+}
+
+/// What `saap::budget::plan_probes` gives for these per-layer curves (C 8, G 3: SmolLM2 with
+/// `random_index(.., 8, ..)`), each planned layer's row.
+fn expected_plans(curves: &[Option<&ProbeCurve>], floor: f64) -> Vec<Option<Vec<usize>>> {
+    let plan = plan_probes(curves, 8, 3, floor).unwrap();
+    plan.into_iter()
+        .zip(curves)
+        .map(|(p, c)| c.map(|_| p))
+        .collect()
+}
+
+/// Concave curves: ℓ = 1..=4 of C = 8 read a quarter of the indexed keys each (the G = 3 heads
+/// of a group share a third of their probes), each probe finding less than the one before.
+fn concave(mass: f64) -> ProbeCurve {
+    ProbeCurve {
+        indexed_mass: mass,
+        indexed_share: vec![0.25, 0.5, 0.75, 1.0],
+        indexed_recall: vec![0.5, 0.7, 0.85, 1.0],
+    }
+}
+
 /// The glue spends a keys budget layer by layer from the index's probe curves: a layer whose
 /// indexed keys hold little attention gives its partitions to one where they hold much, only
 /// classifier-routed layers take part, and the switch restores the uniform ℓ.
 #[test]
 fn keys_budget_is_spent_where_the_curves_find_mass() {
-    use saap::budget::ProbeCurve;
     let (mut model, text) = smollm2_indexed(300);
     let n = model.n_layers();
     // An index without curves: no plan anywhere.
-    assert!((0..n).all(|l| model.attention_mut(l).unwrap().probe_plan().is_none()));
-    // Concave curves: each probe finds less than the one before.
-    let curve = |mass: f64| ProbeCurve {
-        indexed_mass: mass,
-        indexed_share: vec![0.25, 0.5, 0.75, 1.0],
-        indexed_recall: vec![0.5, 0.7, 0.85, 1.0],
-    };
+    assert!(plans(&mut model).iter().all(Option::is_none));
     // Layer 0 finds little, layer 1 much, the others in between.
-    let curves = (0..n)
-        .map(|l| Some(curve([0.01, 0.9].get(l).copied().unwrap_or(0.3))))
+    let curves: Vec<ProbeCurve> = (0..n)
+        .map(|l| concave([0.01, 0.9].get(l).copied().unwrap_or(0.3)))
         .collect();
     let index = random_index(&model, 8, 2)
-        .with_probe_curves(curves)
+        .with_probe_curves(curves.iter().cloned().map(Some).collect())
         .unwrap();
     model.attach_index(Some(&index)).unwrap();
-    let plan = |model: &mut Llama, l: usize| {
-        let op = model.attention_mut(l).unwrap();
-        op.probe_plan().map(<[usize]>::to_vec)
-    };
-    // Where the budget gives every layer ℓ = 2, layer 1 takes all four partitions, layer 0 keeps
-    // one, and the in-between layers two (all but the last, whose step no longer fits).
-    assert_eq!(plan(&mut model, 0).unwrap()[1], 1);
-    assert_eq!(plan(&mut model, 1).unwrap()[1], 4);
-    assert_eq!(plan(&mut model, 2).unwrap()[1], 2);
-    // A floor of half the uniform ℓ keeps layer 0 at ⌈3 / 2⌉ where the budget gives 3.
-    model.set_plan_floor(0.5).unwrap();
-    assert_eq!(plan(&mut model, 0).unwrap()[2], 2);
-    model.set_plan_floor(0.0).unwrap();
-    assert_eq!(plan(&mut model, 0).unwrap()[2], 1);
-    assert!(model.set_plan_floor(f64::NAN).is_err());
-    assert!(model.set_plan_floor(1.5).is_err());
-    assert_eq!(
-        plan(&mut model, 0).unwrap()[2],
-        1,
-        "a refused floor changes nothing"
-    );
+    let mut refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Some).collect();
+    assert_eq!(plans(&mut model), expected_plans(&refs, DEFAULT_FLOOR));
+    // Where the budget allows ℓ = 1, each layer may read 3/8 of its indexed keys and ℓ = 1
+    // reads 1/4: the 30 eighths left buy 15 steps of a quarter, layer 1's three (it reads all
+    // four partitions), then the first of twelve middle layers; layer 0 keeps one.
+    let at_one: Vec<usize> = plans(&mut model)
+        .iter()
+        .map(|p| p.as_ref().unwrap()[0])
+        .collect();
+    let mut expected = vec![1; n];
+    expected[1] = 4;
+    expected[2..14].fill(2);
+    assert_eq!(at_one, expected);
+    // Floor 1 keeps layer 0 at ℓ 2 where the budget allows 2 (column 8); floor 0 lets it go to 1.
+    let column = PLAN_STEPS;
     model.set_plan_floor(1.0).unwrap();
-    assert!((0..n).all(|l| plan(&mut model, l)
+    assert_eq!(plans(&mut model)[0].as_ref().unwrap()[column], 2);
+    assert!(plans(&mut model).iter().all(|p| p
+        .as_ref()
         .unwrap()
         .iter()
         .enumerate()
-        .all(|(u, &p)| p == u + 1)));
-    model.set_plan_floor(saap::budget::DEFAULT_FLOOR).unwrap();
-    model.set_routing(1, Routing::Dense).unwrap();
-    assert_eq!(plan(&mut model, 1), None);
+        .all(|(k, &l)| l > k / PLAN_STEPS)));
+    model.set_plan_floor(0.0).unwrap();
+    assert_eq!(plans(&mut model)[0].as_ref().unwrap()[column], 1);
+    assert!(model.set_plan_floor(f64::NAN).is_err());
+    assert!(model.set_plan_floor(1.5).is_err());
     assert_eq!(
-        plan(&mut model, 0).unwrap()[1],
+        plans(&mut model)[0].as_ref().unwrap()[column],
         1,
-        "layer 0 now gives to the 0.3 layers"
+        "a refused floor changes nothing"
     );
-    assert_eq!(plan(&mut model, 2).unwrap()[1], 3);
+    model.set_plan_floor(DEFAULT_FLOOR).unwrap();
+    // Layer 1 served dense: it leaves the plan, and the middle layers take its steps.
+    model.set_routing(1, Routing::Dense).unwrap();
+    refs[1] = None;
+    assert_eq!(plans(&mut model), expected_plans(&refs, DEFAULT_FLOOR));
+    let at_one: Vec<usize> = plans(&mut model).iter().flatten().map(|p| p[0]).collect();
+    assert_eq!(at_one[0], 1, "layer 0 still gives");
+    assert_eq!(at_one.iter().filter(|&&l| l == 2).count(), 14);
     let planned = model.snapshot_attention().unwrap();
     model.set_budget_by_layer(false).unwrap();
-    assert!((0..n).all(|l| plan(&mut model, l).is_none()));
+    assert!(plans(&mut model).iter().all(Option::is_none));
     // Restored ops follow the policy in force, not the one they were copied under.
     model.restore_attention(&planned).unwrap();
-    assert!((0..n).all(|l| plan(&mut model, l).is_none()));
+    assert!(plans(&mut model).iter().all(Option::is_none));
     model.set_budget_by_layer(true).unwrap();
     model.set_routing(1, Routing::Classifier).unwrap();
-    // Decoding under a budget: layer 0 probes fewer partitions than layer 1.
-    // ~2.3 partitions' worth of the 223 indexed keys (window 64, sinks 4, C 8, G 3): ℓ = 2.
+    // Decoding under a budget of ~2.3 partitions per head (223 indexed keys; window 64, sinks 4,
+    // C 8, G 3): layer 0 probes one partition, layer 1 all four.
     model.set_keys_budget(Some(0.9)).unwrap();
     prefill_then_decode(&mut model, &text[..291], 290);
     let probe = |model: &mut Llama, l: usize| model.attention_mut(l).unwrap().config().n_probe;
@@ -270,56 +298,54 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
 /// classifier layers (each by its routing's curve); `set_plan_quest(false)` leaves them out.
 #[test]
 fn quest_layers_join_the_plan_with_their_curves() {
-    use saap::budget::ProbeCurve;
     let (mut model, text) = smollm2_indexed(300);
     let n = model.n_layers();
-    let curve = |mass: f64| ProbeCurve {
-        indexed_mass: mass,
-        indexed_share: vec![0.25, 0.5, 0.75, 1.0],
-        indexed_recall: vec![0.5, 0.7, 0.85, 1.0],
-    };
     // Layer 1 is routed by Quest and its pages find much; the classifier layers find little.
     let mut sparse = vec![Routing::Classifier; n];
     sparse[1] = Routing::Quest;
+    let (classifier, quest) = (concave(0.05), concave(0.9));
     let index = random_index(&model, 8, 2)
         .with_sparse_routing(sparse)
         .unwrap()
-        .with_probe_curves(vec![Some(curve(0.05)); n])
+        .with_probe_curves(vec![Some(classifier.clone()); n])
         .unwrap()
-        .with_quest_curves(vec![Some(curve(0.9)); n])
+        .with_quest_curves(vec![Some(quest.clone()); n])
         .unwrap();
     model.attach_index(Some(&index)).unwrap();
     model.set_plan_floor(0.0).unwrap();
-    let plan = |model: &mut Llama, l: usize| {
-        let op = model.attention_mut(l).unwrap();
-        op.probe_plan().map(<[usize]>::to_vec)
-    };
-    // Classifier everywhere: the classifier curves alone, alike, so no layer moves.
+    // Classifier everywhere: the classifier curves alone.
     model.serve_all_sparse(false).unwrap();
-    assert!((0..n).all(|l| plan(&mut model, l).unwrap()[1] == 2));
-    // The hybrid: layer 1 plans by its Quest curve and takes all four shares at u = 2, two
-    // more than the uniform ℓ's; two classifier layers give one each.
+    let mut refs = vec![Some(&classifier); n];
+    assert_eq!(plans(&mut model), expected_plans(&refs, 0.0));
+    // The hybrid: layer 1 plans by its Quest curve and reads all four shares where the budget
+    // allows ℓ = 1 (column 0); the classifier layers that step up to ℓ = 2 are two fewer.
     model.serve_all_sparse(true).unwrap();
-    assert_eq!(plan(&mut model, 1).unwrap()[1], 4);
-    let at_u2 = |model: &mut Llama| -> Vec<usize> {
+    refs[1] = Some(&quest);
+    assert_eq!(plans(&mut model), expected_plans(&refs, 0.0));
+    assert_eq!(plans(&mut model)[1].as_ref().unwrap()[0], 4);
+    let stepped = |model: &mut Llama| {
+        let plans = plans(model);
         (0..n)
-            .filter(|&l| l != 1)
-            .map(|l| plan(model, l).unwrap()[1])
-            .collect()
+            .filter(|&l| l != 1 && plans[l].as_ref().unwrap()[0] == 2)
+            .count()
     };
-    let given = at_u2(&mut model);
-    assert_eq!(given.iter().filter(|&&p| p == 1).count(), 2, "{given:?}");
-    assert!(given.iter().all(|&p| p == 1 || p == 2), "{given:?}");
+    assert_eq!(stepped(&mut model), 12);
     model.set_plan_quest(false).unwrap();
-    assert_eq!(plan(&mut model, 1), None);
-    assert!(at_u2(&mut model).iter().all(|&p| p == 2));
+    assert_eq!(plans(&mut model)[1], None);
+    assert_eq!(stepped(&mut model), 14);
     model.set_plan_quest(true).unwrap();
-    // Decoding under a budget whose uniform ℓ is 2 (as in the test above): the Quest layer
-    // reads twice the budget's indexed keys, so all of them, more than the budget's share.
-    model.set_keys_budget(Some(0.9)).unwrap();
+    // Decoding under a budget of ~1.3 partitions per head (223 indexed keys; window 64, sinks
+    // 4): the Quest layer reads 4·G/C of its indexed keys, so all of them, more than the
+    // budget's share; a classifier layer the plan left at ℓ = 1 (3 of 8 partitions) reads fewer.
+    model.set_keys_budget(Some(0.6)).unwrap();
     prefill_then_decode(&mut model, &text[..291], 290);
     let reads = model.read_stats();
-    let (quest, other) = (reads[1].as_ref().unwrap(), reads[0].as_ref().unwrap());
+    let fewest = (0..n)
+        .filter(|&l| l != 1)
+        .min_by_key(|&l| model.attention_mut(l).unwrap().config().n_probe)
+        .unwrap();
+    assert_eq!(model.attention_mut(fewest).unwrap().config().n_probe, 1);
+    let (quest, other) = (reads[1].as_ref().unwrap(), reads[fewest].as_ref().unwrap());
     assert!(
         quest.keys_read == quest.keys_in_context && other.keys_read < other.keys_in_context,
         "Quest layer {quest:?}, classifier layer {other:?}"

@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use saap::attend::SeqExtent;
+use saap::budget::{column_probes, plan_column, PLAN_STEPS};
 use saap::config::{MAX_QUEST_PAGES, QUEST_PAGE};
 use saap::quest::{page_scores, route};
 use saap::{HeadLayout, RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
@@ -410,8 +411,8 @@ fn quest_bad_inputs_are_refused() {
     assert!(matches!(long.begin_replay(4), Err(SaapError::Config(_))));
 }
 
-/// A plan (a Quest curve's, set by a model's glue) moves a Quest layer's pages by the ratio it
-/// moves the uniform ℓ the budget gives: `plan[u - 1] / u` times the budget's indexed keys.
+/// A plan (a Quest curve's, set by a model's glue) gives a Quest layer the pages that fill p·G/C
+/// of its indexed keys, p its entry in the column of the partitions per head the budget allows.
 #[test]
 fn a_probe_plan_scales_quest_pages() {
     let config = quest_config();
@@ -419,8 +420,10 @@ fn a_probe_plan_scales_quest_pages() {
     let (mut op, mut r) = quest_op(&[300, 260], 9);
     let budget = 0.5;
     op.set_keys_budget(Some(budget)).unwrap();
-    // Per uniform ℓ u: a third of the pages at u = 1..=2, twice them from u = 3 (at most C).
-    let plan: Vec<usize> = (1..=c).map(|u| (2 * u).min(c)).collect();
+    // Per column: twice the budget's whole ℓ (at most C).
+    let plan: Vec<usize> = (0..c * PLAN_STEPS)
+        .map(|k| (2 * column_probes(k).floor() as usize).min(c))
+        .collect();
     for (planned, step) in [(false, 0), (true, 1), (true, 2), (false, 3)] {
         op.set_probe_plan(planned.then(|| plan.clone())).unwrap();
         let before = op.extents().to_vec();
@@ -435,31 +438,28 @@ fn a_probe_plan_scales_quest_pages() {
                 (allowed, s.len + 1 - fixed)
             })
             .collect();
-        let u = items
+        let probes = items
             .iter()
-            .map(|&(a, n)| (a * c as f64 / (g * n) as f64).floor() as usize)
-            .min()
-            .unwrap();
-        assert!(u >= 1, "the budget allows {u} partitions per head");
-        let scale = if planned {
-            plan[u - 1] as f64 / u as f64
-        } else {
-            1.0
-        };
-        let pages_at = |scale: f64| {
+            .map(|&(a, n)| a * c as f64 / (g * n) as f64)
+            .fold(f64::INFINITY, f64::min);
+        let column = plan_column(probes).expect("the budget allows a partition per head");
+        let p = plan[column];
+        let pages_at = |read: &dyn Fn(f64, usize) -> f64| {
             items
                 .iter()
-                .map(|&(a, n)| match a * scale >= n as f64 {
+                .map(|&(a, n)| match read(a, n) >= n as f64 {
                     true => usize::MAX,
-                    false => (a * scale) as usize / QUEST_PAGE,
+                    false => read(a, n) as usize / QUEST_PAGE,
                 })
                 .min()
                 .unwrap()
                 .min(MAX_QUEST_PAGES)
         };
-        let pages = pages_at(scale);
-        assert_eq!(op.quest_pages(), pages, "step {step}, u {u}");
-        assert_eq!(planned, pages != pages_at(1.0), "step {step}, u {u}");
+        let budget_pages = pages_at(&|a, _| a);
+        let planned_pages = pages_at(&|_, n| (p * g) as f64 * n as f64 / c as f64);
+        let pages = if planned { planned_pages } else { budget_pages };
+        assert_eq!(op.quest_pages(), pages, "step {step}, column {column}");
+        assert_ne!(planned_pages, budget_pages, "step {step}, column {column}");
         assert_eq!(
             op.last_read().unwrap().partitions_probed,
             2 * HKV * pages,
