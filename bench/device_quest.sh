@@ -8,7 +8,7 @@
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
-#   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5
+#   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -232,6 +232,19 @@ win32q)
   # 1536 and 1024 with floors 0, ¼ and ½; batch 8, 8 × 1023 tokens.
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --hybrid --window 2048,1024 --quest-window 2048,1024,512
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0,0.25,0.5 --keys-budget 0.10 --index "$I/q32k.safetensors" --window 1536,1024 ;;
+fill32)
+  # Session 31 (NOTES §50): plans that spend the whole budget (`throughput`, 885dcbc) against
+  # 128db88's whole-ℓ columns (`throughput_old`) on the same index: 32k at 10%, the plan alone at
+  # windows 1536 and 1024, then the planned hybrid at 2048; batch 8, 8 × 1023 tokens.
+  for b in throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --window 1536,1024
+    run "$bin/$b" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --hybrid
+  done ;;
+fill128)
+  # NOTES §50: 120k, the hybrid at 3% and 4%, old columns against new; batch 8, 8 × 1023.
+  for b in throughput_old throughput; do
+    run "$bin/$b" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --hybrid
+  done ;;
 tests5)
   # Session 30: parity and graphs with the Quest layers' pages scaled by a plan (host code).
   run "$bin/cuda_parity" --test-threads 1
