@@ -233,9 +233,10 @@ win32q)
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --hybrid --window 2048,1024 --quest-window 2048,1024,512
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0,0.25,0.5 --keys-budget 0.10 --index "$I/q32k.safetensors" --window 1536,1024 ;;
 fill32)
-  # Session 31 (NOTES §50): plans that spend the whole budget (`throughput`, 885dcbc) against
-  # 128db88's whole-ℓ columns (`throughput_old`) on the same index: 32k at 10%, the plan alone at
-  # windows 1536 and 1024, then the planned hybrid at 2048; batch 8, 8 × 1023 tokens.
+  # Session 31 (NOTES §50): the plan's fractional columns (`throughput`: 885dcbc's first change,
+  # then the second) against 128db88's whole-ℓ columns (`throughput_old`) on the same index: 32k
+  # at 10%, the plan alone at windows 1536 and 1024, then the planned hybrid at 2048; batch 8,
+  # 8 × 1023 tokens.
   for b in throughput_old throughput; do
     run "$bin/$b" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --window 1536,1024
     run "$bin/$b" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --hybrid

@@ -524,9 +524,10 @@ impl SaapAttention {
     /// (fractional: the indexed keys it allows beside sinks and window, times C / (G · indexed
     /// keys), the least over batch items) and u ≥ 1, the entry of column
     /// [`crate::budget::plan_column`]`(u)` is this layer's p: with [`Routing::Classifier`] it
-    /// probes ℓ = p; with [`Routing::Quest`] it reads the pages that fill p·G/C of its indexed
-    /// keys (its plan comes from a Quest curve, measured there). Past the plan's end, or below
-    /// one partition, the budget alone decides. A model's glue sets the plans of all its layers
+    /// probes ℓ = p; with [`Routing::Quest`] it reads p / u' times the pages the budget gives it,
+    /// u' = [`crate::budget::column_probes`] of that column (its plan comes from a Quest curve,
+    /// measured at u'·G/C of the indexed keys). Past the plan's end, or below one partition, the
+    /// budget alone decides. A model's glue sets the plans of all its layers
     /// together ([`crate::budget::plan_probes`]), so that they read about the budget's keys
     /// between them. `None` follows the budget alone. Other routings and a fixed ℓ ignore it.
     ///
@@ -651,30 +652,32 @@ impl SaapAttention {
                 (indexed > 0).then_some((allowed, indexed))
             })
             .collect();
-        // Partitions per query head the budget allows for every item, fractional: a group's G·u
-        // probes read at most u·G/C of its indexed keys (none: no bound).
+        // Partitions per query head the budget allows for every item, fractional, as if a
+        // group's G·u probes were all different partitions of average size (none: no bound).
         let probes = items
             .iter()
             .map(|&(allowed, indexed)| allowed * c as f64 / (group * indexed) as f64)
             .min_by(f64::total_cmp);
+        // This layer's entry in the plan's column for that budget, with the column's ℓ.
         let planned = probes
             .and_then(crate::budget::plan_column)
-            .and_then(|column| self.probe_plan.as_ref()?.get(column).copied());
+            .and_then(|column| {
+                let p = *self.probe_plan.as_ref()?.get(column)?;
+                Some((p, crate::budget::column_probes(column)))
+            });
         if quest {
+            // A plan moves this layer's pages by the ratio it moves the budget's ℓ (its curve
+            // measures Quest at u·G/C of the indexed keys, the share that ℓ allows).
+            let scale = planned.map_or(1.0, |(p, u)| p as f64 / u);
             let pages = items
                 .iter()
                 .map(|&(allowed, indexed)| {
-                    // Planned p (its Quest curve's point), the layer reads p·G/C of its indexed
-                    // keys, as calibration measured; else what the budget allows.
-                    let read = match planned {
-                        Some(p) => (p * group) as f64 * indexed as f64 / c as f64,
-                        None => allowed,
-                    };
-                    if read >= indexed as f64 {
+                    let allowed = allowed * scale;
+                    if allowed >= indexed as f64 {
                         // Every page of the item fits (its last may be partial): no bound.
                         MAX_QUEST_PAGES
                     } else {
-                        read as usize / QUEST_PAGE
+                        allowed as usize / QUEST_PAGE
                     }
                 })
                 .min();
@@ -684,7 +687,7 @@ impl SaapAttention {
         } else {
             let uniform = probes.map_or(c, |u| u.floor() as usize).clamp(1, c);
             self.config.n_probe = match (self.routing, planned) {
-                (Routing::Classifier, Some(p)) => p,
+                (Routing::Classifier, Some((p, _))) => p,
                 _ => uniform,
             };
         }

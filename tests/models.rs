@@ -201,18 +201,18 @@ fn plans(model: &mut Llama) -> Vec<Option<Vec<usize>>> {
         .collect()
 }
 
-/// What `saap::budget::plan_probes` gives for these per-layer curves (C 8, G 3: SmolLM2 with
+/// What `saap::budget::plan_probes` gives for these per-layer curves (C 8: SmolLM2 with
 /// `random_index(.., 8, ..)`), each planned layer's row.
 fn expected_plans(curves: &[Option<&ProbeCurve>], floor: f64) -> Vec<Option<Vec<usize>>> {
-    let plan = plan_probes(curves, 8, 3, floor).unwrap();
+    let plan = plan_probes(curves, 8, floor).unwrap();
     plan.into_iter()
         .zip(curves)
         .map(|(p, c)| c.map(|_| p))
         .collect()
 }
 
-/// Concave curves: ℓ = 1..=4 of C = 8 read a quarter of the indexed keys each (the G = 3 heads
-/// of a group share a third of their probes), each probe finding less than the one before.
+/// Concave curves: ℓ = 1..=4 of C = 8 read a quarter of the indexed keys each, each probe
+/// finding less than the one before.
 fn concave(mass: f64) -> ProbeCurve {
     ProbeCurve {
         indexed_mass: mass,
@@ -240,44 +240,64 @@ fn keys_budget_is_spent_where_the_curves_find_mass() {
     model.attach_index(Some(&index)).unwrap();
     let mut refs: Vec<Option<&ProbeCurve>> = curves.iter().map(Some).collect();
     assert_eq!(plans(&mut model), expected_plans(&refs, DEFAULT_FLOOR));
-    // Where the budget allows ℓ = 1, each layer may read 3/8 of its indexed keys and ℓ = 1
-    // reads 1/4: the 30 eighths left buy 15 steps of a quarter, layer 1's three (it reads all
-    // four partitions), then the first of twelve middle layers; layer 0 keeps one.
-    let at_one: Vec<usize> = plans(&mut model)
-        .iter()
-        .map(|p| p.as_ref().unwrap()[0])
-        .collect();
-    let mut expected = vec![1; n];
-    expected[1] = 4;
-    expected[2..14].fill(2);
-    assert_eq!(at_one, expected);
-    // Floor 1 keeps layer 0 at ℓ 2 where the budget allows 2 (column 8); floor 0 lets it go to 1.
-    let column = PLAN_STEPS;
-    model.set_plan_floor(1.0).unwrap();
-    assert_eq!(plans(&mut model)[0].as_ref().unwrap()[column], 2);
-    assert!(plans(&mut model).iter().all(|p| p
-        .as_ref()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .all(|(k, &l)| l > k / PLAN_STEPS)));
+    // Where the budget gives every layer ℓ = 2 (column 8), layer 1 takes all four partitions,
+    // layer 0 keeps one, and the in-between layers two (all but the last, whose step no longer
+    // fits).
+    let column = |u: usize| (u - 1) * PLAN_STEPS;
+    let at = |model: &mut Llama, k: usize| -> Vec<usize> {
+        plans(model)
+            .iter()
+            .map(|p| p.as_ref().unwrap()[k])
+            .collect()
+    };
+    let mut expected = vec![2; n];
+    (expected[0], expected[1], expected[n - 1]) = (1, 4, 1);
+    assert_eq!(at(&mut model, column(2)), expected);
+    // Where it allows 2.5 (column 12), half a partition per layer more: 15 more steps of a
+    // quarter, still none for layer 0.
+    let half = at(&mut model, column(2) + PLAN_STEPS / 2);
+    assert_eq!((half[0], half[1]), (1, 4));
+    assert_eq!(
+        half.iter().sum::<usize>(),
+        expected.iter().sum::<usize>() + 15
+    );
+    // A floor of half the whole ℓ keeps layer 0 at ⌈3 / 2⌉ where the budget gives 3.
+    model.set_plan_floor(0.5).unwrap();
+    assert_eq!(at(&mut model, column(3))[0], 2);
     model.set_plan_floor(0.0).unwrap();
-    assert_eq!(plans(&mut model)[0].as_ref().unwrap()[column], 1);
+    assert_eq!(at(&mut model, column(3))[0], 1);
     assert!(model.set_plan_floor(f64::NAN).is_err());
     assert!(model.set_plan_floor(1.5).is_err());
     assert_eq!(
-        plans(&mut model)[0].as_ref().unwrap()[column],
+        at(&mut model, column(3))[0],
         1,
         "a refused floor changes nothing"
     );
+    // Floor 1: the whole ℓ everywhere (and at least it between whole ℓ).
+    model.set_plan_floor(1.0).unwrap();
+    for (l, p) in plans(&mut model).into_iter().enumerate() {
+        for (k, &probes) in p.unwrap().iter().enumerate() {
+            let whole = k / PLAN_STEPS + 1;
+            assert!(probes >= whole, "layer {l}, column {k}");
+            assert!(
+                k % PLAN_STEPS != 0 || probes == whole,
+                "layer {l}, column {k}"
+            );
+        }
+    }
     model.set_plan_floor(DEFAULT_FLOOR).unwrap();
     // Layer 1 served dense: it leaves the plan, and the middle layers take its steps.
     model.set_routing(1, Routing::Dense).unwrap();
     refs[1] = None;
     assert_eq!(plans(&mut model), expected_plans(&refs, DEFAULT_FLOOR));
-    let at_one: Vec<usize> = plans(&mut model).iter().flatten().map(|p| p[0]).collect();
-    assert_eq!(at_one[0], 1, "layer 0 still gives");
-    assert_eq!(at_one.iter().filter(|&&l| l == 2).count(), 14);
+    assert_eq!(plans(&mut model)[1], None);
+    let (layer0, layer2) = (plans(&mut model)[0].clone(), plans(&mut model)[2].clone());
+    assert_eq!(
+        layer0.unwrap()[column(2)],
+        1,
+        "layer 0 now gives to the 0.3 layers"
+    );
+    assert_eq!(layer2.unwrap()[column(2)], 3);
     let planned = model.snapshot_attention().unwrap();
     model.set_budget_by_layer(false).unwrap();
     assert!(plans(&mut model).iter().all(Option::is_none));
@@ -313,30 +333,38 @@ fn quest_layers_join_the_plan_with_their_curves() {
         .unwrap();
     model.attach_index(Some(&index)).unwrap();
     model.set_plan_floor(0.0).unwrap();
-    // Classifier everywhere: the classifier curves alone.
+    // Classifier everywhere: the classifier curves alone, alike, so no layer moves.
     model.serve_all_sparse(false).unwrap();
     let mut refs = vec![Some(&classifier); n];
     assert_eq!(plans(&mut model), expected_plans(&refs, 0.0));
-    // The hybrid: layer 1 plans by its Quest curve and reads all four shares where the budget
-    // allows ℓ = 1 (column 0); the classifier layers that step up to ℓ = 2 are two fewer.
+    assert!(plans(&mut model)
+        .iter()
+        .all(|p| p.as_ref().unwrap()[PLAN_STEPS] == 2));
+    // The hybrid: layer 1 plans by its Quest curve and takes all four shares where the budget
+    // gives ℓ = 2 (column 8), two more than the whole ℓ's; two classifier layers give one each.
     model.serve_all_sparse(true).unwrap();
     refs[1] = Some(&quest);
     assert_eq!(plans(&mut model), expected_plans(&refs, 0.0));
-    assert_eq!(plans(&mut model)[1].as_ref().unwrap()[0], 4);
-    let stepped = |model: &mut Llama| {
+    let column = PLAN_STEPS;
+    assert_eq!(plans(&mut model)[1].as_ref().unwrap()[column], 4);
+    let others = |model: &mut Llama| -> Vec<usize> {
         let plans = plans(model);
         (0..n)
-            .filter(|&l| l != 1 && plans[l].as_ref().unwrap()[0] == 2)
-            .count()
+            .filter(|&l| l != 1)
+            .map(|l| plans[l].as_ref().unwrap()[column])
+            .collect()
     };
-    assert_eq!(stepped(&mut model), 12);
+    let given = others(&mut model);
+    assert_eq!(given.iter().filter(|&&p| p == 1).count(), 2, "{given:?}");
+    assert!(given.iter().all(|&p| p == 1 || p == 2), "{given:?}");
     model.set_plan_quest(false).unwrap();
     assert_eq!(plans(&mut model)[1], None);
-    assert_eq!(stepped(&mut model), 14);
+    assert!(others(&mut model).iter().all(|&p| p == 2));
     model.set_plan_quest(true).unwrap();
     // Decoding under a budget of ~1.3 partitions per head (223 indexed keys; window 64, sinks
-    // 4): the Quest layer reads 4·G/C of its indexed keys, so all of them, more than the
-    // budget's share; a classifier layer the plan left at ℓ = 1 (3 of 8 partitions) reads fewer.
+    // 4, C 8, G 3): the plan's column for 1.25 gives the Quest layer 4, so it reads 4 / 1.25
+    // times the budget's indexed keys, all of them; a classifier layer the plan left at ℓ = 1
+    // (3 of 8 partitions) reads fewer.
     model.set_keys_budget(Some(0.6)).unwrap();
     prefill_then_decode(&mut model, &text[..291], 290);
     let reads = model.read_stats();

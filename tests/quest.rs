@@ -411,8 +411,9 @@ fn quest_bad_inputs_are_refused() {
     assert!(matches!(long.begin_replay(4), Err(SaapError::Config(_))));
 }
 
-/// A plan (a Quest curve's, set by a model's glue) gives a Quest layer the pages that fill p·G/C
-/// of its indexed keys, p its entry in the column of the partitions per head the budget allows.
+/// A plan (a Quest curve's, set by a model's glue) moves a Quest layer's pages by the ratio it
+/// moves the budget's ℓ: p / u times the budget's pages, p its entry in the column of the
+/// partitions per head u the budget allows.
 #[test]
 fn a_probe_plan_scales_quest_pages() {
     let config = quest_config();
@@ -443,7 +444,7 @@ fn a_probe_plan_scales_quest_pages() {
             .map(|&(a, n)| a * c as f64 / (g * n) as f64)
             .fold(f64::INFINITY, f64::min);
         let column = plan_column(probes).expect("the budget allows a partition per head");
-        let p = plan[column];
+        let scale = plan[column] as f64 / column_probes(column);
         let pages_at = |read: &dyn Fn(f64, usize) -> f64| {
             items
                 .iter()
@@ -456,7 +457,7 @@ fn a_probe_plan_scales_quest_pages() {
                 .min(MAX_QUEST_PAGES)
         };
         let budget_pages = pages_at(&|a, _| a);
-        let planned_pages = pages_at(&|_, n| (p * g) as f64 * n as f64 / c as f64);
+        let planned_pages = pages_at(&|a, _| a * scale);
         let pages = if planned { planned_pages } else { budget_pages };
         assert_eq!(op.quest_pages(), pages, "step {step}, column {column}");
         assert_ne!(planned_pages, budget_pages, "step {step}, column {column}");

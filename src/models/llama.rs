@@ -534,11 +534,10 @@ impl Llama {
             .enumerate()
             .map(|(layer, op)| curve(layer, op.routing()).filter(|_| self.budget_by_layer))
             .collect();
-        let Some(config) = self.attn.first().map(SaapAttention::config) else {
+        let Some(c) = self.attn.first().map(|op| op.config().n_partitions) else {
             return Ok(());
         };
-        let (c, group) = (config.n_partitions, config.layout.group_size());
-        let plans = crate::budget::plan_probes(&curves, c, group, self.plan_floor)?;
+        let plans = crate::budget::plan_probes(&curves, c, self.plan_floor)?;
         for ((op, plan), curve) in self.attn.iter_mut().zip(plans).zip(&curves) {
             let plan = curve.map(|_| plan);
             // Setting a plan ends the op's replay: only where it changes.
