@@ -137,10 +137,10 @@ struct Step {
     ratio: f64,
 }
 
-/// Columns of a plan per partition of the uniform ℓ: column k is for budgets that allow between
-/// 1 + k / `PLAN_STEPS` and 1 + (k + 1) / `PLAN_STEPS` partitions per query head, so a plan can
-/// spend the part of a budget a whole ℓ leaves over (at 32k with a 1024-token window, ℓ 10 of
-/// the 10.2 a 10% budget allows).
+/// Columns of a plan per partition of the budget's ℓ: column k is for budgets that allow between
+/// 1 + k / `PLAN_STEPS` and 1 + (k + 1) / `PLAN_STEPS` partitions per query head, so a plan also
+/// spends the part of a budget a whole ℓ leaves over (Qwen2.5 at 120k: a 3% budget allows about
+/// 1.9 partitions per head, where a whole ℓ of 1 left nothing to trade; `bench/NOTES.md` §50).
 pub const PLAN_STEPS: usize = 8;
 
 /// The budget's ℓ of plan column `column`: 1 + `column` / [`PLAN_STEPS`] partitions per query
@@ -172,10 +172,10 @@ pub fn plan_column(probes: f64) -> Option<usize> {
 /// least that share of the whole ℓ (0: as few as one partition; 1: the whole ℓ itself, and
 /// more where the fraction allows). The shares are the curves' measurements: a plan reads about
 /// as many keys as the budget's ℓ everywhere would, not exactly (partitions and lengths differ
-/// from calibration's). The budget is what the curves read at the budget's ℓ rather than the
-/// u·G/C of the indexed keys it allows: on Qwen2.5 at 32k calibration's shares overstated what
-/// decode read by about a quarter, and the latter plan read 8.7% of the keys for a 10% budget
-/// (`bench/NOTES.md` §50); measured against the same ℓ everywhere, that bias cancels.
+/// from calibration's). Budgeted instead at the u·G/C of the indexed keys the budget allows on
+/// paper, a plan read 8.7% of the keys for a 10% budget (Qwen2.5 at 32k, `bench/NOTES.md` §50):
+/// calibration's shares overstated decode's reads by about a quarter; measured against the same
+/// ℓ everywhere, that bias cancels.
 ///
 /// # Errors
 /// [`SaapError::Config`] for a curve that fails [`ProbeCurve::check`] against `n_partitions`,
