@@ -445,19 +445,18 @@ fn a_probe_plan_scales_quest_pages() {
             .fold(f64::INFINITY, f64::min);
         let column = plan_column(probes).expect("the budget allows a partition per head");
         let scale = plan[column] as f64 / column_probes(column);
-        let pages_at = |read: &dyn Fn(f64, usize) -> f64| {
+        let pages_at = |scale: f64| {
             items
                 .iter()
-                .map(|&(a, n)| match read(a, n) >= n as f64 {
+                .map(|&(a, n)| match a * scale >= n as f64 {
                     true => usize::MAX,
-                    false => read(a, n) as usize / QUEST_PAGE,
+                    false => (a * scale) as usize / QUEST_PAGE,
                 })
                 .min()
                 .unwrap()
                 .min(MAX_QUEST_PAGES)
         };
-        let budget_pages = pages_at(&|a, _| a);
-        let planned_pages = pages_at(&|a, _| a * scale);
+        let (budget_pages, planned_pages) = (pages_at(1.0), pages_at(scale));
         let pages = if planned { planned_pages } else { budget_pages };
         assert_eq!(op.quest_pages(), pages, "step {step}, column {column}");
         assert_ne!(planned_pages, budget_pages, "step {step}, column {column}");
