@@ -505,9 +505,9 @@ impl Llama {
         self.plan_probes()
     }
 
-    /// The least share of the uniform ℓ every layer keeps when a budget is spent layer by layer
-    /// (default [`crate::budget::DEFAULT_FLOOR`]; 0 lets a layer go down to one partition, 1
-    /// is the uniform ℓ): see [`crate::budget::plan_probes`].
+    /// The least share of the budget's whole ℓ every layer keeps when a budget is spent layer by
+    /// layer (default [`crate::budget::DEFAULT_FLOOR`]; 0 lets a layer go down to one partition,
+    /// 1 keeps at least that ℓ): see [`crate::budget::plan_probes`].
     ///
     /// # Errors
     /// [`Error::Saap`] for a floor outside [0, 1] (NaN included); the plan in force stays.
@@ -737,9 +737,10 @@ impl Llama {
     /// ([`SaapIndex::sparse_routing`]: Quest in the layers where calibration found Quest's pages
     /// holding more of the held-out attention than the classifier's partitions at equal keys).
     /// Quest layers read pages to fit the keys budget ([`Llama::set_keys_budget`]) and without
-    /// one [`crate::config::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the classifier
-    /// layers, and the Quest layers too where the index holds Quest curves. The hybrid is for long contexts: on Qwen2.5-Coder-0.5B it kept perplexity within 1%
-    /// of dense at 120k with 5.7% of the keys, but at 32k did worse than the classifier alone
+    /// one [`crate::config::DEFAULT_QUEST_PAGES`]; the budget's per-layer plan covers the
+    /// classifier layers, and the Quest layers too where the index holds Quest curves. The
+    /// hybrid is for long contexts: on Qwen2.5-Coder-0.5B it kept perplexity within 1% of dense
+    /// at 120k with 5.7% of the keys, but at 32k did worse than the classifier alone
     /// (bench/results/2026-11-27-h200-hybrid32).
     ///
     /// # Errors

@@ -377,7 +377,7 @@ pub fn calibrate_index(
             bar.set_message(format!("layer {i}/{}", train.len()));
         }
         let mut layer = train_layer(train_seqs, config, params, progress)?;
-        // Each held-out sequence's attention computed once for the three measurements.
+        // Each held-out sequence's attention computed once for the four measurements.
         let eval::CalibrationEval {
             classifier,
             nearest: nearest_centroid,
