@@ -193,6 +193,29 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         "partition oracle {}",
         classifier.partition_oracle_indexed_recall
     );
+    // Partition pages: at dense's keys every page fits; at the classifier's, a perfect router
+    // over them and the bounds' pick (whole pages within the same keys) hold at most what the
+    // best single keys hold.
+    for full in [
+        dense.partition_page_indexed_recall,
+        dense.partition_page_probed_indexed_recall,
+        dense.partition_page_oracle_matched_indexed_recall,
+    ] {
+        assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
+    }
+    assert!(
+        classifier.partition_page_oracle_matched_indexed_recall
+            <= classifier.oracle_indexed_recall + 1e-9
+    );
+    for routed in [
+        classifier.partition_page_indexed_recall,
+        classifier.partition_page_probed_indexed_recall,
+    ] {
+        assert!(
+            routed > 0.0 && routed <= classifier.oracle_indexed_recall + 1e-9,
+            "{classifier:?}"
+        );
+    }
     let all = config.clone().with_n_probe(TOPICS).unwrap();
     let every = evaluate_routing(
         &held_out,

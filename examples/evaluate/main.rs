@@ -431,6 +431,12 @@ fn run() -> Res<()> {
             layers[layer].saap.partition_block_oracle_matched_indexed_recall,
         );
         println!(
+            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by bound inside the classifier's top-2ℓ {:.3}",
+            layers[layer].saap.partition_page_oracle_matched_indexed_recall,
+            layers[layer].saap.partition_page_indexed_recall,
+            layers[layer].saap.partition_page_probed_indexed_recall,
+        );
+        println!(
             "         output error with unread partitions estimated: Saap {:.3} → {:.3} from summaries, {:.3} with their exact mass",
             layers[layer].saap.output_rel_error,
             layers[layer].saap.output_rel_error_summary,
@@ -833,6 +839,43 @@ fn markdown(r: &Report, args: &Args) -> String {
             mean(|e| e.output_rel_error_summary),
             mean(|e| e.output_rel_error_exact_mass)
         );
+    }
+    if r.layers
+        .iter()
+        .any(|l| l.saap.partition_page_oracle_matched_indexed_recall > 0.0)
+    {
+        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. Two-level: the same over the pages of the group's classifier top-2ℓ partitions only.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by bound, top-2ℓ partitions | Quest (consecutive pages) |\n|---|---|---|---|---|---|---|");
+        let cells = |e: &RoutingEval| {
+            format!(
+                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                e.indexed_recall,
+                e.partition_oracle_matched_indexed_recall,
+                e.partition_page_oracle_matched_indexed_recall,
+                e.partition_page_indexed_recall,
+                e.partition_page_probed_indexed_recall,
+                e.quest_indexed_recall
+            )
+        };
+        for l in &r.layers {
+            let _ = writeln!(s, "| {} | {}", l.layer, cells(&l.saap));
+        }
+        let n = r.layers.len() as f64;
+        let mean =
+            |f: fn(&RoutingEval) -> f64| r.layers.iter().map(|l| f(&l.saap)).sum::<f64>() / n;
+        let avg = RoutingEval {
+            indexed_recall: mean(|e| e.indexed_recall),
+            partition_oracle_matched_indexed_recall: mean(|e| {
+                e.partition_oracle_matched_indexed_recall
+            }),
+            partition_page_oracle_matched_indexed_recall: mean(|e| {
+                e.partition_page_oracle_matched_indexed_recall
+            }),
+            partition_page_indexed_recall: mean(|e| e.partition_page_indexed_recall),
+            partition_page_probed_indexed_recall: mean(|e| e.partition_page_probed_indexed_recall),
+            quest_indexed_recall: mean(|e| e.quest_indexed_recall),
+            ..RoutingEval::default()
+        };
+        let _ = writeln!(s, "| mean | {}", cells(&avg));
     }
     if !r.nih.is_empty() {
         let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid | Quest |\n|---|---|---|---|---|---|---|");

@@ -74,6 +74,22 @@ pub struct RoutingEval {
     /// Indexed keys those pages hold / indexed keys.
     #[serde(default)]
     pub quest_indexed_selectivity: f64,
+    /// The perfect router at this routing's keys over *partition pages*: each partition's
+    /// indexed keys in position order cut into pages of [`QUEST_PAGE`] (the last one may be
+    /// partial), as an op that appends to a partition's list at its tail would keep them. Each
+    /// head takes pages by its own mass until it has as many keys as the routing read (the last
+    /// one pro rata). (0 in older reports.)
+    #[serde(default)]
+    pub partition_page_oracle_matched_indexed_recall: f64,
+    /// Every partition page ranked by Quest's bound (the best of the group's heads), whole pages
+    /// while they fit in the keys this routing read (the best one always): the share of the
+    /// indexed mass they hold. Training-free, like Quest, over pages of one cluster each.
+    #[serde(default)]
+    pub partition_page_indexed_recall: f64,
+    /// The same, only over the pages of the partitions in the union of the group's top-2ℓ
+    /// probes of this routing: the routing narrows, the bounds choose inside.
+    #[serde(default)]
+    pub partition_page_probed_indexed_recall: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -104,6 +120,9 @@ impl RoutingEval {
                 + o.output_rel_error_exact_mass,
             quest_indexed_recall: self.quest_indexed_recall + o.quest_indexed_recall,
             quest_indexed_selectivity: self.quest_indexed_selectivity + o.quest_indexed_selectivity,
+            partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall + o.partition_page_oracle_matched_indexed_recall,
+            partition_page_indexed_recall: self.partition_page_indexed_recall + o.partition_page_indexed_recall,
+            partition_page_probed_indexed_recall: self.partition_page_probed_indexed_recall + o.partition_page_probed_indexed_recall,
             samples: self.samples + o.samples,
         }
     }
@@ -131,6 +150,9 @@ impl RoutingEval {
             output_rel_error_exact_mass: self.output_rel_error_exact_mass / k,
             quest_indexed_recall: self.quest_indexed_recall / k,
             quest_indexed_selectivity: self.quest_indexed_selectivity / k,
+            partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall / k,
+            partition_page_indexed_recall: self.partition_page_indexed_recall / k,
+            partition_page_probed_indexed_recall: self.partition_page_probed_indexed_recall / k,
             samples: self.samples,
         }
     }
@@ -288,22 +310,25 @@ fn routing_sums(
     routing: Routing,
 ) -> Result<RoutingEval> {
     let (g, c) = (config.layout.group_size(), config.n_partitions);
-    // Probes per (query, query head): [P, Hq, ℓ].
-    let probes = match routing {
-        Routing::Classifier => Some(top_probes(&layer.classifier.scores(&h.q)?, config.n_probe)?),
-        Routing::NearestCentroid => Some(top_probes(
-            &centroid_scores(&h.q, &layer.centroids)?,
-            config.n_probe,
-        )?),
+    let scores = match routing {
+        Routing::Classifier => Some(layer.classifier.scores(&h.q)?),
+        Routing::NearestCentroid => Some(centroid_scores(&h.q, &layer.centroids)?),
         Routing::Dense => None,
         Routing::Quest => {
             return Err(SaapError::Config(
                 "Quest needs post-RoPE keys and pages: it is evaluated by decoding".into(),
             ))
         }
-    }
-    .map(|t| t.to_vec3::<u32>())
-    .transpose()?;
+    };
+    // Probes per (query, query head): [P, Hq, ℓ], and the 2ℓ the two-level route narrows to.
+    let top = |n_probe: usize| -> Result<Option<Vec<Vec<Vec<u32>>>>> {
+        scores
+            .as_ref()
+            .map(|s| Ok(top_probes(s, n_probe)?.to_vec3::<u32>()?))
+            .transpose()
+    };
+    let probes = top(config.n_probe)?;
+    let wide_probes = top((2 * config.n_probe).min(c))?;
     // Queries are independent: score them in parallel, then add the partial sums.
     let (probs, labels, values) = (&h.probs, &h.labels, &h.values);
     let (q_rot, k_rot) = (&h.q_rot, &h.k_rot);
@@ -364,6 +389,35 @@ fn routing_sums(
                 let ranked = quest_order(&group_q, &k_rot[kvh], &h.pages[kvh], sink_end..index_end);
                 let quest = quest_pages(&ranked, read);
                 let quest_read: usize = quest.iter().map(|r| r.len()).sum();
+                let pages = partition_pages(lab, sink_end..index_end, c);
+                let mut page_lab = vec![0u32; indexed];
+                for (p, (_, ids)) in pages.iter().enumerate() {
+                    for &j in ids {
+                        page_lab[j - sink_end] = p as u32;
+                    }
+                }
+                let page_sizes: Vec<usize> = pages.iter().map(|(_, ids)| ids.len()).collect();
+                let mut wide = vec![wide_probes.is_none(); c];
+                if let Some(wide_probes) = &wide_probes {
+                    for &part in wide_probes[i][heads.clone()].iter().flatten() {
+                        wide[part as usize] = true;
+                    }
+                }
+                let page_scores: Vec<f32> = pages
+                    .iter()
+                    .map(|(_, ids)| bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &k_rot[kvh][j]))))
+                    .collect();
+                let bounded = |among: &dyn Fn(u32) -> bool| {
+                    let (among, scores): (Vec<&[usize]>, Vec<f32>) = pages
+                        .iter()
+                        .zip(&page_scores)
+                        .filter(|((part, _), _)| among(*part))
+                        .map(|((_, ids), &score)| (ids.as_slice(), score))
+                        .unzip();
+                    take_fitting(&ranked_by(&among, &scores), |ids| ids.len(), read)
+                };
+                let page_route = bounded(&|_| true);
+                let page_probed_route = bounded(&|part| wide[part as usize]);
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
@@ -413,6 +467,17 @@ fn routing_sums(
                         .sum();
                     sum.quest_indexed_recall += share(quest_mass);
                     sum.quest_indexed_selectivity += quest_read as f64 / indexed.max(1) as f64;
+                    sum.partition_page_oracle_matched_indexed_recall += share(mass_at_keys(
+                        &w[sink_end..index_end],
+                        &page_lab,
+                        &page_sizes,
+                        read,
+                    ));
+                    let mass_of = |route: &[&[usize]]| -> f64 {
+                        route.iter().flat_map(|ids| ids.iter()).map(|&j| w[j] as f64).sum()
+                    };
+                    sum.partition_page_indexed_recall += share(mass_of(&page_route));
+                    sum.partition_page_probed_indexed_recall += share(mass_of(&page_probed_route));
                     sum.samples += 1;
                 }
             }
@@ -669,8 +734,9 @@ impl PageBounds {
 }
 
 /// Per-dimension (min, max) over `rows`.
-fn bounds_of(rows: &[Vec<f32>]) -> (Vec<f32>, Vec<f32>) {
-    let d = rows.first().map_or(0, Vec::len);
+fn bounds_of<'a>(rows: impl IntoIterator<Item = &'a Vec<f32>>) -> (Vec<f32>, Vec<f32>) {
+    let mut rows = rows.into_iter().peekable();
+    let d = rows.peek().map_or(0, |row| row.len());
     let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
     for row in rows {
         for (x, (l, h)) in row.iter().zip(lo.iter_mut().zip(hi.iter_mut())) {
@@ -696,36 +762,71 @@ fn quest_order(
         .step_by(QUEST_PAGE)
         .map(|a| a..(a + QUEST_PAGE).min(range.end))
         .collect();
-    let score = |page: &std::ops::Range<usize>| -> f32 {
-        let bounds = table.of(keys, page);
-        let (lo, hi) = &*bounds;
-        group_q
-            .iter()
-            .map(|q| {
-                q.iter()
-                    .zip(lo.iter().zip(hi))
-                    .map(|(&q, (&l, &h))| (q * l).max(q * h))
-                    .sum::<f32>()
-            })
-            .fold(f32::NEG_INFINITY, f32::max)
-    };
-    let scores: Vec<f32> = pages.iter().map(score).collect();
-    let mut order: Vec<usize> = (0..pages.len()).collect();
-    // Stable: equal scores keep the earlier page first.
+    let scores: Vec<f32> = pages
+        .iter()
+        .map(|page| bound_score(group_q, &table.of(keys, page)))
+        .collect();
+    ranked_by(&pages, &scores)
+}
+
+/// Quest's upper bound `Σ_d max(q_d·min_d, q_d·max_d)` of a page with `bounds` (min, max),
+/// the best over the group's queries `group_q`.
+fn bound_score(group_q: &[&[f32]], bounds: &(Vec<f32>, Vec<f32>)) -> f32 {
+    let (lo, hi) = bounds;
+    group_q
+        .iter()
+        .map(|q| {
+            q.iter()
+                .zip(lo.iter().zip(hi))
+                .map(|(&q, (&l, &h))| (q * l).max(q * h))
+                .sum::<f32>()
+        })
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `items` by descending `scores`; equal scores keep the earlier item first.
+fn ranked_by<T: Clone>(items: &[T], scores: &[f32]) -> Vec<T> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    order.into_iter().map(|p| pages[p].clone()).collect()
+    order.into_iter().map(|p| items[p].clone()).collect()
+}
+
+/// Partition pages of the indexed keys `range`: each partition's keys (by `labels`) in position
+/// order, cut into pages of [`QUEST_PAGE`] from its first key, the last one possibly partial;
+/// with each page's partition. A partition's list grows only at its tail as tokens are indexed,
+/// so these pages are as stable as Quest's consecutive ones.
+fn partition_pages(
+    labels: &[u32],
+    range: std::ops::Range<usize>,
+    n_partitions: usize,
+) -> Vec<(u32, Vec<usize>)> {
+    let mut members = vec![Vec::new(); n_partitions];
+    for j in range {
+        members[labels[j] as usize].push(j);
+    }
+    members
+        .iter()
+        .enumerate()
+        .flat_map(|(p, ids)| ids.chunks(QUEST_PAGE).map(move |page| (p as u32, page.to_vec())))
+        .collect()
 }
 
 /// The pages of [`quest_order`] taken in order while their keys fit in `budget` (the first one
 /// always): what Quest reads at a routing's keys.
 fn quest_pages(ranked: &[std::ops::Range<usize>], budget: usize) -> Vec<std::ops::Range<usize>> {
+    take_fitting(ranked, |page| page.len(), budget)
+}
+
+/// The `ranked` pages of `len` keys taken in order while their keys fit in `budget` (the first
+/// one always; a page that does not fit is skipped, a smaller later one may still fit).
+fn take_fitting<T: Clone>(ranked: &[T], len: impl Fn(&T) -> usize, budget: usize) -> Vec<T> {
     let mut taken = Vec::new();
     let mut keys_read = 0;
     for page in ranked {
-        if !taken.is_empty() && keys_read + page.len() > budget {
+        if !taken.is_empty() && keys_read + len(page) > budget {
             continue;
         }
-        keys_read += page.len();
+        keys_read += len(page);
         taken.push(page.clone());
     }
     taken
@@ -972,6 +1073,43 @@ mod tests {
             quest_pages(&quest_order(&[&other, &q], &keys, &table, 4..44), 16),
             vec![20..36]
         );
+    }
+
+    #[test]
+    fn partition_pages_follow_each_partitions_list() {
+        // Keys 2..40 indexed; partition 1 holds every third key, partition 0 the rest.
+        let labels: Vec<u32> = (0..40).map(|j| u32::from(j % 3 == 0)).collect();
+        let pages = partition_pages(&labels, 2..40, 3);
+        let of = |p: u32| -> Vec<Vec<usize>> {
+            pages
+                .iter()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, ids)| ids.clone())
+                .collect()
+        };
+        let zeros: Vec<usize> = (2..40).filter(|j| j % 3 != 0).collect();
+        assert_eq!(of(0), vec![zeros[..16].to_vec(), zeros[16..].to_vec()]);
+        assert_eq!(of(1), vec![(3..40).step_by(3).collect::<Vec<_>>()]);
+        assert!(of(2).is_empty());
+        // Bounds over a partition's pages find its keys wherever they sit: the keys of
+        // partition 1 point along the query, scattered among small ones.
+        let keys: Vec<Vec<f32>> = (0..40)
+            .map(|j| if j % 3 == 0 { vec![2.0, 0.1] } else { vec![0.1, 0.5] })
+            .collect();
+        let q = [1.0f32, 0.0];
+        let refs: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let scores: Vec<f32> = refs
+            .iter()
+            .map(|ids| bound_score(&[&q], &bounds_of(ids.iter().map(|&j| &keys[j]))))
+            .collect();
+        let ranked = ranked_by(&refs, &scores);
+        assert_eq!(ranked[0], of(1)[0].as_slice());
+        // 13 keys of partition 1 fit in 16; neither page of partition 0 fits in the 3 left.
+        assert_eq!(take_fitting(&ranked, |ids| ids.len(), 16), vec![ranked[0]]);
+        // Consecutive pages mix both partitions, so Quest's bound cannot single them out.
+        let table = PageBounds::new(&keys, 2..40);
+        let consecutive = quest_pages(&quest_order(&[&q], &keys, &table, 2..40), 16);
+        assert_eq!(consecutive, vec![2..18]);
     }
 
     #[test]
