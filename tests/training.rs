@@ -197,9 +197,11 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     // over them and the bounds' pick (whole pages within the same keys) hold at most what the
     // best single keys hold.
     for full in [
-        dense.partition_page_indexed_recall,
-        dense.partition_page_probed_indexed_recall,
+        dense.partition_page_bound_indexed_recall,
+        dense.partition_page_mean_indexed_recall,
+        dense.partition_page_probed_mean_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
+        dense.quest_mean_indexed_recall,
     ] {
         assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
     }
@@ -208,8 +210,10 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
             <= classifier.oracle_indexed_recall + 1e-9
     );
     for routed in [
-        classifier.partition_page_indexed_recall,
-        classifier.partition_page_probed_indexed_recall,
+        classifier.partition_page_bound_indexed_recall,
+        classifier.partition_page_mean_indexed_recall,
+        classifier.partition_page_probed_mean_indexed_recall,
+        classifier.quest_mean_indexed_recall,
     ] {
         assert!(
             routed > 0.0 && routed <= classifier.oracle_indexed_recall + 1e-9,

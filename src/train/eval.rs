@@ -85,11 +85,19 @@ pub struct RoutingEval {
     /// while they fit in the keys this routing read (the best one always): the share of the
     /// indexed mass they hold. Training-free, like Quest, over pages of one cluster each.
     #[serde(default)]
-    pub partition_page_indexed_recall: f64,
-    /// The same, only over the pages of the partitions in the union of the group's top-2ℓ
-    /// probes of this routing: the routing narrows, the bounds choose inside.
+    pub partition_page_bound_indexed_recall: f64,
+    /// The same with pages ranked by `q·k̄`, k̄ the mean of the page's post-RoPE keys (the best
+    /// of the group's heads): a bound's looseness varies with a page's spread, a mean's does not.
     #[serde(default)]
-    pub partition_page_probed_indexed_recall: f64,
+    pub partition_page_mean_indexed_recall: f64,
+    /// Pages by mean only among those of the partitions in the union of the group's top-2ℓ
+    /// probes of this routing: the routing narrows, the means choose inside.
+    #[serde(default)]
+    pub partition_page_probed_mean_indexed_recall: f64,
+    /// Quest's consecutive pages ranked by mean instead of bound, at the same keys: what the
+    /// clustering adds to the mean.
+    #[serde(default)]
+    pub quest_mean_indexed_recall: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -121,8 +129,10 @@ impl RoutingEval {
             quest_indexed_recall: self.quest_indexed_recall + o.quest_indexed_recall,
             quest_indexed_selectivity: self.quest_indexed_selectivity + o.quest_indexed_selectivity,
             partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall + o.partition_page_oracle_matched_indexed_recall,
-            partition_page_indexed_recall: self.partition_page_indexed_recall + o.partition_page_indexed_recall,
-            partition_page_probed_indexed_recall: self.partition_page_probed_indexed_recall + o.partition_page_probed_indexed_recall,
+            partition_page_bound_indexed_recall: self.partition_page_bound_indexed_recall + o.partition_page_bound_indexed_recall,
+            partition_page_mean_indexed_recall: self.partition_page_mean_indexed_recall + o.partition_page_mean_indexed_recall,
+            partition_page_probed_mean_indexed_recall: self.partition_page_probed_mean_indexed_recall + o.partition_page_probed_mean_indexed_recall,
+            quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             samples: self.samples + o.samples,
         }
     }
@@ -151,8 +161,10 @@ impl RoutingEval {
             quest_indexed_recall: self.quest_indexed_recall / k,
             quest_indexed_selectivity: self.quest_indexed_selectivity / k,
             partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall / k,
-            partition_page_indexed_recall: self.partition_page_indexed_recall / k,
-            partition_page_probed_indexed_recall: self.partition_page_probed_indexed_recall / k,
+            partition_page_bound_indexed_recall: self.partition_page_bound_indexed_recall / k,
+            partition_page_mean_indexed_recall: self.partition_page_mean_indexed_recall / k,
+            partition_page_probed_mean_indexed_recall: self.partition_page_probed_mean_indexed_recall / k,
+            quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             samples: self.samples,
         }
     }
@@ -403,21 +415,24 @@ fn routing_sums(
                         wide[part as usize] = true;
                     }
                 }
-                let page_scores: Vec<f32> = pages
+                let keys = &k_rot[kvh];
+                let bound = |ids: &[usize]| bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
+                let mean = |ids: &[usize]| mean_score(&group_q, keys, ids);
+                let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+                let probed_pages: Vec<&[usize]> = pages
                     .iter()
-                    .map(|(_, ids)| bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &k_rot[kvh][j]))))
+                    .filter(|(p, _)| wide[*p as usize])
+                    .map(|(_, ids)| ids.as_slice())
                     .collect();
-                let bounded = |among: &dyn Fn(u32) -> bool| {
-                    let (among, scores): (Vec<&[usize]>, Vec<f32>) = pages
-                        .iter()
-                        .zip(&page_scores)
-                        .filter(|((part, _), _)| among(*part))
-                        .map(|((_, ids), &score)| (ids.as_slice(), score))
-                        .unzip();
-                    take_fitting(&ranked_by(&among, &scores), |ids| ids.len(), read)
-                };
-                let page_route = bounded(&|_| true);
-                let page_probed_route = bounded(&|part| wide[part as usize]);
+                let page_bound_route = pages_by(&all, &bound, read);
+                let page_mean_route = pages_by(&all, &mean, read);
+                let page_probed_route = pages_by(&probed_pages, &mean, read);
+                let consecutive: Vec<Vec<usize>> = (sink_end..index_end)
+                    .step_by(QUEST_PAGE)
+                    .map(|a| (a..(a + QUEST_PAGE).min(index_end)).collect())
+                    .collect();
+                let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
+                let quest_mean_route = pages_by(&consecutive, &mean, read);
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
@@ -476,8 +491,11 @@ fn routing_sums(
                     let mass_of = |route: &[&[usize]]| -> f64 {
                         route.iter().flat_map(|ids| ids.iter()).map(|&j| w[j] as f64).sum()
                     };
-                    sum.partition_page_indexed_recall += share(mass_of(&page_route));
-                    sum.partition_page_probed_indexed_recall += share(mass_of(&page_probed_route));
+                    sum.partition_page_bound_indexed_recall += share(mass_of(&page_bound_route));
+                    sum.partition_page_mean_indexed_recall += share(mass_of(&page_mean_route));
+                    sum.partition_page_probed_mean_indexed_recall +=
+                        share(mass_of(&page_probed_route));
+                    sum.quest_mean_indexed_recall += share(mass_of(&quest_mean_route));
                     sum.samples += 1;
                 }
             }
@@ -782,6 +800,30 @@ fn bound_score(group_q: &[&[f32]], bounds: &(Vec<f32>, Vec<f32>)) -> f32 {
                 .sum::<f32>()
         })
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `max over the group's queries of q·k̄`, k̄ the mean of the rows `ids` of `keys`.
+fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
+    let mut mean = vec![0f32; keys.first().map_or(0, Vec::len)];
+    for &j in ids {
+        mean.iter_mut().zip(&keys[j]).for_each(|(m, x)| *m += x);
+    }
+    let n = ids.len().max(1) as f32;
+    group_q
+        .iter()
+        .map(|q| q.iter().zip(&mean).map(|(q, m)| q * m).sum::<f32>() / n)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `pages` (key ids) ranked by `score`, taken whole while they fit in `budget` keys
+/// ([`take_fitting`]).
+fn pages_by<'a>(
+    pages: &[&'a [usize]],
+    score: &dyn Fn(&[usize]) -> f32,
+    budget: usize,
+) -> Vec<&'a [usize]> {
+    let scores: Vec<f32> = pages.iter().map(|ids| score(ids)).collect();
+    take_fitting(&ranked_by(pages, &scores), |ids| ids.len(), budget)
 }
 
 /// `items` by descending `scores`; equal scores keep the earlier item first.
@@ -1106,6 +1148,22 @@ mod tests {
         assert_eq!(ranked[0], of(1)[0].as_slice());
         // 13 keys of partition 1 fit in 16; neither page of partition 0 fits in the 3 left.
         assert_eq!(take_fitting(&ranked, |ids| ids.len(), 16), vec![ranked[0]]);
+        // A page's bound grows with its spread, its mean does not: a loose page (keys ±3 along
+        // the query, mean 0) outbounds a tight one (all at 1), the mean ranks the tight first.
+        let spread: Vec<Vec<f32>> = (0..32)
+            .map(|j| match j {
+                0..16 => vec![if j % 2 == 0 { 3.0 } else { -3.0 }, 0.0],
+                _ => vec![1.0, 0.0],
+            })
+            .collect();
+        let (loose, tight): (Vec<usize>, Vec<usize>) = ((0..16).collect(), (16..32).collect());
+        let two = [loose.as_slice(), tight.as_slice()];
+        let bound = |ids: &[usize]| bound_score(&[&q], &bounds_of(ids.iter().map(|&j| &spread[j])));
+        let mean = |ids: &[usize]| mean_score(&[&q], &spread, ids);
+        assert_eq!((bound(&loose), bound(&tight)), (3.0, 1.0));
+        assert_eq!((mean(&loose), mean(&tight)), (0.0, 1.0));
+        assert_eq!(pages_by(&two, &bound, 16), vec![loose.as_slice()]);
+        assert_eq!(pages_by(&two, &mean, 16), vec![tight.as_slice()]);
         // Consecutive pages mix both partitions, so Quest's bound cannot single them out.
         let table = PageBounds::new(&keys, 2..40);
         let consecutive = quest_pages(&quest_order(&[&q], &keys, &table, 2..40), 16);
