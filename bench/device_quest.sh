@@ -8,7 +8,8 @@
 #   calib32 | hybrid32 | report | take DIR | low BUDGETS | shared | tests3 | tests4 | ncuq |
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
-#   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128
+#   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
+#   routing32
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -73,6 +74,9 @@ calib32)
   # NOTES §42: session 24's 32k recipe (NOTES §32), now also recording sparse routings.
   run "$bin/calibrate" --model "$M" --cuda --context 32768 --seqs 2 --queries 512 --epochs 30 --hidden 64 --out "$I/q32k.safetensors"
   sha256sum "$I/q32k.safetensors" | tee -a "$OUT/calib32.txt" ;;
+routing32)
+  # NOTES §52: per layer at 32k, Saap's indexed mass against partition pages and Quest at its keys.
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --seqs 1 --skip ppl,nih --out "$OUT/routing32" ;;
 hybrid32)
   # 32k, every layer sparse at 10%: the plan alone and the hybrid, batch 8 (8 × 1023 tokens) and 1.
   for h in "" --hybrid; do
