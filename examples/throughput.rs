@@ -29,7 +29,7 @@ use common::{exit_code, ModelArgs, Res};
 use saap::graph::DecodeGraph;
 use saap::models::fetch::{self, Text};
 use saap::models::Llama;
-use saap::{ReadStats, Routing, SaapIndex};
+use saap::{PageScore, ReadStats, Routing, SaapIndex};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -115,6 +115,10 @@ struct Args {
     /// --window (which the other layers keep) [default: the same as the other layers']
     #[arg(long, value_delimiter = ',')]
     quest_window: Vec<usize>,
+    /// What the pages of layers routed by Quest keep and rank by, comma-separated, each run
+    /// beside every window: `bound` (min and max, Quest's own) or `mean` (the mean key)
+    #[arg(long, value_delimiter = ',', value_parser = common::parse_page_score, default_value = "bound")]
+    page_score: Vec<PageScore>,
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
@@ -127,6 +131,7 @@ struct SaapRun {
     also_dense: Option<usize>,
     window: Option<usize>,
     quest_window: Option<usize>,
+    page_score: PageScore,
 }
 
 impl SaapRun {
@@ -141,6 +146,7 @@ impl SaapRun {
     ) -> Res<()> {
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
+        model.set_page_score(self.page_score)?;
         for &layer in quest_layers {
             model.set_routing(layer, Routing::Quest)?;
         }
@@ -165,6 +171,9 @@ impl SaapRun {
         }
         if let Some(window) = self.quest_window {
             label += &format!(", Quest layers' window {window}");
+        }
+        if self.page_score == PageScore::Mean {
+            label += ", Quest pages by mean";
         }
         label
     }
@@ -362,13 +371,14 @@ fn run(args: Args) -> Res<()> {
             false => values.iter().map(|&w| Some(w)).collect(),
         }
     };
-    let windows: Vec<(Option<usize>, Option<usize>)> = some_or_none(&args.window)
+    let windows: Vec<(Option<usize>, Option<usize>, PageScore)> = some_or_none(&args.window)
         .into_iter()
         .flat_map(|w| {
             some_or_none(&args.quest_window)
                 .into_iter()
                 .map(move |q| (w, q))
         })
+        .flat_map(|(w, q)| args.page_score.iter().map(move |&score| (w, q, score)))
         .collect();
     let runs: Vec<SaapRun> = settings
         .iter()
@@ -384,13 +394,16 @@ fn run(args: Args) -> Res<()> {
                 .map(move |&also_dense| (setting, estimate, also_dense))
         })
         .flat_map(|(setting, estimate, also_dense)| {
-            windows.iter().map(move |&(window, quest_window)| SaapRun {
-                setting,
-                estimate,
-                also_dense,
-                window,
-                quest_window,
-            })
+            windows
+                .iter()
+                .map(move |&(window, quest_window, page_score)| SaapRun {
+                    setting,
+                    estimate,
+                    also_dense,
+                    window,
+                    quest_window,
+                    page_score,
+                })
         })
         .collect();
     common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
@@ -498,7 +511,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_quest\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_quest\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"page_score\":\"{:?}\",\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
@@ -522,6 +535,7 @@ fn run(args: Args) -> Res<()> {
                         .chain(&run.also_dense)
                         .collect::<Vec<_>>(),
                     quest_layers,
+                    run.page_score,
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

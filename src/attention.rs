@@ -6,7 +6,8 @@ use crate::attend::decode::{page_offsets, AdvanceReplay};
 use crate::attend::{prefill_attention, DecodeOp, Partitions, SeqExtent};
 use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
 use crate::config::{
-    check_share, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES, QUEST_PAGE,
+    check_share, PageScore, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES,
+    QUEST_PAGE,
 };
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
@@ -307,6 +308,8 @@ pub struct SaapAttention {
     probe_mass: Option<f64>,
     /// Pages a KV group reads per step with Quest routing (set by the keys budget, if any).
     quest_pages: usize,
+    /// What Quest's pages keep of their keys, and so how a query ranks them.
+    page_score: PageScore,
     /// Whether partition-routed steps estimate the unread partitions from their means.
     estimate_unread: bool,
     /// Under a keys budget, this layer's ℓ (or Quest's point) for each column of budgets
@@ -346,6 +349,7 @@ impl SaapAttention {
             keys_budget: config.keys_budget,
             probe_mass: None,
             quest_pages: DEFAULT_QUEST_PAGES,
+            page_score: PageScore::Bound,
             estimate_unread: false,
             probe_plan: None,
         })
@@ -445,13 +449,38 @@ impl SaapAttention {
         self.quest_pages
     }
 
-    /// With [`Routing::Quest`], the page bounds `(min, max)`, each `[B, Hkv, P, D]` f32: the
+    /// Sets what [`Routing::Quest`]'s pages keep of their keys and so how a query ranks them
+    /// (default [`PageScore::Bound`], Quest's own). Pages kept for the other score are rebuilt
+    /// from the cache at once; other routings ignore it.
+    ///
+    /// # Errors
+    /// [`SaapError::Candle`] when the pages cannot be computed (the score is set, with no pages:
+    /// the next step or merge builds them).
+    pub fn set_page_score(&mut self, score: PageScore) -> Result<()> {
+        if score == self.page_score {
+            return Ok(());
+        }
+        self.end_replay();
+        self.page_score = score;
+        if let Some(state) = &mut self.state {
+            state.quest = None;
+        }
+        self.merge_window(self.config.merge_every - 1)
+    }
+
+    /// What Quest's pages keep ([`SaapAttention::set_page_score`]).
+    pub fn page_score(&self) -> PageScore {
+        self.page_score
+    }
+
+    /// With [`Routing::Quest`], the pages `(min, max)`, each `[B, Hkv, P, D]` f32: the
     /// elementwise min and max of the post-RoPE keys of page `p`, positions
     /// `sinks + 16p .. min(sinks + 16(p + 1), indexed_end)` of each item (zeros for a page
-    /// holding no key of its item); P pages cover the batch's longest indexed region.
+    /// holding no key of its item), or with [`PageScore::Mean`] their mean as both; P pages
+    /// cover the batch's longest indexed region.
     pub fn page_bounds(&self) -> Option<(&Tensor, &Tensor)> {
         let pages = self.state.as_ref()?.quest.as_ref()?;
-        Some((&pages.min, &pages.max))
+        Some((&pages.min, pages.max()))
     }
 
     /// Sets the recent window: the last `window` tokens of each item, which every decode step
@@ -774,6 +803,7 @@ impl SaapAttention {
             keys_budget: self.keys_budget,
             probe_mass: self.probe_mass,
             quest_pages: self.quest_pages,
+            page_score: self.page_score,
             estimate_unread: self.estimate_unread,
             probe_plan: self.probe_plan.clone(),
         })
@@ -1212,9 +1242,17 @@ impl SaapAttention {
         let Some(state) = self.state.as_mut() else {
             return Ok(());
         };
+        let score = self.page_score;
         match (quest, &state.quest) {
             (true, None) => {
-                state.quest = Some(QuestPages::refresh(None, 0, &state.k, &state.seqs, sinks)?);
+                state.quest = Some(QuestPages::refresh(
+                    None,
+                    0,
+                    &state.k,
+                    &state.seqs,
+                    sinks,
+                    score,
+                )?);
             }
             (false, Some(_)) => state.quest = None,
             _ => {}
@@ -1265,6 +1303,7 @@ impl SaapAttention {
                     &state.k,
                     &merged,
                     sinks,
+                    score,
                 )?)
             }
             None => None,

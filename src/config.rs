@@ -332,6 +332,21 @@ pub(crate) fn check_share(what: &str, share: Option<f64>) -> Result<()> {
     }
 }
 
+/// What a page of [`Routing::Quest`] keeps of its post-RoPE keys, and so how a query scores it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageScore {
+    /// Quest's: the elementwise min and max, scored by the upper bound
+    /// `Σ_d max(q_d·min_d, q_d·max_d)` of the page's `q·k`.
+    #[default]
+    Bound,
+    /// The mean key k̄, scored by `q·k̄`: a bound's looseness grows with the page's spread, so
+    /// pages of spread-out keys outrank the rest whatever the query, where a mean ranks them by
+    /// what they hold (bench/NOTES.md §52: at Saap's keys on held-out text, Qwen2.5 at 120k,
+    /// 0.501 of the indexed mass against the bound's 0.408). Kept as min = max = k̄, so the
+    /// same scores and kernels apply, over one tensor.
+    Mean,
+}
+
 /// How a layer chooses the keys it reads at decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Routing {

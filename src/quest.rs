@@ -4,13 +4,14 @@
 //! The indexed positions `sinks..indexed_end` of each sequence are cut into pages of
 //! [`QUEST_PAGE`] tokens, page `p` holding positions `sinks + 16p ..` up to the next page or the
 //! item's `indexed_end`. Per (batch item, KV head, page) the op keeps the elementwise min and max
-//! of the page's post-RoPE keys, recomputed only for the pages a window merge touches. The decode
+//! of the page's post-RoPE keys ([`PageScore::Bound`]) or their mean ([`PageScore::Mean`], kept
+//! as min = max), recomputed only for the pages a window merge touches. The decode
 //! op reads the chosen pages as [`Partitions::Pages`](crate::attend::Partitions::Pages): sinks ∪
 //! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
 
 use crate::attend::SeqExtent;
 use crate::classify::top_probes;
-use crate::config::{MAX_CANDLE_SORT, QUEST_PAGE};
+use crate::config::{PageScore, MAX_CANDLE_SORT, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use candle_core::{DType, Device, Tensor};
 
@@ -52,27 +53,31 @@ pub fn page_scores(q: &Tensor, min: &Tensor, max: &Tensor) -> Result<Tensor> {
     Ok(scores.reshape((b, hq, p))?)
 }
 
-/// The page state of one op: the bounds of every page and which pages hold keys.
+/// The page state of one op: what each page keeps of its keys and which pages hold keys.
 #[derive(Debug)]
 pub(crate) struct QuestPages {
-    /// `[B, Hkv, P, D]` f32: elementwise min of each page's post-RoPE keys; P pages cover the
-    /// longest indexed region of the batch, and a page past an item's indexed end holds zeros.
+    /// `[B, Hkv, P, D]` f32: elementwise min of each page's post-RoPE keys, or their mean with
+    /// [`PageScore::Mean`]; P pages cover the longest indexed region of the batch, and a page
+    /// past an item's indexed end holds zeros.
     pub(crate) min: Tensor,
-    /// `[B, Hkv, P, D]` f32: elementwise max, likewise.
-    pub(crate) max: Tensor,
+    /// `[B, Hkv, P, D]` f32: elementwise max, likewise; `None` with [`PageScore::Mean`], where
+    /// the max is the mean too (one tensor, not two copies).
+    max: Option<Tensor>,
     /// `[B, Hkv, P]` u8: whether the page holds keys of its item (ragged batches).
     filled: Tensor,
 }
 
 impl QuestPages {
-    /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`): those before page
-    /// `first` are taken from `old` (unchanged keys), the others computed. Without `old`, all.
+    /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`) keeping what
+    /// `score` needs: those before page `first` are taken from `old` (unchanged keys, kept for
+    /// the same `score`), the others computed. Without `old`, all.
     pub(crate) fn refresh(
         old: Option<&Self>,
         first: usize,
         k: &Tensor,
         seqs: &[SeqExtent],
         sinks: usize,
+        score: PageScore,
     ) -> Result<Self> {
         let (b, hkv, _, d) = k.dims4()?;
         let dev = k.device();
@@ -81,12 +86,20 @@ impl QuestPages {
         let (mut lows, mut highs) = (Vec::new(), Vec::new());
         if let (Some(old), true) = (old, kept > 0) {
             lows.push(old.min.narrow(2, 0, kept)?);
-            highs.push(old.max.narrow(2, 0, kept)?);
+            if let Some(max) = &old.max {
+                highs.push(max.narrow(2, 0, kept)?);
+            }
         }
         for from in (kept..n_pages).step_by(PAGES_PER_PASS) {
-            let (lo, hi) = bounds(k, seqs, sinks, from, PAGES_PER_PASS.min(n_pages - from))?;
-            lows.push(lo);
-            highs.push(hi);
+            let n = PAGES_PER_PASS.min(n_pages - from);
+            match score {
+                PageScore::Bound => {
+                    let (lo, hi) = bounds(k, seqs, sinks, from, n)?;
+                    lows.push(lo);
+                    highs.push(hi);
+                }
+                PageScore::Mean => lows.push(means(k, seqs, sinks, from, n)?),
+            }
         }
         let join = |parts: Vec<Tensor>| -> Result<Tensor> {
             Ok(match parts.len() {
@@ -96,7 +109,10 @@ impl QuestPages {
         };
         Ok(Self {
             min: join(lows)?,
-            max: join(highs)?,
+            max: match score {
+                PageScore::Bound => Some(join(highs)?),
+                PageScore::Mean => None,
+            },
             filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
         })
     }
@@ -105,7 +121,7 @@ impl QuestPages {
     pub(crate) fn copy(&self) -> Result<Self> {
         Ok(Self {
             min: self.min.copy()?,
-            max: self.max.copy()?,
+            max: self.max.as_ref().map(Tensor::copy).transpose()?,
             filled: self.filled.copy()?,
         })
     }
@@ -116,9 +132,14 @@ impl QuestPages {
         let select = |t: &Tensor| t.index_select(rows, 0);
         Ok(Self {
             min: select(&self.min)?,
-            max: select(&self.max)?,
+            max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
         })
+    }
+
+    /// The elementwise max of the pages (the mean with [`PageScore::Mean`]).
+    pub(crate) fn max(&self) -> &Tensor {
+        self.max.as_ref().unwrap_or(&self.min)
     }
 
     /// P, the pages of the longest indexed region.
@@ -129,7 +150,7 @@ impl QuestPages {
     /// [`route`] over these pages: `[B, Hkv, min(n_pages, P)]` u32 probes and `[B, Hkv, P]` f32
     /// group scores.
     pub(crate) fn route(&self, q: &Tensor, n_pages: usize) -> Result<(Tensor, Tensor)> {
-        route(q, &self.min, &self.max, &self.filled, n_pages)
+        route(q, &self.min, self.max(), &self.filled, n_pages)
     }
 }
 
@@ -218,22 +239,11 @@ fn bounds(
     first: usize,
     n: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, hkv, cap, d) = k.dims4()?;
+    let (b, hkv, _, d) = k.dims4()?;
     let dev = k.device();
-    let start = sinks + QUEST_PAGE * first;
-    let span = QUEST_PAGE * n;
-    // The last page may run past the cache: its missing rows are padding, masked below.
-    let rows = cap.saturating_sub(start).min(span);
-    let mut keys = k.narrow(2, start, rows)?.to_dtype(DType::F32)?;
-    if rows < span {
-        keys = keys.pad_with_zeros(2, 0, span - rows)?;
-    }
-    let valid: Vec<u8> = seqs
-        .iter()
-        .flat_map(|s| (start..start + span).map(move |pos| u8::from(pos < s.indexed_end)))
-        .collect();
+    let (keys, valid) = page_rows(k, seqs, sinks, first, n)?;
     let shape = keys.shape().clone();
-    let valid = Tensor::from_vec(valid, (b, 1, span, 1), dev)?.broadcast_as(&shape)?;
+    let valid = valid.broadcast_as(&shape)?;
     let fill = |x: f32| Tensor::full(x, (), dev)?.broadcast_as(&shape);
     let paged = (b, hkv, n, QUEST_PAGE, d);
     let lo = valid
@@ -253,6 +263,52 @@ fn bounds(
         filled.where_cond(&lo, &zeros)?,
         filled.where_cond(&hi, &zeros)?,
     ))
+}
+
+/// `[B, Hkv, n, D]` f32 mean of pages `first..first + n` of every item of `k`, over the keys of
+/// [`bounds`]; a page with none of its item's keys holds zeros.
+fn means(k: &Tensor, seqs: &[SeqExtent], sinks: usize, first: usize, n: usize) -> Result<Tensor> {
+    let (b, hkv, _, d) = k.dims4()?;
+    let (keys, valid) = page_rows(k, seqs, sinks, first, n)?;
+    let valid = valid.to_dtype(DType::F32)?;
+    let sums = keys
+        .broadcast_mul(&valid)?
+        .reshape((b, hkv, n, QUEST_PAGE, d))?
+        .sum(3)?;
+    // Keys per page of each item, at least one so that an empty page divides its zeros by 1.
+    let counts = valid
+        .reshape((b, n, QUEST_PAGE))?
+        .sum(2)?
+        .maximum(1f32)?
+        .reshape((b, 1, n, 1))?;
+    Ok(sums.broadcast_div(&counts)?)
+}
+
+/// The keys of pages `first..first + n` of every item of `k` (`[B, Hkv, cap, D]`), as f32
+/// `[B, Hkv, 16n, D]` (rows past the cache zero), and `[B, 1, 16n, 1]` u8: whether each row is
+/// one of its item's indexed keys.
+fn page_rows(
+    k: &Tensor,
+    seqs: &[SeqExtent],
+    sinks: usize,
+    first: usize,
+    n: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, _, cap, _) = k.dims4()?;
+    let start = sinks + QUEST_PAGE * first;
+    let span = QUEST_PAGE * n;
+    // The last page may run past the cache: its missing rows are padding, masked by `valid`.
+    let rows = cap.saturating_sub(start).min(span);
+    let mut keys = k.narrow(2, start, rows)?.to_dtype(DType::F32)?;
+    if rows < span {
+        keys = keys.pad_with_zeros(2, 0, span - rows)?;
+    }
+    let valid: Vec<u8> = seqs
+        .iter()
+        .flat_map(|s| (start..start + span).map(move |pos| u8::from(pos < s.indexed_end)))
+        .collect();
+    let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
+    Ok((keys, valid))
 }
 
 /// `[B, heads, n]` u8: whether page `first + i` holds keys of item `b`.

@@ -4,7 +4,7 @@
 use candle_core::Device;
 use saap::models::fetch;
 use saap::models::{GgufTokenizer, Llama};
-use saap::Routing;
+use saap::{PageScore, Routing};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +40,16 @@ fn without_backtrace(message: &str) -> &str {
         .find("\n   0: ")
         .map_or(message, |at| &message[..at])
         .trim_end()
+}
+
+/// `--page-score`'s value: what Quest's pages keep (`bound`: min and max, Quest's own; `mean`).
+#[allow(dead_code)] // not every example routes by Quest
+pub fn parse_page_score(value: &str) -> Result<PageScore, String> {
+    match value {
+        "bound" => Ok(PageScore::Bound),
+        "mean" => Ok(PageScore::Mean),
+        _ => Err(format!("{value:?} is not a page score (bound or mean)")),
+    }
 }
 
 /// A list of layers given with `flag`: every layer must exist in a model of `n_layers`.

@@ -18,7 +18,7 @@ use saap::models::fetch::{self, Text};
 use saap::models::Llama;
 use saap::train::data::first_query_position;
 use saap::train::{evaluate_routing, RoutingEval};
-use saap::{ReadStats, Routing, SaapIndex};
+use saap::{PageScore, ReadStats, Routing, SaapIndex};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -104,6 +104,10 @@ struct Args {
     /// layer in Quest's mode) [default: --window's]
     #[arg(long)]
     quest_window: Option<usize>,
+    /// What the pages of layers routed by Quest keep and rank by: `bound` (min and max, Quest's
+    /// own) or `mean` (the mean key)
+    #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
+    page_score: PageScore,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -449,6 +453,7 @@ fn run() -> Res<()> {
 
     // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
     model.attach_index(Some(&index))?;
+    model.set_page_score(args.page_score)?;
     model.set_budget_by_layer(!args.uniform_budget)?;
     model.set_plan_floor(args.plan_floor)?;
     let quest_layers: Vec<usize> = match args.hybrid {
@@ -687,6 +692,10 @@ fn command_line(args: &Args) -> String {
         ("--hybrid", args.hybrid.then(String::new)),
         ("--window", args.window.map(|w| w.to_string())),
         ("--quest-window", args.quest_window.map(|w| w.to_string())),
+        (
+            "--page-score",
+            (args.page_score == PageScore::Mean).then(|| "mean".to_string()),
+        ),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
         (

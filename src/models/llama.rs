@@ -15,7 +15,9 @@ use super::norm::RmsNorm;
 use super::swiglu;
 use super::{io_err, Error, Result};
 use crate::budget::ProbeCurve;
-use crate::config::{HeadLayout, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
+use crate::config::{
+    HeadLayout, PageScore, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig,
+};
 use crate::graph::GraphDecoder;
 use crate::{ReadStats, SaapAttention, SaapIndex};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
@@ -719,6 +721,17 @@ impl Llama {
         for op in &mut self.attn {
             op.set_estimate_unread(on);
         }
+    }
+
+    /// Sets what every layer's Quest pages keep (see [`SaapAttention::set_page_score`]).
+    ///
+    /// # Errors
+    /// [`Error::Saap`] as [`SaapAttention::set_page_score`].
+    pub fn set_page_score(&mut self, score: PageScore) -> Result<()> {
+        for op in &mut self.attn {
+            op.set_page_score(score)?;
+        }
+        Ok(())
     }
 
     /// How layer `layer` chooses the keys it reads at decode. The layers' probe plans follow

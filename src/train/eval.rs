@@ -128,10 +128,16 @@ impl RoutingEval {
                 + o.output_rel_error_exact_mass,
             quest_indexed_recall: self.quest_indexed_recall + o.quest_indexed_recall,
             quest_indexed_selectivity: self.quest_indexed_selectivity + o.quest_indexed_selectivity,
-            partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall + o.partition_page_oracle_matched_indexed_recall,
-            partition_page_bound_indexed_recall: self.partition_page_bound_indexed_recall + o.partition_page_bound_indexed_recall,
-            partition_page_mean_indexed_recall: self.partition_page_mean_indexed_recall + o.partition_page_mean_indexed_recall,
-            partition_page_probed_mean_indexed_recall: self.partition_page_probed_mean_indexed_recall + o.partition_page_probed_mean_indexed_recall,
+            partition_page_oracle_matched_indexed_recall: self
+                .partition_page_oracle_matched_indexed_recall
+                + o.partition_page_oracle_matched_indexed_recall,
+            partition_page_bound_indexed_recall: self.partition_page_bound_indexed_recall
+                + o.partition_page_bound_indexed_recall,
+            partition_page_mean_indexed_recall: self.partition_page_mean_indexed_recall
+                + o.partition_page_mean_indexed_recall,
+            partition_page_probed_mean_indexed_recall: self
+                .partition_page_probed_mean_indexed_recall
+                + o.partition_page_probed_mean_indexed_recall,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             samples: self.samples + o.samples,
         }
@@ -160,10 +166,14 @@ impl RoutingEval {
             output_rel_error_exact_mass: self.output_rel_error_exact_mass / k,
             quest_indexed_recall: self.quest_indexed_recall / k,
             quest_indexed_selectivity: self.quest_indexed_selectivity / k,
-            partition_page_oracle_matched_indexed_recall: self.partition_page_oracle_matched_indexed_recall / k,
+            partition_page_oracle_matched_indexed_recall: self
+                .partition_page_oracle_matched_indexed_recall
+                / k,
             partition_page_bound_indexed_recall: self.partition_page_bound_indexed_recall / k,
             partition_page_mean_indexed_recall: self.partition_page_mean_indexed_recall / k,
-            partition_page_probed_mean_indexed_recall: self.partition_page_probed_mean_indexed_recall / k,
+            partition_page_probed_mean_indexed_recall: self
+                .partition_page_probed_mean_indexed_recall
+                / k,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             samples: self.samples,
         }
@@ -416,7 +426,9 @@ fn routing_sums(
                     }
                 }
                 let keys = &k_rot[kvh];
-                let bound = |ids: &[usize]| bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
+                let bound = |ids: &[usize]| {
+                    bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &keys[j])))
+                };
                 let mean = |ids: &[usize]| mean_score(&group_q, keys, ids);
                 let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
                 let probed_pages: Vec<&[usize]> = pages
@@ -489,7 +501,11 @@ fn routing_sums(
                         read,
                     ));
                     let mass_of = |route: &[&[usize]]| -> f64 {
-                        route.iter().flat_map(|ids| ids.iter()).map(|&j| w[j] as f64).sum()
+                        route
+                            .iter()
+                            .flat_map(|ids| ids.iter())
+                            .map(|&j| w[j] as f64)
+                            .sum()
                     };
                     sum.partition_page_bound_indexed_recall += share(mass_of(&page_bound_route));
                     sum.partition_page_mean_indexed_recall += share(mass_of(&page_mean_route));
@@ -849,7 +865,10 @@ fn partition_pages(
     members
         .iter()
         .enumerate()
-        .flat_map(|(p, ids)| ids.chunks(QUEST_PAGE).map(move |page| (p as u32, page.to_vec())))
+        .flat_map(|(p, ids)| {
+            ids.chunks(QUEST_PAGE)
+                .map(move |page| (p as u32, page.to_vec()))
+        })
         .collect()
 }
 
@@ -1136,7 +1155,13 @@ mod tests {
         // Bounds over a partition's pages find its keys wherever they sit: the keys of
         // partition 1 point along the query, scattered among small ones.
         let keys: Vec<Vec<f32>> = (0..40)
-            .map(|j| if j % 3 == 0 { vec![2.0, 0.1] } else { vec![0.1, 0.5] })
+            .map(|j| {
+                if j % 3 == 0 {
+                    vec![2.0, 0.1]
+                } else {
+                    vec![0.1, 0.5]
+                }
+            })
             .collect();
         let q = [1.0f32, 0.0];
         let refs: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
