@@ -9,7 +9,7 @@
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
-#   routing32
+#   routing32 | mean32 | mean128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -77,6 +77,17 @@ calib32)
 routing32)
   # NOTES §52: per layer at 32k, Saap's indexed mass against partition pages and Quest at its keys.
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --seqs 1 --skip ppl,nih --out "$OUT/routing32" ;;
+mean32)
+  # NOTES §53: Quest's pages by bound and by mean at 32k and 10%: the index's hybrid, then Quest in
+  # every layer; batch 8, 8 × 1023 tokens.
+  for layers in "--hybrid" "--quest-layers $ALL"; do
+    run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --page-score bound,mean $layers
+  done ;;
+mean128)
+  # NOTES §53: the same at 120k, 3% and 4%.
+  for layers in "--hybrid" "--quest-layers $ALL"; do
+    run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --page-score bound,mean $layers
+  done ;;
 hybrid32)
   # 32k, every layer sparse at 10%: the plan alone and the hybrid, batch 8 (8 × 1023 tokens) and 1.
   for h in "" --hybrid; do
