@@ -341,9 +341,10 @@ pub enum PageScore {
     Bound,
     /// The mean key k̄, scored by `q·k̄`: a bound's looseness grows with the page's spread, so
     /// pages of spread-out keys outrank the rest whatever the query, where a mean ranks them by
-    /// what they hold (bench/NOTES.md §52: at Saap's keys on held-out text, Qwen2.5 at 120k,
-    /// 0.501 of the indexed mass against the bound's 0.408). Kept as min = max = k̄, so the
-    /// same scores and kernels apply, over one tensor.
+    /// what they hold. Kept as min = max = k̄, so the same scores and kernels apply, over one
+    /// tensor. Measured (bench/NOTES.md §52–53, Qwen2.5): more indexed mass at equal keys at
+    /// 120k (0.501 vs 0.408) and lower perplexity with Quest in every layer, but higher in the
+    /// calibrated hybrid, whose Quest layers were chosen with the bound.
     Mean,
 }
 
