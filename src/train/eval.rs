@@ -78,7 +78,8 @@ pub struct RoutingEval {
     /// indexed keys in position order cut into pages of [`QUEST_PAGE`] (the last one may be
     /// partial), as an op that appends to a partition's list at its tail would keep them. Each
     /// head takes pages by its own mass until it has as many keys as the routing read (the last
-    /// one pro rata). (0 in older reports.)
+    /// one pro rata). [`evaluate_routing`] measures it and the four fields after it;
+    /// calibration does not (0 there and in older reports).
     #[serde(default)]
     pub partition_page_oracle_matched_indexed_recall: f64,
     /// Every partition page ranked by Quest's bound (the best of the group's heads), whole pages
@@ -277,7 +278,7 @@ pub fn evaluate_routing(
 ) -> Result<RoutingEval> {
     let mut sum = RoutingEval::default();
     for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
-        sum = sum.plus(routing_sums(&h?, layer, config, routing)?);
+        sum = sum.plus(routing_sums(&h?, layer, config, routing, true)?);
     }
     Ok(sum.mean())
 }
@@ -311,8 +312,11 @@ pub(crate) fn evaluate_for_calibration(
     let mut quest = CurveSums::zero(curve_points(config));
     for h in HeldOut::each(sequences, layer, config, first, queries_per_seq, device) {
         let h = h?;
-        classifier = classifier.plus(routing_sums(&h, layer, config, Routing::Classifier)?);
-        nearest = nearest.plus(routing_sums(&h, layer, config, Routing::NearestCentroid)?);
+        // Calibration needs no partition pages (an offline study, §52): they would double the
+        // held-out evaluation's time at long contexts.
+        let sums = |routing| routing_sums(&h, layer, config, routing, false);
+        classifier = classifier.plus(sums(Routing::Classifier)?);
+        nearest = nearest.plus(sums(Routing::NearestCentroid)?);
         curve = curve.plus(curve_sums(&h, layer, config)?);
         quest = quest.plus(quest_curve_sums(&h, config));
     }
@@ -324,12 +328,14 @@ pub(crate) fn evaluate_for_calibration(
     })
 }
 
-/// [`evaluate_routing`]'s sums (not yet means) over one sequence's queries.
+/// [`evaluate_routing`]'s sums (not yet means) over one sequence's queries; the partition-page
+/// fields only `with_pages` (0 otherwise).
 fn routing_sums(
     h: &HeldOut,
     layer: &LayerIndex,
     config: &SaapConfig,
     routing: Routing,
+    with_pages: bool,
 ) -> Result<RoutingEval> {
     let (g, c) = (config.layout.group_size(), config.n_partitions);
     let scores = match routing {
@@ -350,7 +356,11 @@ fn routing_sums(
             .transpose()
     };
     let probes = top(config.n_probe)?;
-    let wide_probes = top((2 * config.n_probe).min(c))?;
+    // The partition pages' two-level route narrows to 2ℓ (every partition without probes).
+    let wide_probes = match with_pages && probes.is_some() {
+        true => top((2 * config.n_probe).min(c))?,
+        false => None,
+    };
     // Queries are independent: score them in parallel, then add the partial sums.
     let (probs, labels, values) = (&h.probs, &h.labels, &h.values);
     let (q_rot, k_rot) = (&h.q_rot, &h.k_rot);
@@ -411,40 +421,15 @@ fn routing_sums(
                 let ranked = quest_order(&group_q, &k_rot[kvh], &h.pages[kvh], sink_end..index_end);
                 let quest = quest_pages(&ranked, read);
                 let quest_read: usize = quest.iter().map(|r| r.len()).sum();
-                let pages = partition_pages(lab, sink_end..index_end, c);
-                let mut page_lab = vec![0u32; indexed];
-                for (p, (_, ids)) in pages.iter().enumerate() {
-                    for &j in ids {
-                        page_lab[j - sink_end] = p as u32;
+                let page_routes = with_pages.then(|| {
+                    let mut wide = vec![wide_probes.is_none(); c];
+                    if let Some(wide_probes) = &wide_probes {
+                        for &part in wide_probes[i][heads.clone()].iter().flatten() {
+                            wide[part as usize] = true;
+                        }
                     }
-                }
-                let page_sizes: Vec<usize> = pages.iter().map(|(_, ids)| ids.len()).collect();
-                let mut wide = vec![wide_probes.is_none(); c];
-                if let Some(wide_probes) = &wide_probes {
-                    for &part in wide_probes[i][heads.clone()].iter().flatten() {
-                        wide[part as usize] = true;
-                    }
-                }
-                let keys = &k_rot[kvh];
-                let bound = |ids: &[usize]| {
-                    bound_score(&group_q, &bounds_of(ids.iter().map(|&j| &keys[j])))
-                };
-                let mean = |ids: &[usize]| mean_score(&group_q, keys, ids);
-                let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
-                let probed_pages: Vec<&[usize]> = pages
-                    .iter()
-                    .filter(|(p, _)| wide[*p as usize])
-                    .map(|(_, ids)| ids.as_slice())
-                    .collect();
-                let page_bound_route = pages_by(&all, &bound, read);
-                let page_mean_route = pages_by(&all, &mean, read);
-                let page_probed_route = pages_by(&probed_pages, &mean, read);
-                let consecutive: Vec<Vec<usize>> = (sink_end..index_end)
-                    .step_by(QUEST_PAGE)
-                    .map(|a| (a..(a + QUEST_PAGE).min(index_end)).collect())
-                    .collect();
-                let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
-                let quest_mean_route = pages_by(&consecutive, &mean, read);
+                    PageRoutes::new(lab, sink_end..index_end, &wide, &group_q, &k_rot[kvh], read)
+                });
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
@@ -494,30 +479,85 @@ fn routing_sums(
                         .sum();
                     sum.quest_indexed_recall += share(quest_mass);
                     sum.quest_indexed_selectivity += quest_read as f64 / indexed.max(1) as f64;
-                    sum.partition_page_oracle_matched_indexed_recall += share(mass_at_keys(
-                        &w[sink_end..index_end],
-                        &page_lab,
-                        &page_sizes,
-                        read,
-                    ));
-                    let mass_of = |route: &[&[usize]]| -> f64 {
-                        route
-                            .iter()
-                            .flat_map(|ids| ids.iter())
-                            .map(|&j| w[j] as f64)
-                            .sum()
-                    };
-                    sum.partition_page_bound_indexed_recall += share(mass_of(&page_bound_route));
-                    sum.partition_page_mean_indexed_recall += share(mass_of(&page_mean_route));
-                    sum.partition_page_probed_mean_indexed_recall +=
-                        share(mass_of(&page_probed_route));
-                    sum.quest_mean_indexed_recall += share(mass_of(&quest_mean_route));
+                    if let Some(pages) = &page_routes {
+                        let mass_of =
+                            |ids: &[usize]| -> f64 { ids.iter().map(|&j| w[j] as f64).sum() };
+                        sum.partition_page_oracle_matched_indexed_recall += share(mass_at_keys(
+                            &w[sink_end..index_end],
+                            &pages.labels,
+                            &pages.sizes,
+                            read,
+                        ));
+                        sum.partition_page_bound_indexed_recall += share(mass_of(&pages.bound));
+                        sum.partition_page_mean_indexed_recall += share(mass_of(&pages.mean));
+                        sum.partition_page_probed_mean_indexed_recall +=
+                            share(mass_of(&pages.probed_mean));
+                        sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
+                    }
                     sum.samples += 1;
                 }
             }
             sum
         })
         .reduce(RoutingEval::default, RoutingEval::plus))
+}
+
+/// The partition pages of one (query, KV group) and what routes over them read, as key ids
+/// ([`RoutingEval::partition_page_oracle_matched_indexed_recall`] and the fields after it).
+struct PageRoutes {
+    /// Each indexed key's page, and each page's size.
+    labels: Vec<u32>,
+    sizes: Vec<usize>,
+    /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
+    /// partitions, and of Quest's consecutive pages by mean, whole pages within `read` keys.
+    bound: Vec<usize>,
+    mean: Vec<usize>,
+    probed_mean: Vec<usize>,
+    quest_mean: Vec<usize>,
+}
+
+impl PageRoutes {
+    /// Over the indexed keys `range` (partitions `labels`, post-RoPE `keys`), for the group's
+    /// post-RoPE queries `group_q` at `read` keys; `wide` marks the two-level route's partitions.
+    fn new(
+        labels: &[u32],
+        range: std::ops::Range<usize>,
+        wide: &[bool],
+        group_q: &[&[f32]],
+        keys: &[Vec<f32>],
+        read: usize,
+    ) -> Self {
+        let pages = partition_pages(labels, range.clone(), wide.len());
+        let mut page_labels = vec![0u32; range.len()];
+        for (p, (_, ids)) in pages.iter().enumerate() {
+            for &j in ids {
+                page_labels[j - range.start] = p as u32;
+            }
+        }
+        let bound = |ids: &[usize]| bound_score(group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
+        let mean = |ids: &[usize]| mean_score(group_q, keys, ids);
+        let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let probed: Vec<&[usize]> = pages
+            .iter()
+            .filter(|(p, _)| wide[*p as usize])
+            .map(|(_, ids)| ids.as_slice())
+            .collect();
+        let consecutive: Vec<Vec<usize>> = range
+            .clone()
+            .step_by(QUEST_PAGE)
+            .map(|a| (a..(a + QUEST_PAGE).min(range.end)).collect())
+            .collect();
+        let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
+        let ids = |route: Vec<&[usize]>| route.concat();
+        Self {
+            labels: page_labels,
+            sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
+            bound: ids(pages_by(&all, &bound, read)),
+            mean: ids(pages_by(&all, &mean, read)),
+            probed_mean: ids(pages_by(&probed, &mean, read)),
+            quest_mean: ids(pages_by(&consecutive, &mean, read)),
+        }
+    }
 }
 
 /// Measures one layer's [`ProbeCurve`] on held-out `sequences` (queries placed as in
