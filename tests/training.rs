@@ -202,13 +202,19 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         dense.partition_page_probed_mean_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
         dense.quest_mean_indexed_recall,
+        dense.quest_oracle_matched_indexed_recall,
     ] {
         assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
     }
-    assert!(
-        classifier.partition_page_oracle_matched_indexed_recall
-            <= classifier.oracle_indexed_recall + 1e-9
-    );
+    for cap in [
+        classifier.partition_page_oracle_matched_indexed_recall,
+        classifier.quest_oracle_matched_indexed_recall,
+    ] {
+        assert!(
+            cap > 0.0 && cap <= classifier.oracle_indexed_recall + 1e-9,
+            "{classifier:?}"
+        );
+    }
     for routed in [
         classifier.partition_page_bound_indexed_recall,
         classifier.partition_page_mean_indexed_recall,

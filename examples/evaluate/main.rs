@@ -435,12 +435,13 @@ fn run() -> Res<()> {
             layers[layer].saap.partition_block_oracle_matched_indexed_recall,
         );
         println!(
-            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | (consecutive pages by mean {:.3})",
+            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | (consecutive pages by mean {:.3}, perfect router {:.3})",
             layers[layer].saap.partition_page_oracle_matched_indexed_recall,
             layers[layer].saap.partition_page_bound_indexed_recall,
             layers[layer].saap.partition_page_mean_indexed_recall,
             layers[layer].saap.partition_page_probed_mean_indexed_recall,
             layers[layer].saap.quest_mean_indexed_recall,
+            layers[layer].saap.quest_oracle_matched_indexed_recall,
         );
         println!(
             "         output error with unread partitions estimated: Saap {:.3} → {:.3} from summaries, {:.3} with their exact mass",
@@ -855,10 +856,10 @@ fn markdown(r: &Report, args: &Args) -> String {
         .iter()
         .any(|l| l.saap.partition_page_oracle_matched_indexed_recall > 0.0)
     {
-        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. Quest: consecutive pages by bound, and by mean.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | Quest | consecutive pages by mean |\n|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. Quest: consecutive pages by bound, and by mean.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | Quest | consecutive pages by mean | perfect router (consecutive pages) |\n|---|---|---|---|---|---|---|---|---|---|");
         let cells = |e: &RoutingEval| {
             format!(
-                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 e.indexed_recall,
                 e.partition_oracle_matched_indexed_recall,
                 e.partition_page_oracle_matched_indexed_recall,
@@ -866,7 +867,8 @@ fn markdown(r: &Report, args: &Args) -> String {
                 e.partition_page_mean_indexed_recall,
                 e.partition_page_probed_mean_indexed_recall,
                 e.quest_indexed_recall,
-                e.quest_mean_indexed_recall
+                e.quest_mean_indexed_recall,
+                e.quest_oracle_matched_indexed_recall
             )
         };
         for l in &r.layers {
@@ -889,6 +891,7 @@ fn markdown(r: &Report, args: &Args) -> String {
                 e.partition_page_probed_mean_indexed_recall
             }),
             quest_mean_indexed_recall: mean(|e| e.quest_mean_indexed_recall),
+            quest_oracle_matched_indexed_recall: mean(|e| e.quest_oracle_matched_indexed_recall),
             quest_indexed_recall: mean(|e| e.quest_indexed_recall),
             ..RoutingEval::default()
         };

@@ -99,6 +99,10 @@ pub struct RoutingEval {
     /// clustering adds to the mean.
     #[serde(default)]
     pub quest_mean_indexed_recall: f64,
+    /// The perfect router over Quest's consecutive pages at this routing's keys (each head takes
+    /// pages by its own mass, the last one pro rata): the cap of Quest's routes.
+    #[serde(default)]
+    pub quest_oracle_matched_indexed_recall: f64,
     /// Queries × heads averaged.
     pub samples: usize,
 }
@@ -140,6 +144,8 @@ impl RoutingEval {
                 .partition_page_probed_mean_indexed_recall
                 + o.partition_page_probed_mean_indexed_recall,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
+            quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall
+                + o.quest_oracle_matched_indexed_recall,
             samples: self.samples + o.samples,
         }
     }
@@ -176,6 +182,7 @@ impl RoutingEval {
                 .partition_page_probed_mean_indexed_recall
                 / k,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
+            quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
             samples: self.samples,
         }
     }
@@ -493,6 +500,12 @@ fn routing_sums(
                         sum.partition_page_probed_mean_indexed_recall +=
                             share(mass_of(&pages.probed_mean));
                         sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
+                        sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
+                            &w[sink_end..index_end],
+                            &pages.quest_labels,
+                            &pages.quest_sizes,
+                            read,
+                        ));
                     }
                     sum.samples += 1;
                 }
@@ -505,9 +518,11 @@ fn routing_sums(
 /// The partition pages of one (query, KV group) and what routes over them read, as key ids
 /// ([`RoutingEval::partition_page_oracle_matched_indexed_recall`] and the fields after it).
 struct PageRoutes {
-    /// Each indexed key's page, and each page's size.
+    /// Each indexed key's page, and each page's size; the same for Quest's consecutive pages.
     labels: Vec<u32>,
     sizes: Vec<usize>,
+    quest_labels: Vec<u32>,
+    quest_sizes: Vec<usize>,
     /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
     /// partitions, and of Quest's consecutive pages by mean, whole pages within `read` keys.
     bound: Vec<usize>,
@@ -552,6 +567,8 @@ impl PageRoutes {
         Self {
             labels: page_labels,
             sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
+            quest_labels: (0..range.len()).map(|j| (j / QUEST_PAGE) as u32).collect(),
+            quest_sizes: consecutive.iter().map(|ids| ids.len()).collect(),
             bound: ids(pages_by(&all, &bound, read)),
             mean: ids(pages_by(&all, &mean, read)),
             probed_mean: ids(pages_by(&probed, &mean, read)),
