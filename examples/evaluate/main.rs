@@ -804,24 +804,11 @@ fn markdown(r: &Report, args: &Args) -> String {
         let _ = writeln!(s, "| {} | {}", l.layer, row(&l.saap, &l.nearest_centroid));
     }
     if !r.layers.is_empty() {
-        let n = r.layers.len() as f64;
-        let mean = |f: &dyn Fn(&LayerRow) -> f64| r.layers.iter().map(f).sum::<f64>() / n;
-        let m = |get: fn(&RoutingEval) -> f64, nc: bool| {
-            mean(&|l: &LayerRow| get(if nc { &l.nearest_centroid } else { &l.saap }))
-        };
-        let avg = |nc: bool| RoutingEval {
-            indexed_recall: m(|e| e.indexed_recall, nc),
-            indexed_selectivity: m(|e| e.indexed_selectivity, nc),
-            partition_oracle_indexed_recall: m(|e| e.partition_oracle_indexed_recall, nc),
-            partition_oracle_indexed_selectivity: m(|e| e.partition_oracle_indexed_selectivity, nc),
-            partition_oracle_matched_indexed_recall: m(
-                |e| e.partition_oracle_matched_indexed_recall,
-                nc,
-            ),
-            oracle_indexed_recall: m(|e| e.oracle_indexed_recall, nc),
-            quest_indexed_recall: m(|e| e.quest_indexed_recall, nc),
-            quest_indexed_selectivity: m(|e| e.quest_indexed_selectivity, nc),
-            ..RoutingEval::default()
+        let avg = |nc: bool| {
+            RoutingEval::mean_of(r.layers.iter().map(|l| match nc {
+                true => &l.nearest_centroid,
+                false => &l.saap,
+            }))
         };
         let _ = writeln!(s, "| mean | {}", row(&avg(false), &avg(true)));
     }
@@ -874,27 +861,7 @@ fn markdown(r: &Report, args: &Args) -> String {
         for l in &r.layers {
             let _ = writeln!(s, "| {} | {}", l.layer, cells(&l.saap));
         }
-        let n = r.layers.len() as f64;
-        let mean =
-            |f: fn(&RoutingEval) -> f64| r.layers.iter().map(|l| f(&l.saap)).sum::<f64>() / n;
-        let avg = RoutingEval {
-            indexed_recall: mean(|e| e.indexed_recall),
-            partition_oracle_matched_indexed_recall: mean(|e| {
-                e.partition_oracle_matched_indexed_recall
-            }),
-            partition_page_oracle_matched_indexed_recall: mean(|e| {
-                e.partition_page_oracle_matched_indexed_recall
-            }),
-            partition_page_bound_indexed_recall: mean(|e| e.partition_page_bound_indexed_recall),
-            partition_page_mean_indexed_recall: mean(|e| e.partition_page_mean_indexed_recall),
-            partition_page_probed_mean_indexed_recall: mean(|e| {
-                e.partition_page_probed_mean_indexed_recall
-            }),
-            quest_mean_indexed_recall: mean(|e| e.quest_mean_indexed_recall),
-            quest_oracle_matched_indexed_recall: mean(|e| e.quest_oracle_matched_indexed_recall),
-            quest_indexed_recall: mean(|e| e.quest_indexed_recall),
-            ..RoutingEval::default()
-        };
+        let avg = RoutingEval::mean_of(r.layers.iter().map(|l| &l.saap));
         let _ = writeln!(s, "| mean | {}", cells(&avg));
     }
     if !r.nih.is_empty() {

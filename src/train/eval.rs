@@ -150,6 +150,16 @@ impl RoutingEval {
         }
     }
 
+    /// The field-wise mean of `evals` (such as one layer's each, averaged over layers), each
+    /// counted once; `samples` is their count.
+    pub fn mean_of<'a>(evals: impl IntoIterator<Item = &'a RoutingEval>) -> Self {
+        evals
+            .into_iter()
+            .map(|e| Self { samples: 1, ..*e })
+            .fold(Self::default(), Self::plus)
+            .mean()
+    }
+
     /// The means of field-wise sums over `samples`.
     fn mean(self) -> Self {
         let k = self.samples.max(1) as f64;
@@ -557,10 +567,9 @@ impl PageRoutes {
             .filter(|(p, _)| wide[*p as usize])
             .map(|(_, ids)| ids.as_slice())
             .collect();
-        let consecutive: Vec<Vec<usize>> = range
-            .clone()
-            .step_by(QUEST_PAGE)
-            .map(|a| (a..(a + QUEST_PAGE).min(range.end)).collect())
+        let consecutive: Vec<Vec<usize>> = consecutive_pages(range.clone())
+            .into_iter()
+            .map(Iterator::collect)
             .collect();
         let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
         let ids = |route: Vec<&[usize]>| route.concat();
@@ -848,16 +857,22 @@ fn quest_order(
     table: &PageBounds,
     range: std::ops::Range<usize>,
 ) -> Vec<std::ops::Range<usize>> {
-    let pages: Vec<std::ops::Range<usize>> = range
-        .clone()
-        .step_by(QUEST_PAGE)
-        .map(|a| a..(a + QUEST_PAGE).min(range.end))
-        .collect();
+    let pages = consecutive_pages(range);
     let scores: Vec<f32> = pages
         .iter()
         .map(|page| bound_score(group_q, &table.of(keys, page)))
         .collect();
     ranked_by(&pages, &scores)
+}
+
+/// Quest's pages of the indexed keys `range`: [`QUEST_PAGE`] positions each from `range.start`,
+/// the last one possibly partial.
+fn consecutive_pages(range: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+    range
+        .clone()
+        .step_by(QUEST_PAGE)
+        .map(|a| a..(a + QUEST_PAGE).min(range.end))
+        .collect()
 }
 
 /// Quest's upper bound `Σ_d max(q_d·min_d, q_d·max_d)` of a page with `bounds` (min, max),
@@ -1191,6 +1206,26 @@ mod tests {
             quest_pages(&quest_order(&[&other, &q], &keys, &table, 4..44), 16),
             vec![20..36]
         );
+    }
+
+    #[test]
+    fn mean_of_averages_each_field_once_per_eval() {
+        let a = RoutingEval {
+            indexed_recall: 0.2,
+            quest_oracle_matched_indexed_recall: 0.5,
+            samples: 128,
+            ..RoutingEval::default()
+        };
+        let b = RoutingEval {
+            indexed_recall: 0.6,
+            samples: 7,
+            ..RoutingEval::default()
+        };
+        let m = RoutingEval::mean_of([&a, &b]);
+        assert!((m.indexed_recall - 0.4).abs() < 1e-12);
+        assert!((m.quest_oracle_matched_indexed_recall - 0.25).abs() < 1e-12);
+        assert_eq!((m.samples, m.recall), (2, 0.0));
+        assert_eq!(RoutingEval::mean_of([]), RoutingEval::default());
     }
 
     #[test]
