@@ -455,7 +455,7 @@ impl SaapAttention {
     ///
     /// # Errors
     /// [`SaapError::Candle`] when the pages cannot be computed (the score is set, with no pages:
-    /// the next step or merge builds them).
+    /// the next Quest step then reads every key, exactly, and the merge after it builds them).
     pub fn set_page_score(&mut self, score: PageScore) -> Result<()> {
         if score == self.page_score {
             return Ok(());

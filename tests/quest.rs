@@ -102,10 +102,11 @@ fn check_bounds(op: &SaapAttention, sinks: usize) {
     let seqs = op.extents();
     let expect = bounds_ref(&host(op.cache().unwrap().0), seqs, sinks, op.page_score());
     let near = |got: &[f32], want: &[f32]| {
-        got.iter().zip(want).all(|(a, b)| match op.page_score() {
-            PageScore::Bound => a == b,
-            PageScore::Mean => (a - b).abs() <= 1e-5,
-        })
+        got.len() == want.len()
+            && got.iter().zip(want).all(|(a, b)| match op.page_score() {
+                PageScore::Bound => a == b,
+                PageScore::Mean => (a - b).abs() <= 1e-5,
+            })
     };
     let longest = seqs.iter().map(|&s| pages_of(s, sinks)).max().unwrap();
     assert_eq!(min.dims(), &[seqs.len(), HKV, longest, DIM]);
