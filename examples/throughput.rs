@@ -29,7 +29,7 @@ use common::{exit_code, ModelArgs, Res};
 use saap::graph::DecodeGraph;
 use saap::models::fetch::{self, Text};
 use saap::models::Llama;
-use saap::{PageScore, ReadStats, Routing, SaapIndex};
+use saap::{PageLayout, PageScore, ReadStats, Routing, SaapIndex};
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -119,6 +119,11 @@ struct Args {
     /// beside every window: `bound` (min and max, Quest's own) or `mean` (the mean key)
     #[arg(long, value_delimiter = ',', value_parser = common::parse_page_score, default_value = "bound")]
     page_score: Vec<PageScore>,
+    /// How the pages of layers routed by Quest cut the indexed keys, comma-separated, each run
+    /// beside every page score: `consecutive` (Quest's own) or `partitions` (each partition's
+    /// list of the index, cut into pages of 16)
+    #[arg(long, value_delimiter = ',', value_parser = common::parse_page_layout, default_value = "consecutive")]
+    page_layout: Vec<PageLayout>,
 }
 
 /// One decode of the caches with Saap: how ℓ is set, whether the unread partitions are
@@ -132,6 +137,7 @@ struct SaapRun {
     window: Option<usize>,
     quest_window: Option<usize>,
     page_score: PageScore,
+    page_layout: PageLayout,
 }
 
 impl SaapRun {
@@ -147,6 +153,7 @@ impl SaapRun {
         self.setting.apply(model)?;
         model.set_estimate_unread(self.estimate);
         model.set_page_score(self.page_score)?;
+        model.set_page_layout(self.page_layout)?;
         for &layer in quest_layers {
             model.set_routing(layer, Routing::Quest)?;
         }
@@ -174,6 +181,9 @@ impl SaapRun {
         }
         if self.page_score == PageScore::Mean {
             label += ", Quest pages by mean";
+        }
+        if self.page_layout == PageLayout::Partitions {
+            label += ", Quest pages over partitions";
         }
         label
     }
@@ -371,15 +381,21 @@ fn run(args: Args) -> Res<()> {
             false => values.iter().map(|&w| Some(w)).collect(),
         }
     };
-    let windows: Vec<(Option<usize>, Option<usize>, PageScore)> = some_or_none(&args.window)
-        .into_iter()
-        .flat_map(|w| {
-            some_or_none(&args.quest_window)
-                .into_iter()
-                .map(move |q| (w, q))
-        })
-        .flat_map(|(w, q)| args.page_score.iter().map(move |&score| (w, q, score)))
-        .collect();
+    let windows: Vec<(Option<usize>, Option<usize>, PageScore, PageLayout)> =
+        some_or_none(&args.window)
+            .into_iter()
+            .flat_map(|w| {
+                some_or_none(&args.quest_window)
+                    .into_iter()
+                    .map(move |q| (w, q))
+            })
+            .flat_map(|(w, q)| args.page_score.iter().map(move |&score| (w, q, score)))
+            .flat_map(|(w, q, score)| {
+                args.page_layout
+                    .iter()
+                    .map(move |&layout| (w, q, score, layout))
+            })
+            .collect();
     let runs: Vec<SaapRun> = settings
         .iter()
         .flat_map(|&s| {
@@ -394,16 +410,17 @@ fn run(args: Args) -> Res<()> {
                 .map(move |&also_dense| (setting, estimate, also_dense))
         })
         .flat_map(|(setting, estimate, also_dense)| {
-            windows
-                .iter()
-                .map(move |&(window, quest_window, page_score)| SaapRun {
+            windows.iter().map(
+                move |&(window, quest_window, page_score, page_layout)| SaapRun {
                     setting,
                     estimate,
                     also_dense,
                     window,
                     quest_window,
                     page_score,
-                })
+                    page_layout,
+                },
+            )
         })
         .collect();
     common::check_layers("--dense-layers", &args.dense_layers, model.n_layers())?;
@@ -511,7 +528,7 @@ fn run(args: Args) -> Res<()> {
                     saap.launches,
                 );
                 println!(
-                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_quest\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"page_score\":\"{:?}\",\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
+                    "JSON {{\"kind\":\"throughput\",\"quest\":{},\"model\":\"{name}\",\"context\":{},\"batch\":{batch},\"graph\":{graph},\"all_sparse\":{},\"n_probe\":{n_probe},\"keys_budget\":{budget},\"budget_by_layer\":{},\"plan_quest\":{},\"plan_floor\":{},\"probes\":{probes:?},\"probe_mass\":{mass},\"index_n_probe\":{index_probe},\"estimate_unread\":{estimate},\"dense_layers\":{:?},\"quest_layers\":{:?},\"estimated_rows\":{estimated:.4},\"window\":{window},\"quest_window\":{quest_window},\"page_score\":\"{:?}\",\"page_layout\":\"{:?}\",\"prefill_s\":{prefill_s:.3},\"dense_tok_s\":{:.2},\"saap_tok_s\":{:.2},\"keys_read\":{:.4},\"dense_nll\":{:.5},\"saap_nll\":{:.5},\"ppl_ratio\":{ppl_ratio:.5},\"top1_agree\":{top1:.4},\"tokens\":{}}}",
                     matches!(setting, Setting::Quest(_)),
                     args.context,
                     args.all_sparse,
@@ -536,6 +553,7 @@ fn run(args: Args) -> Res<()> {
                         .collect::<Vec<_>>(),
                     quest_layers,
                     run.page_score,
+                    run.page_layout,
                     steps / dense.seconds,
                     steps / saap.seconds,
                     reads.selectivity(),

@@ -6,15 +6,15 @@ use crate::attend::decode::{page_offsets, AdvanceReplay};
 use crate::attend::{prefill_attention, DecodeOp, Partitions, SeqExtent};
 use crate::classify::{centroid_scores, probes_to_mass, top_probes, Classifier};
 use crate::config::{
-    check_share, PageScore, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT, MAX_QUEST_PAGES,
-    QUEST_PAGE,
+    check_share, PageLayout, PageScore, Routing, SaapConfig, DEFAULT_QUEST_PAGES, MAX_CONTEXT,
+    MAX_QUEST_PAGES, QUEST_PAGE,
 };
 use crate::error::{ensure_finite, Result, SaapError};
 use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::partition::summary::Summaries;
-use crate::quest::{pages_of, QuestPages};
+use crate::quest::{pages_of, PageCut, QuestPages};
 use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -310,6 +310,8 @@ pub struct SaapAttention {
     quest_pages: usize,
     /// What Quest's pages keep of their keys, and so how a query ranks them.
     page_score: PageScore,
+    /// How Quest's pages cut the indexed keys.
+    page_layout: PageLayout,
     /// Whether partition-routed steps estimate the unread partitions from their means.
     estimate_unread: bool,
     /// Under a keys budget, this layer's ℓ (or Quest's point) for each column of budgets
@@ -350,6 +352,7 @@ impl SaapAttention {
             probe_mass: None,
             quest_pages: DEFAULT_QUEST_PAGES,
             page_score: PageScore::Bound,
+            page_layout: PageLayout::Consecutive,
             estimate_unread: false,
             probe_plan: None,
         })
@@ -412,13 +415,22 @@ impl SaapAttention {
     /// whatever routing. Switching away from `Quest` drops the pages.
     ///
     /// # Errors
-    /// [`SaapError::Config`] for `Classifier` or `NearestCentroid` routing on an op built dense;
+    /// [`SaapError::Config`] for `Classifier` or `NearestCentroid` routing on an op built dense,
+    /// and for `Quest` on one with [`PageLayout::Partitions`] and no index;
     /// [`SaapError::Candle`] when the page bounds cannot be computed.
     pub fn set_routing(&mut self, routing: Routing) -> Result<()> {
-        if matches!(routing, Routing::Classifier | Routing::NearestCentroid) && self.index.is_none()
-        {
+        let partition_pages =
+            routing == Routing::Quest && self.page_layout == PageLayout::Partitions;
+        let needs_index =
+            matches!(routing, Routing::Classifier | Routing::NearestCentroid) || partition_pages;
+        if needs_index && self.index.is_none() {
             return Err(SaapError::Config(format!(
-                "{routing:?} routing needs an index; this op was built dense"
+                "{routing:?} routing{} needs an index; this op has none",
+                if partition_pages {
+                    " over partition pages"
+                } else {
+                    ""
+                }
             )));
         }
         self.end_replay();
@@ -473,11 +485,45 @@ impl SaapAttention {
         self.page_score
     }
 
+    /// Sets how [`Routing::Quest`] cuts the indexed keys into pages (default
+    /// [`PageLayout::Consecutive`], Quest's own). Pages kept for the other layout are rebuilt
+    /// from the cache at once; other routings ignore it.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for [`PageLayout::Partitions`] on an op with no index (nothing is
+    /// changed); [`SaapError::Candle`] when the pages cannot be computed (the layout is set, with
+    /// no pages: the next Quest step then reads every key, exactly, and the merge after it
+    /// builds them).
+    pub fn set_page_layout(&mut self, layout: PageLayout) -> Result<()> {
+        if layout == self.page_layout {
+            return Ok(());
+        }
+        if layout == PageLayout::Partitions && self.index.is_none() {
+            return Err(SaapError::Config(
+                "pages over partitions need an index; this op has none".into(),
+            ));
+        }
+        self.end_replay();
+        self.page_layout = layout;
+        if let Some(state) = &mut self.state {
+            state.quest = None;
+        }
+        self.merge_window(self.config.merge_every - 1)
+    }
+
+    /// How Quest's pages cut the indexed keys ([`SaapAttention::set_page_layout`]).
+    pub fn page_layout(&self) -> PageLayout {
+        self.page_layout
+    }
+
     /// With [`Routing::Quest`], the pages `(min, max)`, each `[B, Hkv, P, D]` f32: the
     /// elementwise min and max of the post-RoPE keys of page `p`, positions
     /// `sinks + 16p .. min(sinks + 16(p + 1), indexed_end)` of each item (zeros for a page
     /// holding no key of its item), or with [`PageScore::Mean`] their mean as both; P pages
-    /// cover the batch's longest indexed region.
+    /// cover the batch's longest indexed region. With [`PageLayout::Partitions`], page `p` of a
+    /// KV head is instead its `p`-th page of 16 keys counting partition by partition, each
+    /// partition's list (see [`SaapAttention::index_lists`]) cut from its start; P is the most
+    /// pages of any head, and a head's pages past its own hold zeros.
     pub fn page_bounds(&self) -> Option<(&Tensor, &Tensor)> {
         let pages = self.state.as_ref()?.quest.as_ref()?;
         Some((&pages.min, pages.max()))
@@ -670,22 +716,30 @@ impl SaapAttention {
         let group = self.config.layout.group_size();
         // Per batch item with indexed keys: the indexed keys the budget allows beside sinks and
         // window, and how many are indexed.
-        let items: Vec<(f64, usize)> = state
+        // Keys per page of each item: partition pages are shorter than 16 on average.
+        let page_keys = |b: usize| {
+            state
+                .quest
+                .as_ref()
+                .map_or(QUEST_PAGE as f64, |pages| pages.page_keys(b))
+        };
+        let items: Vec<(f64, usize, f64)> = state
             .seqs
             .iter()
-            .filter_map(|s| {
+            .enumerate()
+            .filter_map(|(b, s)| {
                 let len = s.len + 1;
                 let fixed = self.config.sinks.min(len) + (len - s.indexed_end.min(len));
                 let indexed = len.saturating_sub(fixed);
                 let allowed = ((budget * len as f64).floor() - fixed as f64).max(0.0);
-                (indexed > 0).then_some((allowed, indexed))
+                (indexed > 0).then_some((allowed, indexed, page_keys(b)))
             })
             .collect();
         // Partitions per query head the budget allows for every item, fractional, as if a
         // group's G·u probes were all different partitions of average size (none: no bound).
         let probes = items
             .iter()
-            .map(|&(allowed, indexed)| allowed * c as f64 / (group * indexed) as f64)
+            .map(|&(allowed, indexed, _)| allowed * c as f64 / (group * indexed) as f64)
             .min_by(f64::total_cmp);
         // This layer's entry in the plan's column for that budget, with the column's ℓ.
         let planned = probes
@@ -700,13 +754,13 @@ impl SaapAttention {
             let scale = planned.map_or(1.0, |(p, u)| p as f64 / u);
             let pages = items
                 .iter()
-                .map(|&(allowed, indexed)| {
+                .map(|&(allowed, indexed, page_keys)| {
                     let allowed = allowed * scale;
                     if allowed >= indexed as f64 {
                         // Every page of the item fits (its last may be partial): no bound.
                         MAX_QUEST_PAGES
                     } else {
-                        allowed as usize / QUEST_PAGE
+                        (allowed / page_keys) as usize
                     }
                 })
                 .min();
@@ -727,16 +781,22 @@ impl SaapAttention {
         let (Routing::Quest, Some(state)) = (self.routing, &self.state) else {
             return Ok(());
         };
+        // Partition pages: at most one more page per partition (its short last one).
+        let extra = match self.page_layout {
+            PageLayout::Consecutive => 0,
+            PageLayout::Partitions => self.config.n_partitions,
+        };
         let pages = state
             .seqs
             .iter()
-            .map(|s| pages_of(s, self.config.sinks))
+            .map(|s| pages_of(s, self.config.sinks) + extra)
             .max()
             .unwrap_or(0);
         if pages > MAX_QUEST_PAGES {
             return Err(SaapError::Config(format!(
-                "Quest routing over {pages} pages of {QUEST_PAGE} tokens; at most \
-                 {MAX_QUEST_PAGES} ({} indexed tokens) are supported",
+                "Quest routing over up to {pages} pages of {QUEST_PAGE} tokens; at most \
+                 {MAX_QUEST_PAGES} ({} indexed tokens; with partition pages, less one page per \
+                 partition) are supported",
                 MAX_QUEST_PAGES * QUEST_PAGE
             )));
         }
@@ -804,6 +864,7 @@ impl SaapAttention {
             probe_mass: self.probe_mass,
             quest_pages: self.quest_pages,
             page_score: self.page_score,
+            page_layout: self.page_layout,
             estimate_unread: self.estimate_unread,
             probe_plan: self.probe_plan.clone(),
         })
@@ -816,6 +877,7 @@ impl SaapAttention {
         self.end_replay();
         self.index = None;
         self.routing = Routing::Dense;
+        self.page_layout = PageLayout::Consecutive;
         if let Some(state) = &mut self.state {
             state.labels = None;
             state.dir = None;
@@ -1085,8 +1147,11 @@ impl SaapAttention {
                     new.slice_set(old, 2, 0)?;
                 }
             }
-            // Per page of positions: the capacity does not change them.
-            next.quest = old.quest;
+            // The capacity changes no page, only the perm that partition pages' directory holds.
+            next.quest = old
+                .quest
+                .map(|pages| pages.regrown(next.dir.as_ref(), c))
+                .transpose()?;
             // Per partition, not per position: the capacity does not change them.
             if old.summaries.is_some() {
                 next.summaries = old.summaries;
@@ -1239,21 +1304,23 @@ impl SaapAttention {
     fn merge_window(&mut self, slack: usize) -> Result<()> {
         let quest = self.routing == Routing::Quest;
         let sinks = self.config.sinks;
+        let c = self.config.n_partitions;
+        let (score, layout) = (self.page_score, self.page_layout);
         let Some(state) = self.state.as_mut() else {
             return Ok(());
         };
-        let score = self.page_score;
+        let refresh = |state: &State, seqs: &[SeqExtent], old: Option<&QuestPages>, first| {
+            let cut = match (layout, &state.dir) {
+                (PageLayout::Partitions, Some(dir)) => PageCut::Partitions {
+                    dir,
+                    n_partitions: c,
+                },
+                _ => PageCut::Consecutive,
+            };
+            QuestPages::refresh(old, first, &state.k, seqs, sinks, score, cut)
+        };
         match (quest, &state.quest) {
-            (true, None) => {
-                state.quest = Some(QuestPages::refresh(
-                    None,
-                    0,
-                    &state.k,
-                    &state.seqs,
-                    sinks,
-                    score,
-                )?);
-            }
+            (true, None) => state.quest = Some(refresh(state, &state.seqs, None, 0)?),
             (false, Some(_)) => state.quest = None,
             _ => {}
         }
@@ -1287,9 +1354,10 @@ impl SaapAttention {
                 ..*seq
             })
             .collect();
-        // Pages first: nothing has changed yet if they cannot be computed.
-        let pages = match &state.quest {
-            Some(old) => {
+        let partition_pages = layout == PageLayout::Partitions && state.dir.is_some();
+        // Consecutive pages first: nothing has changed yet if they cannot be computed.
+        let pages = match (&state.quest, partition_pages) {
+            (Some(old), false) => {
                 // Pages before the one holding the earliest merged position keep their keys.
                 let first = ranges
                     .iter()
@@ -1297,21 +1365,14 @@ impl SaapAttention {
                     .map(|(s, _)| s.saturating_sub(sinks) / QUEST_PAGE)
                     .min()
                     .unwrap_or(0);
-                Some(QuestPages::refresh(
-                    Some(old),
-                    first,
-                    &state.k,
-                    &merged,
-                    sinks,
-                    score,
-                )?)
+                Some(refresh(state, &merged, Some(old), first)?)
             }
-            None => None,
+            _ => None,
         };
         if let (Some(dir), Some(labels)) = (state.dir.as_ref(), state.labels.as_ref()) {
             let op = MergeOp {
                 ranges,
-                n_partitions: self.config.n_partitions,
+                n_partitions: c,
                 n_kv_heads: self.config.layout.n_kv_heads,
             };
             merge(dir, labels, &op)?;
@@ -1322,6 +1383,11 @@ impl SaapAttention {
         state.seqs = merged;
         if pages.is_some() {
             state.quest = pages;
+        } else if partition_pages && state.quest.is_some() {
+            // Partition pages follow the merged lists. Should they fail, none are kept (the next
+            // Quest step reads every key, exactly), rather than pages of the lists before.
+            state.quest = None;
+            state.quest = Some(refresh(state, &state.seqs, None, 0)?);
         }
         Ok(())
     }
@@ -1675,7 +1741,10 @@ impl SaapAttention {
             self.check("routing scores", &[scores])?;
         }
         let (partitions, n_partitions) = match quest_pages {
-            Some(pages) => (Some(Partitions::Pages(QUEST_PAGE)), pages.n_pages()),
+            Some(pages) => match &pages.dir {
+                Some(dir) => (Some(Partitions::Directory(dir.clone())), pages.n_pages()),
+                None => (Some(Partitions::Pages(QUEST_PAGE)), pages.n_pages()),
+            },
             None => (
                 state.dir.clone().map(Partitions::Directory),
                 self.config.n_partitions,

@@ -348,6 +348,22 @@ pub enum PageScore {
     Mean,
 }
 
+/// How [`Routing::Quest`] cuts the indexed keys into pages of at most [`QUEST_PAGE`] keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PageLayout {
+    /// Quest's: consecutive positions, page `p` holding `sinks + 16p ..` (no index needed).
+    #[default]
+    Consecutive,
+    /// Each partition's list of the index (its keys in position order) cut into pages of 16: a
+    /// two-level route, pages of keys the k-means grouped together ranked by the Quest route.
+    /// Needs an index. A partition's list only grows at its tail, so its pages keep their keys
+    /// as tokens merge; their numbering shifts, so every merge recomputes every page. Best with
+    /// [`PageScore::Mean`]: a page spans the whole context, and the bound of so spread-out keys
+    /// ranks badly (bench/NOTES.md §52: at equal keys, 0.52 of the indexed mass by mean against
+    /// 0.10–0.20 by bound, SmolLM2 8k).
+    Partitions,
+}
+
 /// How a layer chooses the keys it reads at decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Routing {

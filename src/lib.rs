@@ -20,6 +20,8 @@ pub mod rope;
 pub mod train;
 
 pub use attention::{ReadStats, Recorded, Recorder, ReplayClock, SaapAttention};
-pub use config::{HeadLayout, PageScore, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig};
+pub use config::{
+    HeadLayout, PageLayout, PageScore, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig,
+};
 pub use error::{Result, SaapError};
 pub use index::{LayerIndex, SaapIndex};

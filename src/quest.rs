@@ -8,10 +8,16 @@
 //! as min = max), recomputed only for the pages a window merge touches. The decode
 //! op reads the chosen pages as [`Partitions::Pages`](crate::attend::Partitions::Pages): sinks ∪
 //! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
+//!
+//! With [`PageLayout::Partitions`] the pages are instead each partition's list of the index cut
+//! into pages of 16 (partition by partition, each list in position order), kept as a page
+//! directory over the index's perm that the decode op reads as it reads Saap's partitions
+//! ([`Partitions::Directory`](crate::attend::Partitions::Directory)); every merge recomputes
+//! them, since a partition that gains a page shifts the numbers of the pages after it.
 
 use crate::attend::SeqExtent;
 use crate::classify::top_probes;
-use crate::config::{PageScore, MAX_CANDLE_SORT, QUEST_PAGE};
+use crate::config::{PageScore, MAX_CANDLE_SORT, MAX_QUEST_PAGES, QUEST_PAGE};
 use crate::error::{Result, SaapError};
 use candle_core::{DType, Device, Tensor};
 
@@ -65,12 +71,37 @@ pub(crate) struct QuestPages {
     max: Option<Tensor>,
     /// `[B, Hkv, P]` u8: whether the page holds keys of its item (ragged batches).
     filled: Tensor,
+    /// With [`PageLayout::Partitions`](crate::PageLayout::Partitions), `[B, Hkv, P + 1 + cap]`
+    /// u32: the pages' offsets into the index's perm, then that perm; page `p` holds
+    /// `perm[offsets[p]..offsets[p + 1]]` (pages past a head's own are empty).
+    pub(crate) dir: Option<Tensor>,
+    /// Per batch item, the keys of its average non-empty page: 16 for consecutive pages (their
+    /// budget counts whole pages), less for partition pages, each partition's last being short.
+    page_keys: Vec<f64>,
+}
+
+/// Where [`QuestPages::refresh`] cuts its pages.
+#[derive(Clone, Copy)]
+pub(crate) enum PageCut<'a> {
+    /// Consecutive indexed positions (Quest's).
+    Consecutive,
+    /// Each partition's list of the index directory `[B, Hkv, C + 1 + cap]` (offsets then perm)
+    /// of C partitions.
+    Partitions {
+        dir: &'a Tensor,
+        n_partitions: usize,
+    },
 }
 
 impl QuestPages {
-    /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`) keeping what
-    /// `score` needs: those before page `first` are taken from `old` (unchanged keys, kept for
-    /// the same `score`), the others computed. Without `old`, all.
+    /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`), cut as `cut` says,
+    /// keeping what `score` needs. Consecutive pages before page `first` are taken from `old`
+    /// (unchanged keys, kept for the same `score`), the others computed; without `old`, all.
+    /// Partition pages are all computed.
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for partition pages more than [`MAX_QUEST_PAGES`] per KV head;
+    /// [`SaapError::Candle`] when a tensor operation fails.
     pub(crate) fn refresh(
         old: Option<&Self>,
         first: usize,
@@ -78,11 +109,24 @@ impl QuestPages {
         seqs: &[SeqExtent],
         sinks: usize,
         score: PageScore,
+        cut: PageCut<'_>,
     ) -> Result<Self> {
         let (b, hkv, _, d) = k.dims4()?;
         let dev = k.device();
-        let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
-        let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
+        let mut page_keys = vec![QUEST_PAGE as f64; b];
+        let (rows, n_pages, kept) = match cut {
+            PageCut::Consecutive => {
+                let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
+                let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
+                (PageRows::Consecutive { seqs, sinks }, n_pages, kept)
+            }
+            PageCut::Partitions { dir, n_partitions } => {
+                let (offsets, n_pages, keys) = partition_page_offsets(dir, n_partitions)?;
+                page_keys = keys;
+                let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
+                (PageRows::Partitions { offsets, perm }, n_pages, 0)
+            }
+        };
         let (mut lows, mut highs) = (Vec::new(), Vec::new());
         if let (Some(old), true) = (old, kept > 0) {
             lows.push(old.min.narrow(2, 0, kept)?);
@@ -92,13 +136,14 @@ impl QuestPages {
         }
         for from in (kept..n_pages).step_by(PAGES_PER_PASS) {
             let n = PAGES_PER_PASS.min(n_pages - from);
+            let (keys, valid) = rows.get(k, from, n)?;
             match score {
                 PageScore::Bound => {
-                    let (lo, hi) = bounds(k, seqs, sinks, from, n)?;
+                    let (lo, hi) = bounds(&keys, &valid, n)?;
                     lows.push(lo);
                     highs.push(hi);
                 }
-                PageScore::Mean => lows.push(means(k, seqs, sinks, from, n)?),
+                PageScore::Mean => lows.push(means(&keys, &valid, n)?),
             }
         }
         let join = |parts: Vec<Tensor>| -> Result<Tensor> {
@@ -107,13 +152,46 @@ impl QuestPages {
                 _ => Tensor::cat(&parts, 2)?,
             })
         };
+        let (filled, dir) = match rows {
+            PageRows::Consecutive { .. } => (page_mask(seqs, sinks, 0, n_pages, hkv, dev)?, None),
+            PageRows::Partitions { offsets, perm } => {
+                let starts = offsets.narrow(2, 0, n_pages)?;
+                let ends = offsets.narrow(2, 1, n_pages)?;
+                let filled = ends.gt(&starts)?;
+                (filled, Some(Tensor::cat(&[&offsets, &perm], 2)?))
+            }
+        };
         Ok(Self {
             min: join(lows)?,
             max: match score {
                 PageScore::Bound => Some(join(highs)?),
                 PageScore::Mean => None,
             },
-            filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
+            filled,
+            dir,
+            page_keys,
+        })
+    }
+
+    /// The keys of batch item `b`'s average non-empty page (16 when it has none).
+    pub(crate) fn page_keys(&self, b: usize) -> f64 {
+        self.page_keys.get(b).copied().unwrap_or(QUEST_PAGE as f64)
+    }
+
+    /// These pages over a cache grown to `dir`, the index directory `[B, Hkv, C + 1 + cap]` of C
+    /// partitions at the new capacity: the capacity changes no page, only the perm that
+    /// partition pages' directory holds.
+    pub(crate) fn regrown(self, dir: Option<&Tensor>, n_partitions: usize) -> Result<Self> {
+        let (Some(pages), Some(index)) = (&self.dir, dir) else {
+            return Ok(self);
+        };
+        let cap = index.dim(2)? - n_partitions - 1;
+        let offsets = pages.narrow(2, 0, self.n_pages() + 1)?;
+        let perm = index.narrow(2, n_partitions + 1, cap)?;
+        let dir = Tensor::cat(&[&offsets, &perm], 2)?;
+        Ok(Self {
+            dir: Some(dir),
+            ..self
         })
     }
 
@@ -123,6 +201,8 @@ impl QuestPages {
             min: self.min.copy()?,
             max: self.max.as_ref().map(Tensor::copy).transpose()?,
             filled: self.filled.copy()?,
+            dir: self.dir.as_ref().map(Tensor::copy).transpose()?,
+            page_keys: self.page_keys.clone(),
         })
     }
 
@@ -130,10 +210,17 @@ impl QuestPages {
     /// item's indexed end is marked empty, as in any ragged batch).
     pub(crate) fn select(&self, rows: &Tensor) -> Result<Self> {
         let select = |t: &Tensor| t.index_select(rows, 0);
+        let page_keys = rows
+            .to_vec1::<u32>()?
+            .iter()
+            .map(|&b| self.page_keys(b as usize))
+            .collect();
         Ok(Self {
+            page_keys,
             min: select(&self.min)?,
             max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
+            dir: self.dir.as_ref().map(select).transpose()?,
         })
     }
 
@@ -229,34 +316,29 @@ pub fn route_on_kernels(
     }
 }
 
-/// `[B, Hkv, n, D]` f32 min and max of pages `first..first + n` of every item of `k`
-/// (`[B, Hkv, cap, D]`); positions at or past an item's indexed end are left out, and a page
-/// with none of its item's keys holds zeros.
-fn bounds(
-    k: &Tensor,
-    seqs: &[SeqExtent],
-    sinks: usize,
-    first: usize,
-    n: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, hkv, _, d) = k.dims4()?;
-    let dev = k.device();
-    let (keys, valid) = page_rows(k, seqs, sinks, first, n)?;
+/// `[B, Hkv, n, D]` f32 min and max of `n` pages of 16 rows each of `keys` (`[B, Hkv, 16n, D]`
+/// f32), over the rows `valid` marks (`[B, 1 or Hkv, 16n, 1]` u8); a page with no valid row
+/// holds zeros.
+fn bounds(keys: &Tensor, valid: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+    let (b, hkv, _, d) = keys.dims4()?;
+    let dev = keys.device();
     let shape = keys.shape().clone();
-    let valid = valid.broadcast_as(&shape)?;
+    let rows = valid.broadcast_as(&shape)?;
     let fill = |x: f32| Tensor::full(x, (), dev)?.broadcast_as(&shape);
     let paged = (b, hkv, n, QUEST_PAGE, d);
-    let lo = valid
-        .where_cond(&keys, &fill(f32::INFINITY)?)?
+    let lo = rows
+        .where_cond(keys, &fill(f32::INFINITY)?)?
         .reshape(paged)?
         .min(3)?;
-    let hi = valid
-        .where_cond(&keys, &fill(f32::NEG_INFINITY)?)?
+    let hi = rows
+        .where_cond(keys, &fill(f32::NEG_INFINITY)?)?
         .reshape(paged)?
         .max(3)?;
     // An empty page would keep ±inf, and 0·inf is NaN in a score: zeros (its score is masked).
-    let filled = page_mask(seqs, sinks, first, n, 1, dev)?
-        .unsqueeze(3)?
+    let heads = valid.dim(1)?;
+    let filled = valid
+        .reshape((b, heads, n, QUEST_PAGE))?
+        .max_keepdim(3)?
         .broadcast_as(lo.shape())?;
     let zeros = lo.zeros_like()?;
     Ok((
@@ -265,50 +347,141 @@ fn bounds(
     ))
 }
 
-/// `[B, Hkv, n, D]` f32 mean of pages `first..first + n` of every item of `k`, over the keys of
-/// [`bounds`]; a page with none of its item's keys holds zeros.
-fn means(k: &Tensor, seqs: &[SeqExtent], sinks: usize, first: usize, n: usize) -> Result<Tensor> {
-    let (b, hkv, _, d) = k.dims4()?;
-    let (keys, valid) = page_rows(k, seqs, sinks, first, n)?;
+/// `[B, Hkv, n, D]` f32 mean of each of `n` pages over the rows of [`bounds`]; a page with no
+/// valid row holds zeros.
+fn means(keys: &Tensor, valid: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, hkv, _, d) = keys.dims4()?;
+    let heads = valid.dim(1)?;
     let valid = valid.to_dtype(DType::F32)?;
     let sums = keys
         .broadcast_mul(&valid)?
         .reshape((b, hkv, n, QUEST_PAGE, d))?
         .sum(3)?;
-    // Keys per page of each item, at least one so that an empty page divides its zeros by 1.
+    // Keys per page, at least one so that an empty page divides its zeros by 1.
     let counts = valid
-        .reshape((b, n, QUEST_PAGE))?
-        .sum(2)?
-        .maximum(1f32)?
-        .reshape((b, 1, n, 1))?;
+        .reshape((b, heads, n, QUEST_PAGE))?
+        .sum_keepdim(3)?
+        .maximum(1f32)?;
     Ok(sums.broadcast_div(&counts)?)
 }
 
-/// The keys of pages `first..first + n` of every item of `k` (`[B, Hkv, cap, D]`), as f32
-/// `[B, Hkv, 16n, D]` (rows past the cache zero), and `[B, 1, 16n, 1]` u8: whether each row is
-/// one of its item's indexed keys.
-fn page_rows(
-    k: &Tensor,
-    seqs: &[SeqExtent],
-    sinks: usize,
-    first: usize,
-    n: usize,
-) -> Result<(Tensor, Tensor)> {
-    let (b, _, cap, _) = k.dims4()?;
-    let start = sinks + QUEST_PAGE * first;
-    let span = QUEST_PAGE * n;
-    // The last page may run past the cache: its missing rows are padding, masked by `valid`.
-    let rows = cap.saturating_sub(start).min(span);
-    let mut keys = k.narrow(2, start, rows)?.to_dtype(DType::F32)?;
-    if rows < span {
-        keys = keys.pad_with_zeros(2, 0, span - rows)?;
+/// The rows of a [`PageCut`] that [`bounds`] and [`means`] read.
+enum PageRows<'a> {
+    Consecutive {
+        seqs: &'a [SeqExtent],
+        sinks: usize,
+    },
+    /// Page offsets `[B, Hkv, P + 1]` u32 into the perm `[B, Hkv, cap]` u32.
+    Partitions {
+        offsets: Tensor,
+        perm: Tensor,
+    },
+}
+
+impl PageRows<'_> {
+    /// The keys of pages `first..first + n` of every item of `k` (`[B, Hkv, cap, D]`), 16 rows
+    /// per page, as f32 `[B, Hkv, 16n, D]`, and whether each row is one of the page's keys:
+    /// `[B, 1, 16n, 1]` u8 for consecutive pages (alike in every head), `[B, Hkv, 16n, 1]` for
+    /// partition pages.
+    fn get(&self, k: &Tensor, first: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let (b, hkv, cap, d) = k.dims4()?;
+        let span = QUEST_PAGE * n;
+        match self {
+            PageRows::Consecutive { seqs, sinks } => {
+                let start = sinks + QUEST_PAGE * first;
+                // The last page may run past the cache: its missing rows are padding, masked
+                // by `valid`.
+                let rows = cap.saturating_sub(start).min(span);
+                let mut keys = k.narrow(2, start, rows)?.to_dtype(DType::F32)?;
+                if rows < span {
+                    keys = keys.pad_with_zeros(2, 0, span - rows)?;
+                }
+                let valid: Vec<u8> = seqs
+                    .iter()
+                    .flat_map(|s| {
+                        (start..start + span).map(move |pos| u8::from(pos < s.indexed_end))
+                    })
+                    .collect();
+                let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
+                Ok((keys, valid))
+            }
+            PageRows::Partitions { offsets, perm } => {
+                let starts = offsets.narrow(2, first, n)?.unsqueeze(3)?;
+                let ends = offsets.narrow(2, first + 1, n)?.unsqueeze(3)?;
+                let slot = Tensor::arange(0u32, QUEST_PAGE as u32, k.device())?
+                    .reshape((1, 1, 1, QUEST_PAGE))?;
+                let at = starts.broadcast_add(&slot)?;
+                let valid = at.broadcast_lt(&ends)?;
+                // A slot past its page's end reads perm row 0 (masked out): always in range.
+                let at = valid
+                    .where_cond(&at, &at.zeros_like()?)?
+                    .reshape((b, hkv, span))?;
+                let positions = perm.gather(&at, 2)?;
+                let index = positions
+                    .unsqueeze(3)?
+                    .broadcast_as((b, hkv, span, d))?
+                    .contiguous()?;
+                let keys = k.contiguous()?.gather(&index, 2)?.to_dtype(DType::F32)?;
+                Ok((keys, valid.reshape((b, hkv, span, 1))?))
+            }
+        }
     }
-    let valid: Vec<u8> = seqs
+}
+
+/// Partition pages of the index directory `dir` (`[B, Hkv, C + 1 + cap]`, C = `n_partitions`):
+/// each partition's list cut into pages of [`QUEST_PAGE`] from its start (its last page may be
+/// short), partition by partition. Returns their offsets into the perm, `[B, Hkv, P + 1]` u32
+/// (a head with fewer pages repeats its end: empty pages), P, the most pages of any head, and
+/// per batch item the keys of its average non-empty page. One small read-back (the offsets).
+fn partition_page_offsets(dir: &Tensor, n_partitions: usize) -> Result<(Tensor, usize, Vec<f64>)> {
+    let (b, hkv, _) = dir.dims3()?;
+    let offsets = dir
+        .narrow(2, 0, n_partitions + 1)?
+        .contiguous()?
+        .to_vec3::<u32>()?;
+    let heads: Vec<Vec<u32>> = offsets
         .iter()
-        .flat_map(|s| (start..start + span).map(move |pos| u8::from(pos < s.indexed_end)))
+        .flatten()
+        .map(|off| {
+            let mut starts: Vec<u32> = off
+                .windows(2)
+                .flat_map(|w| (w[0]..w[1]).step_by(QUEST_PAGE))
+                .collect();
+            starts.push(off[n_partitions]);
+            starts
+        })
         .collect();
-    let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
-    Ok((keys, valid))
+    let n_pages = heads.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+    let page_keys = heads
+        .chunks(hkv.max(1))
+        .zip(&offsets)
+        .map(|(item, off)| {
+            let pages: usize = item.iter().map(|s| s.len() - 1).sum();
+            let keys: u32 = off.iter().map(|o| o[n_partitions]).sum();
+            match pages {
+                0 => QUEST_PAGE as f64,
+                _ => f64::from(keys) / pages as f64,
+            }
+        })
+        .collect();
+    if n_pages > MAX_QUEST_PAGES {
+        return Err(SaapError::Config(format!(
+            "Quest routing over {n_pages} partition pages; at most {MAX_QUEST_PAGES} are supported"
+        )));
+    }
+    let flat: Vec<u32> = heads
+        .into_iter()
+        .flat_map(|mut starts| {
+            let end = *starts.last().expect("the end is pushed");
+            starts.resize(n_pages + 1, end);
+            starts
+        })
+        .collect();
+    Ok((
+        Tensor::from_vec(flat, (b, hkv, n_pages + 1), dir.device())?,
+        n_pages,
+        page_keys,
+    ))
 }
 
 /// `[B, heads, n]` u8: whether page `first + i` holds keys of item `b`.

@@ -432,11 +432,12 @@ fn estimate_unread_matches_cpu() {
 
 /// Quest routing on both backends from the same cache (keys appended with `extend`): identical
 /// page bounds (means within rounding), the same keys read and pages probed at every step,
-/// outputs within rounding.
+/// outputs within rounding. Pages over partitions run on ops of a random index, whose lists
+/// must agree too.
 fn quest_case(
     dev: &Device,
     seed: u64,
-    (dtype, score): (DType, saap::PageScore),
+    (dtype, score, layout): (DType, saap::PageScore, saap::PageLayout),
     tol: f32,
     lens: &[usize],
     steps: usize,
@@ -444,8 +445,12 @@ fn quest_case(
     let mut config = config(8, 2, 64, 32, RopeKind::Neox);
     config.window = 48;
     config.merge_every = 16;
-    let mut cpu = SaapAttention::dense(&config, &Device::Cpu, dtype).unwrap();
-    let mut gpu = SaapAttention::dense(&config, dev, dtype).unwrap();
+    let index = random_index(&config, 1, seed);
+    let op = |dev: &Device| match layout {
+        saap::PageLayout::Consecutive => SaapAttention::dense(&config, dev, dtype).unwrap(),
+        saap::PageLayout::Partitions => SaapAttention::from_index(&index, 0, dev, dtype).unwrap(),
+    };
+    let (mut cpu, mut gpu) = (op(&Device::Cpu), op(dev));
     let mut r = rng(seed ^ 0x9e57);
     let b = lens.len();
     let mut rows = |heads: usize, t: usize| {
@@ -459,10 +464,12 @@ fn quest_case(
     cpu.extend(&k, &v, lens).unwrap();
     gpu.extend(&on(&k), &on(&v), lens).unwrap();
     for op in [&mut cpu, &mut gpu] {
+        op.set_page_layout(layout).unwrap();
         op.set_routing(saap::Routing::Quest).unwrap();
         op.set_quest_pages(3).unwrap();
         op.set_page_score(score).unwrap();
     }
+    assert_eq!(cpu.index_lists().unwrap(), gpu.index_lists().unwrap());
     // The caches' RoPE rows may differ by a rounding step in bf16 (`rope_writer_matches_cpu`),
     // and the bounds with them; f32 min and max are identical, f32 means equal up to the order
     // of summation.
@@ -479,7 +486,7 @@ fn quest_case(
     };
     assert!(
         same_bounds(&cpu, &gpu),
-        "{dtype:?} {score:?}: page bounds differ"
+        "{dtype:?} {score:?} {layout:?}: page bounds differ"
     );
     let mut other_pages = 0;
     for i in 0..steps {
@@ -501,9 +508,10 @@ fn quest_case(
         "{dtype:?}: {other_pages} of {steps} steps read other pages"
     );
     assert_eq!(cpu.extents(), gpu.extents());
+    assert_eq!(cpu.index_lists().unwrap(), gpu.index_lists().unwrap());
     assert!(
         same_bounds(&cpu, &gpu),
-        "{dtype:?} {score:?}: page bounds differ after merges"
+        "{dtype:?} {score:?} {layout:?}: page bounds differ after merges"
     );
 }
 
@@ -512,13 +520,20 @@ fn quest_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("quest_matches_cpu");
     for score in [saap::PageScore::Bound, saap::PageScore::Mean] {
-        quest_case(&dev, s, (DType::F32, score), 1e-4, &[300, 211, 97], 100);
-        quest_case(&dev, s, (DType::BF16, score), 3e-2, &[300, 211, 97], 100);
+        for layout in [saap::PageLayout::Consecutive, saap::PageLayout::Partitions] {
+            let lens = [300, 211, 97];
+            quest_case(&dev, s, (DType::F32, score, layout), 1e-4, &lens, 100);
+            quest_case(&dev, s, (DType::BF16, score, layout), 3e-2, &lens, 100);
+        }
     }
     // MAX_QUEST_PAGES pages (no merge within 8 steps): the routing's top-k over every page and
     // the decode kernel's shared memory at their largest.
     let pages = saap::config::MAX_QUEST_PAGES * saap::config::QUEST_PAGE;
-    let bf16 = (DType::BF16, saap::PageScore::Bound);
+    let bf16 = (
+        DType::BF16,
+        saap::PageScore::Bound,
+        saap::PageLayout::Consecutive,
+    );
     quest_case(&dev, s, bf16, 3e-2, &[pages + 4 + 48], 8);
 }
 

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use common::*;
 use saap::graph::{DecodeGraph, GraphDecoder};
-use saap::{ReplayClock, RopeKind, Routing, SaapAttention, SaapError, SaapIndex};
+use saap::{PageLayout, ReplayClock, RopeKind, Routing, SaapAttention, SaapError, SaapIndex};
 
 /// A decoder of a few layers around the op: embedding, per layer q/k/v/o projections and a
 /// residual, then an output projection. Enough for every launch of a step to be recorded.
@@ -149,11 +149,18 @@ fn tokens_for_step(seed: u64, step: usize, batch: usize) -> Vec<u32> {
 /// of the same prefilled sequences, through several window merges.
 /// `shared`: the replays count on a [`ReplayClock`] the test ticks after each step, as
 /// `DecodeGraph` does for a model's layers, instead of the op's own count.
-fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing, shared: bool) {
+fn replay_case(
+    dev: &Device,
+    dtype: DType,
+    tol: f32,
+    (routing, layout): (Routing, PageLayout),
+    shared: bool,
+) {
     let config = toy_config();
     let index = random_index(&config, 1, 11);
     let mut eager = SaapAttention::from_index(&index, 0, dev, dtype).unwrap();
     eager.set_n_probe(4).unwrap();
+    eager.set_page_layout(layout).unwrap();
     eager.set_routing(routing).unwrap();
     eager.set_quest_pages(2).unwrap();
     let mut r = rng(12);
@@ -218,12 +225,17 @@ fn replay_case(dev: &Device, dtype: DType, tol: f32, routing: Routing, shared: b
         assert_eq!(max_abs_diff(a.0, b.0) + max_abs_diff(a.1, b.1), 0.0);
     }
     assert_eq!(eager.page_bounds().is_some(), routing == Routing::Quest);
+    assert_eq!(replay.page_layout(), layout);
 }
 
 #[test]
 fn replayed_steps_match_step_by_step() {
     // The CPU kernels read the same count: the host's bookkeeping is checked without a GPU too.
-    for routing in [Routing::Classifier, Routing::Quest] {
+    for routing in [
+        (Routing::Classifier, PageLayout::Consecutive),
+        (Routing::Quest, PageLayout::Consecutive),
+        (Routing::Quest, PageLayout::Partitions),
+    ] {
         for shared in [false, true] {
             replay_case(&Device::Cpu, DType::F32, 1e-5, routing, shared);
             replay_case(&Device::Cpu, DType::BF16, 2e-2, routing, shared);

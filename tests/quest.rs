@@ -1,6 +1,7 @@
 //! Quest routing on the CPU: every page read equals dense attention; page bounds, scores, chosen
 //! pages, outputs and keys read against a brute-force f64 reference over a ragged batch and
-//! window merges; page scores bound every key of their page; bad input is refused.
+//! window merges, for consecutive pages and pages over the partitions; page scores bound every
+//! key of their page; bad input is refused.
 
 mod common;
 
@@ -10,7 +11,9 @@ use saap::attend::SeqExtent;
 use saap::budget::{column_probes, plan_column, PLAN_STEPS};
 use saap::config::{MAX_QUEST_PAGES, QUEST_PAGE};
 use saap::quest::{page_scores, route};
-use saap::{HeadLayout, PageScore, RopeKind, Routing, SaapAttention, SaapConfig, SaapError};
+use saap::{
+    HeadLayout, PageLayout, PageScore, RopeKind, Routing, SaapAttention, SaapConfig, SaapError,
+};
 
 const HQ: usize = 6;
 const HKV: usize = 2;
@@ -54,29 +57,72 @@ fn pages_of(seq: SeqExtent, sinks: usize) -> usize {
     seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
 }
 
+/// `[b][h][page]`: the positions of every page of each item and KV head.
+type PageLists = Vec<Vec<Vec<Vec<usize>>>>;
+
+/// The op's pages over `seqs` as its layout cuts them: consecutive positions, or each
+/// partition's list of the op's index now cut into pages of 16, partition by partition.
+fn page_lists(op: &SaapAttention, seqs: &[SeqExtent]) -> PageLists {
+    let sinks = op.config().sinks;
+    match op.page_layout() {
+        PageLayout::Consecutive => seqs
+            .iter()
+            .map(|&seq| {
+                let pages: Vec<Vec<usize>> = (0..pages_of(seq, sinks))
+                    .map(|p| page_positions(seq, sinks, p).collect())
+                    .collect();
+                vec![pages; HKV]
+            })
+            .collect(),
+        PageLayout::Partitions => op
+            .index_lists()
+            .unwrap()
+            .into_iter()
+            .map(|heads| {
+                heads
+                    .into_iter()
+                    .map(|(perm, offsets)| {
+                        offsets
+                            .windows(2)
+                            .flat_map(|w| {
+                                let list = &perm[w[0] as usize..w[1] as usize];
+                                list.chunks(QUEST_PAGE)
+                                    .map(|page| page.iter().map(|&p| p as usize).collect())
+                                    .collect::<Vec<_>>()
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect(),
+    }
+}
+
 /// `(min, max)` of one page.
 type Bounds = (Vec<f32>, Vec<f32>);
 
-/// Brute-force bounds `[b][h][p]` of each item's own pages: min and max, or with
+/// Brute-force bounds `[b][h][p]` of the pages `lists`: min and max, or with
 /// [`PageScore::Mean`] the mean key as both.
 fn bounds_ref(
     keys: &[Vec<Vec<Vec<f32>>>],
-    seqs: &[SeqExtent],
-    sinks: usize,
+    lists: &PageLists,
     score: PageScore,
 ) -> Vec<Vec<Vec<Bounds>>> {
-    seqs.iter()
+    lists
+        .iter()
         .enumerate()
-        .map(|(b, &seq)| {
-            (0..HKV)
-                .map(|h| {
-                    (0..pages_of(seq, sinks))
-                        .map(|p| {
-                            let positions = page_positions(seq, sinks, p);
+        .map(|(b, heads)| {
+            heads
+                .iter()
+                .enumerate()
+                .map(|(h, pages)| {
+                    pages
+                        .iter()
+                        .map(|positions| {
                             let mut lo = vec![f32::INFINITY; DIM];
                             let mut hi = vec![f32::NEG_INFINITY; DIM];
                             let mut mean = vec![0.0; DIM];
-                            for pos in positions.clone() {
+                            for &pos in positions {
                                 for d in 0..DIM {
                                     lo[d] = lo[d].min(keys[b][h][pos][d]);
                                     hi[d] = hi[d].max(keys[b][h][pos][d]);
@@ -96,11 +142,12 @@ fn bounds_ref(
 }
 
 /// The op's bounds equal the brute-force ones (means up to the order of summation); pages past
-/// an item's own hold zeros.
-fn check_bounds(op: &SaapAttention, sinks: usize) {
+/// an item's (or with partition pages a head's) own hold zeros.
+fn check_bounds(op: &SaapAttention) {
     let (min, max) = op.page_bounds().expect("Quest keeps pages");
     let seqs = op.extents();
-    let expect = bounds_ref(&host(op.cache().unwrap().0), seqs, sinks, op.page_score());
+    let lists = page_lists(op, seqs);
+    let expect = bounds_ref(&host(op.cache().unwrap().0), &lists, op.page_score());
     let near = |got: &[f32], want: &[f32]| {
         got.len() == want.len()
             && got.iter().zip(want).all(|(a, b)| match op.page_score() {
@@ -108,7 +155,7 @@ fn check_bounds(op: &SaapAttention, sinks: usize) {
                 PageScore::Mean => (a - b).abs() <= 1e-5,
             })
     };
-    let longest = seqs.iter().map(|&s| pages_of(s, sinks)).max().unwrap();
+    let longest = lists.iter().flatten().map(Vec::len).max().unwrap();
     assert_eq!(min.dims(), &[seqs.len(), HKV, longest, DIM]);
     let (min, max) = (host(min), host(max));
     for (b, heads) in expect.iter().enumerate() {
@@ -139,12 +186,19 @@ struct Step {
     keys_read: usize,
 }
 
-fn reference(op: &SaapAttention, q: &Tensor, routed: &[SeqExtent], n_pages: usize) -> Step {
+/// The step of `op` that routed queries `q` over `routed` extents and pages `lists`.
+fn reference(
+    op: &SaapAttention,
+    q: &Tensor,
+    routed: &[SeqExtent],
+    lists: &PageLists,
+    n_pages: usize,
+) -> Step {
     let c = op.config();
     let (sinks, theta) = (c.sinks, c.rope.theta);
     let (keys, values) = op.cache().unwrap();
     let (keys, values) = (host(keys), host(values));
-    let bounds = bounds_ref(&keys, routed, sinks, op.page_score());
+    let bounds = bounds_ref(&keys, lists, op.page_score());
     let q = q.squeeze(2).unwrap();
     let mut step = Step {
         pages: Vec::new(),
@@ -174,14 +228,14 @@ fn reference(op: &SaapAttention, q: &Tensor, routed: &[SeqExtent], n_pages: usiz
                     })
                     .fold(f64::NEG_INFINITY, f64::max)
             };
-            let mut ranked: Vec<usize> = (0..pages_of(seq, sinks)).collect();
+            let mut ranked: Vec<usize> = (0..lists[b][h].len()).collect();
             ranked.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
             ranked.truncate(n_pages);
             let mut ids: Vec<usize> = (0..sinks.min(seq.len)).collect();
             let mut chosen = ranked.clone();
             chosen.sort_unstable();
             for &p in &chosen {
-                ids.extend(page_positions(seq, sinks, p));
+                ids.extend(&lists[b][h][p]);
             }
             ids.extend(seq.indexed_end..seq.len);
             step.keys_read += ids.len();
@@ -218,9 +272,14 @@ fn reference(op: &SaapAttention, q: &Tensor, routed: &[SeqExtent], n_pages: usiz
 fn quest_over_every_page_equals_dense() {
     let config = quest_config();
     let index = random_index(&config, 1, 3);
-    let lens = [90, 41];
-    // Without an index (a dense op switched to Quest) and with one.
-    for indexed in [false, true] {
+    // The cache (256 rows) grows during the steps.
+    let lens = [250, 41];
+    // Without an index (a dense op switched to Quest) and with one, pages over partitions too.
+    for (indexed, layout) in [
+        (false, PageLayout::Consecutive),
+        (true, PageLayout::Consecutive),
+        (true, PageLayout::Partitions),
+    ] {
         let dev = Device::Cpu;
         let mut dense = match indexed {
             false => SaapAttention::dense(&config, &dev, DType::F32).unwrap(),
@@ -228,9 +287,10 @@ fn quest_over_every_page_equals_dense() {
         };
         dense.set_routing(Routing::Dense).unwrap();
         let mut r = rng(4);
-        let [q, k, v] = qkv(&mut r, 2, 90);
+        let [q, k, v] = qkv(&mut r, 2, 250);
         dense.prefill(&q, &k, &v, &lens).unwrap();
         let mut by_budget = dense.snapshot().unwrap();
+        by_budget.set_page_layout(layout).unwrap();
         by_budget.set_routing(Routing::Quest).unwrap();
         by_budget.set_keys_budget(Some(1.0)).unwrap();
         // More pages than exist: every page.
@@ -243,7 +303,10 @@ fn quest_over_every_page_equals_dense() {
             for quest in [&mut by_budget, &mut by_count] {
                 let got = quest.decode(&q, &k, &v).unwrap();
                 let diff = max_abs_diff(&want, &got);
-                assert!(diff <= 1e-5, "indexed {indexed}, step {step}: {diff}");
+                assert!(
+                    diff <= 1e-5,
+                    "{layout:?}, indexed {indexed}, step {step}: {diff}"
+                );
                 let read = quest.last_read().unwrap();
                 assert_eq!(read.keys_read, read.keys_in_context, "step {step}");
                 assert!(read.partitions_probed > 0, "pages were probed");
@@ -259,19 +322,59 @@ fn quest_over_every_page_equals_dense() {
 #[test]
 fn quest_matches_brute_force_reference() {
     for score in [PageScore::Bound, PageScore::Mean] {
-        matches_brute_force_reference(score);
+        let (op, r) = quest_op(&[90, 40], 5);
+        // The short item has fewer pages than a step reads: its empty slots must read nothing.
+        assert!(pages_of(op.extents()[1], op.config().sinks) < N_PAGES);
+        matches_brute_force_reference(op, r, score);
     }
 }
 
-/// Pages kept for `score`: their contents, the pages chosen, outputs and keys read over 30
-/// steps with merges, against the reference.
-fn matches_brute_force_reference(score: PageScore) {
-    let sinks = quest_config().sinks;
-    let (mut op, mut r) = quest_op(&[90, 40], 5);
-    let n_pages = 3;
+#[test]
+fn partition_pages_match_brute_force_reference() {
+    let config = quest_config();
+    for score in [PageScore::Mean, PageScore::Bound] {
+        let mut op =
+            SaapAttention::from_index(&random_index(&config, 1, 6), 0, &Device::Cpu, DType::F32)
+                .unwrap();
+        let mut r = rng(5);
+        let lens = [200, 70];
+        let [q, k, v] = qkv(&mut r, 2, 200);
+        op.prefill(&q, &k, &v, &lens).unwrap();
+        op.set_page_layout(PageLayout::Partitions).unwrap();
+        op.set_routing(Routing::Quest).unwrap();
+        // Partitions of more than one page, and short last pages: pages are not partitions.
+        let lists = page_lists(&op, op.extents());
+        let sizes: Vec<usize> = lists.iter().flatten().flatten().map(Vec::len).collect();
+        assert!(
+            sizes.iter().filter(|&&n| n == QUEST_PAGE).count() > 4,
+            "{sizes:?}"
+        );
+        assert!(
+            sizes.iter().filter(|&&n| n < QUEST_PAGE).count() > 4,
+            "{sizes:?}"
+        );
+        assert!(
+            sizes.len() < config.n_partitions * 2 * HKV * 2,
+            "more than one page per partition somewhere: {sizes:?}"
+        );
+        matches_brute_force_reference(op, r, score);
+    }
+}
+
+/// Pages a step of [`matches_brute_force_reference`] reads per KV group.
+const N_PAGES: usize = 3;
+
+/// Pages of `op` (switched to Quest) kept for `score`: their contents, the pages chosen,
+/// outputs and keys read over 30 steps with merges, against the reference.
+fn matches_brute_force_reference(
+    mut op: SaapAttention,
+    mut r: rand::rngs::StdRng,
+    score: PageScore,
+) {
+    let n_pages = N_PAGES;
     op.set_quest_pages(n_pages).unwrap();
     op.set_page_score(score).unwrap();
-    check_bounds(&op, sinks);
+    check_bounds(&op);
     let mut merges = 0;
     for step in 0..30 {
         let before = op.extents().to_vec();
@@ -283,9 +386,10 @@ fn matches_brute_force_reference(score: PageScore) {
                 ..*s
             })
             .collect();
+        let lists = page_lists(&op, &routed);
         let [q, k, v] = qkv(&mut r, 2, 1);
         let out = op.decode(&q, &k, &v).unwrap();
-        let expect = reference(&op, &q, &routed, n_pages);
+        let expect = reference(&op, &q, &routed, &lists, n_pages);
         let out = host(&out);
         for (got, want) in out.iter().flatten().zip(expect.out.iter().flatten()) {
             for (a, e) in got[0].iter().zip(want) {
@@ -296,13 +400,9 @@ fn matches_brute_force_reference(score: PageScore) {
         assert_eq!(read.keys_read, expect.keys_read, "step {step}");
         let probed: usize = expect.pages.iter().flatten().map(Vec::len).sum();
         assert_eq!(read.partitions_probed, probed, "step {step}");
-        // The short item has fewer pages than asked for at first: its empty slots read nothing.
-        if step == 0 {
-            assert!(expect.pages[1][0].len() < n_pages, "{:?}", expect.pages);
-        }
         if op.extents() != routed.as_slice() {
             merges += 1;
-            check_bounds(&op, sinks);
+            check_bounds(&op);
         }
     }
     assert!(merges >= 3, "{merges} merges");
@@ -406,12 +506,25 @@ fn quest_bad_inputs_are_refused() {
         op.set_keys_budget(Some(f64::NAN)),
         Err(SaapError::Config(_))
     ));
-    // Quest needs no index; the trained routings still do.
+    // Quest needs no index; the trained routings and pages over partitions still do.
     op.set_routing(Routing::Quest).unwrap();
     assert!(matches!(
         op.set_routing(Routing::Classifier),
         Err(SaapError::Config(_))
     ));
+    assert!(matches!(
+        op.set_page_layout(PageLayout::Partitions),
+        Err(SaapError::Config(_))
+    ));
+    assert_eq!(op.page_layout(), PageLayout::Consecutive);
+    // An op that drops its index drops the partition pages' layout with it.
+    let mut indexed =
+        SaapAttention::from_index(&random_index(&config, 1, 2), 0, &Device::Cpu, DType::F32)
+            .unwrap();
+    indexed.set_page_layout(PageLayout::Partitions).unwrap();
+    indexed.drop_index();
+    assert_eq!(indexed.page_layout(), PageLayout::Consecutive);
+    indexed.set_routing(Routing::Quest).unwrap();
     let bounds = Tensor::zeros((1, 4, 3, DIM), DType::F32, &Device::Cpu).unwrap();
     let q = Tensor::zeros((1, HQ, DIM), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(
@@ -535,4 +648,49 @@ fn quest_keys_budget_sets_pages_and_read_stats() {
         assert_eq!(read.window_and_sinks, HKV * fixed.iter().sum::<usize>());
         assert!(read.selectivity() <= budget, "{read:?}");
     }
+}
+
+/// Under a keys budget, partition pages count as the item's average page (each partition's
+/// last page is short): the pages a step reads are the allowed keys over that size, and so the
+/// keys read stay near the budget where whole pages of 16 would read less.
+#[test]
+fn partition_pages_budget_counts_their_mean_size() {
+    let config = quest_config();
+    let mut op =
+        SaapAttention::from_index(&random_index(&config, 1, 6), 0, &Device::Cpu, DType::F32)
+            .unwrap();
+    let mut r = rng(12);
+    let [q, k, v] = qkv(&mut r, 1, 300);
+    op.prefill(&q, &k, &v, &[300]).unwrap();
+    op.set_page_layout(PageLayout::Partitions).unwrap();
+    op.set_routing(Routing::Quest).unwrap();
+    let budget = 0.3;
+    op.set_keys_budget(Some(budget)).unwrap();
+    // Steps that read more pages than whole pages of 16 would give.
+    let mut more = 0;
+    for step in 0..12 {
+        let s = op.extents()[0];
+        let sizes: Vec<usize> = page_lists(&op, op.extents())[0]
+            .iter()
+            .flatten()
+            .map(Vec::len)
+            .collect();
+        let page_keys = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        assert!(page_keys < QUEST_PAGE as f64 - 1.0, "{sizes:?}");
+        let fixed = config.sinks + s.len + 1 - s.indexed_end;
+        let allowed = (budget * (s.len + 1) as f64).floor() - fixed as f64;
+        let [q, k, v] = qkv(&mut r, 1, 1);
+        op.decode(&q, &k, &v).unwrap();
+        assert_eq!(
+            op.quest_pages(),
+            (allowed / page_keys) as usize,
+            "step {step}"
+        );
+        more += usize::from(op.quest_pages() > allowed as usize / QUEST_PAGE);
+        assert_eq!(
+            op.last_read().unwrap().partitions_probed,
+            HKV * op.quest_pages()
+        );
+    }
+    assert!(more >= 6, "{more} of 12 steps");
 }

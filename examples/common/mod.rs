@@ -4,7 +4,7 @@
 use candle_core::Device;
 use saap::models::fetch;
 use saap::models::{GgufTokenizer, Llama};
-use saap::{PageScore, Routing};
+use saap::{PageLayout, PageScore, Routing};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +49,19 @@ pub fn parse_page_score(value: &str) -> Result<PageScore, String> {
         "bound" => Ok(PageScore::Bound),
         "mean" => Ok(PageScore::Mean),
         _ => Err(format!("{value:?} is not a page score (bound or mean)")),
+    }
+}
+
+/// `--page-layout`'s value: how Quest's pages cut the indexed keys (`consecutive`, Quest's own;
+/// `partitions`, each partition's list of the index).
+#[allow(dead_code)] // not every example routes by Quest
+pub fn parse_page_layout(value: &str) -> Result<PageLayout, String> {
+    match value {
+        "consecutive" => Ok(PageLayout::Consecutive),
+        "partitions" => Ok(PageLayout::Partitions),
+        _ => Err(format!(
+            "{value:?} is not a page layout (consecutive or partitions)"
+        )),
     }
 }
 

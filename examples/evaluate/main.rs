@@ -18,7 +18,7 @@ use saap::models::fetch::{self, Text};
 use saap::models::Llama;
 use saap::train::data::first_query_position;
 use saap::train::{evaluate_routing, RoutingEval};
-use saap::{PageScore, ReadStats, Routing, SaapIndex};
+use saap::{PageLayout, PageScore, ReadStats, Routing, SaapIndex};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -108,6 +108,10 @@ struct Args {
     /// own) or `mean` (the mean key)
     #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
     page_score: PageScore,
+    /// How the pages of layers routed by Quest cut the indexed keys: `consecutive` (Quest's
+    /// own) or `partitions` (each partition's list of the index, cut into pages of 16)
+    #[arg(long, value_parser = common::parse_page_layout, default_value = "consecutive")]
+    page_layout: PageLayout,
     /// The per-layer routing evaluation places its queries where at least this many keys lie
     /// outside sinks and window; default C (pass the same value to compare indexes of different
     /// C on the same queries)
@@ -455,6 +459,7 @@ fn run() -> Res<()> {
     // 2. Perplexity of teacher-forced decoding after a shared dense prefill.
     model.attach_index(Some(&index))?;
     model.set_page_score(args.page_score)?;
+    model.set_page_layout(args.page_layout)?;
     model.set_budget_by_layer(!args.uniform_budget)?;
     model.set_plan_floor(args.plan_floor)?;
     let quest_layers: Vec<usize> = match args.hybrid {
@@ -696,6 +701,10 @@ fn command_line(args: &Args) -> String {
         (
             "--page-score",
             (args.page_score == PageScore::Mean).then(|| "mean".to_string()),
+        ),
+        (
+            "--page-layout",
+            (args.page_layout == PageLayout::Partitions).then(|| "partitions".to_string()),
         ),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),

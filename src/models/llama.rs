@@ -16,7 +16,7 @@ use super::swiglu;
 use super::{io_err, Error, Result};
 use crate::budget::ProbeCurve;
 use crate::config::{
-    HeadLayout, PageScore, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig,
+    HeadLayout, PageLayout, PageScore, RopeConfig, RopeKind, RopeScaling, Routing, SaapConfig,
 };
 use crate::graph::GraphDecoder;
 use crate::{ReadStats, SaapAttention, SaapIndex};
@@ -730,6 +730,19 @@ impl Llama {
     pub fn set_page_score(&mut self, score: PageScore) -> Result<()> {
         for op in &mut self.attn {
             op.set_page_score(score)?;
+        }
+        Ok(())
+    }
+
+    /// Sets how every layer's Quest pages cut the indexed keys (see
+    /// [`SaapAttention::set_page_layout`]).
+    ///
+    /// # Errors
+    /// [`Error::Saap`] as [`SaapAttention::set_page_layout`] (a model run without an index has
+    /// no partitions to cut).
+    pub fn set_page_layout(&mut self, layout: PageLayout) -> Result<()> {
+        for op in &mut self.attn {
+            op.set_page_layout(layout)?;
         }
         Ok(())
     }
