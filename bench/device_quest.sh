@@ -9,7 +9,7 @@
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
-#   routing32 | mean32 | mean128 | meanpass128 BUDGET
+#   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -92,6 +92,23 @@ meanpass128)
   # NOTES §53: passkeys at 120k, 5 depths, with Quest's pages by mean: the hybrid (Saap's column)
   # and Quest in every layer (Quest's column) at budget $2.
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --hybrid --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score mean --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-mean-$2" ;;
+tests7)
+  # Session 33 (NOTES §55): parity (Quest pages over partitions on both backends) and graphs.
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1 ;;
+part32)
+  # NOTES §55: Quest in every layer at 32k and 10%, pages by mean, consecutive then over the
+  # partitions; then the hybrid likewise; batch 8, 8 × 1023 tokens.
+  for layers in "--quest-layers $ALL" "--hybrid"; do
+    run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --page-score mean --page-layout consecutive,partitions $layers
+  done ;;
+part128)
+  # NOTES §55: the same at 120k, 3% and 4%, Quest in every layer.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --page-score mean --page-layout consecutive,partitions --quest-layers "$ALL" ;;
+partpass128)
+  # NOTES §55: passkeys at 120k, 5 depths, Quest in every layer over partition pages by mean
+  # (Quest's column) at budget $2.
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score mean --page-layout partitions --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-part-$2" ;;
 hybrid32)
   # 32k, every layer sparse at 10%: the plan alone and the hybrid, batch 8 (8 × 1023 tokens) and 1.
   for h in "" --hybrid; do
