@@ -121,10 +121,15 @@ impl QuestPages {
                 (PageRows::Consecutive { seqs, sinks }, n_pages, kept)
             }
             PageCut::Partitions { dir, n_partitions } => {
-                let (offsets, n_pages, keys) = partition_page_offsets(dir, n_partitions)?;
-                page_keys = keys;
+                let layout = PartitionPages::of(dir, n_partitions)?;
+                page_keys = layout.page_keys;
                 let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
-                (PageRows::Partitions { offsets, perm }, n_pages, 0)
+                let rows = PageRows::Partitions {
+                    offsets: layout.offsets,
+                    filled: layout.filled,
+                    perm,
+                };
+                (rows, layout.n_pages, 0)
             }
         };
         let (mut lows, mut highs) = (Vec::new(), Vec::new());
@@ -154,12 +159,11 @@ impl QuestPages {
         };
         let (filled, dir) = match rows {
             PageRows::Consecutive { .. } => (page_mask(seqs, sinks, 0, n_pages, hkv, dev)?, None),
-            PageRows::Partitions { offsets, perm } => {
-                let starts = offsets.narrow(2, 0, n_pages)?;
-                let ends = offsets.narrow(2, 1, n_pages)?;
-                let filled = ends.gt(&starts)?;
-                (filled, Some(Tensor::cat(&[&offsets, &perm], 2)?))
-            }
+            PageRows::Partitions {
+                offsets,
+                filled,
+                perm,
+            } => (filled, Some(Tensor::cat(&[&offsets, &perm], 2)?)),
         };
         Ok(Self {
             min: join(lows)?,
@@ -371,9 +375,11 @@ enum PageRows<'a> {
         seqs: &'a [SeqExtent],
         sinks: usize,
     },
-    /// Page offsets `[B, Hkv, P + 1]` u32 into the perm `[B, Hkv, cap]` u32.
+    /// Page offsets `[B, Hkv, P + 1]` u32 into the perm `[B, Hkv, cap]` u32, and which pages
+    /// hold keys (`[B, Hkv, P]` u8).
     Partitions {
         offsets: Tensor,
+        filled: Tensor,
         perm: Tensor,
     },
 }
@@ -405,7 +411,7 @@ impl PageRows<'_> {
                 let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
                 Ok((keys, valid))
             }
-            PageRows::Partitions { offsets, perm } => {
+            PageRows::Partitions { offsets, perm, .. } => {
                 let starts = offsets.narrow(2, first, n)?.unsqueeze(3)?;
                 let ends = offsets.narrow(2, first + 1, n)?.unsqueeze(3)?;
                 let slot = Tensor::arange(0u32, QUEST_PAGE as u32, k.device())?
@@ -428,60 +434,85 @@ impl PageRows<'_> {
     }
 }
 
-/// Partition pages of the index directory `dir` (`[B, Hkv, C + 1 + cap]`, C = `n_partitions`):
-/// each partition's list cut into pages of [`QUEST_PAGE`] from its start (its last page may be
-/// short), partition by partition. Returns their offsets into the perm, `[B, Hkv, P + 1]` u32
-/// (a head with fewer pages repeats its end: empty pages), P, the most pages of any head, and
-/// per batch item the keys of its average non-empty page. One small read-back (the offsets).
-fn partition_page_offsets(dir: &Tensor, n_partitions: usize) -> Result<(Tensor, usize, Vec<f64>)> {
-    let (b, hkv, _) = dir.dims3()?;
-    let offsets = dir
-        .narrow(2, 0, n_partitions + 1)?
-        .contiguous()?
-        .to_vec3::<u32>()?;
-    let heads: Vec<Vec<u32>> = offsets
-        .iter()
-        .flatten()
-        .map(|off| {
-            let mut starts: Vec<u32> = off
-                .windows(2)
-                .flat_map(|w| (w[0]..w[1]).step_by(QUEST_PAGE))
-                .collect();
-            starts.push(off[n_partitions]);
-            starts
+/// Partition pages of an index directory: each partition's list cut into pages of
+/// [`QUEST_PAGE`] from its start (its last page may be short), partition by partition.
+struct PartitionPages {
+    /// `[B, Hkv, P + 1]` u32: the pages' offsets into the perm (a head with fewer pages repeats
+    /// its end: empty pages).
+    offsets: Tensor,
+    /// `[B, Hkv, P]` u8: whether the page holds keys. Built on the host with the offsets: with
+    /// P = 0 a device comparison would launch a kernel over no element, which CUDA refuses.
+    filled: Tensor,
+    /// P, the most pages of any head.
+    n_pages: usize,
+    /// Per batch item, the keys of its average non-empty page.
+    page_keys: Vec<f64>,
+}
+
+impl PartitionPages {
+    /// The pages of `dir` (`[B, Hkv, C + 1 + cap]`, C = `n_partitions`), from one small
+    /// read-back (the offsets).
+    ///
+    /// # Errors
+    /// [`SaapError::Config`] for more than [`MAX_QUEST_PAGES`] pages in a head;
+    /// [`SaapError::Candle`] when the offsets cannot be read or the tensors made.
+    fn of(dir: &Tensor, n_partitions: usize) -> Result<Self> {
+        let (b, hkv, _) = dir.dims3()?;
+        let offsets = dir
+            .narrow(2, 0, n_partitions + 1)?
+            .contiguous()?
+            .to_vec3::<u32>()?;
+        let heads: Vec<Vec<u32>> = offsets
+            .iter()
+            .flatten()
+            .map(|off| {
+                let mut starts: Vec<u32> = off
+                    .windows(2)
+                    .flat_map(|w| (w[0]..w[1]).step_by(QUEST_PAGE))
+                    .collect();
+                starts.push(off[n_partitions]);
+                starts
+            })
+            .collect();
+        let n_pages = heads.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+        if n_pages > MAX_QUEST_PAGES {
+            return Err(SaapError::Config(format!(
+                "Quest routing over {n_pages} partition pages; at most {MAX_QUEST_PAGES} are \
+                 supported"
+            )));
+        }
+        let page_keys = heads
+            .chunks(hkv.max(1))
+            .zip(&offsets)
+            .map(|(item, off)| {
+                let pages: usize = item.iter().map(|s| s.len() - 1).sum();
+                let keys: u32 = off.iter().map(|o| o[n_partitions]).sum();
+                match pages {
+                    0 => QUEST_PAGE as f64,
+                    _ => f64::from(keys) / pages as f64,
+                }
+            })
+            .collect();
+        let filled: Vec<u8> = heads
+            .iter()
+            .flat_map(|starts| (0..n_pages).map(move |p| u8::from(p + 1 < starts.len())))
+            .collect();
+        let flat: Vec<u32> = heads
+            .into_iter()
+            .flat_map(|mut starts| {
+                let end = *starts.last().expect("the end is pushed");
+                starts.resize(n_pages + 1, end);
+                starts
+            })
+            .collect();
+        let dev = dir.device();
+        Ok(Self {
+            offsets: Tensor::from_vec(flat, (b, hkv, n_pages + 1), dev)?,
+            filled: Tensor::from_vec(filled, (b, hkv, n_pages), dev)?,
+            n_pages,
+            page_keys,
         })
-        .collect();
-    let n_pages = heads.iter().map(|s| s.len() - 1).max().unwrap_or(0);
-    let page_keys = heads
-        .chunks(hkv.max(1))
-        .zip(&offsets)
-        .map(|(item, off)| {
-            let pages: usize = item.iter().map(|s| s.len() - 1).sum();
-            let keys: u32 = off.iter().map(|o| o[n_partitions]).sum();
-            match pages {
-                0 => QUEST_PAGE as f64,
-                _ => f64::from(keys) / pages as f64,
-            }
-        })
-        .collect();
-    if n_pages > MAX_QUEST_PAGES {
-        return Err(SaapError::Config(format!(
-            "Quest routing over {n_pages} partition pages; at most {MAX_QUEST_PAGES} are supported"
-        )));
     }
-    let flat: Vec<u32> = heads
-        .into_iter()
-        .flat_map(|mut starts| {
-            let end = *starts.last().expect("the end is pushed");
-            starts.resize(n_pages + 1, end);
-            starts
-        })
-        .collect();
-    Ok((
-        Tensor::from_vec(flat, (b, hkv, n_pages + 1), dir.device())?,
-        n_pages,
-        page_keys,
-    ))
 }
 
 /// `[B, heads, n]` u8: whether page `first + i` holds keys of item `b`.
