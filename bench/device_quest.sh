@@ -9,7 +9,8 @@
 #   win128 | win128b | win32 | share128 | passkeys BUDGET SHARE (the last two: 3d9e0fd's
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
-#   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET
+#   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
+#   fix32
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -109,6 +110,11 @@ partpass128)
   # NOTES §55: passkeys at 120k, 5 depths, Quest in every layer over partition pages by mean
   # (Quest's column) at budget $2.
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score mean --page-layout partitions --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-part-$2" ;;
+fix32)
+  # NOTES §55, after the fix of P = 0 pages: passkeys at 32k, 5 depths in one call (each depth a
+  # new prefill), the hybrid over partition pages by mean at 11%; then its perplexity again.
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --hybrid --keys-budget 0.11 --plan-floor 0.25 --quest-budget 0.11 --page-score mean --page-layout partitions --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey32-part-0.11"
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions --hybrid ;;
 hybrid32)
   # 32k, every layer sparse at 10%: the plan alone and the hybrid, batch 8 (8 × 1023 tokens) and 1.
   for h in "" --hybrid; do
