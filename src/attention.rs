@@ -1384,10 +1384,11 @@ impl SaapAttention {
         if pages.is_some() {
             state.quest = pages;
         } else if partition_pages && state.quest.is_some() {
-            // Partition pages follow the merged lists. Should they fail, none are kept (the next
-            // Quest step reads every key, exactly), rather than pages of the lists before.
-            state.quest = None;
-            state.quest = Some(refresh(state, &state.seqs, None, 0)?);
+            // Partition pages follow the merged lists, the old ones kept where their keys are.
+            // Should they fail, none are kept (the next Quest step reads every key, exactly),
+            // rather than pages of the lists before.
+            let old = state.quest.take();
+            state.quest = Some(refresh(state, &state.seqs, old.as_ref(), 0)?);
         }
         Ok(())
     }

@@ -78,6 +78,18 @@ pub(crate) struct QuestPages {
     /// Per batch item, the keys of its average non-empty page: 16 for consecutive pages (their
     /// budget counts whole pages), less for partition pages, each partition's last being short.
     page_keys: Vec<f64>,
+    /// Partition pages' offsets on the host, kept so that the next merge recomputes only the
+    /// pages it changes.
+    lists: Option<PageLists>,
+}
+
+/// Partition pages on the host: per (batch item, KV head), `b·Hkv + h`, the index's partition
+/// offsets the pages were cut from (C + 1) and the pages' starts in the perm (P_h + 1, the last
+/// its end).
+#[derive(Debug, Clone)]
+struct PageLists {
+    offsets: Vec<Vec<u32>>,
+    starts: Vec<Vec<u32>>,
 }
 
 /// Where [`QuestPages::refresh`] cuts its pages.
@@ -97,7 +109,9 @@ impl QuestPages {
     /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`), cut as `cut` says,
     /// keeping what `score` needs. Consecutive pages before page `first` are taken from `old`
     /// (unchanged keys, kept for the same `score`), the others computed; without `old`, all.
-    /// Partition pages are all computed.
+    /// Partition pages that hold the same keys as one of `old`'s (kept for the same score) are
+    /// taken from it, the others computed (`first` does not apply: a partition that gains a
+    /// page shifts the numbers of the pages after it).
     ///
     /// # Errors
     /// [`SaapError::Config`] for partition pages more than [`MAX_QUEST_PAGES`] per KV head;
@@ -113,67 +127,89 @@ impl QuestPages {
     ) -> Result<Self> {
         let (b, hkv, _, d) = k.dims4()?;
         let dev = k.device();
-        let mut page_keys = vec![QUEST_PAGE as f64; b];
-        let (rows, n_pages, kept) = match cut {
-            PageCut::Consecutive => {
-                let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
-                let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
-                (PageRows::Consecutive { seqs, sinks }, n_pages, kept)
-            }
-            PageCut::Partitions { dir, n_partitions } => {
-                let layout = PartitionPages::of(dir, n_partitions)?;
-                page_keys = layout.page_keys;
-                let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
-                let rows = PageRows::Partitions {
-                    offsets: layout.offsets,
-                    filled: layout.filled,
-                    perm,
-                };
-                (rows, layout.n_pages, 0)
-            }
-        };
-        let (mut lows, mut highs) = (Vec::new(), Vec::new());
-        if let (Some(old), true) = (old, kept > 0) {
-            lows.push(old.min.narrow(2, 0, kept)?);
-            if let Some(max) = &old.max {
-                highs.push(max.narrow(2, 0, kept)?);
-            }
-        }
-        for from in (kept..n_pages).step_by(PAGES_PER_PASS) {
-            let n = PAGES_PER_PASS.min(n_pages - from);
-            let (keys, valid) = rows.get(k, from, n)?;
-            match score {
-                PageScore::Bound => {
-                    let (lo, hi) = bounds(&keys, &valid, n)?;
-                    lows.push(lo);
-                    highs.push(hi);
+        let old = old.filter(|old| old.max.is_some() == (score == PageScore::Bound));
+        let PageCut::Partitions { dir, n_partitions } = cut else {
+            let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
+            let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
+            let (mut lows, mut highs) = (Vec::new(), Vec::new());
+            if let (Some(old), true) = (old, kept > 0) {
+                lows.push(old.min.narrow(2, 0, kept)?);
+                if let Some(max) = &old.max {
+                    highs.push(max.narrow(2, 0, kept)?);
                 }
-                PageScore::Mean => lows.push(means(&keys, &valid, n)?),
             }
-        }
-        let join = |parts: Vec<Tensor>| -> Result<Tensor> {
-            Ok(match parts.len() {
-                0 => Tensor::zeros((b, hkv, 0, d), DType::F32, dev)?,
-                _ => Tensor::cat(&parts, 2)?,
-            })
+            let rows = PageRows::Consecutive { seqs, sinks };
+            summarize(&rows, k, kept..n_pages, score, &mut lows, &mut highs)?;
+            let (min, max) = (
+                join(lows, (b, hkv, d), dev)?,
+                join(highs, (b, hkv, d), dev)?,
+            );
+            return Ok(Self {
+                min,
+                max: (score == PageScore::Bound).then_some(max),
+                filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
+                dir: None,
+                page_keys: vec![QUEST_PAGE as f64; b],
+                lists: None,
+            });
         };
-        let (filled, dir) = match rows {
-            PageRows::Consecutive { .. } => (page_mask(seqs, sinks, 0, n_pages, hkv, dev)?, None),
-            PageRows::Partitions {
-                offsets,
-                filled,
+        let offsets = dir
+            .narrow(2, 0, n_partitions + 1)?
+            .contiguous()?
+            .to_vec3::<u32>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let reuse = old.and_then(|old| Some((old.lists.as_ref()?, old.n_pages())));
+        let plan = PagePlan::new(offsets, n_partitions, hkv, reuse)?;
+        let n_pages = plan.n_pages;
+        let upload = |v: Vec<u32>, n: usize| Tensor::from_vec(v, (b, hkv, n), dev);
+        let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
+        let page_offsets = upload(plan.page_offsets, n_pages + 1)?;
+        let filled = Tensor::from_vec(plan.filled, (b, hkv, n_pages), dev)?;
+        let dir = Some(Tensor::cat(&[&page_offsets, &perm], 2)?);
+        let (min, max) = if n_pages == 0 {
+            // No kernel over no element (CUDA refuses one).
+            let empty = Tensor::zeros((b, hkv, 0, d), DType::F32, dev)?;
+            (empty.clone(), empty)
+        } else {
+            let r = plan.n_computed;
+            let rows = PageRows::Partitions {
+                starts: upload(plan.computed_starts, r)?,
+                ends: upload(plan.computed_ends, r)?,
                 perm,
-            } => (filled, Some(Tensor::cat(&[&offsets, &perm], 2)?)),
+            };
+            let (mut lows, mut highs) = (Vec::new(), Vec::new());
+            summarize(&rows, k, 0..r, score, &mut lows, &mut highs)?;
+            // Page p of a head is row `source[p]` of the old pages followed by the computed ones.
+            let source = upload(plan.source, n_pages)?
+                .unsqueeze(3)?
+                .broadcast_as((b, hkv, n_pages, d))?
+                .contiguous()?;
+            let reused = reuse.filter(|&(_, p)| p > 0);
+            let place = |old: Option<&Tensor>, computed: Vec<Tensor>| -> Result<Tensor> {
+                let mut parts: Vec<Tensor> = old
+                    .filter(|_| reused.is_some())
+                    .cloned()
+                    .into_iter()
+                    .collect();
+                parts.extend(computed);
+                Ok(Tensor::cat(&parts, 2)?.gather(&source, 2)?)
+            };
+            let min = place(old.map(|old| &old.min), lows)?;
+            let max = match score {
+                PageScore::Bound => place(old.and_then(|old| old.max.as_ref()), highs)?,
+                PageScore::Mean => min.clone(),
+            };
+            (min, max)
         };
         Ok(Self {
-            min: join(lows)?,
-            max: match score {
-                PageScore::Bound => Some(join(highs)?),
-                PageScore::Mean => None,
-            },
+            min,
+            max: (score == PageScore::Bound).then_some(max),
             filled,
             dir,
-            page_keys,
+            page_keys: plan.page_keys,
+            lists: Some(plan.lists),
         })
     }
 
@@ -207,6 +243,7 @@ impl QuestPages {
             filled: self.filled.copy()?,
             dir: self.dir.as_ref().map(Tensor::copy).transpose()?,
             page_keys: self.page_keys.clone(),
+            lists: self.lists.clone(),
         })
     }
 
@@ -214,13 +251,22 @@ impl QuestPages {
     /// item's indexed end is marked empty, as in any ragged batch).
     pub(crate) fn select(&self, rows: &Tensor) -> Result<Self> {
         let select = |t: &Tensor| t.index_select(rows, 0);
-        let page_keys = rows
-            .to_vec1::<u32>()?
-            .iter()
-            .map(|&b| self.page_keys(b as usize))
-            .collect();
+        let items = rows.to_vec1::<u32>()?;
+        let page_keys = items.iter().map(|&b| self.page_keys(b as usize)).collect();
+        let hkv = self.min.dim(1)?;
+        let heads = |lists: &Vec<Vec<u32>>| -> Vec<Vec<u32>> {
+            items
+                .iter()
+                .flat_map(|&b| lists[b as usize * hkv..(b as usize + 1) * hkv].to_vec())
+                .collect()
+        };
+        let lists = self.lists.as_ref().map(|l| PageLists {
+            offsets: heads(&l.offsets),
+            starts: heads(&l.starts),
+        });
         Ok(Self {
             page_keys,
+            lists,
             min: select(&self.min)?,
             max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
@@ -320,6 +366,39 @@ pub fn route_on_kernels(
     }
 }
 
+/// Appends what `score` keeps of pages `range` of `rows` to `lows` (mins, or means) and `highs`
+/// (maxes), [`PAGES_PER_PASS`] pages at a time.
+fn summarize(
+    rows: &PageRows<'_>,
+    k: &Tensor,
+    range: std::ops::Range<usize>,
+    score: PageScore,
+    lows: &mut Vec<Tensor>,
+    highs: &mut Vec<Tensor>,
+) -> Result<()> {
+    for from in range.clone().step_by(PAGES_PER_PASS) {
+        let n = PAGES_PER_PASS.min(range.end - from);
+        let (keys, valid) = rows.get(k, from, n)?;
+        match score {
+            PageScore::Bound => {
+                let (lo, hi) = bounds(&keys, &valid, n)?;
+                lows.push(lo);
+                highs.push(hi);
+            }
+            PageScore::Mean => lows.push(means(&keys, &valid, n)?),
+        }
+    }
+    Ok(())
+}
+
+/// `parts` joined along the pages, or no page of `[B, Hkv, 0, D]`.
+fn join(parts: Vec<Tensor>, (b, hkv, d): (usize, usize, usize), dev: &Device) -> Result<Tensor> {
+    Ok(match parts.len() {
+        0 => Tensor::zeros((b, hkv, 0, d), DType::F32, dev)?,
+        _ => Tensor::cat(&parts, 2)?,
+    })
+}
+
 /// `[B, Hkv, n, D]` f32 min and max of `n` pages of 16 rows each of `keys` (`[B, Hkv, 16n, D]`
 /// f32), over the rows `valid` marks (`[B, 1 or Hkv, 16n, 1]` u8); a page with no valid row
 /// holds zeros.
@@ -375,11 +454,11 @@ enum PageRows<'a> {
         seqs: &'a [SeqExtent],
         sinks: usize,
     },
-    /// Page offsets `[B, Hkv, P + 1]` u32 into the perm `[B, Hkv, cap]` u32, and which pages
-    /// hold keys (`[B, Hkv, P]` u8).
+    /// Pages `perm[starts[i]..ends[i]]` (`[B, Hkv, R]` u32 each, at most 16 apart) of the perm
+    /// `[B, Hkv, cap]` u32.
     Partitions {
-        offsets: Tensor,
-        filled: Tensor,
+        starts: Tensor,
+        ends: Tensor,
         perm: Tensor,
     },
 }
@@ -411,9 +490,9 @@ impl PageRows<'_> {
                 let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
                 Ok((keys, valid))
             }
-            PageRows::Partitions { offsets, perm, .. } => {
-                let starts = offsets.narrow(2, first, n)?.unsqueeze(3)?;
-                let ends = offsets.narrow(2, first + 1, n)?.unsqueeze(3)?;
+            PageRows::Partitions { starts, ends, perm } => {
+                let starts = starts.narrow(2, first, n)?.unsqueeze(3)?;
+                let ends = ends.narrow(2, first, n)?.unsqueeze(3)?;
                 let slot = Tensor::arange(0u32, QUEST_PAGE as u32, k.device())?
                     .reshape((1, 1, 1, QUEST_PAGE))?;
                 let at = starts.broadcast_add(&slot)?;
@@ -434,56 +513,127 @@ impl PageRows<'_> {
     }
 }
 
-/// Partition pages of an index directory: each partition's list cut into pages of
-/// [`QUEST_PAGE`] from its start (its last page may be short), partition by partition.
-struct PartitionPages {
-    /// `[B, Hkv, P + 1]` u32: the pages' offsets into the perm (a head with fewer pages repeats
-    /// its end: empty pages).
-    offsets: Tensor,
-    /// `[B, Hkv, P]` u8: whether the page holds keys. Built on the host with the offsets: with
-    /// P = 0 a device comparison would launch a kernel over no element, which CUDA refuses.
-    filled: Tensor,
+/// Partition pages of an index directory, planned on the host: each partition's list cut into
+/// pages of [`QUEST_PAGE`] from its start (its last page may be short), partition by partition,
+/// and which of them must be computed. Per-head vectors are flattened `b·Hkv + h`.
+struct PagePlan {
+    lists: PageLists,
     /// P, the most pages of any head.
     n_pages: usize,
+    /// `[B, Hkv, P + 1]`: the pages' offsets into the perm (a head with fewer pages repeats its
+    /// end: empty pages).
+    page_offsets: Vec<u32>,
+    /// `[B, Hkv, P]`: whether the page holds keys.
+    filled: Vec<u8>,
+    /// R, the pages computed per head, the last always an empty one (for the padding).
+    n_computed: usize,
+    /// `[B, Hkv, R]`: the perm ranges of the pages to compute.
+    computed_starts: Vec<u32>,
+    computed_ends: Vec<u32>,
+    /// `[B, Hkv, P]`: page p's row among the old pages (`< P_old`) or `P_old + i`, the `i`-th
+    /// computed one.
+    source: Vec<u32>,
     /// Per batch item, the keys of its average non-empty page.
     page_keys: Vec<f64>,
 }
 
-impl PartitionPages {
-    /// The pages of `dir` (`[B, Hkv, C + 1 + cap]`, C = `n_partitions`), from one small
-    /// read-back (the offsets).
+impl PagePlan {
+    /// The pages of partition `offsets` (per head, C + 1 each, C = `n_partitions`). With `old`
+    /// (the old pages' lists and their P), a page whose keys an old page held already is taken
+    /// from it: a partition's list only grows at its tail, so its old whole pages keep their
+    /// keys, and all its old pages when it did not grow.
     ///
     /// # Errors
-    /// [`SaapError::Config`] for more than [`MAX_QUEST_PAGES`] pages in a head;
-    /// [`SaapError::Candle`] when the offsets cannot be read or the tensors made.
-    fn of(dir: &Tensor, n_partitions: usize) -> Result<Self> {
-        let (b, hkv, _) = dir.dims3()?;
-        let offsets = dir
-            .narrow(2, 0, n_partitions + 1)?
-            .contiguous()?
-            .to_vec3::<u32>()?;
-        let heads: Vec<Vec<u32>> = offsets
-            .iter()
-            .flatten()
-            .map(|off| {
-                let mut starts: Vec<u32> = off
-                    .windows(2)
-                    .flat_map(|w| (w[0]..w[1]).step_by(QUEST_PAGE))
-                    .collect();
-                starts.push(off[n_partitions]);
-                starts
-            })
-            .collect();
-        let n_pages = heads.iter().map(|s| s.len() - 1).max().unwrap_or(0);
+    /// [`SaapError::Config`] for more than [`MAX_QUEST_PAGES`] pages in a head.
+    fn new(
+        offsets: Vec<Vec<u32>>,
+        n_partitions: usize,
+        hkv: usize,
+        old: Option<(&PageLists, usize)>,
+    ) -> Result<Self> {
+        let page = QUEST_PAGE as u32;
+        // Reuse only lists of this shape (the same index and batch).
+        let old = old.filter(|(lists, _)| {
+            lists.offsets.len() == offsets.len()
+                && lists.offsets.iter().all(|o| o.len() == n_partitions + 1)
+        });
+        let old_pages = old.map_or(0, |(_, p)| p) as u32;
+        let mut starts = Vec::with_capacity(offsets.len());
+        let mut sources = Vec::with_capacity(offsets.len());
+        let mut computed = Vec::with_capacity(offsets.len());
+        for (head, off) in offsets.iter().enumerate() {
+            let (mut head_starts, mut head_source, mut head_computed) = (vec![], vec![], vec![]);
+            let mut old_base = 0u32;
+            for c in 0..n_partitions {
+                let (start, end) = (off[c], off[c + 1]);
+                let old_len = old.map_or(0, |(lists, _)| {
+                    let o = &lists.offsets[head];
+                    o[c + 1] - o[c]
+                });
+                let kept = match old_len {
+                    n if old.is_none() || n > end - start => 0,
+                    n if n == end - start => n.div_ceil(page),
+                    n => n / page,
+                };
+                for (j, from) in (start..end).step_by(QUEST_PAGE).enumerate() {
+                    head_starts.push(from);
+                    let j = j as u32;
+                    if j < kept {
+                        head_source.push(old_base + j);
+                    } else {
+                        head_source.push(old_pages + head_computed.len() as u32);
+                        head_computed.push((from, (from + page).min(end)));
+                    }
+                }
+                old_base += old_len.div_ceil(page);
+            }
+            head_starts.push(off[n_partitions]);
+            starts.push(head_starts);
+            sources.push(head_source);
+            computed.push(head_computed);
+        }
+        let n_pages = starts.iter().map(|s| s.len() - 1).max().unwrap_or(0);
         if n_pages > MAX_QUEST_PAGES {
             return Err(SaapError::Config(format!(
                 "Quest routing over {n_pages} partition pages; at most {MAX_QUEST_PAGES} are \
                  supported"
             )));
         }
-        let page_keys = heads
+        let n_computed = computed.iter().map(Vec::len).max().unwrap_or(0) + 1;
+        let empty = old_pages + n_computed as u32 - 1;
+        let mut plan = Self {
+            lists: PageLists {
+                offsets: Vec::new(),
+                starts: Vec::new(),
+            },
+            n_pages,
+            page_offsets: Vec::new(),
+            filled: Vec::new(),
+            n_computed,
+            computed_starts: Vec::new(),
+            computed_ends: Vec::new(),
+            source: Vec::new(),
+            page_keys: Vec::new(),
+        };
+        for ((head_starts, mut head_source), mut head_computed) in
+            starts.iter().zip(sources).zip(computed)
+        {
+            let own = head_starts.len() - 1;
+            let end = head_starts[own];
+            plan.page_offsets.extend(head_starts);
+            plan.page_offsets
+                .extend(std::iter::repeat_n(end, n_pages - own));
+            plan.filled.extend((0..n_pages).map(|p| u8::from(p < own)));
+            head_source.resize(n_pages, empty);
+            plan.source.extend(head_source);
+            head_computed.resize(n_computed, (0, 0));
+            plan.computed_starts
+                .extend(head_computed.iter().map(|r| r.0));
+            plan.computed_ends.extend(head_computed.iter().map(|r| r.1));
+        }
+        plan.page_keys = starts
             .chunks(hkv.max(1))
-            .zip(&offsets)
+            .zip(offsets.chunks(hkv.max(1)))
             .map(|(item, off)| {
                 let pages: usize = item.iter().map(|s| s.len() - 1).sum();
                 let keys: u32 = off.iter().map(|o| o[n_partitions]).sum();
@@ -493,25 +643,8 @@ impl PartitionPages {
                 }
             })
             .collect();
-        let filled: Vec<u8> = heads
-            .iter()
-            .flat_map(|starts| (0..n_pages).map(move |p| u8::from(p + 1 < starts.len())))
-            .collect();
-        let flat: Vec<u32> = heads
-            .into_iter()
-            .flat_map(|mut starts| {
-                let end = *starts.last().expect("the end is pushed");
-                starts.resize(n_pages + 1, end);
-                starts
-            })
-            .collect();
-        let dev = dir.device();
-        Ok(Self {
-            offsets: Tensor::from_vec(flat, (b, hkv, n_pages + 1), dev)?,
-            filled: Tensor::from_vec(filled, (b, hkv, n_pages), dev)?,
-            n_pages,
-            page_keys,
-        })
+        plan.lists = PageLists { offsets, starts };
+        Ok(plan)
     }
 }
 
@@ -532,4 +665,41 @@ fn page_mask(
         })
         .collect();
     Ok(Tensor::from_vec(mask, (seqs.len(), heads, n), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A merge that grows one partition past a page boundary: the old whole page and the
+    /// untouched partition's page are taken from the old pages, the grown partial page and the
+    /// new one computed; a head with fewer pages is padded with the empty computed page.
+    #[test]
+    fn a_merge_recomputes_only_the_pages_it_changes() {
+        let old = PagePlan::new(vec![vec![0, 20, 25], vec![0, 0, 3]], 2, 2, None).unwrap();
+        assert_eq!(old.n_pages, 3);
+        // Rows among each head's own computed pages; R = 4, the last one empty for the padding.
+        assert_eq!(old.source, [0, 1, 2, 0, 3, 3], "every page computed");
+        let new = vec![vec![0, 40, 45], vec![0, 0, 3]];
+        let plan = PagePlan::new(new, 2, 2, Some((&old.lists, old.n_pages))).unwrap();
+        assert_eq!(plan.n_pages, 4);
+        assert_eq!(plan.page_offsets, [0, 16, 32, 40, 45, 0, 3, 3, 3, 3]);
+        assert_eq!(plan.filled, [1, 1, 1, 1, 1, 0, 0, 0]);
+        // Rows of the old pages (P_old = 3), then of the computed ones (3 + i); R = 3.
+        assert_eq!(plan.source, [0, 3, 4, 2, 0, 5, 5, 5]);
+        assert_eq!(plan.n_computed, 3);
+        assert_eq!(plan.computed_starts, [16, 32, 0, 0, 0, 0]);
+        assert_eq!(plan.computed_ends, [32, 40, 0, 0, 0, 0]);
+        assert_eq!(plan.page_keys, [48.0 / 5.0]);
+        // Lists of another shape (another index) are not reused.
+        let other = PagePlan::new(vec![vec![0, 40, 45, 45], vec![0, 0, 3, 3]], 3, 2, None);
+        let plan = PagePlan::new(
+            vec![vec![0, 40, 45], vec![0, 0, 3]],
+            2,
+            2,
+            Some((&other.unwrap().lists, 4)),
+        )
+        .unwrap();
+        assert_eq!(plan.source, [0, 1, 2, 3, 0, 4, 4, 4]);
+    }
 }
