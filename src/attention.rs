@@ -472,8 +472,13 @@ impl SaapAttention {
         if score == self.page_score {
             return Ok(());
         }
-        self.end_replay();
         self.page_score = score;
+        self.rebuild_pages()
+    }
+
+    /// Drops Quest's pages and builds them again (for a new score or layout), as a merge would.
+    fn rebuild_pages(&mut self) -> Result<()> {
+        self.end_replay();
         if let Some(state) = &mut self.state {
             state.quest = None;
         }
@@ -503,12 +508,8 @@ impl SaapAttention {
                 "pages over partitions need an index; this op has none".into(),
             ));
         }
-        self.end_replay();
         self.page_layout = layout;
-        if let Some(state) = &mut self.state {
-            state.quest = None;
-        }
-        self.merge_window(self.config.merge_every - 1)
+        self.rebuild_pages()
     }
 
     /// How Quest's pages cut the indexed keys ([`SaapAttention::set_page_layout`]).
