@@ -10,7 +10,7 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128
+#   fix32 | inc32 | inc128 | sanitize8
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -115,6 +115,13 @@ fix32)
   # new prefill), the hybrid over partition pages by mean at 11%; then its perplexity again.
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --hybrid --keys-budget 0.11 --plan-floor 0.25 --quest-budget 0.11 --page-score mean --page-layout partitions --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey32-part-0.11"
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions --hybrid ;;
+sanitize8)
+  # Session 33: memcheck on the Quest parity test (partition pages: the decode's directory path
+  # with one list per KV group, candle's gathers) and on the graph replays; racecheck on the Quest
+  # parity test.
+  run timeout 250 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_matches_cpu
+  run timeout 200 "$sanitizer" --tool memcheck "$bin/graph" --test-threads 1 replayed_steps_match_step_by_step
+  run timeout 120 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest_matches_cpu ;;
 inc32)
   # NOTES §56: ce3fded's binary (`throughput_old`, every page recomputed at a merge) then f7d15a6's
   # (only the changed ones): 32k, 10%, Quest in every layer, consecutive then partition pages by
