@@ -357,7 +357,8 @@ pub enum PageLayout {
     /// Each partition's list of the index (its keys in position order) cut into pages of 16: a
     /// two-level route, pages of keys the k-means grouped together ranked by the Quest route.
     /// Needs an index. A partition's list only grows at its tail, so its pages keep their keys
-    /// as tokens merge; their numbering shifts, so every merge recomputes every page. Best with
+    /// as tokens merge (only their numbers shift): a merge computes only the pages it grows or
+    /// adds. Best with
     /// [`PageScore::Mean`]: a page spans the whole context, and the bound of so spread-out keys
     /// ranks badly (bench/NOTES.md §52: at equal keys, 0.52 of the indexed mass by mean against
     /// 0.10–0.20 by bound, SmolLM2 8k).

@@ -9,11 +9,13 @@
 //! op reads the chosen pages as [`Partitions::Pages`](crate::attend::Partitions::Pages): sinks ∪
 //! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
 //!
-//! With [`PageLayout::Partitions`] the pages are instead each partition's list of the index cut
-//! into pages of 16 (partition by partition, each list in position order), kept as a page
-//! directory over the index's perm that the decode op reads as it reads Saap's partitions
-//! ([`Partitions::Directory`](crate::attend::Partitions::Directory)); every merge recomputes
-//! them, since a partition that gains a page shifts the numbers of the pages after it.
+//! With [`PageLayout::Partitions`](crate::PageLayout::Partitions) the pages are instead each
+//! partition's list of the index cut into pages of 16 (partition by partition, each list in
+//! position order), kept as a page directory over the index's perm that the decode op reads as
+//! it reads Saap's partitions ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
+//! A merge computes the pages whose keys it changed (each grown partition's last page and its new
+//! ones) and moves the others to their new numbers: a partition that gains a page shifts those
+//! of the pages after it.
 
 use crate::attend::SeqExtent;
 use crate::classify::top_probes;
