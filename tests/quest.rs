@@ -337,11 +337,19 @@ fn partition_pages_match_brute_force_reference() {
             SaapAttention::from_index(&random_index(&config, 1, 6), 0, &Device::Cpu, DType::F32)
                 .unwrap();
         let mut r = rng(5);
-        let lens = [200, 70];
-        let [q, k, v] = qkv(&mut r, 2, 200);
+        let lens = [200, 120, 190];
+        let [q, k, v] = qkv(&mut r, 3, 200);
         op.prefill(&q, &k, &v, &lens).unwrap();
         op.set_page_layout(PageLayout::Partitions).unwrap();
         op.set_routing(Routing::Quest).unwrap();
+        // Steps with a merge in a batch of three, then the middle item dropped: the kept items'
+        // pages, and the host lists the next merges reuse, follow them.
+        for _ in 0..10 {
+            let [q, k, v] = qkv(&mut r, 3, 1);
+            op.decode(&q, &k, &v).unwrap();
+        }
+        op.retain(&[true, false, true]).unwrap();
+        check_bounds(&op);
         // Partitions of more than one page, and short last pages: pages are not partitions.
         let lists = page_lists(&op, op.extents());
         let sizes: Vec<usize> = lists.iter().flatten().flatten().map(Vec::len).collect();
