@@ -494,6 +494,45 @@ impl SaapAttention {
     /// [`PageLayout::Consecutive`], Quest's own). Pages kept for the other layout are rebuilt
     /// from the cache at once; other routings ignore it.
     ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use saap::classify::Classifier;
+    /// use saap::{HeadLayout, LayerIndex, PageLayout, PageScore, RopeConfig, RopeKind};
+    /// use saap::{RopeScaling, Routing, SaapAttention, SaapConfig, SaapIndex};
+    ///
+    /// let dev = Device::Cpu;
+    /// let layout = HeadLayout { n_q_heads: 4, n_kv_heads: 2, head_dim: 16 };
+    /// let rope = RopeConfig { kind: RopeKind::Neox, theta: 10_000.0, scaling: RopeScaling::None };
+    /// let mut config = SaapConfig::new(layout, rope, 8)?;
+    /// (config.window, config.sinks, config.hidden) = (64, 4, 16);
+    /// // An index of random centroids and classifier (`calibrate` trains real ones).
+    /// let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev);
+    /// let layer = LayerIndex {
+    ///     centroids: randn(&[2, 8, 16])?,
+    ///     classifier: Classifier {
+    ///         w1: randn(&[4, 16, 16])?,
+    ///         b1: randn(&[4, 1, 16])?,
+    ///         w2: randn(&[4, 16, 8])?,
+    ///         b2: randn(&[4, 1, 8])?,
+    ///     },
+    ///     routing: Routing::Classifier,
+    /// };
+    /// let index = SaapIndex::new(config, "example", vec![layer])?;
+    /// let mut attn = SaapAttention::from_index(&index, 0, &dev, DType::F32)?;
+    /// let kv = randn(&[1, 2, 1000, 16])?;
+    /// attn.extend(&kv, &kv, &[1000])?;
+    /// // Quest's pages over the index's partitions, ranked by their mean key.
+    /// attn.set_page_layout(PageLayout::Partitions)?;
+    /// attn.set_page_score(PageScore::Mean)?;
+    /// attn.set_routing(Routing::Quest)?;
+    /// attn.set_keys_budget(Some(0.2))?;
+    /// let (q, k) = (randn(&[1, 4, 1, 16])?, randn(&[1, 2, 1, 16])?);
+    /// attn.decode(&q, &k, &k)?;
+    /// let read = attn.last_read().expect("counted");
+    /// assert!(read.partitions_probed > 0 && read.selectivity() < 0.3);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     /// [`SaapError::Config`] for [`PageLayout::Partitions`] on an op with no index (nothing is
     /// changed); [`SaapError::Candle`] when the pages cannot be computed (the layout is set, with
