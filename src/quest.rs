@@ -80,18 +80,10 @@ pub(crate) struct QuestPages {
     /// Per batch item, the keys of its average non-empty page: 16 for consecutive pages (their
     /// budget counts whole pages), less for partition pages, each partition's last being short.
     page_keys: Vec<f64>,
-    /// Partition pages' offsets on the host, kept so that the next merge recomputes only the
-    /// pages it changes.
-    lists: Option<PageLists>,
-}
-
-/// Partition pages on the host: per (batch item, KV head), `b·Hkv + h`, the index's partition
-/// offsets the pages were cut from (C + 1) and the pages' starts in the perm (P_h + 1, the last
-/// its end).
-#[derive(Debug, Clone)]
-struct PageLists {
-    offsets: Vec<Vec<u32>>,
-    starts: Vec<Vec<u32>>,
+    /// For partition pages, the index's partition offsets they were cut from (C + 1 per
+    /// (batch item, KV head), `b·Hkv + h`), kept on the host so that the next merge recomputes
+    /// only the pages it changes.
+    partition_offsets: Option<Vec<Vec<u32>>>,
 }
 
 /// Where [`QuestPages::refresh`] cuts its pages.
@@ -152,7 +144,7 @@ impl QuestPages {
                 filled: page_mask(seqs, sinks, 0, n_pages, hkv, dev)?,
                 dir: None,
                 page_keys: vec![QUEST_PAGE as f64; b],
-                lists: None,
+                partition_offsets: None,
             });
         };
         let offsets = dir
@@ -162,7 +154,7 @@ impl QuestPages {
             .into_iter()
             .flatten()
             .collect();
-        let reuse = old.and_then(|old| Some((old.lists.as_ref()?, old.n_pages())));
+        let reuse = old.and_then(|old| Some((old.partition_offsets.as_deref()?, old.n_pages())));
         let plan = PagePlan::new(offsets, n_partitions, hkv, reuse)?;
         let n_pages = plan.n_pages;
         let upload = |v: Vec<u32>, n: usize| Tensor::from_vec(v, (b, hkv, n), dev);
@@ -211,7 +203,7 @@ impl QuestPages {
             filled,
             dir,
             page_keys: plan.page_keys,
-            lists: Some(plan.lists),
+            partition_offsets: Some(plan.partition_offsets),
         })
     }
 
@@ -245,7 +237,7 @@ impl QuestPages {
             filled: self.filled.copy()?,
             dir: self.dir.as_ref().map(Tensor::copy).transpose()?,
             page_keys: self.page_keys.clone(),
-            lists: self.lists.clone(),
+            partition_offsets: self.partition_offsets.clone(),
         })
     }
 
@@ -256,19 +248,15 @@ impl QuestPages {
         let items = rows.to_vec1::<u32>()?;
         let page_keys = items.iter().map(|&b| self.page_keys(b as usize)).collect();
         let hkv = self.min.dim(1)?;
-        let heads = |lists: &Vec<Vec<u32>>| -> Vec<Vec<u32>> {
+        let partition_offsets = self.partition_offsets.as_ref().map(|heads| {
             items
                 .iter()
-                .flat_map(|&b| lists[b as usize * hkv..(b as usize + 1) * hkv].to_vec())
+                .flat_map(|&b| heads[b as usize * hkv..(b as usize + 1) * hkv].to_vec())
                 .collect()
-        };
-        let lists = self.lists.as_ref().map(|l| PageLists {
-            offsets: heads(&l.offsets),
-            starts: heads(&l.starts),
         });
         Ok(Self {
             page_keys,
-            lists,
+            partition_offsets,
             min: select(&self.min)?,
             max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
@@ -519,7 +507,8 @@ impl PageRows<'_> {
 /// pages of [`QUEST_PAGE`] from its start (its last page may be short), partition by partition,
 /// and which of them must be computed. Per-head vectors are flattened `b·Hkv + h`.
 struct PagePlan {
-    lists: PageLists,
+    /// The partition offsets the pages were cut from (C + 1 per head).
+    partition_offsets: Vec<Vec<u32>>,
     /// P, the most pages of any head.
     n_pages: usize,
     /// `[B, Hkv, P + 1]`: the pages' offsets into the perm (a head with fewer pages repeats its
@@ -541,7 +530,8 @@ struct PagePlan {
 
 impl PagePlan {
     /// The pages of partition `offsets` (per head, C + 1 each, C = `n_partitions`). With `old`
-    /// (the old pages' lists and their P), a page whose keys an old page held already is taken
+    /// (the partition offsets the old pages were cut from, and their P), a page whose keys an old
+    /// page held already is taken
     /// from it: a partition's list only grows at its tail, so its old whole pages keep their
     /// keys, and all its old pages when it did not grow.
     ///
@@ -551,13 +541,13 @@ impl PagePlan {
         offsets: Vec<Vec<u32>>,
         n_partitions: usize,
         hkv: usize,
-        old: Option<(&PageLists, usize)>,
+        old: Option<(&[Vec<u32>], usize)>,
     ) -> Result<Self> {
         let page = QUEST_PAGE as u32;
-        // Reuse only lists of this shape (the same index and batch).
-        let old = old.filter(|(lists, _)| {
-            lists.offsets.len() == offsets.len()
-                && lists.offsets.iter().all(|o| o.len() == n_partitions + 1)
+        // Reuse only offsets of this shape (the same index and batch).
+        let old = old.filter(|(old_offsets, _)| {
+            old_offsets.len() == offsets.len()
+                && old_offsets.iter().all(|o| o.len() == n_partitions + 1)
         });
         let old_pages = old.map_or(0, |(_, p)| p) as u32;
         let mut starts = Vec::with_capacity(offsets.len());
@@ -568,8 +558,8 @@ impl PagePlan {
             let mut old_base = 0u32;
             for c in 0..n_partitions {
                 let (start, end) = (off[c], off[c + 1]);
-                let old_len = old.map_or(0, |(lists, _)| {
-                    let o = &lists.offsets[head];
+                let old_len = old.map_or(0, |(old_offsets, _)| {
+                    let o = &old_offsets[head];
                     o[c + 1] - o[c]
                 });
                 let kept = match old_len {
@@ -604,10 +594,7 @@ impl PagePlan {
         let n_computed = computed.iter().map(Vec::len).max().unwrap_or(0) + 1;
         let empty = old_pages + n_computed as u32 - 1;
         let mut plan = Self {
-            lists: PageLists {
-                offsets: Vec::new(),
-                starts: Vec::new(),
-            },
+            partition_offsets: Vec::new(),
             n_pages,
             page_offsets: Vec::new(),
             filled: Vec::new(),
@@ -645,7 +632,7 @@ impl PagePlan {
                 }
             })
             .collect();
-        plan.lists = PageLists { offsets, starts };
+        plan.partition_offsets = offsets;
         Ok(plan)
     }
 }
@@ -683,7 +670,7 @@ mod tests {
         // Rows among each head's own computed pages; R = 4, the last one empty for the padding.
         assert_eq!(old.source, [0, 1, 2, 0, 3, 3], "every page computed");
         let new = vec![vec![0, 40, 45], vec![0, 0, 3]];
-        let plan = PagePlan::new(new, 2, 2, Some((&old.lists, old.n_pages))).unwrap();
+        let plan = PagePlan::new(new, 2, 2, Some((&old.partition_offsets, old.n_pages))).unwrap();
         assert_eq!(plan.n_pages, 4);
         assert_eq!(plan.page_offsets, [0, 16, 32, 40, 45, 0, 3, 3, 3, 3]);
         assert_eq!(plan.filled, [1, 1, 1, 1, 1, 0, 0, 0]);
@@ -699,7 +686,7 @@ mod tests {
             vec![vec![0, 40, 45], vec![0, 0, 3]],
             2,
             2,
-            Some((&other.unwrap().lists, 4)),
+            Some((&other.unwrap().partition_offsets, 4)),
         )
         .unwrap();
         assert_eq!(plan.source, [0, 1, 2, 3, 0, 4, 4, 4]);
