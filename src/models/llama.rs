@@ -678,16 +678,24 @@ impl Llama {
         Ok(Tensor::stack(&last, 0)?)
     }
 
+    /// Applies `set` to every layer's op, stopping at the first refusal.
+    fn each_op(
+        &mut self,
+        mut set: impl FnMut(&mut SaapAttention) -> crate::Result<()>,
+    ) -> Result<()> {
+        for op in &mut self.attn {
+            set(op)?;
+        }
+        Ok(())
+    }
+
     /// Sets every layer's budget of keys read per decode step (a share of the context, window and
     /// sinks included; see [`SaapAttention::set_keys_budget`]), or `None` for fixed ℓ.
     ///
     /// # Errors
     /// [`Error::Saap`] unless the budget is finite and in (0, 1].
     pub fn set_keys_budget(&mut self, budget: Option<f64>) -> Result<()> {
-        for op in &mut self.attn {
-            op.set_keys_budget(budget)?;
-        }
-        Ok(())
+        self.each_op(|op| op.set_keys_budget(budget))
     }
 
     /// Sets every layer's recent window (see [`SaapAttention::set_window`]): smaller at any
@@ -697,10 +705,7 @@ impl Llama {
     /// [`Error::Saap`] as [`SaapAttention::set_window`]; every layer holds the same tokens, so a
     /// refusal comes from the first layer with nothing changed.
     pub fn set_window(&mut self, window: usize) -> Result<()> {
-        for op in &mut self.attn {
-            op.set_window(window)?;
-        }
-        Ok(())
+        self.each_op(|op| op.set_window(window))
     }
 
     /// Sets every layer's adaptive probing (top-p; see [`SaapAttention::set_probe_mass`]), or
@@ -709,10 +714,7 @@ impl Llama {
     /// # Errors
     /// [`Error::Saap`] unless the mass is finite and in (0, 1].
     pub fn set_probe_mass(&mut self, mass: Option<f64>) -> Result<()> {
-        for op in &mut self.attn {
-            op.set_probe_mass(mass)?;
-        }
-        Ok(())
+        self.each_op(|op| op.set_probe_mass(mass))
     }
 
     /// Sets whether every layer's routed decode steps estimate the partitions they do not read
@@ -728,10 +730,7 @@ impl Llama {
     /// # Errors
     /// [`Error::Saap`] as [`SaapAttention::set_page_score`].
     pub fn set_page_score(&mut self, score: PageScore) -> Result<()> {
-        for op in &mut self.attn {
-            op.set_page_score(score)?;
-        }
-        Ok(())
+        self.each_op(|op| op.set_page_score(score))
     }
 
     /// Sets how every layer's Quest pages cut the indexed keys (see
@@ -741,10 +740,7 @@ impl Llama {
     /// [`Error::Saap`] as [`SaapAttention::set_page_layout`] (a model run without an index has
     /// no partitions to cut).
     pub fn set_page_layout(&mut self, layout: PageLayout) -> Result<()> {
-        for op in &mut self.attn {
-            op.set_page_layout(layout)?;
-        }
-        Ok(())
+        self.each_op(|op| op.set_page_layout(layout))
     }
 
     /// How layer `layer` chooses the keys it reads at decode. The layers' probe plans follow
@@ -823,10 +819,7 @@ impl Llama {
     /// unless `keep` has one flag per item. Every layer holds the same batch, so these come from
     /// the first layer with nothing changed.
     pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
-        for op in &mut self.attn {
-            op.retain(keep)?;
-        }
-        Ok(())
+        self.each_op(|op| op.retain(keep))
     }
 
     /// Forgets the sequence(s) in every layer.
