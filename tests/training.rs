@@ -200,6 +200,8 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         dense.partition_page_bound_indexed_recall,
         dense.partition_page_mean_indexed_recall,
         dense.partition_page_probed_mean_indexed_recall,
+        dense.partition_page_spread_indexed_recall,
+        dense.quest_spread_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
         dense.quest_mean_indexed_recall,
         dense.quest_oracle_matched_indexed_recall,
@@ -219,7 +221,9 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         classifier.partition_page_bound_indexed_recall,
         classifier.partition_page_mean_indexed_recall,
         classifier.partition_page_probed_mean_indexed_recall,
+        classifier.partition_page_spread_indexed_recall,
         classifier.quest_mean_indexed_recall,
+        classifier.quest_spread_indexed_recall,
     ] {
         assert!(
             routed > 0.0 && routed <= classifier.oracle_indexed_recall + 1e-9,

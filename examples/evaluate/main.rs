@@ -439,12 +439,14 @@ fn run() -> Res<()> {
             layers[layer].saap.partition_block_oracle_matched_indexed_recall,
         );
         println!(
-            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | (consecutive pages by mean {:.3}, perfect router {:.3})",
+            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | by mean and spread {:.3} | (consecutive pages by mean {:.3}, by mean and spread {:.3}, perfect router {:.3})",
             layers[layer].saap.partition_page_oracle_matched_indexed_recall,
             layers[layer].saap.partition_page_bound_indexed_recall,
             layers[layer].saap.partition_page_mean_indexed_recall,
             layers[layer].saap.partition_page_probed_mean_indexed_recall,
+            layers[layer].saap.partition_page_spread_indexed_recall,
             layers[layer].saap.quest_mean_indexed_recall,
+            layers[layer].saap.quest_spread_indexed_recall,
             layers[layer].saap.quest_oracle_matched_indexed_recall,
         );
         println!(
@@ -852,18 +854,20 @@ fn markdown(r: &Report, args: &Args) -> String {
         .iter()
         .any(|l| l.saap.partition_page_oracle_matched_indexed_recall > 0.0)
     {
-        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. Quest: consecutive pages by bound, and by mean.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | Quest | consecutive pages by mean | perfect router (consecutive pages) |\n|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. By mean and spread: q·k̄ + (s/2)·Σ_d q_d²σ_d² (σ² the page's key variance per dimension, s = 1/√D), the second-order estimate of the page's log-mean-exp. Quest: consecutive pages by bound, by mean, and by mean and spread.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | by mean and spread | Quest | consecutive pages by mean | consecutive pages by mean and spread | perfect router (consecutive pages) |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
         let cells = |e: &RoutingEval| {
             format!(
-                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 e.indexed_recall,
                 e.partition_oracle_matched_indexed_recall,
                 e.partition_page_oracle_matched_indexed_recall,
                 e.partition_page_bound_indexed_recall,
                 e.partition_page_mean_indexed_recall,
                 e.partition_page_probed_mean_indexed_recall,
+                e.partition_page_spread_indexed_recall,
                 e.quest_indexed_recall,
                 e.quest_mean_indexed_recall,
+                e.quest_spread_indexed_recall,
                 e.quest_oracle_matched_indexed_recall
             )
         };

@@ -95,10 +95,18 @@ pub struct RoutingEval {
     /// probes of this routing: the routing narrows, the means choose inside.
     #[serde(default)]
     pub partition_page_probed_mean_indexed_recall: f64,
+    /// Pages ranked by [`spread_score`], the second-order estimate of the log of the page's mean
+    /// `exp(s·q·k)`: the mean's score plus the variance of the logits over its keys (diagonal),
+    /// which the mean alone (a lower bound, by Jensen) leaves out.
+    #[serde(default)]
+    pub partition_page_spread_indexed_recall: f64,
     /// Quest's consecutive pages ranked by mean instead of bound, at the same keys: what the
     /// clustering adds to the mean.
     #[serde(default)]
     pub quest_mean_indexed_recall: f64,
+    /// Quest's consecutive pages ranked by [`spread_score`], at the same keys.
+    #[serde(default)]
+    pub quest_spread_indexed_recall: f64,
     /// The perfect router over Quest's consecutive pages at this routing's keys (each head takes
     /// pages by its own mass, the last one pro rata): the cap of Quest's routes.
     #[serde(default)]
@@ -143,7 +151,11 @@ impl RoutingEval {
             partition_page_probed_mean_indexed_recall: self
                 .partition_page_probed_mean_indexed_recall
                 + o.partition_page_probed_mean_indexed_recall,
+            partition_page_spread_indexed_recall: self.partition_page_spread_indexed_recall
+                + o.partition_page_spread_indexed_recall,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
+            quest_spread_indexed_recall: self.quest_spread_indexed_recall
+                + o.quest_spread_indexed_recall,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall
                 + o.quest_oracle_matched_indexed_recall,
             samples: self.samples + o.samples,
@@ -191,7 +203,9 @@ impl RoutingEval {
             partition_page_probed_mean_indexed_recall: self
                 .partition_page_probed_mean_indexed_recall
                 / k,
+            partition_page_spread_indexed_recall: self.partition_page_spread_indexed_recall / k,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
+            quest_spread_indexed_recall: self.quest_spread_indexed_recall / k,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
             samples: self.samples,
         }
@@ -509,7 +523,9 @@ fn routing_sums(
                         sum.partition_page_mean_indexed_recall += share(mass_of(&pages.mean));
                         sum.partition_page_probed_mean_indexed_recall +=
                             share(mass_of(&pages.probed_mean));
+                        sum.partition_page_spread_indexed_recall += share(mass_of(&pages.spread));
                         sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
+                        sum.quest_spread_indexed_recall += share(mass_of(&pages.quest_spread));
                         sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
                             &w[sink_end..index_end],
                             &pages.quest_labels,
@@ -534,11 +550,14 @@ struct PageRoutes {
     quest_labels: Vec<u32>,
     quest_sizes: Vec<usize>,
     /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
-    /// partitions, and of Quest's consecutive pages by mean, whole pages within `read` keys.
+    /// partitions, by mean and spread, and of Quest's consecutive pages by mean and by mean and
+    /// spread, whole pages within `read` keys.
     bound: Vec<usize>,
     mean: Vec<usize>,
     probed_mean: Vec<usize>,
+    spread: Vec<usize>,
     quest_mean: Vec<usize>,
+    quest_spread: Vec<usize>,
 }
 
 impl PageRoutes {
@@ -561,6 +580,7 @@ impl PageRoutes {
         }
         let bound = |ids: &[usize]| bound_score(group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
         let mean = |ids: &[usize]| mean_score(group_q, keys, ids);
+        let spread = |ids: &[usize]| spread_score(group_q, keys, ids);
         let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
         let probed: Vec<&[usize]> = pages
             .iter()
@@ -581,7 +601,9 @@ impl PageRoutes {
             bound: ids(pages_by(&all, &bound, read)),
             mean: ids(pages_by(&all, &mean, read)),
             probed_mean: ids(pages_by(&probed, &mean, read)),
+            spread: ids(pages_by(&all, &spread, read)),
             quest_mean: ids(pages_by(&consecutive, &mean, read)),
+            quest_spread: ids(pages_by(&consecutive, &spread, read)),
         }
     }
 }
@@ -900,6 +922,35 @@ fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
     group_q
         .iter()
         .map(|q| q.iter().zip(&mean).map(|(q, m)| q * m).sum::<f32>() / n)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The best over the group's queries `group_q` of the second-order estimate of
+/// `log mean_j exp(s·q·k_j) / s` over the rows `ids` of `keys` (s = 1/√D, the softmax scale):
+/// `q·k̄ + (s/2)·Σ_d q_d²·σ_d²`, k̄ and σ² the rows' mean and variance per dimension. The mean's
+/// score ([`mean_score`]) is the first term, a lower bound (Jensen); the second adds what the
+/// keys' spread along the query makes of the page's largest logits.
+fn spread_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
+    let d = keys.first().map_or(0, Vec::len);
+    let n = ids.len().max(1) as f32;
+    let (mut mean, mut var) = (vec![0f32; d], vec![0f32; d]);
+    for &j in ids {
+        mean.iter_mut().zip(&keys[j]).for_each(|(m, x)| *m += x / n);
+    }
+    for &j in ids {
+        var.iter_mut()
+            .zip(keys[j].iter().zip(&mean))
+            .for_each(|(v, (x, m))| *v += (x - m) * (x - m) / n);
+    }
+    let half_scale = 0.5 / (d.max(1) as f32).sqrt();
+    group_q
+        .iter()
+        .map(|q| {
+            q.iter()
+                .zip(mean.iter().zip(&var))
+                .map(|(q, (m, v))| q * m + half_scale * q * q * v)
+                .sum::<f32>()
+        })
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
@@ -1281,6 +1332,12 @@ mod tests {
         assert_eq!((mean(&loose), mean(&tight)), (0.0, 1.0));
         assert_eq!(pages_by(&two, &bound, 16), vec![loose.as_slice()]);
         assert_eq!(pages_by(&two, &mean, 16), vec![tight.as_slice()]);
+        // Mean and spread: the loose page's variance 9 along the query adds (s/2)·9 with
+        // s = 1/√2, the tight page's nothing.
+        let spread_of = |ids: &[usize]| spread_score(&[&q], &spread, ids);
+        assert!((spread_of(&loose) - 4.5 / 2f32.sqrt()).abs() < 1e-5);
+        assert!((spread_of(&tight) - 1.0).abs() < 1e-6);
+        assert_eq!(pages_by(&two, &spread_of, 16), vec![loose.as_slice()]);
         // Consecutive pages mix both partitions, so Quest's bound cannot single them out.
         let table = PageBounds::new(&keys, 2..40);
         let consecutive = quest_pages(&quest_order(&[&q], &keys, &table, 2..40), 16);
