@@ -201,6 +201,7 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         dense.partition_page_mean_indexed_recall,
         dense.partition_page_probed_mean_indexed_recall,
         dense.partition_page_spread_indexed_recall,
+        dense.partition_page_prior_indexed_recall,
         dense.quest_spread_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
         dense.quest_mean_indexed_recall,
@@ -222,6 +223,7 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         classifier.partition_page_mean_indexed_recall,
         classifier.partition_page_probed_mean_indexed_recall,
         classifier.partition_page_spread_indexed_recall,
+        classifier.partition_page_prior_indexed_recall,
         classifier.quest_mean_indexed_recall,
         classifier.quest_spread_indexed_recall,
     ] {

@@ -439,12 +439,13 @@ fn run() -> Res<()> {
             layers[layer].saap.partition_block_oracle_matched_indexed_recall,
         );
         println!(
-            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | by mean and spread {:.3} | (consecutive pages by mean {:.3}, by mean and spread {:.3}, perfect router {:.3})",
+            "         partition pages at Saap's keys: perfect router {:.3} | by Quest's bound {:.3} | by mean {:.3} | by mean inside the classifier's top-2ℓ {:.3} | by mean and spread {:.3} | with the classifier's prior {:.3} | (consecutive pages by mean {:.3}, by mean and spread {:.3}, perfect router {:.3})",
             layers[layer].saap.partition_page_oracle_matched_indexed_recall,
             layers[layer].saap.partition_page_bound_indexed_recall,
             layers[layer].saap.partition_page_mean_indexed_recall,
             layers[layer].saap.partition_page_probed_mean_indexed_recall,
             layers[layer].saap.partition_page_spread_indexed_recall,
+            layers[layer].saap.partition_page_prior_indexed_recall,
             layers[layer].saap.quest_mean_indexed_recall,
             layers[layer].saap.quest_spread_indexed_recall,
             layers[layer].saap.quest_oracle_matched_indexed_recall,
@@ -854,10 +855,10 @@ fn markdown(r: &Report, args: &Args) -> String {
         .iter()
         .any(|l| l.saap.partition_page_oracle_matched_indexed_recall > 0.0)
     {
-        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. By mean and spread: q·k̄ + (s/2)·Σ_d q_d²σ_d² (σ² the page's key variance per dimension, s = 1/√D), the second-order estimate of the page's log-mean-exp. Quest: consecutive pages by bound, by mean, and by mean and spread.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | by mean and spread | Quest | consecutive pages by mean | consecutive pages by mean and spread | perfect router (consecutive pages) |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n## Partition pages at Saap's keys (offline)\n\nEach partition's indexed keys in position order, cut into pages of 16. Perfect router: each head takes pages by its own mass until it has Saap's keys (the last pro rata). By bound: every partition page ranked by Quest's bound (best head of the group), whole pages while they fit in Saap's keys. By mean: ranked by q·k̄ (k̄ the page's mean post-RoPE key) instead. Two-level: by mean over the pages of the group's classifier top-2ℓ partitions only. By mean and spread: q·k̄ + (s/2)·Σ_d q_d²σ_d² (σ² the page's key variance per dimension, s = 1/√D), the second-order estimate of the page's log-mean-exp. With the classifier's prior: log p̂(c) + s·q·k̄ − LSE over c's pages of (s·q·k̄′ + ln n′), the partition's predicted share of the mass times the page's share of it by the means. Quest: consecutive pages by bound, by mean, and by mean and spread.\n\n| layer | Saap | perfect classifier (partitions) | perfect router (partition pages) | by bound | by mean | by mean, top-2ℓ partitions | by mean and spread | with the classifier's prior | Quest | consecutive pages by mean | consecutive pages by mean and spread | perfect router (consecutive pages) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         let cells = |e: &RoutingEval| {
             format!(
-                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
                 e.indexed_recall,
                 e.partition_oracle_matched_indexed_recall,
                 e.partition_page_oracle_matched_indexed_recall,
@@ -865,6 +866,7 @@ fn markdown(r: &Report, args: &Args) -> String {
                 e.partition_page_mean_indexed_recall,
                 e.partition_page_probed_mean_indexed_recall,
                 e.partition_page_spread_indexed_recall,
+                e.partition_page_prior_indexed_recall,
                 e.quest_indexed_recall,
                 e.quest_mean_indexed_recall,
                 e.quest_spread_indexed_recall,

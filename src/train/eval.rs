@@ -100,6 +100,10 @@ pub struct RoutingEval {
     /// which the mean alone (a lower bound, by Jensen) leaves out.
     #[serde(default)]
     pub partition_page_spread_indexed_recall: f64,
+    /// Pages ranked with the routing's scores as a prior ([`prior_scores`]): the partition's
+    /// predicted share of the mass times the page's share of it as the means estimate it.
+    #[serde(default)]
+    pub partition_page_prior_indexed_recall: f64,
     /// Quest's consecutive pages ranked by mean instead of bound, at the same keys: what the
     /// clustering adds to the mean.
     #[serde(default)]
@@ -153,6 +157,8 @@ impl RoutingEval {
                 + o.partition_page_probed_mean_indexed_recall,
             partition_page_spread_indexed_recall: self.partition_page_spread_indexed_recall
                 + o.partition_page_spread_indexed_recall,
+            partition_page_prior_indexed_recall: self.partition_page_prior_indexed_recall
+                + o.partition_page_prior_indexed_recall,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall
                 + o.quest_spread_indexed_recall,
@@ -204,6 +210,7 @@ impl RoutingEval {
                 .partition_page_probed_mean_indexed_recall
                 / k,
             partition_page_spread_indexed_recall: self.partition_page_spread_indexed_recall / k,
+            partition_page_prior_indexed_recall: self.partition_page_prior_indexed_recall / k,
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall / k,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
@@ -392,6 +399,14 @@ fn routing_sums(
         true => top((2 * config.n_probe).min(c))?,
         false => None,
     };
+    // The routing's scores as log-probabilities per (query, query head): [P][Hq][C] (the
+    // classifier's are trained as each partition's share of the mass).
+    let log_prior = match (with_pages, &scores) {
+        (true, Some(s)) => {
+            Some(candle_nn::ops::log_softmax(s, candle_core::D::Minus1)?.to_vec3::<f32>()?)
+        }
+        _ => None,
+    };
     // Queries are independent: score them in parallel, then add the partial sums.
     let (probs, labels, values) = (&h.probs, &h.labels, &h.values);
     let (q_rot, k_rot) = (&h.q_rot, &h.k_rot);
@@ -459,7 +474,18 @@ fn routing_sums(
                             wide[part as usize] = true;
                         }
                     }
-                    PageRoutes::new(lab, sink_end..index_end, &wide, &group_q, &k_rot[kvh], read)
+                    let prior: Option<Vec<&[f32]>> = log_prior
+                        .as_ref()
+                        .map(|p| heads.clone().map(|h| p[i][h].as_slice()).collect());
+                    PageRoutes::new(
+                        lab,
+                        sink_end..index_end,
+                        &wide,
+                        &group_q,
+                        prior.as_deref(),
+                        &k_rot[kvh],
+                        read,
+                    )
                 });
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
@@ -524,6 +550,7 @@ fn routing_sums(
                         sum.partition_page_probed_mean_indexed_recall +=
                             share(mass_of(&pages.probed_mean));
                         sum.partition_page_spread_indexed_recall += share(mass_of(&pages.spread));
+                        sum.partition_page_prior_indexed_recall += share(mass_of(&pages.prior));
                         sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
                         sum.quest_spread_indexed_recall += share(mass_of(&pages.quest_spread));
                         sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
@@ -550,24 +577,27 @@ struct PageRoutes {
     quest_labels: Vec<u32>,
     quest_sizes: Vec<usize>,
     /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
-    /// partitions, by mean and spread, and of Quest's consecutive pages by mean and by mean and
+    /// partitions, by mean and spread, with the routing's prior ([`prior_scores`]), and of Quest's consecutive pages by mean and by mean and
     /// spread, whole pages within `read` keys.
     bound: Vec<usize>,
     mean: Vec<usize>,
     probed_mean: Vec<usize>,
     spread: Vec<usize>,
+    prior: Vec<usize>,
     quest_mean: Vec<usize>,
     quest_spread: Vec<usize>,
 }
 
 impl PageRoutes {
     /// Over the indexed keys `range` (partitions `labels`, post-RoPE `keys`), for the group's
-    /// post-RoPE queries `group_q` at `read` keys; `wide` marks the two-level route's partitions.
+    /// post-RoPE queries `group_q` at `read` keys; `wide` marks the two-level route's partitions,
+    /// `prior` holds the group's heads' log-probabilities of the partitions.
     fn new(
         labels: &[u32],
         range: std::ops::Range<usize>,
         wide: &[bool],
         group_q: &[&[f32]],
+        prior: Option<&[&[f32]]>,
         keys: &[Vec<f32>],
         read: usize,
     ) -> Self {
@@ -602,6 +632,14 @@ impl PageRoutes {
             mean: ids(pages_by(&all, &mean, read)),
             probed_mean: ids(pages_by(&probed, &mean, read)),
             spread: ids(pages_by(&all, &spread, read)),
+            prior: ids(take_fitting(
+                &ranked_by(
+                    &all,
+                    &prior_scores(&pages, wide.len(), group_q, prior, keys),
+                ),
+                |ids| ids.len(),
+                read,
+            )),
             quest_mean: ids(pages_by(&consecutive, &mean, read)),
             quest_spread: ids(pages_by(&consecutive, &spread, read)),
         }
@@ -912,17 +950,60 @@ fn bound_score(group_q: &[&[f32]], bounds: &(Vec<f32>, Vec<f32>)) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// The mean of the rows `ids` of `keys` (zeros for none).
+fn mean_of(keys: &[Vec<f32>], ids: &[usize]) -> Vec<f32> {
+    let mut mean = vec![0f32; keys.first().map_or(0, Vec::len)];
+    let n = ids.len().max(1) as f32;
+    for &j in ids {
+        mean.iter_mut().zip(&keys[j]).for_each(|(m, x)| *m += x / n);
+    }
+    mean
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(a, b)| a * b).sum()
+}
+
 /// `max over the group's queries of q·k̄`, k̄ the mean of the rows `ids` of `keys`.
 fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
-    let mut mean = vec![0f32; keys.first().map_or(0, Vec::len)];
-    for &j in ids {
-        mean.iter_mut().zip(&keys[j]).for_each(|(m, x)| *m += x);
-    }
-    let n = ids.len().max(1) as f32;
+    let mean = mean_of(keys, ids);
     group_q
         .iter()
-        .map(|q| q.iter().zip(&mean).map(|(q, m)| q * m).sum::<f32>() / n)
+        .map(|q| dot(q, &mean))
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Scores of `pages` (partition, key ids) with a routing's prior: for query head h of the
+/// group, `prior_h[c] + s·q_h·k̄_p − LSE_{p′ of c}(s·q_h·k̄_{p′} + ln n_{p′})` for page p of
+/// partition c — the log of the partition's predicted share of the mass times the page's share
+/// of its partition as the pages' means estimate it, per key (s = 1/√D). The best of the
+/// group's heads; without a prior, every partition alike.
+fn prior_scores(
+    pages: &[(u32, Vec<usize>)],
+    n_partitions: usize,
+    group_q: &[&[f32]],
+    prior: Option<&[&[f32]]>,
+    keys: &[Vec<f32>],
+) -> Vec<f32> {
+    let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(keys, ids)).collect();
+    let scale = 1.0 / (keys.first().map_or(1, Vec::len) as f32).sqrt();
+    let mut best = vec![f32::NEG_INFINITY; pages.len()];
+    for (h, q) in group_q.iter().enumerate() {
+        let logits: Vec<f32> = means.iter().map(|m| scale * dot(q, m)).collect();
+        let mut lse = vec![f32::NEG_INFINITY; n_partitions];
+        for ((part, ids), &logit) in pages.iter().zip(&logits) {
+            let x = logit + (ids.len() as f32).ln();
+            let l = &mut lse[*part as usize];
+            let hi = l.max(x);
+            *l = hi + ((*l - hi).exp() + (x - hi).exp()).ln();
+        }
+        for (p, ((part, _), &logit)) in pages.iter().zip(&logits).enumerate() {
+            let c = *part as usize;
+            let score = prior.map_or(0.0, |prior| prior[h][c]) + logit - lse[c];
+            best[p] = best[p].max(score);
+        }
+    }
+    best
 }
 
 /// The best over the group's queries `group_q` of the second-order estimate of
@@ -933,10 +1014,8 @@ fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
 fn spread_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
     let d = keys.first().map_or(0, Vec::len);
     let n = ids.len().max(1) as f32;
-    let (mut mean, mut var) = (vec![0f32; d], vec![0f32; d]);
-    for &j in ids {
-        mean.iter_mut().zip(&keys[j]).for_each(|(m, x)| *m += x / n);
-    }
+    let mean = mean_of(keys, ids);
+    let mut var = vec![0f32; d];
     for &j in ids {
         var.iter_mut()
             .zip(keys[j].iter().zip(&mean))
