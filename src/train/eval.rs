@@ -1424,6 +1424,34 @@ mod tests {
     }
 
     #[test]
+    fn the_prior_weighs_partitions_and_the_means_split_them() {
+        // Partition 0: two pages of keys at 2 and at 1 along the query; partition 1: one page
+        // at 0. A page's score is its partition's log-share plus its log-share of the partition
+        // by the means, per key: s·q·k̄ − LSE(s·q·k̄′ + ln n′) with s = 1/√2.
+        let keys: Vec<Vec<f32>> = (0..48)
+            .map(|j| vec![[2.0, 1.0, 0.0][j / 16], 0.0])
+            .collect();
+        let pages: Vec<(u32, Vec<usize>)> = (0..3)
+            .map(|p| (u32::from(p == 2), (16 * p..16 * p + 16).collect()))
+            .collect();
+        let q = [1.0f32, 0.0];
+        let s = 1.0 / 2f32.sqrt();
+        let flat = prior_scores(&pages, 2, &[&q], None, &keys);
+        let ln16 = 16f32.ln();
+        let first = 2.0 * s - (ln16 + 2.0 * s + (1.0 + (-s).exp()).ln());
+        assert!((flat[0] - first).abs() < 1e-5, "{flat:?}");
+        assert!((flat[2] + ln16).abs() < 1e-5, "{flat:?}");
+        // A prior for partition 1 reverses the order; the pages inside partition 0 keep theirs.
+        let prior = [-5.0f32, 0.0];
+        let weighed = prior_scores(&pages, 2, &[&q], Some(&[&prior]), &keys);
+        assert!(
+            weighed[2] > weighed[0] && weighed[0] > weighed[1],
+            "{weighed:?}"
+        );
+        assert!((weighed[0] - (flat[0] - 5.0)).abs() < 1e-5);
+    }
+
+    #[test]
     fn unread_partition_summaries_correct_the_softmax() {
         // Keys 0..6; partition 0 = keys 0, 1 (read), partition 1 = keys 2, 3, partition 2 =
         // keys 4, 5 (unread). Values are constant within partitions 1 and 2, weights equal within
