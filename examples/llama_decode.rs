@@ -15,7 +15,7 @@ use common::{exit_code, Loaded, ModelArgs, Progress, Res};
 use saap::models::calibrate;
 use saap::models::fetch::{self, Text};
 use saap::models::{GgufTokenizer, Llama};
-use saap::{ReadStats, Routing, SaapIndex};
+use saap::{PageLayout, PageScore, ReadStats, Routing, SaapIndex};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,8 +68,21 @@ struct Args {
     /// more of the attention than the classifier at equal keys (recorded in the index); needs a
     /// keys budget. For long contexts: measured better than the classifier alone at 120k, worse
     /// at 32k
-    #[arg(long, requires = "all_sparse")]
+    #[arg(long, requires = "all_sparse", conflicts_with = "quest_layers")]
     hybrid: bool,
+    /// With --all-sparse: route these layers by Quest (comma-separated, e.g. 0,1,2; `all` for
+    /// every layer), the others by the classifier; needs a keys budget
+    #[arg(long, requires = "all_sparse", value_delimiter = ',', value_parser = parse_layer)]
+    quest_layers: Vec<Layer>,
+    /// What Quest's pages keep and rank by: `bound` (Quest's min/max) or `mean` (their mean key)
+    #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
+    page_score: PageScore,
+    /// How Quest's pages cut the indexed keys: `consecutive` (Quest's) or `partitions` (pages of
+    /// 16 within each partition of the index). On SmolLM2 at 8k, Quest over partition pages by
+    /// mean in every layer was measured closer to dense at fewer keys than the classifier
+    /// (bench/NOTES.md §57)
+    #[arg(long, value_parser = common::parse_page_layout, default_value = "consecutive")]
+    page_layout: PageLayout,
     /// Spend the keys budget as one ℓ in every layer (by default layer by layer, from the
     /// index's probe curves where it has them)
     #[arg(long, conflicts_with = "probe")]
@@ -113,6 +126,23 @@ struct Args {
     /// Allow a prompt longer than the context the model was trained for
     #[arg(long)]
     beyond_context: bool,
+}
+
+/// A layer given to `--quest-layers`.
+#[derive(Clone, Copy)]
+enum Layer {
+    One(usize),
+    All,
+}
+
+fn parse_layer(value: &str) -> Result<Layer, String> {
+    match value {
+        "all" => Ok(Layer::All),
+        _ => value
+            .parse()
+            .map(Layer::One)
+            .map_err(|_| format!("{value:?} is not a layer number or `all`")),
+    }
 }
 
 /// One prompt of the batch.
@@ -259,25 +289,42 @@ fn run(args: Args) -> Res<()> {
                 Some(_) => None,
                 None => args.keys_budget.or(c.keys_budget),
             };
-            if args.hybrid && budget.is_none() {
+            let quest_layers: Vec<usize> = match args.quest_layers.as_slice() {
+                [] => Vec::new(),
+                layers if layers.iter().any(|l| matches!(l, Layer::All)) => {
+                    (0..model.n_layers()).collect()
+                }
+                layers => layers
+                    .iter()
+                    .filter_map(|l| match l {
+                        Layer::One(i) => Some(*i),
+                        Layer::All => None,
+                    })
+                    .collect(),
+            };
+            common::check_layers("--quest-layers", &quest_layers, model.n_layers())?;
+            if (args.hybrid || !quest_layers.is_empty()) && budget.is_none() {
                 return Err(
-                    "--hybrid needs a keys budget (--keys-budget): its Quest layers read pages to \
-                     fit it"
+                    "--hybrid and --quest-layers need a keys budget (--keys-budget): Quest reads \
+                     pages to fit it"
                         .into(),
                 );
             }
             if args.all_sparse {
                 model.serve_all_sparse(args.hybrid)?;
             }
+            model.set_page_score(args.page_score)?;
+            model.set_page_layout(args.page_layout)?;
+            for &layer in &quest_layers {
+                model.set_routing(layer, Routing::Quest)?;
+            }
             model.set_keys_budget(budget)?;
             model.set_budget_by_layer(!args.uniform_budget)?;
             model.set_plan_floor(args.plan_floor)?;
             model.set_estimate_unread(args.estimate_unread);
-            let dense_layers = model
-                .routings()
-                .iter()
-                .filter(|&&r| r == Routing::Dense)
-                .count();
+            let count =
+                |routing: Routing| model.routings().iter().filter(|&&r| r == routing).count();
+            let (dense_layers, quest) = (count(Routing::Dense), count(Routing::Quest));
             println!(
                 "model {name} on the {device_name}; Saap index {}\n  C = {} partitions per KV head, \
                  ℓ = {probe} probed per query head, window {}, sinks {}, {dense_layers} of {} layers dense",
@@ -298,6 +345,19 @@ fn run(args: Args) -> Res<()> {
                     _ => "ℓ chosen at every step to fit it, the same in every layer".into(),
                 };
                 println!("  keys budget {budget}: {how}");
+            }
+            if quest > 0 {
+                println!(
+                    "  {quest} layers routed by Quest: pages {} ranked by {}",
+                    match args.page_layout {
+                        PageLayout::Consecutive => "of 16 consecutive keys",
+                        PageLayout::Partitions => "of 16 keys within each partition",
+                    },
+                    match args.page_score {
+                        PageScore::Bound => "their min/max bound",
+                        PageScore::Mean => "their mean key",
+                    }
+                );
             }
             if args.estimate_unread {
                 println!("  unread partitions estimated from their mean key and value");

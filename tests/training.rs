@@ -202,6 +202,10 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         dense.partition_page_probed_mean_indexed_recall,
         dense.partition_page_spread_indexed_recall,
         dense.partition_page_prior_indexed_recall,
+        dense.fine_partition_page_oracle[0],
+        dense.fine_partition_page_oracle[1],
+        dense.fine_partition_page_mean[0],
+        dense.fine_partition_page_mean[1],
         dense.quest_spread_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
         dense.quest_mean_indexed_recall,
@@ -210,6 +214,8 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
     }
     for cap in [
+        classifier.fine_partition_page_oracle[0],
+        classifier.fine_partition_page_oracle[1],
         classifier.partition_page_oracle_matched_indexed_recall,
         classifier.quest_oracle_matched_indexed_recall,
     ] {
@@ -224,6 +230,8 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         classifier.partition_page_probed_mean_indexed_recall,
         classifier.partition_page_spread_indexed_recall,
         classifier.partition_page_prior_indexed_recall,
+        classifier.fine_partition_page_mean[0],
+        classifier.fine_partition_page_mean[1],
         classifier.quest_mean_indexed_recall,
         classifier.quest_spread_indexed_recall,
     ] {

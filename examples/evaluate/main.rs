@@ -450,6 +450,19 @@ fn run() -> Res<()> {
             layers[layer].saap.quest_spread_indexed_recall,
             layers[layer].saap.quest_oracle_matched_indexed_recall,
         );
+        let fine = &layers[layer].saap;
+        println!(
+            "         finer partition pages at Saap's keys (keys per page: perfect router, by mean): {}",
+            saap::train::eval::FINE_PARTITION_PAGES
+                .iter()
+                .enumerate()
+                .map(|(i, size)| format!(
+                    "{size}: {:.3}, {:.3}",
+                    fine.fine_partition_page_oracle[i], fine.fine_partition_page_mean[i]
+                ))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
         println!(
             "         output error with unread partitions estimated: Saap {:.3} → {:.3} from summaries, {:.3} with their exact mass",
             layers[layer].saap.output_rel_error,
@@ -877,6 +890,27 @@ fn markdown(r: &Report, args: &Args) -> String {
             let _ = writeln!(s, "| {} | {}", l.layer, cells(&l.saap));
         }
         let avg = RoutingEval::mean_of(r.layers.iter().map(|l| &l.saap));
+        let _ = writeln!(s, "| mean | {}", cells(&avg));
+        let fine = saap::train::eval::FINE_PARTITION_PAGES;
+        let _ = writeln!(
+            s,
+            "\n## Partition pages by size at Saap's keys (offline)\n\nThe perfect router and the route by mean over partition pages of 16, {} and {} keys.\n\n| layer | perfect router (16) | by mean (16) | perfect router ({}) | by mean ({}) | perfect router ({}) | by mean ({}) |\n|---|---|---|---|---|---|---|",
+            fine[0], fine[1], fine[0], fine[0], fine[1], fine[1]
+        );
+        let cells = |e: &RoutingEval| {
+            format!(
+                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                e.partition_page_oracle_matched_indexed_recall,
+                e.partition_page_mean_indexed_recall,
+                e.fine_partition_page_oracle[0],
+                e.fine_partition_page_mean[0],
+                e.fine_partition_page_oracle[1],
+                e.fine_partition_page_mean[1]
+            )
+        };
+        for l in &r.layers {
+            let _ = writeln!(s, "| {} | {}", l.layer, cells(&l.saap));
+        }
         let _ = writeln!(s, "| mean | {}", cells(&avg));
     }
     if !r.nih.is_empty() {

@@ -10,6 +10,10 @@ use crate::train::data::{query_attention, query_positions, Sequence};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+/// Keys per page of the finer partition pages [`RoutingEval::fine_partition_page_oracle`] and
+/// [`RoutingEval::fine_partition_page_mean`] measure (the others have [`QUEST_PAGE`]).
+pub const FINE_PARTITION_PAGES: [usize; 2] = [8, 4];
+
 /// Positions per time block of [`RoutingEval::partition_block_oracle_matched_indexed_recall`].
 pub const AGE_BLOCK: usize = 1024;
 
@@ -100,6 +104,14 @@ pub struct RoutingEval {
     /// which the mean alone (a lower bound, by Jensen) leaves out.
     #[serde(default)]
     pub partition_page_spread_indexed_recall: f64,
+    /// [`RoutingEval::partition_page_oracle_matched_indexed_recall`] over partition pages of
+    /// each size of [`FINE_PARTITION_PAGES`] keys.
+    #[serde(default)]
+    pub fine_partition_page_oracle: [f64; 2],
+    /// [`RoutingEval::partition_page_mean_indexed_recall`] over partition pages of each size of
+    /// [`FINE_PARTITION_PAGES`] keys.
+    #[serde(default)]
+    pub fine_partition_page_mean: [f64; 2],
     /// Pages ranked with the routing's scores as a prior ([`prior_scores`]): the partition's
     /// predicted share of the mass times the page's share of it as the means estimate it.
     #[serde(default)]
@@ -117,6 +129,11 @@ pub struct RoutingEval {
     pub quest_oracle_matched_indexed_recall: f64,
     /// Queries × heads averaged.
     pub samples: usize,
+}
+
+/// `a + b` element by element.
+fn add<const N: usize>(a: [f64; N], b: [f64; N]) -> [f64; N] {
+    std::array::from_fn(|i| a[i] + b[i])
 }
 
 impl RoutingEval {
@@ -159,6 +176,14 @@ impl RoutingEval {
                 + o.partition_page_spread_indexed_recall,
             partition_page_prior_indexed_recall: self.partition_page_prior_indexed_recall
                 + o.partition_page_prior_indexed_recall,
+            fine_partition_page_oracle: add(
+                self.fine_partition_page_oracle,
+                o.fine_partition_page_oracle,
+            ),
+            fine_partition_page_mean: add(
+                self.fine_partition_page_mean,
+                o.fine_partition_page_mean,
+            ),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall
                 + o.quest_spread_indexed_recall,
@@ -211,6 +236,8 @@ impl RoutingEval {
                 / k,
             partition_page_spread_indexed_recall: self.partition_page_spread_indexed_recall / k,
             partition_page_prior_indexed_recall: self.partition_page_prior_indexed_recall / k,
+            fine_partition_page_oracle: self.fine_partition_page_oracle.map(|x| x / k),
+            fine_partition_page_mean: self.fine_partition_page_mean.map(|x| x / k),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall / k,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
@@ -553,6 +580,11 @@ fn routing_sums(
                         sum.partition_page_prior_indexed_recall += share(mass_of(&pages.prior));
                         sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
                         sum.quest_spread_indexed_recall += share(mass_of(&pages.quest_spread));
+                        for (i, (labels, sizes, by_mean)) in pages.fine.iter().enumerate() {
+                            sum.fine_partition_page_oracle[i] +=
+                                share(mass_at_keys(&w[sink_end..index_end], labels, sizes, read));
+                            sum.fine_partition_page_mean[i] += share(mass_of(by_mean));
+                        }
                         sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
                             &w[sink_end..index_end],
                             &pages.quest_labels,
@@ -586,6 +618,9 @@ struct PageRoutes {
     prior: Vec<usize>,
     quest_mean: Vec<usize>,
     quest_spread: Vec<usize>,
+    /// Per size of [`FINE_PARTITION_PAGES`]: each indexed key's page and the pages' sizes, and
+    /// the keys of the pages by mean.
+    fine: [(Vec<u32>, Vec<usize>, Vec<usize>); 2],
 }
 
 impl PageRoutes {
@@ -601,13 +636,16 @@ impl PageRoutes {
         keys: &[Vec<f32>],
         read: usize,
     ) -> Self {
-        let pages = partition_pages(labels, range.clone(), wide.len());
-        let mut page_labels = vec![0u32; range.len()];
-        for (p, (_, ids)) in pages.iter().enumerate() {
-            for &j in ids {
-                page_labels[j - range.start] = p as u32;
+        let pages = partition_pages(labels, range.clone(), wide.len(), QUEST_PAGE);
+        let page_labels = |pages: &[(u32, Vec<usize>)]| {
+            let mut page_labels = vec![0u32; range.len()];
+            for (p, (_, ids)) in pages.iter().enumerate() {
+                for &j in ids {
+                    page_labels[j - range.start] = p as u32;
+                }
             }
-        }
+            page_labels
+        };
         let bound = |ids: &[usize]| bound_score(group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
         let mean = |ids: &[usize]| mean_score(group_q, keys, ids);
         let spread = |ids: &[usize]| spread_score(group_q, keys, ids);
@@ -623,8 +661,17 @@ impl PageRoutes {
             .collect();
         let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
         let ids = |route: Vec<&[usize]>| route.concat();
+        let fine = FINE_PARTITION_PAGES.map(|size| {
+            let pages = partition_pages(labels, range.clone(), wide.len(), size);
+            let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+            (
+                page_labels(&pages),
+                pages.iter().map(|(_, ids)| ids.len()).collect(),
+                ids(pages_by(&all, &mean, read)),
+            )
+        });
         Self {
-            labels: page_labels,
+            labels: page_labels(&pages),
             sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
             quest_labels: (0..range.len()).map(|j| (j / QUEST_PAGE) as u32).collect(),
             quest_sizes: consecutive.iter().map(|ids| ids.len()).collect(),
@@ -642,6 +689,7 @@ impl PageRoutes {
             )),
             quest_mean: ids(pages_by(&consecutive, &mean, read)),
             quest_spread: ids(pages_by(&consecutive, &spread, read)),
+            fine,
         }
     }
 }
@@ -1052,13 +1100,14 @@ fn ranked_by<T: Clone>(items: &[T], scores: &[f32]) -> Vec<T> {
 }
 
 /// Partition pages of the indexed keys `range`: each partition's keys (by `labels`) in position
-/// order, cut into pages of [`QUEST_PAGE`] from its first key, the last one possibly partial;
+/// order, cut into pages of `page` keys from its first key, the last one possibly partial;
 /// with each page's partition. A partition's list grows only at its tail as tokens are indexed,
 /// so these pages are as stable as Quest's consecutive ones.
 fn partition_pages(
     labels: &[u32],
     range: std::ops::Range<usize>,
     n_partitions: usize,
+    page: usize,
 ) -> Vec<(u32, Vec<usize>)> {
     let mut members = vec![Vec::new(); n_partitions];
     for j in range {
@@ -1067,10 +1116,7 @@ fn partition_pages(
     members
         .iter()
         .enumerate()
-        .flat_map(|(p, ids)| {
-            ids.chunks(QUEST_PAGE)
-                .map(move |page| (p as u32, page.to_vec()))
-        })
+        .flat_map(|(p, ids)| ids.chunks(page).map(move |keys| (p as u32, keys.to_vec())))
         .collect()
 }
 
@@ -1362,7 +1408,7 @@ mod tests {
     fn partition_pages_follow_each_partitions_list() {
         // Keys 2..40 indexed; partition 1 holds every third key, partition 0 the rest.
         let labels: Vec<u32> = (0..40).map(|j| u32::from(j % 3 == 0)).collect();
-        let pages = partition_pages(&labels, 2..40, 3);
+        let pages = partition_pages(&labels, 2..40, 3, QUEST_PAGE);
         let of = |p: u32| -> Vec<Vec<usize>> {
             pages
                 .iter()
@@ -1374,6 +1420,16 @@ mod tests {
         assert_eq!(of(0), vec![zeros[..16].to_vec(), zeros[16..].to_vec()]);
         assert_eq!(of(1), vec![(3..40).step_by(3).collect::<Vec<_>>()]);
         assert!(of(2).is_empty());
+        // Finer pages cut the same lists: partition 1's 13 keys in pages of 4, 4, 4 and 1.
+        let fine = partition_pages(&labels, 2..40, 3, 4);
+        let ones: Vec<usize> = (3..40).step_by(3).collect();
+        let fine_ones: Vec<&[usize]> = fine
+            .iter()
+            .filter(|(p, _)| *p == 1)
+            .map(|(_, ids)| ids.as_slice())
+            .collect();
+        assert_eq!(fine_ones, ones.chunks(4).collect::<Vec<_>>());
+        assert_eq!(fine.len(), 7 + 4);
         // Bounds over a partition's pages find its keys wherever they sit: the keys of
         // partition 1 point along the query, scattered among small ones.
         let keys: Vec<Vec<f32>> = (0..40)
