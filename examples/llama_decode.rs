@@ -77,10 +77,10 @@ struct Args {
     /// What Quest's pages keep and rank by: `bound` (Quest's min/max) or `mean` (their mean key)
     #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
     page_score: PageScore,
-    /// How Quest's pages cut the indexed keys: `consecutive` (Quest's) or `partitions` (pages of
-    /// 16 within each partition of the index). On SmolLM2 at 8k, Quest over partition pages by
-    /// mean in every layer was measured closer to dense at fewer keys than the classifier
-    /// (bench/NOTES.md §57)
+    /// How Quest's pages cut the indexed keys: `consecutive` (Quest's), `partitions` (pages of 16
+    /// within each partition of the index) or `partitions:N` (pages of N keys, 1..=16). On
+    /// SmolLM2 at 8k, Quest over partition pages by mean in every layer was measured closer to
+    /// dense at fewer keys than the classifier (bench/NOTES.md §57)
     #[arg(long, value_parser = common::parse_page_layout, default_value = "consecutive")]
     page_layout: PageLayout,
     /// Spend the keys budget as one ℓ in every layer (by default layer by layer, from the
@@ -350,8 +350,9 @@ fn run(args: Args) -> Res<()> {
                 println!(
                     "  {quest} layers routed by Quest: pages {} ranked by {}",
                     match args.page_layout {
-                        PageLayout::Consecutive => "of 16 consecutive keys",
-                        PageLayout::Partitions => "of 16 keys within each partition",
+                        PageLayout::Consecutive => "of 16 consecutive keys".to_string(),
+                        PageLayout::Partitions { page } =>
+                            format!("of {page} keys within each partition"),
                     },
                     match args.page_score {
                         PageScore::Bound => "their min/max bound",

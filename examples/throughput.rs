@@ -182,8 +182,8 @@ impl SaapRun {
         if self.page_score == PageScore::Mean {
             label += ", Quest pages by mean";
         }
-        if self.page_layout == PageLayout::Partitions {
-            label += ", Quest pages over partitions";
+        if let PageLayout::Partitions { page } = self.page_layout {
+            label += &format!(", Quest pages of {page} over partitions");
         }
         label
     }

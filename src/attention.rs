@@ -14,7 +14,7 @@ use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::partition::summary::Summaries;
-use crate::quest::{pages_of, PageCut, QuestPages};
+use crate::quest::{PageCut, QuestPages};
 use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -419,8 +419,7 @@ impl SaapAttention {
     /// and for `Quest` on one with [`PageLayout::Partitions`] and no index;
     /// [`SaapError::Candle`] when the page bounds cannot be computed.
     pub fn set_routing(&mut self, routing: Routing) -> Result<()> {
-        let partition_pages =
-            routing == Routing::Quest && self.page_layout == PageLayout::Partitions;
+        let partition_pages = routing == Routing::Quest && self.page_layout.over_partitions();
         let needs_index =
             matches!(routing, Routing::Classifier | Routing::NearestCentroid) || partition_pages;
         if needs_index && self.index.is_none() {
@@ -521,8 +520,8 @@ impl SaapAttention {
     /// let mut attn = SaapAttention::from_index(&index, 0, &dev, DType::F32)?;
     /// let kv = randn(&[1, 2, 1000, 16])?;
     /// attn.extend(&kv, &kv, &[1000])?;
-    /// // Quest's pages over the index's partitions, ranked by their mean key.
-    /// attn.set_page_layout(PageLayout::Partitions)?;
+    /// // Quest's pages of 8 keys over the index's partitions, ranked by their mean key.
+    /// attn.set_page_layout(PageLayout::Partitions { page: 8 })?;
     /// attn.set_page_score(PageScore::Mean)?;
     /// attn.set_routing(Routing::Quest)?;
     /// attn.set_keys_budget(Some(0.2))?;
@@ -534,18 +533,25 @@ impl SaapAttention {
     /// ```
     ///
     /// # Errors
-    /// [`SaapError::Config`] for [`PageLayout::Partitions`] on an op with no index (nothing is
-    /// changed); [`SaapError::Candle`] when the pages cannot be computed (the layout is set, with
+    /// [`SaapError::Config`] for [`PageLayout::Partitions`] on an op with no index or with a
+    /// page outside 1 ..= [`QUEST_PAGE`] keys (nothing is changed); [`SaapError::Candle`] when the pages cannot be computed (the layout is set, with
     /// no pages: the next Quest step then reads every key, exactly, and the merge after it
     /// builds them).
     pub fn set_page_layout(&mut self, layout: PageLayout) -> Result<()> {
         if layout == self.page_layout {
             return Ok(());
         }
-        if layout == PageLayout::Partitions && self.index.is_none() {
-            return Err(SaapError::Config(
-                "pages over partitions need an index; this op has none".into(),
-            ));
+        if let PageLayout::Partitions { page } = layout {
+            if !(1..=QUEST_PAGE).contains(&page) {
+                return Err(SaapError::Config(format!(
+                    "partition pages of {page} keys: a page holds 1..={QUEST_PAGE} keys"
+                )));
+            }
+            if self.index.is_none() {
+                return Err(SaapError::Config(
+                    "pages over partitions need an index; this op has none".into(),
+                ));
+            }
         }
         self.page_layout = layout;
         self.rebuild_pages()
@@ -561,7 +567,8 @@ impl SaapAttention {
     /// `sinks + 16p .. min(sinks + 16(p + 1), indexed_end)` of each item (zeros for a page
     /// holding no key of its item), or with [`PageScore::Mean`] their mean as both; P pages
     /// cover the batch's longest indexed region. With [`PageLayout::Partitions`], page `p` of a
-    /// KV head is instead its `p`-th page of 16 keys counting partition by partition, each
+    /// KV head is instead its `p`-th page of the layout's `page` keys counting partition by
+    /// partition, each
     /// partition's list (see [`SaapAttention::index_lists`]) cut from its start; P is the most
     /// pages of any head, and a head's pages past its own hold zeros.
     pub fn page_bounds(&self) -> Option<(&Tensor, &Tensor)> {
@@ -821,23 +828,24 @@ impl SaapAttention {
         let (Routing::Quest, Some(state)) = (self.routing, &self.state) else {
             return Ok(());
         };
+        let sinks = self.config.sinks;
         // Partition pages: at most one more page per partition (its short last one).
-        let extra = match self.page_layout {
-            PageLayout::Consecutive => 0,
-            PageLayout::Partitions => self.config.n_partitions,
+        let (page, extra) = match self.page_layout {
+            PageLayout::Consecutive => (QUEST_PAGE, 0),
+            PageLayout::Partitions { page } => (page, self.config.n_partitions),
         };
         let pages = state
             .seqs
             .iter()
-            .map(|s| pages_of(s, self.config.sinks) + extra)
+            .map(|s| s.indexed_end.saturating_sub(sinks).div_ceil(page) + extra)
             .max()
             .unwrap_or(0);
         if pages > MAX_QUEST_PAGES {
             return Err(SaapError::Config(format!(
-                "Quest routing over up to {pages} pages of {QUEST_PAGE} tokens; at most \
+                "Quest routing over up to {pages} pages of {page} tokens; at most \
                  {MAX_QUEST_PAGES} ({} indexed tokens; with partition pages, less one page per \
                  partition) are supported",
-                MAX_QUEST_PAGES * QUEST_PAGE
+                MAX_QUEST_PAGES * page
             )));
         }
         Ok(())
@@ -1351,9 +1359,10 @@ impl SaapAttention {
         };
         let refresh = |state: &State, seqs: &[SeqExtent], old: Option<&QuestPages>, first| {
             let cut = match (layout, &state.dir) {
-                (PageLayout::Partitions, Some(dir)) => PageCut::Partitions {
+                (PageLayout::Partitions { page }, Some(dir)) => PageCut::Partitions {
                     dir,
                     n_partitions: c,
+                    page,
                 },
                 _ => PageCut::Consecutive,
             };
@@ -1394,7 +1403,7 @@ impl SaapAttention {
                 ..*seq
             })
             .collect();
-        let partition_pages = layout == PageLayout::Partitions && state.dir.is_some();
+        let partition_pages = layout.over_partitions() && state.dir.is_some();
         // Consecutive pages first: nothing has changed yet if they cannot be computed.
         let pages = match (&state.quest, partition_pages) {
             (Some(old), false) => {

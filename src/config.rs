@@ -348,21 +348,37 @@ pub enum PageScore {
     Mean,
 }
 
-/// How [`Routing::Quest`] cuts the indexed keys into pages of at most [`QUEST_PAGE`] keys.
+/// How [`Routing::Quest`] cuts the indexed keys into pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PageLayout {
-    /// Quest's: consecutive positions, page `p` holding `sinks + 16p ..` (no index needed).
+    /// Quest's: [`QUEST_PAGE`] consecutive positions, page `p` holding `sinks + 16p ..` (no
+    /// index needed).
     #[default]
     Consecutive,
-    /// Each partition's list of the index (its keys in position order) cut into pages of 16: a
-    /// two-level route, pages of keys the k-means grouped together ranked by the Quest route.
-    /// Needs an index. A partition's list only grows at its tail, so its pages keep their keys
-    /// as tokens merge (only their numbers shift): a merge computes only the pages it grows or
-    /// adds. Best with
+    /// Each partition's list of the index (its keys in position order) cut into pages of `page`
+    /// keys (1 ..= [`QUEST_PAGE`]; each list's last page may be shorter): a two-level route,
+    /// pages of keys the k-means grouped together ranked by the Quest route. Needs an index. A
+    /// partition's list only grows at its tail, so its pages keep their keys as tokens merge
+    /// (only their numbers shift): a merge computes only the pages it grows or adds. Best with
     /// [`PageScore::Mean`]: a page spans the whole context, and the bound of so spread-out keys
     /// ranks badly (bench/NOTES.md §52: at equal keys, 0.52 of the indexed mass by mean against
-    /// 0.10–0.20 by bound, SmolLM2 8k).
-    Partitions,
+    /// 0.10–0.20 by bound, SmolLM2 8k). Smaller pages hold more of the mass at equal keys (§60:
+    /// 0.515 at 16 keys, 0.585 at 4, SmolLM2 8k) but a step scores every page: N/`page` means
+    /// per KV head.
+    Partitions {
+        /// Keys per page.
+        page: usize,
+    },
+}
+
+impl PageLayout {
+    /// Partition pages of [`QUEST_PAGE`] keys, Quest's page size.
+    pub const PARTITIONS: Self = Self::Partitions { page: QUEST_PAGE };
+
+    /// Whether the pages are cut over the index's partitions.
+    pub fn over_partitions(self) -> bool {
+        matches!(self, Self::Partitions { .. })
+    }
 }
 
 /// How a layer chooses the keys it reads at decode.

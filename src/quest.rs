@@ -10,8 +10,8 @@
 //! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
 //!
 //! With [`PageLayout::Partitions`](crate::PageLayout::Partitions) the pages are instead each
-//! partition's list of the index cut into pages of 16 (partition by partition, each list in
-//! position order), kept as a page directory over the index's perm that the decode op reads as
+//! partition's list of the index cut into pages of the layout's size (partition by partition,
+//! each list in position order), kept as a page directory over the index's perm that the decode op reads as
 //! it reads Saap's partitions ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
 //! A merge computes the pages whose keys it changed (each grown partition's last page and its new
 //! ones) and moves the others to their new numbers: a partition that gains a page shifts those
@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Tensor};
 const PAGES_PER_PASS: usize = 512;
 
 /// Pages over an item's indexed region (the last one may be partial).
-pub(crate) fn pages_of(seq: &SeqExtent, sinks: usize) -> usize {
+fn pages_of(seq: &SeqExtent, sinks: usize) -> usize {
     seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
 }
 
@@ -84,6 +84,8 @@ pub(crate) struct QuestPages {
     /// (batch item, KV head), `b·Hkv + h`), kept on the host so that the next merge recomputes
     /// only the pages it changes.
     partition_offsets: Option<Vec<Vec<u32>>>,
+    /// Keys per page (the last of a partition's may hold fewer).
+    page: usize,
 }
 
 /// Where [`QuestPages::refresh`] cuts its pages.
@@ -92,10 +94,11 @@ pub(crate) enum PageCut<'a> {
     /// Consecutive indexed positions (Quest's).
     Consecutive,
     /// Each partition's list of the index directory `[B, Hkv, C + 1 + cap]` (offsets then perm)
-    /// of C partitions.
+    /// of C partitions, in pages of `page` keys.
     Partitions {
         dir: &'a Tensor,
         n_partitions: usize,
+        page: usize,
     },
 }
 
@@ -103,8 +106,8 @@ impl QuestPages {
     /// Pages of `seqs` over the post-RoPE key cache `k` (`[B, Hkv, cap, D]`), cut as `cut` says,
     /// keeping what `score` needs. Consecutive pages before page `first` are taken from `old`
     /// (unchanged keys, kept for the same `score`), the others computed; without `old`, all.
-    /// Partition pages that hold the same keys as one of `old`'s (kept for the same score) are
-    /// taken from it, the others computed (`first` does not apply: a partition that gains a
+    /// Partition pages that hold the same keys as one of `old`'s (kept for the same score and
+    /// page size) are taken from it, the others computed (`first` does not apply: a partition that gains a
     /// page shifts the numbers of the pages after it).
     ///
     /// # Errors
@@ -121,8 +124,16 @@ impl QuestPages {
     ) -> Result<Self> {
         let (b, hkv, _, d) = k.dims4()?;
         let dev = k.device();
-        let old = old.filter(|old| old.max.is_some() == (score == PageScore::Bound));
-        let PageCut::Partitions { dir, n_partitions } = cut else {
+        let page = match cut {
+            PageCut::Consecutive => QUEST_PAGE,
+            PageCut::Partitions { page, .. } => page,
+        };
+        let old =
+            old.filter(|old| old.max.is_some() == (score == PageScore::Bound) && old.page == page);
+        let PageCut::Partitions {
+            dir, n_partitions, ..
+        } = cut
+        else {
             let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
             let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
             let (mut lows, mut highs) = (Vec::new(), Vec::new());
@@ -145,6 +156,7 @@ impl QuestPages {
                 dir: None,
                 page_keys: vec![QUEST_PAGE as f64; b],
                 partition_offsets: None,
+                page,
             });
         };
         let offsets = dir
@@ -155,7 +167,7 @@ impl QuestPages {
             .flatten()
             .collect();
         let reuse = old.and_then(|old| Some((old.partition_offsets.as_deref()?, old.n_pages())));
-        let plan = PagePlan::new(offsets, n_partitions, hkv, reuse)?;
+        let plan = PagePlan::new(offsets, n_partitions, hkv, reuse, page)?;
         let n_pages = plan.n_pages;
         let upload = |v: Vec<u32>, n: usize| Tensor::from_vec(v, (b, hkv, n), dev);
         let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
@@ -172,6 +184,7 @@ impl QuestPages {
                 starts: upload(plan.computed_starts, r)?,
                 ends: upload(plan.computed_ends, r)?,
                 perm,
+                page,
             };
             let (mut lows, mut highs) = (Vec::new(), Vec::new());
             summarize(&rows, k, 0..r, score, &mut lows, &mut highs)?;
@@ -204,12 +217,13 @@ impl QuestPages {
             dir,
             page_keys: plan.page_keys,
             partition_offsets: Some(plan.partition_offsets),
+            page,
         })
     }
 
-    /// The keys of batch item `b`'s average non-empty page (16 when it has none).
+    /// The keys of batch item `b`'s average non-empty page (a whole page when it has none).
     pub(crate) fn page_keys(&self, b: usize) -> f64 {
-        self.page_keys.get(b).copied().unwrap_or(QUEST_PAGE as f64)
+        self.page_keys.get(b).copied().unwrap_or(self.page as f64)
     }
 
     /// These pages over a cache grown to `dir`, the index directory `[B, Hkv, C + 1 + cap]` of C
@@ -238,6 +252,7 @@ impl QuestPages {
             dir: self.dir.as_ref().map(Tensor::copy).transpose()?,
             page_keys: self.page_keys.clone(),
             partition_offsets: self.partition_offsets.clone(),
+            page: self.page,
         })
     }
 
@@ -257,6 +272,7 @@ impl QuestPages {
         Ok(Self {
             page_keys,
             partition_offsets,
+            page: self.page,
             min: select(&self.min)?,
             max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
@@ -369,13 +385,14 @@ fn summarize(
     for from in range.clone().step_by(PAGES_PER_PASS) {
         let n = PAGES_PER_PASS.min(range.end - from);
         let (keys, valid) = rows.get(k, from, n)?;
+        let page = rows.page();
         match score {
             PageScore::Bound => {
-                let (lo, hi) = bounds(&keys, &valid, n)?;
+                let (lo, hi) = bounds(&keys, &valid, n, page)?;
                 lows.push(lo);
                 highs.push(hi);
             }
-            PageScore::Mean => lows.push(means(&keys, &valid, n)?),
+            PageScore::Mean => lows.push(means(&keys, &valid, n, page)?),
         }
     }
     Ok(())
@@ -389,16 +406,16 @@ fn join(parts: Vec<Tensor>, (b, hkv, d): (usize, usize, usize), dev: &Device) ->
     })
 }
 
-/// `[B, Hkv, n, D]` f32 min and max of `n` pages of 16 rows each of `keys` (`[B, Hkv, 16n, D]`
-/// f32), over the rows `valid` marks (`[B, 1 or Hkv, 16n, 1]` u8); a page with no valid row
-/// holds zeros.
-fn bounds(keys: &Tensor, valid: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+/// `[B, Hkv, n, D]` f32 min and max of `n` pages of `page` rows each of `keys`
+/// (`[B, Hkv, n·page, D]` f32), over the rows `valid` marks (`[B, 1 or Hkv, n·page, 1]` u8); a
+/// page with no valid row holds zeros.
+fn bounds(keys: &Tensor, valid: &Tensor, n: usize, page: usize) -> Result<(Tensor, Tensor)> {
     let (b, hkv, _, d) = keys.dims4()?;
     let dev = keys.device();
     let shape = keys.shape().clone();
     let rows = valid.broadcast_as(&shape)?;
     let fill = |x: f32| Tensor::full(x, (), dev)?.broadcast_as(&shape);
-    let paged = (b, hkv, n, QUEST_PAGE, d);
+    let paged = (b, hkv, n, page, d);
     let lo = rows
         .where_cond(keys, &fill(f32::INFINITY)?)?
         .reshape(paged)?
@@ -410,7 +427,7 @@ fn bounds(keys: &Tensor, valid: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
     // An empty page would keep ±inf, and 0·inf is NaN in a score: zeros (its score is masked).
     let heads = valid.dim(1)?;
     let filled = valid
-        .reshape((b, heads, n, QUEST_PAGE))?
+        .reshape((b, heads, n, page))?
         .max_keepdim(3)?
         .broadcast_as(lo.shape())?;
     let zeros = lo.zeros_like()?;
@@ -422,17 +439,17 @@ fn bounds(keys: &Tensor, valid: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
 
 /// `[B, Hkv, n, D]` f32 mean of each of `n` pages over the rows of [`bounds`]; a page with no
 /// valid row holds zeros.
-fn means(keys: &Tensor, valid: &Tensor, n: usize) -> Result<Tensor> {
+fn means(keys: &Tensor, valid: &Tensor, n: usize, page: usize) -> Result<Tensor> {
     let (b, hkv, _, d) = keys.dims4()?;
     let heads = valid.dim(1)?;
     let valid = valid.to_dtype(DType::F32)?;
     let sums = keys
         .broadcast_mul(&valid)?
-        .reshape((b, hkv, n, QUEST_PAGE, d))?
+        .reshape((b, hkv, n, page, d))?
         .sum(3)?;
     // Keys per page, at least one so that an empty page divides its zeros by 1.
     let counts = valid
-        .reshape((b, heads, n, QUEST_PAGE))?
+        .reshape((b, heads, n, page))?
         .sum_keepdim(3)?
         .maximum(1f32)?;
     Ok(sums.broadcast_div(&counts)?)
@@ -444,23 +461,32 @@ enum PageRows<'a> {
         seqs: &'a [SeqExtent],
         sinks: usize,
     },
-    /// Pages `perm[starts[i]..ends[i]]` (`[B, Hkv, R]` u32 each, at most 16 apart) of the perm
-    /// `[B, Hkv, cap]` u32.
+    /// Pages `perm[starts[i]..ends[i]]` (`[B, Hkv, R]` u32 each, at most `page` apart) of the
+    /// perm `[B, Hkv, cap]` u32.
     Partitions {
         starts: Tensor,
         ends: Tensor,
         perm: Tensor,
+        page: usize,
     },
 }
 
 impl PageRows<'_> {
+    /// Rows per page.
+    fn page(&self) -> usize {
+        match self {
+            PageRows::Consecutive { .. } => QUEST_PAGE,
+            PageRows::Partitions { page, .. } => *page,
+        }
+    }
+
     /// The keys of pages `first..first + n` of every item of `k` (`[B, Hkv, cap, D]`), 16 rows
     /// per page, as f32 `[B, Hkv, 16n, D]`, and whether each row is one of the page's keys:
     /// `[B, 1, 16n, 1]` u8 for consecutive pages (alike in every head), `[B, Hkv, 16n, 1]` for
     /// partition pages.
     fn get(&self, k: &Tensor, first: usize, n: usize) -> Result<(Tensor, Tensor)> {
         let (b, hkv, cap, d) = k.dims4()?;
-        let span = QUEST_PAGE * n;
+        let span = self.page() * n;
         match self {
             PageRows::Consecutive { seqs, sinks } => {
                 let start = sinks + QUEST_PAGE * first;
@@ -480,11 +506,16 @@ impl PageRows<'_> {
                 let valid = Tensor::from_vec(valid, (b, 1, span, 1), k.device())?;
                 Ok((keys, valid))
             }
-            PageRows::Partitions { starts, ends, perm } => {
+            PageRows::Partitions {
+                starts,
+                ends,
+                perm,
+                page,
+            } => {
                 let starts = starts.narrow(2, first, n)?.unsqueeze(3)?;
                 let ends = ends.narrow(2, first, n)?.unsqueeze(3)?;
-                let slot = Tensor::arange(0u32, QUEST_PAGE as u32, k.device())?
-                    .reshape((1, 1, 1, QUEST_PAGE))?;
+                let slot =
+                    Tensor::arange(0u32, *page as u32, k.device())?.reshape((1, 1, 1, *page))?;
                 let at = starts.broadcast_add(&slot)?;
                 let valid = at.broadcast_lt(&ends)?;
                 // A slot past its page's end reads perm row 0 (masked out): always in range.
@@ -504,7 +535,7 @@ impl PageRows<'_> {
 }
 
 /// Partition pages of an index directory, planned on the host: each partition's list cut into
-/// pages of [`QUEST_PAGE`] from its start (its last page may be short), partition by partition,
+/// pages of a given size from its start (its last page may be short), partition by partition,
 /// and which of them must be computed. Per-head vectors are flattened `b·Hkv + h`.
 struct PagePlan {
     /// The partition offsets the pages were cut from (C + 1 per head).
@@ -529,7 +560,8 @@ struct PagePlan {
 }
 
 impl PagePlan {
-    /// The pages of partition `offsets` (per head, C + 1 each, C = `n_partitions`). With `old`
+    /// The pages of `page` keys of partition `offsets` (per head, C + 1 each, C = `n_partitions`).
+    /// With `old`
     /// (the partition offsets the old pages were cut from, and their P), a page whose keys an old
     /// page held already is taken
     /// from it: a partition's list only grows at its tail, so its old whole pages keep their
@@ -542,8 +574,9 @@ impl PagePlan {
         n_partitions: usize,
         hkv: usize,
         old: Option<(&[Vec<u32>], usize)>,
+        page: usize,
     ) -> Result<Self> {
-        let page = QUEST_PAGE as u32;
+        let (page_keys, page) = (page as f64, page as u32);
         // Reuse only offsets of this shape (the same index and batch).
         let old = old.filter(|(old_offsets, _)| {
             old_offsets.len() == offsets.len()
@@ -567,7 +600,7 @@ impl PagePlan {
                     n if n == end - start => n.div_ceil(page),
                     n => n / page,
                 };
-                for (j, from) in (start..end).step_by(QUEST_PAGE).enumerate() {
+                for (j, from) in (start..end).step_by(page as usize).enumerate() {
                     head_starts.push(from);
                     let j = j as u32;
                     if j < kept {
@@ -627,7 +660,7 @@ impl PagePlan {
                 let pages: usize = item.iter().map(|s| s.len() - 1).sum();
                 let keys: u32 = off.iter().map(|o| o[n_partitions]).sum();
                 match pages {
-                    0 => QUEST_PAGE as f64,
+                    0 => page_keys,
                     _ => f64::from(keys) / pages as f64,
                 }
             })
@@ -665,12 +698,13 @@ mod tests {
     /// new one computed; a head with fewer pages is padded with the empty computed page.
     #[test]
     fn a_merge_recomputes_only_the_pages_it_changes() {
-        let old = PagePlan::new(vec![vec![0, 20, 25], vec![0, 0, 3]], 2, 2, None).unwrap();
+        let old = PagePlan::new(vec![vec![0, 20, 25], vec![0, 0, 3]], 2, 2, None, 16).unwrap();
         assert_eq!(old.n_pages, 3);
         // Rows among each head's own computed pages; R = 4, the last one empty for the padding.
         assert_eq!(old.source, [0, 1, 2, 0, 3, 3], "every page computed");
         let new = vec![vec![0, 40, 45], vec![0, 0, 3]];
-        let plan = PagePlan::new(new, 2, 2, Some((&old.partition_offsets, old.n_pages))).unwrap();
+        let plan =
+            PagePlan::new(new, 2, 2, Some((&old.partition_offsets, old.n_pages)), 16).unwrap();
         assert_eq!(plan.n_pages, 4);
         assert_eq!(plan.page_offsets, [0, 16, 32, 40, 45, 0, 3, 3, 3, 3]);
         assert_eq!(plan.filled, [1, 1, 1, 1, 1, 0, 0, 0]);
@@ -681,14 +715,19 @@ mod tests {
         assert_eq!(plan.computed_ends, [32, 40, 0, 0, 0, 0]);
         assert_eq!(plan.page_keys, [48.0 / 5.0]);
         // Lists of another shape (another index) are not reused.
-        let other = PagePlan::new(vec![vec![0, 40, 45, 45], vec![0, 0, 3, 3]], 3, 2, None);
+        let other = PagePlan::new(vec![vec![0, 40, 45, 45], vec![0, 0, 3, 3]], 3, 2, None, 16);
         let plan = PagePlan::new(
             vec![vec![0, 40, 45], vec![0, 0, 3]],
             2,
             2,
             Some((&other.unwrap().partition_offsets, 4)),
+            16,
         )
         .unwrap();
         assert_eq!(plan.source, [0, 1, 2, 3, 0, 4, 4, 4]);
+        // Pages of 4: 10 keys make pages of 4, 4 and 2, 3 keys one page of 3.
+        let fine = PagePlan::new(vec![vec![0, 10, 13]], 2, 1, None, 4).unwrap();
+        assert_eq!(fine.page_offsets, [0, 4, 8, 10, 13]);
+        assert_eq!(fine.page_keys, [13.0 / 4.0]);
     }
 }

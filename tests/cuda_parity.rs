@@ -448,7 +448,9 @@ fn quest_case(
     let index = random_index(&config, 1, seed);
     let op = |dev: &Device| match layout {
         saap::PageLayout::Consecutive => SaapAttention::dense(&config, dev, dtype).unwrap(),
-        saap::PageLayout::Partitions => SaapAttention::from_index(&index, 0, dev, dtype).unwrap(),
+        saap::PageLayout::Partitions { .. } => {
+            SaapAttention::from_index(&index, 0, dev, dtype).unwrap()
+        }
     };
     let (mut cpu, mut gpu) = (op(&Device::Cpu), op(dev));
     let mut r = rng(seed ^ 0x9e57);
@@ -520,7 +522,11 @@ fn quest_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("quest_matches_cpu");
     for score in [saap::PageScore::Bound, saap::PageScore::Mean] {
-        for layout in [saap::PageLayout::Consecutive, saap::PageLayout::Partitions] {
+        for layout in [
+            saap::PageLayout::Consecutive,
+            saap::PageLayout::PARTITIONS,
+            saap::PageLayout::Partitions { page: 4 },
+        ] {
             let lens = [300, 211, 97];
             quest_case(&dev, s, (DType::F32, score, layout), 1e-4, &lens, 100);
             quest_case(&dev, s, (DType::BF16, score, layout), 3e-2, &lens, 100);

@@ -234,7 +234,8 @@ fn replayed_steps_match_step_by_step() {
     for routing in [
         (Routing::Classifier, PageLayout::Consecutive),
         (Routing::Quest, PageLayout::Consecutive),
-        (Routing::Quest, PageLayout::Partitions),
+        (Routing::Quest, PageLayout::PARTITIONS),
+        (Routing::Quest, PageLayout::Partitions { page: 4 }),
     ] {
         for shared in [false, true] {
             replay_case(&Device::Cpu, DType::F32, 1e-5, routing, shared);

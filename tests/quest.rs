@@ -61,7 +61,8 @@ fn pages_of(seq: SeqExtent, sinks: usize) -> usize {
 type PageLists = Vec<Vec<Vec<Vec<usize>>>>;
 
 /// The op's pages over `seqs` as its layout cuts them: consecutive positions, or each
-/// partition's list of the op's index now cut into pages of 16, partition by partition.
+/// partition's list of the op's index now cut into pages of the layout's size, partition by
+/// partition.
 fn page_lists(op: &SaapAttention, seqs: &[SeqExtent]) -> PageLists {
     let sinks = op.config().sinks;
     match op.page_layout() {
@@ -74,7 +75,7 @@ fn page_lists(op: &SaapAttention, seqs: &[SeqExtent]) -> PageLists {
                 vec![pages; HKV]
             })
             .collect(),
-        PageLayout::Partitions => op
+        PageLayout::Partitions { page } => op
             .index_lists()
             .unwrap()
             .into_iter()
@@ -86,8 +87,8 @@ fn page_lists(op: &SaapAttention, seqs: &[SeqExtent]) -> PageLists {
                             .windows(2)
                             .flat_map(|w| {
                                 let list = &perm[w[0] as usize..w[1] as usize];
-                                list.chunks(QUEST_PAGE)
-                                    .map(|page| page.iter().map(|&p| p as usize).collect())
+                                list.chunks(page)
+                                    .map(|keys| keys.iter().map(|&p| p as usize).collect())
                                     .collect::<Vec<_>>()
                             })
                             .collect()
@@ -278,7 +279,7 @@ fn quest_over_every_page_equals_dense() {
     for (indexed, layout) in [
         (false, PageLayout::Consecutive),
         (true, PageLayout::Consecutive),
-        (true, PageLayout::Partitions),
+        (true, PageLayout::PARTITIONS),
     ] {
         let dev = Device::Cpu;
         let mut dense = match indexed {
@@ -332,7 +333,13 @@ fn quest_matches_brute_force_reference() {
 #[test]
 fn partition_pages_match_brute_force_reference() {
     let config = quest_config();
-    for score in [PageScore::Mean, PageScore::Bound] {
+    // Quest's page size, and pages of 3 (not a divisor of 16: rows per page follow the layout).
+    for (page, score) in [
+        (QUEST_PAGE, PageScore::Mean),
+        (QUEST_PAGE, PageScore::Bound),
+        (3, PageScore::Mean),
+        (3, PageScore::Bound),
+    ] {
         let mut op =
             SaapAttention::from_index(&random_index(&config, 1, 6), 0, &Device::Cpu, DType::F32)
                 .unwrap();
@@ -340,7 +347,7 @@ fn partition_pages_match_brute_force_reference() {
         let lens = [200, 120, 190];
         let [q, k, v] = qkv(&mut r, 3, 200);
         op.prefill(&q, &k, &v, &lens).unwrap();
-        op.set_page_layout(PageLayout::Partitions).unwrap();
+        op.set_page_layout(PageLayout::Partitions { page }).unwrap();
         op.set_routing(Routing::Quest).unwrap();
         // Steps with a merge in a batch of three, then the middle item dropped: the kept items'
         // pages, and the host lists the next merges reuse, follow them.
@@ -353,17 +360,15 @@ fn partition_pages_match_brute_force_reference() {
         // Partitions of more than one page, and short last pages: pages are not partitions.
         let lists = page_lists(&op, op.extents());
         let sizes: Vec<usize> = lists.iter().flatten().flatten().map(Vec::len).collect();
+        assert!(sizes.iter().all(|&n| (1..=page).contains(&n)), "{sizes:?}");
         assert!(
-            sizes.iter().filter(|&&n| n == QUEST_PAGE).count() > 4,
+            sizes.iter().filter(|&&n| n == page).count() > 4,
             "{sizes:?}"
         );
+        assert!(sizes.iter().filter(|&&n| n < page).count() > 4, "{sizes:?}");
         assert!(
-            sizes.iter().filter(|&&n| n < QUEST_PAGE).count() > 4,
-            "{sizes:?}"
-        );
-        assert!(
-            sizes.len() < config.n_partitions * 2 * HKV * 2,
-            "more than one page per partition somewhere: {sizes:?}"
+            sizes.len() < config.n_partitions * 2 * HKV * 2 * QUEST_PAGE / page,
+            "more pages than the lists cut into pages of {page}: {sizes:?}"
         );
         matches_brute_force_reference(op, r, score);
     }
@@ -521,7 +526,7 @@ fn quest_bad_inputs_are_refused() {
         Err(SaapError::Config(_))
     ));
     assert!(matches!(
-        op.set_page_layout(PageLayout::Partitions),
+        op.set_page_layout(PageLayout::PARTITIONS),
         Err(SaapError::Config(_))
     ));
     assert_eq!(op.page_layout(), PageLayout::Consecutive);
@@ -529,7 +534,15 @@ fn quest_bad_inputs_are_refused() {
     let mut indexed =
         SaapAttention::from_index(&random_index(&config, 1, 2), 0, &Device::Cpu, DType::F32)
             .unwrap();
-    indexed.set_page_layout(PageLayout::Partitions).unwrap();
+    // Pages of no key or of more than Quest's 16 are refused, and change nothing.
+    for page in [0, QUEST_PAGE + 1, usize::MAX] {
+        assert!(matches!(
+            indexed.set_page_layout(PageLayout::Partitions { page }),
+            Err(SaapError::Config(_))
+        ));
+        assert_eq!(indexed.page_layout(), PageLayout::Consecutive);
+    }
+    indexed.set_page_layout(PageLayout::PARTITIONS).unwrap();
     indexed.drop_index();
     assert_eq!(indexed.page_layout(), PageLayout::Consecutive);
     indexed.set_routing(Routing::Quest).unwrap();
@@ -670,7 +683,7 @@ fn partition_pages_budget_counts_their_mean_size() {
     let mut r = rng(12);
     let [q, k, v] = qkv(&mut r, 1, 300);
     op.prefill(&q, &k, &v, &[300]).unwrap();
-    op.set_page_layout(PageLayout::Partitions).unwrap();
+    op.set_page_layout(PageLayout::PARTITIONS).unwrap();
     op.set_routing(Routing::Quest).unwrap();
     let budget = 0.3;
     op.set_keys_budget(Some(budget)).unwrap();

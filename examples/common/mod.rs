@@ -53,15 +53,36 @@ pub fn parse_page_score(value: &str) -> Result<PageScore, String> {
 }
 
 /// `--page-layout`'s value: how Quest's pages cut the indexed keys (`consecutive`, Quest's own;
-/// `partitions`, each partition's list of the index).
+/// `partitions`, each partition's list of the index in pages of 16; `partitions:N`, in pages of
+/// N keys).
 #[allow(dead_code)] // not every example routes by Quest
 pub fn parse_page_layout(value: &str) -> Result<PageLayout, String> {
-    match value {
-        "consecutive" => Ok(PageLayout::Consecutive),
-        "partitions" => Ok(PageLayout::Partitions),
-        _ => Err(format!(
-            "{value:?} is not a page layout (consecutive or partitions)"
-        )),
+    let bad = || {
+        format!(
+            "{value:?} is not a page layout (consecutive, partitions or partitions:N with N in \
+             1..={})",
+            saap::config::QUEST_PAGE
+        )
+    };
+    match value.split_once(':') {
+        None if value == "consecutive" => Ok(PageLayout::Consecutive),
+        None if value == "partitions" => Ok(PageLayout::PARTITIONS),
+        Some(("partitions", page)) => match page.parse() {
+            Ok(page) if (1..=saap::config::QUEST_PAGE).contains(&page) => {
+                Ok(PageLayout::Partitions { page })
+            }
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// `--page-layout`'s value as the option takes it.
+#[allow(dead_code)] // not every example routes by Quest
+pub fn page_layout_arg(layout: PageLayout) -> String {
+    match layout {
+        PageLayout::Consecutive => "consecutive".into(),
+        PageLayout::Partitions { page } => format!("partitions:{page}"),
     }
 }
 

@@ -720,7 +720,9 @@ fn command_line(args: &Args) -> String {
         ),
         (
             "--page-layout",
-            (args.page_layout == PageLayout::Partitions).then(|| "partitions".to_string()),
+            args.page_layout
+                .over_partitions()
+                .then(|| common::page_layout_arg(args.page_layout)),
         ),
         ("--keys-budget", args.keys_budget.map(|b| b.to_string())),
         ("--uniform-budget", args.uniform_budget.then(String::new)),
