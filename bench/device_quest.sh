@@ -10,7 +10,7 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128 | sanitize8
+#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | routing128f | fine128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -115,6 +115,26 @@ fix32)
   # new prefill), the hybrid over partition pages by mean at 11%; then its perplexity again.
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --hybrid --keys-budget 0.11 --plan-floor 0.25 --quest-budget 0.11 --page-score mean --page-layout partitions --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey32-part-0.11"
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions --hybrid ;;
+tests10)
+  # Session 34 (NOTES §61): parity and graphs with partition pages of 4 keys beside 16.
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1 ;;
+routing32f)
+  # NOTES §58–61: per layer at 32k, partition pages of 16, 8 and 4 keys (the perfect router and
+  # the mean route), by mean and spread, with the classifier's prior.
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --seqs 1 --skip ppl,nih --out "$OUT/routing32f" ;;
+fine32)
+  # NOTES §61: 32k, batch 8, 8 × 1023 tokens, partition pages of 16, 8 and 4 keys by mean: the
+  # hybrid at 11%, then Quest in every layer at 10%.
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions:16,partitions:8,partitions:4 --hybrid
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions:16,partitions:8,partitions:4 --quest-layers "$ALL" ;;
+routing128f)
+  # NOTES §61: routing32f at 120k (YaRN ×4).
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --seqs 1 --skip ppl,nih --out "$OUT/routing128f" ;;
+fine128)
+  # NOTES §61: 120k, 3%, Quest in every layer, partition pages of 16 and 8 keys by mean (pages of
+  # 4 exceed MAX_QUEST_PAGES there).
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03 --page-score mean --page-layout partitions:16,partitions:8 --quest-layers "$ALL" ;;
 sanitize8)
   # Session 33: memcheck on the Quest parity test (partition pages: the decode's directory path
   # with one list per KV group, candle's gathers) and on the graph replays; racecheck on the Quest
