@@ -10,7 +10,7 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | routing128f | fine128
+#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | routing128f | fine128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -125,8 +125,10 @@ routing32f)
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --seqs 1 --skip ppl,nih --out "$OUT/routing32f" ;;
 fine32)
   # NOTES §61: 32k, batch 8, 8 × 1023 tokens, partition pages of 16, 8 and 4 keys by mean: the
-  # hybrid at 11%, then Quest in every layer at 10%.
-  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions:16,partitions:8,partitions:4 --hybrid
+  # hybrid at 11%.
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions:16,partitions:8,partitions:4 --hybrid ;;
+fine32q)
+  # NOTES §61: the same with Quest in every layer at 10%.
   run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --page-score mean --page-layout partitions:16,partitions:8,partitions:4 --quest-layers "$ALL" ;;
 routing128f)
   # NOTES §61: routing32f at 120k (YaRN ×4).
