@@ -10,7 +10,7 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | routing128f | fine128
+#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing128f | fine128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -133,6 +133,9 @@ fine32q)
 pass32f)
   # NOTES §61: passkeys at 32k, 5 depths, the hybrid over partition pages of 4 keys by mean at 11%.
   run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --hybrid --keys-budget 0.11 --plan-floor 0.25 --quest-budget 0.11 --page-score mean --page-layout partitions:4 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey32-part4-0.11" ;;
+sanitize10)
+  # Session 34: memcheck on the Quest parity test (partition pages of 16 and 4 keys).
+  run timeout 300 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_matches_cpu ;;
 routing128f)
   # NOTES §61: routing32f at 120k (YaRN ×4).
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --seqs 1 --skip ppl,nih --out "$OUT/routing128f" ;;
