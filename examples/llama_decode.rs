@@ -348,16 +348,8 @@ fn run(args: Args) -> Res<()> {
             }
             if quest > 0 {
                 println!(
-                    "  {quest} layers routed by Quest: pages {} ranked by {}",
-                    match args.page_layout {
-                        PageLayout::Consecutive => "of 16 consecutive keys".to_string(),
-                        PageLayout::Partitions { page } =>
-                            format!("of {page} keys within each partition"),
-                    },
-                    match args.page_score {
-                        PageScore::Bound => "their min/max bound",
-                        PageScore::Mean => "their mean key",
-                    }
+                    "  {quest} layers routed by Quest: {}",
+                    common::describe_pages(args.page_layout, args.page_score)
                 );
             }
             if args.estimate_unread {

@@ -77,6 +77,20 @@ pub fn parse_page_layout(value: &str) -> Result<PageLayout, String> {
     }
 }
 
+/// Quest's pages in words: how they cut the keys and what ranks them.
+#[allow(dead_code)] // not every example routes by Quest
+pub fn describe_pages(layout: PageLayout, score: PageScore) -> String {
+    let pages = match layout {
+        PageLayout::Consecutive => "pages of 16 consecutive keys".to_string(),
+        PageLayout::Partitions { page } => format!("pages of {page} keys within each partition"),
+    };
+    let by = match score {
+        PageScore::Bound => "their min/max bound",
+        PageScore::Mean => "their mean key",
+    };
+    format!("{pages}, ranked by {by}")
+}
+
 /// `--page-layout`'s value as the option takes it.
 #[allow(dead_code)] // not every example routes by Quest
 pub fn page_layout_arg(layout: PageLayout) -> String {

@@ -767,7 +767,8 @@ fn markdown(r: &Report, args: &Args) -> String {
     if let Some(budget) = r.quest_keys_budget {
         let _ = writeln!(
             s,
-            "Quest: pages of 16 keys, keys budget {:.1}% of the context per routed layer (the --quest-budget given, else the share Saap's routed layers read); in the per-layer tables, its indexed recall at Saap's keys of each layer.\n",
+            "Quest: {}, keys budget {:.1}% of the context per routed layer (the --quest-budget given, else the share Saap's routed layers read); in the per-layer tables, its indexed recall at Saap's keys of each layer (pages of 16 consecutive keys by their bound).\n",
+            common::describe_pages(args.page_layout, args.page_score),
             100.0 * budget
         );
     }
