@@ -99,9 +99,10 @@ pub struct RoutingEval {
     /// probes of this routing: the routing narrows, the means choose inside.
     #[serde(default)]
     pub partition_page_probed_mean_indexed_recall: f64,
-    /// Pages ranked by [`spread_score`], the second-order estimate of the log of the page's mean
-    /// `exp(s·q·k)`: the mean's score plus the variance of the logits over its keys (diagonal),
-    /// which the mean alone (a lower bound, by Jensen) leaves out.
+    /// Pages ranked by the second-order estimate of the log of the page's mean `exp(s·q·k)`
+    /// (s = 1/√D): `q·k̄ + (s/2)·Σ_d q_d²·σ_d²`, the mean's score plus the variance of the
+    /// logits over its keys (diagonal), which the mean alone (a lower bound, by Jensen) leaves
+    /// out.
     #[serde(default)]
     pub partition_page_spread_indexed_recall: f64,
     /// [`RoutingEval::partition_page_oracle_matched_indexed_recall`] over partition pages of
@@ -112,15 +113,17 @@ pub struct RoutingEval {
     /// [`FINE_PARTITION_PAGES`] keys.
     #[serde(default)]
     pub fine_partition_page_mean: [f64; 2],
-    /// Pages ranked with the routing's scores as a prior ([`prior_scores`]): the partition's
-    /// predicted share of the mass times the page's share of it as the means estimate it.
+    /// Pages ranked with the routing's scores as a prior: the partition's predicted share of the
+    /// mass (its log-softmax) times the page's share of it as the means estimate it,
+    /// `log p̂(c) + s·q·k̄_p − LSE_{p′ of c}(s·q·k̄_{p′} + ln n_{p′})` for page p of partition c.
     #[serde(default)]
     pub partition_page_prior_indexed_recall: f64,
     /// Quest's consecutive pages ranked by mean instead of bound, at the same keys: what the
     /// clustering adds to the mean.
     #[serde(default)]
     pub quest_mean_indexed_recall: f64,
-    /// Quest's consecutive pages ranked by [`spread_score`], at the same keys.
+    /// Quest's consecutive pages ranked by mean and spread (as
+    /// [`RoutingEval::partition_page_spread_indexed_recall`]), at the same keys.
     #[serde(default)]
     pub quest_spread_indexed_recall: f64,
     /// The perfect router over Quest's consecutive pages at this routing's keys (each head takes
