@@ -534,9 +534,9 @@ impl SaapAttention {
     ///
     /// # Errors
     /// [`SaapError::Config`] for [`PageLayout::Partitions`] on an op with no index or with a
-    /// page outside 1 ..= [`QUEST_PAGE`] keys (nothing is changed); [`SaapError::Candle`] when the pages cannot be computed (the layout is set, with
-    /// no pages: the next Quest step then reads every key, exactly, and the merge after it
-    /// builds them).
+    /// page outside 1 ..= [`QUEST_PAGE`] keys (nothing is changed); [`SaapError::Candle`] when
+    /// the pages cannot be computed (the layout is set, with no pages: the next Quest step then
+    /// reads every key, exactly, and the merge after it builds them).
     pub fn set_page_layout(&mut self, layout: PageLayout) -> Result<()> {
         if layout == self.page_layout {
             return Ok(());
@@ -568,9 +568,8 @@ impl SaapAttention {
     /// holding no key of its item), or with [`PageScore::Mean`] their mean as both; P pages
     /// cover the batch's longest indexed region. With [`PageLayout::Partitions`], page `p` of a
     /// KV head is instead its `p`-th page of the layout's `page` keys counting partition by
-    /// partition, each
-    /// partition's list (see [`SaapAttention::index_lists`]) cut from its start; P is the most
-    /// pages of any head, and a head's pages past its own hold zeros.
+    /// partition, each partition's list (see [`SaapAttention::index_lists`]) cut from its start;
+    /// P is the most pages of any head, and a head's pages past its own hold zeros.
     pub fn page_bounds(&self) -> Option<(&Tensor, &Tensor)> {
         let pages = self.state.as_ref()?.quest.as_ref()?;
         Some((&pages.min, pages.max()))

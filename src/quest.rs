@@ -11,8 +11,8 @@
 //!
 //! With [`PageLayout::Partitions`](crate::PageLayout::Partitions) the pages are instead each
 //! partition's list of the index cut into pages of the layout's size (partition by partition,
-//! each list in position order), kept as a page directory over the index's perm that the decode op reads as
-//! it reads Saap's partitions ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
+//! each list in position order), kept as a page directory over the index's perm that the decode
+//! op reads as it reads Saap's partitions ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
 //! A merge computes the pages whose keys it changed (each grown partition's last page and its new
 //! ones) and moves the others to their new numbers: a partition that gains a page shifts those
 //! of the pages after it.
@@ -107,8 +107,8 @@ impl QuestPages {
     /// keeping what `score` needs. Consecutive pages before page `first` are taken from `old`
     /// (unchanged keys, kept for the same `score`), the others computed; without `old`, all.
     /// Partition pages that hold the same keys as one of `old`'s (kept for the same score and
-    /// page size) are taken from it, the others computed (`first` does not apply: a partition that gains a
-    /// page shifts the numbers of the pages after it).
+    /// page size) are taken from it, the others computed (`first` does not apply: a partition
+    /// that gains a page shifts the numbers of the pages after it).
     ///
     /// # Errors
     /// [`SaapError::Config`] for partition pages more than [`MAX_QUEST_PAGES`] per KV head;

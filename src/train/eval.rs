@@ -612,8 +612,8 @@ struct PageRoutes {
     quest_labels: Vec<u32>,
     quest_sizes: Vec<usize>,
     /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
-    /// partitions, by mean and spread, with the routing's prior ([`prior_scores`]), and of Quest's consecutive pages by mean and by mean and
-    /// spread, whole pages within `read` keys.
+    /// partitions, by mean and spread, with the routing's prior ([`prior_scores`]), and of
+    /// Quest's consecutive pages by mean and by mean and spread, whole pages within `read` keys.
     bound: Vec<usize>,
     mean: Vec<usize>,
     probed_mean: Vec<usize>,
