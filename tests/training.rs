@@ -206,6 +206,10 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         dense.fine_partition_page_oracle[1],
         dense.fine_partition_page_mean[0],
         dense.fine_partition_page_mean[1],
+        dense.group_partition_page_oracle[0],
+        dense.group_partition_page_oracle[2],
+        dense.group_partition_page_share[0],
+        dense.group_partition_page_share[2],
         dense.quest_spread_indexed_recall,
         dense.partition_page_oracle_matched_indexed_recall,
         dense.quest_mean_indexed_recall,
@@ -214,6 +218,8 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
         assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
     }
     for cap in [
+        classifier.group_partition_page_oracle[0],
+        classifier.group_partition_page_oracle[2],
         classifier.fine_partition_page_oracle[0],
         classifier.fine_partition_page_oracle[1],
         classifier.partition_page_oracle_matched_indexed_recall,

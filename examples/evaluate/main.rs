@@ -894,27 +894,40 @@ fn markdown(r: &Report, args: &Args) -> String {
         }
         let avg = RoutingEval::mean_of(r.layers.iter().map(|l| &l.saap));
         let _ = writeln!(s, "| mean | {}", cells(&avg));
-        let fine = saap::train::eval::FINE_PARTITION_PAGES;
+        let sizes = saap::train::eval::PARTITION_PAGE_SIZES;
         let _ = writeln!(
             s,
-            "\n## Partition pages by size at Saap's keys (offline)\n\nThe perfect router and the route by mean over partition pages of 16, {} and {} keys.\n\n| layer | perfect router (16) | by mean (16) | perfect router ({}) | by mean ({}) | perfect router ({}) | by mean ({}) |\n|---|---|---|---|---|---|---|",
-            fine[0], fine[1], fine[0], fine[0], fine[1], fine[1]
+            "\n## Partition pages by size at Saap's keys (offline)\n\nPer page size (keys): the perfect router per head (each head its own list of Saap's keys), the perfect router for one list per KV group (pages by the heads' summed shares of their mass), the route by mean (the group's best q·k̄), and the route by the group's summed estimated shares (Σ_h exp(s·q_h·k̄ − LSE_h)).\n\n| layer |{}\n|---|{}",
+            sizes
+                .iter()
+                .map(|n| format!(" per head ({n}) | per group ({n}) | by mean ({n}) | by shares ({n}) |"))
+                .collect::<String>(),
+            "---|---|---|---|".repeat(sizes.len())
         );
         let cells = |e: &RoutingEval| {
-            format!(
-                "{:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
-                e.partition_page_oracle_matched_indexed_recall,
-                e.partition_page_mean_indexed_recall,
-                e.fine_partition_page_oracle[0],
-                e.fine_partition_page_mean[0],
-                e.fine_partition_page_oracle[1],
-                e.fine_partition_page_mean[1]
-            )
+            (0..sizes.len())
+                .map(|i| {
+                    let (per_head, by_mean) = match i {
+                        0 => (
+                            e.partition_page_oracle_matched_indexed_recall,
+                            e.partition_page_mean_indexed_recall,
+                        ),
+                        _ => (
+                            e.fine_partition_page_oracle[i - 1],
+                            e.fine_partition_page_mean[i - 1],
+                        ),
+                    };
+                    format!(
+                        " {per_head:.3} | {:.3} | {by_mean:.3} | {:.3} |",
+                        e.group_partition_page_oracle[i], e.group_partition_page_share[i]
+                    )
+                })
+                .collect::<String>()
         };
         for l in &r.layers {
-            let _ = writeln!(s, "| {} | {}", l.layer, cells(&l.saap));
+            let _ = writeln!(s, "| {} |{}", l.layer, cells(&l.saap));
         }
-        let _ = writeln!(s, "| mean | {}", cells(&avg));
+        let _ = writeln!(s, "| mean |{}", cells(&avg));
     }
     if !r.nih.is_empty() {
         let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid | Quest |\n|---|---|---|---|---|---|---|");

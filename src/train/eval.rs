@@ -14,6 +14,11 @@ use rayon::prelude::*;
 /// [`RoutingEval::fine_partition_page_mean`] measure (the others have [`QUEST_PAGE`]).
 pub const FINE_PARTITION_PAGES: [usize; 2] = [8, 4];
 
+/// Keys per page of the partition pages [`RoutingEval::group_partition_page_oracle`] and
+/// [`RoutingEval::group_partition_page_share`] measure: Quest's 16, then the finer ones.
+pub const PARTITION_PAGE_SIZES: [usize; 3] =
+    [QUEST_PAGE, FINE_PARTITION_PAGES[0], FINE_PARTITION_PAGES[1]];
+
 /// Positions per time block of [`RoutingEval::partition_block_oracle_matched_indexed_recall`].
 pub const AGE_BLOCK: usize = 1024;
 
@@ -113,6 +118,19 @@ pub struct RoutingEval {
     /// [`FINE_PARTITION_PAGES`] keys.
     #[serde(default)]
     pub fine_partition_page_mean: [f64; 2],
+    /// The perfect router for *one* page list per KV group (as decode reads it) over partition
+    /// pages of each size of [`PARTITION_PAGE_SIZES`]: pages by the group's summed share of each
+    /// head's indexed mass until the list holds the keys this routing read (the last pro rata),
+    /// each head's recall counted on that list. The per-head routers above may give each head
+    /// its own list of that size: no shared list reaches them when the heads disagree.
+    #[serde(default)]
+    pub group_partition_page_oracle: [f64; 3],
+    /// Pages of each size of [`PARTITION_PAGE_SIZES`] ranked by the sum over the group's heads
+    /// of each head's estimated share of its indexed mass per key,
+    /// `Σ_h exp(s·q_h·k̄_p − LSE_h)` with `LSE_h = log Σ_p′ n_p′·exp(s·q_h·k̄_p′)` (s = 1/√D),
+    /// whole pages within the keys this routing read.
+    #[serde(default)]
+    pub group_partition_page_share: [f64; 3],
     /// Pages ranked with the routing's scores as a prior: the partition's predicted share of the
     /// mass (its log-softmax) times the page's share of it as the means estimate it,
     /// `log p̂(c) + s·q·k̄_p − LSE_{p′ of c}(s·q·k̄_{p′} + ln n_{p′})` for page p of partition c.
@@ -187,6 +205,14 @@ impl RoutingEval {
                 self.fine_partition_page_mean,
                 o.fine_partition_page_mean,
             ),
+            group_partition_page_oracle: add(
+                self.group_partition_page_oracle,
+                o.group_partition_page_oracle,
+            ),
+            group_partition_page_share: add(
+                self.group_partition_page_share,
+                o.group_partition_page_share,
+            ),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall
                 + o.quest_spread_indexed_recall,
@@ -241,6 +267,8 @@ impl RoutingEval {
             partition_page_prior_indexed_recall: self.partition_page_prior_indexed_recall / k,
             fine_partition_page_oracle: self.fine_partition_page_oracle.map(|x| x / k),
             fine_partition_page_mean: self.fine_partition_page_mean.map(|x| x / k),
+            group_partition_page_oracle: self.group_partition_page_oracle.map(|x| x / k),
+            group_partition_page_share: self.group_partition_page_share.map(|x| x / k),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall / k,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
@@ -517,6 +545,30 @@ fn routing_sums(
                         read,
                     )
                 });
+                // The group cap per page size: pages by the heads' summed shares of their indexed
+                // mass (a head without indexed mass has recall 1 on any list).
+                let group_caps: [f64; 3] = match &page_routes {
+                    Some(pages) => {
+                        let mut summed = vec![0f32; index_end - sink_end];
+                        let mut massless = 0;
+                        for head_probs in &probs[heads.clone()] {
+                            let w = &head_probs[i][sink_end..index_end];
+                            let mass: f64 = w.iter().map(|&x| x as f64).sum();
+                            if mass > 0.0 {
+                                for (s, &x) in summed.iter_mut().zip(w) {
+                                    *s += (x as f64 / mass) as f32;
+                                }
+                            } else {
+                                massless += 1;
+                            }
+                        }
+                        pages.sized.each_ref().map(|p| {
+                            (mass_at_keys(&summed, &p.labels, &p.sizes, read) + massless as f64)
+                                / g as f64
+                        })
+                    }
+                    None => [0.0; 3],
+                };
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
@@ -569,24 +621,31 @@ fn routing_sums(
                     if let Some(pages) = &page_routes {
                         let mass_of =
                             |ids: &[usize]| -> f64 { ids.iter().map(|&j| w[j] as f64).sum() };
-                        sum.partition_page_oracle_matched_indexed_recall += share(mass_at_keys(
-                            &w[sink_end..index_end],
-                            &pages.labels,
-                            &pages.sizes,
-                            read,
-                        ));
+                        let cap = |p: &SizedPages| {
+                            share(mass_at_keys(
+                                &w[sink_end..index_end],
+                                &p.labels,
+                                &p.sizes,
+                                read,
+                            ))
+                        };
+                        let [sixteen, fine @ ..] = &pages.sized;
+                        sum.partition_page_oracle_matched_indexed_recall += cap(sixteen);
                         sum.partition_page_bound_indexed_recall += share(mass_of(&pages.bound));
-                        sum.partition_page_mean_indexed_recall += share(mass_of(&pages.mean));
+                        sum.partition_page_mean_indexed_recall += share(mass_of(&sixteen.mean));
                         sum.partition_page_probed_mean_indexed_recall +=
                             share(mass_of(&pages.probed_mean));
                         sum.partition_page_spread_indexed_recall += share(mass_of(&pages.spread));
                         sum.partition_page_prior_indexed_recall += share(mass_of(&pages.prior));
                         sum.quest_mean_indexed_recall += share(mass_of(&pages.quest_mean));
                         sum.quest_spread_indexed_recall += share(mass_of(&pages.quest_spread));
-                        for (i, (labels, sizes, by_mean)) in pages.fine.iter().enumerate() {
-                            sum.fine_partition_page_oracle[i] +=
-                                share(mass_at_keys(&w[sink_end..index_end], labels, sizes, read));
-                            sum.fine_partition_page_mean[i] += share(mass_of(by_mean));
+                        for (i, p) in fine.iter().enumerate() {
+                            sum.fine_partition_page_oracle[i] += cap(p);
+                            sum.fine_partition_page_mean[i] += share(mass_of(&p.mean));
+                        }
+                        for (i, p) in pages.sized.iter().enumerate() {
+                            sum.group_partition_page_oracle[i] += group_caps[i];
+                            sum.group_partition_page_share[i] += share(mass_of(&p.share));
                         }
                         sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
                             &w[sink_end..index_end],
@@ -606,24 +665,29 @@ fn routing_sums(
 /// The partition pages of one (query, KV group) and what routes over them read, as key ids
 /// ([`RoutingEval::partition_page_oracle_matched_indexed_recall`] and the fields after it).
 struct PageRoutes {
-    /// Each indexed key's page, and each page's size; the same for Quest's consecutive pages.
-    labels: Vec<u32>,
-    sizes: Vec<usize>,
+    /// Partition pages of each size of [`PARTITION_PAGE_SIZES`].
+    sized: [SizedPages; 3],
+    /// Each indexed key's page, and each page's size, of Quest's consecutive pages.
     quest_labels: Vec<u32>,
     quest_sizes: Vec<usize>,
-    /// The keys of every partition page ranked by bound, by mean, by mean among the `wide`
+    /// The keys of every partition page of 16 ranked by bound, by mean among the `wide`
     /// partitions, by mean and spread, with the routing's prior ([`prior_scores`]), and of
     /// Quest's consecutive pages by mean and by mean and spread, whole pages within `read` keys.
     bound: Vec<usize>,
-    mean: Vec<usize>,
     probed_mean: Vec<usize>,
     spread: Vec<usize>,
     prior: Vec<usize>,
     quest_mean: Vec<usize>,
     quest_spread: Vec<usize>,
-    /// Per size of [`FINE_PARTITION_PAGES`]: each indexed key's page and the pages' sizes, and
-    /// the keys of the pages by mean.
-    fine: [(Vec<u32>, Vec<usize>, Vec<usize>); 2],
+}
+
+/// Partition pages of one size: each indexed key's page, each page's size, and the keys of the
+/// pages by mean and by the group's estimated shares ([`share_scores`]) within the keys read.
+struct SizedPages {
+    labels: Vec<u32>,
+    sizes: Vec<usize>,
+    mean: Vec<usize>,
+    share: Vec<usize>,
 }
 
 impl PageRoutes {
@@ -664,22 +728,26 @@ impl PageRoutes {
             .collect();
         let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
         let ids = |route: Vec<&[usize]>| route.concat();
-        let fine = FINE_PARTITION_PAGES.map(|size| {
+        let sized = PARTITION_PAGE_SIZES.map(|size| {
             let pages = partition_pages(labels, range.clone(), wide.len(), size);
             let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
-            (
-                page_labels(&pages),
-                pages.iter().map(|(_, ids)| ids.len()).collect(),
-                ids(pages_by(&all, &mean, read)),
-            )
+            let shares = share_scores(&pages, group_q, keys);
+            SizedPages {
+                labels: page_labels(&pages),
+                sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
+                mean: ids(pages_by(&all, &mean, read)),
+                share: ids(take_fitting(
+                    &ranked_by(&all, &shares),
+                    |ids| ids.len(),
+                    read,
+                )),
+            }
         });
         Self {
-            labels: page_labels(&pages),
-            sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
+            sized,
             quest_labels: (0..range.len()).map(|j| (j / QUEST_PAGE) as u32).collect(),
             quest_sizes: consecutive.iter().map(|ids| ids.len()).collect(),
             bound: ids(pages_by(&all, &bound, read)),
-            mean: ids(pages_by(&all, &mean, read)),
             probed_mean: ids(pages_by(&probed, &mean, read)),
             spread: ids(pages_by(&all, &spread, read)),
             prior: ids(take_fitting(
@@ -692,7 +760,6 @@ impl PageRoutes {
             )),
             quest_mean: ids(pages_by(&consecutive, &mean, read)),
             quest_spread: ids(pages_by(&consecutive, &spread, read)),
-            fine,
         }
     }
 }
@@ -1043,10 +1110,8 @@ fn prior_scores(
         let logits: Vec<f32> = means.iter().map(|m| scale * dot(q, m)).collect();
         let mut lse = vec![f32::NEG_INFINITY; n_partitions];
         for ((part, ids), &logit) in pages.iter().zip(&logits) {
-            let x = logit + (ids.len() as f32).ln();
             let l = &mut lse[*part as usize];
-            let hi = l.max(x);
-            *l = hi + ((*l - hi).exp() + (x - hi).exp()).ln();
+            *l = log_add(*l, logit + (ids.len() as f32).ln());
         }
         for (p, ((part, _), &logit)) in pages.iter().zip(&logits).enumerate() {
             let c = *part as usize;
@@ -1055,6 +1120,35 @@ fn prior_scores(
         }
     }
     best
+}
+
+/// Scores of `pages` (partition, key ids) by the group's estimated shares: for each query head
+/// h of the group, `exp(s·q_h·k̄_p − LSE_h)` with `LSE_h = log Σ_p′ n_p′·exp(s·q_h·k̄_p′)` — the
+/// share of h's mass per key of page p if each key held its page's mean logit — summed over the
+/// group's heads (s = 1/√D).
+fn share_scores(pages: &[(u32, Vec<usize>)], group_q: &[&[f32]], keys: &[Vec<f32>]) -> Vec<f32> {
+    let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(keys, ids)).collect();
+    let scale = 1.0 / (keys.first().map_or(1, Vec::len) as f32).sqrt();
+    let mut summed = vec![0f32; pages.len()];
+    for q in group_q {
+        let logits: Vec<f32> = means.iter().map(|m| scale * dot(q, m)).collect();
+        let lse = pages
+            .iter()
+            .zip(&logits)
+            .fold(f32::NEG_INFINITY, |l, ((_, ids), &logit)| {
+                log_add(l, logit + (ids.len() as f32).ln())
+            });
+        for (s, &logit) in summed.iter_mut().zip(&logits) {
+            *s += (logit - lse).exp();
+        }
+    }
+    summed
+}
+
+/// `ln(eˡ + eˣ)` without overflow (`l` may be −∞).
+fn log_add(l: f32, x: f32) -> f32 {
+    let hi = l.max(x);
+    hi + ((l - hi).exp() + (x - hi).exp()).ln()
 }
 
 /// The best over the group's queries `group_q` of the second-order estimate of
@@ -1508,6 +1602,26 @@ mod tests {
             "{weighed:?}"
         );
         assert!((weighed[0] - (flat[0] - 5.0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn group_shares_sum_each_heads_estimate() {
+        // Pages of 16 keys at [2, 0], [0, 2] and [0, 0]; head 1 looks along x, head 2 along y.
+        let keys: Vec<Vec<f32>> = (0..48)
+            .map(|j| [vec![2.0, 0.0], vec![0.0, 2.0], vec![0.0, 0.0]][j / 16].clone())
+            .collect();
+        let pages: Vec<(u32, Vec<usize>)> = (0..3)
+            .map(|p| (p, (16 * p as usize..16 * p as usize + 16).collect()))
+            .collect();
+        let (q1, q2) = ([1.0f32, 0.0], [0.0f32, 1.0]);
+        let shares = share_scores(&pages, &[&q1, &q2], &keys);
+        // Each head's estimated shares per key, times the keys, sum to 1: the group's to 2.
+        let total: f32 = shares.iter().map(|s| 16.0 * s).sum();
+        assert!((total - 2.0).abs() < 1e-5, "{shares:?}");
+        let e = (2.0 / 2f32.sqrt()).exp();
+        let wanted = (e + 1.0) / (16.0 * (e + 2.0));
+        assert!((shares[0] - wanted).abs() < 1e-6 && (shares[1] - wanted).abs() < 1e-6);
+        assert!(shares[2] < shares[0]);
     }
 
     #[test]
