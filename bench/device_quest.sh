@@ -10,7 +10,7 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing128f | fine128
+#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing32g | routing128f | fine128
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -136,6 +136,9 @@ pass32f)
 sanitize10)
   # Session 34: memcheck on the Quest parity test (partition pages of 16 and 4 keys).
   run timeout 300 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_matches_cpu ;;
+routing32g)
+  # NOTES §63: routing32f with the group caps and the group-share route.
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --context 32000 --seqs 1 --skip ppl,nih --out "$OUT/routing32g" ;;
 routing128f)
   # NOTES §61: routing32f at 120k (YaRN ×4).
   run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --seqs 1 --skip ppl,nih --out "$OUT/routing128f" ;;
