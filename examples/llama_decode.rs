@@ -74,7 +74,8 @@ struct Args {
     /// every layer), the others by the classifier; needs a keys budget
     #[arg(long, requires = "all_sparse", value_delimiter = ',', value_parser = parse_layer)]
     quest_layers: Vec<Layer>,
-    /// What Quest's pages keep and rank by: `bound` (Quest's min/max) or `mean` (their mean key)
+    /// What Quest's pages keep and rank by: `bound` (Quest's min/max), `mean` (their mean key) or
+    /// `shares` (their mean key, ranked by the group's summed estimated shares)
     #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
     page_score: PageScore,
     /// How Quest's pages cut the indexed keys: `consecutive` (Quest's), `partitions` (pages of 16

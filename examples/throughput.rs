@@ -116,7 +116,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     quest_window: Vec<usize>,
     /// What the pages of layers routed by Quest keep and rank by, comma-separated, each run
-    /// beside every window: `bound` (min and max, Quest's own) or `mean` (the mean key)
+    /// beside every window: `bound` (min and max, Quest's own), `mean` (the mean key) or
+    /// `shares` (the mean key, ranked by the group's summed estimated shares)
     #[arg(long, value_delimiter = ',', value_parser = common::parse_page_score, default_value = "bound")]
     page_score: Vec<PageScore>,
     /// How the pages of layers routed by Quest cut the indexed keys, comma-separated, each run
@@ -179,8 +180,11 @@ impl SaapRun {
         if let Some(window) = self.quest_window {
             label += &format!(", Quest layers' window {window}");
         }
-        if self.page_score == PageScore::Mean {
-            label += ", Quest pages by mean";
+        if self.page_score != PageScore::Bound {
+            label += &format!(
+                ", Quest pages by {}",
+                common::page_score_arg(self.page_score)
+            );
         }
         if let PageLayout::Partitions { page } = self.page_layout {
             label += &format!(", Quest pages of {page} over partitions");

@@ -461,7 +461,7 @@ impl SaapAttention {
     }
 
     /// Sets what [`Routing::Quest`]'s pages keep of their keys and so how a query ranks them
-    /// (default [`PageScore::Bound`], Quest's own). Pages kept for the other score are rebuilt
+    /// (default [`PageScore::Bound`], Quest's own). Pages kept for another score are rebuilt
     /// from the cache at once; other routings ignore it.
     ///
     /// # Errors

@@ -346,6 +346,22 @@ pub enum PageScore {
     /// 120k (0.501 vs 0.408) and lower perplexity with Quest in every layer, but higher in the
     /// calibrated hybrid, whose Quest layers were chosen with the bound.
     Mean,
+    /// The mean key k̄ too, but a KV group ranks pages by its heads' *summed* estimated shares
+    /// of their mass per key, `Σ_h exp(s·q_h·k̄_p − LSE_h)` with
+    /// `LSE_h = log Σ_p′ n_p′·exp(s·q_h·k̄_p′)` over the item's pages (n the page's keys,
+    /// s = 1/√D), where `Mean` takes the best head's `q·k̄`: a page the whole group wants then
+    /// outranks one a single head rates highly. Ranked with candle ops (not Quest's kernels).
+    /// Measured offline (bench/NOTES.md §63, at Saap's keys over partition pages of 16 / 4
+    /// keys): Qwen2.5 32k (G = 7) 0.432 / 0.532 of the indexed mass against the mean's 0.373 /
+    /// 0.444; SmolLM2 8k (G = 3) 0.534 / 0.621 against 0.515 / 0.585.
+    Shares,
+}
+
+impl PageScore {
+    /// Whether the pages keep their mean key (and no bounds).
+    pub fn keeps_means(self) -> bool {
+        self != Self::Bound
+    }
 }
 
 /// How [`Routing::Quest`] cuts the indexed keys into pages.

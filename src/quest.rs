@@ -5,7 +5,8 @@
 //! [`QUEST_PAGE`] tokens, page `p` holding positions `sinks + 16p ..` up to the next page or the
 //! item's `indexed_end`. Per (batch item, KV head, page) the op keeps the elementwise min and max
 //! of the page's post-RoPE keys ([`PageScore::Bound`]) or their mean ([`PageScore::Mean`], kept
-//! as min = max), recomputed only for the pages a window merge touches. The decode
+//! as min = max; with [`PageScore::Shares`] also each page's count of keys, ranked by
+//! [`route_by_shares`]), recomputed only for the pages a window merge touches. The decode
 //! op reads the chosen pages as [`Partitions::Pages`](crate::attend::Partitions::Pages): sinks ∪
 //! chosen pages ∪ window, as it reads Saap's partitions, with no directory to keep.
 //!
@@ -86,6 +87,9 @@ pub(crate) struct QuestPages {
     partition_offsets: Option<Vec<Vec<u32>>>,
     /// Keys per page (the last of a partition's may hold fewer).
     page: usize,
+    /// With [`PageScore::Shares`], `[B, Hkv, P]` f32: the keys each page holds (0 for a page
+    /// holding none), which weigh its mean in a head's estimated shares.
+    sizes: Option<Tensor>,
 }
 
 /// Where [`QuestPages::refresh`] cuts its pages.
@@ -149,6 +153,16 @@ impl QuestPages {
                 join(lows, (b, hkv, d), dev)?,
                 join(highs, (b, hkv, d), dev)?,
             );
+            let sizes: Vec<f32> = seqs
+                .iter()
+                .flat_map(|s| {
+                    let indexed = s.indexed_end.saturating_sub(sinks);
+                    let item: Vec<f32> = (0..n_pages)
+                        .map(|p| indexed.saturating_sub(p * page).min(page) as f32)
+                        .collect();
+                    std::iter::repeat_n(item, hkv).flatten()
+                })
+                .collect();
             return Ok(Self {
                 min,
                 max: (score == PageScore::Bound).then_some(max),
@@ -157,6 +171,7 @@ impl QuestPages {
                 page_keys: vec![QUEST_PAGE as f64; b],
                 partition_offsets: None,
                 page,
+                sizes: page_sizes(score, sizes, (b, hkv, n_pages), dev)?,
             });
         };
         let offsets = dir
@@ -170,6 +185,12 @@ impl QuestPages {
         let plan = PagePlan::new(offsets, n_partitions, hkv, reuse, page)?;
         let n_pages = plan.n_pages;
         let upload = |v: Vec<u32>, n: usize| Tensor::from_vec(v, (b, hkv, n), dev);
+        let sizes: Vec<f32> = plan
+            .page_offsets
+            .chunks(n_pages + 1)
+            .flat_map(|head| head.windows(2).map(|w| (w[1] - w[0]) as f32))
+            .collect();
+        let sizes = page_sizes(score, sizes, (b, hkv, n_pages), dev)?;
         let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
         let page_offsets = upload(plan.page_offsets, n_pages + 1)?;
         let filled = Tensor::from_vec(plan.filled, (b, hkv, n_pages), dev)?;
@@ -206,7 +227,7 @@ impl QuestPages {
             let min = place(old.map(|old| &old.min), lows)?;
             let max = match score {
                 PageScore::Bound => place(old.and_then(|old| old.max.as_ref()), highs)?,
-                PageScore::Mean => min.clone(),
+                PageScore::Mean | PageScore::Shares => min.clone(),
             };
             (min, max)
         };
@@ -218,6 +239,7 @@ impl QuestPages {
             page_keys: plan.page_keys,
             partition_offsets: Some(plan.partition_offsets),
             page,
+            sizes,
         })
     }
 
@@ -253,6 +275,7 @@ impl QuestPages {
             page_keys: self.page_keys.clone(),
             partition_offsets: self.partition_offsets.clone(),
             page: self.page,
+            sizes: self.sizes.as_ref().map(Tensor::copy).transpose()?,
         })
     }
 
@@ -273,6 +296,7 @@ impl QuestPages {
             page_keys,
             partition_offsets,
             page: self.page,
+            sizes: self.sizes.as_ref().map(select).transpose()?,
             min: select(&self.min)?,
             max: self.max.as_ref().map(select).transpose()?,
             filled: select(&self.filled)?,
@@ -293,8 +317,68 @@ impl QuestPages {
     /// [`route`] over these pages: `[B, Hkv, min(n_pages, P)]` u32 probes and `[B, Hkv, P]` f32
     /// group scores.
     pub(crate) fn route(&self, q: &Tensor, n_pages: usize) -> Result<(Tensor, Tensor)> {
-        route(q, &self.min, self.max(), &self.filled, n_pages)
+        match &self.sizes {
+            Some(sizes) => route_by_shares(q, &self.min, sizes, &self.filled, n_pages),
+            None => route(q, &self.min, self.max(), &self.filled, n_pages),
+        }
     }
+}
+
+/// `sizes` (`[B, Hkv, P]`, row-major) uploaded when `score` ranks by shares.
+fn page_sizes(
+    score: PageScore,
+    sizes: Vec<f32>,
+    shape: (usize, usize, usize),
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    Ok(match score {
+        PageScore::Shares => Some(Tensor::from_vec(sizes, shape, dev)?),
+        PageScore::Bound | PageScore::Mean => None,
+    })
+}
+
+/// Quest's routing by the group's estimated shares ([`PageScore::Shares`]): for rotated
+/// queries `q` (`[B, Hq, D]`) and the pages' mean keys `means` (`[B, Hkv, P, D]` f32) of `sizes`
+/// keys (`[B, Hkv, P]` f32), a page's group score is `Σ_h exp(s·q_h·k̄_p − LSE_h)` over the KV
+/// group's query heads, `LSE_h = log Σ_p′ sizes_p′·exp(s·q_h·k̄_p′)` and s = 1/√D — each head's
+/// share of its mass per key were every key at its page's mean logit. The `n_pages` best pages
+/// are listed as [`route`] lists them (page order, a slot whose page is not filled holds P),
+/// with the group scores `[B, Hkv, P]` f32 (0 for pages not filled) for a finite check. Candle
+/// ops on every device.
+///
+/// # Errors
+/// [`SaapError::Shape`] unless the means fit `q` (see [`page_scores`]); [`SaapError::Config`]
+/// when `n_pages` or P is 0, or on a CUDA device for more than [`MAX_CANDLE_SORT`] pages;
+/// [`SaapError::Candle`] when `sizes` or `filled` does not fit or a tensor operation fails.
+pub fn route_by_shares(
+    q: &Tensor,
+    means: &Tensor,
+    sizes: &Tensor,
+    filled: &Tensor,
+    n_pages: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (b, hq, d) = q.dims3()?;
+    let (_, hkv, p, _) = means.dims4()?;
+    if n_pages == 0 || p == 0 {
+        return Err(SaapError::Config(format!(
+            "Quest by shares: {n_pages} of {p} pages per step (both must be at least 1)"
+        )));
+    }
+    if q.device().is_cuda() && p > MAX_CANDLE_SORT {
+        return Err(SaapError::Config(format!(
+            "Quest by shares over {p} pages: candle's CUDA sort ranks at most {MAX_CANDLE_SORT}"
+        )));
+    }
+    let g = hq / hkv.max(1);
+    let scale = 1.0 / (d as f64).sqrt();
+    let logits = (page_scores(q, means, means)? * scale)?.reshape((b, hkv, g, p))?;
+    // ln 0 = −inf: a page without keys takes no share.
+    let weighed = logits.broadcast_add(&sizes.log()?.unsqueeze(2)?)?;
+    let lse = weighed.log_sum_exp(3)?.unsqueeze(3)?;
+    let shares = logits.broadcast_sub(&lse)?.exp()?.sum(2)?;
+    // An item without pages has LSE −inf and NaN shares: its pages are not filled, and score 0.
+    let scores = filled.where_cond(&shares, &shares.zeros_like()?)?;
+    Ok((top_filled(&scores, filled, n_pages.min(p))?, scores))
 }
 
 /// Quest's routing of rotated queries `q` (`[B, Hq, D]`): the `n_pages` best pages of each KV
@@ -339,14 +423,19 @@ pub fn route(
     }
     let scores = page_scores(q, min, max)?;
     let g = hq / hkv;
-    let dev = q.device();
     let scores = scores.reshape((b, hkv, g, p))?.max(2)?;
-    let unread = Tensor::full(f32::NEG_INFINITY, (b, hkv, p), dev)?;
-    let ranked = filled.where_cond(&scores, &unread)?;
+    Ok((top_filled(&scores, filled, k)?, scores))
+}
+
+/// The `k` best of the group scores `scores` (`[B, Hkv, P]`) among the pages `filled` marks,
+/// in page order, a slot without a filled page holding P: `[B, Hkv, k]` u32.
+fn top_filled(scores: &Tensor, filled: &Tensor, k: usize) -> Result<Tensor> {
+    let p = scores.dim(2)?;
+    let unread = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?;
+    let ranked = filled.where_cond(scores, &unread)?;
     let (top, _) = top_probes(&ranked, k)?.sort_last_dim(true)?;
-    let empty = Tensor::full(p as u32, top.shape(), dev)?;
-    let probes = filled.gather(&top, 2)?.where_cond(&top, &empty)?;
-    Ok((probes, scores))
+    let empty = Tensor::full(p as u32, top.shape(), scores.device())?;
+    Ok(filled.gather(&top, 2)?.where_cond(&top, &empty)?)
 }
 
 /// Whether [`route`] runs its CUDA kernels for these inputs rather than candle ops: built with
@@ -392,7 +481,7 @@ fn summarize(
                 lows.push(lo);
                 highs.push(hi);
             }
-            PageScore::Mean => lows.push(means(&keys, &valid, n, page)?),
+            PageScore::Mean | PageScore::Shares => lows.push(means(&keys, &valid, n, page)?),
         }
     }
     Ok(())

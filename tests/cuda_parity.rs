@@ -521,7 +521,11 @@ fn quest_case(
 fn quest_matches_cpu() {
     let Some(dev) = cuda() else { return };
     let s = seed("quest_matches_cpu");
-    for score in [saap::PageScore::Bound, saap::PageScore::Mean] {
+    for score in [
+        saap::PageScore::Bound,
+        saap::PageScore::Mean,
+        saap::PageScore::Shares,
+    ] {
         for layout in [
             saap::PageLayout::Consecutive,
             saap::PageLayout::PARTITIONS,

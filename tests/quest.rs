@@ -10,7 +10,7 @@ use common::*;
 use saap::attend::SeqExtent;
 use saap::budget::{column_probes, plan_column, PLAN_STEPS};
 use saap::config::{MAX_QUEST_PAGES, QUEST_PAGE};
-use saap::quest::{page_scores, route};
+use saap::quest::{page_scores, route, route_by_shares};
 use saap::{
     HeadLayout, PageLayout, PageScore, RopeKind, Routing, SaapAttention, SaapConfig, SaapError,
 };
@@ -132,7 +132,7 @@ fn bounds_ref(
                             }
                             match score {
                                 PageScore::Bound => (lo, hi),
-                                PageScore::Mean => (mean.clone(), mean),
+                                PageScore::Mean | PageScore::Shares => (mean.clone(), mean),
                             }
                         })
                         .collect()
@@ -153,7 +153,7 @@ fn check_bounds(op: &SaapAttention) {
         got.len() == want.len()
             && got.iter().zip(want).all(|(a, b)| match op.page_score() {
                 PageScore::Bound => a == b,
-                PageScore::Mean => (a - b).abs() <= 1e-5,
+                PageScore::Mean | PageScore::Shares => (a - b).abs() <= 1e-5,
             })
     };
     let longest = lists.iter().flatten().map(Vec::len).max().unwrap();
@@ -218,16 +218,34 @@ fn reference(
             .collect();
         let (mut item_pages, mut item_out) = (Vec::new(), Vec::new());
         for h in 0..HKV {
-            let score = |p: usize| {
+            // q·k̄ (or the bound) of head g of the group for page p.
+            let head_score = |g: usize, p: usize| {
                 let (lo, hi) = &bounds[b][h][p];
-                (0..G)
-                    .map(|g| {
-                        let qh = &q_rot[h * G + g];
-                        (0..DIM)
-                            .map(|d| (qh[d] * lo[d] as f64).max(qh[d] * hi[d] as f64))
-                            .sum::<f64>()
-                    })
-                    .fold(f64::NEG_INFINITY, f64::max)
+                let qh = &q_rot[h * G + g];
+                (0..DIM)
+                    .map(|d| (qh[d] * lo[d] as f64).max(qh[d] * hi[d] as f64))
+                    .sum::<f64>()
+            };
+            let n_lists = lists[b][h].len();
+            // With shares, each head's log-sum-exp over the pages of s·q·k̄ + ln n.
+            let scale = 1.0 / (DIM as f64).sqrt();
+            let lse: Vec<f64> = (0..G)
+                .map(|g| {
+                    (0..n_lists)
+                        .map(|p| {
+                            (scale * head_score(g, p) + (lists[b][h][p].len() as f64).ln()).exp()
+                        })
+                        .sum::<f64>()
+                        .ln()
+                })
+                .collect();
+            let score = |p: usize| match op.page_score() {
+                PageScore::Shares => (0..G)
+                    .map(|g| (scale * head_score(g, p) - lse[g]).exp())
+                    .sum::<f64>(),
+                PageScore::Bound | PageScore::Mean => (0..G)
+                    .map(|g| head_score(g, p))
+                    .fold(f64::NEG_INFINITY, f64::max),
             };
             let mut ranked: Vec<usize> = (0..lists[b][h].len()).collect();
             ranked.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
@@ -322,7 +340,7 @@ fn quest_over_every_page_equals_dense() {
 
 #[test]
 fn quest_matches_brute_force_reference() {
-    for score in [PageScore::Bound, PageScore::Mean] {
+    for score in [PageScore::Bound, PageScore::Mean, PageScore::Shares] {
         let (op, r) = quest_op(&[90, 40], 5);
         // The short item has fewer pages than a step reads: its empty slots must read nothing.
         assert!(pages_of(op.extents()[1], op.config().sinks) < N_PAGES);
@@ -337,8 +355,10 @@ fn partition_pages_match_brute_force_reference() {
     for (page, score) in [
         (QUEST_PAGE, PageScore::Mean),
         (QUEST_PAGE, PageScore::Bound),
+        (QUEST_PAGE, PageScore::Shares),
         (3, PageScore::Mean),
         (3, PageScore::Bound),
+        (3, PageScore::Shares),
     ] {
         let mut op =
             SaapAttention::from_index(&random_index(&config, 1, 6), 0, &Device::Cpu, DType::F32)
@@ -714,4 +734,35 @@ fn partition_pages_budget_counts_their_mean_size() {
         );
     }
     assert!(more >= 6, "{more} of 12 steps");
+}
+
+/// Shares over a ragged batch: an item with no page takes none (its slots hold P, its scores are
+/// 0, not the NaN of a log-sum-exp over nothing); the other's shares per key sum over its pages
+/// to G (each head's shares to 1).
+#[test]
+fn shares_route_skips_an_item_without_pages() {
+    let dev = Device::Cpu;
+    let mut r = rng(21);
+    let p = 5;
+    let means = randn(&mut r, &[2, HKV, p, DIM], 1.0);
+    let q = randn(&mut r, &[2, HQ, DIM], 1.0);
+    // Item 0: pages of 16, 16, 16, 7 and one empty; item 1: none.
+    let one: Vec<f32> = [16.0, 16.0, 16.0, 7.0, 0.0].repeat(HKV);
+    let sizes = Tensor::from_vec([one, vec![0.0; HKV * p]].concat(), (2, HKV, p), &dev).unwrap();
+    let filled = sizes.gt(0f32).unwrap();
+    let (probes, scores) = route_by_shares(&q, &means, &sizes, &filled, 2).unwrap();
+    let probes: Vec<Vec<Vec<u32>>> = probes.to_vec3().unwrap();
+    let scores: Vec<Vec<Vec<f32>>> = scores.to_vec3().unwrap();
+    let n: Vec<Vec<Vec<f32>>> = sizes.to_vec3().unwrap();
+    for h in 0..HKV {
+        assert!(probes[0][h].iter().all(|&x| x < 4), "{probes:?}");
+        assert_eq!(probes[1][h], vec![p as u32; 2]);
+        assert!(scores[1][h].iter().all(|&x| x == 0.0), "{scores:?}");
+        let total: f32 = scores[0][h].iter().zip(&n[0][h]).map(|(s, n)| s * n).sum();
+        assert!((total - G as f32).abs() < 1e-4, "{total}");
+    }
+    assert!(matches!(
+        route_by_shares(&q, &means, &sizes, &filled, 0),
+        Err(SaapError::Config(_))
+    ));
 }

@@ -42,13 +42,28 @@ fn without_backtrace(message: &str) -> &str {
         .trim_end()
 }
 
-/// `--page-score`'s value: what Quest's pages keep (`bound`: min and max, Quest's own; `mean`).
+/// `--page-score`'s value: what Quest's pages keep and rank by (`bound`: min and max, Quest's
+/// own; `mean`: the mean key, the group's best head; `shares`: the mean key, the group's summed
+/// estimated shares).
 #[allow(dead_code)] // not every example routes by Quest
 pub fn parse_page_score(value: &str) -> Result<PageScore, String> {
     match value {
         "bound" => Ok(PageScore::Bound),
         "mean" => Ok(PageScore::Mean),
-        _ => Err(format!("{value:?} is not a page score (bound or mean)")),
+        "shares" => Ok(PageScore::Shares),
+        _ => Err(format!(
+            "{value:?} is not a page score (bound, mean or shares)"
+        )),
+    }
+}
+
+/// `--page-score`'s value as the option takes it.
+#[allow(dead_code)] // not every example routes by Quest
+pub fn page_score_arg(score: PageScore) -> &'static str {
+    match score {
+        PageScore::Bound => "bound",
+        PageScore::Mean => "mean",
+        PageScore::Shares => "shares",
     }
 }
 
@@ -87,6 +102,7 @@ pub fn describe_pages(layout: PageLayout, score: PageScore) -> String {
     let by = match score {
         PageScore::Bound => "their min/max bound",
         PageScore::Mean => "their mean key",
+        PageScore::Shares => "the group's summed shares by their mean key",
     };
     format!("{pages}, ranked by {by}")
 }

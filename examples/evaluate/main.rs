@@ -105,7 +105,8 @@ struct Args {
     #[arg(long)]
     quest_window: Option<usize>,
     /// What the pages of layers routed by Quest keep and rank by: `bound` (min and max, Quest's
-    /// own) or `mean` (the mean key)
+    /// own), `mean` (the mean key) or `shares` (the mean key, ranked by the group's summed
+    /// estimated shares)
     #[arg(long, value_parser = common::parse_page_score, default_value = "bound")]
     page_score: PageScore,
     /// How the pages of layers routed by Quest cut the indexed keys: `consecutive` (Quest's
@@ -716,7 +717,8 @@ fn command_line(args: &Args) -> String {
         ("--quest-window", args.quest_window.map(|w| w.to_string())),
         (
             "--page-score",
-            (args.page_score == PageScore::Mean).then(|| "mean".to_string()),
+            (args.page_score != PageScore::Bound)
+                .then(|| common::page_score_arg(args.page_score).to_string()),
         ),
         (
             "--page-layout",
