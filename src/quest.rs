@@ -13,7 +13,8 @@
 //! With [`PageLayout::Partitions`](crate::PageLayout::Partitions) the pages are instead each
 //! partition's list of the index cut into pages of the layout's size (partition by partition,
 //! each list in position order), kept as a page directory over the index's perm that the decode
-//! op reads as it reads Saap's partitions ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
+//! op reads as it reads Saap's partitions
+//! ([`Partitions::Directory`](crate::attend::Partitions::Directory)).
 //! A merge computes the pages whose keys it changed (each grown partition's last page and its new
 //! ones) and moves the others to their new numbers: a partition that gains a page shifts those
 //! of the pages after it.
@@ -153,16 +154,17 @@ impl QuestPages {
                 join(lows, (b, hkv, d), dev)?,
                 join(highs, (b, hkv, d), dev)?,
             );
-            let sizes: Vec<f32> = seqs
-                .iter()
-                .flat_map(|s| {
-                    let indexed = s.indexed_end.saturating_sub(sinks);
-                    let item: Vec<f32> = (0..n_pages)
-                        .map(|p| indexed.saturating_sub(p * page).min(page) as f32)
-                        .collect();
-                    std::iter::repeat_n(item, hkv).flatten()
-                })
-                .collect();
+            let sizes = || {
+                seqs.iter()
+                    .flat_map(|s| {
+                        let indexed = s.indexed_end.saturating_sub(sinks);
+                        let item: Vec<f32> = (0..n_pages)
+                            .map(|p| indexed.saturating_sub(p * page).min(page) as f32)
+                            .collect();
+                        std::iter::repeat_n(item, hkv).flatten()
+                    })
+                    .collect()
+            };
             return Ok(Self {
                 min,
                 max: (score == PageScore::Bound).then_some(max),
@@ -185,11 +187,12 @@ impl QuestPages {
         let plan = PagePlan::new(offsets, n_partitions, hkv, reuse, page)?;
         let n_pages = plan.n_pages;
         let upload = |v: Vec<u32>, n: usize| Tensor::from_vec(v, (b, hkv, n), dev);
-        let sizes: Vec<f32> = plan
-            .page_offsets
-            .chunks(n_pages + 1)
-            .flat_map(|head| head.windows(2).map(|w| (w[1] - w[0]) as f32))
-            .collect();
+        let sizes = || {
+            plan.page_offsets
+                .chunks(n_pages + 1)
+                .flat_map(|head| head.windows(2).map(|w| (w[1] - w[0]) as f32))
+                .collect()
+        };
         let sizes = page_sizes(score, sizes, (b, hkv, n_pages), dev)?;
         let perm = dir.narrow(2, n_partitions + 1, k.dim(2)?)?.contiguous()?;
         let page_offsets = upload(plan.page_offsets, n_pages + 1)?;
@@ -324,15 +327,16 @@ impl QuestPages {
     }
 }
 
-/// `sizes` (`[B, Hkv, P]`, row-major) uploaded when `score` ranks by shares.
+/// The pages' `sizes` (`[B, Hkv, P]`, row-major), computed and uploaded when `score` ranks by
+/// shares.
 fn page_sizes(
     score: PageScore,
-    sizes: Vec<f32>,
+    sizes: impl FnOnce() -> Vec<f32>,
     shape: (usize, usize, usize),
     dev: &Device,
 ) -> Result<Option<Tensor>> {
     Ok(match score {
-        PageScore::Shares => Some(Tensor::from_vec(sizes, shape, dev)?),
+        PageScore::Shares => Some(Tensor::from_vec(sizes(), shape, dev)?),
         PageScore::Bound | PageScore::Mean => None,
     })
 }
