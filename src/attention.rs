@@ -14,7 +14,7 @@ use crate::index::SaapIndex;
 use crate::partition::assign::{assign_rows, prepare_centroids};
 use crate::partition::scan::{dir_len, merge, MergeOp};
 use crate::partition::summary::Summaries;
-use crate::quest::{PageCut, QuestPages};
+use crate::quest::{pages_of, PageCut, QuestPages};
 use crate::rope::{KvWrite, Rope};
 use candle_core::{DType, Device, Tensor};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -827,7 +827,6 @@ impl SaapAttention {
         let (Routing::Quest, Some(state)) = (self.routing, &self.state) else {
             return Ok(());
         };
-        let sinks = self.config.sinks;
         // Partition pages: at most one more page per partition (its short last one).
         let (page, extra) = match self.page_layout {
             PageLayout::Consecutive => (QUEST_PAGE, 0),
@@ -836,7 +835,7 @@ impl SaapAttention {
         let pages = state
             .seqs
             .iter()
-            .map(|s| s.indexed_end.saturating_sub(sinks).div_ceil(page) + extra)
+            .map(|s| pages_of(s, self.config.sinks, page) + extra)
             .max()
             .unwrap_or(0);
         if pages > MAX_QUEST_PAGES {

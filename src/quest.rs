@@ -29,9 +29,9 @@ use candle_core::{DType, Device, Tensor};
 /// 8192 rows of f32 keys per KV head.
 const PAGES_PER_PASS: usize = 512;
 
-/// Pages over an item's indexed region (the last one may be partial).
-fn pages_of(seq: &SeqExtent, sinks: usize) -> usize {
-    seq.indexed_end.saturating_sub(sinks).div_ceil(QUEST_PAGE)
+/// Pages of `page` keys over an item's indexed region (the last one may be partial).
+pub(crate) fn pages_of(seq: &SeqExtent, sinks: usize, page: usize) -> usize {
+    seq.indexed_end.saturating_sub(sinks).div_ceil(page)
 }
 
 /// Quest page scores of post-RoPE queries: for query head `h` (of KV group `h / G`) and page
@@ -139,7 +139,11 @@ impl QuestPages {
             dir, n_partitions, ..
         } = cut
         else {
-            let n_pages = seqs.iter().map(|s| pages_of(s, sinks)).max().unwrap_or(0);
+            let n_pages = seqs
+                .iter()
+                .map(|s| pages_of(s, sinks, page))
+                .max()
+                .unwrap_or(0);
             let kept = old.map_or(0, |old| first.min(old.n_pages()).min(n_pages));
             let (mut lows, mut highs) = (Vec::new(), Vec::new());
             if let (Some(old), true) = (old, kept > 0) {
@@ -775,7 +779,7 @@ fn page_mask(
     let mask: Vec<u8> = seqs
         .iter()
         .flat_map(|s| {
-            let pages = pages_of(s, sinks);
+            let pages = pages_of(s, sinks, QUEST_PAGE);
             (0..heads).flat_map(move |_| (first..first + n).map(move |p| u8::from(p < pages)))
         })
         .collect();
