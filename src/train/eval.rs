@@ -703,7 +703,6 @@ impl PageRoutes {
         keys: &[Vec<f32>],
         read: usize,
     ) -> Self {
-        let pages = partition_pages(labels, range.clone(), wide.len(), QUEST_PAGE);
         let page_labels = |pages: &[(u32, Vec<usize>)]| {
             let mut page_labels = vec![0u32; range.len()];
             for (p, (_, ids)) in pages.iter().enumerate() {
@@ -714,52 +713,74 @@ impl PageRoutes {
             page_labels
         };
         let bound = |ids: &[usize]| bound_score(group_q, &bounds_of(ids.iter().map(|&j| &keys[j])));
-        let mean = |ids: &[usize]| mean_score(group_q, keys, ids);
-        let spread = |ids: &[usize]| spread_score(group_q, keys, ids);
+        let ids = |route: Vec<&[usize]>| route.concat();
+        let means_of = |pages: &[&[usize]]| -> Vec<Vec<f32>> {
+            pages.iter().map(|ids| mean_of(keys, ids)).collect()
+        };
+        let mean_scores = |means: &[Vec<f32>]| -> Vec<f32> {
+            means.iter().map(|m| mean_score(group_q, m)).collect()
+        };
+        // Per page size, the pages, their mean keys and mean scores, computed once for every
+        // route over them.
+        let cuts = PARTITION_PAGE_SIZES.map(|size| {
+            let pages = partition_pages(labels, range.clone(), wide.len(), size);
+            let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+            let means = means_of(&all);
+            let scores = mean_scores(&means);
+            (pages, means, scores)
+        });
+        let sized = cuts.each_ref().map(|(pages, means, scores)| {
+            let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
+            SizedPages {
+                labels: page_labels(pages),
+                sizes: all.iter().map(|ids| ids.len()).collect(),
+                mean: ids(fitting(&all, scores, read)),
+                share: ids(fitting(&all, &share_scores(pages, means, group_q), read)),
+            }
+        });
+        let (pages, means, scores) = &cuts[0];
         let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let probed: Vec<&[usize]> = pages
+        let (probed, probed_scores): (Vec<&[usize]>, Vec<f32>) = pages
             .iter()
-            .filter(|(p, _)| wide[*p as usize])
-            .map(|(_, ids)| ids.as_slice())
-            .collect();
+            .zip(scores)
+            .filter(|((p, _), _)| wide[*p as usize])
+            .map(|((_, ids), &score)| (ids.as_slice(), score))
+            .unzip();
+        let spread_scores = |pages: &[&[usize]], means: &[Vec<f32>]| -> Vec<f32> {
+            pages
+                .iter()
+                .zip(means)
+                .map(|(ids, mean)| spread_score(group_q, keys, ids, mean))
+                .collect()
+        };
         let consecutive: Vec<Vec<usize>> = consecutive_pages(range.clone())
             .into_iter()
             .map(Iterator::collect)
             .collect();
         let consecutive: Vec<&[usize]> = consecutive.iter().map(Vec::as_slice).collect();
-        let ids = |route: Vec<&[usize]>| route.concat();
-        let sized = PARTITION_PAGE_SIZES.map(|size| {
-            let pages = partition_pages(labels, range.clone(), wide.len(), size);
-            let all: Vec<&[usize]> = pages.iter().map(|(_, ids)| ids.as_slice()).collect();
-            let shares = share_scores(&pages, group_q, keys);
-            SizedPages {
-                labels: page_labels(&pages),
-                sizes: pages.iter().map(|(_, ids)| ids.len()).collect(),
-                mean: ids(pages_by(&all, &mean, read)),
-                share: ids(take_fitting(
-                    &ranked_by(&all, &shares),
-                    |ids| ids.len(),
-                    read,
-                )),
-            }
-        });
+        let consecutive_means = means_of(&consecutive);
         Self {
-            sized,
             quest_labels: (0..range.len()).map(|j| (j / QUEST_PAGE) as u32).collect(),
             quest_sizes: consecutive.iter().map(|ids| ids.len()).collect(),
             bound: ids(pages_by(&all, &bound, read)),
-            probed_mean: ids(pages_by(&probed, &mean, read)),
-            spread: ids(pages_by(&all, &spread, read)),
-            prior: ids(take_fitting(
-                &ranked_by(
-                    &all,
-                    &prior_scores(&pages, wide.len(), group_q, prior, keys),
-                ),
-                |ids| ids.len(),
+            probed_mean: ids(fitting(&probed, &probed_scores, read)),
+            spread: ids(fitting(&all, &spread_scores(&all, means), read)),
+            prior: ids(fitting(
+                &all,
+                &prior_scores(pages, means, wide.len(), group_q, prior),
                 read,
             )),
-            quest_mean: ids(pages_by(&consecutive, &mean, read)),
-            quest_spread: ids(pages_by(&consecutive, &spread, read)),
+            quest_mean: ids(fitting(
+                &consecutive,
+                &mean_scores(&consecutive_means),
+                read,
+            )),
+            quest_spread: ids(fitting(
+                &consecutive,
+                &spread_scores(&consecutive, &consecutive_means),
+                read,
+            )),
+            sized,
         }
     }
 }
@@ -1082,13 +1103,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum()
 }
 
-/// `max over the group's queries of q·k̄`, k̄ the mean of the rows `ids` of `keys`.
-fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
-    let mean = mean_of(keys, ids);
+/// `max over the group's queries of q·k̄`, k̄ a page's `mean` key.
+fn mean_score(group_q: &[&[f32]], mean: &[f32]) -> f32 {
     group_q
         .iter()
-        .map(|q| dot(q, &mean))
+        .map(|q| dot(q, mean))
         .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Each head's logits `s·q_h·k̄_p` of the pages' `means` (s = 1/√D).
+fn head_logits(group_q: &[&[f32]], means: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let scale = 1.0 / (means.first().map_or(1, Vec::len) as f32).sqrt();
+    group_q
+        .iter()
+        .map(|q| means.iter().map(|m| scale * dot(q, m)).collect())
+        .collect()
 }
 
 /// Scores of `pages` (partition, key ids) with a routing's prior: for query head h of the
@@ -1098,22 +1127,19 @@ fn mean_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
 /// group's heads; without a prior, every partition alike.
 fn prior_scores(
     pages: &[(u32, Vec<usize>)],
+    means: &[Vec<f32>],
     n_partitions: usize,
     group_q: &[&[f32]],
     prior: Option<&[&[f32]]>,
-    keys: &[Vec<f32>],
 ) -> Vec<f32> {
-    let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(keys, ids)).collect();
-    let scale = 1.0 / (keys.first().map_or(1, Vec::len) as f32).sqrt();
     let mut best = vec![f32::NEG_INFINITY; pages.len()];
-    for (h, q) in group_q.iter().enumerate() {
-        let logits: Vec<f32> = means.iter().map(|m| scale * dot(q, m)).collect();
+    for (h, logits) in head_logits(group_q, means).iter().enumerate() {
         let mut lse = vec![f32::NEG_INFINITY; n_partitions];
-        for ((part, ids), &logit) in pages.iter().zip(&logits) {
+        for ((part, ids), &logit) in pages.iter().zip(logits) {
             let l = &mut lse[*part as usize];
             *l = log_add(*l, logit + (ids.len() as f32).ln());
         }
-        for (p, ((part, _), &logit)) in pages.iter().zip(&logits).enumerate() {
+        for (p, ((part, _), &logit)) in pages.iter().zip(logits).enumerate() {
             let c = *part as usize;
             let score = prior.map_or(0.0, |prior| prior[h][c]) + logit - lse[c];
             best[p] = best[p].max(score);
@@ -1126,12 +1152,9 @@ fn prior_scores(
 /// h of the group, `exp(s·q_h·k̄_p − LSE_h)` with `LSE_h = log Σ_p′ n_p′·exp(s·q_h·k̄_p′)` — the
 /// share of h's mass per key of page p if each key held its page's mean logit — summed over the
 /// group's heads (s = 1/√D).
-fn share_scores(pages: &[(u32, Vec<usize>)], group_q: &[&[f32]], keys: &[Vec<f32>]) -> Vec<f32> {
-    let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(keys, ids)).collect();
-    let scale = 1.0 / (keys.first().map_or(1, Vec::len) as f32).sqrt();
+fn share_scores(pages: &[(u32, Vec<usize>)], means: &[Vec<f32>], group_q: &[&[f32]]) -> Vec<f32> {
     let mut summed = vec![0f32; pages.len()];
-    for q in group_q {
-        let logits: Vec<f32> = means.iter().map(|m| scale * dot(q, m)).collect();
+    for logits in head_logits(group_q, means) {
         let lse = pages
             .iter()
             .zip(&logits)
@@ -1153,17 +1176,17 @@ fn log_add(l: f32, x: f32) -> f32 {
 
 /// The best over the group's queries `group_q` of the second-order estimate of
 /// `log mean_j exp(s·q·k_j) / s` over the rows `ids` of `keys` (s = 1/√D, the softmax scale):
-/// `q·k̄ + (s/2)·Σ_d q_d²·σ_d²`, k̄ and σ² the rows' mean and variance per dimension. The mean's
-/// score ([`mean_score`]) is the first term, a lower bound (Jensen); the second adds what the
-/// keys' spread along the query makes of the page's largest logits.
-fn spread_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize]) -> f32 {
-    let d = keys.first().map_or(0, Vec::len);
+/// `q·k̄ + (s/2)·Σ_d q_d²·σ_d²`, k̄ (`mean`, [`mean_of`] the rows) and σ² the rows' mean and
+/// variance per dimension. The mean's score ([`mean_score`]) is the first term, a lower bound
+/// (Jensen); the second adds what the keys' spread along the query makes of the page's largest
+/// logits.
+fn spread_score(group_q: &[&[f32]], keys: &[Vec<f32>], ids: &[usize], mean: &[f32]) -> f32 {
+    let d = mean.len();
     let n = ids.len().max(1) as f32;
-    let mean = mean_of(keys, ids);
     let mut var = vec![0f32; d];
     for &j in ids {
         var.iter_mut()
-            .zip(keys[j].iter().zip(&mean))
+            .zip(keys[j].iter().zip(mean))
             .for_each(|(v, (x, m))| *v += (x - m) * (x - m) / n);
     }
     let half_scale = 0.5 / (d.max(1) as f32).sqrt();
@@ -1186,7 +1209,13 @@ fn pages_by<'a>(
     budget: usize,
 ) -> Vec<&'a [usize]> {
     let scores: Vec<f32> = pages.iter().map(|ids| score(ids)).collect();
-    take_fitting(&ranked_by(pages, &scores), |ids| ids.len(), budget)
+    fitting(pages, &scores, budget)
+}
+
+/// `pages` (key ids) ranked by their `scores`, taken whole while they fit in `budget` keys
+/// ([`take_fitting`]).
+fn fitting<'a>(pages: &[&'a [usize]], scores: &[f32], budget: usize) -> Vec<&'a [usize]> {
+    take_fitting(&ranked_by(pages, scores), |ids| ids.len(), budget)
 }
 
 /// `items` by descending `scores`; equal scores keep the earlier item first.
@@ -1559,14 +1588,14 @@ mod tests {
         let (loose, tight): (Vec<usize>, Vec<usize>) = ((0..16).collect(), (16..32).collect());
         let two = [loose.as_slice(), tight.as_slice()];
         let bound = |ids: &[usize]| bound_score(&[&q], &bounds_of(ids.iter().map(|&j| &spread[j])));
-        let mean = |ids: &[usize]| mean_score(&[&q], &spread, ids);
+        let mean = |ids: &[usize]| mean_score(&[&q], &mean_of(&spread, ids));
         assert_eq!((bound(&loose), bound(&tight)), (3.0, 1.0));
         assert_eq!((mean(&loose), mean(&tight)), (0.0, 1.0));
         assert_eq!(pages_by(&two, &bound, 16), vec![loose.as_slice()]);
         assert_eq!(pages_by(&two, &mean, 16), vec![tight.as_slice()]);
         // Mean and spread: the loose page's variance 9 along the query adds (s/2)·9 with
         // s = 1/√2, the tight page's nothing.
-        let spread_of = |ids: &[usize]| spread_score(&[&q], &spread, ids);
+        let spread_of = |ids: &[usize]| spread_score(&[&q], &spread, ids, &mean_of(&spread, ids));
         assert!((spread_of(&loose) - 4.5 / 2f32.sqrt()).abs() < 1e-5);
         assert!((spread_of(&tight) - 1.0).abs() < 1e-6);
         assert_eq!(pages_by(&two, &spread_of, 16), vec![loose.as_slice()]);
@@ -1589,14 +1618,15 @@ mod tests {
             .collect();
         let q = [1.0f32, 0.0];
         let s = 1.0 / 2f32.sqrt();
-        let flat = prior_scores(&pages, 2, &[&q], None, &keys);
+        let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(&keys, ids)).collect();
+        let flat = prior_scores(&pages, &means, 2, &[&q], None);
         let ln16 = 16f32.ln();
         let first = 2.0 * s - (ln16 + 2.0 * s + (1.0 + (-s).exp()).ln());
         assert!((flat[0] - first).abs() < 1e-5, "{flat:?}");
         assert!((flat[2] + ln16).abs() < 1e-5, "{flat:?}");
         // A prior for partition 1 reverses the order; the pages inside partition 0 keep theirs.
         let prior = [-5.0f32, 0.0];
-        let weighed = prior_scores(&pages, 2, &[&q], Some(&[&prior]), &keys);
+        let weighed = prior_scores(&pages, &means, 2, &[&q], Some(&[&prior]));
         assert!(
             weighed[2] > weighed[0] && weighed[0] > weighed[1],
             "{weighed:?}"
@@ -1614,7 +1644,8 @@ mod tests {
             .map(|p| (p, (16 * p as usize..16 * p as usize + 16).collect()))
             .collect();
         let (q1, q2) = ([1.0f32, 0.0], [0.0f32, 1.0]);
-        let shares = share_scores(&pages, &[&q1, &q2], &keys);
+        let means: Vec<Vec<f32>> = pages.iter().map(|(_, ids)| mean_of(&keys, ids)).collect();
+        let shares = share_scores(&pages, &means, &[&q1, &q2]);
         // Each head's estimated shares per key, times the keys, sum to 1: the group's to 2.
         let total: f32 = shares.iter().map(|s| 16.0 * s).sum();
         assert!((total - 2.0).abs() < 1e-5, "{shares:?}");
