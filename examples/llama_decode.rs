@@ -290,19 +290,18 @@ fn run(args: Args) -> Res<()> {
                 Some(_) => None,
                 None => args.keys_budget.or(c.keys_budget),
             };
-            let quest_layers: Vec<usize> = match args.quest_layers.as_slice() {
-                [] => Vec::new(),
-                layers if layers.iter().any(|l| matches!(l, Layer::All)) => {
-                    (0..model.n_layers()).collect()
-                }
-                layers => layers
-                    .iter()
-                    .filter_map(|l| match l {
-                        Layer::One(i) => Some(*i),
-                        Layer::All => None,
-                    })
-                    .collect(),
-            };
+            let quest_layers: Vec<usize> =
+                match args.quest_layers.iter().any(|l| matches!(l, Layer::All)) {
+                    true => (0..model.n_layers()).collect(),
+                    false => args
+                        .quest_layers
+                        .iter()
+                        .filter_map(|l| match l {
+                            Layer::One(i) => Some(*i),
+                            Layer::All => None,
+                        })
+                        .collect(),
+                };
             common::check_layers("--quest-layers", &quest_layers, model.n_layers())?;
             if (args.hybrid || !quest_layers.is_empty()) && budget.is_none() {
                 return Err(
