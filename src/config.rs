@@ -357,12 +357,6 @@ pub enum PageScore {
     Shares,
 }
 
-impl PageScore {
-    /// Whether the pages keep their mean key (and no bounds).
-    pub fn keeps_means(self) -> bool {
-        self != Self::Bound
-    }
-}
 
 /// How [`Routing::Quest`] cuts the indexed keys into pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
