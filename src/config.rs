@@ -357,7 +357,6 @@ pub enum PageScore {
     Shares,
 }
 
-
 /// How [`Routing::Quest`] cuts the indexed keys into pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PageLayout {
