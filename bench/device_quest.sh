@@ -10,7 +10,8 @@
 #   binaries; --window-share was removed after them) | qwin128 | fused | qplan128 | qpass128 BUDGET |
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
-#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing32g | routing128f | fine128
+#   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing32g | routing128f | fine128 |
+#   tests11 | shares32 | pass32s | shares128 | pass128s BUDGET
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -146,6 +147,30 @@ fine128)
   # NOTES §61: 120k, 3%, Quest in every layer, partition pages of 16 and 8 keys by mean (pages of
   # 4 exceed MAX_QUEST_PAGES there).
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03 --page-score mean --page-layout partitions:16,partitions:8 --quest-layers "$ALL" ;;
+tests11)
+  # Session 35 (NOTES §66): parity (Quest by shares, its top-k on the selection kernels up to
+  # MAX_QUEST_PAGES) and graphs; memcheck and racecheck on the shares' parity test.
+  run "$bin/cuda_parity" --test-threads 1
+  run "$bin/graph" --test-threads 1
+  run timeout 200 "$sanitizer" --tool memcheck "$bin/cuda_parity" --test-threads 1 quest_shares_route quest_matches_cpu
+  run timeout 150 "$sanitizer" --tool racecheck "$bin/cuda_parity" --test-threads 1 quest_shares_route ;;
+shares32)
+  # NOTES §66: 32k, batch 8, 8 × 1023 tokens, Quest in every layer at 10% over partition pages of
+  # 16 and 4 keys, by mean and by the group's shares; then the hybrid at 11% over pages of 4.
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.10 --index "$I/q32k.safetensors" --page-score mean,shares --page-layout partitions:16,partitions:4 --quest-layers "$ALL"
+  run "$bin/throughput" --model "$M" --cuda --context 32000 --batch 8 --tokens 1024 --all-sparse --graph on --plan-floor 0.25 --keys-budget 0.11 --index "$I/q32k.safetensors" --page-score mean,shares --page-layout partitions:4 --hybrid ;;
+pass32s)
+  # NOTES §66: passkeys at 32k, 5 depths, Quest in every layer over partition pages of 4 keys by
+  # the group's shares at 10%.
+  run "$bin/evaluate" --model "$M" --cuda --index "$I/q32k.safetensors" --all-sparse --quest-layers "$ALL" --keys-budget 0.10 --plan-floor 0.25 --quest-budget 0.10 --page-score shares --page-layout partitions:4 --skip routing,ppl --nih-lengths 32000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey32-shares4-0.10" ;;
+shares128)
+  # NOTES §66: 120k (YaRN ×4), batch 8, 8 × 1023 tokens, Quest in every layer at 3% and 4% over
+  # partition pages of 8 keys, by mean and by the group's shares.
+  run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --page-score mean,shares --page-layout partitions:8 --quest-layers "$ALL" ;;
+pass128s)
+  # NOTES §66: passkeys at 120k, 5 depths, Quest in every layer over partition pages of 8 keys by
+  # the group's shares at budget $2.
+  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --quest-layers "$ALL" --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score shares --page-layout partitions:8 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-shares8-$2" ;;
 sanitize8)
   # Session 33: memcheck on the Quest parity test (partition pages: the decode's directory path
   # with one list per KV group, candle's gathers) and on the graph replays; racecheck on the Quest
