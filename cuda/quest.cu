@@ -7,6 +7,7 @@
 //    q_d > 0, else q_d·min_d). A NaN of any head makes the group score NaN, so the caller's finite
 //    check sees it. Each block also counts its pages into a histogram of the row's ranking bits
 //    (their top QUEST_BIN_BITS), so that the selection needs no radix pass over every page.
+//    saap_quest_hist counts that histogram for group scores computed elsewhere (by shares).
 // 2. saap_quest_select + saap_quest_emit: per (item, KV head) the k best pages (pages without
 //    keys of the item rank as -inf, with NaN), listed in page order once for the group's query
 //    heads, a page without keys written as P; each row spread over blocks of QUEST_CHUNK pages
@@ -110,6 +111,25 @@ SAAP_QUEST_SCORES_GROUPS(bf16, __nv_bfloat16, 64)
 SAAP_QUEST_SCORES_GROUPS(bf16, __nv_bfloat16, 128)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 64)
 SAAP_QUEST_SCORES_GROUPS(f16, __half, 128)
+
+// The histogram saap_quest_scores counts, of group scores computed elsewhere (Quest by shares:
+// candle ops), so that the same selection ranks them. scores: [rows, P] f32; filled: [rows, P]
+// u8; hist: [rows, QUEST_BINS] u32, zero before the launch. Grid: (ceil(P / QUEST_THREADS),
+// rows), one page per thread.
+extern "C" __global__ void __launch_bounds__(QUEST_THREADS)
+    saap_quest_hist(const float* __restrict__ scores, const uint8_t* __restrict__ filled,
+                    uint32_t* __restrict__ hist, uint32_t P) {
+    const uint32_t row = blockIdx.y, p = blockIdx.x * QUEST_THREADS + threadIdx.x;
+    uint32_t bin = QUEST_BINS;  // none
+    if (p < P) {
+        const size_t at = (size_t)row * P + p;
+        bin = score_bits(filled[at] ? scores[at] : -INFINITY) >> (32 - QUEST_BIN_BITS);
+    }
+    // Every lane reaches the match; one atomic per distinct bin of the warp's pages.
+    const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+    if (bin < QUEST_BINS && (threadIdx.x & 31) == (uint32_t)__ffs(peers) - 1)
+        atomicAdd(&hist[(size_t)row * QUEST_BINS + bin], (uint32_t)__popc(peers));
+}
 
 // Quest's top-k, spread over the GPU: with one block per row it was one SM's instruction
 // throughput at batch 1 (20.9 us at 7.5k pages, NOTES §41-43). Each row is cut into chunks of

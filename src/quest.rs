@@ -352,11 +352,13 @@ fn page_sizes(
 /// share of its mass per key were every key at its page's mean logit. The `n_pages` best pages
 /// are listed as [`route`] lists them (page order, a slot whose page is not filled holds P),
 /// with the group scores `[B, Hkv, P]` f32 (0 for pages not filled) for a finite check. Candle
-/// ops on every device.
+/// ops score the pages; on a CUDA device Quest's selection kernels (those of [`route`]) pick the
+/// best where they take the shape, candle's sort elsewhere.
 ///
 /// # Errors
-/// [`SaapError::Shape`] unless the means fit `q` (see [`page_scores`]); [`SaapError::Config`]
-/// when `n_pages` or P is 0, or on a CUDA device for more than [`MAX_CANDLE_SORT`] pages;
+/// [`SaapError::Shape`] unless the means fit `q` (`[B, Hkv dividing Hq, P, D]`);
+/// [`SaapError::Config`] when `n_pages` or P is 0, or on a CUDA device whose selection kernels
+/// cannot take this shape, with more than [`MAX_CANDLE_SORT`] pages;
 /// [`SaapError::Candle`] when `sizes` or `filled` does not fit or a tensor operation fails.
 pub fn route_by_shares(
     q: &Tensor,
@@ -372,14 +374,18 @@ pub fn route_by_shares(
             "Quest by shares: {n_pages} of {p} pages per step (both must be at least 1)"
         )));
     }
-    if q.device().is_cuda() && p > MAX_CANDLE_SORT {
-        return Err(SaapError::Config(format!(
-            "Quest by shares over {p} pages: candle's CUDA sort ranks at most {MAX_CANDLE_SORT}"
-        )));
+    if means.dim(0)? != b || means.dim(3)? != d || hkv == 0 || hq % hkv != 0 {
+        return Err(SaapError::Shape {
+            name: "page means",
+            expected: format!("[{b}, Hkv dividing {hq}, P, {d}]"),
+            got: means.dims().to_vec(),
+        });
     }
-    let g = hq / hkv.max(1);
+    let g = hq / hkv;
     let scale = 1.0 / (d as f64).sqrt();
-    let logits = (page_scores(q, means, means)? * scale)?.reshape((b, hkv, g, p))?;
+    // Each head's q·k̄ of every page: one GEMM (the bound's two halves coincide for a mean).
+    let q = q.to_dtype(DType::F32)?.reshape((b, hkv, g, d))?;
+    let logits = (q.matmul(&means.transpose(2, 3)?)? * scale)?;
     // ln 0 = −inf: a page without keys takes no share.
     let weighed = logits.broadcast_add(&sizes.log()?.unsqueeze(2)?)?;
     let lse = weighed.log_sum_exp(3)?.unsqueeze(3)?;
@@ -401,13 +407,14 @@ pub fn route_by_shares(
 /// `min`, `max`: `[B, Hkv, P, D]` f32 page bounds; `filled`: `[B, Hkv, P]` u8. Two CUDA kernels
 /// where [`route_on_kernels`] says so, with the same pages up to the order of f32 summation (a
 /// NaN score of any query head makes its group's score NaN there; with candle ops, that of the
-/// group's first head); candle ops elsewhere. Device work only: nothing is read back, so the
-/// step can be recorded for replay.
+/// group's first head); candle ops elsewhere (on a CUDA device with the selection kernels where
+/// they take the shape). Device work only: nothing is read back, so the step can be recorded for
+/// replay.
 ///
 /// # Errors
 /// [`SaapError::Shape`] unless the bounds fit `q` (see [`page_scores`]); [`SaapError::Config`]
-/// when `n_pages` or P is 0, or on a CUDA device whose kernels cannot take this shape with more
-/// than [`MAX_CANDLE_SORT`] pages; [`SaapError::Candle`] when `filled` does not fit or a tensor
+/// when `n_pages` or P is 0, or on a CUDA device whose selection kernels cannot take this shape,
+/// with more than [`MAX_CANDLE_SORT`] pages; [`SaapError::Candle`] when `filled` does not fit or a tensor
 /// operation fails.
 pub fn route(
     q: &Tensor,
@@ -423,12 +430,6 @@ pub fn route(
     if route_on_kernels(q, min, max, filled, k) {
         return Ok(crate::cuda::quest::route(q, min, max, filled, k)?);
     }
-    if q.device().is_cuda() && p > MAX_CANDLE_SORT {
-        return Err(SaapError::Config(format!(
-            "Quest over {p} pages: this GPU cannot run Quest's kernels for this shape, and \
-             candle's CUDA sort ranks at most {MAX_CANDLE_SORT}"
-        )));
-    }
     let scores = page_scores(q, min, max)?;
     let g = hq / hkv;
     let scores = scores.reshape((b, hkv, g, p))?.max(2)?;
@@ -437,8 +438,23 @@ pub fn route(
 
 /// The `k` best of the group scores `scores` (`[B, Hkv, P]`) among the pages `filled` marks,
 /// in page order, a slot without a filled page holding P: `[B, Hkv, k]` u32.
+/// On a CUDA device, Quest's selection kernels where they take the shape; otherwise candle ops.
+///
+/// # Errors
+/// [`SaapError::Config`] on a CUDA device whose selection kernels cannot take this shape, with
+/// more than [`MAX_CANDLE_SORT`] pages.
 fn top_filled(scores: &Tensor, filled: &Tensor, k: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::quest::top_supported(scores, filled, k) {
+        return Ok(crate::cuda::quest::top(scores, filled, k)?);
+    }
     let p = scores.dim(2)?;
+    if scores.device().is_cuda() && p > MAX_CANDLE_SORT {
+        return Err(SaapError::Config(format!(
+            "Quest over {p} pages: this GPU cannot run Quest's selection kernels for this \
+             shape, and candle's CUDA sort ranks at most {MAX_CANDLE_SORT}"
+        )));
+    }
     let unread = Tensor::full(f32::NEG_INFINITY, scores.shape(), scores.device())?;
     let ranked = filled.where_cond(scores, &unread)?;
     let (top, _) = top_probes(&ranked, k)?.sort_last_dim(true)?;

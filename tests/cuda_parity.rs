@@ -581,15 +581,28 @@ fn quest_route_case(
     let (b, hq, _) = q.dims3().unwrap();
     let (_, hkv, p, _) = min.dims4().unwrap();
     let what = format!("{:?} B={b} Hq={hq} Hkv={hkv} P={p} k={k}", q.dtype());
-    let (cpu_probes, cpu_scores) = saap::quest::route(q, min, max, filled, k).unwrap();
+    let cpu = saap::quest::route(q, min, max, filled, k).unwrap();
     let on = |x: &Tensor| x.to_device(dev).unwrap();
     let gpu_in = (on(q), on(min), on(max), on(filled));
     assert!(
         saap::quest::route_on_kernels(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k),
         "{what}: not on the CUDA kernels"
     );
-    let (gpu_probes, gpu_scores) =
-        saap::quest::route(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k).unwrap();
+    let gpu = saap::quest::route(&gpu_in.0, &gpu_in.1, &gpu_in.2, &gpu_in.3, k).unwrap();
+    same_routes(&what, cpu, gpu, filled, k, exact)
+}
+
+/// The CPU's and the GPU's (probes, group scores) of one Quest route, as [`quest_route_case`]
+/// compares them.
+fn same_routes(
+    what: &str,
+    (cpu_probes, cpu_scores): (Tensor, Tensor),
+    (gpu_probes, gpu_scores): (Tensor, Tensor),
+    filled: &Tensor,
+    k: usize,
+    exact: bool,
+) -> QuestRouted {
+    let (b, hkv, p) = filled.dims3().unwrap();
     assert!(gpu_probes.device().is_cuda() && gpu_scores.device().is_cuda());
     assert_eq!(cpu_probes.dims(), [b, hkv, k.min(p)], "{what}");
     assert_eq!(gpu_probes.dims(), [b, hkv, k.min(p)], "{what}");
@@ -703,6 +716,52 @@ fn quest_route_matches_cpu() {
         (0..64).collect::<Vec<u32>>(),
         "group of head 4"
     );
+}
+
+/// Quest by the group's shares (`route_by_shares`: candle ops score, the CUDA selection kernels
+/// pick) against the CPU: G of 1 and 7, ragged items, k up to P, and P = MAX_QUEST_PAGES, past
+/// what candle's CUDA sort ranks (`MAX_CANDLE_SORT`), which only the selection kernels reach.
+#[test]
+fn quest_shares_route_matches_cpu() {
+    use saap::config::{MAX_CANDLE_SORT, MAX_QUEST_PAGES as MAX};
+    let Some(dev) = cuda() else { return };
+    let mut r = rng(seed("quest_shares_route_matches_cpu"));
+    let cases: [(DType, QuestShape, &[usize]); 3] = [
+        (DType::F32, (3, 8, 8, 64, 700, 64), &[700, 40, 0]),
+        (DType::BF16, (2, 14, 2, 64, MAX, 1600), &[MAX, 9000]),
+        (DType::BF16, (1, 28, 4, 128, 9000, 9000), &[9000]),
+    ];
+    const { assert!(MAX > MAX_CANDLE_SORT && 9000 > MAX_CANDLE_SORT) };
+    for (dtype, shape, pages) in cases {
+        let (b, hq, hkv, d, p, k) = shape;
+        let (q, means, _, filled) = quest_inputs(&mut r, dtype, shape, pages, false);
+        // 1 to 16 keys in a filled page, none in the others.
+        let sizes: Vec<f32> = filled
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap()
+            .into_iter()
+            .map(|f| {
+                if f == 0 {
+                    0.0
+                } else {
+                    r.random_range(1..=16) as f32
+                }
+            })
+            .collect();
+        let sizes = Tensor::from_vec(sizes, (b, hkv, p), &Device::Cpu).unwrap();
+        let what = format!("shares {dtype:?} B={b} Hq={hq} Hkv={hkv} D={d} P={p} k={k}");
+        let cpu = saap::quest::route_by_shares(&q, &means, &sizes, &filled, k).unwrap();
+        let on = |x: &Tensor| x.to_device(&dev).unwrap();
+        let gpu = saap::quest::route_by_shares(&on(&q), &on(&means), &on(&sizes), &on(&filled), k)
+            .unwrap();
+        let (probes, _) = same_routes(&what, cpu, gpu, &filled, k, false);
+        for (i, &n) in pages.iter().enumerate() {
+            let empty = probes[i][0].iter().filter(|&&x| x == p as u32).count();
+            assert_eq!(empty, k.saturating_sub(n), "{what} item {i}: slots of P");
+        }
+    }
 }
 
 /// Exact score ties (small integer queries and bounds) are broken by page index exactly as the

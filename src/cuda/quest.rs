@@ -6,7 +6,7 @@
 //! order of f32 summation.
 
 use super::{dtype_name, load, sm_count, smem_optin, to_u32, use_smem, view, with_cuda, QUEST};
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -57,22 +57,57 @@ pub(crate) fn supported(q: &Tensor, min: &Tensor, max: &Tensor, filled: &Tensor,
             // 16-byte loads of every row.
             && t.layout().start_offset() % 4 == 0
     };
-    let optin = smem_optin(dev);
     matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && matches!(d, 64 | 128)
         && b > 0
         && hkv > 0
         && hq % hkv == 0
         && (1..=8).contains(&(hq / hkv))
-        && (1..=p).contains(&k)
         && bounds_ok(min)
         && bounds_ok(max)
+        && top_fits(dev, filled, (b, hkv, p), k)
+}
+
+/// Whether the selection kernels take `k` of P pages with `filled` `[B, Hkv, P]` on `dev`.
+fn top_fits(
+    dev: &CudaDevice,
+    filled: &Tensor,
+    (b, hkv, p): (usize, usize, usize),
+    k: usize,
+) -> bool {
+    b > 0
+        && hkv > 0
+        && (1..=p).contains(&k)
         && filled.dtype() == DType::U8
         && filled.is_contiguous()
         && filled.dims() == [b, hkv, p]
-        && filled.device().same_device(q.device())
+        && matches!(filled.device(), Device::Cuda(f) if f.same_device(dev))
         && p <= MAX_CHUNKS * CHUNK
-        && top_smem_bytes(p) + STATIC_SMEM <= optin
+        && top_smem_bytes(p) + STATIC_SMEM <= smem_optin(dev)
+}
+
+/// Whether [`top`] ranks these group scores; otherwise the caller uses candle ops.
+pub(crate) fn top_supported(scores: &Tensor, filled: &Tensor, k: usize) -> bool {
+    let Device::Cuda(dev) = scores.device() else {
+        return false;
+    };
+    let Ok(dims) = scores.dims3() else {
+        return false;
+    };
+    scores.dtype() == DType::F32 && top_fits(dev, filled, dims, k)
+}
+
+/// Each KV group's `k` best of group scores `[B, Hkv, P]` f32 computed elsewhere (Quest by
+/// shares), by the selection [`route`] runs: `[B, Hkv, k]` u32 in page order, P where the page
+/// holds no key of its item. For shapes [`top_supported`] accepts.
+pub(crate) fn top(scores: &Tensor, filled: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let scores = scores.contiguous()?;
+    let hist = scores.apply_op1_no_bwd(&HistOp { filled })?;
+    scores.apply_op1_no_bwd(&TopOp {
+        filled,
+        hist: &hist,
+        k,
+    })
 }
 
 /// Quest routing on CUDA for shapes [`supported`] accepts: probes `[B, Hkv, k]` u32 (P where the
@@ -195,6 +230,60 @@ impl ScoresOp<'_> {
                 })
             })
         })
+    }
+}
+
+/// The histograms [`TopOp`] reads, `B · Hkv · (2 · BINS + 1)` u32, for group scores `[B, Hkv,
+/// P]` f32 computed elsewhere: each row's pages counted by the top bits of their rank (as the
+/// score kernel counts them), then zero second-level bins and counters.
+struct HistOp<'a> {
+    filled: &'a Tensor,
+}
+
+impl CustomOp1 for HistOp<'_> {
+    fn name(&self) -> &'static str {
+        "saap-quest-hist"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("saap quest hist: the CUDA kernel has no CPU twin; use quest::route")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, s_l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, hkv, p) = s_l.shape().dims3()?;
+        let rows = b * hkv;
+        let dev = s.device().clone();
+        let func = load(&dev, &QUEST, "saap_quest_hist")?;
+        let scores = view::<f32>(s, s_l)?;
+        // Zero every step (a memset node when the step is recorded).
+        let hist = dev.alloc_zeros::<u32>(rows * (2 * BINS + 1))?;
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(p.div_ceil(THREADS as usize))?, to_u32(rows)?, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let p32 = to_u32(p)?;
+        with_cuda(self.filled, "filled pages", |f, f_l| {
+            if f_l.dims() != [b, hkv, p] {
+                candle_core::bail!(
+                    "saap quest hist: filled {:?}, expected [{b}, {hkv}, {p}]",
+                    f_l.dims()
+                );
+            }
+            let filled = view::<u8>(f, f_l)?;
+            let first = hist.slice(..rows * BINS);
+            let stream = dev.cuda_stream();
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&scores).arg(&filled).arg(&first).arg(&p32);
+            // SAFETY: argument types and order match `saap_quest_hist`; the grid covers B × Hkv
+            // × P, every bin it counts into lies in this op's own zeroed allocation.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(())
+        })?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(hist, dev),
+            Shape::from(rows * (2 * BINS + 1)),
+        ))
     }
 }
 
