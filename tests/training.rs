@@ -217,6 +217,19 @@ fn classifier_beats_nearest_centroid_on_asymmetric_queries() {
     ] {
         assert!((full - 1.0).abs() < 1e-6, "{dense:?}");
     }
+    // Reading every page leaves the output as dense's; at the classifier's keys it moves.
+    let errors = |e: &saap::train::RoutingEval| {
+        [
+            e.partition_page_mean_output_error,
+            e.partition_page_share_output_error,
+        ]
+        .concat()
+    };
+    assert!(errors(&dense).iter().all(|&x| x < 1e-6), "{dense:?}");
+    assert!(
+        errors(&classifier).iter().all(|&x| x > 1e-4 && x < 1.0),
+        "{classifier:?}"
+    );
     for cap in [
         classifier.group_partition_page_oracle[0],
         classifier.group_partition_page_oracle[2],

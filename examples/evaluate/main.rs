@@ -930,6 +930,26 @@ fn markdown(r: &Report, args: &Args) -> String {
             let _ = writeln!(s, "| {} |{}", l.layer, cells(&l.saap));
         }
         let _ = writeln!(s, "| mean |{}", cells(&avg));
+        let _ = writeln!(
+            s,
+            "\n## Partition page routes' output error at Saap's keys (offline)\n\nThe attention output's relative error ||o' − o|| / ||o|| when the group reads its window, sinks and the pages the route by mean or by the group's shares picks (the tables above), per page size (keys): indexed recall weighs every head alike, this weighs what a head leaves unread by its share of all its attention.\n\n| layer |{}\n|---|{}",
+            sizes
+                .iter()
+                .map(|n| format!(" by mean ({n}) | by shares ({n}) |"))
+                .collect::<String>(),
+            "---|---|".repeat(sizes.len())
+        );
+        let errors = |e: &RoutingEval| {
+            e.partition_page_mean_output_error
+                .iter()
+                .zip(&e.partition_page_share_output_error)
+                .map(|(by_mean, by_share)| format!(" {by_mean:.4} | {by_share:.4} |"))
+                .collect::<String>()
+        };
+        for l in &r.layers {
+            let _ = writeln!(s, "| {} |{}", l.layer, errors(&l.saap));
+        }
+        let _ = writeln!(s, "| mean |{}", errors(&avg));
     }
     if !r.nih.is_empty() {
         let _ = writeln!(s, "\n## Passkey grid\n\n| length | depth | passkey | Dense | Saap | NearestCentroid | Quest |\n|---|---|---|---|---|---|---|");

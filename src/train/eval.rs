@@ -131,6 +131,17 @@ pub struct RoutingEval {
     /// whole pages within the keys this routing read.
     #[serde(default)]
     pub group_partition_page_share: [f64; 3],
+    /// The attention output's relative error (as [`RoutingEval::output_rel_error`]) when the
+    /// group reads its window, sinks and the pages of [`RoutingEval::partition_page_mean_indexed_recall`]
+    /// and [`RoutingEval::fine_partition_page_mean`] (the route by mean), per size of
+    /// [`PARTITION_PAGE_SIZES`]. Indexed recall weighs every head alike; this weighs the mass a
+    /// head leaves unread by its share of all the head's attention, as decode sees it.
+    #[serde(default)]
+    pub partition_page_mean_output_error: [f64; 3],
+    /// Likewise for the route by the group's shares
+    /// ([`RoutingEval::group_partition_page_share`]).
+    #[serde(default)]
+    pub partition_page_share_output_error: [f64; 3],
     /// Pages ranked with the routing's scores as a prior: the partition's predicted share of the
     /// mass (its log-softmax) times the page's share of it as the means estimate it,
     /// `log p̂(c) + s·q·k̄_p − LSE_{p′ of c}(s·q·k̄_{p′} + ln n_{p′})` for page p of partition c.
@@ -213,6 +224,14 @@ impl RoutingEval {
                 self.group_partition_page_share,
                 o.group_partition_page_share,
             ),
+            partition_page_mean_output_error: add(
+                self.partition_page_mean_output_error,
+                o.partition_page_mean_output_error,
+            ),
+            partition_page_share_output_error: add(
+                self.partition_page_share_output_error,
+                o.partition_page_share_output_error,
+            ),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall + o.quest_mean_indexed_recall,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall
                 + o.quest_spread_indexed_recall,
@@ -269,6 +288,10 @@ impl RoutingEval {
             fine_partition_page_mean: self.fine_partition_page_mean.map(|x| x / k),
             group_partition_page_oracle: self.group_partition_page_oracle.map(|x| x / k),
             group_partition_page_share: self.group_partition_page_share.map(|x| x / k),
+            partition_page_mean_output_error: self.partition_page_mean_output_error.map(|x| x / k),
+            partition_page_share_output_error: self
+                .partition_page_share_output_error
+                .map(|x| x / k),
             quest_mean_indexed_recall: self.quest_mean_indexed_recall / k,
             quest_spread_indexed_recall: self.quest_spread_indexed_recall / k,
             quest_oracle_matched_indexed_recall: self.quest_oracle_matched_indexed_recall / k,
@@ -569,6 +592,18 @@ fn routing_sums(
                     }
                     None => [0.0; 3],
                 };
+                // Per page size, the indexed keys the mean and the shares routes read.
+                let page_reads = page_routes.as_ref().map(|pages| {
+                    let marks = |ids: &[usize]| {
+                        let mut read = vec![false; index_end];
+                        ids.iter().for_each(|&j| read[j] = true);
+                        read
+                    };
+                    pages
+                        .sized
+                        .each_ref()
+                        .map(|p| (marks(&p.mean), marks(&p.share)))
+                });
                 for head_probs in &probs[heads] {
                     let w = &head_probs[i];
                     let fixed: f64 = w[..sink_end]
@@ -646,6 +681,16 @@ fn routing_sums(
                         for (i, p) in pages.sized.iter().enumerate() {
                             sum.group_partition_page_oracle[i] += group_caps[i];
                             sum.group_partition_page_share[i] += share(mass_of(&p.share));
+                        }
+                        if let Some(reads) = &page_reads {
+                            let error = |read: &[bool]| {
+                                let keep = |j: usize| j >= index_end || j < sink_end || read[j];
+                                output_error(&w[..n], vals, keep)
+                            };
+                            for (i, (by_mean, by_share)) in reads.iter().enumerate() {
+                                sum.partition_page_mean_output_error[i] += error(by_mean);
+                                sum.partition_page_share_output_error[i] += error(by_share);
+                            }
                         }
                         sum.quest_oracle_matched_indexed_recall += share(mass_at_keys(
                             &w[sink_end..index_end],
