@@ -11,7 +11,7 @@
 #   qplan32 | b1q | sweep32 | calib32w | low128 | questall128 | win32q | tests5 | fill32 | fill128 |
 #   routing32 | mean32 | mean128 | meanpass128 BUDGET | tests7 | part32 | part128 | partpass128 BUDGET |
 #   fix32 | inc32 | inc128 | sanitize8 | tests10 | routing32f | fine32 | fine32q | pass32f | sanitize10 | routing32g | routing128f | fine128 |
-#   tests11 | shares32 | pass32s | shares128 | pass128s BUDGET
+#   tests11 | shares32 | pass32s | shares128 | pass128s BUDGET SCORES
 # `take DIR` (session 27): a carried folder's binaries (DIR/bin, unpacked into /tmp/bin and kept
 # for `setup`), texts (DIR/texts), model pieces (DIR/q) and indexes (DIR/idx), so that every call
 # can carry one prepared folder.
@@ -168,9 +168,11 @@ shares128)
   # partition pages of 8 keys, by mean and by the group's shares.
   run "$bin/throughput" --model "$M" --cuda --yarn 4 --index "$X" --context 120000 --batch 8 --tokens 1024 --chunk 32768 --all-sparse --plan-floor 0.25 --graph on --keys-budget 0.03,0.04 --page-score mean,shares --page-layout partitions:8 --quest-layers "$ALL" ;;
 pass128s)
-  # NOTES §66: passkeys at 120k, 5 depths, Quest in every layer over partition pages of 8 keys by
-  # the group's shares at budget $2.
-  run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --quest-layers "$ALL" --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score shares --page-layout partitions:8 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-shares8-$2" ;;
+  # NOTES §66: passkeys at 120k, 5 depths, Quest in every layer over partition pages of 8 keys at
+  # budget $2, pages by each score of $3 (mean, shares).
+  for score in ${3//,/ }; do
+    run "$bin/evaluate" --model "$M" --cuda --yarn 4 --index "$X" --all-sparse --quest-layers "$ALL" --keys-budget "$2" --plan-floor 0.25 --quest-budget "$2" --page-score "$score" --page-layout partitions:8 --skip routing,ppl --nih-lengths 120000 --nih-depths 0.1,0.25,0.5,0.75,0.9 --out "$OUT/passkey128-$score-8-$2"
+  done ;;
 sanitize8)
   # Session 33: memcheck on the Quest parity test (partition pages: the decode's directory path
   # with one list per KV group, candle's gathers) and on the graph replays; racecheck on the Quest
