@@ -350,10 +350,16 @@ pub enum PageScore {
     /// of their mass per key, `Σ_h exp(s·q_h·k̄_p − LSE_h)` with
     /// `LSE_h = log Σ_p′ n_p′·exp(s·q_h·k̄_p′)` over the item's pages (n the page's keys,
     /// s = 1/√D), where `Mean` takes the best head's `q·k̄`: a page the whole group wants then
-    /// outranks one a single head rates highly. Ranked with candle ops (not Quest's kernels).
-    /// Measured offline (bench/NOTES.md §63, at Saap's keys over partition pages of 16 / 4
+    /// outranks one a single head rates highly. Scored with candle ops (about twenty launches a
+    /// layer), the best pages then picked by Quest's selection kernels on a CUDA device.
+    /// Measured offline (bench/NOTES.md §63, §67, at Saap's keys over partition pages of 16 / 4
     /// keys): Qwen2.5 32k (G = 7) 0.432 / 0.532 of the indexed mass against the mean's 0.373 /
-    /// 0.444; SmolLM2 8k (G = 3) 0.534 / 0.621 against 0.515 / 0.585.
+    /// 0.444, at 120k 0.541 / 0.658 against 0.467 / 0.547 with a lower output error; SmolLM2 8k
+    /// (G = 3) 0.534 / 0.621 against 0.515 / 0.585. End to end it is **not** the better choice
+    /// (§66, H200, Qwen2.5, batch 8): at 32k a little lower perplexity than `Mean` (×1.0111
+    /// against ×1.0124 over pages of 4 at 10%) but decoding slower than dense (0.68–0.98×, the
+    /// mean 1.33–1.61×); at 120k higher perplexity (×1.0237 against ×1.0070 at 4%, cause not
+    /// found).
     Shares,
 }
 
