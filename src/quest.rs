@@ -414,8 +414,8 @@ pub fn route_by_shares(
 /// # Errors
 /// [`SaapError::Shape`] unless the bounds fit `q` (see [`page_scores`]); [`SaapError::Config`]
 /// when `n_pages` or P is 0, or on a CUDA device whose selection kernels cannot take this shape,
-/// with more than [`MAX_CANDLE_SORT`] pages; [`SaapError::Candle`] when `filled` does not fit or a tensor
-/// operation fails.
+/// with more than [`MAX_CANDLE_SORT`] pages; [`SaapError::Candle`] when `filled` does not fit or
+/// a tensor operation fails.
 pub fn route(
     q: &Tensor,
     min: &Tensor,
@@ -437,8 +437,8 @@ pub fn route(
 }
 
 /// The `k` best of the group scores `scores` (`[B, Hkv, P]`) among the pages `filled` marks,
-/// in page order, a slot without a filled page holding P: `[B, Hkv, k]` u32.
-/// On a CUDA device, Quest's selection kernels where they take the shape; otherwise candle ops.
+/// in page order, a slot without a filled page holding P: `[B, Hkv, k]` u32. On a CUDA device,
+/// Quest's selection kernels where they take the shape; otherwise candle ops.
 ///
 /// # Errors
 /// [`SaapError::Config`] on a CUDA device whose selection kernels cannot take this shape, with

@@ -132,9 +132,9 @@ pub struct RoutingEval {
     #[serde(default)]
     pub group_partition_page_share: [f64; 3],
     /// The attention output's relative error (as [`RoutingEval::output_rel_error`]) when the
-    /// group reads its window, sinks and the pages of [`RoutingEval::partition_page_mean_indexed_recall`]
-    /// and [`RoutingEval::fine_partition_page_mean`] (the route by mean), per size of
-    /// [`PARTITION_PAGE_SIZES`]. Indexed recall weighs every head alike; this weighs the mass a
+    /// group reads its window, sinks and the pages of the route by mean
+    /// ([`RoutingEval::partition_page_mean_indexed_recall`],
+    /// [`RoutingEval::fine_partition_page_mean`]), per size of [`PARTITION_PAGE_SIZES`]. Indexed recall weighs every head alike; this weighs the mass a
     /// head leaves unread by its share of all the head's attention, as decode sees it.
     #[serde(default)]
     pub partition_page_mean_output_error: [f64; 3],
