@@ -45,22 +45,43 @@ pub(crate) fn pages_of(seq: &SeqExtent, sinks: usize, page: usize) -> usize {
 /// [`SaapError::Shape`] unless the shapes fit (`Hkv` dividing `Hq`, same `B` and `D`);
 /// [`SaapError::Candle`] when a tensor operation fails.
 pub fn page_scores(q: &Tensor, min: &Tensor, max: &Tensor) -> Result<Tensor> {
-    let (b, hq, d) = q.dims3()?;
-    let (mb, hkv, p, md) = min.dims4()?;
-    if mb != b || md != d || hkv == 0 || hq % hkv != 0 || max.dims() != min.dims() {
-        return Err(SaapError::Shape {
-            name: "page bounds",
-            expected: format!("min and max [{b}, Hkv dividing {hq}, P, {d}]"),
-            got: min.dims().to_vec(),
-        });
-    }
-    let q = q.to_dtype(DType::F32)?.reshape((b, hkv, hq / hkv, d))?;
+    let (q, [b, hkv, g, p]) = grouped(q, min, max.dims(), "page bounds")?;
     // max(q·lo, q·hi) per dimension is q·hi where q > 0 and q·lo elsewhere: two GEMMs.
     let positive = q.relu()?;
     let negative = (&q - &positive)?;
     let scores =
         (positive.matmul(&max.transpose(2, 3)?)? + negative.matmul(&min.transpose(2, 3)?)?)?;
-    Ok(scores.reshape((b, hq, p))?)
+    Ok(scores.reshape((b, hkv * g, p))?)
+}
+
+/// Queries `q` (`[B, Hq, D]`) as f32 `[B, Hkv, G, D]`, each KV group's G heads together, for
+/// pages `pages` (`[B, Hkv, P, D]`, every page tensor of the route of dims `all`), with
+/// `[B, Hkv, G, P]`.
+///
+/// # Errors
+/// [`SaapError::Shape`] named `name` unless the pages share `B` and `D` with `q`, `Hkv` divides
+/// `Hq` and every page tensor has the dims of `pages`; [`SaapError::Candle`] when `q` is not 3-D,
+/// `pages` not 4-D or a tensor operation fails.
+fn grouped(
+    q: &Tensor,
+    pages: &Tensor,
+    all: &[usize],
+    name: &'static str,
+) -> Result<(Tensor, [usize; 4])> {
+    let (b, hq, d) = q.dims3()?;
+    let (pb, hkv, p, pd) = pages.dims4()?;
+    if pb != b || pd != d || hkv == 0 || hq % hkv != 0 || all != pages.dims() {
+        return Err(SaapError::Shape {
+            name,
+            expected: format!("[{b}, Hkv dividing {hq}, P, {d}], alike"),
+            got: pages.dims().to_vec(),
+        });
+    }
+    let g = hq / hkv;
+    Ok((
+        q.to_dtype(DType::F32)?.reshape((b, hkv, g, d))?,
+        [b, hkv, g, p],
+    ))
 }
 
 /// The page state of one op: what each page keeps of its keys and which pages hold keys.
@@ -356,7 +377,8 @@ fn page_sizes(
 /// best where they take the shape, candle's sort elsewhere.
 ///
 /// # Errors
-/// [`SaapError::Shape`] unless the means fit `q` (`[B, Hkv dividing Hq, P, D]`);
+/// [`SaapError::Shape`] unless the means fit `q` (`[B, Hkv dividing Hq, P, D]`, see
+/// [`page_scores`]);
 /// [`SaapError::Config`] when `n_pages` or P is 0, or on a CUDA device whose selection kernels
 /// cannot take this shape, with more than [`MAX_CANDLE_SORT`] pages;
 /// [`SaapError::Candle`] when `sizes` or `filled` does not fit or a tensor operation fails.
@@ -367,24 +389,14 @@ pub fn route_by_shares(
     filled: &Tensor,
     n_pages: usize,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, hq, d) = q.dims3()?;
-    let (_, hkv, p, _) = means.dims4()?;
+    let (q, [_, _, _, p]) = grouped(q, means, means.dims(), "page means")?;
     if n_pages == 0 || p == 0 {
         return Err(SaapError::Config(format!(
             "Quest by shares: {n_pages} of {p} pages per step (both must be at least 1)"
         )));
     }
-    if means.dim(0)? != b || means.dim(3)? != d || hkv == 0 || hq % hkv != 0 {
-        return Err(SaapError::Shape {
-            name: "page means",
-            expected: format!("[{b}, Hkv dividing {hq}, P, {d}]"),
-            got: means.dims().to_vec(),
-        });
-    }
-    let g = hq / hkv;
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = 1.0 / (q.dim(3)? as f64).sqrt();
     // Each head's q·k̄ of every page: one GEMM (the bound's two halves coincide for a mean).
-    let q = q.to_dtype(DType::F32)?.reshape((b, hkv, g, d))?;
     let logits = (q.matmul(&means.transpose(2, 3)?)? * scale)?;
     // ln 0 = −inf: a page without keys takes no share.
     let weighed = logits.broadcast_add(&sizes.log()?.unsqueeze(2)?)?;
@@ -673,12 +685,11 @@ struct PagePlan {
 }
 
 impl PagePlan {
-    /// The pages of `page` keys of partition `offsets` (per head, C + 1 each, C = `n_partitions`).
-    /// With `old`
-    /// (the partition offsets the old pages were cut from, and their P), a page whose keys an old
-    /// page held already is taken
-    /// from it: a partition's list only grows at its tail, so its old whole pages keep their
-    /// keys, and all its old pages when it did not grow.
+    /// The pages of `page` keys of partition `offsets` (per head, C + 1 each, C =
+    /// `n_partitions`). With `old` (the partition offsets the old pages were cut from, and their
+    /// P), a page whose keys an old page held already is taken from it: a partition's list only
+    /// grows at its tail, so its old whole pages keep their keys, and all its old pages when it
+    /// did not grow.
     ///
     /// # Errors
     /// [`SaapError::Config`] for more than [`MAX_QUEST_PAGES`] pages in a head.

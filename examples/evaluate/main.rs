@@ -754,6 +754,18 @@ fn command_line(args: &Args) -> String {
     s
 }
 
+/// A per-layer table's header and rule: `columns`, each once per page size of `sizes`.
+fn by_size_header(columns: &[&str], sizes: &[usize]) -> String {
+    let head: String = sizes
+        .iter()
+        .flat_map(|n| columns.iter().map(move |c| format!(" {c} ({n}) |")))
+        .collect();
+    format!(
+        "| layer |{head}\n|---|{}",
+        "---|".repeat(columns.len() * sizes.len())
+    )
+}
+
 fn markdown(r: &Report, args: &Args) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -899,12 +911,8 @@ fn markdown(r: &Report, args: &Args) -> String {
         let sizes = saap::train::eval::PARTITION_PAGE_SIZES;
         let _ = writeln!(
             s,
-            "\n## Partition pages by size at Saap's keys (offline)\n\nPer page size (keys): the perfect router per head (each head its own list of Saap's keys), the perfect router for one list per KV group (pages by the heads' summed shares of their mass), the route by mean (the group's best q·k̄), and the route by the group's summed estimated shares (Σ_h exp(s·q_h·k̄ − LSE_h)).\n\n| layer |{}\n|---|{}",
-            sizes
-                .iter()
-                .map(|n| format!(" per head ({n}) | per group ({n}) | by mean ({n}) | by shares ({n}) |"))
-                .collect::<String>(),
-            "---|---|---|---|".repeat(sizes.len())
+            "\n## Partition pages by size at Saap's keys (offline)\n\nPer page size (keys): the perfect router per head (each head its own list of Saap's keys), the perfect router for one list per KV group (pages by the heads' summed shares of their mass), the route by mean (the group's best q·k̄), and the route by the group's summed estimated shares (Σ_h exp(s·q_h·k̄ − LSE_h)).\n\n{}",
+            by_size_header(&["per head", "per group", "by mean", "by shares"], &sizes)
         );
         let cells = |e: &RoutingEval| {
             (0..sizes.len())
@@ -932,12 +940,8 @@ fn markdown(r: &Report, args: &Args) -> String {
         let _ = writeln!(s, "| mean |{}", cells(&avg));
         let _ = writeln!(
             s,
-            "\n## Partition page routes' output error at Saap's keys (offline)\n\nThe attention output's relative error ||o' − o|| / ||o|| when the group reads its window, sinks and the pages the route by mean or by the group's shares picks (the tables above), per page size (keys): indexed recall weighs every head alike, this weighs what a head leaves unread by its share of all its attention.\n\n| layer |{}\n|---|{}",
-            sizes
-                .iter()
-                .map(|n| format!(" by mean ({n}) | by shares ({n}) |"))
-                .collect::<String>(),
-            "---|---|".repeat(sizes.len())
+            "\n## Partition page routes' output error at Saap's keys (offline)\n\nThe attention output's relative error ||o' − o|| / ||o|| when the group reads its window, sinks and the pages the route by mean or by the group's shares picks (the tables above), per page size (keys): indexed recall weighs every head alike, this weighs what a head leaves unread by its share of all its attention.\n\n{}",
+            by_size_header(&["by mean", "by shares"], &sizes)
         );
         let errors = |e: &RoutingEval| {
             e.partition_page_mean_output_error

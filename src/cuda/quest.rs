@@ -8,7 +8,7 @@
 use super::{dtype_name, load, sm_count, smem_optin, to_u32, use_smem, view, with_cuda, QUEST};
 use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
@@ -233,6 +233,22 @@ impl ScoresOp<'_> {
     }
 }
 
+/// The `filled` mask `[B, Hkv, P]` u8 of the quest op `op`, checked against its scores' dims.
+fn filled_view<'a>(
+    f: &'a CudaStorage,
+    f_l: &Layout,
+    (b, hkv, p): (usize, usize, usize),
+    op: &str,
+) -> candle_core::Result<CudaView<'a, u8>> {
+    if f_l.dims() != [b, hkv, p] {
+        candle_core::bail!(
+            "saap quest {op}: filled {:?}, expected [{b}, {hkv}, {p}]",
+            f_l.dims()
+        );
+    }
+    view::<u8>(f, f_l)
+}
+
 /// The histograms [`TopOp`] reads, `B · Hkv · (2 · BINS + 1)` u32, for group scores `[B, Hkv,
 /// P]` f32 computed elsewhere: each row's pages counted by the top bits of their rank (as the
 /// score kernel counts them), then zero second-level bins and counters.
@@ -264,13 +280,7 @@ impl CustomOp1 for HistOp<'_> {
         };
         let p32 = to_u32(p)?;
         with_cuda(self.filled, "filled pages", |f, f_l| {
-            if f_l.dims() != [b, hkv, p] {
-                candle_core::bail!(
-                    "saap quest hist: filled {:?}, expected [{b}, {hkv}, {p}]",
-                    f_l.dims()
-                );
-            }
-            let filled = view::<u8>(f, f_l)?;
+            let filled = filled_view(f, f_l, (b, hkv, p), "hist")?;
             let first = hist.slice(..rows * BINS);
             let stream = dev.cuda_stream();
             let mut builder = stream.launch_builder(&func);
@@ -333,13 +343,7 @@ impl CustomOp1 for TopOp<'_> {
         };
         let (p32, k32) = (to_u32(p)?, to_u32(k)?);
         with_cuda(self.filled, "filled pages", |f, f_l| {
-            if f_l.dims() != [b, hkv, p] {
-                candle_core::bail!(
-                    "saap quest top: filled {:?}, expected [{b}, {hkv}, {p}]",
-                    f_l.dims()
-                );
-            }
-            let filled = view::<u8>(f, f_l)?;
+            let filled = filled_view(f, f_l, (b, hkv, p), "top")?;
             with_cuda(self.hist, "page histogram", |h, h_l| {
                 let all = view::<u32>(h, h_l)?;
                 if all.len() != rows * (2 * BINS + 1) {
